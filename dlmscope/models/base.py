@@ -1,0 +1,172 @@
+"""`LoadedModel`: the one interface every analysis talks to, whatever the checkpoint family."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import DLMScopeError
+
+FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens")
+"""Checkpoint families `load_model` understands."""
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+
+
+@dataclass
+class ForwardState:
+    """What the sampler tells hooks about the forward pass in flight.
+
+    Outside the sampler everything is `None`: a plain forward is "no particular step".
+    """
+
+    step: int | None = None
+    n_steps: int | None = None
+    block: int | None = None
+    mask: torch.Tensor | None = None  # (B, L) bool: positions still masked in x_t
+    t: float | None = None  # fraction of generated positions still masked
+
+
+@dataclass
+class Site:
+    """Where a hook name lives: the module and whether it reads the module's input or output."""
+
+    module: nn.Module
+    where: str  # "input" | "output"
+
+
+@dataclass
+class LoadedModel:
+    """A language model behind one small interface.
+
+    `forward` returns raw logits. For diffusion models use `denoise_logits`, whose position i
+    always predicts token i (Dream's shift is undone there), so losses and samplers never need
+    to know the family.
+    """
+
+    module: nn.Module
+    tokenizer: Any
+    family: str
+    mask_id: int | None
+    shift: bool
+    causal: bool
+    layers: list[nn.Module]
+    d_model: int
+    vocab_size: int
+    name: str
+    sites: dict[str, Site] = field(repr=False, default_factory=dict)
+    call: Callable[..., torch.Tensor] | None = field(repr=False, default=None)
+    state: ForwardState = field(repr=False, default_factory=ForwardState)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.sites)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    @property
+    def is_diffusion(self) -> bool:
+        return not self.causal
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def site(self, hook_name: str) -> Site:
+        if hook_name not in self.sites:
+            m = _HOOK_RE.match(hook_name)
+            if m and int(m.group(1)) >= self.n_layers:
+                raise DLMScopeError(
+                    f"hook {hook_name!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
+                )
+            raise DLMScopeError(
+                f"unknown hook {hook_name!r}; allowed: blocks.{{0..{self.n_layers - 1}}}."
+                f"hook_resid_{{{'|'.join(sorted({n.rsplit('_', 1)[1] for n in self.sites}))}}}"
+            )
+        return self.sites[hook_name]
+
+    def layer_of(self, hook_name: str) -> int:
+        self.site(hook_name)
+        return int(_HOOK_RE.match(hook_name).group(1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits (B, L, V) for `input_ids` (B, L); `attention_mask` is 1 for real tokens."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+            if bool(attention_mask.all()):
+                attention_mask = None
+        return self.call(input_ids, attention_mask)
+
+    __call__ = forward
+
+    def denoise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits where position i predicts token i (the shift of Dream-style models undone)."""
+        if self.causal:
+            raise DLMScopeError(f"{self.name} is autoregressive ({self.family}); it has no denoising logits")
+        logits = self.forward(input_ids, attention_mask)
+        if self.shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def require_mask_id(self) -> int:
+        if self.mask_id is None:
+            raise DLMScopeError(
+                f"model {self.name!r} has no mask token; diffusion needs one (set config.mask_token_id "
+                "or the tokenizer's mask_token)"
+            )
+        return self.mask_id
+
+    def to_tokens(self, texts: list[str] | str, add_bos: bool = True) -> list[list[int]]:
+        """Tokenise without padding; the BOS token (when the tokenizer has one) leads each text."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = self.tokenizer
+        if tok is None:
+            raise DLMScopeError(f"model {self.name!r} has no tokenizer; pass token ids instead of text")
+        out = []
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if add_bos and tok.bos_token_id is not None:
+                ids = [tok.bos_token_id] + ids
+            out.append(ids)
+        return out
+
+    def to_text(self, ids: torch.Tensor | list[int], skip_special: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+
+def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
+    """TransformerLens-style hook names for a list of decoder layers.
+
+    resid_pre reads a layer's input, resid_post its output, resid_mid the input of the layer's
+    second norm (the residual stream after attention, before the MLP).
+    """
+    sites: dict[str, Site] = {}
+    for i, layer in enumerate(layers):
+        sites[f"blocks.{i}.hook_resid_pre"] = Site(layer, "input")
+        if mid_attr is not None and hasattr(layer, mid_attr):
+            sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
+        sites[f"blocks.{i}.hook_resid_post"] = Site(layer, "output")
+    return sites
+
+
+def bidirectional_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) padding mask -> (B, 1, L, L) boolean mask where every query sees every real key."""
+    keys = attention_mask.bool()[:, None, None, :]
+    return keys.expand(-1, 1, attention_mask.shape[1], -1)

@@ -1,0 +1,93 @@
+"""Models transformers or TransformerLens already run: autoregressive baselines and BERT-style masked LMs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import DLMScopeError
+from .base import LoadedModel, Site, hf_sites
+
+_LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                "bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer", "encoder.layer")
+_MID_NAMES = ("post_attention_layernorm", "ln_2", "mlp_norm")
+
+
+def find_layers(module: nn.Module) -> list[nn.Module]:
+    for path in _LAYER_PATHS:
+        obj = module
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return list(obj)
+    raise DLMScopeError(f"cannot find the transformer layers of {type(module).__name__}; tried {', '.join(_LAYER_PATHS)}")
+
+
+def _mid_attr(layer: nn.Module) -> str | None:
+    return next((n for n in _MID_NAMES if hasattr(layer, n)), None)
+
+
+def load_causal(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
+                device_map: str | dict | None = None) -> LoadedModel:
+    """Any `AutoModelForCausalLM` folder as an autoregressive baseline (next-token logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import load_tokenizer
+
+    module = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype, device_map=device_map)
+    if device_map is None:
+        module.to(device)
+    module.eval()
+    layers = find_layers(module)
+
+    def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    cfg = module.config
+    return LoadedModel(module=module, tokenizer=load_tokenizer(folder), family="causal", mask_id=None, shift=False,
+                       causal=True, layers=layers, d_model=cfg.get_text_config().hidden_size,
+                       vocab_size=module.get_output_embeddings().weight.shape[0], name=name or folder.name,
+                       sites=hf_sites(layers, _mid_attr(layers[0])), call=call)
+
+
+def load_masked_lm(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+    """A BERT-style masked LM: trained with random mask ratios it is a masked diffusion LM."""
+    from transformers import AutoModelForMaskedLM
+
+    from .checkpoint import load_tokenizer
+
+    module = AutoModelForMaskedLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(folder)
+    mask_id = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    layers = find_layers(module)
+
+    def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return module(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return LoadedModel(module=module, tokenizer=tokenizer, family="masked_lm", mask_id=mask_id, shift=False,
+                       causal=False, layers=layers, d_model=module.config.hidden_size,
+                       vocab_size=module.get_output_embeddings().weight.shape[0], name=name or folder.name,
+                       sites=hf_sites(layers, None), call=call)
+
+
+def wrap_transformer_lens(model, name: str | None = None) -> LoadedModel:
+    """A `transformer_lens.HookedTransformer` as an autoregressive baseline; its hook points keep their names."""
+    layers = list(model.blocks)
+    sites: dict[str, Site] = {}
+    for i, block in enumerate(layers):
+        for kind in ("pre", "mid", "post"):
+            point = getattr(block, f"hook_resid_{kind}", None)
+            if point is not None:
+                sites[f"blocks.{i}.hook_resid_{kind}"] = Site(point, "output")
+
+    def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return model(input_ids, return_type="logits", attention_mask=attention_mask)
+
+    return LoadedModel(module=model, tokenizer=model.tokenizer, family="transformer_lens", mask_id=None, shift=False,
+                       causal=True, layers=layers, d_model=model.cfg.d_model, vocab_size=model.cfg.d_vocab,
+                       name=name or model.cfg.model_name, sites=sites, call=call)
+

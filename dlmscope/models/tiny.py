@@ -1,0 +1,84 @@
+"""Write tiny random checkpoints in the upstream formats, so tests exercise the real loading code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io_utils import atomic_save_safetensors, atomic_write_json
+
+
+def _init_(module: torch.nn.Module, seed: int) -> None:
+    """Random weights large enough that bugs show up in the logits (HF's default init is tiny)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+
+
+def tiny_llama(*, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = None,
+               d_mlp: int = 128, vocab_size: int = 512, seed: int = 0, rope_theta: float = 500000.0):
+    """A random transformers Llama of the given size: the architecture of LLaDA and of our AR twin."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                         num_key_value_heads=n_kv_heads or n_heads, intermediate_size=d_mlp, vocab_size=vocab_size,
+                         rope_theta=rope_theta, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    module = LlamaForCausalLM(config)
+    _init_(module, seed)
+    return module.eval()
+
+
+def write_tiny_llada(folder: str | Path, *, mask_id: int | None = None, tokenizer=None, seed: int = 0, **size) -> Path:
+    """A LLaDA checkpoint folder (LLaDA config fields and key names) with random weights."""
+    from .llada import save_llada
+
+    module = tiny_llama(seed=seed, **size)
+    vocab = module.config.vocab_size
+    return save_llada(module, folder, mask_id=vocab - 1 if mask_id is None else mask_id, tokenizer=tokenizer)
+
+
+def write_tiny_causal(folder: str | Path, *, tokenizer=None, seed: int = 0, **size) -> Path:
+    """A standard transformers Llama checkpoint folder (the autoregressive baseline format)."""
+    module = tiny_llama(seed=seed, **size)
+    folder = Path(folder)
+    module.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def write_tiny_dream(folder: str | Path, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                     n_kv_heads: int = 2, d_mlp: int = 128, vocab_size: int = 512, mask_id: int | None = None,
+                     tokenizer=None, seed: int = 0) -> Path:
+    """A Dream checkpoint folder (Qwen2 layout with q/k/v biases, Dream's config) with random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                         num_key_value_heads=n_kv_heads, intermediate_size=d_mlp, vocab_size=vocab_size,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    module = Qwen2ForCausalLM(config)
+    _init_(module, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mask_id = vocab_size - 1 if mask_id is None else mask_id
+    atomic_save_safetensors(folder / "model.safetensors", module.state_dict(), metadata={"format": "pt"})
+    atomic_write_json(folder / "config.json", {
+        "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": d_model,
+        "intermediate_size": d_mlp, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads, "vocab_size": vocab_size, "hidden_act": "silu",
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
+        "tie_word_embeddings": False, "use_sliding_window": False, "attention_dropout": 0.0,
+        "mask_token_id": mask_id, "pad_token_id": mask_id - 1, "eos_token_id": mask_id - 1,
+        "bos_token_id": mask_id - 1, "torch_dtype": "float32",
+    })
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
