@@ -1,0 +1,93 @@
+"""The `dlmscope` command line. Each command is a thin shell over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import DLMScopeError
+from .models.zoo import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mechanistic interpretability for diffusion language models.")
+
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Built-in model name or local checkpoint folder.")
+DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.")
+DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+
+
+@app.command()
+def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or checkpoint folder."),
+         device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
+    """Family, size, mask id and hook names of a model."""
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    layers = lm.n_layers
+    summary = {
+        "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
+        "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
+        "parameters": lm.n_params(),
+        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names}))}}}",
+    }
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or checkpoint folder."),
+    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    gen_length: int = typer.Option(32, help="Tokens to generate."),
+    steps: int = typer.Option(32, help="Denoising steps (a multiple of the number of blocks)."),
+    block_length: int = typer.Option(32, help="Semi-autoregressive block length (divides gen-length)."),
+    temperature: float = typer.Option(0.0, help="Gumbel sampling temperature; 0 is greedy."),
+    remasking: str = typer.Option("low_confidence", help="low_confidence, random, topk_margin, entropy, origin."),
+    cfg_scale: float = typer.Option(0.0, help="Classifier-free guidance scale (0 = off)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    history: bool = typer.Option(False, "--history", help="Print the sequence after every step."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Generate text with the denoising sampler."""
+    from .diffusion.sampler import generate as sample
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
+                 remasking=remasking, cfg_scale=cfg_scale, seed=seed, return_history=history)
+    if history:
+        for rec in out.history:
+            for b in range(rec.x.shape[0]):
+                shown = rec.x[b, out.prompt_length:].masked_fill(rec.mask[b, out.prompt_length:], -1).tolist()
+                text = " ".join("_" if t < 0 else lm.to_text([t], skip_special=False) for t in shown)
+                typer.echo(f"[step {rec.step:3d} | block {rec.block} | seq {b}] {text}")
+    for p, text in zip(prompt, out.texts or [str(r.tolist()) for r in out.generated]):
+        typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: bad input becomes one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except DLMScopeError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
