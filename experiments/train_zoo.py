@@ -134,9 +134,9 @@ def train_one(kind: str, data: dict, cfg: ZooConfig, device: str, out: Path) -> 
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == cfg.steps - 1:
-            log.append({"step": step, "loss": float(loss), "lr": _lr(step, cfg), "seconds": time.time() - t0})
+            log.append({"step": step, "loss": loss.item(), "lr": _lr(step, cfg), "seconds": time.time() - t0})
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     module.eval()
     from safetensors.torch import save_file
 

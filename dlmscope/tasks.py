@@ -1,0 +1,215 @@
+"""Verifiable tasks for RL and decoding-order studies: Sudoku 4x4 and Countdown with three numbers."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import itertools
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+
+from .errors import DLMScopeError
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task instance: the prompt the model sees and the reference answer."""
+
+    prompt: str
+    answer: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+# --------------------------------------------------------------------------------------- Sudoku 4x4
+
+def _valid(grid: tuple[int, ...]) -> bool:
+    rows = [grid[4 * r: 4 * r + 4] for r in range(4)]
+    cols = [grid[c::4] for c in range(4)]
+    boxes = [[grid[4 * (br + i) + bc + j] for i in range(2) for j in range(2)] for br in (0, 2) for bc in (0, 2)]
+    return all(sorted(u) == [1, 2, 3, 4] for u in rows + cols + boxes)
+
+
+@lru_cache(maxsize=1)
+def sudoku_grids() -> list[str]:
+    """All 288 valid 4x4 Sudoku grids as 16-digit strings."""
+    perms = list(itertools.permutations((1, 2, 3, 4)))
+    # Row by row with column and box pruning (all 24^4 products would be slow).
+    out: list[tuple[int, ...]] = []
+
+    def extend(rows: tuple[int, ...]) -> None:
+        if len(rows) == 16:
+            if _valid(rows):
+                out.append(rows)
+            return
+        r = len(rows) // 4
+        for p in perms:
+            cand = rows + p
+            if all(len({cand[4 * i + c] for i in range(r + 1)}) == r + 1 for c in range(4)):
+                if r % 2 == 1:
+                    box_ok = all(len({cand[4 * (r - 1) + bc + j] for j in range(2)} |
+                                     {cand[4 * r + bc + j] for j in range(2)}) == 4 for bc in (0, 2))
+                    if not box_ok:
+                        continue
+                extend(cand)
+
+    extend(())
+    return ["".join(map(str, g)) for g in out]
+
+
+def count_solutions(puzzle: str, limit: int = 2) -> int:
+    """Number of completions of `puzzle` (0 = empty), stopping at `limit`."""
+    cells = [int(c) for c in puzzle]
+    count = 0
+    for grid in sudoku_grids():
+        if all(c == 0 or c == int(g) for c, g in zip(cells, grid)):
+            count += 1
+            if count >= limit:
+                break
+    return count
+
+
+def _split_of_grid(grid: str) -> str:
+    return "test" if int(hashlib.sha1(grid.encode()).hexdigest()[:8], 16) % 5 == 0 else "train"
+
+
+class Sudoku:
+    """4x4 Sudoku: puzzles with a unique solution; test-split puzzles come from solution grids never in train."""
+
+    name = "sudoku"
+
+    def __init__(self, min_empty: int = 4, max_empty: int = 10):
+        if not 1 <= min_empty <= max_empty <= 16:
+            raise DLMScopeError(f"empty-cell range {min_empty}..{max_empty} is invalid; need 1 <= min <= max <= 16")
+        self.min_empty, self.max_empty = min_empty, max_empty
+
+    @staticmethod
+    def prompt(puzzle: str) -> str:
+        return f"Sudoku: {puzzle}\nSolution: "
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        if split not in SPLITS:
+            raise DLMScopeError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        grids = [g for g in sudoku_grids() if _split_of_grid(g) == split]
+        rng = random.Random(f"sudoku-{split}-{seed}")
+        out = []
+        while len(out) < n:
+            grid = rng.choice(grids)
+            holes = rng.sample(range(16), rng.randint(self.min_empty, self.max_empty))
+            puzzle = "".join("0" if i in holes else c for i, c in enumerate(grid))
+            if count_solutions(puzzle) == 1:
+                out.append(Example(self.prompt(puzzle), grid, {"puzzle": puzzle, "solution": grid}))
+        return out
+
+    @staticmethod
+    def _cells(completion: str) -> str:
+        return "".join(re.findall(r"[0-9]", completion))[:16]
+
+    def reward(self, example: Example, completion: str) -> float:
+        """Fraction of the originally empty cells filled correctly (missing digits count as wrong)."""
+        puzzle, solution = example.meta["puzzle"], example.meta["solution"]
+        got = self._cells(completion)
+        empty = [i for i, c in enumerate(puzzle) if c == "0"]
+        right = sum(1 for i in empty if i < len(got) and got[i] == solution[i])
+        return right / len(empty)
+
+    def is_correct(self, example: Example, completion: str) -> bool:
+        return self._cells(completion) == example.meta["solution"]
+
+
+# ------------------------------------------------------------------------------------------ Countdown
+
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b}
+
+
+def evaluate_equation(text: str) -> tuple[Fraction, list[int]] | None:
+    """Value and the numbers used of an arithmetic expression over integers with + - * / and brackets.
+
+    Returns None if `text` is not such an expression (or divides by zero); never evaluates code.
+    """
+    text = text.strip()
+    if not text or not re.fullmatch(r"[0-9+\-*/() ]+", text):
+        return None
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    numbers: list[int] = []
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            numbers.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError
+
+    try:
+        return ev(tree), numbers
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+class Countdown:
+    """Reach the target with each of three numbers exactly once and + - * /."""
+
+    name = "countdown"
+
+    @staticmethod
+    def prompt(numbers: list[int], target: int) -> str:
+        return f"Countdown: {' '.join(map(str, numbers))} -> {target}\nEquation: "
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        if split not in SPLITS:
+            raise DLMScopeError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        rng = random.Random(f"countdown-{split}-{seed}")
+        out = []
+        while len(out) < n:
+            nums = [rng.randint(1, 20) for _ in range(3)]
+            a, b, c = rng.sample(nums, 3)
+            o1, o2 = rng.choice("+-*/"), rng.choice("+-*/")
+            eq = rng.choice([f"{a}{o1}{b}{o2}{c}", f"({a}{o1}{b}){o2}{c}", f"{a}{o1}({b}{o2}{c})"])
+            value = evaluate_equation(eq)
+            if value is None or value[0].denominator != 1 or not 0 < value[0] <= 200:
+                continue
+            target = int(value[0])
+            key = hashlib.sha1(f"{sorted(nums)}-{target}".encode()).hexdigest()
+            if (int(key[:8], 16) % 5 == 0) != (split == "test"):
+                continue
+            out.append(Example(self.prompt(nums, target), eq, {"numbers": nums, "target": target}))
+        return out
+
+    @staticmethod
+    def _equation(completion: str) -> str:
+        return completion.strip().split("\n")[0].split("=")[0]
+
+    def reward(self, example: Example, completion: str) -> float:
+        """1.0 correct equation using each number once; 0.1 well-formed but wrong; 0.0 otherwise."""
+        parsed = evaluate_equation(self._equation(completion))
+        if parsed is None:
+            return 0.0
+        value, used = parsed
+        ok = sorted(used) == sorted(example.meta["numbers"]) and value == example.meta["target"]
+        return 1.0 if ok else 0.1
+
+    def is_correct(self, example: Example, completion: str) -> bool:
+        return self.reward(example, completion) == 1.0
+
+
+TASKS = {"sudoku": Sudoku, "countdown": Countdown}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise DLMScopeError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+def task_corpus(n: int, seed: int = 0) -> list[str]:
+    """Training documents (prompt + answer) from every task's train split, n per task."""
+    return [ex.prompt + ex.answer for name in TASKS for ex in get_task(name).examples("train", n, seed)]
