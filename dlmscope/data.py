@@ -19,8 +19,8 @@ import torch
 from .errors import DLMScopeError
 from .io_utils import atomic_write_json
 
-CORPUS_VERSION = 1
-HELDOUT_PERCENT = 2
+CORPUS_VERSION = 2
+HELDOUT_PERCENT = 5
 SPLITS = ("train", "heldout")
 # Modules whose import opens windows, a browser, prints, or takes long.
 _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__hello__",
@@ -78,19 +78,40 @@ def _topic_prose() -> list[str]:
     return [p for key in sorted(topics) for p in _paragraphs(topics[key])]
 
 
+DEBIAN_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+"""reST sources of the Python documentation from Debian's python3.11-doc package, when installed."""
+
+
+def _rest_to_text(text: str) -> str:
+    text = re.sub(r"^\.\. .*$", "", text, flags=re.M)  # directives and comments
+    text = re.sub(r"^[=\-~^\"'*#+]{3,}\s*$", "", text, flags=re.M)  # section underlines
+    text = re.sub(r":[\w:.+-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", text)  # :role:`target <x>`
+    text = re.sub(r"`([^`<]*?)(?:\s*<[^>]*>)?`_{0,2}", r"\1", text)  # links
+    return text.replace("``", "").replace("**", "").replace("*", "")
+
+
+def _debian_docs() -> list[str]:
+    return [p for f in sorted(DEBIAN_DOCS.rglob("*.rst.txt"))
+            for p in _paragraphs(_rest_to_text(f.read_text(encoding="utf-8", errors="replace")))]
+
+
 def _split_of(text: str) -> str:
     h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
     return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
 
 
-def builtin_corpus(split: str = "train") -> list[str]:
+def builtin_corpus(split: str = "train", debian_docs: bool = False) -> list[str]:
     """Python reference prose and standard-library docstrings: cleaned, deduplicated, split by text hash.
 
-    Built once per Python version and cached (`$DLMSCOPE_CACHE`, default ~/.cache/dlmscope).
+    `debian_docs` adds the python3.11-doc reST sources (an error if not installed). Built once per
+    Python version and cached (`$DLMSCOPE_CACHE`, default ~/.cache/dlmscope).
     """
     if split not in SPLITS:
         raise DLMScopeError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    path = cache_dir() / f"corpus-v{CORPUS_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}.json"
+    if debian_docs and not DEBIAN_DOCS.is_dir():
+        raise DLMScopeError(f"debian_docs=True but {str(DEBIAN_DOCS)!r} is missing; apt-get install python3.11-doc")
+    tag = "-debian" if debian_docs else ""
+    path = cache_dir() / f"corpus-v{CORPUS_VERSION}{tag}-py{sys.version_info[0]}{sys.version_info[1]}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())[split]
@@ -98,7 +119,7 @@ def builtin_corpus(split: str = "train") -> list[str]:
             pass  # a damaged cache is rebuilt
     seen: set[str] = set()
     docs = []
-    for text in _topic_prose() + _stdlib_docstrings():
+    for text in _topic_prose() + _stdlib_docstrings() + (_debian_docs() if debian_docs else []):
         if text not in seen:
             seen.add(text)
             docs.append(text)

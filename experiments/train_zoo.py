@@ -45,12 +45,12 @@ class ZooConfig:
     n_heads: int = 4
     d_mlp: int = 768
     context_length: int = 128
-    sudoku_train: int = 20000
+    sudoku_train: int = 10000
     """Sudoku puzzles (train split) mixed into the corpus as documents."""
-    countdown_train: int = 20000
+    countdown_train: int = 5000
     task_repeats: int = 1
-    steps: int = 6000
-    batch_size: int = 128
+    steps: int = 4000
+    batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 300
     weight_decay: float = 0.1
@@ -59,11 +59,12 @@ class ZooConfig:
 
 def prepare(cfg: ZooConfig) -> None:
     """Corpus + task text -> BPE tokenizer -> packed train / held-out token tensors."""
-    from dlmscope.data import builtin_corpus, pack
+    from dlmscope.data import DEBIAN_DOCS, builtin_corpus, pack
     from dlmscope.tasks import get_task
     from dlmscope.tokenizer import train_tokenizer
 
-    train_docs, heldout_docs = builtin_corpus("train"), builtin_corpus("heldout")
+    debian = DEBIAN_DOCS.is_dir()  # the larger corpus when installed; recorded in prepare.json
+    train_docs, heldout_docs = builtin_corpus("train", debian), builtin_corpus("heldout", debian)
     rng = random.Random(cfg.seed)
     task_docs = []
     for name, n in (("sudoku", cfg.sudoku_train), ("countdown", cfg.countdown_train)):
@@ -78,7 +79,7 @@ def prepare(cfg: ZooConfig) -> None:
     heldout = pack(tokenizer, heldout_docs, cfg.context_length)
     torch.save({"train": train.input_ids, "heldout": heldout.input_ids, "mask_id": tokenizer.mask_token_id,
                 "config": asdict(cfg)}, WORK / "data.pt")
-    stats = {"train_docs": len(train_docs), "task_docs": len(task_docs), "heldout_docs": len(heldout_docs),
+    stats = {"debian_python3.11_doc": debian, "train_docs": len(train_docs), "task_docs": len(task_docs), "heldout_docs": len(heldout_docs),
              "train_tokens": train.input_ids.numel(), "heldout_tokens": heldout.input_ids.numel()}
     (WORK / "prepare.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
@@ -89,6 +90,17 @@ def _lr(step: int, cfg: ZooConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def heldout_loss(lm, kind: str, data: dict, device: str) -> float:
+    """Held-out training objective with fixed masks, to watch for over-fitting."""
+    x0 = data["heldout"][:128].to(device)
+    gen = torch.Generator().manual_seed(1234)
+    if kind == "ar":
+        return float(next_token_ce(lm.forward(x0), x0).mean())
+    c = corrupt(x0, data["mask_id"], sample_t(x0.shape[0], generator=gen), generator=gen)
+    return float(elbo_loss(lm.forward(c.xt), x0, c))
 
 
 def train_one(kind: str, data: dict, cfg: ZooConfig, device: str, out: Path) -> dict:
@@ -134,7 +146,10 @@ def train_one(kind: str, data: dict, cfg: ZooConfig, device: str, out: Path) -> 
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == cfg.steps - 1:
-            log.append({"step": step, "loss": loss.item(), "lr": _lr(step, cfg), "seconds": time.time() - t0})
+            entry = {"step": step, "loss": loss.item(), "lr": _lr(step, cfg), "seconds": time.time() - t0}
+            if step % 500 == 0 or step == cfg.steps - 1:
+                entry["heldout_loss"] = heldout_loss(lm, kind, data, device)
+            log.append(entry)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     module.eval()

@@ -311,5 +311,7 @@ def generate(
         lm.state = ForwardState()
     texts = None
     if lm.tokenizer is not None:
-        texts = [lm.to_text(row) for row in x[:, P:].cpu()]
+        eos = lm.tokenizer.eos_token_id
+        rows = [row.tolist() for row in x[:, P:].cpu()]
+        texts = [lm.to_text(r[: r.index(eos)] if eos in r else r) for r in rows]
     return GenerateOutput(x.cpu(), attn.cpu(), P, texts, history)

@@ -62,11 +62,16 @@ def load_tokenizer(folder: Path):
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()  # AutoConfig complains about model types it does not know (llada)
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception:  # remote-code tokenizers: try again allowing the folder's own code
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True)
+    finally:
+        logging.set_verbosity(before)
 
 
 def build_hf_module(
