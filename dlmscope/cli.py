@@ -68,6 +68,75 @@ def generate(
         typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
 
 
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings written under dataclass fields (they become --help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def dataclass_command(cls, run, name: str, help: str) -> None:
+    """Register `dlmscope NAME` with one flag per dataclass field plus --config FILE (YAML/JSON).
+
+    Precedence: explicit flags > config file > dataclass defaults.
+    """
+    import dataclasses
+    import inspect
+
+    docs = field_docs(cls)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                default=typer.Option(None, help="YAML or JSON file with any of these options."))]
+    for f in dataclasses.fields(cls):
+        annotation = {"bool": Optional[bool], "int": Optional[int], "float": Optional[float]}.get(
+            getattr(f.type, "__name__", str(f.type)), Optional[str])
+        flag = f"--{f.name.replace('_', '-')}"
+        decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if annotation is Optional[bool] else [flag]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(None, *decls, help=f"{docs.get(f.name, '')} [default: {f.default}]",
+                                                             show_default=False)))
+
+    def command(**kwargs):
+        from .training import load_config_file
+
+        config = kwargs.pop("config")
+        values = load_config_file(config) if config else {}
+        values.update({k: v for k, v in kwargs.items() if v is not None})
+        run(cls(**values))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = help
+    app.command(name=name, help=help)(command)
+
+
+def _train_sae(cfg) -> None:
+    from .training import train_sae
+
+    result = train_sae(cfg)
+    if not result.interrupted:
+        for key, m in result.metrics.items():
+            typer.echo(f"{key}: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}  "
+                       f"cosine {m['cosine']:.4f} -> {result.saes[key]}")
+        typer.echo(f"run folder: {result.folder} (report.html, metrics.json)")
+
+
+def _register_train_sae() -> None:
+    from .training import TrainSAEConfig
+
+    dataclass_command(TrainSAEConfig, _train_sae, "train-sae",
+                      "Train Top-K SAEs (one per layer and k) on a model's residual stream.")
+
+
+_register_train_sae()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
     try:

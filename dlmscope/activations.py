@@ -1,0 +1,236 @@
+"""Activation providers for SAE training, following DLM-Scope's protocol.
+
+One forward per batch of packed text: the mask ratio t is drawn once per batch from a t-range,
+the first token is never masked, and a position policy picks which tokens' activations are kept
+(`mask`: masked positions, `unmask`: visible ones, `all`, or `clean`: no masking, the default for
+autoregressive models). Every source batch is a pure function of (seed, rank, pass, index), so a
+resumed run regenerates exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .diffusion.noise import check_t_range, corrupt
+from .errors import DLMScopeError
+from .hooks import run_with_cache
+from .io_utils import atomic_save_safetensors, atomic_write_json
+from .models.base import LoadedModel
+
+POLICIES = ("mask", "unmask", "all", "clean")
+INFO_KEYS = ("token", "position", "doc", "t", "masked")
+
+
+@dataclass
+class ActivationBatch:
+    """Activations per hook (N, d) and, per token: id, position, document id, t, was-masked."""
+
+    acts: dict[str, torch.Tensor]
+    info: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.info["token"].shape[0])
+
+
+def default_policy(lm: LoadedModel) -> str:
+    return "clean" if lm.causal else "mask"
+
+
+class ActivationSource:
+    """Batches of activations from one forward each over packed token rows."""
+
+    def __init__(self, lm: LoadedModel, hooks: Sequence[str], rows: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                 *, policy: str | None = None, t_range: tuple[float, float] = (0.05, 0.5), seqs_per_batch: int = 16,
+                 seed: int = 0, rank: int = 0, world: int = 1):
+        self.lm, self.hooks = lm, list(hooks)
+        for h in self.hooks:
+            lm.site(h)
+        self.policy = policy or default_policy(lm)
+        if self.policy not in POLICIES:
+            raise DLMScopeError(f"unknown position policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
+        if lm.causal and self.policy != "clean":
+            raise DLMScopeError(f"policy {self.policy!r} needs a diffusion model; {lm.name} is autoregressive (use clean)")
+        if self.policy != "clean":
+            lm.require_mask_id()
+        self.t_range = check_t_range(t_range)
+        self.rows = rows[rank::world]
+        self.doc_ids = (doc_ids if doc_ids is not None else torch.zeros_like(rows))[rank::world]
+        if self.rows.shape[0] < seqs_per_batch:
+            raise DLMScopeError(f"the dataset has {self.rows.shape[0]} rows for this process, fewer than one batch of "
+                                f"{seqs_per_batch}; give more text or a smaller batch")
+        self.seqs_per_batch, self.seed, self.rank = seqs_per_batch, seed, rank
+
+    def __len__(self) -> int:
+        """Batches per pass over the data."""
+        return self.rows.shape[0] // self.seqs_per_batch
+
+    def _generator(self, epoch: int, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.seed, self.rank, epoch, index)) & 0x7FFFFFFF)
+
+    @torch.no_grad()
+    def batch(self, epoch: int, index: int) -> ActivationBatch:
+        order = torch.randperm(self.rows.shape[0], generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        pick = order[index * self.seqs_per_batch:(index + 1) * self.seqs_per_batch]
+        x0, docs = self.rows[pick], self.doc_ids[pick]
+        B, L = x0.shape
+        if self.policy == "clean":
+            xt, masked, t = x0, torch.zeros_like(x0, dtype=torch.bool), torch.zeros(B)
+        else:
+            gen = self._generator(epoch, index)
+            lo, hi = self.t_range
+            t = torch.full((B,), lo + (hi - lo) * float(torch.rand(1, generator=gen)))
+            c = corrupt(x0, self.lm.mask_id, t, eps=0.0, keep_first=True, generator=gen)
+            xt, masked = c.xt, c.mask
+        keep = {"mask": masked, "unmask": ~masked, "all": torch.ones_like(masked), "clean": torch.ones_like(masked)}
+        keep = keep[self.policy]
+        acts = run_with_cache(self.lm, xt, self.hooks, positions=keep.to(self.lm.device))
+        info = {"token": x0[keep], "position": torch.arange(L).expand(B, L)[keep], "doc": docs[keep],
+                "t": t[:, None].expand(B, L)[keep], "masked": masked[keep]}
+        return ActivationBatch({h: a.float().cpu() for h, a in acts.items()}, info)
+
+
+class ShuffleBuffer:
+    """Mixes tokens across forwards: refills to capacity when half empty, yields each token once per pass."""
+
+    def __init__(self, source, capacity: int, batch_size: int, seed: int = 0):
+        if capacity < 2 * batch_size:
+            raise DLMScopeError(f"buffer capacity {capacity} must be at least twice the batch size {batch_size}")
+        self.source, self.capacity, self.batch_size = source, capacity, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self.acts: dict[str, torch.Tensor] | None = None
+        self.info: dict[str, torch.Tensor] | None = None
+
+    def _size(self) -> int:
+        return 0 if self.info is None else int(self.info["token"].shape[0])
+
+    def _append(self, b: ActivationBatch) -> None:
+        if self.info is None:
+            self.acts, self.info = dict(b.acts), dict(b.info)
+        else:
+            self.acts = {h: torch.cat([self.acts[h], b.acts[h]]) for h in self.acts}
+            self.info = {k: torch.cat([self.info[k], b.info[k]]) for k in self.info}
+
+    def _refill(self) -> bool:
+        """Top up from the current pass; False once the pass is used up."""
+        added = False
+        while self._size() < self.capacity and self.index < len(self.source):
+            self._append(self.source.batch(self.epoch, self.index))
+            self.index += 1
+            added = True
+        return added
+
+    def next(self) -> ActivationBatch:
+        if self._size() <= self.capacity // 2:
+            self._refill()
+        if self._size() < self.batch_size:  # pass exhausted: start the next one
+            self.epoch, self.index = self.epoch + 1, 0
+            self._refill()
+        n = self._size()
+        perm = torch.randperm(n, generator=self.gen)
+        take, rest = perm[: self.batch_size], perm[self.batch_size:]
+        out = ActivationBatch({h: a[take] for h, a in self.acts.items()}, {k: v[take] for k, v in self.info.items()})
+        self.acts = {h: a[rest] for h, a in self.acts.items()}
+        self.info = {k: v[rest] for k, v in self.info.items()}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "epoch": self.epoch, "index": self.index, "acts": self.acts,
+                "info": self.info}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.epoch, self.index, self.acts, self.info = state["epoch"], state["index"], state["acts"], state["info"]
+
+
+@torch.no_grad()
+def trajectory_activations(lm: LoadedModel, prompts, hooks: Sequence[str], *, steps_to_keep: Sequence[int] | None = None,
+                           positions: str = "all", **generate_kwargs) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Activations from a real sampler run: {hook: [(step, (N, d) rows at `positions`), ...]}."""
+    from .diffusion.sampler import generate
+    from .hooks import capture
+
+    with capture(lm, hooks, steps=steps_to_keep, positions=positions, to_cpu=True) as cache:
+        generate(lm, prompts, **generate_kwargs)
+    return {h: list(zip(cache.steps[h], cache.acts[h])) for h in hooks}
+
+
+# ------------------------------------------------------------------------------------------ disk cache
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_cache(source: ActivationSource, folder: str | Path, n_batches: int | None = None, *,
+                dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
+    """Write one pass of `source` as safetensors shards plus a manifest; skips shards already complete."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = min(n_batches or len(source), len(source))
+    manifest_path = folder / "manifest.json"
+    header = {"model": source.lm.name, "hooks": source.hooks, "policy": source.policy,
+              "t_range": list(source.t_range), "dtype": str(dtype).replace("torch.", ""), "seed": source.seed,
+              "seqs_per_batch": source.seqs_per_batch}
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {**header, "shards": []}
+    if {k: manifest.get(k) for k in header} != header:
+        raise DLMScopeError(f"cache folder {str(folder)!r} holds a different configuration; use another folder")
+    done = {s["file"]: s for s in manifest["shards"]}
+    iterator = range(n)
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc="caching activations", unit="batch")
+    for i in iterator:
+        name = f"shard-{i:05d}.safetensors"
+        if name in done and (folder / name).is_file() and _sha256(folder / name) == done[name]["sha256"]:
+            continue
+        b = source.batch(0, i)
+        tensors = {f"act.{h}": a.to(dtype) for h, a in b.acts.items()}
+        tensors.update({f"info.{k}": v for k, v in b.info.items()})
+        atomic_save_safetensors(folder / name, tensors)
+        done[name] = {"file": name, "tokens": len(b), "sha256": _sha256(folder / name)}
+        manifest["shards"] = [done[k] for k in sorted(done)]
+        manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+        atomic_write_json(manifest_path, manifest)
+    return folder
+
+
+class CachedSource:
+    """Reads a cache folder shard by shard (memory-mapped); same `batch(epoch, index)` as ActivationSource."""
+
+    def __init__(self, folder: str | Path, verify: bool = True):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if not path.is_file():
+            raise DLMScopeError(f"{str(self.folder)!r} is not an activation cache (no manifest.json)")
+        self.manifest = json.loads(path.read_text())
+        self.hooks, self.policy = self.manifest["hooks"], self.manifest["policy"]
+        if verify:
+            for s in self.manifest["shards"]:
+                file = self.folder / s["file"]
+                if not file.is_file() or _sha256(file) != s["sha256"]:
+                    raise DLMScopeError(f"cache shard {str(file)!r} is missing or corrupt (checksum mismatch)")
+
+    def __len__(self) -> int:
+        return len(self.manifest["shards"])
+
+    def batch(self, epoch: int, index: int) -> ActivationBatch:
+        from safetensors import safe_open
+
+        file = self.folder / self.manifest["shards"][index]["file"]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                acts = {h: f.get_tensor(f"act.{h}").float() for h in self.hooks}
+                info = {k: f.get_tensor(f"info.{k}") for k in INFO_KEYS}
+        except Exception as e:
+            raise DLMScopeError(f"cache shard {str(file)!r} is corrupt: {e}") from None
+        return ActivationBatch(acts, info)
