@@ -137,6 +137,142 @@ def _register_train_sae() -> None:
 _register_train_sae()
 
 
+@app.command("eval-splice")
+def eval_splice(
+    sae: str = typer.Option(..., help="SAE name (registry) or folder."),
+    model: str = ModelOpt,
+    t_bins: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="Comma-separated mask ratios."),
+    positions: str = typer.Option("all", help="Splice at all, masked or visible positions."),
+    with_error: bool = typer.Option(False, help="Add the reconstruction error back."),
+    n_seqs: int = typer.Option(64, help="Held-out sequences per bin."),
+    context_length: int = typer.Option(128, help="Tokens per sequence."),
+    out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
+    seed: int = typer.Option(0, help="Mask seed."),
+    device: str = DeviceOpt,
+) -> None:
+    """Cross-entropy impact of splicing an SAE into the model (DLM: per mask-ratio bin)."""
+    from .analysis.splice import SpliceConfig, splice_eval, splice_table
+    from .data import heldout_rows
+    from .io_utils import atomic_write_json
+    from .models import load_model
+    from .sae import load_sae
+
+    lm = load_model(model, device=device)
+    try:
+        bins = tuple(float(v) for v in t_bins.split(","))
+    except ValueError:
+        raise DLMScopeError(f"t-bins={t_bins!r} must be comma-separated numbers in (0, 1]") from None
+    if any(not 0 < b <= 1 for b in bins):
+        raise DLMScopeError(f"t-bins={t_bins!r} must lie in (0, 1]")
+    result = splice_eval(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length),
+                         SpliceConfig(bins, positions, with_error, n_seqs, seed=seed))
+    typer.echo(splice_table(result))
+    if out:
+        atomic_write_json(out, result)
+
+
+@app.command("cache")
+def cache_cmd(
+    out: str = typer.Argument(..., help="Cache folder (resumable: complete shards are kept)."),
+    model: str = ModelOpt,
+    layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
+    policy: str = typer.Option("", help="mask, unmask, all or clean (default by model type)."),
+    t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
+    t_max: float = typer.Option(0.5, help="Highest mask ratio."),
+    batches: int = typer.Option(0, help="Forward batches to cache (0 = one pass over the data)."),
+    seqs_per_forward: int = typer.Option(32, help="Rows per forward."),
+    context_length: int = typer.Option(128, help="Tokens per row."),
+    dataset: str = typer.Option("builtin", help="Text source."),
+    dtype: str = typer.Option("float32", help="Stored dtype: float32, bfloat16 or float16."),
+    seed: int = typer.Option(0, help="Seed for order and masks."),
+    device: str = DeviceOpt,
+) -> None:
+    """Write activations to sharded safetensors with a checksummed manifest."""
+    from .activations import ActivationSource, write_cache
+    from .data import load_texts, pack
+    from .models import load_model
+    from .models.checkpoint import resolve_dtype
+
+    lm = load_model(model, device=device)
+    rows = pack(lm.tokenizer, load_texts(dataset), context_length)
+    hooks = [f"blocks.{int(i)}.hook_resid_post" for i in layers.split(",")]
+    src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy or None, t_range=(t_min, t_max),
+                           seqs_per_batch=seqs_per_forward, seed=seed)
+    folder = write_cache(src, out, batches or None, dtype=resolve_dtype(dtype))
+    typer.echo(f"cache written to {folder}")
+
+
+@app.command()
+def steer(
+    sae: str = typer.Option(..., help="SAE name (registry) or folder."),
+    feature: int = typer.Option(..., help="Latent index to push."),
+    model: str = ModelOpt,
+    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt; repeat for several."),
+    strength: float = typer.Option(2.0, help="Added strength * max(A) (scale max) or strength (scale fixed)."),
+    mode: str = typer.Option("sae", help="sae (edit latent, keep error) or direction (add W_dec[f])."),
+    scale: str = typer.Option("max", help="max or fixed."),
+    steps_schedule: str = typer.Option("all", "--schedule", help="all, first:FRACTION, or comma-separated steps."),
+    positions: str = typer.Option("all", help="all, masked, generated or top:N."),
+    gen_length: int = typer.Option(32, help="Tokens to generate."),
+    steps: int = typer.Option(32, help="Denoising steps (DLMs)."),
+    seed: int = typer.Option(0, help="Seed."),
+    device: str = DeviceOpt,
+) -> None:
+    """Generate with and without feature steering, side by side."""
+    from .analysis.steering import SteeringSpec, steered_generate
+    from .models import load_model
+    from .sae import load_sae
+
+    lm = load_model(model, device=device)
+    sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
+        [int(v) for v in steps_schedule.split(",")]
+    spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
+    the_sae = load_sae(sae, device=device)
+    base = steered_generate(lm, the_sae, None, prompt, gen_length, steps, seed)
+    steered = steered_generate(lm, the_sae, spec, prompt, gen_length, steps, seed)
+    for p, b, s_ in zip(prompt, base, steered):
+        typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
+
+
+@app.command()
+def order(
+    sae: str = typer.Option(..., help="SAE name (registry) or folder."),
+    model: str = ModelOpt,
+    prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p", help="Prompts."),
+    strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
+    task: str = typer.Option("sudoku", help="Task for accuracy (sudoku or countdown; empty to skip)."),
+    n: int = typer.Option(50, help="Task examples."),
+    steps: str = typer.Option("4,8,16", help="Comma-separated step budgets for the task."),
+    gen_length: int = typer.Option(16, help="Tokens to generate."),
+    out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
+    device: str = DeviceOpt,
+) -> None:
+    """Feature dynamics per remasking order, and task accuracy incl. the SAE-informed order."""
+    from .analysis.order import feature_dynamics, make_strategy, task_accuracy
+    from .io_utils import atomic_write_json
+    from .models import load_model
+    from .sae import load_sae
+
+    lm = load_model(model, device=device)
+    the_sae = load_sae(sae, device=device)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    budgets = [int(v) for v in steps.split(",")]
+    result = {"dynamics": {}, "task": {}}
+    typer.echo("| order | pre-mask stability | post-decode drift |" + "".join(f" {task} @{b} |" for b in budgets if task))
+    typer.echo("|---|---|---|" + "---|" * (len(budgets) if task else 0))
+    for name in names:
+        strat = make_strategy(name, the_sae)
+        dyn = feature_dynamics(lm, the_sae, prompt, strat, gen_length=gen_length, steps=gen_length)
+        acc = {b: task_accuracy(lm, task, make_strategy(name, the_sae), n=n, steps=b, gen_length=gen_length)
+               for b in budgets} if task else {}
+        result["dynamics"][name] = {k: v for k, v in dyn.items() if k != "texts"}
+        result["task"][name] = acc
+        typer.echo(f"| {name} | {dyn['pre_mask_stability']:.3f} | {dyn['post_decode_drift']:.3f} |"
+                   + "".join(f" {acc[b]['accuracy']:.2f} |" for b in acc))
+    if out:
+        atomic_write_json(out, result)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
     try:

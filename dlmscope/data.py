@@ -208,3 +208,9 @@ def pack(tokenizer, texts: list[str], context_length: int, *, cross_document: bo
         ids[i, : len(row)] = torch.tensor(row)
         doc_ids[i, : len(row)] = i
     return PackedData(ids, doc_ids, (doc_ids >= 0).long())
+
+
+def heldout_rows(tokenizer, context_length: int = 128, n: int | None = None) -> torch.Tensor:
+    """Packed rows of the built-in held-out split (the same on every machine): the evaluation set."""
+    rows = pack(tokenizer, builtin_corpus("heldout"), context_length).input_ids
+    return rows[:n] if n else rows

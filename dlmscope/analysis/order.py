@@ -1,0 +1,131 @@
+"""Decoding order through an SAE: feature dynamics per remasking strategy, and an SAE-informed strategy.
+
+Per position, the SAE's top-k latent set is tracked across denoising steps. Pre-mask stability
+is the mean Jaccard similarity of consecutive steps' sets while the position is still masked;
+post-decode drift is 1 - Jaccard(set when decoded, set at each later step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..diffusion.sampler import LowConfidence, REMASKING, StepInput, generate
+from ..errors import DLMScopeError
+from ..hooks import capture, hooked
+from ..models.base import LoadedModel
+from .splice import check_sae_matches
+
+STANDARD_ORDERS = ("origin", "low_confidence", "topk_margin", "entropy")
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Row-wise Jaccard similarity of index sets a, b (..., k)."""
+    ma = torch.zeros(*a.shape[:-1], n_latents, dtype=torch.bool).scatter_(-1, a, True)
+    mb = torch.zeros(*b.shape[:-1], n_latents, dtype=torch.bool).scatter_(-1, b, True)
+    inter = (ma & mb).sum(-1).float()
+    union = (ma | mb).sum(-1).float().clamp_min(1)
+    return inter / union
+
+
+def order_metrics(sets: torch.Tensor, masks: torch.Tensor, n_latents: int) -> dict:
+    """Metrics from feature sets (S, B, L, k) and mask states (S, B, L) of one trajectory."""
+    S = sets.shape[0]
+    sim = torch.stack([jaccard(sets[s], sets[s + 1], n_latents) for s in range(S - 1)])  # (S-1, B, L)
+    both_masked = masks[:-1] & masks[1:]
+    pre = float(sim[both_masked].mean()) if both_masked.any() else float("nan")
+    decoded_at = torch.where(masks.any(0), masks.sum(0), torch.full_like(masks[0], -1, dtype=torch.long))
+    drifts = []
+    for b, l in zip(*torch.nonzero(decoded_at >= 0, as_tuple=True)):
+        d = int(decoded_at[b, l])
+        if d < S - 1:
+            ref = sets[d, b, l]
+            later = sets[d + 1:, b, l]
+            drifts.append(1 - jaccard(ref.expand_as(later), later, n_latents).mean())
+    unique_per_step = [int(torch.unique(sets[s]).numel()) for s in range(S)]
+    return {"pre_mask_stability": pre, "post_decode_drift": float(torch.stack(drifts).mean()) if drifts else float("nan"),
+            "unique_features_per_step": unique_per_step}
+
+
+@torch.no_grad()
+def feature_dynamics(lm: LoadedModel, sae, prompts: Sequence[str], remasking: str, gen_length: int = 32,
+                     steps: int = 32, seed: int = 0) -> dict:
+    """Run the sampler once and measure how the SAE's features of generated positions evolve."""
+    hook = check_sae_matches(lm, sae)
+    with capture(lm, [hook], to_cpu=True) as cache:
+        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
+                       remasking=remasking, return_history=True, seed=seed)
+    P = out.prompt_length
+    sets = torch.stack([sae.encode_topk(a[:, P:].float())[1].cpu() for a in cache.acts[hook]])
+    masks = torch.stack([h.mask[:, P:].cpu() for h in out.history])
+    return {"remasking": remasking, **order_metrics(sets, masks, sae.cfg.n_latents), "texts": out.texts}
+
+
+class FeatureStability(LowConfidence):
+    """SAE-informed remasking: confidence times (1 + alpha * feature stability).
+
+    A position whose top-k SAE features did not change since the previous step is treated as
+    settled and unmasked earlier; a position still churning waits.
+    """
+
+    name = "sae_stability"
+
+    def __init__(self, sae, alpha: float = 1.0):
+        self.sae, self.alpha = sae, alpha
+        self.prev: torch.Tensor | None = None
+        self.current: torch.Tensor | None = None
+        self._ctx = None
+
+    def begin(self, lm: LoadedModel, x: torch.Tensor) -> None:
+        hook = check_sae_matches(lm, self.sae)
+        self.prev = self.current = None
+
+        def grab(act: torch.Tensor, ctx) -> None:
+            self.current = self.sae.encode_topk(act.float())[1]
+
+        self._ctx = hooked(lm, {hook: grab})
+        self._ctx.__enter__()
+
+    def end(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    def scores(self, s: StepInput) -> torch.Tensor:
+        conf = super().scores(s)
+        cur = self.current[: s.x.shape[0]]
+        if self.prev is None:
+            stability = torch.zeros_like(conf)
+        else:
+            stability = jaccard(cur.cpu(), self.prev.cpu(), self.sae.cfg.n_latents).to(conf)
+        self.prev = cur
+        return conf * (1 + self.alpha * stability)
+
+
+def make_strategy(name: str, sae=None):
+    if name == FeatureStability.name:
+        if sae is None:
+            raise DLMScopeError("the sae_stability strategy needs an SAE")
+        return FeatureStability(sae)
+    if name not in REMASKING:
+        raise DLMScopeError(f"unknown remasking {name!r}; allowed: {', '.join([*REMASKING, FeatureStability.name])}")
+    return name
+
+
+@torch.no_grad()
+def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps: int = 16, gen_length: int = 16,
+                  seed: int = 0, batch: int = 25) -> dict:
+    """Exact accuracy and mean reward of a remasking strategy on a task's test split."""
+    from ..tasks import get_task
+
+    task = get_task(task_name)
+    examples = task.examples("test", n, seed=seed)
+    rewards, correct = [], []
+    for i in range(0, n, batch):
+        chunk = examples[i:i + batch]
+        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
+                         remasking=strategy, seed=seed).texts
+        rewards += [task.reward(e, t) for e, t in zip(chunk, texts)]
+        correct += [task.is_correct(e, t) for e, t in zip(chunk, texts)]
+    return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n}

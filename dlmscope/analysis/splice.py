@@ -1,0 +1,143 @@
+"""Cross-entropy impact of splicing an SAE into the residual stream (DLM-Scope's ΔLM), DLMs and AR models.
+
+Masks are drawn once per sequence and t bin and reused for every condition (clean, SAE spliced,
+zero-ablated, mean-ablated), so differences are paired. For DLMs the loss is the masked-token CE
+(mean over masked positions) and the 1/t-weighted ELBO term (sum of masked CE / t over the
+sequence length); for causal models, next-token CE. ΔCE = spliced - clean (negative: splicing
+helps); recovered = (zero-ablated - spliced) / (zero-ablated - clean).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..diffusion.loss import next_token_ce, token_ce
+from ..diffusion.noise import corrupt
+from ..errors import DLMScopeError
+from ..hooks import hooked
+from ..models.base import LoadedModel
+
+T_BINS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CONDITIONS = ("clean", "sae", "zero", "mean")
+SPLICE_POSITIONS = ("all", "masked", "visible")
+
+
+@dataclass
+class SpliceConfig:
+    """Which masks, positions and variants the splice evaluation uses."""
+
+    t_bins: tuple[float, ...] = T_BINS
+    """Fixed mask ratios; the DLM-Scope range U[0.05, 0.5] is always added as bin 'dlmscope'."""
+    positions: str = "all"
+    """Splice at all, masked or visible positions."""
+    with_error: bool = False
+    """Add the SAE's reconstruction error back (then the SAE path is exact: ΔCE = 0)."""
+    n_seqs: int = 64
+    """Held-out sequences per bin."""
+    batch_size: int = 16
+    seed: int = 0
+
+
+def check_sae_matches(lm: LoadedModel, sae) -> str:
+    """The SAE's hook, validated against the model; one-line errors for mismatches."""
+    hook = sae.cfg.hook_name
+    if hook is None:
+        raise DLMScopeError("the SAE records no hook_name in its metadata; cannot tell where to splice it")
+    lm.site(hook)
+    if sae.cfg.d_in != lm.d_model:
+        raise DLMScopeError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name} d_model={lm.d_model}")
+    recorded = sae.cfg.model_name
+    if recorded and recorded != lm.name and not str(lm.name).endswith(str(recorded)):
+        raise DLMScopeError(f"SAE was trained on model {recorded!r}, not {lm.name!r} (hook {hook})")
+    return hook
+
+
+def _interval(values: torch.Tensor) -> tuple[float, float, float]:
+    """Mean and a 95% normal-approximation interval over sequences."""
+    v = values.double()
+    mean = float(v.mean())
+    half = 1.96 * float(v.std()) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def _replacement(sae, condition: str, mean_act: torch.Tensor, with_error: bool):
+    def fn(act: torch.Tensor, ctx) -> torch.Tensor:
+        if condition == "zero":
+            return torch.zeros_like(act)
+        if condition == "mean":
+            return mean_act.to(act).expand_as(act)
+        recon = sae.reconstruct(act.float()).to(act.dtype)
+        return recon + (act - recon) if with_error else recon
+
+    return fn
+
+
+@torch.no_grad()
+def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = SpliceConfig()) -> dict:
+    """Per t bin and condition: CE and ELBO with intervals, ΔCE and recovered score."""
+    hook = check_sae_matches(lm, sae)
+    if cfg.positions not in SPLICE_POSITIONS:
+        raise DLMScopeError(f"positions={cfg.positions!r}; allowed: {', '.join(SPLICE_POSITIONS)}")
+    if lm.causal and cfg.positions != "all":
+        raise DLMScopeError("autoregressive models have no masked positions; use positions='all'")
+    rows = rows[: cfg.n_seqs]
+    if rows.shape[0] == 0:
+        raise DLMScopeError("no sequences to evaluate")
+    from ..hooks import run_with_cache
+
+    mean_act = run_with_cache(lm, rows[: cfg.batch_size].to(lm.device), [hook])[hook].float().mean((0, 1))
+    bins: list[tuple[str, float | None]] = [("clean", None)] if lm.causal else \
+        [(f"{t:.1f}", t) for t in cfg.t_bins] + [("dlmscope", None)]
+    results = {}
+    for b_idx, (label, t) in enumerate(bins):
+        per = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
+        for start in range(0, rows.shape[0], cfg.batch_size):
+            x0 = rows[start:start + cfg.batch_size].to(lm.device)
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + b_idx * 1009 + start)
+            if lm.causal:
+                xt, pos = x0, None
+            else:
+                tt = torch.full((x0.shape[0],), t) if t is not None else 0.05 + 0.45 * torch.rand(x0.shape[0], generator=gen)
+                c = corrupt(x0, lm.mask_id, tt, eps=0.0, keep_first=True, generator=gen)
+                xt = c.xt
+                pos = {"all": None, "masked": c.mask, "visible": ~c.mask}[cfg.positions]
+            for cond in CONDITIONS:
+                if cond == "clean":
+                    logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                else:
+                    with hooked(lm, {hook: _replacement(sae, cond, mean_act, cfg.with_error)}, positions=pos):
+                        logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                if lm.causal:
+                    ce = next_token_ce(logits, x0).mean(1)
+                    per[cond]["ce"].append(ce)
+                    per[cond]["elbo"].append(ce)
+                else:
+                    tok = token_ce(logits, x0) * c.mask
+                    n = c.mask.sum(1).clamp_min(1)
+                    per[cond]["ce"].append(tok.sum(1) / n)
+                    per[cond]["elbo"].append(tok.sum(1) / c.p_mask.to(tok.device) / x0.shape[1])
+        cat = {c: {m: torch.cat(v).cpu() for m, v in d.items()} for c, d in per.items()}
+        entry = {c: {m: _interval(cat[c][m]) for m in ("ce", "elbo")} for c in CONDITIONS}
+        entry["delta_ce"] = _interval(cat["sae"]["ce"] - cat["clean"]["ce"])
+        entry["delta_elbo"] = _interval(cat["sae"]["elbo"] - cat["clean"]["elbo"])
+        clean, spliced, zero = (float(cat[c]["ce"].mean()) for c in ("clean", "sae", "zero"))
+        entry["recovered"] = (zero - spliced) / (zero - clean) if abs(zero - clean) > 1e-12 else float("nan")
+        results[label] = entry
+    return {"model": lm.name, "hook": hook, "k": sae.cfg.k, "n_latents": sae.cfg.n_latents,
+            "diffusion": lm.is_diffusion, "config": asdict(cfg), "bins": results}
+
+
+def splice_table(result: dict) -> str:
+    """Markdown table of one splice result."""
+    lines = [f"{result['model']} {result['hook']} k={result['k']}", "",
+             "| t bin | clean CE | spliced CE | ΔCE [95% CI] | ΔELBO | zero-abl CE | recovered |",
+             "|---|---|---|---|---|---|---|"]
+    for label, e in result["bins"].items():
+        d = e["delta_ce"]
+        lines.append(f"| {label} | {e['clean']['ce'][0]:.3f} | {e['sae']['ce'][0]:.3f} | {d[0]:+.3f} "
+                     f"[{d[1]:+.3f}, {d[2]:+.3f}] | {e['delta_elbo'][0]:+.3f} | {e['zero']['ce'][0]:.3f} | "
+                     f"{e['recovered']:.3f} |")
+    return "\n".join(lines)
