@@ -18,7 +18,7 @@ def test_sudoku_reward_edges():
     ex = Example("", "1234341221434321", {"puzzle": "1030040002001304", "solution": "1234341221434321"})
     assert task.reward(ex, "1234341221434321") == 1.0 and task.is_correct(ex, "1234341221434321")
     assert task.reward(ex, "") == 0.0 and task.reward(ex, "garbage") == 0.0
-    wrong_one = "1224341221434321"
+    wrong_one = "1334341221434321"  # empty cell 1 wrong
     assert 0 < task.reward(ex, wrong_one) < 1 and not task.is_correct(ex, wrong_one)
     assert task.reward(ex, "1234") == pytest.approx(2 / 9)  # cells 1 and 3 of the 9 empty ones
 
