@@ -320,7 +320,7 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
         atomic_write_json(folder / "metrics.json", {"final": final, "history": history, "steps": step,
                                                     "seconds": time.time() - t0})
         write_report(folder, final, history)
-        checkpoint()
+    checkpoint()  # collective under torchrun: every rank takes part
     return RunResult(folder, saes, final, False, history)
 
 

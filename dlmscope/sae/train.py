@@ -168,8 +168,11 @@ class SAETrainer:
                 "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": self.lr_at(self.step_count - 1)}
 
     def state_dict(self) -> dict:
-        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step_count,
-                "tokens": self.tokens, "since_fired": self.since_fired.clone(), "initialised": self.initialised}
+        """A snapshot (copies, not views of live tensors), so later steps cannot change it."""
+        import copy
+
+        return copy.deepcopy({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step_count,
+                              "tokens": self.tokens, "since_fired": self.since_fired, "initialised": self.initialised})
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
