@@ -35,7 +35,8 @@ def order_metrics(sets: torch.Tensor, masks: torch.Tensor, n_latents: int) -> di
     sim = torch.stack([jaccard(sets[s], sets[s + 1], n_latents) for s in range(S - 1)])  # (S-1, B, L)
     both_masked = masks[:-1] & masks[1:]
     pre = float(sim[both_masked].mean()) if both_masked.any() else float("nan")
-    decoded_at = torch.where(masks.any(0), masks.sum(0), torch.full_like(masks[0], -1, dtype=torch.long))
+    # the step whose forward last saw the position masked, i.e. the step that decoded it
+    decoded_at = torch.where(masks.any(0), masks.sum(0) - 1, torch.full_like(masks[0], -1, dtype=torch.long))
     drifts = []
     for b, l in zip(*torch.nonzero(decoded_at >= 0, as_tuple=True)):
         d = int(decoded_at[b, l])
