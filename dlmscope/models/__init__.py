@@ -11,7 +11,8 @@ from .base import FAMILIES, ForwardState, LoadedModel, Site
 from .checkpoint import read_config, resolve_dtype
 from .zoo import BUILTIN, DEFAULT_AR_MODEL, DEFAULT_MODEL, builtin_path
 
-BACKENDS = ("native", "remote")
+BACKENDS = ("native",)
+"""Only native loaders so far; the remote-code backend (issue 2) is not built yet."""
 
 
 def detect_family(config: dict) -> str:
@@ -60,10 +61,6 @@ def load_model(
     config = read_config(folder)
     family = family or detect_family(config)
     display = name if name in BUILTIN else folder.name
-    if backend == "remote":
-        from .remote import load_remote
-
-        return load_remote(folder, family, device, torch_dtype, display)
     if family == "llada":
         from .llada import load_llada
 
