@@ -2,7 +2,8 @@
 
 SAE mode (DLM-Scope): A = encode(h); A[f] += strength * max(A) (or + strength when `scale` is
 "fixed"); h' = decode(A) + (h - decode(encode(h))), so the reconstruction error is kept and
-strength 0 is exactly the identity. Direction mode adds strength * W_dec[f] to h.
+strength 0 is exactly the identity. Decoding is affine in A, so this equals
+h + bump * W_dec[f] / scale, which is how it is computed (one top-k encode, no dense decode). Direction mode adds strength * W_dec[f] to h.
 Schedules pick denoising steps (all, the first fraction, a list) and positions (all, still
 masked, generated, or the top-n positions by the feature's activation).
 """
@@ -84,11 +85,9 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
         if spec.mode == "direction":
             new = h + spec.strength * sae.W_dec[f].to(h) / sae.input_scale
         else:
-            A = sae.encode(h)
-            err = h - sae.decode(A)
-            bump = spec.strength * (A.max(-1).values if spec.scale == "max" else torch.ones_like(A[..., 0]))
-            A[..., f] = A[..., f] + bump
-            new = sae.decode(A) + err
+            bump = spec.strength * (sae.encode_topk(h)[0].max(-1).values if spec.scale == "max"
+                                    else torch.ones_like(h[..., 0]))
+            new = h + bump[..., None] * sae.W_dec[f].to(h) / sae.input_scale
         B, L = h.shape[:2]
         if spec.positions == "masked" and ctx.state.mask is not None:
             where = ctx.state.mask.to(h.device)

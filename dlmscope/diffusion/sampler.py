@@ -74,10 +74,11 @@ class Remasking:
 def top_n_mask(score: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """(B, L) bool with the n[b] highest scores of row b set."""
     transfer = torch.zeros_like(score, dtype=torch.bool)
-    for b in range(score.shape[0]):
-        k = int(n[b])
-        if k > 0:
-            transfer[b, torch.topk(score[b], k).indices] = True
+    k_max = int(n.max())
+    if k_max > 0:
+        idx = torch.topk(score, k_max, dim=1).indices
+        keep = torch.arange(k_max, device=score.device)[None] < n.to(score.device)[:, None]
+        transfer.scatter_(1, idx, keep)
     return transfer
 
 
@@ -91,7 +92,9 @@ class LowConfidence(Remasking):
     name = "low_confidence"
 
     def scores(self, s: StepInput) -> torch.Tensor:
-        return torch.gather(_probs(s.logits), -1, s.x0[..., None]).squeeze(-1)
+        # softmax(logits)[x0] without materialising the distribution
+        logits = s.logits.float()
+        return torch.exp(torch.gather(logits, -1, s.x0[..., None]).squeeze(-1) - torch.logsumexp(logits, -1))
 
 
 class RandomOrder(Remasking):
