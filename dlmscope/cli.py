@@ -137,6 +137,23 @@ def _register_train_sae() -> None:
 _register_train_sae()
 
 
+def _rspo(cfg) -> None:
+    from .rl import train_rl
+
+    log = train_rl(cfg)
+    typer.echo(f"{cfg.algo} on {cfg.task}: test accuracy {log['before']['accuracy']:.3f} -> {log['after']['accuracy']:.3f}, "
+               f"reward {log['before']['reward']:.3f} -> {log['after']['reward']:.3f}; checkpoints in {cfg.out}")
+
+
+def _register_rspo() -> None:
+    from .rl import RLConfig
+
+    dataclass_command(RLConfig, _rspo, "rspo", "RL post-training of a DLM on a verifiable task (RSPO or diffu-GRPO).")
+
+
+_register_rspo()
+
+
 @app.command("eval-splice")
 def eval_splice(
     sae: str = typer.Option(..., help="SAE name (registry) or folder."),

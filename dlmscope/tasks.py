@@ -204,10 +204,11 @@ class Countdown:
 TASKS = {"sudoku": Sudoku, "countdown": Countdown}
 
 
-def get_task(name: str):
+def get_task(name: str, **options):
+    """A task by name; `options` go to its constructor (e.g. Sudoku's min_empty / max_empty)."""
     if name not in TASKS:
         raise DLMScopeError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    return TASKS[name]()
+    return TASKS[name](**options)
 
 
 def task_corpus(n: int, seed: int = 0) -> list[str]:
