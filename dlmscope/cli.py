@@ -290,6 +290,35 @@ def order(
         atomic_write_json(out, result)
 
 
+@app.command()
+def stability(
+    sae: str = typer.Option(..., help="SAE trained on the first checkpoint (name or folder)."),
+    checkpoints: str = typer.Option(..., help="Comma-separated checkpoints; the first is the SAE's own."),
+    saes: str = typer.Option("", help="Optional comma-separated SAEs, one per checkpoint, for decoder matching."),
+    n_seqs: int = typer.Option(32, help="Held-out sequences."),
+    out: str = typer.Option("stability", help="Folder for report.json and report.html."),
+    device: str = DeviceOpt,
+) -> None:
+    """How stable an SAE's features are across checkpoints (e.g. before and after RL)."""
+    from pathlib import Path
+
+    from .analysis.stability import stability_report, stability_table, write_report_html
+    from .data import heldout_rows
+    from .io_utils import atomic_write_json
+    from .models import load_model
+    from .sae import load_sae
+
+    lms = [load_model(c.strip(), device=device) for c in checkpoints.split(",") if c.strip()]
+    per = [load_sae(s_.strip(), device=device) for s_ in saes.split(",") if s_.strip()]
+    if per and len(per) != len(lms):
+        raise DLMScopeError(f"--saes lists {len(per)} SAEs for {len(lms)} checkpoints; give one per checkpoint or none")
+    report = stability_report(load_sae(sae, device=device), lms, heldout_rows(lms[0].tokenizer, 128),
+                              saes_per_checkpoint=per or None, n_seqs=n_seqs)
+    typer.echo(stability_table(report))
+    atomic_write_json(Path(out) / "report.json", report)
+    write_report_html(report, Path(out) / "report.html")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
     try:

@@ -41,8 +41,11 @@ class SpliceConfig:
     seed: int = 0
 
 
-def check_sae_matches(lm: LoadedModel, sae) -> str:
-    """The SAE's hook, validated against the model; one-line errors for mismatches."""
+def check_sae_matches(lm: LoadedModel, sae, other_model_ok: bool = False) -> str:
+    """The SAE's hook, validated against the model; one-line errors for mismatches.
+
+    `other_model_ok` allows a checkpoint other than the one the SAE was trained on (stability studies).
+    """
     hook = sae.cfg.hook_name
     if hook is None:
         raise DLMScopeError("the SAE records no hook_name in its metadata; cannot tell where to splice it")
@@ -50,7 +53,7 @@ def check_sae_matches(lm: LoadedModel, sae) -> str:
     if sae.cfg.d_in != lm.d_model:
         raise DLMScopeError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name} d_model={lm.d_model}")
     recorded = sae.cfg.model_name
-    if recorded and recorded != lm.name and not str(lm.name).endswith(str(recorded)):
+    if not other_model_ok and recorded and recorded != lm.name and not str(lm.name).endswith(str(recorded)):
         raise DLMScopeError(f"SAE was trained on model {recorded!r}, not {lm.name!r} (hook {hook})")
     return hook
 
@@ -76,9 +79,10 @@ def _replacement(sae, condition: str, mean_act: torch.Tensor, with_error: bool):
 
 
 @torch.no_grad()
-def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = SpliceConfig()) -> dict:
+def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = SpliceConfig(),
+                other_model_ok: bool = False) -> dict:
     """Per t bin and condition: CE and ELBO with intervals, ΔCE and recovered score."""
-    hook = check_sae_matches(lm, sae)
+    hook = check_sae_matches(lm, sae, other_model_ok)
     if cfg.positions not in SPLICE_POSITIONS:
         raise DLMScopeError(f"positions={cfg.positions!r}; allowed: {', '.join(SPLICE_POSITIONS)}")
     if lm.causal and cfg.positions != "all":

@@ -1,9 +1,19 @@
 """SAE files: SAELens' on-disk format for ours, plus readers for DLM-Scope's and sparsify's releases.
 
-SAELens layout: `cfg.json` (architecture, d_in, d_sae, k, dtype, device, apply_b_dec_to_input,
-normalize_activations, metadata{model_name, hook_name, context_size, dataset_path, ...}),
-`sae_weights.safetensors` (W_enc (d_in, d_sae), b_enc, W_dec (d_sae, d_in), b_dec) and
-`sparsity.safetensors` (log10 feature density).
+SAELens v6 layout (what `sae_lens.SAE.load_from_disk` reads): `cfg.json` with `architecture`, `d_in`,
+`d_sae`, `dtype`, `device`, `apply_b_dec_to_input`, `normalize_activations`, `reshape_activations`,
+`metadata` {sae_lens_version, model_name, hook_name, context_size, dataset_path, ... our extras such as
+masking_policy and t_range}, plus `k` and `rescale_acts_by_decoder_norm` for "topk";
+`sae_weights.safetensors` with W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in);
+`sparsity.safetensors` with `sparsity` = log10 feature density. SAELens has no inference "batchtopk"
+class: it saves BatchTopK SAEs as "jumprelu" with a `threshold` (d_sae) tensor, and so do we (the
+same threshold for every latent; `metadata.dlmscope_architecture` = "batchtopk" and `k` record ours).
+
+Also read: DLM-Scope's release format, dictionary_learning's AutoEncoderTopK / BatchTopKSAE (`ae.pt`
+state dict encoder.weight (n, d), encoder.bias, decoder.weight (d, n), b_dec, k, threshold; and
+`config.json` {"trainer": {...}}), and sparsify's (`cfg.json` {k, num_latents, d_in, activation, ...} +
+`sae.safetensors` encoder.weight (n, d), encoder.bias, W_dec (n, d), b_dec). Both encode
+ReLU(W (x - b_dec) + b) then top-k, and decode f W_dec + b_dec, exactly our maths.
 """
 
 from __future__ import annotations
@@ -19,36 +29,45 @@ import torch
 from ..errors import DLMScopeError
 from .model import SAEConfig, TopKSAE
 
+SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout our cfg.json follows
+
 
 def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = None) -> Path:
-    """Write `sae` (input scale folded in) atomically: a half-written folder never replaces a good one."""
+    """Write `sae` in SAELens' format, input scale folded in, atomically.
+
+    Files go to a temporary sibling folder that is renamed into place; an existing SAE at `folder` is
+    moved aside first and deleted only after the new one is in place, so a crash never leaves a
+    half-written folder under `folder`'s name. `density` (n_latents,) is the firing frequency.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     sae = _folded_copy(sae)
     cfg = sae.cfg
-    meta = {"model_name": None, "hook_name": None, "context_size": None, "dataset_path": None,
-            "hf_hook_point_in": None, "prepend_bos": True, **cfg.metadata}
-    cfg_json = {"architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.n_latents, "k": cfg.k,
-                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-                "normalize_activations": "none", "reshape_activations": "none",
-                "rescale_acts_by_decoder_norm": False, "metadata": meta}
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": None, "hook_name": None,
+            "context_size": None, "dataset_path": None, "prepend_bos": True, **cfg.metadata}
+    cfg_json = {"d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32", "device": "cpu",
+                "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+                "metadata": meta}
+    weights = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if cfg.architecture == "batchtopk":
-        cfg_json["topk_threshold"] = float(sae.threshold)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        cfg_json["architecture"] = "jumprelu"
+        meta.update(dlmscope_architecture="batchtopk", k=cfg.k)
+        weights["threshold"] = torch.full((cfg.n_latents,), float(sae.threshold))
+    else:
+        cfg_json.update(architecture="topk", k=cfg.k, rescale_acts_by_decoder_norm=False)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        weights = {n: p.detach().float().contiguous().cpu() for n, p in
-                   (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
         save_file(weights, str(tmp / "sae_weights.safetensors"))
         if density is not None:
-            save_file({"sparsity": torch.log10(density.float().clamp_min(1e-10)).cpu()}, str(tmp / "sparsity.safetensors"))
-        (tmp / "cfg.json").write_text(json.dumps(cfg_json, indent=2))
+            save_file({"sparsity": torch.log10(density.detach().float().clamp_min(1e-10)).cpu()},
+                      str(tmp / "sparsity.safetensors"))
+        (tmp / "cfg.json").write_text(json.dumps(cfg_json, indent=2, default=str) + "\n")
         old = None
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.replace(folder, old / "sae")
         os.replace(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -67,9 +86,12 @@ def _folded_copy(sae: TopKSAE) -> TopKSAE:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DLMScopeError(f"cannot read SAE config {str(path)!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise DLMScopeError(f"SAE config {str(path)!r} is not a JSON object")
+    return value
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -78,20 +100,96 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # truncated or corrupt file
-        raise DLMScopeError(f"cannot read SAE weights {str(path)!r}: {e}") from None
+        raise DLMScopeError(f"cannot read SAE weights {str(path)!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
-def _build(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold: float | None = None) -> TopKSAE:
+def _get(d: dict, key: str, path: Path):
+    if key not in d:
+        raise DLMScopeError(f"{str(path)!r} lacks {key!r}")
+    return d[key]
+
+
+def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: float | None = None) -> TopKSAE:
     sae = TopKSAE(cfg)
     with torch.no_grad():
         for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
             target = getattr(sae, name)
             if tuple(value.shape) != tuple(target.shape):
-                raise DLMScopeError(f"SAE weight {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                raise DLMScopeError(f"{str(path)!r}: weight {name} has shape {tuple(value.shape)}, "
+                                    f"expected {tuple(target.shape)}")
             target.copy_(value.float())
         if threshold is not None:
             sae.threshold.fill_(float(threshold))
     return sae.eval()
+
+
+def _load_saelens(path: Path) -> TopKSAE:
+    cfg_path, w_path = path / "cfg.json", path / "sae_weights.safetensors"
+    c, w = _read_json(cfg_path), _read_safetensors(w_path)
+    meta = dict(c.get("metadata") or {})
+    arch = c.get("architecture", "topk")
+    W_enc, b_enc, W_dec, b_dec = (_get(w, n, w_path).float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if c.get("normalize_activations", "none") not in ("none", None) or c.get("reshape_activations", "none") != "none":
+        raise DLMScopeError(f"{str(cfg_path)!r}: normalize_activations / reshape_activations other than 'none' "
+                            "are not supported")
+    if not c.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        b_enc = b_enc + b_dec @ W_enc
+    if c.get("rescale_acts_by_decoder_norm", False):  # fold |W_dec row| into the encoder
+        norm = W_dec.norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norm, b_enc * norm, W_dec / norm[:, None]
+    threshold = None
+    if arch == "jumprelu" and "threshold" in w and (meta.get("dlmscope_architecture") == "batchtopk" or "k" in c):
+        t = w["threshold"].float()
+        if not torch.all(t == t[0]):
+            raise DLMScopeError(f"{str(w_path)!r}: a JumpReLU SAE with per-latent thresholds is not supported")
+        arch, threshold = "batchtopk", float(t[0])
+    elif arch != "topk":
+        raise DLMScopeError(f"{str(cfg_path)!r}: architecture {arch!r} is not supported (topk, or batchtopk saved as "
+                            "jumprelu)")
+    k = c.get("k", meta.get("k"))
+    if k is None:
+        raise DLMScopeError(f"{str(cfg_path)!r} lacks 'k'")
+    for key in ("dlmscope_architecture", "k", "sae_lens_version", "sae_lens_training_version"):
+        meta.pop(key, None)
+    cfg = SAEConfig(int(_get(c, "d_in", cfg_path)), int(_get(c, "d_sae", cfg_path)), int(k), arch, meta)
+    return _build(cfg, w_path, W_enc, b_enc, W_dec, b_dec, threshold)
+
+
+def _load_dictionary_learning(path: Path) -> TopKSAE:
+    """DLM-Scope's release: dictionary_learning's AutoEncoderTopK (or BatchTopKSAE) `ae.pt` + `config.json`."""
+    w_path = path / "ae.pt"
+    c = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    try:
+        w = torch.load(w_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DLMScopeError(f"cannot read SAE weights {str(w_path)!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if not isinstance(w, dict):
+        raise DLMScopeError(f"{str(w_path)!r} is not a state dict")
+    trainer = c.get("trainer", c)
+    W_enc = _get(w, "encoder.weight", w_path)  # (n_latents, d_in)
+    k = int(w["k"]) if "k" in w else int(_get(trainer, "k", path / "config.json"))
+    batch = "BatchTopK" in str(trainer.get("dict_class", ""))
+    layer = trainer.get("layer")  # DLM-Scope hooks the output of block `layer`: our resid_post
+    meta = {"model_name": trainer.get("lm_name"),
+            "hook_name": f"blocks.{layer}.hook_resid_post" if isinstance(layer, int) else None,
+            "source_hookpoint": trainer.get("submodule_name"), "source_format": "dictionary_learning"}
+    cfg = SAEConfig(W_enc.shape[1], W_enc.shape[0], k, "batchtopk" if batch else "topk", meta)
+    threshold = float(w["threshold"]) if batch and "threshold" in w else None
+    return _build(cfg, w_path, W_enc.t(), _get(w, "encoder.bias", w_path), _get(w, "decoder.weight", w_path).t(),
+                  _get(w, "b_dec", w_path), threshold)
+
+
+def _load_sparsify(path: Path) -> TopKSAE:
+    cfg_path, w_path = path / "cfg.json", path / "sae.safetensors"
+    c, w = _read_json(cfg_path), _read_safetensors(w_path)
+    if c.get("activation", "topk") != "topk" or c.get("transcode") or c.get("skip_connection") or "W_skip" in w:
+        raise DLMScopeError(f"{str(cfg_path)!r}: only plain Top-K sparsify SAEs are supported (no groupmax, "
+                            "transcoder or skip connection)")
+    W_enc = _get(w, "encoder.weight", w_path)
+    cfg = SAEConfig(W_enc.shape[1], W_enc.shape[0], int(_get(c, "k", cfg_path)), "topk",
+                    {"source_hookpoint": path.name, "source_format": "sparsify"})
+    return _build(cfg, w_path, W_enc.t(), _get(w, "encoder.bias", w_path), _get(w, "W_dec", w_path),
+                  _get(w, "b_dec", w_path))
 
 
 def load_sae_dir(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
@@ -100,34 +198,15 @@ def load_sae_dir(path: str | Path, device: str | torch.device = "cpu") -> TopKSA
     if not path.is_dir():
         raise DLMScopeError(f"SAE folder {str(path)!r} does not exist")
     if (path / "sae_weights.safetensors").is_file():
-        c = _read_json(path / "cfg.json")
-        w = _read_safetensors(path / "sae_weights.safetensors")
-        arch = c.get("architecture", "topk")
-        cfg = SAEConfig(c["d_in"], c["d_sae"], c["k"], arch if arch in ("topk", "batchtopk") else "topk",
-                        c.get("metadata") or {})
-        sae = _build(cfg, w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], c.get("topk_threshold"))
-    elif (path / "ae.pt").is_file():  # dictionary_learning AutoEncoderTopK, as DLM-Scope released
-        c = _read_json(path / "config.json")
-        try:
-            w = torch.load(path / "ae.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DLMScopeError(f"cannot read SAE weights {str(path / 'ae.pt')!r}: {e}") from None
-        trainer = c.get("trainer", c)
-        k = int(w["k"]) if "k" in w else int(trainer["k"])
-        W_enc = w["encoder.weight"]  # (n_latents, d_in)
-        cfg = SAEConfig(W_enc.shape[1], W_enc.shape[0], k, "topk",
-                        {"model_name": trainer.get("lm_name"), "hook_name": trainer.get("submodule_name"),
-                         "layer": trainer.get("layer"), "source_format": "dictionary_learning"})
-        # dictionary_learning encodes relu(encoder(x - b_dec)) and decodes decoder(f) + b_dec.
-        sae = _build(cfg, W_enc.t(), w["encoder.bias"], w["decoder.weight"].t(), w["b_dec"])
-    elif (path / "sae.safetensors").is_file():  # sparsify
-        c = _read_json(path / "cfg.json")
-        w = _read_safetensors(path / "sae.safetensors")
-        W_enc = w["encoder.weight"]
-        cfg = SAEConfig(W_enc.shape[1], W_enc.shape[0], int(c["k"]), "topk",
-                        {"hook_name": c.get("hookpoint"), "source_format": "sparsify"})
-        # sparsify encodes topk(relu(encoder(x - b_dec))) and decodes f @ W_dec + b_dec.
-        sae = _build(cfg, W_enc.t(), w["encoder.bias"], w["W_dec"], w["b_dec"])
+        sae = _load_saelens(path)
+    elif (path / "ae.pt").is_file():
+        sae = _load_dictionary_learning(path)
+    elif (path / "sae.safetensors").is_file():
+        sae = _load_sparsify(path)
     else:
-        raise DLMScopeError(f"{str(path)!r} holds no known SAE format (sae_weights.safetensors, ae.pt or sae.safetensors)")
+        inner = sorted(p.name for p in path.iterdir() if p.is_dir() and any(
+            (p / f).is_file() for f in ("sae_weights.safetensors", "ae.pt", "sae.safetensors")))
+        hint = f"; it holds several SAEs, pass one of: {', '.join(inner)}" if inner else ""
+        raise DLMScopeError(f"{str(path)!r} holds no known SAE format (sae_weights.safetensors, ae.pt or "
+                            f"sae.safetensors){hint}")
     return sae.to(device)

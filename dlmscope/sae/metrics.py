@@ -1,8 +1,13 @@
 """SAE quality metrics. Formulas are stated because the anchors disagree on them.
 
-FVU (fraction of variance unexplained) = sum_i |x_i - x_hat_i|^2 / sum_i |x_i - mean(x)|^2 over a
-batch of N tokens, the mean taken over tokens per dimension (textbook; SAELens' "explained
-variance" instead averages a per-token ratio). Explained variance = 1 - FVU.
+FVU (fraction of variance unexplained), textbook, over a set of N tokens:
+
+    FVU = sum_i |x_i - x_hat_i|^2 / sum_i |x_i - mean(x)|^2,   mean(x) = (1/N) sum_i x_i (per dimension)
+
+i.e. total squared error over the total variance about the mean token. Explained variance = 1 - FVU.
+SAELens' older "explained variance" (still logged as `explained_variance_legacy`) is instead the mean
+over tokens of the per-token ratio 1 - |x_i - x_hat_i|^2 / |x_i - mean(x)|^2, which tokens close to
+the mean dominate; sparsify's `fvu` is the textbook ratio per batch.
 """
 
 from __future__ import annotations
@@ -11,25 +16,38 @@ import torch
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x, x_hat = x.float(), x_hat.float()
-    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum().clamp_min(1e-12))
+    """Textbook fraction of variance unexplained of x_hat for x, both (N, d)."""
+    x, x_hat = x.double(), x_hat.double()
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """1 - FVU."""
+    return 1.0 - fvu(x, x_hat)
 
 
 def cosine(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean over tokens of cos(x_i, x_hat_i)."""
     return float(torch.nn.functional.cosine_similarity(x.float(), x_hat.float(), dim=-1).mean())
 
 
 def l0(latents: torch.Tensor) -> float:
+    """Mean number of active latents per token of dense latents (.., n_latents)."""
     return float((latents > 0).float().sum(-1).mean())
 
 
 def density(latents: torch.Tensor) -> torch.Tensor:
-    """Firing frequency of each latent over the tokens of `latents` (N, n_latents)."""
-    return (latents > 0).float().mean(0)
+    """Firing frequency of each latent over the tokens of dense `latents` (.., n_latents)."""
+    return (latents > 0).reshape(-1, latents.shape[-1]).float().mean(0)
+
+
+def dead_fraction(dens: torch.Tensor) -> float:
+    """Fraction of latents that never fired (density 0) on the measured set."""
+    return float((dens == 0).float().mean())
 
 
 def log10_density_histogram(dens: torch.Tensor, bins: int = 40, floor: float = -8.0) -> dict:
-    """Histogram of log10 feature density; dead latents sit in the lowest bin (at `floor`)."""
+    """Histogram of log10 feature density over [floor, 0]; dead latents sit in the lowest bin."""
     logd = torch.log10(dens.float().clamp_min(10 ** floor))
     counts = torch.histc(logd, bins=bins, min=floor, max=0.0)
     edges = torch.linspace(floor, 0.0, bins + 1)
@@ -38,18 +56,24 @@ def log10_density_histogram(dens: torch.Tensor, bins: int = 40, floor: float = -
 
 @torch.no_grad()
 def evaluate_sae(sae, x: torch.Tensor, batch_size: int = 4096) -> dict:
-    """L0, FVU, explained variance, cosine, dead fraction (on this set) and density of a raw-space SAE."""
-    recons, lats = [], []
+    """FVU, explained variance, cosine, L0, dead fraction and per-latent density of an SAE on raw activations (N, d_in).
+
+    Streams over batches; FVU is the textbook ratio over the whole set (float64 sums).
+    """
+    x = x.reshape(-1, x.shape[-1])
+    mean = x.double().mean(0).to(sae.device)
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.float64, device=sae.device)
+    err = var = cos = 0.0
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size].to(sae.device, sae.W_dec.dtype)
         lat = sae.encode(xb)
-        lats.append((lat > 0).float().sum(0))
-        recons.append(sae.decode(lat).float())
-    x_hat = torch.cat(recons)
-    fired = torch.stack(lats).sum(0)
-    xf = x.float().to(x_hat.device)
-    dens = fired / x.shape[0]
-    value = fvu(xf, x_hat)
-    return {"fvu": value, "explained_variance": 1 - value, "cosine": cosine(xf, x_hat),
-            "l0": float(fired.sum() / x.shape[0]), "dead_fraction": float((fired == 0).float().mean()),
-            "density": dens.cpu()}
+        x_hat = sae.decode(lat)
+        fired += (lat > 0).sum(0)
+        err += float((xb.double() - x_hat.double()).pow(2).sum())
+        var += float((xb.double() - mean).pow(2).sum())
+        cos += float(torch.nn.functional.cosine_similarity(xb, x_hat, dim=-1).double().sum())
+    n = x.shape[0]
+    dens = (fired / n).float()
+    value = err / max(var, 1e-30)
+    return {"fvu": value, "explained_variance": 1 - value, "cosine": cos / n, "l0": float(fired.sum()) / n,
+            "dead_fraction": dead_fraction(dens), "density": dens.cpu()}

@@ -1,10 +1,17 @@
 """Top-K and BatchTopK sparse autoencoders.
 
-Encoder: pre = (x * s - b_dec) @ W_enc + b_enc, latents = ReLU of the k largest pre-activations
-(BatchTopK: the k * batch largest over the whole batch while training; a learned threshold at
-inference). Decoder: x_hat = (latents @ W_dec + b_dec) / s. The input scale s makes training see
-activations of unit mean squared norm (DLM-Scope); `fold_input_scale` bakes it into the weights
-before saving, so a saved SAE maps raw activations to raw reconstructions.
+Encoder: pre = (x * s - b_dec) @ W_enc + b_enc; latents = ReLU of the k largest pre-activations per
+token (Top-K). BatchTopK keeps the k * N largest ReLU'd pre-activations over a training batch of N
+tokens; at inference (`encode`) it keeps every ReLU'd pre-activation above a threshold, an EMA
+(rate 0.01) of the smallest activation kept in each training batch -- SAELens' rule, which is also
+how SAELens saves a BatchTopK SAE (as JumpReLU with that threshold for every latent).
+Decoder: x_hat = (latents @ W_dec + b_dec) / s. The input scale s makes training see activations of
+unit mean squared norm (DLM-Scope); `fold_input_scale` bakes it into the weights, so a saved SAE maps
+raw activations to raw reconstructions with s = 1.
+
+Training uses `forward`, whose encoder is a custom autograd function: the dense (N, n_latents)
+pre-activations are computed once without a graph, and the backward touches only the selected
+(token, latent) entries (embedding_bag, a sparse matmul), never a dense (N, n_latents) gradient.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ class SAEConfig:
     """Shape and provenance of one SAE."""
 
     d_in: int
+    """Width of the activations (the model's d_model)."""
     n_latents: int
+    """Dictionary size."""
     k: int
+    """Active latents per token (BatchTopK: on average over a batch)."""
     architecture: str = "topk"
+    """topk or batchtopk."""
     metadata: dict = field(default_factory=dict)
     """model_name, hook_name, masking_policy, t_range, dataset_path, context_size, ..."""
 
@@ -50,22 +61,77 @@ class SAEConfig:
 
 @dataclass
 class SAEOutput:
-    recon: torch.Tensor  # in the (scaled) training space
-    values: torch.Tensor  # (N, k) top-k activations (BatchTopK: dense (N, n_latents))
-    indices: torch.Tensor | None  # (N, k) latent ids, None for BatchTopK's dense path
-    pre: torch.Tensor  # (N, n_latents) pre-activations
-    x: torch.Tensor  # the scaled input
+    """A training forward pass, all in the scaled space (unit mean squared norm)."""
+
+    x: torch.Tensor
+    """(N, d_in) scaled input."""
+    recon: torch.Tensor
+    """(N, d_in) reconstruction x_hat, b_dec included."""
+    values: torch.Tensor
+    """Top-K: (N, k) activations of the chosen latents; BatchTopK: dense (N, n_latents)."""
+    indices: torch.Tensor | None
+    """Top-K: (N, k) chosen latent ids; BatchTopK: None."""
+    n_latents: int
+    """Dictionary size."""
+    aux_recon: torch.Tensor | None = None
+    """(N, d_in) AuxK prediction: decode of the k_aux largest dead-latent activations WITHOUT b_dec
+    (None when no dead mask was given or nothing is dead)."""
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Dense (N, n_latents) latent activations."""
+        if self.indices is None:
+            return self.values
+        return self.values.new_zeros(self.values.shape[0], self.n_latents).scatter_(1, self.indices, self.values)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """(values, indices[, aux values, aux indices]) of the top-k (and top-k_aux dead) latents.
+
+    Forward: one dense pre-activation matmul without a graph, then top-k. Backward: the gradient
+    reaches x, W_enc and b_enc only through the selected entries (N*(k+k_aux) of them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k: int, dead_ids, k_aux: int):
+        pre = torch.addmm(b_enc, x, W_enc)  # under autocast: bf16
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.relu()
+        if dead_ids is not None and k_aux > 0:
+            aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+            aux_values, aux_indices = aux_values.relu(), dead_ids[local]
+        else:
+            aux_values, aux_indices = values[:, :0], indices[:, :0]
+        ctx.save_for_backward(x, W_enc, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1))
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, g_values, _gi, g_aux, _gai):
+        x, W_enc, idx, vals = ctx.saved_tensors
+        g = torch.cat([g_values, g_aux], 1).to(W_enc.dtype) * (vals > 0)  # ReLU gate
+        xf = x.to(W_enc.dtype)
+        grad_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=g, mode="sum").to(x.dtype)
+        # dL/dW_enc^T = G^T x with G the (N, n_latents) gradient holding N*(k+k_aux) nonzeros: a sparse matmul.
+        n_latents, (N, m) = W_enc.shape[1], idx.shape
+        tokens = torch.arange(N, device=idx.device).repeat_interleave(m)
+        g_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), tokens]), g.flatten(), (n_latents, N),
+                                      check_invariants=False)
+        grad_w = torch.sparse.mm(g_t, xf).t()
+        grad_b = W_enc.new_zeros(n_latents).index_add_(0, idx.flatten(), g.flatten())
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class TopKSAE(nn.Module):
+    """A Top-K / BatchTopK SAE with SAELens' parameter names and shapes."""
+
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
-        w_dec = torch.randn(cfg.n_latents, cfg.d_in, generator=gen)
-        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())  # encoder starts as the decoder transpose
+        w_dec = F.normalize(torch.randn(cfg.n_latents, cfg.d_in, generator=gen), dim=1)
+        self.W_dec = nn.Parameter(w_dec)  # (n_latents, d_in), unit rows
+        self.W_enc = nn.Parameter(w_dec.t().clone())  # (d_in, n_latents): the decoder transpose at init
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("input_scale", torch.ones(()))
@@ -81,54 +147,75 @@ class TopKSAE(nn.Module):
                                 f" (hook {self.cfg.hook_name})")
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations (.., n_latents) of raw activations."""
+        self.check_input(x)
         return (x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, indices) of the k largest pre-activations after ReLU (Top-K rule, also for BatchTopK)."""
-        self.check_input(x)
-        values, indices = torch.topk(self.pre_acts(x), self.cfg.k, dim=-1, sorted=False)
-        return F.relu(values), indices
+        """(values, indices), each (.., k): the per-token top-k after ReLU (also for BatchTopK SAEs)."""
+        values, indices = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        return values.relu(), indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latent activations (.., n_latents)."""
+        """Dense latent activations (.., n_latents); BatchTopK uses its inference threshold."""
         if self.cfg.architecture == "batchtopk":
-            self.check_input(x)
-            pre = F.relu(self.pre_acts(x))
-            return pre * (pre > self.threshold)
+            pre = self.pre_acts(x)
+            return pre.relu() * (pre > self.threshold)
         values, indices = self.encode_topk(x)
-        return torch.zeros(*x.shape[:-1], self.cfg.n_latents, dtype=values.dtype, device=x.device).scatter_(
-            -1, indices, values)
+        return values.new_zeros(*values.shape[:-1], self.cfg.n_latents).scatter_(-1, indices, values)
 
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """Raw-space reconstruction from dense latents."""
-        return (acts @ self.W_dec + self.b_dec) / self.input_scale
-
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Raw-space reconstruction from (values, indices) without building dense latents."""
-        flat_v, flat_i = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
-        out = F.embedding_bag(flat_i, self.W_dec, per_sample_weights=flat_v.to(self.W_dec.dtype), mode="sum")
-        return ((out + self.b_dec) / self.input_scale).view(*values.shape[:-1], self.cfg.d_in)
+    def decode(self, acts: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Raw-space reconstruction from dense latents or from (values, indices) (sparse decode)."""
+        if isinstance(acts, tuple):
+            values, indices = acts
+            lead = values.shape[:-1]
+            out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), self.W_dec,
+                                  per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype),
+                                  mode="sum").view(*lead, self.cfg.d_in)
+        else:
+            out = acts @ self.W_dec
+        return (out + self.b_dec) / self.input_scale
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) by the cheapest route."""
         if self.cfg.architecture == "batchtopk":
             return self.decode(self.encode(x))
-        return self.decode_sparse(*self.encode_topk(x))
+        return self.decode(self.encode_topk(x))
 
-    def forward_train(self, x: torch.Tensor) -> SAEOutput:
-        """Training forward in the scaled space (BatchTopK selects over the whole batch)."""
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, k_aux: int = 0) -> SAEOutput:
+        """Training forward on raw (N, d_in) activations, in the scaled space.
+
+        Top-K keeps the k largest per token; BatchTopK the k*N largest over the batch. With a dead mask
+        (n_latents,) and k_aux > 0 it also returns the AuxK prediction from the min(k_aux, n_dead)
+        largest dead-latent activations per token, decoded without b_dec.
+        """
         self.check_input(x)
         xs = x * self.input_scale
-        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        xc = xs - self.b_dec
+        dead_ids = dead_mask.nonzero().squeeze(1) if dead_mask is not None and k_aux > 0 else None
+        if dead_ids is not None and dead_ids.numel() == 0:
+            dead_ids = None
+        k_aux = min(k_aux, dead_ids.numel()) if dead_ids is not None else 0
         if self.cfg.architecture == "batchtopk":
-            flat = F.relu(pre).flatten()
-            keep = torch.topk(flat, self.cfg.k * pre.shape[0], sorted=False)
-            dense = torch.zeros_like(flat).scatter_(0, keep.indices, keep.values).view_as(pre)
-            recon = dense @ self.W_dec + self.b_dec
-            return SAEOutput(recon, dense, None, pre, xs)
-        values, indices = torch.topk(pre, self.cfg.k, dim=-1, sorted=False)
-        values = F.relu(values)
-        recon = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-        return SAEOutput(recon, values, indices, pre, xs)
+            pre = xc @ self.W_enc + self.b_enc
+            flat = pre.relu().flatten()
+            keep = flat.topk(self.cfg.k * pre.shape[0], sorted=False)
+            dense = torch.zeros_like(flat).scatter(0, keep.indices, keep.values).view_as(pre)
+            out = SAEOutput(xs, dense @ self.W_dec + self.b_dec, dense, None, self.cfg.n_latents)
+            if dead_ids is not None:
+                aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+                out.aux_recon = self._sparse_decode(aux_values.relu(), dead_ids[local])
+            return out
+        values, indices, aux_values, aux_indices = _TopKEncode.apply(xc, self.W_enc, self.b_enc, self.cfg.k,
+                                                                     dead_ids, k_aux)
+        out = SAEOutput(xs, self._sparse_decode(values, indices) + self.b_dec, values, indices, self.cfg.n_latents)
+        if dead_ids is not None:
+            out.aux_recon = self._sparse_decode(aux_values, aux_indices)
+        return out
+
+    def _sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """sum_j values[:, j] * W_dec[indices[:, j]] for 2-D inputs, no b_dec, no scale."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:
@@ -141,11 +228,12 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (after each optimiser step)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
-        """Project out the gradient component along each decoder row (keeps rows on the unit sphere)."""
+        """Project out the gradient component along each decoder row (before each optimiser step)."""
         if self.W_dec.grad is None:
             return
         w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)

@@ -1,25 +1,34 @@
 """Training one Top-K SAE on a stream of activation batches (the data provider lives elsewhere).
 
-Loss = MSE + aux_coef * min(n_dead / k_aux, 1) * AuxK, in the scaled space where activations
-have unit mean squared norm:
-- MSE = mean over tokens of |x - x_hat|^2.
-- AuxK (for dead latents): e = x - x_hat (the residual; b_dec cancels in it), e_hat = the
-  decode of the k_aux largest pre-activations among dead latents, WITHOUT b_dec, so prediction
-  and target agree about b_dec. AuxK = mean |e - e_hat|^2 / mean |e - mean(e)|^2.
+All losses live in the scaled space where activations have unit mean squared norm. Per batch of N
+tokens, with e = x - x_hat the residual (x_hat includes b_dec, so b_dec cancels in e):
+
+    MSE  = (1/N) sum_i |x_i - x_hat_i|^2
+    AuxK = min(n_dead / k_aux, 1) * (1/N) sum_i |e_i - e_hat_i|^2 / ((1/N) sum_i |e_i - mean(e)|^2)
+    loss = MSE + aux_coef * AuxK
+
+e_hat = sum over the min(k_aux, n_dead) largest ReLU'd pre-activations among dead latents of
+act * W_dec[latent], decoded WITHOUT b_dec, so prediction and target agree about b_dec; e is detached
+(the gradient flows through e_hat into the dead latents' encoder and decoder rows). The scale
+min(n_dead / k_aux, 1) is SAELens'; normalising by the residual's variance is OpenAI's /
+dictionary_learning's (SAELens leaves AuxK unnormalised, sparsify divides by the variance of x).
 A latent is dead once it has not fired for `dead_tokens` tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DLMScopeError
-from .metrics import fvu
+from .metrics import evaluate_sae
 from .model import SAEConfig, TopKSAE
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -27,50 +36,64 @@ class TrainConfig:
     """Optimisation of one SAE."""
 
     total_tokens: int = 1_000_000
-    """Tokens the SAE trains on."""
+    """Tokens the SAE trains on (steps = total_tokens // batch_size)."""
     batch_size: int = 4096
     """Activation vectors per optimiser step."""
     lr: float | None = None
-    """Learning rate; default 2e-4 / sqrt(n_latents / 2^14)."""
+    """Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (OpenAI's scaling law)."""
     warmup_steps: int = 50
-    """Linear warm-up steps."""
+    """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
     decay_fraction: float = 0.2
     """The final fraction of steps over which the learning rate decays linearly to zero."""
     aux_coef: float = 1 / 32
-    """AuxK loss coefficient."""
+    """AuxK loss coefficient (0 turns AuxK off)."""
     k_aux: int | None = None
-    """Dead latents used by AuxK; default d_in // 2."""
+    """Dead latents per token in the AuxK prediction; default d_in // 2."""
     dead_tokens: int | None = None
-    """Tokens without firing before a latent counts as dead; default min(10M, total_tokens // 5)."""
+    """Tokens without firing before a latent counts as dead; default min(10M, total_tokens // 5):
+    10M is the published window, scaled down so short runs can still see and revive dead latents."""
     b_dec_init: str = "geometric_median"
-    """geometric_median or mean of the first batch."""
+    """Initial b_dec from the first batch: geometric_median (Weiszfeld iterations) or mean."""
     autocast_bf16: bool = False
-    """bfloat16 autocast for the SAE forward (GPU)."""
+    """bfloat16 autocast for the encoder matmul and top-k (GPU; parameters and Adam stay float32)."""
     seed: int = 0
     """Seed of the SAE's initial weights."""
 
     def __post_init__(self) -> None:
         if self.b_dec_init not in ("geometric_median", "mean"):
             raise DLMScopeError(f"b_dec_init={self.b_dec_init!r}; allowed: geometric_median, mean")
-        if self.total_tokens < self.batch_size:
-            raise DLMScopeError(f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})")
+        if self.batch_size < 1 or self.total_tokens < self.batch_size:
+            raise DLMScopeError(f"total_tokens={self.total_tokens} must hold at least one batch of {self.batch_size}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise DLMScopeError(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
 
     @property
     def steps(self) -> int:
         return self.total_tokens // self.batch_size
 
 
-def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
+def geometric_median(x: torch.Tensor, iters: int = 10, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld iterations from the mean."""
     y = x.mean(0)
     for _ in range(iters):
         w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
-        y = (w[:, None] * x).sum(0) / w.sum()
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = float((new - y).norm()) < tol * max(1.0, float(y.norm()))
+        y = new
+        if done:
+            break
     return y
 
 
 class SAETrainer:
-    """Adam on one TopKSAE; `step(x)` takes raw activations (N, d_in)."""
+    """Adam on one TopKSAE; `step(x)` takes raw activations (N, d_in).
+
+    Per step: forward (with AuxK when latents are dead), backward, gradient component parallel to
+    each decoder row removed, Adam step, decoder rows renormalised, dead counters updated.
+    `state_dict()` is a deep snapshot (weights, input scale, Adam moments, step/schedule, dead
+    counters, BatchTopK threshold); loading it and stepping on the same batches continues bit for bit.
+    The trainer draws no random numbers after construction, so there is no RNG state to carry.
+    """
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, device: str | torch.device = "cpu"):
         self.cfg = cfg
@@ -78,13 +101,15 @@ class SAETrainer:
         self.lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae_cfg.n_latents / 2**14)
         self.k_aux = cfg.k_aux or max(1, sae_cfg.d_in // 2)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.total_tokens // 5))
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        fused = {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), **fused)
         self.step_count = 0
         self.tokens = 0
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
         self.initialised = False
 
     def lr_at(self, step: int) -> float:
+        """Linear warm-up, constant, then linear decay to zero over the final `decay_fraction` of steps."""
         steps = max(1, self.cfg.steps)
         if step < self.cfg.warmup_steps:
             return self.lr * (step + 1) / self.cfg.warmup_steps
@@ -94,8 +119,8 @@ class SAETrainer:
         return self.lr
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor, reduce=None) -> None:
-        """Input scale and b_dec from the first batch (`reduce` averages across processes)."""
+    def initialise(self, x: torch.Tensor, reduce: Reduce | None = None) -> None:
+        """Input scale (unit mean squared norm) and b_dec from the first batch; `reduce` averages over processes."""
         x = x.float()
         mean_sq = (x ** 2).sum(-1).mean()
         if reduce is not None:
@@ -109,30 +134,28 @@ class SAETrainer:
         self.sae.b_dec.copy_(b)
         self.initialised = True
 
-    def step(self, x: torch.Tensor, reduce=None) -> dict:
-        """One optimiser step. `reduce` (e.g. an all-reduce mean) makes it data-parallel."""
-        x = x.to(self.sae.device, torch.float32)
+    def step(self, x: torch.Tensor, reduce: Reduce | None = None) -> dict:
+        """One optimiser step on raw activations (N, d_in). `reduce` (an all-reduce mean) makes it data-parallel."""
+        sae = self.sae
+        x = x.to(sae.device, torch.float32)
         if not self.initialised:
             self.initialise(x, reduce)
-        sae = self.sae
+        dead = self.since_fired >= self.dead_tokens
+        n_dead = int(dead.sum())
+        use_aux = n_dead > 0 and self.cfg.aux_coef > 0
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-            out = sae.forward_train(x)
-            err = out.x - out.recon
-            mse = (err.float() ** 2).sum(-1).mean()
-            dead = self.since_fired >= self.dead_tokens
-            n_dead = int(dead.sum())
-            aux = torch.zeros((), device=x.device)
-            if n_dead > 0:
-                k_aux = min(self.k_aux, n_dead)
-                pre_dead = out.pre.masked_fill(~dead, float("-inf"))
-                vals, idx = torch.topk(pre_dead, k_aux, dim=-1, sorted=False)
-                e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=F.relu(vals).to(sae.W_dec.dtype), mode="sum")
-                e = err.detach().float()
-                aux = ((e - e_hat.float()) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-8)
-                aux = aux * min(n_dead / self.k_aux, 1.0)
-            loss = mse + self.cfg.aux_coef * aux
+            out = sae(x, dead if use_aux else None, self.k_aux)
+        err = out.x - out.recon.float()
+        mse = err.pow(2).sum(-1).mean()
+        aux = torch.zeros((), device=x.device)
+        if out.aux_recon is not None:
+            e = err.detach()
+            aux = (e - out.aux_recon.float()).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            aux = aux * min(n_dead / self.k_aux, 1.0)
+        loss = mse + self.cfg.aux_coef * aux
+        lr = self.lr_at(self.step_count)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step_count)
+            g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if reduce is not None:
@@ -143,36 +166,43 @@ class SAETrainer:
         sae.normalize_decoder()
         with torch.no_grad():
             if out.indices is not None:
-                fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+                fired = torch.zeros_like(dead)
                 fired[out.indices[out.values > 0]] = True
             else:
                 fired = (out.values > 0).any(0)
+                positive = out.values[out.values > 0]
+                if positive.numel():  # BatchTopK inference threshold: EMA of the smallest kept activation
+                    t = positive.min().float()
+                    sae.threshold.copy_(t if self.step_count == 0 else 0.99 * sae.threshold + 0.01 * t)
             if reduce is not None:
                 fired = reduce(fired.float()) > 0
-            if out.indices is None:  # BatchTopK: EMA of the smallest kept activation is the inference threshold
-                positive = out.values[out.values > 0]
-                if positive.numel():
-                    t = float(positive.min())
-                    if self.step_count == 0:
-                        sae.threshold.fill_(t)
-                    else:
-                        sae.threshold.mul_(0.99).add_(0.01 * t)
-        n = x.shape[0]
-        self.since_fired += n
-        self.since_fired[fired] = 0
+            self.since_fired += x.shape[0]
+            self.since_fired[fired] = 0
+            variance = (out.x - out.x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            fvu = float(err.detach().pow(2).sum() / variance)
+            l0 = float((out.values > 0).sum()) / x.shape[0]
         self.step_count += 1
-        self.tokens += n
-        l0 = float((out.values > 0).float().sum() / n)
-        return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()),
-                "fvu": fvu(out.x, out.recon.detach()),
-                "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": self.lr_at(self.step_count - 1)}
+        self.tokens += x.shape[0]
+        return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()), "fvu": fvu,
+                "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": lr}
+
+    def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096) -> dict:
+        """Held-out metrics of the current SAE (see `metrics.evaluate_sae`)."""
+        was_training = self.sae.training
+        self.sae.eval()
+        try:
+            return evaluate_sae(self.sae, x_heldout, batch_size)
+        finally:
+            self.sae.train(was_training)
 
     def state_dict(self) -> dict:
         """A snapshot (copies, not views of live tensors), so later steps cannot change it."""
-        import copy
-
         return copy.deepcopy({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step_count,
-                              "tokens": self.tokens, "since_fired": self.since_fired, "initialised": self.initialised})
+                              "tokens": self.tokens, "since_fired": self.since_fired,
+                              "initialised": self.initialised,
+                              "schedule": {"lr": self.lr, "steps": self.cfg.steps, "warmup_steps": self.cfg.warmup_steps,
+                                           "decay_fraction": self.cfg.decay_fraction},
+                              "k_aux": self.k_aux, "dead_tokens": self.dead_tokens})
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
@@ -180,3 +210,6 @@ class SAETrainer:
         self.step_count, self.tokens = state["step"], state["tokens"]
         self.since_fired.copy_(state["since_fired"])
         self.initialised = state["initialised"]
+        if "schedule" in state:
+            self.lr = state["schedule"]["lr"]
+            self.k_aux, self.dead_tokens = state["k_aux"], state["dead_tokens"]

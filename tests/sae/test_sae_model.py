@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from dlmscope import DLMScopeError
+from dlmscope.sae import SAEConfig, TopKSAE
+from dlmscope.sae.model import _TopKEncode
+
+
+def test_config_validation():
+    with pytest.raises(DLMScopeError, match="0 < k < n_latents"):
+        SAEConfig(16, 16, 16)
+    with pytest.raises(DLMScopeError, match="unknown SAE architecture 'relu'"):
+        SAEConfig(16, 64, 4, "relu")
+
+
+def test_init_decoder_unit_rows_and_encoder_is_transpose():
+    sae = TopKSAE(SAEConfig(8, 32, 2), seed=3)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    assert sae.W_enc.shape == (8, 32) and sae.b_enc.shape == (32,) and sae.b_dec.shape == (8,)
+
+
+def test_topk_keeps_exactly_k(raw_x):
+    sae = TopKSAE(SAEConfig(16, 64, 4))
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)  # every pre-activation positive: ReLU removes none of the top k
+    lat = sae.encode(raw_x)
+    assert ((lat > 0).sum(-1) == 4).all()
+    values, indices = sae.encode_topk(raw_x)
+    assert values.shape == indices.shape == (40, 4)
+    pre = sae.pre_acts(raw_x)
+    torch.testing.assert_close(values.sort(-1).values, pre.topk(4, -1).values.sort(-1).values)
+
+
+def test_decode_routes_agree(trained, raw_x):
+    sae = trained.sae
+    dense = sae.decode(sae.encode(raw_x))
+    torch.testing.assert_close(sae.decode(sae.encode_topk(raw_x)), dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.reconstruct(raw_x), dense, atol=1e-4, rtol=1e-4)
+    out = sae(raw_x)  # training forward works in the scaled space
+    torch.testing.assert_close(out.recon / sae.input_scale, dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.latents, sae.encode(raw_x), atol=1e-5, rtol=1e-5)
+    assert sae.encode(raw_x[None]).shape == (1, 40, 64)  # leading dims are kept
+
+
+def test_sparse_encoder_gradients_match_dense_autograd():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=gen, dtype=torch.double, requires_grad=True)
+    w = torch.randn(8, 48, generator=gen, dtype=torch.double, requires_grad=True)
+    b = torch.randn(48, generator=gen, dtype=torch.double, requires_grad=True)
+    dead = torch.arange(0, 48, 3)
+    values, indices, aux_v, aux_i = _TopKEncode.apply(x, w, b, 5, dead, 6)
+    assert set(aux_i.flatten().tolist()) <= set(dead.tolist())
+    gv, ga = torch.randn(values.shape, generator=gen, dtype=torch.double), torch.randn(aux_v.shape, generator=gen, dtype=torch.double)
+    ((values * gv).sum() + (aux_v * ga).sum()).backward()
+    ours = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    pre = x @ w + b
+    ref_v, ref_a = pre.gather(1, indices).relu(), pre.gather(1, aux_i).relu()
+    torch.testing.assert_close(values, ref_v)
+    torch.testing.assert_close(aux_v, ref_a)
+    ((ref_v * gv).sum() + (ref_a * ga).sum()).backward()
+    for got, t in zip(ours, (x, w, b)):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_parallel_gradient_removed_and_rows_renormalised():
+    sae = TopKSAE(SAEConfig(8, 16, 2))
+    sae.W_dec.grad = sae.W_dec.detach().clone() * 3 + torch.randn(16, 8)
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    w = sae.W_dec.detach()
+    torch.testing.assert_close(sae.W_dec.grad, before - (before * w).sum(1, keepdim=True) * w)
+    with torch.no_grad():
+        sae.W_dec.mul_(2.5)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_folding_input_scale_leaves_outputs_unchanged(make_trainer, raw_x, arch):
+    sae = make_trainer(arch).sae
+    assert float(sae.input_scale) != 1.0
+    lat, rec, pre = sae.encode(raw_x), sae.reconstruct(raw_x), sae.pre_acts(raw_x)
+    sae.fold_input_scale()
+    assert float(sae.input_scale) == 1.0
+    torch.testing.assert_close(sae.pre_acts(raw_x), pre, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.encode(raw_x), lat, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.reconstruct(raw_x), rec, atol=1e-4, rtol=1e-4)
+
+
+def test_batchtopk_training_keeps_k_per_token_on_average(raw_x):
+    sae = TopKSAE(SAEConfig(16, 64, 4, "batchtopk"))
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)
+    out = sae(raw_x)
+    assert int((out.values > 0).sum()) == 4 * 40
+    assert (out.values > 0).sum(-1).max() > 0 and out.indices is None
+
+
+def test_wrong_width_is_one_line_error():
+    sae = TopKSAE(SAEConfig(16, 64, 4, metadata={"hook_name": "blocks.1.hook_resid_post"}))
+    with pytest.raises(DLMScopeError, match=r"d_in=8 but the SAE expects d_in=16 \(hook blocks.1.hook_resid_post\)"):
+        sae.encode(torch.randn(2, 8))

@@ -1,0 +1,137 @@
+import io
+import math
+
+import pytest
+import torch
+
+from dlmscope import DLMScopeError
+from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
+
+
+def test_defaults_lr_k_aux_and_dead_window():
+    tr = SAETrainer(SAEConfig(32, 2**12, 8), TrainConfig(total_tokens=1_000_000, batch_size=1000))
+    assert math.isclose(tr.lr, 2e-4 / math.sqrt(2**12 / 2**14))
+    assert tr.k_aux == 16 and tr.cfg.aux_coef == 1 / 32
+    assert tr.dead_tokens == 200_000  # min(10M, total_tokens // 5)
+    assert SAETrainer(SAEConfig(32, 64, 8), TrainConfig(total_tokens=10**9, batch_size=1000)).dead_tokens == 10_000_000
+    with pytest.raises(DLMScopeError, match="b_dec_init='median'"):
+        TrainConfig(b_dec_init="median")
+
+
+def test_schedule_warmup_constant_linear_decay_to_zero():
+    tr = SAETrainer(SAEConfig(8, 32, 2), TrainConfig(total_tokens=100 * 10, batch_size=10, lr=1.0, warmup_steps=10))
+    lrs = [tr.lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrs[10:80])
+    assert lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+def test_initialisation_unit_mean_squared_norm_and_b_dec(raw_x):
+    for init in ("mean", "geometric_median"):
+        tr = SAETrainer(SAEConfig(16, 64, 4), TrainConfig(total_tokens=400, batch_size=40, b_dec_init=init))
+        tr.initialise(raw_x)
+        xs = raw_x * tr.sae.input_scale
+        assert float((xs ** 2).sum(-1).mean()) == pytest.approx(1.0, rel=1e-5)
+        if init == "mean":
+            torch.testing.assert_close(tr.sae.b_dec.detach(), xs.mean(0))
+        else:  # the geometric median has a smaller sum of distances than the mean
+            dist = lambda y: float((xs - y).norm(dim=1).sum())  # noqa: E731
+            assert dist(tr.sae.b_dec.detach()) < dist(xs.mean(0))
+
+
+def test_step_logs_and_decoder_unit_norm(make_trainer):
+    tr = make_trainer(steps=3)
+    logs = tr.step(torch.randn(128, 16) * 5 + 2)
+    assert set(logs) == {"loss", "mse", "aux", "fvu", "l0", "dead_fraction", "lr"}
+    assert logs["l0"] <= 4 and 0 < logs["fvu"] < 2
+    torch.testing.assert_close(tr.sae.W_dec.norm(dim=1), torch.ones(64))
+    ev = tr.evaluate(torch.randn(300, 16) * 5 + 2)
+    assert {"fvu", "explained_variance", "cosine", "l0", "dead_fraction", "density"} <= set(ev)
+    assert ev["explained_variance"] == pytest.approx(1 - ev["fvu"])
+
+
+def test_auxk_uses_only_dead_latents_and_agrees_about_b_dec(trained, raw_x):
+    tr, sae = trained, trained.sae
+    tr.since_fired[:] = 0
+    assert tr.step(raw_x)["aux"] == 0.0  # nothing dead, no auxiliary loss
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:5] = True
+    out = sae(raw_x, dead, tr.k_aux)
+    with torch.no_grad():  # dense reference: top min(k_aux, 5) ReLU'd dead pre-activations, decoded without b_dec
+        pre = sae.pre_acts(raw_x)
+        acts = torch.zeros_like(pre)
+        top = pre[:, :5].topk(min(tr.k_aux, 5), dim=-1)
+        acts[:, :5] = acts[:, :5].scatter(1, top.indices, top.values.relu())
+        e_hat = acts @ sae.W_dec
+        torch.testing.assert_close(out.aux_recon, e_hat, atol=1e-5, rtol=1e-5)
+        e = out.x - out.recon  # b_dec cancels in the residual, and e_hat carries none either
+        expected = ((e - e_hat) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean() * min(5 / tr.k_aux, 1)
+    aux = (e - out.aux_recon).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean() * min(5 / tr.k_aux, 1)
+    sae.zero_grad()
+    aux.backward()  # AuxK moves only the dead latents' decoder rows and encoder columns (and no bias of live ones)
+    assert sae.W_dec.grad[5:].abs().max() == 0 and sae.W_dec.grad[:5].abs().max() > 0
+    assert sae.W_enc.grad[:, 5:].abs().max() == 0 and sae.b_enc.grad[5:].abs().max() == 0
+    tr.since_fired[:] = 0
+    tr.since_fired[:5] = tr.dead_tokens
+    logs = tr.step(raw_x)
+    assert logs["aux"] == pytest.approx(float(expected), rel=1e-4)
+    assert logs["dead_fraction"] == 5 / 64
+
+
+def test_dead_counter_counts_tokens_since_firing(trained, raw_x):
+    tr = trained
+    tr.since_fired[:] = 7
+    out_idx = tr.sae(raw_x).indices
+    tr.step(raw_x)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[out_idx.flatten()] = True
+    assert (tr.since_fired[~fired] == 7 + 40).all()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_state_dict_round_trip_continues_identically(make_trainer, arch):
+    a = make_trainer(arch, steps=5)
+    a.since_fired[:3] = a.dead_tokens  # some dead latents, so AuxK is part of the continuation
+    snap = a.state_dict()
+    buf = io.BytesIO()
+    torch.save(snap, buf)
+    xs = [torch.randn(128, 16, generator=torch.Generator().manual_seed(i)) * 5 + 2 for i in range(3)]
+    logs_a = [a.step(x) for x in xs]
+    assert not torch.equal(snap["sae"]["W_enc"], a.sae.W_enc.detach())  # the snapshot did not move
+    b = SAETrainer(a.sae.cfg, a.cfg)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    logs_b = [b.step(x) for x in xs]
+    assert logs_a == logs_b
+    for (name, p), q in zip(a.sae.state_dict().items(), b.sae.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert torch.equal(a.since_fired, b.since_fired) and a.step_count == b.step_count
+    sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_learns_a_known_sparse_dictionary():
+    gen = torch.Generator().manual_seed(1)
+    D = torch.nn.functional.normalize(torch.randn(128, 32, generator=gen), dim=1)
+
+    def batch():
+        idx = torch.randint(0, 128, (512, 3), generator=gen)
+        return torch.nn.functional.embedding_bag(idx, D, per_sample_weights=torch.rand(512, 3, generator=gen) + 0.5,
+                                                 mode="sum")
+
+    tr = SAETrainer(SAEConfig(32, 256, 4), TrainConfig(total_tokens=300 * 512, batch_size=512, lr=3e-3, warmup_steps=10))
+    first = tr.step(batch())["fvu"]
+    for _ in range(299):
+        tr.step(batch())
+    ev = tr.evaluate(batch())
+    assert first > 0.5 and ev["fvu"] < 0.1
+    cos = torch.nn.functional.normalize(tr.sae.W_dec.detach(), dim=1) @ D.t()
+    assert float((cos.max(0).values > 0.9).float().mean()) > 0.8  # most true atoms are recovered
+
+
+def test_bf16_autocast_step_runs():
+    tr = SAETrainer(SAEConfig(16, 64, 4), TrainConfig(total_tokens=256, batch_size=128, autocast_bf16=True))
+    tr.since_fired[:4] = tr.dead_tokens
+    logs = tr.step(torch.randn(128, 16))
+    assert math.isfinite(logs["loss"]) and logs["aux"] > 0
+    assert tr.sae.W_enc.dtype == torch.float32
