@@ -319,6 +319,66 @@ def stability(
     write_report_html(report, Path(out) / "report.html")
 
 
+features_app = typer.Typer(help="Feature statistics for the explorer.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+DEFAULT_SAE = "tiny-dlm-L3-k32"
+
+
+def _default_store(sae: str):
+    from pathlib import Path
+
+    from .data import cache_dir
+
+    return cache_dir() / "stores" / Path(sae).name
+
+
+@features_app.command("build")
+def features_build(
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
+    model: str = ModelOpt,
+    out: Optional[str] = typer.Option(None, help="Store folder (default: ~/.cache/dlmscope/stores/<sae>)."),
+    n_seqs: int = typer.Option(128, help="Held-out sequences to encode."),
+    context_length: int = typer.Option(128, help="Tokens per sequence."),
+    device: str = DeviceOpt,
+) -> None:
+    """Precompute per-feature statistics, examples and logit effects into a store."""
+    import time
+
+    from .analysis.features import build_feature_store
+    from .data import heldout_rows
+    from .models import load_model
+    from .sae import load_sae
+
+    lm = load_model(model, device=device)
+    t0 = time.perf_counter()
+    folder = build_feature_store(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length),
+                                 out or _default_store(sae), n_seqs=n_seqs, sae_name=sae)
+    typer.echo(f"feature store written to {folder} in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def explore(
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
+    model: str = ModelOpt,
+    store: Optional[str] = typer.Option(None, help="Feature store (built on first launch if missing)."),
+    splice: Optional[str] = typer.Option(None, help="Splice JSON to show on the summary page."),
+    port: int = typer.Option(8501, help="Port for the Streamlit server."),
+) -> None:
+    """Launch the Streamlit feature explorer."""
+    import subprocess
+    from pathlib import Path
+
+    folder = Path(store) if store else _default_store(sae)
+    if not (folder / "manifest.json").is_file():
+        features_build(sae=sae, model=model, out=str(folder), n_seqs=128, context_length=128, device="cpu")
+    app_file = Path(__file__).with_name("explorer.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port),
+           "--server.headless", "true", "--", "--store", str(folder), "--model", model, "--sae", sae]
+    if splice:
+        cmd += ["--splice", splice]
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
     try:
