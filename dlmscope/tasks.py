@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
+from typing import Protocol
 
 from .errors import DLMScopeError
 
@@ -23,6 +24,26 @@ class Example:
     prompt: str
     answer: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class Task(Protocol):
+    """What RL and decoding-order studies need from a verifiable task."""
+
+    name: str
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        """`n` examples of `split` ("train" or "test"), the same for the same seed."""
+
+    def reward(self, example: Example, completion: str) -> float:
+        """Score in [0, 1] of the generated text that follows the prompt."""
+
+    def is_correct(self, example: Example, completion: str) -> bool:
+        """Whether the completion fully solves the example."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DLMScopeError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
 
 
 # --------------------------------------------------------------------------------------- Sudoku 4x4
@@ -77,14 +98,25 @@ def _split_of_grid(grid: str) -> str:
     return "test" if int(hashlib.sha1(grid.encode()).hexdigest()[:8], 16) % 5 == 0 else "train"
 
 
+def sudoku_split_grids(split: str) -> list[str]:
+    """Solution grids of a split (about 4/5 train, 1/5 test by grid hash; no grid is in both)."""
+    _check_split(split)
+    return [g for g in sudoku_grids() if _split_of_grid(g) == split]
+
+
 class Sudoku:
-    """4x4 Sudoku: puzzles with a unique solution; test-split puzzles come from solution grids never in train."""
+    """4x4 Sudoku: puzzles with a unique solution; test-split puzzles come from solution grids never in train.
+
+    Prompt "Sudoku: <16 digits, 0 = empty>\nSolution: ", answer the 16-digit solution. Difficulty is
+    the number of empty cells, drawn uniformly from min_empty..max_empty (at most 12: a 4x4 puzzle
+    needs 4 givens to have one solution).
+    """
 
     name = "sudoku"
 
     def __init__(self, min_empty: int = 4, max_empty: int = 10):
-        if not 1 <= min_empty <= max_empty <= 16:
-            raise DLMScopeError(f"empty-cell range {min_empty}..{max_empty} is invalid; need 1 <= min <= max <= 16")
+        if not 1 <= min_empty <= max_empty <= 12:
+            raise DLMScopeError(f"empty-cell range {min_empty}..{max_empty} is invalid; need 1 <= min <= max <= 12")
         self.min_empty, self.max_empty = min_empty, max_empty
 
     @staticmethod
@@ -92,9 +124,8 @@ class Sudoku:
         return f"Sudoku: {puzzle}\nSolution: "
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        if split not in SPLITS:
-            raise DLMScopeError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-        grids = [g for g in sudoku_grids() if _split_of_grid(g) == split]
+        _check_split(split)
+        grids = sudoku_split_grids(split)
         rng = random.Random(f"sudoku-{split}-{seed}")
         out = []
         while len(out) < n:
@@ -110,7 +141,11 @@ class Sudoku:
         return "".join(re.findall(r"[0-9]", completion))[:16]
 
     def reward(self, example: Example, completion: str) -> float:
-        """Fraction of the originally empty cells filled correctly (missing digits count as wrong)."""
+        """Fraction of the originally empty cells filled correctly.
+
+        The grid read is the first 16 digits of the completion (other characters are skipped); cells
+        the completion does not reach count as wrong, so malformed or short text gets partial credit or 0.
+        """
         puzzle, solution = example.meta["puzzle"], example.meta["solution"]
         got = self._cells(completion)
         empty = [i for i, c in enumerate(puzzle) if c == "0"]
@@ -127,17 +162,22 @@ _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lamb
         ast.Div: lambda a, b: a / b}
 
 
+MAX_EQUATION_CHARS = 100
+
+
 def evaluate_equation(text: str) -> tuple[Fraction, list[int]] | None:
     """Value and the numbers used of an arithmetic expression over integers with + - * / and brackets.
 
-    Returns None if `text` is not such an expression (or divides by zero); never evaluates code.
+    Returns None if `text` is not such an expression (other characters, unary minus, powers, over
+    MAX_EQUATION_CHARS long, or a division by zero). Only whitelisted `ast` nodes are walked; nothing
+    is evaluated as code.
     """
     text = text.strip()
-    if not text or not re.fullmatch(r"[0-9+\-*/() ]+", text):
+    if not text or len(text) > MAX_EQUATION_CHARS or not re.fullmatch(r"[0-9+\-*/() ]+", text):
         return None
     try:
         tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, RecursionError, MemoryError):
         return None
     numbers: list[int] = []
 
@@ -151,12 +191,17 @@ def evaluate_equation(text: str) -> tuple[Fraction, list[int]] | None:
 
     try:
         return ev(tree), numbers
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
 
 
 class Countdown:
-    """Reach the target with each of three numbers exactly once and + - * /."""
+    """Reach the target with each of three numbers exactly once and + - * / (exact fractions).
+
+    Prompt "Countdown: 3 7 25 -> 46\nEquation: ", answer e.g. "25+3*7". Numbers are 1..20, targets
+    positive integers up to 200, and every example is solvable (it is built from an equation). Train
+    and test are split by a hash of (sorted numbers, target).
+    """
 
     name = "countdown"
 
@@ -165,8 +210,7 @@ class Countdown:
         return f"Countdown: {' '.join(map(str, numbers))} -> {target}\nEquation: "
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        if split not in SPLITS:
-            raise DLMScopeError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        _check_split(split)
         rng = random.Random(f"countdown-{split}-{seed}")
         out = []
         while len(out) < n:
@@ -189,7 +233,10 @@ class Countdown:
         return completion.strip().split("\n")[0].split("=")[0]
 
     def reward(self, example: Example, completion: str) -> float:
-        """1.0 correct equation using each number once; 0.1 well-formed but wrong; 0.0 otherwise."""
+        """1.0 correct equation using each number once; 0.1 well-formed but wrong; 0.0 otherwise.
+
+        The equation is the completion's first line up to an optional "= value".
+        """
         parsed = evaluate_equation(self._equation(completion))
         if parsed is None:
             return 0.0
@@ -204,7 +251,7 @@ class Countdown:
 TASKS = {"sudoku": Sudoku, "countdown": Countdown}
 
 
-def get_task(name: str, **options):
+def get_task(name: str, **options) -> Task:
     """A task by name; `options` go to its constructor (e.g. Sudoku's min_empty / max_empty)."""
     if name not in TASKS:
         raise DLMScopeError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
