@@ -34,9 +34,9 @@ class RLConfig:
     """rspo or diffu-grpo."""
     task: str = "sudoku"
     """Verifiable task: sudoku or countdown."""
-    min_empty: int = 11
+    min_empty: int = 10
     """Sudoku: fewest empty cells (harder puzzles leave room to improve)."""
-    max_empty: int = 14
+    max_empty: int = 12
     """Sudoku: most empty cells."""
     steps: int = 30
     """Optimiser steps."""
