@@ -1,140 +1,218 @@
-"""Top-K SAE training throughput: dlmscope vs SAELens vs sparsify on the same cached activations.
+"""Top-K SAE training: dlmscope vs SAELens vs sparsify, side by side on the same cached activations.
 
-Same activations (the built-in DLM's layer-3 residual stream, DLM-Scope masking), width, k, batch and
-Adam learning rate; each trainer runs its own step (forward, loss incl. AuxK, backward, its own
-decoder-norm handling). Tokens/s are taken in one run, each trainer timed over the same steps after a
-warm-up, and FVU (textbook formula, same held-out set) after the same tokens.
+Activations (N, d_in) are made once and cached under `.cache/bench/`: `--source dlm` (default) takes
+the built-in DLM's layer-3 residual stream under DLM-Scope masking (d_in 256); `--source synthetic`
+draws sparse codes over a random unit dictionary plus noise. The last `--heldout` vectors are held out.
+All three train the same width, k and batch on the same batches in the same order, with AuxK (coef
+1/32, k_aux d_in/2, the same dead window), and their steps are interleaved batch by batch so background
+load hits them alike. Each runs its own training step:
 
-    python benchmarks/bench_sae_train.py [--tokens 400000] [--device cuda]
+- dlmscope: `SAETrainer.step` (Adam, lr 2e-4/sqrt(n/2^14), constant: no warm-up or decay here).
+- SAELens: `TopKTrainingSAE.training_forward_pass` + backward + clip_grad_norm(1) + Adam, as in its
+  `SAETrainer._train_step`, same lr, inputs scaled by its `ActivationScaler` (expected_average_only_in).
+- sparsify: `SparseCoder` forward (FVU loss + AuxK) + backward + parallel-gradient removal + its own
+  default optimiser (signum, schedule-free, lr 5e-3/sqrt(n/2^14)), b_dec = mean of the first batch.
+
+Reported: training tokens/s (timed steps after `--warmup` steps) and textbook FVU on the held-out set
+after the same tokens; ratios dlmscope / other. JSON goes to benchmarks/results/sae_train.json.
+
+    python benchmarks/bench_sae_train.py [--source dlm|synthetic] [--tokens 200000] [--latents 4096]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import platform
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def activations(n_tokens: int, device: str) -> torch.Tensor:
+
+def dlm_activations(n: int, device: str) -> torch.Tensor:
     from dlmscope.activations import ActivationSource
     from dlmscope.data import load_texts, pack
     from dlmscope.models import load_model
 
     lm = load_model("dlmscope-tiny-dlm", device=device)
     rows = pack(lm.tokenizer, load_texts("builtin"), 128)
-    src = ActivationSource(lm, ["blocks.3.hook_resid_post"], rows.input_ids, policy="all", seqs_per_batch=64)
+    hook = "blocks.3.hook_resid_post"
+    src = ActivationSource(lm, [hook], rows.input_ids, policy="all", seqs_per_batch=64)
     acts, got, i = [], 0, 0
-    while got < n_tokens:
-        a = src.batch(0, i).acts["blocks.3.hook_resid_post"]
+    while got < n:
+        a = src.batch(0, i).acts[hook].float().cpu()
         acts.append(a)
         got, i = got + a.shape[0], i + 1
-    return torch.cat(acts)[:n_tokens].to(device)
+    return torch.cat(acts)[:n]
 
 
-@torch.no_grad()
-def fvu(x, x_hat) -> float:
-    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+def synthetic_activations(n: int, d: int = 256, atoms: int = 2048, active: int = 24) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(atoms, d, generator=gen), dim=1)
+    freq = torch.rand(atoms, generator=gen) ** 4 + 1e-3  # power-law-ish feature frequencies
+    idx = torch.multinomial(freq, n * active, replacement=True, generator=gen).view(n, active)
+    coef = torch.rand(n, active, generator=gen) * 3
+    x = torch.nn.functional.embedding_bag(idx, D, per_sample_weights=coef, mode="sum")
+    return x + 0.05 * torch.randn(n, d, generator=gen) + 2.0 * D[0]  # noise and a mean offset
 
 
-def ours(d, n, k, lr, total, bs, device):
-    from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
+def cached_activations(source: str, n: int, device: str) -> torch.Tensor:
+    path = ROOT / ".cache" / "bench" / f"acts_{source}_{n}.pt"
+    if not path.is_file():
+        from dlmscope.io_utils import atomic_torch_save
 
-    tr = SAETrainer(SAEConfig(d, n, k), TrainConfig(total_tokens=total, batch_size=bs, lr=lr, warmup_steps=1,
-                                                   decay_fraction=0.0), device)
-    return tr.step, torch.no_grad()(tr.sae.reconstruct)
+        x = dlm_activations(n, device) if source == "dlm" else synthetic_activations(n)
+        atomic_torch_save(path, x)
+    return torch.load(path, weights_only=True)
 
 
-def saelens(d, n, k, lr, total, bs, device):
-    from sae_lens.saes.sae import TrainStepInput
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+class Ours:
+    name = "dlmscope"
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, device=device))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    since = torch.zeros(n, device=device)
-    state = {"step": 0}
+    def __init__(self, d, n, k, lr, total, bs, dead, device):
+        from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
-    def step(x):
-        dead = since > total // 5
-        out = sae.training_forward_pass(TrainStepInput(x, {}, dead, state["step"], False))
-        opt.zero_grad()
+        self.tr = SAETrainer(SAEConfig(d, n, k), TrainConfig(total_tokens=total, batch_size=bs, lr=lr, warmup_steps=0,
+                                                             decay_fraction=0.0, dead_tokens=dead), device)
+
+    def step(self, x):
+        self.tr.step(x)
+
+    def reconstruct(self, x):
+        with torch.no_grad():
+            return self.tr.sae.reconstruct(x)
+
+
+class SAELens:
+    name = "saelens"
+
+    def __init__(self, d, n, k, lr, total, bs, dead, device):
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, aux_loss_coefficient=1 / 32,
+                                                         device=device))
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.since = torch.zeros(n, device=device)
+        self.dead, self.steps, self.scaler = dead, 0, None
+
+    def step(self, x):
+        from sae_lens.saes.sae import TrainStepInput
+        from sae_lens.training.activation_scaler import ActivationScaler
+
+        if self.scaler is None:  # expected_average_only_in: mean norm sqrt(d_in), estimated from the first batch
+            self.scaler = ActivationScaler(math.sqrt(x.shape[1]) / float(x.norm(dim=-1).mean()))
+        x = self.scaler.scale(x)
+        self.sae.train()
+        out = self.sae.training_forward_pass(TrainStepInput(x, {}, self.since >= self.dead, self.steps, False))
+        with torch.no_grad():
+            self.since += x.shape[0]
+            self.since[out.feature_acts.bool().any(0)] = 0
         out.loss.backward()
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad()
+        self.steps += 1
+
+    def reconstruct(self, x):
         with torch.no_grad():
-            since.add_(x.shape[0])
-            since[(out.feature_acts > 0).any(0)] = 0
-        state["step"] += 1
+            return self.scaler.unscale(self.sae.decode(self.sae.encode(self.scaler.scale(x))))
 
-    def recon(x):
+
+class Sparsify:
+    name = "sparsify"
+
+    def __init__(self, d, n, k, lr, total, bs, dead, device):
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+
+        self.sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
+        self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sc.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]),
+                                       momentum=0.95)
+        self.opt.train()
+        self.since = torch.zeros(n, dtype=torch.long, device=device)
+        self.dead, self.first = dead, True
+
+    def step(self, x):
+        if self.first:
+            self.sc.b_dec.data = x.mean(0)
+            self.first = False
+        self.sc.set_decoder_norm_to_unit_norm()
+        out = self.sc(x, dead_mask=self.since > self.dead)
+        (out.fvu + out.auxk_loss / 32).backward()
         with torch.no_grad():
-            return sae.decode(sae.encode(x))
+            self.since += x.shape[0]
+            self.since[out.latent_indices.flatten()] = 0
+        self.sc.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
 
-    return step, recon
+    def reconstruct(self, x):
+        self.opt.eval()  # schedule-free: evaluate the averaged weights
+        try:
+            with torch.no_grad():
+                return self.sc(x).sae_out
+        finally:
+            self.opt.train()
 
 
-def sparsify_(d, n, k, lr, total, bs, device):
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
-    opt = torch.optim.Adam(sc.parameters(), lr=lr)
-    since = torch.zeros(n, device=device)
-
-    def step(x):
-        out = sc(x, dead_mask=since > total // 5)
-        loss = out.fvu + out.auxk_loss / 32
-        opt.zero_grad()
-        loss.backward()
-        sc.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sc.set_decoder_norm_to_unit_norm()
-        with torch.no_grad():
-            since.add_(x.shape[0])
-            since[out.latent_indices.flatten()] = 0
-
-    def recon(x):
-        with torch.no_grad():
-            return sc(x).sae_out
-
-    return step, recon
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x, x_hat = x.double(), x_hat.double()
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=400_000)
-    p.add_argument("--latents", type=int, default=2048)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", choices=["dlm", "synthetic"], default="dlm")
+    p.add_argument("--tokens", type=int, default=200_000, help="cached activations in all (train + held-out)")
+    p.add_argument("--heldout", type=int, default=16_384)
+    p.add_argument("--latents", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_train.json"))
     args = p.parse_args()
+    from dlmscope.io_utils import atomic_write_json
+
     torch.manual_seed(0)
-    x = activations(args.tokens + 16384, args.device)
-    train, held = x[:-16384], x[-16384:]
-    d = x.shape[1]
-    lr = 2e-4 / (args.latents / 2**14) ** 0.5
-    results = {"device": args.device, "tokens": args.tokens, "d_in": d, "latents": args.latents, "k": args.k,
-               "batch": args.batch}
-    for name, make in (("dlmscope", ours), ("saelens", saelens), ("sparsify", sparsify_)):
-        step, recon = make(d, args.latents, args.k, lr, args.tokens, args.batch, args.device)
-        batches = train.split(args.batch)[: args.tokens // args.batch]
-        for b in batches[:3]:  # warm-up, also initialises data-dependent parts
-            step(b)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for b in batches[3:]:
-            step(b)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
-        results[name] = {"tokens_per_s": (len(batches) - 3) * args.batch / seconds, "fvu": fvu(held, recon(held))}
-    for name in ("saelens", "sparsify"):
-        results[f"speed_vs_{name}"] = results["dlmscope"]["tokens_per_s"] / results[name]["tokens_per_s"]
-    out = Path(__file__).parent / "results" / f"sae_train_{args.device.split(':')[0]}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    x = cached_activations(args.source, args.tokens, args.device)
+    train, held = x[:-args.heldout], x[-args.heldout:].to(args.device)
+    d, steps = x.shape[1], (x.shape[0] - args.heldout) // args.batch
+    batches = [b.to(args.device) for b in train[: steps * args.batch].split(args.batch)]
+    lr, total = 2e-4 / math.sqrt(args.latents / 2**14), steps * args.batch
+    dead = min(10_000_000, total // 5)
+    runners = [cls(d, args.latents, args.k, lr, total, args.batch, dead, args.device)
+               for cls in (Ours, SAELens, Sparsify)]
+    seconds = {r.name: 0.0 for r in runners}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for i, b in enumerate(batches):
+        for r in runners:  # interleaved, so drifting background load is shared
+            sync()
+            t = time.perf_counter()
+            r.step(b)
+            sync()
+            if i >= args.warmup:
+                seconds[r.name] += time.perf_counter() - t
+    timed = (steps - args.warmup) * args.batch
+    results = {"device": args.device, "torch_threads": torch.get_num_threads(),
+               "machine": platform.processor() or platform.machine(),
+               "source": args.source, "d_in": d, "latents": args.latents, "k": args.k, "batch": args.batch,
+               "train_tokens": total, "timed_tokens": timed, "heldout_tokens": args.heldout, "lr_adam": lr,
+               "dead_window_tokens": dead, "trainers": {}}
+    for r in runners:
+        results["trainers"][r.name] = {"tokens_per_s": timed / seconds[r.name], "fvu": fvu(held, r.reconstruct(held))}
+    ours = results["trainers"]["dlmscope"]
+    print(f"{args.source} activations, d_in={d}, {args.latents} latents, k={args.k}, batch {args.batch}, "
+          f"{total} training tokens, device {args.device}")
+    print(f"{'trainer':<10} {'tokens/s':>10} {'dlmscope speed-up':>18} {'held-out FVU':>13}")
+    for name, r in results["trainers"].items():
+        r["dlmscope_speedup"] = ours["tokens_per_s"] / r["tokens_per_s"]
+        print(f"{name:<10} {r['tokens_per_s']:>10.0f} {r['dlmscope_speedup']:>17.2f}x {r['fvu']:>13.4f}")
+    atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,16 @@ def _folded_copy(sae: TopKSAE) -> TopKSAE:
     return copy.eval()
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DLMScopeError(f"cannot read SAE config {str(path)!r}: {e}") from None
+        raise DLMScopeError(f"cannot read SAE config {str(path)!r}: {_first_line(e)}") from None
     if not isinstance(value, dict):
         raise DLMScopeError(f"SAE config {str(path)!r} is not a JSON object")
     return value
@@ -100,7 +105,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # truncated or corrupt file
-        raise DLMScopeError(f"cannot read SAE weights {str(path)!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise DLMScopeError(f"cannot read SAE weights {str(path)!r}: {_first_line(e)}") from None
 
 
 def _get(d: dict, key: str, path: Path):
@@ -162,7 +167,7 @@ def _load_dictionary_learning(path: Path) -> TopKSAE:
     try:
         w = torch.load(w_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DLMScopeError(f"cannot read SAE weights {str(w_path)!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise DLMScopeError(f"cannot read SAE weights {str(w_path)!r}: {_first_line(e)}") from None
     if not isinstance(w, dict):
         raise DLMScopeError(f"{str(w_path)!r} is not a state dict")
     trainer = c.get("trainer", c)

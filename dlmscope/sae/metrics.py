@@ -17,7 +17,7 @@ import torch
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Textbook fraction of variance unexplained of x_hat for x, both (N, d)."""
-    x, x_hat = x.double(), x_hat.double()
+    x, x_hat = x.detach().double(), x_hat.detach().double()
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
 
 
@@ -28,7 +28,7 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def cosine(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Mean over tokens of cos(x_i, x_hat_i)."""
-    return float(torch.nn.functional.cosine_similarity(x.float(), x_hat.float(), dim=-1).mean())
+    return float(torch.nn.functional.cosine_similarity(x.detach().float(), x_hat.detach().float(), dim=-1).mean())
 
 
 def l0(latents: torch.Tensor) -> float:

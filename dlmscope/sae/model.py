@@ -9,9 +9,12 @@ Decoder: x_hat = (latents @ W_dec + b_dec) / s. The input scale s makes training
 unit mean squared norm (DLM-Scope); `fold_input_scale` bakes it into the weights, so a saved SAE maps
 raw activations to raw reconstructions with s = 1.
 
-Training uses `forward`, whose encoder is a custom autograd function: the dense (N, n_latents)
-pre-activations are computed once without a graph, and the backward touches only the selected
-(token, latent) entries (embedding_bag, a sparse matmul), never a dense (N, n_latents) gradient.
+Training uses `forward`. On CPU its Top-K encoder is a custom autograd function: the dense
+(N, n_latents) pre-activations are computed once without a graph, and the backward touches only the
+selected (token, latent) entries (embedding_bag, a sparse matmul), never a dense (N, n_latents)
+gradient; decoding is an embedding_bag. On GPUs dense cuBLAS matmuls over scattered latents are
+far faster than gathers and cuSPARSE (measured on an H100, d_in 4096, 16,384 latents: about 9x), and
+deterministic, so there (and for BatchTopK) `forward` uses the dense route; both compute the same maths.
 """
 
 from __future__ import annotations
@@ -122,6 +125,11 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def _sparse_route(x: torch.Tensor) -> bool:
+    """Gather/sparse kernels win on CPU; dense matmuls win on GPUs (see the module docstring)."""
+    return x.device.type == "cpu"
+
+
 class TopKSAE(nn.Module):
     """A Top-K / BatchTopK SAE with SAELens' parameter names and shapes."""
 
@@ -196,21 +204,28 @@ class TopKSAE(nn.Module):
         if dead_ids is not None and dead_ids.numel() == 0:
             dead_ids = None
         k_aux = min(k_aux, dead_ids.numel()) if dead_ids is not None else 0
+        if self.cfg.architecture == "topk" and _sparse_route(x):
+            values, indices, aux_values, aux_indices = _TopKEncode.apply(xc, self.W_enc, self.b_enc, self.cfg.k,
+                                                                         dead_ids, k_aux)
+            out = SAEOutput(xs, self._sparse_decode(values, indices) + self.b_dec, values, indices, self.cfg.n_latents)
+            if dead_ids is not None:
+                out.aux_recon = self._sparse_decode(aux_values, aux_indices)
+            return out
+        # Dense route (GPUs, and BatchTopK): cuBLAS matmuls beat gathers and sparse kernels there.
+        pre = xc @ self.W_enc + self.b_enc
         if self.cfg.architecture == "batchtopk":
-            pre = xc @ self.W_enc + self.b_enc
             flat = pre.relu().flatten()
             keep = flat.topk(self.cfg.k * pre.shape[0], sorted=False)
             dense = torch.zeros_like(flat).scatter(0, keep.indices, keep.values).view_as(pre)
-            out = SAEOutput(xs, dense @ self.W_dec + self.b_dec, dense, None, self.cfg.n_latents)
-            if dead_ids is not None:
-                aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
-                out.aux_recon = self._sparse_decode(aux_values.relu(), dead_ids[local])
-            return out
-        values, indices, aux_values, aux_indices = _TopKEncode.apply(xc, self.W_enc, self.b_enc, self.cfg.k,
-                                                                     dead_ids, k_aux)
-        out = SAEOutput(xs, self._sparse_decode(values, indices) + self.b_dec, values, indices, self.cfg.n_latents)
+            values, indices = dense, None
+        else:
+            values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            values = values.relu()
+            dense = torch.zeros_like(pre).scatter(1, indices, values)
+        out = SAEOutput(xs, dense @ self.W_dec + self.b_dec, values, indices, self.cfg.n_latents)
         if dead_ids is not None:
-            out.aux_recon = self._sparse_decode(aux_values, aux_indices)
+            aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+            out.aux_recon = torch.zeros_like(pre).scatter(1, dead_ids[local], aux_values.relu()) @ self.W_dec
         return out
 
     def _sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

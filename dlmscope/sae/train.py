@@ -150,8 +150,8 @@ class SAETrainer:
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
             e = err.detach()
-            aux = (e - out.aux_recon.float()).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            aux = aux * min(n_dead / self.k_aux, 1.0)
+            residual_variance = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            aux = (e - out.aux_recon.float()).pow(2).sum(-1).mean() / residual_variance * min(n_dead / self.k_aux, 1.0)
         loss = mse + self.cfg.aux_coef * aux
         lr = self.lr_at(self.step_count)
         for g in self.opt.param_groups:
@@ -200,7 +200,8 @@ class SAETrainer:
         return copy.deepcopy({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step_count,
                               "tokens": self.tokens, "since_fired": self.since_fired,
                               "initialised": self.initialised,
-                              "schedule": {"lr": self.lr, "steps": self.cfg.steps, "warmup_steps": self.cfg.warmup_steps,
+                              "schedule": {"lr": self.lr, "steps": self.cfg.steps,
+                                           "warmup_steps": self.cfg.warmup_steps,
                                            "decay_fraction": self.cfg.decay_fraction},
                               "k_aux": self.k_aux, "dead_tokens": self.dead_tokens})
 

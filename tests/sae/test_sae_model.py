@@ -51,7 +51,8 @@ def test_sparse_encoder_gradients_match_dense_autograd():
     dead = torch.arange(0, 48, 3)
     values, indices, aux_v, aux_i = _TopKEncode.apply(x, w, b, 5, dead, 6)
     assert set(aux_i.flatten().tolist()) <= set(dead.tolist())
-    gv, ga = torch.randn(values.shape, generator=gen, dtype=torch.double), torch.randn(aux_v.shape, generator=gen, dtype=torch.double)
+    gv = torch.randn(values.shape, generator=gen, dtype=torch.double)
+    ga = torch.randn(aux_v.shape, generator=gen, dtype=torch.double)
     ((values * gv).sum() + (aux_v * ga).sum()).backward()
     ours = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
@@ -104,3 +105,22 @@ def test_wrong_width_is_one_line_error():
     sae = TopKSAE(SAEConfig(16, 64, 4, metadata={"hook_name": "blocks.1.hook_resid_post"}))
     with pytest.raises(DLMScopeError, match=r"d_in=8 but the SAE expects d_in=16 \(hook blocks.1.hook_resid_post\)"):
         sae.encode(torch.randn(2, 8))
+
+
+def test_dense_route_equals_sparse_route(trained, raw_x, monkeypatch):
+    """GPUs take the dense route; both must give the same outputs and gradients."""
+    from dlmscope.sae import model
+
+    sae = trained.sae
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    results = []
+    for sparse in (True, False):
+        monkeypatch.setattr(model, "_sparse_route", lambda x: sparse)
+        sae.zero_grad()
+        out = sae(raw_x, dead, 8)
+        ((out.recon - out.x).pow(2).sum() + out.aux_recon.pow(2).sum()).backward()
+        results.append((out.recon.detach(), out.aux_recon.detach(), out.latents.detach(),
+                        *(p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

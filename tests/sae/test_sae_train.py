@@ -119,14 +119,15 @@ def test_learns_a_known_sparse_dictionary():
         return torch.nn.functional.embedding_bag(idx, D, per_sample_weights=torch.rand(512, 3, generator=gen) + 0.5,
                                                  mode="sum")
 
-    tr = SAETrainer(SAEConfig(32, 256, 4), TrainConfig(total_tokens=300 * 512, batch_size=512, lr=3e-3, warmup_steps=10))
+    tr = SAETrainer(SAEConfig(32, 256, 4),
+                    TrainConfig(total_tokens=300 * 512, batch_size=512, lr=1e-2, warmup_steps=10))
     first = tr.step(batch())["fvu"]
     for _ in range(299):
         tr.step(batch())
     ev = tr.evaluate(batch())
-    assert first > 0.5 and ev["fvu"] < 0.1
+    assert first > 0.5 and ev["fvu"] < 0.15
     cos = torch.nn.functional.normalize(tr.sae.W_dec.detach(), dim=1) @ D.t()
-    assert float((cos.max(0).values > 0.9).float().mean()) > 0.8  # most true atoms are recovered
+    assert float((cos.max(0).values > 0.9).float().mean()) > 0.9  # the true atoms are recovered
 
 
 def test_bf16_autocast_step_runs():
