@@ -222,6 +222,8 @@ def _prepare_prompts(lm: LoadedModel, prompts) -> tuple[torch.Tensor, torch.Tens
     if all(isinstance(p, str) for p in prompts):
         prompts = lm.to_tokens(prompts)
     pad = getattr(lm.tokenizer, "pad_token_id", None) if lm.tokenizer is not None else None
+    if pad is None:  # no tokenizer: the checkpoint's own pad id, as upstream LLaDA pads (never the mask id if avoidable)
+        pad = getattr(getattr(lm.module, "config", None), "pad_token_id", None)
     return left_pad(prompts, pad if pad is not None else lm.require_mask_id())
 
 

@@ -11,8 +11,8 @@ from .base import FAMILIES, ForwardState, LoadedModel, Site
 from .checkpoint import read_config, resolve_dtype
 from .zoo import BUILTIN, DEFAULT_AR_MODEL, DEFAULT_MODEL, builtin_path
 
-BACKENDS = ("native",)
-"""Only native loaders so far; the remote-code backend (issue 2) is not built yet."""
+BACKENDS = ("native", "remote")
+"""native: our loaders (no remote code); remote: the checkpoint's own code with transformers-5 shims."""
 
 
 def detect_family(config: dict) -> str:
@@ -39,7 +39,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a built-in name, a local checkpoint folder, or a `HookedTransformer` as a `LoadedModel`.
 
-    Nothing is downloaded: folders must hold config.json and safetensors weights.
+    Nothing is downloaded: folders must hold config.json and safetensors weights. `backend="remote"`
+    runs the folder's own modelling code (`trust_remote_code`); `device_map` is passed to transformers
+    for causal and remote loads (big checkpoints over several devices).
     """
     if isinstance(path_or_name, LoadedModel):
         return path_or_name
@@ -61,6 +63,10 @@ def load_model(
     config = read_config(folder)
     family = family or detect_family(config)
     display = name if name in BUILTIN else folder.name
+    if backend == "remote":
+        from .remote import load_remote
+
+        return load_remote(folder, family, device, torch_dtype, display, device_map=device_map)
     if family == "llada":
         from .llada import load_llada
 

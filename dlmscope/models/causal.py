@@ -11,8 +11,9 @@ from ..errors import DLMScopeError
 from .base import LoadedModel, Site, hf_sites
 
 _LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
-                "bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer", "encoder.layer")
-_MID_NAMES = ("post_attention_layernorm", "ln_2", "mlp_norm")
+                "bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer", "encoder.layer",
+                "model.transformer.blocks")
+_MID_NAMES = ("post_attention_layernorm", "ln_2", "mlp_norm", "ff_norm")
 
 
 def find_layers(module: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,139 @@
+"""The remote-code backend: a checkpoint's own modelling code (`trust_remote_code=True`), offline.
+
+For checkpoints the native loaders do not know, and to cross-check them against upstream code.
+The upstream LLaDA and Dream files were written for transformers 4.x; `_compat` and `_shimmed`
+patch the few places where transformers 5 changed the contract, without editing the files.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import DLMScopeError
+from .base import LoadedModel, bidirectional_mask, hf_sites
+from .causal import _mid_attr, find_layers
+from .checkpoint import load_tokenizer
+
+_AUTO_KEYS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
+
+
+def _default_rope(config, device=None, seq_len=None, **_):
+    """transformers 4.x's "default" RoPE init (removed in 5): inverse frequencies, attention factor 1."""
+    params = getattr(config, "rope_parameters", None) or {}
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    return inv_freq, 1.0
+
+
+@contextmanager
+def _compat():
+    """Process-wide patches needed only while remote code is imported and instantiated."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    added_rope = "default" not in ROPE_INIT_FUNCTIONS
+    if added_rope:
+        ROPE_INIT_FUNCTIONS["default"] = _default_rope
+    try:
+        yield
+    finally:
+        if added_rope:
+            ROPE_INIT_FUNCTIONS.pop("default", None)
+
+
+def _tolerant_generation_configs() -> None:
+    """Remote GenerationConfig subclasses (Dream's `validate(self, is_init=False)`) reject transformers 5's keywords."""
+    from transformers import GenerationConfig
+
+    todo = list(GenerationConfig.__subclasses__())
+    while todo:
+        sub = todo.pop()
+        todo += sub.__subclasses__()
+        own = sub.__dict__.get("validate")
+        if own is not None and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(own).parameters.values()):
+            sub.validate = lambda self, *a, _own=own, **k: _own(self)
+
+
+def _shimmed(cls: type) -> type:
+    """A subclass of a remote model class that satisfies transformers 5's loading contract."""
+    attrs: dict = {}
+    tied = getattr(cls, "_tied_weights_keys", None)
+    if isinstance(tied, (list, tuple)):  # 4.x: list of tied targets; 5.x: {target: source}
+        attrs["_tied_weights_keys"] = {key: "model.embed_tokens.weight" for key in tied}
+    upstream_tie = cls.tie_weights
+    if "missing_keys" not in inspect.signature(upstream_tie).parameters:
+        attrs["tie_weights"] = lambda self, *a, **k: upstream_tie(self)
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        if "all_tied_weights_keys" not in self.__dict__:  # set by post_init, which LLaDA never calls
+            self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=False)
+
+    attrs["__init__"] = __init__
+    return type(cls.__name__, (cls,), attrs)
+
+
+def _reset_rotary(module: torch.nn.Module) -> None:
+    """Recompute RoPE frequencies: transformers 5 leaves non-persistent buffers of remote modules
+    built on the meta device uninitialised (Dream's `inv_freq` came back as garbage, logits off by ~0.2)."""
+    for m in module.modules():
+        if "inv_freq" in m._buffers and callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+
+
+def load_remote(folder: Path, family: str, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
+                device_map: str | dict | None = None) -> LoadedModel:
+    """Load `folder` with its own modelling code and wrap it as a `LoadedModel` of `family`."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    if family not in ("llada", "dream", "masked_lm", "causal"):
+        raise DLMScopeError(f"the remote backend cannot load family {family!r}; allowed: llada, dream, masked_lm, causal")
+    with _compat():
+        try:
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+        except (OSError, ValueError, ImportError) as e:
+            raise DLMScopeError(f"cannot read the remote-code config in {str(folder)!r}: {str(e).splitlines()[0]}") from None
+        if not hasattr(config, "use_cache"):  # LLaDA's config loses it under transformers 5
+            config.use_cache = False
+        auto_map = getattr(config, "auto_map", None) or {}
+        key = next((k for k in _AUTO_KEYS if k in auto_map), None)
+        if key is not None:
+            cls = get_class_from_dynamic_module(auto_map[key], str(folder), local_files_only=True)
+        else:  # no remote code: transformers' own class for the family
+            auto = transformers.AutoModelForMaskedLM if family == "masked_lm" else transformers.AutoModelForCausalLM
+            cls = auto._model_mapping[type(config)]
+        _tolerant_generation_configs()
+        module = _shimmed(cls).from_pretrained(str(folder), config=config, trust_remote_code=True,
+                                               local_files_only=True, dtype=dtype, device_map=device_map)
+    _reset_rotary(module)
+    if device_map is None:
+        module.to(device)
+    module.eval()
+    layers = find_layers(module)
+    shift, causal = family == "dream", family == "causal"
+
+    def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is not None and family == "dream":  # Dream takes only a 4-D boolean mask
+            attention_mask = bidirectional_mask(attention_mask)
+        kwargs = {} if family == "masked_lm" else {"use_cache": False}
+        out = module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    tokenizer = load_tokenizer(folder)
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None and tokenizer is not None and not causal:
+        mask_id = tokenizer.mask_token_id
+    text_config = config.get_text_config()
+    d_model = getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model")
+    # LLaDA's logits have embedding_size entries (padded vocabulary), not vocab_size
+    vocab_size = getattr(text_config, "embedding_size", None) or text_config.vocab_size
+    return LoadedModel(module=module, tokenizer=tokenizer, family=family, mask_id=None if causal else mask_id,
+                       shift=shift, causal=causal, layers=layers, d_model=d_model, vocab_size=vocab_size,
+                       name=name or folder.name, sites=hf_sites(layers, _mid_attr(layers[0])), call=call)
