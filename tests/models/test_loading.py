@@ -4,82 +4,89 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError, load_model
+from dlmscope.hooks import run_with_cache
 
 
 @pytest.mark.parametrize("family,shift,causal", [("llada", False, False), ("dream", True, False), ("causal", False, True)])
 def test_families_load(tiny_dirs, family, shift, causal):
     lm = load_model(tiny_dirs[family])
-    assert lm.family == family and lm.shift == shift and lm.causal == causal
-    assert lm.n_layers == 2 and lm.d_model == 64
-    assert "blocks.1.hook_resid_post" in lm.hook_names and "blocks.0.hook_resid_mid" in lm.hook_names
+    assert lm.family == family and lm.shift == shift and lm.causal == causal and lm.is_diffusion == (not causal)
+    assert lm.n_layers == 2 and lm.d_model == 64 and lm.n_params() > 0
+    assert lm.hook_names == [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "mid", "post")]
+    assert (lm.mask_id is not None) == (not causal)
     assert lm.forward(torch.randint(0, 100, (2, 7))).shape == (2, 7, lm.vocab_size)
+    assert lm.layer_of("blocks.1.hook_resid_mid") == 1
+
+
+def test_hook_sites_are_the_residual_stream(llada):
+    ids = torch.randint(4, 100, (2, 6))
+    acts = run_with_cache(llada, ids, llada.hook_names, stop_early=False)
+    layer = llada.module.model.layers[0]
+    with torch.no_grad():
+        emb = llada.module.model.embed_tokens(ids)
+    torch.testing.assert_close(acts["blocks.0.hook_resid_pre"], emb)
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"], acts["blocks.1.hook_resid_pre"])
+    # resid_post = resid_mid + MLP(norm(resid_mid))
+    mid = acts["blocks.0.hook_resid_mid"]
+    with torch.no_grad():
+        post = mid + layer.mlp(layer.post_attention_layernorm(mid))
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"], post)
+
+
+def _shard(src, dst, n=3):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = keys[i::n]
+        save_file({k: tensors[k] for k in part}, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (dst / "config.json").write_text((src / "config.json").read_text())
 
 
 def test_sharded_llada_matches_single(tiny_dirs, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    src = tiny_dirs["llada"]
-    tensors = load_file(str(src / "model.safetensors"))
-    keys = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    for name, ks in halves.items():
-        save_file({k: tensors[k] for k in ks}, str(tmp_path / name))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: n for n, ks in halves.items() for k in ks}}))
-    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    _shard(tiny_dirs["llada"], tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
     ids = torch.randint(0, 100, (1, 9))
-    torch.testing.assert_close(load_model(tmp_path).forward(ids), load_model(src).forward(ids))
+    sharded = load_model(tmp_path)
+    assert sharded.family == "llada" and sharded.mask_id == load_model(tiny_dirs["llada"]).mask_id
+    torch.testing.assert_close(sharded.forward(ids), load_model(tiny_dirs["llada"]).forward(ids), rtol=0, atol=0)
 
 
-def test_bidirectional_and_causal(tiny_dirs):
-    ids = torch.randint(4, 100, (1, 8))
-    other = ids.clone()
-    other[0, -1] = (other[0, -1] + 1) % 100
-    for family, expect_change in (("llada", True), ("dream", True), ("causal", False)):
-        lm = load_model(tiny_dirs[family])
-        changed = (lm.forward(ids)[0, 0] - lm.forward(other)[0, 0]).abs().max() > 1e-6
-        assert bool(changed) == expect_change, family
-
-
+@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("fp16", torch.float16)])
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_padding_does_not_change_real_positions(tiny_dirs, family):
-    lm = load_model(tiny_dirs[family])
-    ids = torch.randint(4, 100, (1, 6))
-    ref = lm.forward(ids)
-    pad = torch.zeros(1, 3, dtype=torch.long)
-    right = lm.forward(torch.cat([ids, pad], 1), torch.tensor([[1] * 6 + [0] * 3]))[:, :6]
-    torch.testing.assert_close(right, ref, atol=1e-5, rtol=1e-5)
+def test_half_precision_forward(tiny_dirs, family, dtype, torch_dtype):
+    lm = load_model(tiny_dirs[family], dtype=dtype)
+    assert lm.dtype == torch_dtype
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        low, full = lm.forward(ids).float(), load_model(tiny_dirs[family]).forward(ids)
+    assert torch.isfinite(low).all()
+    assert (low - full).abs().max() < 0.1 * full.abs().max()  # same model, coarser arithmetic
 
 
-def test_bf16_forward(tiny_dirs):
-    lm = load_model(tiny_dirs["llada"], dtype="bfloat16")
-    assert lm.dtype == torch.bfloat16
-    assert torch.isfinite(lm.forward(torch.randint(0, 100, (1, 5))).float()).all()
+def test_causal_device_map_pass_through(tiny_dirs, monkeypatch):
+    """device_map goes to transformers untouched (it spreads big checkpoints over devices)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
 
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained.__func__
 
-def test_bad_inputs(tmp_path, tiny_dirs):
-    with pytest.raises(DLMScopeError, match="neither a checkpoint folder"):
-        load_model(tmp_path / "missing")
-    with pytest.raises(DLMScopeError, match="no config.json"):
-        load_model(tmp_path)
-    with pytest.raises(DLMScopeError, match="unknown family"):
-        load_model(tiny_dirs["llada"], family="gpt7")
-    with pytest.raises(DLMScopeError, match="unknown backend"):
-        load_model(tiny_dirs["llada"], backend="magic")
-    with pytest.raises(DLMScopeError, match="unknown built-in model .*known: dlmscope-tiny-dlm"):
-        from dlmscope.models.zoo import builtin_path
-        builtin_path("dlmscope-huge")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((tiny_dirs["llada"] / "config.json").read_text())
-    (bad / "model.safetensors").write_bytes(b"garbage" * 10)
-    with pytest.raises(DLMScopeError, match="cannot read weights file"):
-        load_model(bad)
-    lm = load_model(tiny_dirs["llada"])
-    with pytest.raises(DLMScopeError, match="out of range"):
-        lm.site("blocks.9.hook_resid_post")
-    causal = load_model(tiny_dirs["causal"])
-    with pytest.raises(DLMScopeError, match="no mask token"):
-        causal.require_mask_id()
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    device_map = {"model": "cpu", "lm_head": "cpu"}
+    lm = load_model(tiny_dirs["causal"], device_map=device_map)
+    assert seen["device_map"] == device_map and lm.device.type == "cpu"
+    ids = torch.randint(0, 100, (1, 5))
+    torch.testing.assert_close(lm.forward(ids), load_model(tiny_dirs["causal"]).forward(ids))
 
 
 def test_transformer_lens_model_wraps():
@@ -87,26 +94,204 @@ def test_transformer_lens_model_wraps():
 
     ht = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, d_vocab=50, act_fn="gelu"))
     lm = load_model(ht)
-    assert lm.causal and lm.family == "transformer_lens" and lm.n_layers == 2
-    from dlmscope.hooks import run_with_cache
-
+    assert lm.causal and lm.family == "transformer_lens" and lm.n_layers == 2 and lm.d_model == 32
+    assert lm.mask_id is None and lm.vocab_size == 50
+    names = [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "mid", "post")]
+    assert lm.hook_names == names
     ids = torch.randint(0, 50, (1, 6))
-    acts = run_with_cache(lm, ids, ["blocks.1.hook_resid_post"])
-    _, cache = ht.run_with_cache(ids)
-    torch.testing.assert_close(acts["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"])
+    acts = run_with_cache(lm, ids, names, stop_early=False)
+    logits, cache = ht.run_with_cache(ids)
+    for name in names:
+        torch.testing.assert_close(acts[name], cache[name])
+    torch.testing.assert_close(lm.forward(ids), logits)
 
 
-def test_masked_lm_loads(tmp_path):
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+def _bert_folder(folder, with_mask: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, mask_token="[MASK]", pad_token="[PAD]", unk_token="[UNK]")
+    special = {"mask_token": "[MASK]"} if with_mask else {}
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", **special)
+    torch.manual_seed(0)
     BertForMaskedLM(BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(str(tmp_path))
-    hf_tok.save_pretrained(str(tmp_path))
-    lm = load_model(tmp_path)
-    assert lm.family == "masked_lm" and lm.mask_id == 4 and not lm.causal
-    assert lm.denoise_logits(torch.tensor([[5, 4, 6]])).shape == (1, 3, 8)
+                               intermediate_size=64)).save_pretrained(str(folder))
+    hf_tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_masked_lm_loads(tmp_path):
+    lm = load_model(_bert_folder(tmp_path))
+    assert lm.family == "masked_lm" and lm.mask_id == 4 and not lm.causal and not lm.shift
+    assert lm.n_layers == 2 and lm.d_model == 32
+    assert lm.hook_names == [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "post")]
+    ids = torch.tensor([[5, 4, 6]])
+    assert lm.denoise_logits(ids).shape == (1, 3, 8)
+    acts = run_with_cache(lm, ids, ["blocks.1.hook_resid_post"])
+    with torch.no_grad():
+        hidden = lm.module.bert(ids).last_hidden_state
+    torch.testing.assert_close(acts["blocks.1.hook_resid_post"], hidden)
+
+
+def _one_line_error(fn, match: str) -> str:
+    with pytest.raises(DLMScopeError, match=match) as e:
+        fn()
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_bad_inputs(tmp_path, tiny_dirs):
+    _one_line_error(lambda: load_model(tmp_path / "missing"), "neither a checkpoint folder")
+    _one_line_error(lambda: load_model(tmp_path), "no config.json")
+    _one_line_error(lambda: load_model(tiny_dirs["llada"], family="gpt7"), "unknown family 'gpt7'; allowed: llada")
+    _one_line_error(lambda: load_model(tiny_dirs["llada"], backend="magic"), "unknown backend 'magic'; allowed: native")
+    _one_line_error(lambda: load_model(tiny_dirs["llada"], dtype="int3"), "unknown dtype 'int3'")
+    from dlmscope.models.zoo import builtin_path
+
+    _one_line_error(lambda: builtin_path("dlmscope-huge"), "unknown built-in model .*known: dlmscope-tiny-dlm")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_dirs["llada"] / "config.json").read_text())
+    _one_line_error(lambda: load_model(bad), "no safetensors weights")
+    (bad / "model.safetensors").write_bytes(b"garbage" * 10)
+    _one_line_error(lambda: load_model(bad), "cannot read weights file")
+    (bad / "config.json").write_text("{not json")
+    _one_line_error(lambda: load_model(bad), "not valid JSON")
+    lm = load_model(tiny_dirs["llada"])
+    _one_line_error(lambda: lm.site("blocks.9.hook_resid_post"), r"out of range: .* layers 0\.\.1")
+    _one_line_error(lambda: lm.site("blocks.0.hook_attn_out"), "unknown hook")
+    causal = load_model(tiny_dirs["causal"])
+    _one_line_error(causal.require_mask_id, "no mask token")
+    _one_line_error(lambda: causal.denoise_logits(torch.tensor([[1, 2]])), "autoregressive")
+
+
+def test_model_without_mask_token(tmp_path):
+    from dlmscope import generate
+
+    lm = load_model(_bert_folder(tmp_path, with_mask=False))
+    assert lm.mask_id is None
+    _one_line_error(lambda: generate(lm, [[5, 6]], gen_length=4, steps=4, block_length=4), "no mask token")
+
+
+def test_dream_folder_without_config_fields(tiny_dirs, tmp_path):
+    cfg = json.loads((tiny_dirs["dream"] / "config.json").read_text())
+    del cfg["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes((tiny_dirs["dream"] / "model.safetensors").read_bytes())
+    _one_line_error(lambda: load_model(tmp_path), "Dream config.json lacks 'hidden_size'")
+
+
+# A remote-code checkpoint of our own: LLaDA-like layout (blocks at model.transformer.blocks returning
+# (hidden, cache), an `ff_norm` before the MLP), written the transformers-4 way the upstream files are
+# (no post_init, a list `_tied_weights_keys`, `tie_weights()` without keywords).
+TOY_MODELING = '''
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = "dlmscope_toy"
+
+    def __init__(self, vocab_size=40, d_model=16, n_layers=2, mask_token_id=39, **kwargs):
+        self.vocab_size, self.d_model, self.n_layers, self.mask_token_id = vocab_size, d_model, n_layers, mask_token_id
+        super().__init__(**kwargs)
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.mix = nn.Linear(d, d)
+        self.ff_norm = nn.LayerNorm(d)
+        self.ff = nn.Linear(d, d)
+
+    def forward(self, x, attention_bias=None, layer_past=None, use_cache=False):
+        keys = attention_bias[:, :, None].to(x.dtype)
+        x = x + self.mix((x * keys).sum(1, keepdim=True) / keys.sum(1, keepdim=True))  # sees every real token
+        return x + self.ff(self.ff_norm(x)), None
+
+
+class ToyModel(PreTrainedModel):
+    config_class = ToyConfig
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.model.transformer = nn.Module()
+        self.model.transformer.blocks = nn.ModuleList(ToyBlock(config.d_model) for _ in range(config.n_layers))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def tie_weights(self):
+        pass
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.dim() == 4:
+            attention_mask = attention_mask[:, 0].any(1)
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.transformer.blocks:
+            x, _ = block(x, attention_bias=attention_mask.bool())
+        return CausalLMOutput(logits=self.lm_head(x))
+'''
+
+
+@pytest.fixture
+def toy_remote(tmp_path):
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "modeling_toy.py").write_text(TOY_MODELING)
+    spec = importlib.util.spec_from_file_location("modeling_toy_reference", folder / "modeling_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    reference = mod.ToyModel(mod.ToyConfig()).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "dlmscope_toy", "architectures": ["ToyModel"], "vocab_size": 40, "d_model": 16, "n_layers": 2,
+        "mask_token_id": 39, "auto_map": {"AutoConfig": "modeling_toy.ToyConfig", "AutoModel": "modeling_toy.ToyModel"},
+    }))
+    return folder, reference
+
+
+def test_remote_backend_loads_own_code(toy_remote):
+    from dlmscope import generate
+
+    folder, reference = toy_remote
+    lm = load_model(folder, family="llada", backend="remote")
+    assert type(lm.module).__name__ == "ToyModel" and lm.family == "llada" and not lm.shift and not lm.causal
+    assert lm.n_layers == 2 and lm.d_model == 16 and lm.vocab_size == 40 and lm.mask_id == 39
+    assert lm.hook_names == [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "mid", "post")]
+    ids = torch.randint(0, 39, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.forward(ids, mask), reference(ids, attention_mask=mask).logits)
+        block_out = reference.model.transformer.blocks[1](reference.model.transformer.blocks[0](
+            reference.model.embed_tokens(ids), attention_bias=torch.ones_like(ids).bool())[0],
+            attention_bias=torch.ones_like(ids).bool())[0]
+    torch.testing.assert_close(run_with_cache(lm, ids, ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"],
+                               block_out)
+    out = generate(lm, [[1, 2, 3]], gen_length=4, steps=4, block_length=4)
+    assert not (out.generated == 39).any()
+    dream_like = load_model(folder, family="dream", backend="remote")  # 4-D mask path and shifted logits
+    assert dream_like.shift
+    with torch.no_grad():
+        torch.testing.assert_close(dream_like.forward(ids, mask), reference(ids, attention_mask=mask).logits)
+
+
+def test_remote_backend_bad_input(tmp_path, toy_remote):
+    folder, _ = toy_remote
+    _one_line_error(lambda: load_model(folder, family="transformer_lens", backend="remote"),
+                    "remote backend cannot load family")
+    (folder / "modeling_toy.py").unlink()
+    _one_line_error(lambda: load_model(folder, family="llada", backend="remote"), "cannot read the remote-code config")
