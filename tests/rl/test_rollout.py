@@ -1,0 +1,19 @@
+import torch
+
+from dlmscope.rl import group_advantages, sample_groups
+
+
+def test_advantages_zero_for_constant_rewards():
+    for normalise in (False, True):
+        assert torch.equal(group_advantages(torch.ones(12), 4, normalise), torch.zeros(12))
+    a = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5]), 4)
+    assert a[:4].sum().abs() < 1e-6 and a[0] > 0 and torch.equal(a[4:], torch.zeros(4))
+    assert torch.allclose(group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), 4, True).abs(), torch.full((4,), 0.866), atol=1e-3)
+
+
+def test_sample_groups_shapes(llada, count_task):
+    ex = count_task.examples("train", 2)
+    roll = sample_groups(llada, count_task, ex, 3, gen_length=8, steps=4, temperature=1.0, seed=0)
+    assert roll.seqs.shape[0] == 6 and roll.completion.sum(1).eq(8).all()
+    assert not (roll.completion & ~roll.attn.bool()).any()
+    assert torch.allclose(roll.advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-6)
