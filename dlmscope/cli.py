@@ -324,59 +324,88 @@ app.add_typer(features_app, name="features")
 DEFAULT_SAE = "tiny-dlm-L3-k32"
 
 
-def _default_store(sae: str):
+def _default_store(model: str, sae: str):
     from pathlib import Path
 
     from .data import cache_dir
 
-    return cache_dir() / "stores" / Path(sae).name
+    return cache_dir() / "stores" / f"{Path(model).name}__{Path(sae).name}"
 
 
-@features_app.command("build")
-def features_build(
-    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
-    model: str = ModelOpt,
-    out: Optional[str] = typer.Option(None, help="Store folder (default: ~/.cache/dlmscope/stores/<sae>)."),
-    n_seqs: int = typer.Option(128, help="Held-out sequences to encode."),
-    context_length: int = typer.Option(128, help="Tokens per sequence."),
-    device: str = DeviceOpt,
-) -> None:
-    """Precompute per-feature statistics, examples and logit effects into a store."""
+def _build_store(sae_name: str, model: Optional[str], out: Optional[str], cfg, device: str):
+    """Load the SAE and its model (the one recorded in the SAE unless given), build the store; its folder."""
     import time
+    from pathlib import Path
 
     from .analysis.features import build_feature_store
     from .data import heldout_rows
     from .models import load_model
     from .sae import load_sae
 
+    sae = load_sae(sae_name, device=device)
+    model = model or sae.cfg.model_name or DEFAULT_MODEL
     lm = load_model(model, device=device)
+    ref = lambda name: str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name  # noqa: E731
     t0 = time.perf_counter()
-    folder = build_feature_store(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length),
-                                 out or _default_store(sae), n_seqs=n_seqs, sae_name=sae)
-    typer.echo(f"feature store written to {folder} in {time.perf_counter() - t0:.1f} s")
+    folder = build_feature_store(lm, sae, heldout_rows(lm.tokenizer, cfg.context_length),
+                                 out or _default_store(lm.name, sae_name), cfg, sae_name=ref(sae_name),
+                                 model_ref=ref(model))
+    typer.echo(f"feature store for {sae_name} on {lm.name} written to {folder} in {time.perf_counter() - t0:.1f} s")
+    return folder
+
+
+@features_app.command("build")
+def features_build(
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
+    out: Optional[str] = typer.Option(None, help="Store folder (default: ~/.cache/dlmscope/stores/<model>__<sae>)."),
+    n_seqs: Optional[int] = typer.Option(None, help="Held-out sequences to encode (default: all)."),
+    context_length: int = typer.Option(128, help="Tokens per sequence."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
+    t_low: float = typer.Option(0.05, help="Lowest mask ratio."),
+    t_high: float = typer.Option(0.5, help="Highest mask ratio."),
+    seed: int = typer.Option(0, help="Seed of the mask draws."),
+    device: str = DeviceOpt,
+) -> None:
+    """Precompute per-feature statistics, examples, histograms and logit effects into a store."""
+    from .analysis.features import FeatureStoreConfig
+
+    cfg = FeatureStoreConfig(n_seqs=n_seqs, context_length=context_length, batch_size=batch_size, t_low=t_low,
+                             t_high=t_high, seed=seed)
+    _build_store(sae, model, out, cfg, device)
 
 
 @app.command()
 def explore(
     sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
-    model: str = ModelOpt,
-    store: Optional[str] = typer.Option(None, help="Feature store (built on first launch if missing)."),
-    splice: Optional[str] = typer.Option(None, help="Splice JSON to show on the summary page."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
+    store: Optional[str] = typer.Option(None, help="Feature store folder (built on first launch if missing)."),
+    splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page (default: <store>/splice.json)."),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
+    address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
+    device: str = DeviceOpt,
 ) -> None:
-    """Launch the Streamlit feature explorer."""
+    """Launch the Streamlit feature explorer (builds the feature store first when it is missing or outdated)."""
     import subprocess
     from pathlib import Path
 
-    folder = Path(store) if store else _default_store(sae)
-    if not (folder / "manifest.json").is_file():
-        features_build(sae=sae, model=model, out=str(folder), n_seqs=128, context_length=128, device="cpu")
+    from .analysis.features import FeatureStore, FeatureStoreConfig
+
+    if store is None:
+        from .sae import load_sae
+
+        store = str(_default_store(model or load_sae(sae).cfg.model_name or DEFAULT_MODEL, sae))
+    try:
+        FeatureStore.open(store)
+    except DLMScopeError:
+        if Path(store).exists() and any(Path(store).iterdir()) and not (Path(store) / "manifest.json").is_file():
+            raise DLMScopeError(f"--store {store!r} is a non-empty folder that is not a feature store") from None
+        _build_store(sae, model, store, FeatureStoreConfig(), device)
     app_file = Path(__file__).with_name("explorer.py")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port),
-           "--server.headless", "true", "--", "--store", str(folder), "--model", model, "--sae", sae]
-    if splice:
-        cmd += ["--splice", splice]
-    raise typer.Exit(subprocess.call(cmd))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port), "--server.address",
+           address, "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--store", store,
+           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else [])
+    sys.exit(subprocess.call(cmd))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,8 +1,11 @@
 """The Streamlit feature explorer (`dlmscope explore`, or `streamlit run apps/explorer.py -- --store DIR`).
 
 Pages read a feature store (`dlmscope features build`); the denoising view and the steering
-playground also load the model and SAE named in the store. Bad input shows `st.error`, never a
-traceback. Query parameters `?page=feature&feature=12` open a page directly.
+playground also load the model and SAE the store was built for (or `--model` / `--sae`). It lives
+in the package so `dlmscope explore` works from any install; `apps/explorer.py` is the same app.
+Query parameters open a page directly: `?page=feature&feature=12`, `?page=denoise&feature=12&run=1`.
+Bad input (a missing or empty store, an SAE that does not match the model or the store, a feature
+out of range) is shown with `st.error`, never as a traceback.
 """
 
 from __future__ import annotations
@@ -14,200 +17,361 @@ import os
 import sys
 from pathlib import Path
 
-PAGES = ("Feature list", "Feature", "Denoising view", "Steering playground", "SAE summary")
+PAGES = {"list": "Feature list", "feature": "Feature", "denoise": "Denoising view", "steer": "Steering playground",
+         "summary": "SAE summary"}
+SPLICE_FILE = "splice.json"
 
 
 def _args() -> argparse.Namespace:
-    """Command-line flags after `--`, or DLMSCOPE_STORE / _MODEL / _SAE / _SPLICE in the environment."""
+    """Flags after `--`, else DLMSCOPE_STORE / _MODEL / _SAE / _SPLICE from the environment."""
     env = os.environ.get
-    p = argparse.ArgumentParser()
-    p.add_argument("--store", default=env("DLMSCOPE_STORE"))
-    p.add_argument("--model", default=env("DLMSCOPE_MODEL"))
-    p.add_argument("--sae", default=env("DLMSCOPE_SAE"))
-    p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON from `dlmscope eval-splice --out`")
+    p = argparse.ArgumentParser(prog="explorer")
+    p.add_argument("--store", default=env("DLMSCOPE_STORE"), help="feature store folder")
+    p.add_argument("--model", default=env("DLMSCOPE_MODEL"), help="model (default: the store's)")
+    p.add_argument("--sae", default=env("DLMSCOPE_SAE"), help="SAE name or folder (default: the store's)")
+    p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON (`dlmscope eval-splice --out`)")
     args, _ = p.parse_known_args(sys.argv[1:])
     return args
 
 
-def _colour_tokens(ex: dict, scale: float) -> str:
-    """Tokens as HTML spans, background by activation, masked positions underlined."""
+def _int_param(value, default: int = 0) -> int:
+    from .errors import DLMScopeError
+
+    try:
+        return int(value if value is not None else default)
+    except ValueError:
+        raise DLMScopeError(f"feature={value!r} in the address is not an integer") from None
+
+
+def colour_tokens(ex: dict, scale: float) -> str:
+    """Tokens as HTML spans: orange by activation, masked positions with a dashed blue underline."""
     spans = []
-    for tok, act, masked in zip(ex["tokens"], ex["acts"], ex["masked"]):
-        alpha = min(1.0, act / scale) if scale > 0 else 0.0
-        style = f"background: rgba(255,120,0,{alpha:.2f}); padding:1px;"
+    for i, (tok, act, masked) in enumerate(zip(ex["tokens"], ex["acts"], ex["masked"])):
+        alpha = min(1.0, max(0.0, act / scale)) if scale > 0 else 0.0
+        style = f"background:rgba(255,120,0,{alpha:.2f});padding:1px 0;"
         if masked:
-            style += " border-bottom: 2px dashed #3366cc;"
-        spans.append(f'<span title="{act:.3f}" style="{style}">{html.escape(tok).replace(" ", "&nbsp;")}</span>')
-    return "<div style='font-family:monospace'>" + "".join(spans) + "</div>"
+            style += "border-bottom:2px dashed #3366cc;"
+        if i == ex.get("center"):
+            style += "outline:1px solid #888;"
+        title = f"{act:.3f}" + (" (masked)" if masked else "")
+        text = html.escape(tok).replace(" ", "&nbsp;").replace("\n", "⏎")
+        spans.append(f'<span class="tok{" masked" if masked else ""}" title="{title}" style="{style}">{text}</span>')
+    return "<span style='font-family:monospace'>" + "".join(spans) + "</span>"
+
+
+def _splice_rows(result: dict) -> list[dict]:
+    from .errors import DLMScopeError
+
+    try:
+        return [{"t bin": k, "clean CE": v["clean"]["ce"][0], "spliced CE": v["sae"]["ce"][0], "ΔCE": v["delta_ce"][0],
+                 "ΔCE low": v["delta_ce"][1], "ΔCE high": v["delta_ce"][2], "recovered (zero abl.)": v["recovered"]["zero"],
+                 "recovered (mean abl.)": v["recovered"]["mean"]} for k, v in result["bins"].items()]
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise DLMScopeError("the splice JSON is not a `dlmscope eval-splice --out` result") from None
 
 
 def main() -> None:
-    import plotly.graph_objects as go
     import streamlit as st
-    import torch
 
-    from dlmscope.analysis.features import FeatureStore
-    from dlmscope.errors import DLMScopeError
+    from .errors import DLMScopeError
 
     st.set_page_config(page_title="dlmscope explorer", layout="wide")
+    try:
+        _run(st)
+    except DLMScopeError as e:
+        st.error(str(e))
+    except Exception as e:  # the page shows a message, never a traceback
+        st.error(f"unexpected error: {type(e).__name__}: {e}")
+
+
+def _run(st) -> None:
+    from .analysis.features import FeatureStore
+    from .errors import DLMScopeError
+
     args = _args()
 
-    @st.cache_resource
-    def open_store(path: str):
+    @st.cache_resource(show_spinner=False)
+    def open_store(path: str, mtime: float):
         return FeatureStore.open(path)
 
-    @st.cache_resource
-    def open_model_and_sae(model: str, sae: str):
-        from dlmscope.analysis.splice import check_sae_matches
-        from dlmscope.models import load_model
-        from dlmscope.sae import load_sae
+    if not args.store:
+        raise DLMScopeError("no feature store given: pass --store DIR (build one with `dlmscope features build`)")
+    manifest = Path(args.store) / "manifest.json"
+    store = open_store(args.store, manifest.stat().st_mtime if manifest.is_file() else 0.0)
+    m = store.manifest
+    q = st.query_params
+    keys = list(PAGES)
+    page_key = q.get("page", "list")
+    if page_key not in PAGES:
+        raise DLMScopeError(f"page={page_key!r} in the address; allowed: {', '.join(PAGES)}")
+    st.sidebar.title("dlmscope explorer")
+    st.sidebar.caption(f"{m['model']} · {m['hook']} · {m['n_latents']} latents, k={m['k']} · "
+                       f"{m['n_tokens']:,} held-out tokens")
+    page = st.sidebar.radio("page", keys, index=keys.index(page_key), format_func=PAGES.get)
+    feature = int(st.sidebar.number_input("feature", value=_int_param(q.get("feature")), step=1))
+    q["page"], q["feature"] = page, str(feature)
+    {"list": _feature_list, "feature": _feature_page, "denoise": _denoising_view, "steer": _steering,
+     "summary": _summary}[page](st, store, feature, args)
+
+
+def _model_and_sae(st, store, args):
+    """The model and SAE, loaded once per session and checked against each other and the store."""
+    from .errors import DLMScopeError
+
+    model, sae = args.model or store.manifest["model_ref"], args.sae or store.manifest["sae"]
+    if not sae:
+        raise DLMScopeError("the store does not name its SAE; pass --sae NAME_OR_FOLDER")
+
+    @st.cache_resource(show_spinner="loading model and SAE")
+    def load(model: str, sae: str):
+        from .analysis.splice import check_sae_matches
+        from .models import load_model
+        from .sae import load_sae
 
         lm, s = load_model(model), load_sae(sae)
         check_sae_matches(lm, s)
         return lm, s
 
-    if not args.store:
-        st.error("no feature store given: pass --store DIR (build one with `dlmscope features build`)")
+    lm, s = load(model, sae)
+    store.check_matches(s, lm.name)
+    return lm, s
+
+
+def _feature_list(st, store, feature, args) -> None:
+    st.header("Features")
+    if store.empty:
+        st.error("the feature store is empty: no latent fired on the encoded text (rebuild it with more text, "
+                 "or check the SAE)")
         return
-    try:
-        store = open_store(args.store)
-    except DLMScopeError as e:
-        st.error(str(e))
-        return
-    m = store.manifest
-    st.sidebar.title("dlmscope")
-    st.sidebar.caption(f"{m['model']} · {m['hook']} · {m['n_latents']} latents, k={m['k']}")
-    q = st.query_params
-    default_page = {"list": 0, "feature": 1, "denoise": 2, "steer": 3, "summary": 4}.get(q.get("page", "list"), 0)
-    page = st.sidebar.radio("page", PAGES, index=default_page)
-    feature = st.sidebar.number_input("feature", min_value=0, value=int(q.get("feature", 0)), step=1)
     stats = store.stats()
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    search = c1.text_input("search top tokens", placeholder="e.g. def")
+    sort = c2.selectbox("sort by", ["density", "max activation", "masked/visible", "feature"])
+    descending = c3.checkbox("descending", value=sort != "feature")
+    show_dead = c4.checkbox("show dead features", value=False)
+    table = _feature_table(st, store)
+    rows = table if show_dead else table[table["density"] > 0]
+    if search:
+        rows = rows[rows["top tokens"].str.contains(search, case=False, regex=False)]
+    rows = rows.sort_values(sort, ascending=not descending, na_position="last")
+    n_dead = int((stats["density"] == 0).sum())
+    st.caption(f"{len(rows)} of {store.n_latents} features shown" + ("" if show_dead else f" ({n_dead} dead hidden)")
+               + ". Click a column header to re-sort; the link opens the feature page.")
+    st.dataframe(rows, hide_index=True, height=560, column_config={
+        "open": st.column_config.LinkColumn("open", display_text="open", width="small"),
+        "density": st.column_config.NumberColumn(format="%.2e"),
+        "masked rate": st.column_config.NumberColumn(format="%.2e"),
+        "visible rate": st.column_config.NumberColumn(format="%.2e"),
+        "max activation": st.column_config.NumberColumn(format="%.3f"),
+        "mean activation": st.column_config.NumberColumn(format="%.3f"),
+        "masked/visible": st.column_config.NumberColumn(format="%.2f"),
+    })
 
-    if page == "Feature list":
-        st.header("Features")
-        show_dead = st.checkbox("show dead features", value=False)
-        search = st.text_input("search top tokens")
-        sort = st.selectbox("sort by", ["density", "max_act", "masked/visible"])
-        ratio = stats["masked_rate"] / stats["visible_rate"].clamp_min(1e-9)
-        key = {"density": stats["density"], "max_act": stats["max_act"], "masked/visible": ratio}[sort]
-        ids = [i for i in key.argsort(descending=True).tolist() if show_dead or stats["density"][i] > 0]
-        rows = []
-        for i in ids:
-            if len(rows) >= 200:
-                break
-            tokens = store.top_tokens(i, 3) if stats["density"][i] > 0 else []
-            if search and not any(search.lower() in t.lower() for t in tokens):
-                continue
-            rows.append({"feature": i, "density": float(stats["density"][i]), "max act": float(stats["max_act"][i]),
-                         "masked/visible": float(ratio[i]), "top tokens": " | ".join(tokens)})
-        st.dataframe(rows, use_container_width=True, hide_index=True)
-        st.caption(f"{len(ids)} features shown (first 200 rows)")
 
-    elif page == "Feature":
+def _feature_table(st, store):
+    """One row per latent, built once per store (the only per-latent Python loop)."""
+
+    @st.cache_resource(show_spinner=False)
+    def build(_store, key: str):
+        import pandas as pd
+        import torch
+
+        s = _store.stats()
+        vocab = _store.manifest["vocab"]
+        tops = [" | ".join(vocab[i] for i in row if i >= 0) for row in _store.t["top_tokens"].tolist()]
+        ratio = s["masked_rate"].double() / s["visible_rate"].double()
+        ratio = torch.where(s["density"] > 0, ratio, torch.nan)
+        return pd.DataFrame({
+            "feature": range(_store.n_latents),
+            "open": [f"?page=feature&feature={i}" for i in range(_store.n_latents)],
+            "density": s["density"].numpy(), "max activation": s["max_act"].numpy(),
+            "mean activation": s["mean_act"].numpy(), "masked rate": s["masked_rate"].numpy(),
+            "visible rate": s["visible_rate"].numpy(), "masked/visible": ratio.numpy(), "top tokens": tops})
+
+    return build(store, f"{id(store)}")
+
+
+def _feature_page(st, store, feature, args) -> None:
+    import plotly.graph_objects as go
+
+    f = store.check_feature(feature)
+    stats = store.stats()
+    m = store.manifest
+    st.header(f"Feature {f}")
+    density = float(stats["density"][f])
+    tops = store.top_tokens(f)
+    if tops:
+        st.caption("top tokens: " + " | ".join(tops))
+    cols = st.columns(5)
+    cols[0].metric("density", f"{density:.2e}")
+    cols[1].metric("max activation", f"{float(stats['max_act'][f]):.3f}")
+    cols[2].metric("mean activation", f"{float(stats['mean_act'][f]):.3f}")
+    cols[3].metric("fires on masked", f"{float(stats['masked_rate'][f]):.2e}" if m["diffusion"] else "n/a")
+    cols[4].metric("fires on visible", f"{float(stats['visible_rate'][f]):.2e}")
+    if int(stats["count"][f]) == 0:
+        st.info(f"Feature {f} never fired on the {m['n_tokens']:,} held-out tokens (dead).")
+        _logit_table(st, store, f)
+        return
+    scale = float(stats["max_act"][f])
+    st.subheader("Top activating examples")
+    st.caption("Orange: activation (hover for the value); dashed blue underline: masked position (the original token "
+               "is shown); boxed: the example's centre.")
+    st.markdown("<br>".join(f"<small>{ex['value']:.3f}</small>&nbsp; " + colour_tokens(ex, scale)
+                            for ex in store.top_examples(f, 10)), unsafe_allow_html=True)
+    left, mid, right = st.columns([2, 1, 2])
+    centres, counts = store.histogram(f)
+    fig = go.Figure(go.Bar(x=centres, y=counts, marker_color="#ff7800"))
+    fig.update_layout(title=f"Activation histogram (density {density:.2e})", xaxis_title="activation",
+                      yaxis_title="count", height=320, margin=dict(t=50, b=40, l=40, r=10), bargap=0.05)
+    left.plotly_chart(fig)
+    fig = go.Figure(go.Bar(x=["masked", "visible"], y=[float(stats["masked_rate"][f]), float(stats["visible_rate"][f])],
+                           marker_color=["#3366cc", "#999999"]))
+    fig.update_layout(title="Firing rate: masked vs visible", height=320, margin=dict(t=50, b=40, l=40, r=10))
+    mid.plotly_chart(fig)
+    with right:
+        _logit_table(st, store, f)
+    st.subheader("Quantile groups")
+    for g in store.quantile_groups(f):
+        with st.expander(f"activations {g['low']:.3f} – {g['high']:.3f} ({g['count']} tokens)"):
+            st.markdown("<br>".join(colour_tokens(ex, scale) for ex in g["examples"]), unsafe_allow_html=True)
+
+
+def _logit_table(st, store, f: int) -> None:
+    logits = store.logits(f)
+    st.subheader("Logit effect")
+    st.caption(store.manifest["logit_lens"])
+    st.dataframe([{"top token": repr(a), "top": round(b, 3), "bottom token": repr(c), "bottom": round(d, 3)}
+                  for (a, b), (c, d) in zip(logits["top"], logits["bottom"])], hide_index=True)
+
+
+def _denoising_view(st, store, feature, args) -> None:
+    import plotly.graph_objects as go
+    import torch
+
+    from .errors import DLMScopeError
+
+    st.header("Denoising view")
+    f = store.check_feature(feature)
+    if not store.manifest["diffusion"]:
+        raise DLMScopeError(f"the store's model {store.manifest['model']!r} is autoregressive; the denoising view "
+                            "needs a masked diffusion model")
+    c1, c2, c3, c4 = st.columns([4, 1, 1, 1])
+    prompt = c1.text_input("prompt", "The list type")
+    gen_length = c2.selectbox("tokens", [16, 32, 64], index=1)
+    steps = c3.selectbox("steps", [8, 16, 32, 64], index=2)
+    block = c4.selectbox("block length", [8, 16, 32, 64], index=2)
+    run = st.button("run sampler", type="primary")
+    key = (prompt, gen_length, steps, block)
+    if run or (st.query_params.get("run") == "1" and st.session_state.get("denoise_key") != key):
+        from .diffusion.sampler import generate
+        from .hooks import capture
+
+        lm, sae = _model_and_sae(st, store, args)
+        hook = store.manifest["hook"]
+        with st.spinner("sampling"), capture(lm, [hook], to_cpu=True) as cache:
+            out = generate(lm, [prompt], gen_length=gen_length, steps=steps, block_length=block, return_history=True)
+        P = out.prompt_length
+        acts = torch.stack([a[0, P:] for a in cache.acts[hook]]).float()  # (steps, gen, d)
+        with torch.no_grad():
+            latents = sae.encode(acts.to(sae.device)).cpu()  # (steps, gen, n_latents)
+        vocab = store.manifest["vocab"]
+        strings = lambda ids: ["▢" if t == lm.mask_id else vocab[t] for t in ids.tolist()]  # noqa: E731
+        st.session_state["denoise"] = {
+            "latents": latents, "rows": [strings(rec.x[0, P:]) for rec in out.history],
+            "final": strings(out.sequences[0, P:]), "text": out.texts[0], "prompt": prompt}
+        st.session_state["denoise_key"] = key
+    run_ = st.session_state.get("denoise")
+    if run_ is None:
+        st.info("Type a prompt and press **run sampler**: every step's activations of the chosen feature are shown "
+                "per generated position.")
+        return
+    heat = run_["latents"][:, :, f]
+    n_steps, n_pos = heat.shape
+    left, right = st.columns([3, 2])
+    fig = go.Figure(go.Heatmap(z=heat.tolist(), x=list(range(n_pos)), y=list(range(n_steps)), colorscale="Oranges",
+                               text=run_["rows"], texttemplate="%{text}", textfont={"size": 9},
+                               hovertemplate="step %{y}, position %{x}: %{text}<br>activation %{z:.3f}<extra></extra>",
+                               colorbar={"title": "act"}))
+    fig.update_layout(title=f"Feature {f} across denoising steps (rows: steps, columns: generated positions)",
+                      xaxis_title="generated position", yaxis_title="step", yaxis_autorange="reversed",
+                      height=max(360, 18 * n_steps + 120), margin=dict(t=50, b=40, l=50, r=10))
+    left.plotly_chart(fig)
+    right.subheader("Text as it unmasks")
+    lines = [f"step {s:2d}: " + "".join(row) for s, row in enumerate(run_["rows"])] + ["final  : " + "".join(run_["final"])]
+    right.code("\n".join(lines), language=None)
+    st.success(run_["prompt"] + run_["text"])
+
+
+def _steering(st, store, feature, args) -> None:
+    st.header("Steering playground")
+    f = store.check_feature(feature)
+    tops = store.top_tokens(f)
+    st.caption(f"Feature {f}" + (" · top tokens: " + " | ".join(tops) if tops else " · dead on the held-out text"))
+    c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
+    prompt = c1.text_input("prompt", "The list type")
+    strength = c2.slider("strength", -10.0, 10.0, 4.0, step=0.5)
+    schedule = c3.selectbox("steps", ["all", "first:0.1", "first:0.25", "first:0.5"])
+    positions = c4.selectbox("positions", ["all", "masked", "generated", "top:4"])
+    c5, c6, c7 = st.columns(3)
+    mode = c5.selectbox("mode", ["sae", "direction"], help="sae: A[f] += strength * max(A), keep the error; "
+                                                          "direction: h += strength * W_dec[f]")
+    gen_length = c6.selectbox("tokens", [16, 32, 64], index=1)
+    seed = int(c7.number_input("seed", value=0, step=1))
+    if st.button("generate", type="primary") or st.query_params.get("run") == "1":
+        from .analysis.steering import SteeringSpec, steered_generate
+
+        lm, sae = _model_and_sae(st, store, args)
+        spec = SteeringSpec(f, strength, mode=mode, steps=schedule, positions=positions)
+        with st.spinner("generating"):
+            base = steered_generate(lm, sae, None, [prompt], gen_length, gen_length, seed=seed)
+            steered = steered_generate(lm, sae, spec, [prompt], gen_length, gen_length, seed=seed)
+        a, b = st.columns(2)
+        a.subheader("unsteered")
+        a.code(prompt + base[0], language=None, wrap_lines=True)
+        b.subheader(f"steered (feature {f}, strength {strength:g}, steps {schedule}, positions {positions})")
+        b.code(prompt + steered[0], language=None, wrap_lines=True)
+
+
+def _summary(st, store, feature, args) -> None:
+    import plotly.graph_objects as go
+    import torch
+
+    from .errors import DLMScopeError
+
+    m = store.manifest
+    st.header("SAE summary")
+    st.caption(f"{m['sae'] or 'SAE'} on {m['model']} at {m['hook']}: {m['n_latents']} latents, {m['architecture']} "
+               f"k={m['k']}; measured on {m['n_tokens']:,} held-out tokens "
+               + (f"({m['n_masked']:,} masked, t ~ U[{m['config']['t_low']}, {m['config']['t_high']}])"
+                  if m["diffusion"] else "(uncorrupted)"))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    cols = st.columns(5)
+    cols[0].metric("L0", f"{m['l0']:.1f}")
+    cols[1].metric("FVU", fmt(m["fvu"]))
+    cols[2].metric("FVU masked", fmt(m["fvu_masked"]))
+    cols[3].metric("FVU visible", fmt(m["fvu_visible"]))
+    cols[4].metric("dead fraction", f"{m['dead_fraction']:.3f}")
+    dens = store.stats()["density"]
+    live = dens[dens > 0]
+    fig = go.Figure(go.Histogram(x=torch.log10(live).tolist(), nbinsx=40, marker_color="#ff7800"))
+    fig.update_layout(title=f"log10 feature density ({int((dens == 0).sum())} dead latents not shown)",
+                      xaxis_title="log10 density", yaxis_title="latents", height=320)
+    st.plotly_chart(fig)
+    path = Path(args.splice) if args.splice else Path(args.store) / SPLICE_FILE
+    st.subheader("Splice ΔCE")
+    if path.is_file():
         try:
-            store.check_feature(int(feature))
-        except DLMScopeError as e:
-            st.error(str(e))
-            return
-        f = int(feature)
-        st.header(f"Feature {f}")
-        pos, val = store.activations(f)
-        c1, c2, c3, c4 = st.columns(4)
-        c1.metric("density", f"{float(stats['density'][f]):.2e}")
-        c2.metric("max activation", f"{float(stats['max_act'][f]):.3f}")
-        c3.metric("fires on masked", f"{float(stats['masked_rate'][f]):.2e}")
-        c4.metric("fires on visible", f"{float(stats['visible_rate'][f]):.2e}")
-        if val.numel() == 0:
-            st.info("This feature never fired on the held-out text (dead).")
-            return
-        scale = float(val.max())
-        st.subheader("Top activating examples (masked positions underlined)")
-        for ex in store.top_examples(f, 10):
-            st.markdown(_colour_tokens(ex, scale) + f"<small>max {ex['value']:.3f}</small>", unsafe_allow_html=True)
-        left, right = st.columns(2)
-        fig = go.Figure(go.Histogram(x=val.tolist(), nbinsx=40))
-        fig.update_layout(title=f"activation histogram (density {float(stats['density'][f]):.2e})", height=300)
-        left.plotly_chart(fig, use_container_width=True)
-        logits = store.logits(f)
-        right.subheader("Logit effect")
-        right.dataframe([{"top token": a, "top": round(b, 3), "bottom token": c, "bottom": round(d, 3)}
-                         for (a, b), (c, d) in zip(logits["top"], logits["bottom"])], hide_index=True)
-        st.subheader("Quantile groups")
-        for g in store.quantile_groups(f):
-            with st.expander(f"activations {g['low']:.3f} - {g['high']:.3f}"):
-                for ex in g["examples"]:
-                    st.markdown(_colour_tokens(ex, scale), unsafe_allow_html=True)
-
-    elif page == "Denoising view":
-        st.header("Denoising view")
-        prompt = st.text_input("prompt", "The list type")
-        steps = st.slider("steps", 4, 32, 16, step=4)
-        if st.button("run sampler") or q.get("run") == "1":
-            try:
-                lm, sae = open_model_and_sae(args.model or m["model"], args.sae or m["sae"])
-                store.check_feature(int(feature))
-            except DLMScopeError as e:
-                st.error(str(e))
-                return
-            from dlmscope.diffusion.sampler import generate
-            from dlmscope.hooks import capture
-
-            with capture(lm, [m["hook"]], to_cpu=True) as cache:
-                out = generate(lm, [prompt], gen_length=steps, steps=steps, block_length=steps, return_history=True)
-            P = out.prompt_length
-            heat = torch.stack([sae.encode(a[0, P:].float())[:, int(feature)] for a in cache.acts[m["hook"]]])
-            fig = go.Figure(go.Heatmap(z=heat.tolist(), colorscale="Oranges"))
-            fig.update_layout(title=f"feature {int(feature)}: steps x generated positions", xaxis_title="position",
-                              yaxis_title="step", height=420)
-            st.plotly_chart(fig, use_container_width=True)
-            st.subheader("Text as it unmasks")
-            for rec in out.history:
-                ids = rec.x[0, P:].tolist()
-                text = " ".join("▢" if t == lm.mask_id else lm.to_text([t], skip_special=False) for t in ids)
-                st.text(f"step {rec.step:2d}: {text}")
-            st.success(prompt + out.texts[0])
-
-    elif page == "Steering playground":
-        st.header("Steering playground")
-        prompt = st.text_input("prompt", "The list type")
-        strength = st.slider("strength", 0.0, 10.0, 2.0)
-        schedule = st.selectbox("steps", ["all", "first:0.1", "first:0.25", "first:0.5"])
-        positions = st.selectbox("positions", ["all", "masked", "generated"])
-        if st.button("generate") or q.get("run") == "1":
-            try:
-                lm, sae = open_model_and_sae(args.model or m["model"], args.sae or m["sae"])
-                from dlmscope.analysis.steering import SteeringSpec, steered_generate
-
-                spec = SteeringSpec(int(feature), strength, steps=schedule, positions=positions)
-                base = steered_generate(lm, sae, None, [prompt], 32, 32)
-                steered = steered_generate(lm, sae, spec, [prompt], 32, 32)
-            except DLMScopeError as e:
-                st.error(str(e))
-                return
-            a, b = st.columns(2)
-            a.subheader("unsteered")
-            a.write(prompt + base[0])
-            b.subheader(f"steered (feature {int(feature)}, strength {strength})")
-            b.write(prompt + steered[0])
-
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DLMScopeError(f"cannot read splice JSON {str(path)!r}: {e}") from None
+        st.caption(f"from {path}: ΔCE = spliced - clean masked-token CE; recovered = (ablated - spliced) / "
+                   "(ablated - clean)")
+        st.dataframe(_splice_rows(result), hide_index=True)
+    elif args.splice:
+        raise DLMScopeError(f"splice JSON {args.splice!r} does not exist")
     else:
-        st.header("SAE summary")
-        c1, c2, c3 = st.columns(3)
-        c1.metric("L0", f"{m['l0']:.1f}")
-        c2.metric("dead fraction", f"{m['dead_fraction']:.3f}")
-        c3.metric("tokens", f"{m['n_seqs'] * m['context_length']:,}")
-        dens = torch.log10(stats["density"].clamp_min(1e-7))
-        fig = go.Figure(go.Histogram(x=dens.tolist(), nbinsx=40))
-        fig.update_layout(title="log10 feature density", height=320)
-        st.plotly_chart(fig, use_container_width=True)
-        if args.splice and Path(args.splice).is_file():
-            result = json.loads(Path(args.splice).read_text())
-            st.subheader("Splice ΔCE")
-            st.dataframe([{"t bin": k, "clean CE": v["clean"]["ce"][0], "spliced CE": v["sae"]["ce"][0],
-                           "ΔCE": v["delta_ce"][0], "recovered": v["recovered"]} for k, v in result["bins"].items()],
-                         hide_index=True)
-        else:
-            st.caption("No splice result given (pass --splice FILE from `dlmscope eval-splice --out`).")
+        st.caption(f"No splice result found: pass --splice FILE (from `dlmscope eval-splice --out FILE`) or put it "
+                   f"at {path}.")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
 """Per-feature statistics and examples for the explorer, precomputed into a compact store.
 
-The store is a folder: `manifest.json` (model, SAE, hook, counts, vocabulary strings, summary) and
-`store.safetensors` (the evaluated tokens and masks, every non-zero latent activation sorted by
-feature with offsets, per-feature statistics, top/bottom logit token ids). The app only slices
-these arrays, so every page opens fast even for thousands of latents.
+The store is a folder: `manifest.json` (model, SAE, hook, counts, vocabulary strings, SAE summary)
+and `store.safetensors` (the evaluated tokens and mask flags; every non-zero latent activation,
+grouped by feature and sorted by value within a feature, with offsets; per-feature statistics,
+activation histograms, top tokens and top/bottom logit tokens). Pages only slice these arrays, so
+they open in milliseconds even for thousands of latents. The folder is written next to its final
+place and renamed in, so a reader never sees half a store.
 
-Activations come from held-out text corrupted like DLM-Scope's training data (t ~ U[0.05, 0.5],
-first token kept), so masked and visible firing rates can be compared. Logit effects are
-W_dec[f] scaled by the final RMSNorm weight, times the unembedding (the norm's per-token scale is
-ignored, as usual for direct logit attribution).
+Activations come from held-out text corrupted like DLM-Scope's training data: t ~ U[0.05, 0.5] per
+sequence, each position masked with probability t, the first (BOS) token kept; the masked positions
+are recorded so masked and visible firing rates can be compared. Causal models are encoded
+uncorrupted. Latents are the SAE's own `encode` (all latents, then its top-k or threshold).
+
+Logit effects (direct logit attribution): W_dec[f] / input_scale, times the final RMSNorm weight,
+times W_U (the unembedding). The norm's weight is included because it multiplies every residual
+direction elementwise before W_U; the norm's per-token 1/rms scale is not (it depends on the token
+and only rescales all logits together), as usual for direct logit attribution.
+
+FVU is the textbook sum |x - x_hat|^2 / sum |x - mean x|^2 over all encoded tokens (and separately
+over masked and visible positions).
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,84 +39,199 @@ from ..hooks import run_with_cache
 from ..models.base import LoadedModel
 from .splice import check_sae_matches
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+MANIFEST, ARRAYS = "manifest.json", "store.safetensors"
+
+
+@dataclass
+class FeatureStoreConfig:
+    """What `dlmscope features build` encodes and keeps."""
+
+    n_seqs: int | None = None
+    """Held-out sequences to encode (None: all of them)."""
+    context_length: int = 128
+    """Tokens per held-out sequence."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    t_low: float = 0.05
+    """Lowest mask ratio (DLM-Scope: 0.05)."""
+    t_high: float = 0.5
+    """Highest mask ratio (DLM-Scope: 0.5)."""
+    seed: int = 0
+    """Seed of the mask draws."""
+    n_logits: int = 10
+    """Top and bottom logit tokens kept per feature."""
+    n_bins: int = 40
+    """Activation histogram bins per feature (over [0, max activation])."""
+    n_top_tokens: int = 5
+    """Distinct tokens kept per feature from its top activations (the feature list searches them)."""
+
+
+class _FVU:
+    """Streaming textbook FVU over a subset of tokens."""
+
+    def __init__(self):
+        self.sse, self.sum_sq, self.n, self.sum = 0.0, 0.0, 0, None
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        x, x_hat = x.double(), x_hat.double()
+        self.sse += float((x - x_hat).pow(2).sum())
+        self.sum_sq += float(x.pow(2).sum())
+        self.sum = x.sum(0) if self.sum is None else self.sum + x.sum(0)
+        self.n += x.shape[0]
+
+    def value(self) -> float | None:
+        if self.n == 0:
+            return None
+        total = self.sum_sq - float(self.sum.pow(2).sum()) / self.n
+        return self.sse / max(total, 1e-30)
+
+
+def _final_norm_weight(lm: LoadedModel) -> torch.Tensor | None:
+    """The final RMSNorm's weight of HF-style decoders (`model.norm`), or None when there is none."""
+    norm = getattr(getattr(lm.module, "model", None), "norm", None)
+    weight = getattr(norm, "weight", None)
+    return weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else None
+
+
+def _vocab_strings(lm: LoadedModel) -> list[str]:
+    tok = lm.tokenizer
+    if tok is None:
+        return [str(i) for i in range(lm.vocab_size)]
+    out = []
+    for i in range(lm.vocab_size):
+        s = tok.decode([i])  # partial UTF-8 bytes decode to U+FFFD: show the raw token instead
+        out.append(s if s and "\ufffd" not in s else str(tok.convert_ids_to_tokens(i)))
+    return out
+
+
+def _write_folder(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
+    """Write into a sibling temp folder, then swap it in (the old store is removed afterwards)."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    old = None
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ARRAYS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / "store")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old / "store", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 @torch.no_grad()
-def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Path, *, n_seqs: int = 128,
-                        batch_size: int = 16, t_range: tuple[float, float] = (0.05, 0.5), seed: int = 0,
-                        n_logits: int = 10, sae_name: str = "") -> Path:
-    """Encode held-out text through `sae` and write the explorer's store atomically."""
-    from safetensors.torch import save_file
+def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Path,
+                        cfg: FeatureStoreConfig = FeatureStoreConfig(), sae_name: str = "", model_ref: str = "") -> Path:
+    """Encode held-out `rows` (S, L) through `sae` at its hook and write the explorer's store to `out`.
 
+    `sae_name` and `model_ref` (name or folder; default the model's name) are how the app reloads them.
+    """
+    t_start = time.perf_counter()
     hook = check_sae_matches(lm, sae)
-    rows = rows[:n_seqs]
-    if rows.shape[0] == 0:
-        raise DLMScopeError("no held-out rows to build the feature store from")
-    gen = torch.Generator().manual_seed(seed)
+    if not 0 <= cfg.t_low <= cfg.t_high <= 1:
+        raise DLMScopeError(f"mask ratio range [{cfg.t_low}, {cfg.t_high}] must satisfy 0 <= low <= high <= 1")
+    if cfg.batch_size < 1 or cfg.n_bins < 1 or cfg.n_logits < 1 or cfg.n_top_tokens < 1:
+        raise DLMScopeError("batch_size, n_bins, n_logits and n_top_tokens must be at least 1")
+    rows = rows[: cfg.n_seqs] if cfg.n_seqs is not None else rows
+    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise DLMScopeError(f"no held-out tokens to build the feature store from (rows of shape {tuple(rows.shape)})")
+    if int(rows.max()) >= lm.vocab_size:
+        raise DLMScopeError(f"token id {int(rows.max())} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
+    gen = torch.Generator().manual_seed(cfg.seed)
     S, L = rows.shape
-    xt_all, masked_all = rows.clone(), torch.zeros_like(rows, dtype=torch.bool)
+    masked_all = torch.zeros(S, L, dtype=torch.bool)
     feats, flat_pos, vals = [], [], []
-    for start in range(0, S, batch_size):
-        x0 = rows[start:start + batch_size]
+    fvus = {"all": _FVU(), "masked": _FVU(), "visible": _FVU()}
+    for start in range(0, S, cfg.batch_size):
+        x0 = rows[start:start + cfg.batch_size]
+        xt = x0
         if lm.is_diffusion:
-            lo, hi = t_range
-            t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
-            c = corrupt(x0, lm.mask_id, t, eps=0.0, keep_first=True, generator=gen)
-            xt_all[start:start + batch_size], masked_all[start:start + batch_size] = c.xt, c.mask
-        acts = run_with_cache(lm, xt_all[start:start + batch_size].to(lm.device), [hook])[hook].float()
-        values, indices = sae.encode_topk(acts.flatten(0, 1))
-        keep = values > 0
-        base = start * L
-        pos = (torch.arange(values.shape[0], device=values.device)[:, None] + base).expand_as(indices)
-        feats.append(indices[keep].cpu())
-        flat_pos.append(pos[keep].cpu())
-        vals.append(values[keep].cpu())
+            t = cfg.t_low + (cfg.t_high - cfg.t_low) * torch.rand(x0.shape[0], generator=gen)
+            c = corrupt(x0, lm.require_mask_id(), t, eps=0.0, keep_first=True, generator=gen)
+            xt, masked_all[start:start + x0.shape[0]] = c.xt, c.mask
+        acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].flatten(0, 1).to(sae.device, torch.float32)
+        dense = sae.encode(acts)
+        recon = sae.decode(dense)
+        m = masked_all[start:start + x0.shape[0]].flatten().to(acts.device)
+        fvus["all"].add(acts, recon)
+        fvus["masked"].add(acts[m], recon[m])
+        fvus["visible"].add(acts[~m], recon[~m])
+        tok, f = (dense > 0).nonzero(as_tuple=True)
+        feats.append(f.cpu())
+        flat_pos.append((tok + start * L).cpu())
+        vals.append(dense[tok, f].cpu())
     feat, pos, val = torch.cat(feats), torch.cat(flat_pos), torch.cat(vals)
-    order = torch.argsort(feat * (S * L) + pos)  # grouped by feature, then position
+    # group by feature, largest activation first within a feature (two stable sorts)
+    order = torch.sort(val, descending=True, stable=True).indices
+    order = order[torch.sort(feat[order], stable=True).indices]
     feat, pos, val = feat[order], pos[order], val[order]
+
     n = sae.cfg.n_latents
     counts = torch.bincount(feat, minlength=n)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     masked_flat = masked_all.flatten()
     n_masked, n_visible = int(masked_flat.sum()), int((~masked_flat).sum())
     fired_masked = torch.bincount(feat[masked_flat[pos]], minlength=n)
+    max_act = torch.zeros(n).scatter_reduce(0, feat, val, "amax", include_self=True)
     stats = {
-        "density": counts.float() / (S * L),
-        "max_act": torch.zeros(n).scatter_reduce(0, feat, val, "amax", include_self=True),
-        "mean_act": torch.zeros(n).index_add_(0, feat, val) / counts.clamp_min(1),
-        "masked_rate": fired_masked.float() / max(1, n_masked),
-        "visible_rate": (counts - fired_masked).float() / max(1, n_visible),
+        "count": counts,
+        "density": counts.double() / (S * L),
+        "max_act": max_act,
+        "mean_act": torch.zeros(n, dtype=torch.float64).index_add_(0, feat, val.double()) / counts.clamp_min(1),
+        "masked_rate": fired_masked.double() / max(1, n_masked),
+        "visible_rate": (counts - fired_masked).double() / max(1, n_visible),
     }
-    W_U = lm.module.get_output_embeddings().weight.detach().float().cpu()
-    norm = getattr(getattr(lm.module, "model", None), "norm", None)
-    direction = sae.W_dec.detach().float().cpu() * (norm.weight.detach().float().cpu() if norm is not None else 1.0)
-    logit_effect = direction @ W_U.t()
-    top_logits = logit_effect.topk(n_logits, dim=1)
-    bottom_logits = (-logit_effect).topk(n_logits, dim=1)
-    vocab = [lm.tokenizer.decode([i]) for i in range(lm.vocab_size)] if lm.tokenizer is not None else \
-        [str(i) for i in range(lm.vocab_size)]
-    tensors = {"tokens": rows, "masked": masked_all.to(torch.uint8), "feature_offsets": offsets, "positions": pos,
-               "values": val, "top_logit_ids": top_logits.indices, "top_logit_values": top_logits.values,
-               "bottom_logit_ids": bottom_logits.indices, "bottom_logit_values": -bottom_logits.values,
-               **{f"stat.{k}": v for k, v in stats.items()}}
-    manifest = {"version": STORE_VERSION, "model": lm.name, "sae": sae_name, "hook": hook, "n_latents": n,
-                "k": sae.cfg.k, "n_seqs": S, "context_length": L, "n_masked": n_masked, "n_visible": n_visible,
-                "t_range": list(t_range), "vocab": vocab, "mask_id": lm.mask_id,
-                "dead_fraction": float((counts == 0).float().mean()), "l0": float(counts.sum() / (S * L))}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "store.safetensors"))
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    bins = (val / max_act[feat].clamp_min(1e-30) * cfg.n_bins).long().clamp_(0, cfg.n_bins - 1)
+    hist = torch.bincount(feat * cfg.n_bins + bins, minlength=n * cfg.n_bins).view(n, cfg.n_bins)
+
+    top_tokens = torch.full((n, cfg.n_top_tokens), -1, dtype=torch.long)
+    flat_tokens = rows.flatten()
+    for f in torch.nonzero(counts).flatten().tolist():
+        lo = int(offsets[f])
+        seen = list(dict.fromkeys(flat_tokens[pos[lo:min(int(offsets[f + 1]), lo + 64)]].tolist()))[:cfg.n_top_tokens]
+        top_tokens[f, :len(seen)] = torch.tensor(seen)
+
+    direction = sae.W_dec.detach().float().cpu() / sae.input_scale.float().cpu()
+    norm_w = _final_norm_weight(lm)
+    if norm_w is not None:
+        direction = direction * norm_w
+    logit_effect = direction @ lm.module.get_output_embeddings().weight.detach().float().cpu().t()
+    n_logits = min(cfg.n_logits, lm.vocab_size)
+    top = logit_effect.topk(n_logits, dim=1)
+    bottom = logit_effect.topk(n_logits, dim=1, largest=False)
+
+    tensors = {"tokens": rows.to(torch.int32), "masked": masked_all.to(torch.uint8),
+               "feature_offsets": offsets, "positions": pos.to(torch.int64), "values": val.float(),
+               "hist": hist.to(torch.int32), "top_tokens": top_tokens.to(torch.int32),
+               "top_logit_ids": top.indices.to(torch.int32), "top_logit_values": top.values,
+               "bottom_logit_ids": bottom.indices.to(torch.int32), "bottom_logit_values": bottom.values,
+               **{f"stat.{k}": v.float() if v.is_floating_point() else v for k, v in stats.items()}}
+    manifest = {
+        "version": STORE_VERSION, "model": lm.name, "model_ref": model_ref or lm.name, "sae": sae_name, "hook": hook,
+        "diffusion": lm.is_diffusion,
+        "n_latents": n, "k": sae.cfg.k, "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
+        "sae_model": sae.cfg.model_name, "n_seqs": S, "context_length": L, "n_tokens": S * L,
+        "n_masked": n_masked, "n_visible": n_visible, "config": asdict(cfg), "mask_id": lm.mask_id,
+        "vocab": _vocab_strings(lm), "logit_lens": "W_dec/input_scale * final_norm.weight @ W_U" if norm_w is not None
+        else "W_dec/input_scale @ W_U (no final norm found)",
+        "l0": float(counts.sum()) / (S * L), "dead_fraction": float((counts == 0).double().mean()),
+        "fvu": fvus["all"].value(), "fvu_masked": fvus["masked"].value(), "fvu_visible": fvus["visible"].value(),
+        "build_seconds": time.perf_counter() - t_start,
+    }
+    return _write_folder(Path(out), tensors, manifest)
 
 
 @dataclass
@@ -120,65 +246,98 @@ class FeatureStore:
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not (folder / "manifest.json").is_file() or not (folder / "store.safetensors").is_file():
+        if not (folder / MANIFEST).is_file() or not (folder / ARRAYS).is_file():
             raise DLMScopeError(f"{str(folder)!r} is not a feature store (build one with `dlmscope features build`)")
         try:
-            return cls(json.loads((folder / "manifest.json").read_text()), load_file(str(folder / "store.safetensors")))
-        except Exception as e:
-            raise DLMScopeError(f"feature store {str(folder)!r} is corrupt: {e}") from None
+            manifest = json.loads((folder / MANIFEST).read_text())
+            arrays = load_file(str(folder / ARRAYS))
+        except Exception as e:  # any parse failure means the same thing to the user
+            raise DLMScopeError(f"feature store {str(folder)!r} is unreadable: {e}") from None
+        if manifest.get("version") != STORE_VERSION:
+            raise DLMScopeError(f"feature store {str(folder)!r} has version {manifest.get('version')}; this dlmscope "
+                                f"reads version {STORE_VERSION} (rebuild it with `dlmscope features build`)")
+        return cls(manifest, arrays)
 
     @property
     def n_latents(self) -> int:
         return int(self.manifest["n_latents"])
 
-    def check_feature(self, f: int) -> None:
+    @property
+    def empty(self) -> bool:
+        """True when no latent fired on the encoded text (nothing to browse)."""
+        return self.t["values"].numel() == 0
+
+    def check_feature(self, f: int) -> int:
         if not 0 <= f < self.n_latents:
             raise DLMScopeError(f"feature {f} out of range: this store has latents 0..{self.n_latents - 1}")
+        return f
+
+    def check_matches(self, sae, model_name: str | None = None) -> None:
+        """The store was built for this SAE (hook, size) and model."""
+        m = self.manifest
+        if sae.cfg.hook_name != m["hook"] or sae.cfg.n_latents != m["n_latents"] or sae.cfg.d_in != m["d_in"]:
+            raise DLMScopeError(f"the store was built for an SAE at {m['hook']} with {m['n_latents']} latents, not "
+                                f"{sae.cfg.hook_name} with {sae.cfg.n_latents} (rebuild it for this SAE)")
+        if model_name is not None and model_name != m["model"]:
+            raise DLMScopeError(f"the store was built on model {m['model']!r}, not {model_name!r}")
 
     def stats(self) -> dict[str, torch.Tensor]:
         return {k.split(".", 1)[1]: v for k, v in self.t.items() if k.startswith("stat.")}
 
+    def tokens_of(self, ids) -> list[str]:
+        vocab = self.manifest["vocab"]
+        return [vocab[int(i)] for i in ids if int(i) >= 0]
+
     def activations(self, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat positions, values) where feature f fired."""
+        """(flat positions, values) where feature f fired, largest value first."""
         self.check_feature(f)
         lo, hi = int(self.t["feature_offsets"][f]), int(self.t["feature_offsets"][f + 1])
         return self.t["positions"][lo:hi], self.t["values"][lo:hi]
 
-    def example(self, flat_pos: int, f: int, context: int = 5) -> dict:
-        """Tokens around one position (+-context) with the feature's activations and mask flags."""
+    def _dense(self, f: int) -> torch.Tensor:
+        pos, val = self.activations(f)
+        return torch.zeros(self.t["tokens"].numel()).index_put_((pos,), val)
+
+    def _example(self, dense: torch.Tensor, flat_pos: int, context: int) -> dict:
         L = int(self.manifest["context_length"])
         s, p = divmod(int(flat_pos), L)
         lo, hi = max(0, p - context), min(L, p + context + 1)
-        pos, val = self.activations(f)
-        in_row = (pos >= s * L + lo) & (pos < s * L + hi)
-        acts = torch.zeros(hi - lo)
-        acts[(pos[in_row] - s * L - lo).long()] = val[in_row]
-        vocab = self.manifest["vocab"]
-        return {"tokens": [vocab[i] for i in self.t["tokens"][s, lo:hi].tolist()], "acts": acts.tolist(),
-                "masked": self.t["masked"][s, lo:hi].bool().tolist(), "center": p - lo}
+        return {"tokens": self.tokens_of(self.t["tokens"][s, lo:hi]), "acts": dense[s * L + lo:s * L + hi].tolist(),
+                "masked": self.t["masked"][s, lo:hi].bool().tolist(), "center": p - lo,
+                "value": float(dense[flat_pos]), "seq": s, "pos": p}
 
-    def top_examples(self, f: int, n: int = 10) -> list[dict]:
-        pos, val = self.activations(f)
-        order = val.argsort(descending=True)[:n]
-        return [{**self.example(int(pos[i]), f), "value": float(val[i])} for i in order]
+    def top_examples(self, f: int, n: int = 10, context: int = 5) -> list[dict]:
+        """The n largest activations, each with +-context tokens, their activations and mask flags."""
+        pos, _ = self.activations(f)
+        dense = self._dense(f)
+        return [self._example(dense, int(p), context) for p in pos[:n]]
 
-    def quantile_groups(self, f: int, groups: int = 10, per_group: int = 3) -> list[dict]:
-        """Examples from 10 equal-count slices of the feature's non-zero activations, lowest first."""
+    def quantile_groups(self, f: int, groups: int = 10, per_group: int = 3, context: int = 5) -> list[dict]:
+        """Equal-count slices of the feature's non-zero activations, highest first, with evenly spaced examples."""
         pos, val = self.activations(f)
         if val.numel() == 0:
             return []
-        order = val.argsort()
+        dense = self._dense(f)
         out = []
-        for chunk in order.tensor_split(min(groups, val.numel())):
-            out.append({"low": float(val[chunk].min()), "high": float(val[chunk].max()),
-                        "examples": [self.example(int(pos[i]), f) for i in chunk[-per_group:]]})
+        for chunk in torch.arange(val.numel()).tensor_split(min(groups, val.numel())):
+            picks = chunk[torch.linspace(0, len(chunk) - 1, min(per_group, len(chunk))).round().long()].unique()
+            out.append({"low": float(val[chunk[-1]]), "high": float(val[chunk[0]]), "count": len(chunk),
+                        "examples": [self._example(dense, int(pos[i]), context) for i in picks]})
         return out
 
-    def logits(self, f: int) -> dict:
+    def histogram(self, f: int) -> tuple[list[float], list[int]]:
+        """(bin centres, counts) of the feature's non-zero activations."""
         self.check_feature(f)
-        vocab = self.manifest["vocab"]
-        return {side: [(vocab[int(i)], float(v)) for i, v in zip(self.t[f"{side}_logit_ids"][f], self.t[f"{side}_logit_values"][f])]
+        counts = self.t["hist"][f]
+        width = float(self.t["stat.max_act"][f]) / counts.numel()
+        return [(i + 0.5) * width for i in range(counts.numel())], counts.tolist()
+
+    def logits(self, f: int) -> dict[str, list[tuple[str, float]]]:
+        """Top and bottom tokens of the feature's direct logit effect."""
+        self.check_feature(f)
+        return {side: list(zip(self.tokens_of(self.t[f"{side}_logit_ids"][f]), self.t[f"{side}_logit_values"][f].tolist()))
                 for side in ("top", "bottom")}
 
-    def top_tokens(self, f: int, n: int = 5) -> list[str]:
-        return [e["tokens"][e["center"]] for e in self.top_examples(f, n)]
+    def top_tokens(self, f: int) -> list[str]:
+        self.check_feature(f)
+        return self.tokens_of(self.t["top_tokens"][f])
