@@ -2,7 +2,9 @@
 
 Per position, the SAE's top-k latent set is tracked across denoising steps. Pre-mask stability
 is the mean Jaccard similarity of consecutive steps' sets while the position is still masked;
-post-decode drift is 1 - Jaccard(set when decoded, set at each later step).
+post-decode drift is 1 - Jaccard(set when decoded, set at each later step). Held-out likelihood
+per order: the held-out answer is revealed in the order the strategy picks (teacher forced), and
+the log-probabilities of the true tokens at the revealed positions are summed.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..diffusion.sampler import LowConfidence, REMASKING, StepInput, generate
+from ..diffusion.loss import token_ce
+from ..diffusion.sampler import REMASKING, LowConfidence, Remasking, StepInput, generate, get_remasking, transfer_schedule
 from ..errors import DLMScopeError
 from ..hooks import capture, hooked
-from ..models.base import LoadedModel
+from ..models.base import ForwardState, LoadedModel
 from .splice import check_sae_matches
 
 STANDARD_ORDERS = ("origin", "low_confidence", "topk_margin", "entropy")
@@ -35,32 +38,47 @@ def order_metrics(sets: torch.Tensor, masks: torch.Tensor, n_latents: int) -> di
     sim = torch.stack([jaccard(sets[s], sets[s + 1], n_latents) for s in range(S - 1)])  # (S-1, B, L)
     both_masked = masks[:-1] & masks[1:]
     pre = float(sim[both_masked].mean()) if both_masked.any() else float("nan")
+    pre_pos = ((sim * both_masked).sum((0, 1)) / both_masked.sum((0, 1)).clamp_min(1)).tolist()
     # the step whose forward last saw the position masked, i.e. the step that decoded it
     decoded_at = torch.where(masks.any(0), masks.sum(0) - 1, torch.full_like(masks[0], -1, dtype=torch.long))
-    drifts = []
+    drift = torch.full(decoded_at.shape, float("nan"))
     for b, l in zip(*torch.nonzero(decoded_at >= 0, as_tuple=True)):
         d = int(decoded_at[b, l])
         if d < S - 1:
             ref = sets[d, b, l]
             later = sets[d + 1:, b, l]
-            drifts.append(1 - jaccard(ref.expand_as(later), later, n_latents).mean())
+            drift[b, l] = 1 - jaccard(ref.expand_as(later), later, n_latents).mean()
+    seen = ~drift.isnan()
     unique_per_step = [int(torch.unique(sets[s]).numel()) for s in range(S)]
-    return {"pre_mask_stability": pre, "post_decode_drift": float(torch.stack(drifts).mean()) if drifts else float("nan"),
-            "unique_features_per_step": unique_per_step}
+    return {"pre_mask_stability": pre, "post_decode_drift": float(drift[seen].mean()) if seen.any() else float("nan"),
+            "unique_features_per_step": unique_per_step, "pre_mask_stability_per_position": pre_pos,
+            "post_decode_drift_per_position": [float(v) if v == v else float("nan")
+                                               for v in drift.nan_to_num(0).sum(0) / seen.sum(0).clamp_min(1)],
+            "decoded_at_step_mean": decoded_at.float().mean(0).tolist()}
 
 
 @torch.no_grad()
-def feature_dynamics(lm: LoadedModel, sae, prompts: Sequence[str], remasking: str, gen_length: int = 32,
+def feature_dynamics(lm: LoadedModel, saes, prompts: Sequence[str], remasking, gen_length: int = 32,
                      steps: int = 32, seed: int = 0) -> dict:
-    """Run the sampler once and measure how the SAE's features of generated positions evolve."""
-    hook = check_sae_matches(lm, sae)
-    with capture(lm, [hook], to_cpu=True) as cache:
+    """Run the sampler once and measure how each SAE's features of generated positions evolve.
+
+    `saes` is one SAE or a list of SAEs on different hooks (layers); results are keyed by hook.
+    """
+    saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
+    if not prompts:
+        raise DLMScopeError("the prompt list is empty; give at least one prompt")
+    hooks = [check_sae_matches(lm, sae) for sae in saes]
+    with capture(lm, hooks, to_cpu=True) as cache:
         out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
                        remasking=remasking, return_history=True, seed=seed)
     P = out.prompt_length
-    sets = torch.stack([sae.encode_topk(a[:, P:].float())[1].cpu() for a in cache.acts[hook]])
     masks = torch.stack([h.mask[:, P:].cpu() for h in out.history])
-    return {"remasking": remasking, **order_metrics(sets, masks, sae.cfg.n_latents), "texts": out.texts}
+    layers = {}
+    for hook, sae in zip(hooks, saes):
+        sets = torch.stack([sae.encode_topk(a[:, P:].to(lm.device).float())[1].cpu() for a in cache.acts[hook]])
+        layers[hook] = order_metrics(sets, masks, sae.cfg.n_latents)
+    name = remasking if isinstance(remasking, str) else remasking.name
+    return {"remasking": name, "layers": layers, "texts": out.texts}
 
 
 class FeatureStability(LowConfidence):
@@ -130,3 +148,41 @@ def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps:
         rewards += [task.reward(e, t) for e, t in zip(chunk, texts)]
         correct += [task.is_correct(e, t) for e, t in zip(chunk, texts)]
     return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n}
+
+
+@torch.no_grad()
+def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int, remasking: str | Remasking,
+                         steps: int, seed: int = 0) -> torch.Tensor:
+    """(B,) NLL per answer token of held-out rows when the answer (after `prompt_length`) is revealed
+    in the strategy's order, `steps` steps with the sampler's linear schedule (teacher forced).
+
+    Each step's revealed tokens are scored jointly from the same forward (the sampler's parallel
+    factorisation), so fewer steps cost likelihood; the order is what the strategy picks from the
+    model's own predictions.
+    """
+    mask_id = lm.require_mask_id()
+    rows = rows.to(lm.device)
+    B, L = rows.shape
+    n = L - prompt_length
+    if not 1 <= steps <= n:
+        raise DLMScopeError(f"steps={steps} out of range: need 1 <= steps <= answer length ({n})")
+    strategy = get_remasking(remasking)
+    gen = torch.Generator().manual_seed(seed)
+    x = rows.clone()
+    x[:, prompt_length:] = mask_id
+    sched = transfer_schedule(torch.full((B,), n, device=lm.device), steps)
+    nll = torch.zeros(B, device=lm.device)
+    strategy.begin(lm, x)
+    try:
+        for i in range(steps):
+            mask = x == mask_id
+            lm.state = ForwardState(i, steps, 0, mask, float(mask[:, prompt_length:].float().mean()))
+            logits = lm.denoise_logits(x)
+            x0 = torch.where(mask, logits.argmax(-1), x)
+            _, transfer = strategy.select(StepInput(lm, x, logits, x0, mask, i, steps, i, steps, gen), sched[:, i])
+            nll += (token_ce(logits, rows) * transfer).sum(1)
+            x = torch.where(transfer, rows, x)
+    finally:
+        strategy.end()
+        lm.state = ForwardState()
+    return nll.cpu() / n

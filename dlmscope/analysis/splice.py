@@ -4,7 +4,8 @@ Masks are drawn once per sequence and t bin and reused for every condition (clea
 zero-ablated, mean-ablated), so differences are paired. For DLMs the loss is the masked-token CE
 (mean over masked positions) and the 1/t-weighted ELBO term (sum of masked CE / t over the
 sequence length); for causal models, next-token CE. ΔCE = spliced - clean (negative: splicing
-helps); recovered = (zero-ablated - spliced) / (zero-ablated - clean).
+helps); recovered = (ablated - spliced) / (ablated - clean) for the zero and the mean ablation. The
+mean ablation uses the hook's mean activation on the same bin's corrupted inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ..diffusion.loss import next_token_ce, token_ce
 from ..diffusion.noise import corrupt
 from ..errors import DLMScopeError
-from ..hooks import hooked
+from ..hooks import hooked, run_with_cache
 from ..models.base import LoadedModel
 
 T_BINS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -58,11 +59,32 @@ def check_sae_matches(lm: LoadedModel, sae, other_model_ok: bool = False) -> str
     return hook
 
 
+def draw_masks(lm: LoadedModel, x0: torch.Tensor, t: float | None, seed: int, bin_index: int, start: int):
+    """(x0, xt, Corrupted | None) for one batch of one bin; deterministic in (seed, bin, batch start).
+
+    t None draws DLM-Scope's t ~ U[0.05, 0.5] per sequence; causal models are not corrupted.
+    """
+    if lm.causal:
+        return x0, x0, None
+    gen = torch.Generator().manual_seed(seed * 100_003 + bin_index * 1009 + start)
+    tt = torch.full((x0.shape[0],), t) if t is not None else 0.05 + 0.45 * torch.rand(x0.shape[0], generator=gen)
+    c = corrupt(x0, lm.require_mask_id(), tt, eps=0.0, keep_first=True, generator=gen)
+    return x0, c.xt, c
+
+
+def _positions(c, which: str) -> torch.Tensor | None:
+    """Where to splice: None (everywhere) or a (B, L) bool mask from the batch's masks."""
+    return None if c is None or which == "all" else (c.mask if which == "masked" else ~c.mask)
+
+
 def _interval(values: torch.Tensor) -> tuple[float, float, float]:
-    """Mean and a 95% normal-approximation interval over sequences."""
+    """Mean and a 95% Student-t interval over sequences."""
+    from scipy.stats import t as student_t
+
     v = values.double()
     mean = float(v.mean())
-    half = 1.96 * float(v.std()) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+    n = len(v)
+    half = float(student_t.ppf(0.975, n - 1)) * float(v.std()) / math.sqrt(n) if n > 1 else 0.0
     return mean, mean - half, mean + half
 
 
@@ -90,24 +112,18 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
     rows = rows[: cfg.n_seqs]
     if rows.shape[0] == 0:
         raise DLMScopeError("no sequences to evaluate")
-    from ..hooks import run_with_cache
-
-    mean_act = run_with_cache(lm, rows[: cfg.batch_size].to(lm.device), [hook])[hook].float().mean((0, 1))
     bins: list[tuple[str, float | None]] = [("clean", None)] if lm.causal else \
         [(f"{t:.1f}", t) for t in cfg.t_bins] + [("dlmscope", None)]
     results = {}
     for b_idx, (label, t) in enumerate(bins):
         per = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
-        for start in range(0, rows.shape[0], cfg.batch_size):
-            x0 = rows[start:start + cfg.batch_size].to(lm.device)
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + b_idx * 1009 + start)
-            if lm.causal:
-                xt, pos = x0, None
-            else:
-                tt = torch.full((x0.shape[0],), t) if t is not None else 0.05 + 0.45 * torch.rand(x0.shape[0], generator=gen)
-                c = corrupt(x0, lm.mask_id, tt, eps=0.0, keep_first=True, generator=gen)
-                xt = c.xt
-                pos = {"all": None, "masked": c.mask, "visible": ~c.mask}[cfg.positions]
+        batches = [draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed, b_idx, s)
+                   for s in range(0, rows.shape[0], cfg.batch_size)]
+        first = run_with_cache(lm, batches[0][1], [hook])[hook].float()
+        sel = _positions(batches[0][2], cfg.positions)
+        mean_act = (first if sel is None else first[sel]).reshape(-1, first.shape[-1]).mean(0)
+        for x0, xt, c in batches:
+            pos = _positions(c, cfg.positions)
             for cond in CONDITIONS:
                 if cond == "clean":
                     logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
@@ -127,8 +143,11 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
         entry = {c: {m: _interval(cat[c][m]) for m in ("ce", "elbo")} for c in CONDITIONS}
         entry["delta_ce"] = _interval(cat["sae"]["ce"] - cat["clean"]["ce"])
         entry["delta_elbo"] = _interval(cat["sae"]["elbo"] - cat["clean"]["elbo"])
-        clean, spliced, zero = (float(cat[c]["ce"].mean()) for c in ("clean", "sae", "zero"))
-        entry["recovered"] = (zero - spliced) / (zero - clean) if abs(zero - clean) > 1e-12 else float("nan")
+        clean, spliced = float(cat["clean"]["ce"].mean()), float(cat["sae"]["ce"].mean())
+        entry["recovered"] = {}
+        for abl in ("zero", "mean"):
+            a = float(cat[abl]["ce"].mean())
+            entry["recovered"][abl] = (a - spliced) / (a - clean) if abs(a - clean) > 1e-12 else float("nan")
         results[label] = entry
     return {"model": lm.name, "hook": hook, "k": sae.cfg.k, "n_latents": sae.cfg.n_latents,
             "diffusion": lm.is_diffusion, "config": asdict(cfg), "bins": results}
@@ -137,11 +156,11 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
 def splice_table(result: dict) -> str:
     """Markdown table of one splice result."""
     lines = [f"{result['model']} {result['hook']} k={result['k']}", "",
-             "| t bin | clean CE | spliced CE | ΔCE [95% CI] | ΔELBO | zero-abl CE | recovered |",
-             "|---|---|---|---|---|---|---|"]
+             "| t bin | clean CE | spliced CE | ΔCE [95% CI] | ΔELBO | zero-abl CE | mean-abl CE | recovered (zero / mean) |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, e in result["bins"].items():
         d = e["delta_ce"]
         lines.append(f"| {label} | {e['clean']['ce'][0]:.3f} | {e['sae']['ce'][0]:.3f} | {d[0]:+.3f} "
                      f"[{d[1]:+.3f}, {d[2]:+.3f}] | {e['delta_elbo'][0]:+.3f} | {e['zero']['ce'][0]:.3f} | "
-                     f"{e['recovered']:.3f} |")
+                     f"{e['mean']['ce'][0]:.3f} | {e['recovered']['zero']:.3f} / {e['recovered']['mean']:.3f} |")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 SAE mode (DLM-Scope): A = encode(h); A[f] += strength * max(A) (or + strength when `scale` is
 "fixed"); h' = decode(A) + (h - decode(encode(h))), so the reconstruction error is kept and
 strength 0 is exactly the identity. Decoding is affine in A, so this equals
-h + bump * W_dec[f] / scale, which is how it is computed (one top-k encode, no dense decode). Direction mode adds strength * W_dec[f] to h.
+h + bump * W_dec[f] / input_scale, which is how it is computed (one top-k encode, no dense
+decode). Direction mode adds strength * W_dec[f] to h.
 Schedules pick denoising steps (all, the first fraction, a list) and positions (all, still
 masked, generated, or the top-n positions by the feature's activation).
 """
@@ -41,18 +42,8 @@ class SteeringSpec:
     """all, masked, generated, or top:N."""
 
 
-def _step_ok(spec: SteeringSpec, step: int | None, n_steps: int | None) -> bool:
-    if spec.steps == "all":
-        return True
-    if step is None:
-        return False
-    if isinstance(spec.steps, str):
-        frac = float(spec.steps.split(":", 1)[1])
-        return step < max(1, math.ceil(frac * (n_steps or 1)))
-    return step in set(spec.steps)
-
-
-def validate(spec: SteeringSpec, sae) -> None:
+def validate(spec: SteeringSpec, sae, lm: LoadedModel | None = None) -> None:
+    """One-line errors for a spec that cannot be applied."""
     if not 0 <= spec.feature < sae.cfg.n_latents:
         raise DLMScopeError(f"feature {spec.feature} out of range: the SAE has latents 0..{sae.cfg.n_latents - 1}")
     if not math.isfinite(spec.strength):
@@ -60,84 +51,118 @@ def validate(spec: SteeringSpec, sae) -> None:
     if spec.mode not in ("sae", "direction") or spec.scale not in ("max", "fixed"):
         raise DLMScopeError(f"mode={spec.mode!r} / scale={spec.scale!r}; allowed: sae|direction and max|fixed")
     pos = spec.positions
-    if not (pos in STEER_POSITIONS or (pos.startswith("top:") and pos[4:].isdigit())):
-        raise DLMScopeError(f"positions={pos!r}; allowed: {', '.join(STEER_POSITIONS)}, top:N")
-    if isinstance(spec.steps, str) and spec.steps != "all":
-        try:
-            frac = float(spec.steps.split(":", 1)[1]) if spec.steps.startswith("first:") else -1
-        except ValueError:
-            frac = -1
-        if not 0 < frac <= 1:
+    if not (pos in STEER_POSITIONS or (pos.startswith("top:") and pos[4:].isdigit() and int(pos[4:]) > 0)):
+        raise DLMScopeError(f"positions={pos!r}; allowed: {', '.join(STEER_POSITIONS)}, top:N (N >= 1)")
+    if pos == "masked" and lm is not None and not lm.is_diffusion:
+        raise DLMScopeError(f"positions='masked' needs a diffusion model; {lm.name} has no masked positions")
+    if isinstance(spec.steps, str):
+        frac = _first_fraction(spec.steps)
+        if spec.steps != "all" and not (frac is not None and 0 < frac <= 1):
             raise DLMScopeError(f"steps={spec.steps!r}; allowed: all, first:FRACTION in (0, 1], or a list of steps")
+    elif any(not isinstance(v, int) or v < 0 for v in spec.steps):
+        raise DLMScopeError(f"steps={list(spec.steps)!r}; a step list holds integers >= 0")
+
+
+def _first_fraction(steps: str) -> float | None:
+    try:
+        return float(steps.split(":", 1)[1]) if steps.startswith("first:") else None
+    except ValueError:
+        return None
+
+
+def step_filter(spec: SteeringSpec, lm: LoadedModel):
+    """The `steps` argument for `hooks.hooked`: None (all), a step list, or a predicate on the step."""
+    if spec.steps == "all":
+        return None
+    if isinstance(spec.steps, str):
+        frac = _first_fraction(spec.steps)
+        return lambda step: step < max(1, math.ceil(frac * (lm.state.n_steps or 1)))
+    return list(spec.steps)
 
 
 @contextmanager
 def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
-    """Apply `spec` to every forward inside the block (the sampler's or an AR loop's)."""
+    """Apply `spec` to every forward inside the block (the sampler's or an AR loop's).
+
+    Steps and still-masked positions are restricted by `hooks.hooked`; `generated` and `top:N`
+    positions are chosen per forward here.
+    """
     hook = check_sae_matches(lm, sae)
-    validate(spec, sae)
+    validate(spec, sae, lm)
     f = spec.feature
+    direction = sae.W_dec[f].detach().float() / sae.input_scale
 
     def fn(act: torch.Tensor, ctx) -> torch.Tensor | None:
-        if spec.strength == 0 or not _step_ok(spec, ctx.state.step, ctx.state.n_steps):
+        if spec.strength == 0:
             return None
         h = act.float()
-        if spec.mode == "direction":
-            new = h + spec.strength * sae.W_dec[f].to(h) / sae.input_scale
+        d = direction.to(h.device)
+        if spec.mode == "direction" or spec.scale == "fixed":
+            new = h + spec.strength * d
         else:
-            bump = spec.strength * (sae.encode_topk(h)[0].max(-1).values if spec.scale == "max"
-                                    else torch.ones_like(h[..., 0]))
-            new = h + bump[..., None] * sae.W_dec[f].to(h) / sae.input_scale
+            new = h + (spec.strength * sae.encode_topk(h)[0].max(-1).values)[..., None] * d
         B, L = h.shape[:2]
-        if spec.positions == "masked" and ctx.state.mask is not None:
-            where = ctx.state.mask.to(h.device)
-        elif spec.positions == "generated":
-            where = torch.arange(L, device=h.device)[None].expand(B, L) >= prompt_length
+        if spec.positions == "generated":
+            where = (torch.arange(L, device=h.device) >= prompt_length)[None].expand(B, L)
         elif spec.positions.startswith("top:"):
-            n = min(int(spec.positions[4:]), L)
             score = sae.encode(h)[..., f]
             where = torch.zeros(B, L, dtype=torch.bool, device=h.device)
-            where.scatter_(1, score.topk(n, dim=1).indices, True)
+            where.scatter_(1, score.topk(min(int(spec.positions[4:]), L), dim=1).indices, True)
         else:
             return new.to(act.dtype)
         return torch.where(where[..., None], new, h).to(act.dtype)
 
-    with hooked(lm, {hook: fn}):
+    with hooked(lm, {hook: fn}, steps=step_filter(spec, lm),
+                positions="masked" if spec.positions == "masked" else None):
         yield
 
 
 @torch.no_grad()
-def ar_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy decoding for autoregressive models; each token is one 'step' for steering schedules."""
+def ar_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                seed: int | None = None) -> list[str]:
+    """Greedy (temperature 0) or sampled decoding for causal models; token i is denoising 'step' i.
+
+    Full re-forward per token (no KV cache): steering hooks then see every position, as in the sampler.
+    """
+    from ..diffusion.sampler import gumbel_argmax
     from ..models.base import ForwardState
 
     if not prompts:
         raise DLMScopeError("the prompt list is empty; give at least one prompt")
+    if not lm.causal:
+        raise DLMScopeError(f"{lm.name} is a diffusion model; use dlmscope.generate")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
     texts = []
-    for ids in lm.to_tokens(list(prompts)):
-        x = torch.tensor([ids], device=lm.device)
-        for step in range(max_new_tokens):
-            lm.state = ForwardState(step=step, n_steps=max_new_tokens)
-            x = torch.cat([x, lm.forward(x)[:, -1:].argmax(-1)], 1)
+    eos = lm.tokenizer.eos_token_id
+    try:
+        for ids in lm.to_tokens(list(prompts)):
+            x = torch.tensor([ids], device=lm.device)
+            for step in range(max_new_tokens):
+                lm.state = ForwardState(step=step, n_steps=max_new_tokens)
+                nxt = gumbel_argmax(lm.forward(x)[:, -1:], temperature, gen)
+                x = torch.cat([x, nxt], 1)
+                if int(nxt) == eos:
+                    break
+            new = x[0, len(ids):].tolist()
+            texts.append(lm.to_text(new[: new.index(eos)] if eos in new else new))
+    finally:
         lm.state = ForwardState()
-        new = x[0, len(ids):].tolist()
-        eos = lm.tokenizer.eos_token_id
-        texts.append(lm.to_text(new[: new.index(eos)] if eos in new else new))
     return texts
 
 
 def steered_generate(lm: LoadedModel, sae, spec: SteeringSpec | None, prompts: Sequence[str], gen_length: int = 32,
                      steps: int = 32, seed: int = 0, temperature: float = 0.0) -> list[str]:
-    """Generate with (or, spec None, without) steering; the sampler for DLMs, greedy decoding for AR."""
+    """Continuations with (or, spec None, without) steering: the sampler for DLMs, `ar_generate` for AR."""
     from contextlib import nullcontext
 
     from ..diffusion.sampler import generate
 
-    prompt_len = max(len(p) for p in lm.to_tokens(list(prompts))) if prompts else 0
-    ctx = steer(lm, sae, spec, prompt_len) if spec is not None else nullcontext()
-    with ctx:
+    if not prompts:
+        raise DLMScopeError("the prompt list is empty; give at least one prompt")
+    prompt_len = max(len(p) for p in lm.to_tokens(list(prompts)))
+    with steer(lm, sae, spec, prompt_len) if spec is not None else nullcontext():
         if lm.causal:
-            return ar_generate(lm, prompts, gen_length)
+            return ar_generate(lm, prompts, gen_length, temperature, seed)
         return generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
                         temperature=temperature, seed=seed).texts
 
@@ -157,27 +182,62 @@ def feature_token_profile(lm: LoadedModel, sae, feature: int, rows: torch.Tensor
 
 
 @torch.no_grad()
-def steering_metrics(lm: LoadedModel, sae, feature: int, texts: Sequence[str], concept: Sequence[int],
-                     ar_judge: LoadedModel | None = None) -> dict:
-    """Feature activation when re-encoded, concept-token rate, and AR-twin perplexity of the texts."""
-    hook = check_sae_matches(lm, sae)
-    acts, hits, n_tok, nll, nll_tok = [], 0, 0, 0.0, 0
-    concept_set = set(concept)
-    for text in texts:
-        ids = lm.to_tokens(text)[0]
-        if len(ids) < 2:
-            continue
-        x = torch.tensor([ids], device=lm.device)
-        h = run_with_cache(lm, x, [hook])[hook].float()
-        acts.append(float(sae.encode(h)[0, 1:, feature].mean()))
-        hits += sum(t in concept_set for t in ids[1:])
-        n_tok += len(ids) - 1
-        if ar_judge is not None:
-            from ..diffusion.loss import next_token_ce
+def steering_metrics(lm: LoadedModel, sae, feature: int, prompts: Sequence[str], continuations: Sequence[str],
+                     concept: Sequence[int], ar_judge: LoadedModel | None = None, dlm_judge: LoadedModel | None = None,
+                     n_draws: int = 8) -> dict:
+    """Judge-free success and fluency of continuations (each after its prompt).
 
-            y = torch.tensor([ar_judge.to_tokens(text)[0]], device=ar_judge.device)
-            ce = next_token_ce(ar_judge.forward(y), y)
-            nll += float(ce.sum())
-            nll_tok += ce.numel()
+    feature_activation: the feature's mean activation over continuation tokens when prompt +
+    continuation is re-encoded by `lm` (clean pass); concept_rate: share of continuation tokens
+    among the feature's top tokens; perplexity: exp(NLL per token) of the continuation under the AR
+    judge; dlm_nll: the DLM judge's ELBO bound on NLL per continuation token.
+    """
+    from ..diffusion.loss import log_likelihood
+
+    hook = check_sae_matches(lm, sae)
+    concept_set = set(concept)
+    acts, hits, n_tok, ar_nll, ar_n, dlm_nll, dlm_n = [], 0, 0, 0.0, 0, 0.0, 0
+    gen = torch.Generator().manual_seed(0)
+    for prompt, cont in zip(prompts, continuations):
+        p_ids, c_ids = lm.to_tokens(prompt)[0], lm.to_tokens(cont, add_bos=False)[0]
+        if not c_ids:
+            continue
+        x = torch.tensor([p_ids + c_ids], device=lm.device)
+        h = run_with_cache(lm, x, [hook])[hook].float()
+        acts.append(float(sae.encode(h)[0, len(p_ids):, feature].mean()))
+        hits += sum(t in concept_set for t in c_ids)
+        n_tok += len(c_ids)
+        for judge, acc in ((ar_judge, "ar"), (dlm_judge, "dlm")):
+            if judge is None:
+                continue
+            jp, jc = judge.to_tokens(prompt)[0], judge.to_tokens(cont, add_bos=False)[0]
+            nll = -log_likelihood(judge, torch.tensor(jp), torch.tensor(jc), n_draws=n_draws, generator=gen)
+            if acc == "ar":
+                ar_nll, ar_n = ar_nll + nll, ar_n + len(jc)
+            else:
+                dlm_nll, dlm_n = dlm_nll + nll, dlm_n + len(jc)
     return {"feature_activation": sum(acts) / max(1, len(acts)), "concept_rate": hits / max(1, n_tok),
-            "perplexity": math.exp(nll / nll_tok) if nll_tok else float("nan"), "n_texts": len(texts)}
+            "perplexity": math.exp(ar_nll / ar_n) if ar_n else float("nan"),
+            "dlm_nll": dlm_nll / dlm_n if dlm_n else float("nan"), "n_texts": len(acts)}
+
+
+def compare(lm: LoadedModel, sae, spec: SteeringSpec, prompts: Sequence[str], seeds: Sequence[int] = (0,),
+            concept: Sequence[int] | None = None, ar_judge: LoadedModel | None = None,
+            dlm_judge: LoadedModel | None = None, gen_length: int = 32, steps: int = 32,
+            temperature: float = 0.0) -> dict:
+    """Steered vs unsteered side by side over prompts x seeds: metrics of both and the paired samples."""
+    validate(spec, sae, lm)
+    if not prompts:
+        raise DLMScopeError("the prompt list is empty; give at least one prompt")
+    if concept is None:
+        from ..data import heldout_rows
+
+        concept = feature_token_profile(lm, sae, spec.feature, heldout_rows(lm.tokenizer, 64, 32))
+    out: dict = {"feature": spec.feature, "strength": spec.strength, "steps": spec.steps, "positions": spec.positions}
+    all_prompts = [p for _ in seeds for p in prompts]
+    for label, s in (("unsteered", None), ("steered", spec)):
+        conts = [c for seed in seeds for c in steered_generate(lm, sae, s, prompts, gen_length, steps, seed, temperature)]
+        out[label] = steering_metrics(lm, sae, spec.feature, all_prompts, conts, concept, ar_judge, dlm_judge)
+        out[f"{label}_texts"] = conts
+    out["prompts"] = all_prompts
+    return out

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from dlmscope import DLMScopeError, generate
+from dlmscope.analysis.steering import SteeringSpec, ar_generate, steer, steered_generate, steering_metrics
+from dlmscope.hooks import hooked, run_with_cache
+from dlmscope.models import load_model
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def test_strength_zero_is_identity_at_temperature_zero(llada, tiny_sae):
+    prompts = [[5, 6, 7], [8, 9]]
+    base = generate(llada, prompts, gen_length=8, steps=8, block_length=8).sequences
+    for spec in (SteeringSpec(3, 0.0), SteeringSpec(3, 0.0, mode="direction", positions="masked")):
+        with steer(llada, tiny_sae, spec):
+            assert torch.equal(generate(llada, prompts, gen_length=8, steps=8, block_length=8).sequences, base)
+    with steer(llada, tiny_sae, SteeringSpec(3, 50.0)):
+        assert not torch.equal(generate(llada, prompts, gen_length=8, steps=8, block_length=8).sequences, base)
+
+
+def _steered_deltas(lm, sae, spec, prompts, **kw):
+    """Per forward: (step, (B, L) bool of positions the steering hook changed)."""
+    before, touched = [], []
+    # an earlier hook on the same site sees the activation before steering; a later one after
+    with hooked(lm, {HOOK: lambda a, c: before.append(a.clone())}):
+        with steer(lm, sae, spec, prompt_length=kw.pop("prompt_length", 0)):
+            with hooked(lm, {HOOK: lambda a, c: touched.append((c.state.step, c.state.mask,
+                                                                 (a != before[-1]).any(-1)))}):
+                out = generate(lm, prompts, **kw)
+    return out, touched
+
+
+def test_schedules_touch_only_chosen_steps_and_positions(llada, tiny_sae):
+    kw = dict(gen_length=8, steps=8, block_length=8)
+    _, t = _steered_deltas(llada, tiny_sae, SteeringSpec(3, 20.0, "direction", steps="first:0.25", positions="masked"), [[5, 6, 7]], **kw)
+    assert [s for s, _, ch in t if ch.any()] == [0, 1]
+    assert all(torch.equal(ch, m) for s, m, ch in t if s < 2)  # exactly the still-masked positions
+    _, t = _steered_deltas(llada, tiny_sae, SteeringSpec(3, 20.0, "direction", steps=[2, 5], positions="generated"), [[5, 6, 7]],
+                           prompt_length=3, **kw)
+    assert [s for s, _, ch in t if ch.any()] == [2, 5]
+    assert all(not ch[:, :3].any() and ch[:, 3:].all() for s, _, ch in t if s in (2, 5))
+    _, t = _steered_deltas(llada, tiny_sae, SteeringSpec(3, 20.0, "direction", positions="top:2"), [[5, 6, 7]], **kw)
+    assert all(int(ch.sum()) == 2 for _, _, ch in t)
+
+
+def test_steering_outside_the_sampler_and_ar_loop(llada, tiny_dirs, tiny_sae):
+    ids = torch.randint(4, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    base = run_with_cache(llada, ids, [HOOK], stop_early=False)[HOOK]
+    with steer(llada, tiny_sae, SteeringSpec(3, strength=5.0, positions="generated"), prompt_length=6):
+        new = run_with_cache(llada, ids, [HOOK], stop_early=False)[HOOK]
+    assert torch.equal(new[:, :6], base[:, :6]) and not torch.equal(new[:, 6:], base[:, 6:])
+    ar = load_model(tiny_dirs["causal"])
+    meta = dict(tiny_sae.cfg.metadata)
+    try:
+        tiny_sae.cfg.metadata["model_name"] = None
+        plain = ar_generate(ar, ["The list"], 6)
+        assert steered_generate(ar, tiny_sae, SteeringSpec(3, 0.0), ["The list"], 6) == plain
+        assert ar_generate(ar, ["The list"], 6, temperature=1.0, seed=1) == ar_generate(ar, ["The list"], 6, 1.0, 1)
+        with pytest.raises(DLMScopeError, match="masked"):
+            steered_generate(ar, tiny_sae, SteeringSpec(3, 1.0, positions="masked"), ["The list"], 6)
+        m = steering_metrics(llada, tiny_sae, 3,
+                             ["The list"], [plain[0] or "x"], [5, 6], ar_judge=ar, dlm_judge=llada)
+        assert m["n_texts"] == 1 and m["perplexity"] > 1 and m["dlm_nll"] > 0
+    finally:
+        tiny_sae.cfg.metadata.update(meta)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    (SteeringSpec(10_000), "feature 10000 out of range"), (SteeringSpec(-1), "out of range"),
+    (SteeringSpec(0, float("inf")), "strength inf is not finite"), (SteeringSpec(0, float("nan")), "not finite"),
+    (SteeringSpec(0, positions="odd"), "positions"), (SteeringSpec(0, steps="first:2"), "steps"),
+    (SteeringSpec(0, steps=[-1]), "steps"), (SteeringSpec(0, mode="x"), "mode")])
+def test_bad_specs_one_line(llada, tiny_sae, spec, msg):
+    with pytest.raises(DLMScopeError, match=msg) as e:
+        with steer(llada, tiny_sae, spec):
+            pass
+    assert "\n" not in str(e.value)
+
+
+def test_empty_prompts_and_foreign_sae(llada, tiny_sae):
+    from dlmscope.sae import load_sae
+
+    with pytest.raises(DLMScopeError, match="prompt list is empty"):
+        steered_generate(llada, tiny_sae, SteeringSpec(3), [])
+    with pytest.raises(DLMScopeError, match="does not match|trained on model|out of range"):
+        steered_generate(llada, load_sae("tiny-dlm-L3-k32"), SteeringSpec(3), ["a"])
