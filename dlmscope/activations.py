@@ -149,16 +149,44 @@ class ShuffleBuffer:
         self.epoch, self.index, self.acts, self.info = state["epoch"], state["index"], state["acts"], state["info"]
 
 
+TRAJECTORY_POSITIONS = ("all", "masked", "unmasked")
+
+
 @torch.no_grad()
-def trajectory_activations(lm: LoadedModel, prompts, hooks: Sequence[str], *, steps_to_keep: Sequence[int] | None = None,
-                           positions: str = "all", **generate_kwargs) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    """Activations from a real sampler run: {hook: [(step, (N, d) rows at `positions`), ...]}."""
+def trajectory_activations(lm: LoadedModel, prompts, hooks: Sequence[str], *, at_steps=None, positions: str = "all",
+                           **generate_kwargs) -> list[ActivationBatch]:
+    """Activations from a real sampler run, one ActivationBatch per captured denoising step.
+
+    `at_steps`: None (every step), step indices or a predicate, as in `dlmscope.hooks.capture`. Rows are
+    kept at `positions` (all, masked or unmasked at that step). Per row, `token` is the input id at that
+    step (the mask id where still masked), `doc` the prompt index, `t` the fraction of generated positions
+    still masked and `step` the step index. Other keyword arguments go to `diffusion.sampler.generate`.
+    """
     from .diffusion.sampler import generate
     from .hooks import capture
 
-    with capture(lm, hooks, steps=steps_to_keep, positions=positions, to_cpu=True) as cache:
-        generate(lm, prompts, **generate_kwargs)
-    return {h: list(zip(cache.steps[h], cache.acts[h])) for h in hooks}
+    if positions not in TRAJECTORY_POSITIONS:
+        raise DLMScopeError(f"unknown positions {positions!r}; allowed: {', '.join(TRAJECTORY_POSITIONS)}")
+    for h in hooks:
+        lm.site(h)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def remember(record) -> None:  # only ids, mask and t: the record's logits are not kept
+        seen[record.step] = (record.x.cpu(), record.mask.cpu(), record.t)
+
+    with capture(lm, hooks, steps=at_steps, to_cpu=True) as cache:
+        generate(lm, prompts, callback=remember, **generate_kwargs)
+    out = []
+    for i, step in enumerate(cache.steps[hooks[0]]):
+        x, masked, t = seen[step]
+        B, L = x.shape
+        keep = {"all": torch.ones_like(masked), "masked": masked, "unmasked": ~masked}[positions]
+        acts = {h: cache.acts[h][i][:B][keep].float() for h in hooks}  # [:B] drops the CFG half
+        info = {"token": x[keep], "position": torch.arange(L).expand(B, L)[keep],
+                "doc": torch.arange(B)[:, None].expand(B, L)[keep], "t": torch.full((B, L), t)[keep],
+                "masked": masked[keep], "step": torch.full((B, L), step)[keep]}
+        out.append(ActivationBatch(acts, info))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ disk cache
@@ -205,28 +233,43 @@ def write_cache(source: ActivationSource, folder: str | Path, n_batches: int | N
 
 
 class CachedSource:
-    """Reads a cache folder shard by shard (memory-mapped); same `batch(epoch, index)` as ActivationSource."""
+    """Reads a cache folder shard by shard (memory-mapped); same `batch(epoch, index)` as ActivationSource.
 
-    def __init__(self, folder: str | Path, verify: bool = True):
+    `shards` picks which shards (by position in the manifest) this source serves, e.g. a held-out one
+    for evaluation or `rank::world` under torchrun; default all.
+    """
+
+    def __init__(self, folder: str | Path, verify: bool = True, shards: slice | Sequence[int] | None = None):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.is_file():
             raise DLMScopeError(f"{str(self.folder)!r} is not an activation cache (no manifest.json)")
-        self.manifest = json.loads(path.read_text())
-        self.hooks, self.policy = self.manifest["hooks"], self.manifest["policy"]
+        try:
+            self.manifest = json.loads(path.read_text())
+            self.hooks, self.policy = self.manifest["hooks"], self.manifest["policy"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DLMScopeError(f"cache manifest {str(path)!r} is corrupt: {e}") from None
+        everything = self.manifest["shards"]
+        if isinstance(shards, slice):
+            self.shards = everything[shards]
+        else:
+            self.shards = everything if shards is None else [everything[i] for i in shards]
+        if not self.shards:
+            raise DLMScopeError(f"cache {str(self.folder)!r} has {len(everything)} shard(s), none left for this "
+                                "source; write more batches with `dlmscope cache --batches`")
         if verify:
-            for s in self.manifest["shards"]:
+            for s in self.shards:
                 file = self.folder / s["file"]
                 if not file.is_file() or _sha256(file) != s["sha256"]:
                     raise DLMScopeError(f"cache shard {str(file)!r} is missing or corrupt (checksum mismatch)")
 
     def __len__(self) -> int:
-        return len(self.manifest["shards"])
+        return len(self.shards)
 
     def batch(self, epoch: int, index: int) -> ActivationBatch:
         from safetensors import safe_open
 
-        file = self.folder / self.manifest["shards"][index]["file"]
+        file = self.folder / self.shards[index]["file"]
         try:
             with safe_open(str(file), framework="pt") as f:
                 acts = {h: f.get_tensor(f"act.{h}").float() for h in self.hooks}

@@ -80,8 +80,12 @@ class TrainSAEConfig:
     """Continue the run's checkpoint."""
     device: str = "cpu"
     """Torch device (cuda for GPUs; torchrun sets one per process)."""
+    sae_devices: str = ""
+    """Comma-separated devices the SAEs are spread over round-robin (e.g. cuda:1,cuda:2); default: --device."""
     dtype: str = "float32"
     """Model dtype: float32, bfloat16 or float16."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default; 1 is fastest on a machine busy with other work)."""
     seed: int = 0
     """Seed for data order, masks and SAE initialisation."""
     progress: bool = True
@@ -98,6 +102,9 @@ class TrainSAEConfig:
             return [int(v) for v in self.k.split(",") if v.strip()]
         except ValueError:
             raise DLMScopeError(f"k={self.k!r} must be comma-separated integers") from None
+
+    def sae_device_list(self, default: str) -> list[str]:
+        return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.model).name}-L{self.layers.replace(',', '_')}-k{self.k.replace(',', '_')}"
@@ -116,6 +123,10 @@ def load_config_file(path: str | Path) -> dict:
     if unknown:
         raise DLMScopeError(f"unknown config keys {unknown} in {str(path)!r}; allowed: {', '.join(sorted(known))}")
     return data
+
+
+RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads")
+"""Options that may differ between a run and its --resume (they do not change the result)."""
 
 
 class _Dist:
@@ -157,6 +168,21 @@ class RunResult:
     history: list = field(default_factory=list)
 
 
+def split_texts(dataset: str, column: str) -> tuple[list[str], list[str]]:
+    """Training and held-out documents: the built-in corpus has both splits; any other source holds out its
+    last 5% of documents (at least one), so held-out metrics never see training text."""
+    from .data import load_texts
+
+    if dataset == "builtin":
+        return load_texts("builtin", "train"), load_texts("builtin", "heldout")
+    texts = load_texts(dataset, "train", column)
+    if len(texts) < 2:
+        raise DLMScopeError(f"dataset {dataset!r} has {len(texts)} document(s); at least 2 are needed "
+                            "(training text plus a held-out document)")
+    n = max(1, len(texts) // 20)
+    return texts[:-n], texts[-n:]
+
+
 def _eval_set(source, n_tokens: int) -> dict[str, torch.Tensor]:
     acts: dict[str, list[torch.Tensor]] = {}
     got, i = 0, 0
@@ -170,10 +196,12 @@ def _eval_set(source, n_tokens: int) -> dict[str, torch.Tensor]:
 
 def train_sae(cfg: TrainSAEConfig) -> RunResult:
     """Train one SAE per (layer, k) from a shared activation stream; see the module docstring."""
-    from .data import load_texts, pack
+    from .data import pack
     from .models import load_model
 
     dist = _Dist(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     layers, ks = cfg.layer_list(), cfg.k_list()
     if not layers or not ks:
         raise DLMScopeError("give at least one layer and one k")
@@ -188,29 +216,30 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
             (folder / ".write-test").unlink()
         except OSError as e:
             raise DLMScopeError(f"cannot write to output folder {str(folder)!r}: {e.strerror}") from None
-        if ckpt_path.exists() and not cfg.resume and (folder / "metrics.json").exists():
+        if ckpt_path.exists() and not cfg.resume:
             raise DLMScopeError(f"run {str(folder)!r} already exists; pass --resume to continue it or choose --name")
     hooks = [f"blocks.{i}.hook_resid_{cfg.site}" for i in layers]
 
-    if cfg.cache:
-        cached = CachedSource(cfg.cache)
-        missing = [h for h in hooks if h not in cached.hooks]
+    if cfg.cache:  # the last shard is held out for metrics; the others are split across processes
+        eval_src = CachedSource(cfg.cache, shards=slice(-1, None))
+        missing = [h for h in hooks if h not in eval_src.hooks]
         if missing:
-            raise DLMScopeError(f"cache {cfg.cache!r} lacks hooks {missing}; it has {cached.hooks}")
-        train_src, eval_src, model_name, d_model, policy = cached, cached, cached.manifest["model"], None, cached.policy
+            raise DLMScopeError(f"cache {cfg.cache!r} lacks hooks {missing}; it has {eval_src.hooks}")
+        n_shards = len(eval_src.manifest["shards"])
+        if n_shards < 1 + dist.world:
+            raise DLMScopeError(f"cache {cfg.cache!r} has {n_shards} shard(s); training needs at least "
+                                f"{1 + dist.world} (one held out, one per process)")
+        train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
+        model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
     else:
         lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
         for h in hooks:
             lm.site(h)
         if lm.tokenizer is None:
             raise DLMScopeError(f"model {cfg.model!r} has no tokenizer; train from a cache (--cache) instead")
-        train_rows = pack(lm.tokenizer, load_texts(cfg.dataset, "train", cfg.column), cfg.context_length)
-        try:
-            heldout_texts = load_texts(cfg.dataset, "heldout" if cfg.dataset == "builtin" else "train", cfg.column)
-        except DLMScopeError:
-            heldout_texts = load_texts(cfg.dataset, "train", cfg.column)
-        eval_rows = pack(lm.tokenizer, heldout_texts[-max(1, len(heldout_texts) // 20):] if cfg.dataset != "builtin"
-                         else heldout_texts, cfg.context_length)
+        train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)
+        train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
+        eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
         common = dict(policy=cfg.policy or None, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
         train_src = ActivationSource(lm, hooks, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
                                      rank=dist.rank, world=dist.world, **common)
@@ -225,12 +254,13 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
                        autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
     trainers: dict[str, SAETrainer] = {}
+    sae_devices = cfg.sae_device_list(dist.device)
     for h in hooks:
         for k in ks:
             meta = {"model_name": model_name, "hook_name": h, "masking_policy": policy,
                     "t_range": [cfg.t_min, cfg.t_max], "dataset_path": cfg.dataset, "context_size": cfg.context_length}
             trainers[f"{h}-k{k}"] = SAETrainer(SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture, meta),
-                                               tcfg, dist.device)
+                                               tcfg, sae_devices[len(trainers) % len(sae_devices)])
     history: list[dict] = []
     step = 0
     if cfg.resume:
@@ -240,6 +270,14 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
             state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise DLMScopeError(f"checkpoint {str(ckpt_path)!r} is corrupt: {e}") from None
+        changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
+        if changed:
+            raise DLMScopeError(f"--resume with changed options {changed}; the checkpoint was written with "
+                                f"{ {k: state['config'].get(k) for k in changed} }")
+        saved_world = len(state["buffers"]) if state["buffers"] else 1
+        if saved_world != dist.world:
+            raise DLMScopeError(f"the checkpoint was written by {saved_world} process(es); resume it with "
+                                f"the same number, not {dist.world}")
         for key, tr in trainers.items():
             tr.load_state_dict(state["trainers"][key])
         buffer.load_state_dict(state["buffers"][dist.rank] if dist.world > 1 else state["buffer"])

@@ -1,8 +1,22 @@
+import json
+
 import pytest
 import torch
 
 from dlmscope import DLMScopeError
-from dlmscope.activations import ActivationSource, CachedSource, ShuffleBuffer, write_cache
+from dlmscope.activations import (ActivationSource, CachedSource, ShuffleBuffer, trajectory_activations,
+                                  write_cache)
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _rows(n=24, L=16):
@@ -12,47 +26,106 @@ def _rows(n=24, L=16):
 
 @pytest.mark.parametrize("policy", ["mask", "unmask", "all"])
 def test_policies_pick_positions(llada, policy):
-    src = ActivationSource(llada, ["blocks.1.hook_resid_post"], _rows(), policy=policy, seqs_per_batch=8)
+    src = ActivationSource(llada, ["blocks.0.hook_resid_post", HOOK], _rows(), policy=policy, seqs_per_batch=8)
     b = src.batch(0, 0)
     masked = b.info["masked"]
     assert {"mask": masked.all(), "unmask": (~masked).all(), "all": True}[policy]
     assert (b.info["position"][masked] > 0).all()  # the first token is never masked
-    assert b.acts["blocks.1.hook_resid_post"].shape == (len(b), 64)
+    assert (b.info["position"] == 0).any() == (policy != "mask")
+    assert b.acts[HOOK].shape == (len(b), 64) and b.acts["blocks.0.hook_resid_post"].shape == (len(b), 64)
+    assert b.info["t"].unique().numel() == 1 and 0.05 <= float(b.info["t"][0]) <= 0.5  # one t per batch
     assert torch.equal(src.batch(0, 0).info["token"], b.info["token"])  # deterministic
+    if policy == "all":
+        assert 0 < masked.float().mean() < 1
 
 
-def test_shuffle_buffer_yields_each_token_once(llada):
-    src = ActivationSource(llada, ["blocks.1.hook_resid_post"], _rows(), policy="all", seqs_per_batch=4)
-    total = len(src) * 4 * 16
+def test_clean_policy_and_causal_default(llada, tiny_dirs):
+    from dlmscope.hooks import run_with_cache
+    from dlmscope.models import load_model
+
+    rows = _rows(8)
+    b = ActivationSource(llada, [HOOK], rows, policy="clean", seqs_per_batch=8).batch(0, 0)
+    assert len(b) == rows.numel() and not b.info["masked"].any()
+    ref = run_with_cache(llada, rows[torch.randperm(8, generator=torch.Generator().manual_seed(0))], [HOOK])[HOOK]
+    torch.testing.assert_close(b.acts[HOOK], ref.reshape(-1, 64))
+    causal = load_model(tiny_dirs["causal"])
+    assert ActivationSource(causal, [HOOK], rows, seqs_per_batch=8).policy == "clean"
+    with pytest.raises(DLMScopeError, match="needs a diffusion model"):
+        ActivationSource(causal, [HOOK], rows, policy="mask", seqs_per_batch=8)
+
+
+def test_shuffle_buffer_yields_each_token_once_per_pass(llada):
+    src = ActivationSource(llada, [HOOK], _rows(), policy="all", seqs_per_batch=4)
+    per_pass = len(src) * 4 * 16
     buf = ShuffleBuffer(src, capacity=128, batch_size=32, seed=0)
-    seen = torch.cat([buf.next().acts["blocks.1.hook_resid_post"] for _ in range(total // 32)])
-    ref = torch.cat([src.batch(0, i).acts["blocks.1.hook_resid_post"] for i in range(len(src))])
+    seen = torch.cat([buf.next().acts[HOOK] for _ in range(per_pass // 32)])
+    ref = torch.cat([src.batch(0, i).acts[HOOK] for i in range(len(src))])
     assert seen.shape == ref.shape
-    torch.testing.assert_close(seen.sum(0), ref.sum(0), atol=1e-2, rtol=1e-4)
-    assert torch.unique(seen, dim=0).shape[0] == torch.unique(ref, dim=0).shape[0]
+    order = lambda x: x[torch.argsort(x[:, 0])]  # noqa: E731 - rows sorted by their first value
+    torch.testing.assert_close(order(seen), order(ref))  # every row of the pass exactly once
+    assert not torch.equal(seen, ref)  # shuffled across forwards
+    assert buf.epoch == 0
+    buf.next()
+    assert buf.epoch == 1  # the next pass starts only once this one is used up
+    with pytest.raises(DLMScopeError, match="at least twice the batch size"):
+        ShuffleBuffer(src, capacity=32, batch_size=32)
 
 
-def test_cache_roundtrip_and_corruption(llada, tmp_path):
-    src = ActivationSource(llada, ["blocks.1.hook_resid_post"], _rows(), policy="mask", seqs_per_batch=8)
+def test_cache_roundtrip_resume_and_corruption(llada, tmp_path):
+    src = ActivationSource(llada, ["blocks.0.hook_resid_post", HOOK], _rows(), policy="mask", seqs_per_batch=8)
     write_cache(src, tmp_path / "c", progress=False)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["hooks"] == ["blocks.0.hook_resid_post", HOOK] and manifest["policy"] == "mask"
+    assert manifest["t_range"] == [0.05, 0.5] and manifest["dtype"] == "float32"
+    assert manifest["tokens"] == sum(s["tokens"] for s in manifest["shards"]) and len(manifest["shards"]) == 3
     cached = CachedSource(tmp_path / "c")
     assert len(cached) == len(src)
-    torch.testing.assert_close(cached.batch(0, 1).acts["blocks.1.hook_resid_post"], src.batch(0, 1).acts["blocks.1.hook_resid_post"])
-    write_cache(src, tmp_path / "c", progress=False)  # resumable: complete shards are kept
+    for i in range(len(src)):
+        a, b = cached.batch(0, i), src.batch(0, i)
+        torch.testing.assert_close(a.acts[HOOK], b.acts[HOOK])
+        assert all(torch.equal(a.info[k], b.info[k]) for k in b.info)
+    assert [s["file"] for s in CachedSource(tmp_path / "c", shards=slice(1, None, 2)).shards] == ["shard-00001.safetensors"]
     shard = tmp_path / "c" / "shard-00001.safetensors"
+    mtime = shard.stat().st_mtime_ns
+    write_cache(src, tmp_path / "c", progress=False)  # resumable: complete shards are kept
+    assert shard.stat().st_mtime_ns == mtime
+    with pytest.raises(DLMScopeError, match="different configuration"):
+        write_cache(ActivationSource(llada, [HOOK], _rows(), policy="all", seqs_per_batch=8), tmp_path / "c", progress=False)
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DLMScopeError, match="missing or corrupt"):
         CachedSource(tmp_path / "c")
+    write_cache(src, tmp_path / "c", progress=False)  # a corrupt shard is rewritten on resume
+    CachedSource(tmp_path / "c")
+    with pytest.raises(DLMScopeError, match="not an activation cache"):
+        CachedSource(tmp_path)
 
 
-def test_source_errors(llada, tiny_dirs):
-    from dlmscope.models import load_model
+def test_cache_bfloat16_and_cli(llada, tiny_dirs, tmp_path):
+    from dlmscope.cli import main
 
-    with pytest.raises(DLMScopeError, match="unknown position policy"):
-        ActivationSource(llada, ["blocks.1.hook_resid_post"], _rows(), policy="odd")
-    with pytest.raises(DLMScopeError, match="fewer than one batch"):
-        ActivationSource(llada, ["blocks.1.hook_resid_post"], _rows(2), seqs_per_batch=8)
-    with pytest.raises(DLMScopeError, match="unknown hook"):
-        ActivationSource(llada, ["blocks.1.hook_attn"], _rows())
-    causal = load_model(tiny_dirs["causal"])
-    assert ActivationSource(causal, ["blocks.1.hook_resid_post"], _rows(), seqs_per_batch=8).policy == "clean"
+    src = ActivationSource(llada, [HOOK], _rows(), policy="mask", seqs_per_batch=8)
+    write_cache(src, tmp_path / "bf", n_batches=1, dtype=torch.bfloat16, progress=False)
+    got = CachedSource(tmp_path / "bf").batch(0, 0).acts[HOOK]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, src.batch(0, 0).acts[HOOK], atol=0.05, rtol=0.02)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"document {i} says {' '.join(['words'] * 20)}" for i in range(40)))
+    main(["cache", str(tmp_path / "cli"), "--model", str(tiny_dirs["llada"]), "--layers", "0,1", "--batches", "2",
+          "--seqs-per-forward", "4", "--context-length", "16", "--dataset", str(text)])
+    assert len(CachedSource(tmp_path / "cli")) == 2
+
+
+def test_trajectory_activations(llada):
+    batches = trajectory_activations(llada, ["a b", "c d e"], ["blocks.0.hook_resid_post", HOOK], at_steps=[0, 3],
+                                     gen_length=8, steps=4, block_length=8)
+    assert [int(b.info["step"][0]) for b in batches] == [0, 3]
+    first, last = batches
+    assert first.acts[HOOK].shape == (len(first), 64) and set(first.info["doc"].tolist()) == {0, 1}
+    assert first.info["masked"].sum() == 16 and float(first.info["t"][0]) == 1.0  # all 8 x 2 generated masked
+    assert last.info["masked"].sum() == 4 and float(last.info["t"][0]) == 0.25
+    assert (first.info["token"][first.info["masked"]] == llada.mask_id).all()
+    masked_only = trajectory_activations(llada, ["a b"], [HOOK], at_steps=[1], positions="masked",
+                                         gen_length=8, steps=4, block_length=8)
+    assert len(masked_only) == 1 and masked_only[0].info["masked"].all() and len(masked_only[0]) == 6
+    with pytest.raises(DLMScopeError, match="unknown positions"):
+        trajectory_activations(llada, ["a"], [HOOK], positions="odd")
