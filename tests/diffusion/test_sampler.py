@@ -2,42 +2,118 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError, generate
-from dlmscope.diffusion.sampler import REMASKING, transfer_schedule
+from dlmscope.diffusion.sampler import REMASKING, Remasking, get_remasking, left_pad, top_n_mask, transfer_schedule
 
 
 def test_schedule_linear_with_remainder():
-    s = transfer_schedule(torch.tensor([10, 8]), 4)
-    assert s.tolist() == [[3, 3, 2, 2], [2, 2, 2, 2]]
+    s = transfer_schedule(torch.tensor([10, 8, 0]), 4)
+    assert s.tolist() == [[3, 3, 2, 2], [2, 2, 2, 2], [0, 0, 0, 0]]
+
+
+def test_top_n_mask_per_row():
+    score = torch.tensor([[0.1, 0.9, 0.5, float("-inf")], [0.3, 0.2, 0.1, 0.0]])
+    assert top_n_mask(score, torch.tensor([2, 0])).tolist() == [[False, True, True, False], [False] * 4]
+    assert top_n_mask(score, torch.tensor([0, 0])).sum() == 0
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 @pytest.mark.parametrize("strategy", sorted(REMASKING))
 def test_sampler_invariants(llada, strategy):
-    out = generate(llada, [[5, 6, 7], [8, 9]], gen_length=8, steps=4, block_length=4, remasking=strategy,
-                   return_history=True, seed=0)
-    P, mask_id = out.prompt_length, llada.mask_id
-    assert not (out.generated == mask_id).any()
+    """Blocks in order, the linear schedule's count per step, no remasking, a consistent history."""
+    gen, block_length, steps = 10, 5, 4  # 2 blocks of 2 steps: 3 then 2 tokens per step
+    out = generate(llada, [[5, 6, 7], [8, 9]], gen_length=gen, steps=steps, block_length=block_length,
+                   remasking=strategy, return_history=True, seed=0)
+    P = out.prompt_length
+    assert len(out.history) == steps and [r.step for r in out.history] == list(range(steps))
+    revealed = torch.stack([r.transfer for r in out.history]).sum(0)
+    assert (revealed[:, P:] == 1).all() and (revealed[:, :P] == 0).all()  # every generated position exactly once
+    assert out.attention_mask.tolist() == [[1] * (P + gen), [0] + [1] * (P - 1 + gen)]
     for i, rec in enumerate(out.history):
-        block = rec.step // 2
-        lo, hi = P + block * 4, P + (block + 1) * 4
-        assert not rec.transfer[:, :lo].any() and not rec.transfer[:, hi:].any()  # blocks in order
-        assert (rec.transfer <= rec.mask).all()  # only masked positions are revealed
+        assert rec.block == i // 2 and rec.logits is None
+        lo, hi = P + rec.block * block_length, P + (rec.block + 1) * block_length
+        assert not rec.transfer[:, :lo].any() and not rec.transfer[:, hi:].any()  # only the current block
+        assert not rec.mask[:, :lo].any()  # earlier blocks are finished
+        assert (rec.transfer <= rec.mask).all()  # only masked positions are revealed: no remasking
+        in_block = (torch.arange(P + gen) >= lo) & (torch.arange(P + gen) < hi)
+        assert torch.isinf(rec.confidence[~(rec.mask & in_block)]).all()  # candidates: masked, in the block
+        assert abs(rec.t - float(rec.mask[:, P:].float().mean())) < 1e-9
         nxt = out.history[i + 1].x if i + 1 < len(out.history) else out.sequences
-        assert torch.equal(nxt, torch.where(rec.transfer, rec.x0, rec.x))  # history consistent, no remasking
-        if strategy not in ("origin",):
-            assert rec.transfer.sum(1).tolist() == [2, 2]
+        assert torch.equal(nxt, torch.where(rec.transfer, rec.x0, rec.x))  # history consistent
+        kept = ~rec.mask
+        assert torch.equal(nxt[kept], rec.x[kept])  # decoded tokens never change
+        if strategy != "origin":  # origin reveals a random number of tokens per step by design
+            assert rec.transfer.sum(1).tolist() == [[3, 3], [2, 2]][i % 2]
 
 
-def test_cfg_and_temperature_run(llada):
-    out = generate(llada, [[5, 6, 7]], gen_length=4, steps=4, block_length=4, cfg_scale=1.0, temperature=1.0, seed=1)
-    assert out.generated.shape == (1, 4)
+def test_callback_sees_every_step_with_logits(llada):
+    seen = []
+    generate(llada, [[5, 6, 7]], gen_length=8, steps=4, block_length=4, callback=seen.append)
+    assert [r.step for r in seen] == [0, 1, 2, 3] and all(r.logits.shape == (1, 11, llada.vocab_size) for r in seen)
 
 
-def test_bad_inputs(llada):
-    with pytest.raises(DLMScopeError, match="not divisible"):
-        generate(llada, [[5]], gen_length=10, steps=5, block_length=4)
-    with pytest.raises(DLMScopeError, match="steps=0 out of range"):
-        generate(llada, [[5]], gen_length=8, steps=0, block_length=8)
+def test_keep_logits_in_history(llada):
+    out = generate(llada, [[5, 6, 7]], gen_length=4, steps=2, block_length=4, return_history=True, keep_logits=True)
+    assert all(r.logits is not None for r in out.history)
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded(llada):
+    kw = dict(gen_length=8, steps=8, block_length=8)
+    assert torch.equal(generate(llada, [[5, 6]], **kw).sequences, generate(llada, [[5, 6]], **kw).sequences)
+    a = generate(llada, [[5, 6]], temperature=1.0, seed=3, **kw).sequences
+    assert torch.equal(a, generate(llada, [[5, 6]], temperature=1.0, seed=3, **kw).sequences)
+
+
+def test_cfg_runs_and_changes_logits(llada):
+    logits = {}
+    for cfg in (0.0, 2.0):
+        out = generate(llada, [[5, 6, 7]], gen_length=4, steps=4, block_length=4, cfg_scale=cfg,
+                       callback=lambda r, cfg=cfg: logits.setdefault(cfg, r.logits))
+        assert out.generated.shape == (1, 4)
+    assert logits[0.0].shape == logits[2.0].shape and not torch.allclose(logits[0.0], logits[2.0])
+
+
+def test_batch_rows_are_independent(llada):
+    """A left-padded row generates what it generates alone."""
+    kw = dict(gen_length=8, steps=8, block_length=4)
+    alone = generate(llada, [[8, 9]], **kw).generated
+    batched = generate(llada, [[5, 6, 7, 10], [8, 9]], **kw).generated
+    assert torch.equal(batched[1:], alone)
+
+
+def test_custom_strategy_plugs_in(llada):
+    class LeftToRight(Remasking):
+        name = "l2r"
+
+        def scores(self, s):
+            return -torch.arange(s.x.shape[1], dtype=torch.float64).expand(s.x.shape)
+
+    out = generate(llada, [[5, 6]], gen_length=4, steps=4, block_length=4, remasking=LeftToRight(),
+                   return_history=True)
+    assert [int(r.transfer[0].nonzero()) for r in out.history] == [2, 3, 4, 5]
+    assert isinstance(get_remasking("maskgit_plus"), Remasking)
+
+
+def test_bad_inputs(llada, tiny_dirs):
+    from dlmscope import load_model
+
+    cases = [
+        (dict(gen_length=10, steps=5, block_length=4), "gen_length=10 is not divisible by block_length=4"),
+        (dict(gen_length=8, steps=0, block_length=8), "steps=0 out of range"),
+        (dict(gen_length=8, steps=9, block_length=8), "steps=9 out of range"),
+        (dict(gen_length=8, steps=3, block_length=4), "steps=3 out of range.*multiple of the number of blocks \\(2\\)"),
+        (dict(gen_length=0, steps=1, block_length=1), "gen_length=0"),
+        (dict(gen_length=8, steps=8, block_length=8, remasking="best"), "unknown remasking strategy 'best'"),
+        (dict(gen_length=8, steps=8, block_length=8, temperature=-1.0), "temperature"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DLMScopeError, match=message) as e:
+            generate(llada, [[5]], **kwargs)
+        assert "\n" not in str(e.value)
     with pytest.raises(DLMScopeError, match="prompt list is empty"):
         generate(llada, [], gen_length=8, steps=8, block_length=8)
-    with pytest.raises(DLMScopeError, match="unknown remasking"):
-        generate(llada, [[5]], gen_length=8, steps=8, block_length=8, remasking="best")
+    with pytest.raises(DLMScopeError, match="autoregressive"):
+        generate(load_model(tiny_dirs["causal"]), [[5]], gen_length=8, steps=8, block_length=8)
