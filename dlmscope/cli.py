@@ -232,60 +232,91 @@ def steer(
     positions: str = typer.Option("all", help="all, masked, generated or top:N."),
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (DLMs)."),
-    seed: int = typer.Option(0, help="Seed."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    metrics: bool = typer.Option(True, help="Score both with the feature, AR-twin perplexity and DLM ELBO."),
+    out: Optional[str] = typer.Option(None, help="Write the comparison JSON here."),
     device: str = DeviceOpt,
 ) -> None:
-    """Generate with and without feature steering, side by side."""
-    from .analysis.steering import SteeringSpec, steered_generate
+    """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
+    from .analysis.steering import SteeringSpec, compare, validate
+    from .io_utils import atomic_write_json
     from .models import load_model
+    from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
     from .sae import load_sae
 
     lm = load_model(model, device=device)
-    sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
-        [int(v) for v in steps_schedule.split(",")]
+    try:
+        sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
+            [int(v) for v in steps_schedule.split(",")]
+        seed_list = [int(v) for v in seeds.split(",")]
+    except ValueError:
+        raise DLMScopeError(f"--schedule={steps_schedule!r} / --seeds={seeds!r}: expected all, first:FRACTION or "
+                            "comma-separated integers") from None
     spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
     the_sae = load_sae(sae, device=device)
-    base = steered_generate(lm, the_sae, None, prompt, gen_length, steps, seed)
-    steered = steered_generate(lm, the_sae, spec, prompt, gen_length, steps, seed)
-    for p, b, s_ in zip(prompt, base, steered):
+    validate(spec, the_sae, lm)  # before the judges load: bad input fails fast
+    judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
+    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
+                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature)
+    for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
+    if metrics:
+        typer.echo("| | feature act. | concept rate | AR perplexity | DLM NLL/token |\n|---|---|---|---|---|")
+        for label in ("unsteered", "steered"):
+            m = r[label]
+            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']:.3f} | {m['perplexity']:.1f} | "
+                       f"{m['dlm_nll']:.3f} |")
+    if out:
+        atomic_write_json(out, r)
 
 
 @app.command()
 def order(
-    sae: str = typer.Option(..., help="SAE name (registry) or folder."),
+    sae: str = typer.Option(..., help="SAE name(s) or folder(s), comma-separated (one per layer)."),
     model: str = ModelOpt,
     prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p", help="Prompts."),
     strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
     task: str = typer.Option("sudoku", help="Task for accuracy (sudoku or countdown; empty to skip)."),
     n: int = typer.Option(50, help="Task examples."),
-    steps: str = typer.Option("4,8,16", help="Comma-separated step budgets for the task."),
+    steps: str = typer.Option("4,8,16", help="Comma-separated step budgets for the task and held-out likelihood."),
     gen_length: int = typer.Option(16, help="Tokens to generate."),
+    heldout: int = typer.Option(32, help="Held-out rows for the order-following likelihood (0 to skip)."),
     out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
     device: str = DeviceOpt,
 ) -> None:
-    """Feature dynamics per remasking order, and task accuracy incl. the SAE-informed order."""
-    from .analysis.order import feature_dynamics, make_strategy, task_accuracy
+    """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
+    from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, task_accuracy
+    from .data import heldout_rows
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
 
     lm = load_model(model, device=device)
-    the_sae = load_sae(sae, device=device)
+    saes = [load_sae(s.strip(), device=device) for s in sae.split(",") if s.strip()]
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    budgets = [int(v) for v in steps.split(",")]
-    result = {"dynamics": {}, "task": {}}
-    typer.echo("| order | pre-mask stability | post-decode drift |" + "".join(f" {task} @{b} |" for b in budgets if task))
-    typer.echo("|---|---|---|" + "---|" * (len(budgets) if task else 0))
+    try:
+        budgets = [int(v) for v in steps.split(",")]
+    except ValueError:
+        raise DLMScopeError(f"--steps={steps!r} must be comma-separated integers") from None
+    rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
+    result = {"dynamics": {}, "task": {}, "heldout_nll": {}}
+    hooks = [s.cfg.hook_name for s in saes]
+    head = "".join(f" L{lm.layer_of(h)} stability | L{lm.layer_of(h)} drift |" for h in hooks)
+    head += "".join(f" {task} @{b} |" for b in budgets if task) + "".join(f" NLL @{b} |" for b in budgets if heldout)
+    typer.echo(f"| order |{head}")
+    typer.echo("|---|" + "---|" * head.count("|"))
     for name in names:
-        strat = make_strategy(name, the_sae)
-        dyn = feature_dynamics(lm, the_sae, prompt, strat, gen_length=gen_length, steps=gen_length)
-        acc = {b: task_accuracy(lm, task, make_strategy(name, the_sae), n=n, steps=b, gen_length=gen_length)
+        dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length)
+        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length)
                for b in budgets} if task else {}
-        result["dynamics"][name] = {k: v for k, v in dyn.items() if k != "texts"}
-        result["task"][name] = acc
-        typer.echo(f"| {name} | {dyn['pre_mask_stability']:.3f} | {dyn['post_decode_drift']:.3f} |"
-                   + "".join(f" {acc[b]['accuracy']:.2f} |" for b in acc))
+        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b).mean())
+               for b in budgets} if heldout else {}
+        result["dynamics"][name], result["task"][name], result["heldout_nll"][name] = dyn["layers"], acc, nll
+        cells = "".join(f" {dyn['layers'][h]['pre_mask_stability']:.3f} | {dyn['layers'][h]['post_decode_drift']:.3f} |"
+                        for h in hooks)
+        typer.echo(f"| {name} |{cells}" + "".join(f" {acc[b]['accuracy']:.2f} |" for b in acc)
+                   + "".join(f" {nll[b]:.3f} |" for b in nll))
     if out:
         atomic_write_json(out, result)
 

@@ -109,6 +109,8 @@ def _run(st) -> None:
                        f"{m['n_tokens']:,} held-out tokens")
     page = st.sidebar.radio("page", keys, index=keys.index(page_key), format_func=PAGES.get)
     feature = int(st.sidebar.number_input("feature", value=_int_param(q.get("feature")), step=1))
+    if page != page_key and "run" in q:
+        del q["run"]  # `run=1` in an address starts the sampler on the page it was written for only
     q["page"], q["feature"] = page, str(feature)
     {"list": _feature_list, "feature": _feature_page, "denoise": _denoising_view, "steer": _steering,
      "summary": _summary}[page](st, store, feature, args)
@@ -134,6 +136,10 @@ def _model_and_sae(st, store, args):
 
     lm, s = load(model, sae)
     store.check_matches(s, lm.name)
+    built = store.manifest["sae"]
+    if args.sae and built and built != args.sae:
+        st.warning(f"the store was built with SAE {built!r}; the statistics on the other pages are for that SAE, "
+                   f"this page uses {args.sae!r}")
     return lm, s
 
 
@@ -270,34 +276,35 @@ def _denoising_view(st, store, feature, args) -> None:
         hook = store.manifest["hook"]
         with st.spinner("sampling"), capture(lm, [hook], to_cpu=True) as cache:
             out = generate(lm, [prompt], gen_length=gen_length, steps=steps, block_length=block, return_history=True)
-        P = out.prompt_length
-        acts = torch.stack([a[0, P:] for a in cache.acts[hook]]).float()  # (steps, gen, d)
-        with torch.no_grad():
-            latents = sae.encode(acts.to(sae.device)).cpu()  # (steps, gen, n_latents)
         vocab = store.manifest["vocab"]
         strings = lambda ids: ["▢" if t == lm.mask_id else vocab[t] for t in ids.tolist()]  # noqa: E731
-        st.session_state["denoise"] = {
-            "latents": latents, "rows": [strings(rec.x[0, P:]) for rec in out.history],
-            "final": strings(out.sequences[0, P:]), "text": out.texts[0], "prompt": prompt}
+        st.session_state["denoise"] = {  # activations, not latents: any feature is one small encode away
+            "acts": torch.stack([a[0] for a in cache.acts[hook]]).float(), "P": out.prompt_length,
+            "rows": [strings(rec.x[0]) for rec in out.history], "final": strings(out.sequences[0]),
+            "text": out.texts[0], "prompt": prompt}
         st.session_state["denoise_key"] = key
     run_ = st.session_state.get("denoise")
     if run_ is None:
         st.info("Type a prompt and press **run sampler**: every step's activations of the chosen feature are shown "
                 "per generated position.")
         return
-    heat = run_["latents"][:, :, f]
+    lm, sae = _model_and_sae(st, store, args)
+    start = 0 if st.checkbox("include prompt positions", value=False) else run_["P"]
+    with torch.no_grad():
+        heat = sae.encode(run_["acts"][:, start:].to(sae.device))[..., f].cpu()  # (steps, positions)
+    rows = [r[start:] for r in run_["rows"]]
     n_steps, n_pos = heat.shape
     left, right = st.columns([3, 2])
-    fig = go.Figure(go.Heatmap(z=heat.tolist(), x=list(range(n_pos)), y=list(range(n_steps)), colorscale="Oranges",
-                               text=run_["rows"], texttemplate="%{text}", textfont={"size": 9},
+    fig = go.Figure(go.Heatmap(z=heat.tolist(), x=list(range(start, start + n_pos)), y=list(range(n_steps)),
+                               colorscale="Oranges", text=rows, texttemplate="%{text}", textfont={"size": 9},
                                hovertemplate="step %{y}, position %{x}: %{text}<br>activation %{z:.3f}<extra></extra>",
                                colorbar={"title": "act"}))
-    fig.update_layout(title=f"Feature {f} across denoising steps (rows: steps, columns: generated positions)",
-                      xaxis_title="generated position", yaxis_title="step", yaxis_autorange="reversed",
+    fig.update_layout(title=f"Feature {f} across denoising steps (rows: steps, columns: positions)",
+                      xaxis_title="position" + ("" if start == 0 else f" (generation starts at {start})"), yaxis_title="step", yaxis_autorange="reversed",
                       height=max(360, 18 * n_steps + 120), margin=dict(t=50, b=40, l=50, r=10))
     left.plotly_chart(fig)
     right.subheader("Text as it unmasks")
-    lines = [f"step {s:2d}: " + "".join(row) for s, row in enumerate(run_["rows"])] + ["final  : " + "".join(run_["final"])]
+    lines = [f"step {s:2d}: " + "".join(row) for s, row in enumerate(rows)] + ["final  : " + "".join(run_["final"][start:])]
     right.code("\n".join(lines), language=None)
     st.success(run_["prompt"] + run_["text"])
 

@@ -14,7 +14,33 @@ def test_info_and_generate_default_model(capsys):
     assert out.count("[step") == 8 and out.strip().splitlines()[-1].startswith("The list type")
 
 
+def test_info_and_generate_on_checkpoint_folders(tiny_dirs, capsys):
+    main(["info", str(tiny_dirs["dream"])])
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "dream" and info["shifted_logits"] and info["n_layers"] == 2 and info["d_model"] == 64
+    assert info["hook_names"] == "blocks.{0..1}.hook_resid_{mid,post,pre}" and info["parameters"] > 0
+    main(["info", str(tiny_dirs["causal"]), "--dtype", "bfloat16"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "causal" and not info["diffusion"] and info["mask_id"] is None
+    main(["generate", str(tiny_dirs["llada"]), "-p", "a b", "-p", "c", "--gen-length", "8", "--steps", "4",
+          "--block-length", "4", "--remasking", "entropy", "--history"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("[step") for line in lines) == 4 * 2 and len(lines) == 4 * 2 + 2
+
+
+def test_console_script_runs_as_a_module():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dlmscope", "generate", "--steps", "500", "--gen-length", "32"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "out of range" in done.stderr
+
+
 @pytest.mark.parametrize("args,message", [
+    (["info", "/no/such/model"], "neither a checkpoint folder"),
+    (["info", "--dtype", "int3"], "unknown dtype"),
+    (["generate", "--block-length", "0", "--gen-length", "8"], "not divisible"),
     (["generate", "/no/such/model"], "neither a checkpoint folder"),
     (["generate", "--gen-length", "10", "--block-length", "4"], "not divisible"),
     (["generate", "--steps", "500", "--gen-length", "32"], "out of range"),

@@ -53,6 +53,8 @@ def validate(spec: SteeringSpec, sae, lm: LoadedModel | None = None) -> None:
     pos = spec.positions
     if not (pos in STEER_POSITIONS or (pos.startswith("top:") and pos[4:].isdigit() and int(pos[4:]) > 0)):
         raise DLMScopeError(f"positions={pos!r}; allowed: {', '.join(STEER_POSITIONS)}, top:N (N >= 1)")
+    if lm is not None:
+        check_sae_matches(lm, sae)
     if pos == "masked" and lm is not None and not lm.is_diffusion:
         raise DLMScopeError(f"positions='masked' needs a diffusion model; {lm.name} has no masked positions")
     if isinstance(spec.steps, str):

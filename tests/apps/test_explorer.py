@@ -110,8 +110,10 @@ def test_denoising_view(env, monkeypatch):
     assert heat["type"] == "heatmap" and len(heat["z"]) == 32 and len(heat["z"][0]) == 32  # steps x positions
     lines = at.code[0].value.splitlines()
     assert lines[0].startswith("step  0: ") and lines[0].count("▢") == 32 and "▢" not in lines[-1]
-    at.sidebar.number_input[0].set_value(f + 1).run()  # another feature re-reads the cached run, no resampling
-    assert not at.exception and len(_charts(at)) == 1
+    at.sidebar.number_input[0].set_value((f + 1) % 256).run()  # another feature: the cached run, no resampling
+    assert not at.exception and len(_charts(at)) == 1 and at.code[0].value.splitlines() == lines
+    at.checkbox[0].check().run()
+    assert len(json.loads(_charts(at)[0].proto.spec)["data"][0]["z"][0]) > 32  # prompt positions added
 
 
 def test_steering_playground(env, monkeypatch):
