@@ -17,6 +17,7 @@ Reported: training tokens/s (timed steps after `--warmup` steps) and textbook FV
 after the same tokens; ratios dlmscope / other. JSON goes to benchmarks/results/sae_train.json.
 
     python benchmarks/bench_sae_train.py [--source dlm|synthetic] [--tokens 200000] [--latents 4096]
+        [--trainers dlmscope,sparsify] [--out benchmarks/results/sae_train_1m.json]
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    p.add_argument("--trainers", default="dlmscope,saelens,sparsify", help="comma-separated subset to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_train.json"))
     args = p.parse_args()
@@ -186,7 +188,7 @@ def main() -> None:
     lr, total = 2e-4 / math.sqrt(args.latents / 2**14), steps * args.batch
     dead = min(10_000_000, total // 5)
     runners = [cls(d, args.latents, args.k, lr, total, args.batch, dead, args.device)
-               for cls in (Ours, SAELens, Sparsify)]
+               for cls in (Ours, SAELens, Sparsify) if cls.name in args.trainers.split(",")]
     seconds = {r.name: 0.0 for r in runners}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for i, b in enumerate(batches):

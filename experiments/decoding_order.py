@@ -10,7 +10,6 @@ Writes experiments/results/decoding_order.{json,md,html}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from _study import run_or_render  # noqa: E402
+from dlmscope.io_utils import atomic_write_text  # noqa: E402
 
 ORDERS = ("origin", "random", "low_confidence", "topk_margin", "entropy", "sae_stability")
 PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptions are", "A function",
@@ -103,17 +103,7 @@ def main() -> None:
     p.add_argument("--budgets", default="4,8,16", help="step budgets for the tasks (16 tokens)")
     p.add_argument("--ll-budgets", default="4,8,32", help="step budgets for held-out likelihood (32 tokens)")
     p.add_argument("--ll-rows", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--render", action="store_true", help="only rebuild table and figure from the JSON")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        res = json.loads((args.out / "decoding_order.json").read_text())
-    else:
-        res = run(args)
-        atomic_write_json(args.out / "decoding_order.json", res)
-    print(render(res, args.out))
+    run_or_render(p, "decoding_order", run, render)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dlmscope.analysis.splice import SpliceConfig, splice_eval  # noqa: E402
-from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from _study import run_or_render  # noqa: E402
+from dlmscope.io_utils import atomic_write_text  # noqa: E402
 
 MODELS = ("dlmscope-tiny-dlm", "dlmscope-tiny-ar")
 T_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -149,17 +150,7 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--n-seqs", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--render", action="store_true", help="only rebuild table and figure from the JSON")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        results = json.loads((args.out / "splice_dlm_vs_ar.json").read_text())
-    else:
-        results = train_and_eval(args)
-        atomic_write_json(args.out / "splice_dlm_vs_ar.json", results)
-    print(render(results, args.out))
+    run_or_render(p, "splice_dlm_vs_ar", train_and_eval, render)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from _study import run_or_render  # noqa: E402
+from dlmscope.io_utils import atomic_write_text  # noqa: E402
 
 PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptions are", "A function",
            "The module"]
@@ -140,17 +141,7 @@ def main() -> None:
     p.add_argument("--features", type=int, default=3)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--render", action="store_true", help="only rebuild table and figure from the JSON")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.render:
-        res = json.loads((args.out / "steering_dlm_vs_ar.json").read_text())
-    else:
-        res = run(args)
-        atomic_write_json(args.out / "steering_dlm_vs_ar.json", res)
-    print(render(res, args.out))
+    run_or_render(p, "steering_dlm_vs_ar", run, render)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,12 @@ def tiny_sae(llada):
     for _ in range(20):
         tr.step(acts)
     return tr.sae.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster and immune to OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

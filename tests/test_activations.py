@@ -10,13 +10,7 @@ from dlmscope.activations import (ActivationSource, CachedSource, ShuffleBuffer,
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n=24, L=16):

@@ -5,12 +5,8 @@ from dlmscope.tasks import Example
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and immune to a busy CPU's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _rl_one_thread(one_thread):
+    """Every RL test runs on one thread (see the root conftest)."""
 
 
 class CountToken:
