@@ -7,7 +7,6 @@ completions each (default 20: a few minutes per algorithm on a 2-core CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +53,7 @@ def main() -> None:
     for algo, log in logs.items():
         fig.add_trace(go.Scatter(x=[s["step"] for s in log["steps"]], y=[s["reward"] for s in log["steps"]], name=algo))
     fig.update_layout(title="rollout reward on Sudoku 4x4", xaxis_title="step", yaxis_title="mean reward")
-    atomic_write_text(args.out / "rspo_sudoku.html", fig.to_html(include_plotlyjs=True))
+    atomic_write_text(args.out / "rspo_sudoku.html", fig.to_html(include_plotlyjs="cdn"))
     print(md)
 
 
