@@ -17,7 +17,6 @@ Writes benchmarks/results/explorer[_DEVICE].json.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import torch
 
 from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_feature_store
 from dlmscope.data import heldout_rows
+from dlmscope.io_utils import atomic_write_json
 from dlmscope.diffusion.noise import corrupt
 from dlmscope.hooks import run_with_cache
 from dlmscope.models import load_model
@@ -140,8 +140,7 @@ def main() -> dict:
         res["stores"][name] = entry
     suffix = "" if device == "cpu" else f"_{device}"
     path = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results")) / f"explorer{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=2))
+    atomic_write_json(path, res)
     print(f"wrote {path}")
     return res
 
