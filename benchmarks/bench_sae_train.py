@@ -12,6 +12,7 @@ load hits them alike. Each runs its own training step:
   `SAETrainer._train_step`, same lr, inputs scaled by its `ActivationScaler` (expected_average_only_in).
 - sparsify: `SparseCoder` forward (FVU loss + AuxK) + backward + parallel-gradient removal + its own
   default optimiser (signum, schedule-free, lr 5e-3/sqrt(n/2^14)), b_dec = mean of the first batch.
+- sparsify-adam: the same with Adam at our lr, so the FVU comparison can also be made at one optimiser.
 
 Reported: training tokens/s (timed steps after `--warmup` steps) and textbook FVU on the held-out set
 after the same tokens; ratios dlmscope / other. JSON goes to benchmarks/results/sae_train.json.
@@ -42,9 +43,11 @@ def dlm_activations(n: int, device: str) -> torch.Tensor:
     rows = pack(lm.tokenizer, load_texts("builtin"), 128)
     hook = "blocks.3.hook_resid_post"
     src = ActivationSource(lm, [hook], rows.input_ids, policy="all", seqs_per_batch=64)
-    acts, got, i = [], 0, 0
-    while got < n:
-        a = src.batch(0, i).acts[hook].float().cpu()
+    acts, got, epoch, i = [], 0, 0, 0
+    while got < n:  # further epochs draw new masks over the same text
+        if i == len(src):
+            epoch, i = epoch + 1, 0
+        a = src.batch(epoch, i).acts[hook].float().cpu()
         acts.append(a)
         got, i = got + a.shape[0], i + 1
     return torch.cat(acts)[:n]
@@ -123,19 +126,26 @@ class SAELens:
 
 
 class Sparsify:
+    """sparsify's SparseCoder and its default optimiser (signum, schedule-free)."""
+
     name = "sparsify"
 
     def __init__(self, d, n, k, lr, total, bs, dead, device):
-        from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig
-        from sparsify.sign_sgd import SignSGD
 
         self.sc = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
-        self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sc.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]),
-                                       momentum=0.95)
-        self.opt.train()
+        self.opt = self.optimiser(n, lr)
         self.since = torch.zeros(n, dtype=torch.long, device=device)
         self.dead, self.first = dead, True
+
+    def optimiser(self, n, lr):
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD([{"params": self.sc.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]),
+                                  momentum=0.95)
+        opt.train()
+        return opt
 
     def step(self, x):
         if self.first:
@@ -152,12 +162,24 @@ class Sparsify:
         self.opt.zero_grad()
 
     def reconstruct(self, x):
-        self.opt.eval()  # schedule-free: evaluate the averaged weights
+        averaged = hasattr(self.opt, "eval")  # schedule-free: evaluate the averaged weights
+        if averaged:
+            self.opt.eval()
         try:
             with torch.no_grad():
                 return self.sc(x).sae_out
         finally:
-            self.opt.train()
+            if averaged:
+                self.opt.train()
+
+
+class SparsifyAdam(Sparsify):
+    """The same SparseCoder with its Adam option at our lr (no warm-up, like ours here): same optimiser as ours."""
+
+    name = "sparsify-adam"
+
+    def optimiser(self, n, lr):
+        return torch.optim.Adam(self.sc.parameters(), lr=lr, betas=(0.9, 0.999))
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -174,7 +196,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
-    p.add_argument("--trainers", default="dlmscope,saelens,sparsify", help="comma-separated subset to run")
+    p.add_argument("--trainers", default="dlmscope,saelens,sparsify,sparsify-adam", help="comma-separated subset to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_train.json"))
     args = p.parse_args()
@@ -188,7 +210,7 @@ def main() -> None:
     lr, total = 2e-4 / math.sqrt(args.latents / 2**14), steps * args.batch
     dead = min(10_000_000, total // 5)
     runners = [cls(d, args.latents, args.k, lr, total, args.batch, dead, args.device)
-               for cls in (Ours, SAELens, Sparsify) if cls.name in args.trainers.split(",")]
+               for cls in (Ours, SAELens, Sparsify, SparsifyAdam) if cls.name in args.trainers.split(",")]
     seconds = {r.name: 0.0 for r in runners}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for i, b in enumerate(batches):

@@ -132,6 +132,15 @@ class SAETrainer:
         if reduce is not None:
             b = reduce(b)
         self.sae.b_dec.copy_(b)
+        # Scale the transposed-decoder encoder so the first reconstruction has the least-squares right size:
+        # at scale 1 the k projections overshoot (about 2x here), and undoing that costs Adam many steps.
+        sae, xc = self.sae, xs - b
+        r = sae.decode(sae.encode_topk(x)) * sae.input_scale - sae.b_dec
+        dots = torch.stack([(xc * r).sum(), (r * r).sum()])
+        if reduce is not None:
+            dots = reduce(dots)
+        if dots[1] > 0 and dots[0] > 0:
+            sae.W_enc.mul_(dots[0] / dots[1])
         self.initialised = True
 
     def step(self, x: torch.Tensor, reduce: Reduce | None = None) -> dict:
