@@ -326,6 +326,7 @@ def stability(
     sae: str = typer.Option(..., help="SAE trained on the first checkpoint (name or folder)."),
     checkpoints: str = typer.Option(..., help="Comma-separated checkpoints; the first is the SAE's own."),
     saes: str = typer.Option("", help="Optional comma-separated SAEs, one per checkpoint, for decoder matching."),
+    control_sae: str = typer.Option("", help="Second SAE on the first checkpoint (other seed): the matching floor."),
     n_seqs: int = typer.Option(32, help="Held-out sequences."),
     out: str = typer.Option("stability", help="Folder for report.json and report.html."),
     device: str = DeviceOpt,
@@ -343,8 +344,9 @@ def stability(
     per = [load_sae(s_.strip(), device=device) for s_ in saes.split(",") if s_.strip()]
     if per and len(per) != len(lms):
         raise DLMScopeError(f"--saes lists {len(per)} SAEs for {len(lms)} checkpoints; give one per checkpoint or none")
+    control = load_sae(control_sae, device=device) if control_sae else None
     report = stability_report(load_sae(sae, device=device), lms, heldout_rows(lms[0].tokenizer, 128),
-                              saes_per_checkpoint=per or None, n_seqs=n_seqs)
+                              saes_per_checkpoint=per or None, control_sae=control, n_seqs=n_seqs)
     typer.echo(stability_table(report))
     atomic_write_json(Path(out) / "report.json", report)
     write_report_html(report, Path(out) / "report.html")

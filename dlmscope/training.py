@@ -60,7 +60,7 @@ class TrainSAEConfig:
     """Rows per model forward."""
     total_tokens: int = 600_000
     """Training tokens per SAE (the default finishes in about 3-4 minutes on a 2-core CPU)."""
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Activation vectors per SAE step."""
     buffer_tokens: int = 65536
     """Shuffle-buffer capacity in tokens."""

@@ -64,3 +64,8 @@ def test_analysis_commands_smoke(tmp_path, capsys):
     main(["order", "--sae", "tiny-dlm-L3-k32", "--strategies", "low_confidence,sae_stability", "--n", "4",
           "--steps", "8", "--gen-length", "16", "-p", "The list type"])
     assert "sae_stability" in capsys.readouterr().out
+    main(["stability", "--sae", "tiny-dlm-L1-k32", "--checkpoints", "dlmscope-tiny-dlm,dlmscope-tiny-dlm", "--n-seqs", "4",
+          "--saes", "tiny-dlm-L1-k32,tiny-dlm-L1-k32", "--control-sae", "tiny-dlm-L1-k32", "--out", str(tmp_path / "stab")])
+    assert "(other seed: control) | 1.000 |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "stab" / "report.json").read_text())
+    assert report["features"][1]["mean_correlation"] > 0.999 and (tmp_path / "stab" / "report.html").is_file()

@@ -57,8 +57,12 @@ def matched_similarity(saes: list) -> list[dict]:
 
 @torch.no_grad()
 def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *, saes_per_checkpoint: list | None = None,
-                     n_seqs: int = 32, seed: int = 0) -> dict:
-    """Compare `checkpoints[1:]` with `checkpoints[0]` (on which `sae` was trained)."""
+                     control_sae=None, n_seqs: int = 32, seed: int = 0) -> dict:
+    """Compare `checkpoints[1:]` with `checkpoints[0]` (on which `sae` was trained).
+
+    Decoder matching between per-checkpoint SAEs only means something next to its floor: `control_sae`, a
+    second SAE on the first checkpoint trained with another seed, gives how far two SAEs of one model differ.
+    """
     if len(checkpoints) < 2:
         raise DLMScopeError("give at least two checkpoints: the SAE's own and one later checkpoint")
     base = checkpoints[0]
@@ -101,6 +105,10 @@ def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *,
                                    "n_alive_features": int(alive.sum())})
     if saes_per_checkpoint:
         report["matching"] = matched_similarity(saes_per_checkpoint)
+        if control_sae is not None:
+            report["matching_control"] = matched_similarity([saes_per_checkpoint[0], control_sae])[0]
+    elif control_sae is not None:
+        raise DLMScopeError("a control SAE needs per-checkpoint SAEs to compare against; give saes_per_checkpoint too")
     return report
 
 
@@ -110,9 +118,14 @@ def stability_table(report: dict) -> str:
     for t, f in zip(report["transfer"], report["features"]):
         lines.append(f"| {t['checkpoint']} | {t['fvu']:.4f} | {t['l0']:.1f} | {t['dead_fraction']:.3f} | {t['delta_ce']:+.4f} "
                      f"| {f['mean_correlation']:.4f} | {f['top_example_overlap_ge_half']:.3f} |")
-    for i, m in enumerate(report.get("matching", []), 1):
-        lines.append(f"\nSAE {i} vs SAE 0 decoder matching: mean cosine {m['mean']:.3f}, median {m['median']:.3f}, "
-                     f"p10 {m['p10']:.3f}, fraction > 0.9: {m['fraction_above_0.9']:.3f}")
+    matches = [(report["checkpoints"][i], m) for i, m in enumerate(report.get("matching", []), 1)]
+    if "matching_control" in report:
+        matches.append((f"{report['checkpoints'][0]} (other seed: control)", report["matching_control"]))
+    if matches:
+        lines += ["", f"Decoder matching against the SAE of {report['checkpoints'][0]} (Hungarian, cosine):", "",
+                  "| SAE of | mean | median | p10 | fraction > 0.9 |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['mean']:.3f} | {m['median']:.3f} | {m['p10']:.3f} | {m['fraction_above_0.9']:.3f} |"
+                  for name, m in matches]
     return "\n".join(lines)
 
 
@@ -128,6 +141,9 @@ def write_report_html(report: dict, path) -> None:
     fig.add_trace(go.Bar(x=names, y=[t["fvu"] for t in report["transfer"]], name="FVU"), row=1, col=1)
     fig.add_trace(go.Bar(x=names, y=[f["mean_correlation"] for f in report["features"]], name="corr"), row=1, col=2)
     for i, m in enumerate(report.get("matching", []), 1):
-        fig.add_trace(go.Histogram(x=m["matched"], name=f"SAE {i} vs 0", nbinsx=40), row=1, col=3)
-    fig.update_layout(title=f"feature stability at {report['hook']}", height=450)
+        fig.add_trace(go.Histogram(x=m["matched"], name=report["checkpoints"][i], nbinsx=40, opacity=0.6), row=1, col=3)
+    if "matching_control" in report:
+        fig.add_trace(go.Histogram(x=report["matching_control"]["matched"], name="control (other seed)", nbinsx=40,
+                                   opacity=0.6), row=1, col=3)
+    fig.update_layout(title=f"feature stability at {report['hook']}", height=450, barmode="overlay")
     atomic_write_text(path, fig.to_html(include_plotlyjs=True))

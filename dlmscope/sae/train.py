@@ -37,7 +37,7 @@ class TrainConfig:
 
     total_tokens: int = 1_000_000
     """Tokens the SAE trains on (steps = total_tokens // batch_size)."""
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Activation vectors per optimiser step."""
     lr: float | None = None
     """Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (OpenAI's scaling law)."""

@@ -17,6 +17,21 @@ def test_identical_checkpoints_are_perfectly_stable(tiny_dirs, tiny_sae):
     assert r["matching"][0]["mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_control_sae_gives_the_matching_floor(tiny_dirs, tiny_sae):
+    import copy
+
+    a = load_model(tiny_dirs["llada"])
+    rows = torch.randint(4, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    other = copy.deepcopy(tiny_sae)
+    with torch.no_grad():  # an unrelated dictionary
+        other.W_dec.copy_(torch.randn(other.W_dec.shape, generator=torch.Generator().manual_seed(123)))
+    r = stability_report(tiny_sae, [a, a], rows, saes_per_checkpoint=[tiny_sae, tiny_sae], control_sae=other, n_seqs=8)
+    assert r["matching"][0]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert r["matching_control"]["mean"] < 0.6 and r["matching_control"]["fraction_above_0.9"] == 0.0
+    with pytest.raises(DLMScopeError, match="control SAE needs per-checkpoint SAEs"):
+        stability_report(tiny_sae, [a, a], rows, control_sae=other, n_seqs=8)
+
+
 def test_different_architectures_rejected(tiny_dirs, tmp_path, tokenizer):
     from dlmscope.models.tiny import write_tiny_llada
 
