@@ -46,7 +46,7 @@ def train_and_eval(args) -> dict:
             folders = sorted((run_dir / "saes").iterdir())
         else:
             run = train_sae(TrainSAEConfig(model=model, layers=layers, k=args.k, total_tokens=args.tokens,
-                                           expansion=args.expansion, out=str(ROOT / "runs"), name=name,
+                                           batch_size=args.sae_batch_size, expansion=args.expansion, out=str(ROOT / "runs"), name=name,
                                            eval_every=50, checkpoint_every=100_000, device=args.device,
                                            progress=False))
             metrics, folders = run.metrics, list(run.saes.values())
@@ -147,6 +147,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
     p.add_argument("--k", default="16,32")
+    p.add_argument("--sae-batch-size", type=int, default=4096, help="SAE batch (4096 made the committed results)")
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--n-seqs", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
