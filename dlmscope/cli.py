@@ -453,14 +453,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    except Exception as e:
+        if not isinstance(e, _usage_errors()):
+            raise
+        typer.echo(f"error: {e.format_message()} (see --help)", err=True)
+        sys.exit(2)
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
+def _usage_errors() -> tuple[type, ...]:
+    """Click's exception base: recent typer vendors click as `typer._click`, older ones use `click`."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
 
 if __name__ == "__main__":
     main()

@@ -48,6 +48,9 @@ def test_console_script_runs_as_a_module():
     (["steer", "--sae", "tiny-dlm-L1-k32", "--feature", "99999"], "out of range"),
     (["steer", "--sae", "tiny-ar-L1-k32", "--feature", "1"], "trained on model"),
     (["eval-splice", "--sae", "nope"], "unknown SAE"),
+    (["train-sae", "--progress", "false"], "unexpected extra argument"),
+    (["generate", "--steps", "many"], "Invalid value for '--steps'"),
+    (["no-such-command"], "No such command"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:
