@@ -27,11 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_feature_store
+from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_feature_store, encoded_batches
 from dlmscope.data import heldout_rows
 from dlmscope.io_utils import atomic_write_json
-from dlmscope.diffusion.noise import corrupt
-from dlmscope.hooks import run_with_cache
 from dlmscope.models import load_model
 from dlmscope.sae import SAEConfig, TopKSAE, load_sae, save_sae
 
@@ -48,33 +46,17 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(out)
 
 
-@torch.no_grad()
 def bare_pass(lm, sae, rows, cfg: FeatureStoreConfig) -> None:
-    """The forward passes and encode the build needs, nothing else (same masking)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    hook = sae.cfg.hook_name
-    for start in range(0, rows.shape[0], cfg.batch_size):
-        x0 = rows[start:start + cfg.batch_size]
-        t = cfg.t_low + (cfg.t_high - cfg.t_low) * torch.rand(x0.shape[0], generator=gen)
-        xt = corrupt(x0, lm.mask_id, t, eps=0.0, keep_first=True, generator=gen).xt
-        acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].flatten(0, 1).float()
-        sae.encode(acts.to(sae.device))
+    """The forward passes and encode the build needs, nothing else (the build's own pass, its outputs unused)."""
+    for _ in encoded_batches(lm, sae, sae.cfg.hook_name, rows, cfg):
+        pass
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def live_feature(lm, sae, rows, cfg: FeatureStoreConfig, f: int) -> None:
     """What a page would do without a store: encode everything, then find the feature's top activations."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    hook, acts_f = sae.cfg.hook_name, []
-    with torch.no_grad():
-        for start in range(0, rows.shape[0], cfg.batch_size):
-            x0 = rows[start:start + cfg.batch_size]
-            t = cfg.t_low + (cfg.t_high - cfg.t_low) * torch.rand(x0.shape[0], generator=gen)
-            xt = corrupt(x0, lm.mask_id, t, eps=0.0, keep_first=True, generator=gen).xt
-            acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].flatten(0, 1).float()
-            acts_f.append(sae.encode(acts.to(sae.device))[:, f].cpu())
-    torch.cat(acts_f).topk(10)
+    torch.cat([lat[:, f].cpu() for *_, lat in encoded_batches(lm, sae, sae.cfg.hook_name, rows, cfg)]).topk(10)
 
 
 def page_times(store: Path, feature: int, reps: int) -> dict:

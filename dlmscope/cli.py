@@ -470,5 +470,6 @@ def _usage_errors() -> tuple[type, ...]:
             pass
     return tuple(found)
 
+
 if __name__ == "__main__":
     main()

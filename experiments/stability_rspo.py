@@ -55,12 +55,13 @@ def run(args) -> dict:
     res = {"config": {"checkpoint": str(args.checkpoint), "total_tokens": args.total_tokens, "n_seqs": args.n_seqs},
            "layers": {}}
     for hook in saes["base"]:
-        load = lambda run: load_sae(str(saes[run][hook]), device=args.device)  # noqa: E731
-        report = stability_report(load("base"), [base, tuned], rows, saes_per_checkpoint=[load("base"), load("rspo")],
-                                  control_sae=load("control"), n_seqs=args.n_seqs)
+        base_sae, rspo_sae, control = (load_sae(str(saes[run][hook]), device=args.device)
+                                       for run in ("base", "rspo", "control"))
+        report = stability_report(base_sae, [base, tuned], rows, saes_per_checkpoint=[base_sae, rspo_sae],
+                                  control_sae=control, n_seqs=args.n_seqs)
         # Chance level: random directions of the same shape (a seed no SAE init used: seed 0 would be the base init).
-        noise = torch.randn(load("base").W_dec.shape, generator=torch.Generator().manual_seed(12345))
-        report["matching_random"] = matched_similarity([load("base"), SimpleNamespace(W_dec=noise)])[0]
+        noise = torch.randn(base_sae.W_dec.shape, generator=torch.Generator().manual_seed(12345))
+        report["matching_random"] = matched_similarity([base_sae, SimpleNamespace(W_dec=noise)])[0]
         for m in [*report["matching"], report["matching_control"], report["matching_random"]]:
             m.pop("matched")  # keep the JSON small; the histogram below uses the quantiles
         res["layers"][hook] = report

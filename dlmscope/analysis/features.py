@@ -133,6 +133,24 @@ def _write_folder(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -
 
 
 @torch.no_grad()
+def encoded_batches(lm: LoadedModel, sae, hook: str, rows: torch.Tensor, cfg: FeatureStoreConfig):
+    """The store's pass over `rows`: DLM-Scope masking (diffusion models), activations at `hook`, latents.
+
+    Yields (first row, masked (B, L), activations (B*L, d), latents (B*L, n_latents)) per `cfg.batch_size` rows.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for start in range(0, rows.shape[0], cfg.batch_size):
+        xt = x0 = rows[start:start + cfg.batch_size]
+        masked = torch.zeros_like(x0, dtype=torch.bool)
+        if lm.is_diffusion:
+            t = cfg.t_low + (cfg.t_high - cfg.t_low) * torch.rand(x0.shape[0], generator=gen)
+            c = corrupt(x0, lm.require_mask_id(), t, eps=0.0, keep_first=True, generator=gen)
+            xt, masked = c.xt, c.mask
+        acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].flatten(0, 1).to(sae.device, torch.float32)
+        yield start, masked, acts, sae.encode(acts)
+
+
+@torch.no_grad()
 def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Path,
                         cfg: FeatureStoreConfig = FeatureStoreConfig(), sae_name: str = "", model_ref: str = "") -> Path:
     """Encode held-out `rows` (S, L) through `sae` at its hook and write the explorer's store to `out`.
@@ -150,22 +168,14 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
         raise DLMScopeError(f"no held-out tokens to build the feature store from (rows of shape {tuple(rows.shape)})")
     if int(rows.max()) >= lm.vocab_size:
         raise DLMScopeError(f"token id {int(rows.max())} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
-    gen = torch.Generator().manual_seed(cfg.seed)
     S, L = rows.shape
     masked_all = torch.zeros(S, L, dtype=torch.bool)
     feats, flat_pos, vals = [], [], []
     fvus = {"all": _FVU(), "masked": _FVU(), "visible": _FVU()}
-    for start in range(0, S, cfg.batch_size):
-        x0 = rows[start:start + cfg.batch_size]
-        xt = x0
-        if lm.is_diffusion:
-            t = cfg.t_low + (cfg.t_high - cfg.t_low) * torch.rand(x0.shape[0], generator=gen)
-            c = corrupt(x0, lm.require_mask_id(), t, eps=0.0, keep_first=True, generator=gen)
-            xt, masked_all[start:start + x0.shape[0]] = c.xt, c.mask
-        acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].flatten(0, 1).to(sae.device, torch.float32)
-        dense = sae.encode(acts)
+    for start, masked, acts, dense in encoded_batches(lm, sae, hook, rows, cfg):
+        masked_all[start:start + masked.shape[0]] = masked
         recon = sae.decode(dense)
-        m = masked_all[start:start + x0.shape[0]].flatten().to(acts.device)
+        m = masked.flatten().to(acts.device)
         fvus["all"].add(acts, recon)
         fvus["masked"].add(acts[m], recon[m])
         fvus["visible"].add(acts[~m], recon[~m])

@@ -65,6 +65,8 @@ def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *,
     """
     if len(checkpoints) < 2:
         raise DLMScopeError("give at least two checkpoints: the SAE's own and one later checkpoint")
+    if control_sae is not None and not saes_per_checkpoint:
+        raise DLMScopeError("a control SAE needs per-checkpoint SAEs to compare against; give saes_per_checkpoint too")
     base = checkpoints[0]
     hook = check_sae_matches(base, sae)
     for lm in checkpoints[1:]:
@@ -107,8 +109,6 @@ def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *,
         report["matching"] = matched_similarity(saes_per_checkpoint)
         if control_sae is not None:
             report["matching_control"] = matched_similarity([saes_per_checkpoint[0], control_sae])[0]
-    elif control_sae is not None:
-        raise DLMScopeError("a control SAE needs per-checkpoint SAEs to compare against; give saes_per_checkpoint too")
     return report
 
 
