@@ -19,7 +19,8 @@ Resume state (`save_state(folder, name, state)` / `load_state(folder, name)` / `
 
 - `state` is any nesting of dicts, lists, tuples, tensors and JSON scalars (an optimizer `state_dict()`
   with int keys and tuple betas included). `flatten` splits it into a dict of tensors (saved with
-  safetensors) and a JSON skeleton; `unflatten` rebuilds it exactly (types, dict keys, float bits).
+  safetensors) and a JSON skeleton; `unflatten` rebuilds it exactly (types, dict keys, float bits, and the
+  memory layout of transposed tensors, which fused optimizers rely on).
 - On disk: `<name>.<digest>.safetensors` (content-addressed) and `<name>.json` holding the skeleton,
   the tensors file's name and sha256, and the sha256 of its own canonical body. Both are written
   atomically, the JSON last, and older tensor files are removed after it: a kill at any point leaves
@@ -172,8 +173,14 @@ def flatten(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
     def walk(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             key = str(len(tensors))
-            tensors[key] = x.detach().cpu().clone().contiguous()
-            return {"__tensor__": key}
+            # Keep the memory layout (a transposed weight stays transposed): fused optimizers pair a
+            # parameter with its state element by element in memory order.
+            perm = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+            dense = x.permute(perm)
+            if not dense.is_contiguous() or perm == list(range(x.dim())):
+                dense, perm = x, None
+            tensors[key] = dense.detach().cpu().clone().contiguous()
+            return {"__tensor__": key, "perm": perm} if perm else {"__tensor__": key}
         if isinstance(x, dict):
             if all(isinstance(k, str) and not k.startswith("__") for k in x):
                 return {k: walk(v) for k, v in x.items()}
@@ -195,7 +202,9 @@ def unflatten(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     def walk(x: Any) -> Any:
         if isinstance(x, dict):
             if "__tensor__" in x:
-                return tensors[x["__tensor__"]]
+                t = tensors[x["__tensor__"]]
+                perm = x.get("perm")
+                return t.permute(sorted(range(t.dim()), key=perm.__getitem__)) if perm else t
             if "__tuple__" in x:
                 return tuple(walk(v) for v in x["__tuple__"])
             if "__items__" in x:
@@ -258,7 +267,7 @@ def load_state(folder: str | os.PathLike, name: str) -> Any:
     if hashlib.sha256(raw).hexdigest() != body["tensors"]["sha256"]:
         raise DLMScopeError(f"resume state {str(data_file)!r} is corrupt (checksum mismatch)")
     try:
-        return unflatten(load_bytes(raw), body["state"])
+        return unflatten({k: v.clone() for k, v in load_bytes(raw).items()}, body["state"])
     except Exception as e:
         raise DLMScopeError(f"resume state {str(path)!r} is malformed: {e}") from None
 

@@ -139,12 +139,13 @@ def test_optimizer_and_rng_resume_bit_exact(tmp_path):
     def make():
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 4)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+        model.w_t = torch.nn.Parameter(torch.randn(4, 8).t())  # transposed layout, as an SAE's W_enc
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), fused=True)
 
     def steps(model, opt, n):
         for _ in range(n):
             x = torch.randn(16, 8)
-            loss = (model(x) - random.random() - float(np.random.rand())).pow(2).mean()
+            loss = (model(x) + x @ model.w_t - random.random() - float(np.random.rand())).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -163,6 +164,7 @@ def test_optimizer_and_rng_resume_bit_exact(tmp_path):
     opt.load_state_dict(state["opt"])
     set_rng_state(state["rng"])
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    assert opt.state[model.w_t]["exp_avg"].stride() == model.w_t.stride() == (1, 8)
     steps(model, opt, 4)
     for a, b in zip(expected, model.parameters()):
         assert torch.equal(a, b)
