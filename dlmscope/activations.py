@@ -201,9 +201,18 @@ def _sha256(path: Path) -> str:
 
 def write_cache(source: ActivationSource, folder: str | Path, n_batches: int | None = None, *,
                 dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
-    """Write one pass of `source` as safetensors shards plus a manifest; skips shards already complete."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write one pass of `source` as safetensors shards plus a manifest; skips shards already complete.
+
+    The folder is locked while writing, and temporaries left by a killed writer are removed on start
+    (`runstate.RunFolder`)."""
+    from .runstate import RunFolder
+
+    with RunFolder(folder, resume=True):
+        return _write_cache(source, Path(folder), n_batches, dtype, progress)
+
+
+def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, dtype: torch.dtype,
+                 progress: bool) -> Path:
     n = min(n_batches or len(source), len(source))
     manifest_path = folder / "manifest.json"
     header = {"model": source.lm.name, "hooks": source.hooks, "policy": source.policy,

@@ -125,6 +125,8 @@ def _train_sae(cfg) -> None:
             typer.echo(f"{key}: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}  "
                        f"cosine {m['cosine']:.4f} -> {result.saes[key]}")
         typer.echo(f"run folder: {result.folder} (report.html, metrics.json)")
+    else:  # checkpointed and stopped: exit like a shell does on the signal (130 SIGINT, 143 SIGTERM)
+        sys.exit(128 + result.signal)
 
 
 def _register_train_sae() -> None:

@@ -1,18 +1,21 @@
 """`dlmscope train-sae`: several SAEs (layers x k) from one pass over a model, with run management.
 
-A run lives in `runs/<name>/`: `config.json`, `metrics.json`, `report.html`, one SAELens-format
-folder per SAE under `saes/`, and `checkpoint.pt` (written atomically every `checkpoint_every`
-steps and on SIGINT/SIGTERM). `--resume` continues to the same result as an uninterrupted run.
+A run lives in `runs/<name>/` (names are names, not paths): `config.json`, `metrics.json`, `report.html`,
+one SAELens-format folder per SAE under `saes/`, and the resume state `checkpoint.json` +
+`checkpoint.<digest>.safetensors` (`dlmscope.runstate`: no pickle, checksummed; written every
+`checkpoint_every` steps and on SIGINT/SIGTERM, after which the CLI exits 130/143). `--resume` continues
+to the same result as an uninterrupted run. The folder is locked while a run uses it.
 Under `torchrun` each process generates activations for its share of the data and gradients are
 averaged across processes; rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -20,9 +23,10 @@ import torch
 
 from .activations import ActivationSource, CachedSource, ShuffleBuffer
 from .errors import DLMScopeError
-from .io_utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_json, atomic_write_text
 from .models.zoo import DEFAULT_MODEL
-from .sae import SAEConfig, SAETrainer, TrainConfig, evaluate_sae, save_sae
+from .runstate import RunFolder, check_name, has_state, load_state, rng_state, save_state, set_rng_state
+from .sae import SAEConfig, SAETrainer, TrainConfig, save_sae
 from .sae.metrics import log10_density_histogram
 
 
@@ -107,7 +111,9 @@ class TrainSAEConfig:
         return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
 
     def run_name(self) -> str:
-        return self.name or f"{Path(self.model).name}-L{self.layers.replace(',', '_')}-k{self.k.replace(',', '_')}"
+        if self.name:
+            return self.name
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{Path(self.model).name}-L{self.layers}-k{self.k}".replace(",", "_"))
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -166,6 +172,8 @@ class RunResult:
     metrics: dict
     interrupted: bool = False
     history: list = field(default_factory=list)
+    signal: int = 0
+    """The signal (SIGINT/SIGTERM) that stopped an interrupted run; the CLI exits 128 + signal."""
 
 
 def split_texts(dataset: str, column: str) -> tuple[list[str], list[str]]:
@@ -194,172 +202,250 @@ def _eval_set(source, n_tokens: int) -> dict[str, torch.Tensor]:
     return {h: torch.cat(a)[:n_tokens] for h, a in acts.items()}
 
 
-def train_sae(cfg: TrainSAEConfig) -> RunResult:
-    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring."""
-    from .data import pack
-    from .models import load_model
+class DictionaryRun:
+    """One run training several dictionaries on a shared activation stream, in steps other dictionary types
+    (crosscoders, other SAE architectures) reuse by subclassing:
 
-    dist = _Dist(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    layers, ks = cfg.layer_list(), cfg.k_list()
-    if not layers or not ks:
-        raise DLMScopeError("give at least one layer and one k")
-    if cfg.site not in ("pre", "mid", "post"):
-        raise DLMScopeError(f"site={cfg.site!r}; allowed: pre, mid, post")
-    folder = Path(cfg.out) / cfg.run_name()
-    ckpt_path = folder / "checkpoint.pt"
-    if dist.main:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / ".write-test").touch()
-            (folder / ".write-test").unlink()
-        except OSError as e:
-            raise DLMScopeError(f"cannot write to output folder {str(folder)!r}: {e.strerror}") from None
-        if ckpt_path.exists() and not cfg.resume:
-            raise DLMScopeError(f"run {str(folder)!r} already exists; pass --resume to continue it or choose --name")
-    hooks = [f"blocks.{i}.hook_resid_{cfg.site}" for i in layers]
+    - `setup()`: activation sources (model or cache; split across torchrun processes), shuffle buffer,
+      held-out set, then `build_trainers(d_in, meta)` (subclass) fills `trainers` and `routes`.
+    - `resume()`: restores what `checkpoint()` wrote (`dlmscope.runstate`: safetensors + JSON, checksummed).
+    - `step()`: one optimiser step of every trainer on the next batch; `inputs(key, acts)` picks a trainer's
+      input (default: the activations of its hook in `routes`).
+    - `evaluate()`: held-out metrics of every trainer, appended to `history`.
+    - `checkpoint()`: config.json and the resume state (collective under torchrun; rank 0 writes).
+    - `finish()`: final metrics, `save_output(key, trainer, density)` (subclass), metrics.json, report.html.
 
-    if cfg.cache:  # the last shard is held out for metrics; the others are split across processes
-        eval_src = CachedSource(cfg.cache, shards=slice(-1, None))
-        missing = [h for h in hooks if h not in eval_src.hooks]
-        if missing:
-            raise DLMScopeError(f"cache {cfg.cache!r} lacks hooks {missing}; it has {eval_src.hooks}")
-        n_shards = len(eval_src.manifest["shards"])
-        if n_shards < 1 + dist.world:
-            raise DLMScopeError(f"cache {cfg.cache!r} has {n_shards} shard(s); training needs at least "
-                                f"{1 + dist.world} (one held out, one per process)")
-        train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
-        model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
-    else:
-        lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
-        for h in hooks:
-            lm.site(h)
-        if lm.tokenizer is None:
-            raise DLMScopeError(f"model {cfg.model!r} has no tokenizer; train from a cache (--cache) instead")
-        train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)
-        train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
-        eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
-        common = dict(policy=cfg.policy or None, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
-        train_src = ActivationSource(lm, hooks, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
-                                     rank=dist.rank, world=dist.world, **common)
-        eval_src = ActivationSource(lm, hooks, eval_rows.input_ids, eval_rows.doc_ids, seed=cfg.seed + 1,
-                                    **{**common, "seqs_per_batch": min(cfg.seqs_per_forward, eval_rows.input_ids.shape[0])})
-        model_name, d_model, policy = lm.name, lm.d_model, train_src.policy
+    A trainer has `step(x, reduce) -> logs` (with loss, fvu, l0, dead_fraction), `evaluate(x) -> metrics`
+    (with density), `state_dict()` and `load_state_dict()`. The run folder is locked for the whole run
+    (`runstate.RunFolder`); SIGINT/SIGTERM finish the step, checkpoint and stop (`RunResult.signal`).
+    """
 
-    local_batch = cfg.batch_size // dist.world
-    buffer = ShuffleBuffer(train_src, max(cfg.buffer_tokens // dist.world, 2 * local_batch), local_batch, seed=cfg.seed + dist.rank)
-    eval_set = _eval_set(eval_src, cfg.eval_tokens)
-    d_in = next(iter(eval_set.values())).shape[1] if d_model is None else d_model
-    tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
-                       autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
-    trainers: dict[str, SAETrainer] = {}
-    sae_devices = cfg.sae_device_list(dist.device)
-    for h in hooks:
-        for k in ks:
-            meta = {"model_name": model_name, "hook_name": h, "masking_policy": policy,
-                    "t_range": [cfg.t_min, cfg.t_max], "dataset_path": cfg.dataset, "context_size": cfg.context_length}
-            trainers[f"{h}-k{k}"] = SAETrainer(SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture, meta),
-                                               tcfg, sae_devices[len(trainers) % len(sae_devices)])
-    history: list[dict] = []
-    step = 0
-    if cfg.resume:
-        if not ckpt_path.is_file():
-            raise DLMScopeError(f"--resume given but {str(ckpt_path)!r} does not exist")
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise DLMScopeError(f"checkpoint {str(ckpt_path)!r} is corrupt: {e}") from None
-        changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
+    state_name = "checkpoint"
+
+    def __init__(self, cfg: TrainSAEConfig):
+        self.cfg = cfg
+        self.dist = _Dist(cfg.device)
+        self.folder = Path(cfg.out) / check_name(cfg.run_name())
+        if cfg.site not in ("pre", "mid", "post"):
+            raise DLMScopeError(f"site={cfg.site!r}; allowed: pre, mid, post")
+        if not cfg.layer_list():
+            raise DLMScopeError("give at least one layer")
+        self.hooks = [f"blocks.{i}.hook_resid_{cfg.site}" for i in cfg.layer_list()]
+        self.trainers: dict = {}
+        self.routes: dict[str, str] = {}
+        self.history: list[dict] = []
+        self.steps_done = 0
+        self.signal = 0
+
+    # ----------------------------------------------------------------------------------- subclass API
+    def build_trainers(self, d_in: int, meta: dict) -> None:
+        raise NotImplementedError
+
+    def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
+        raise NotImplementedError
+
+    def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return acts[self.routes[key]]
+
+    # ------------------------------------------------------------------------------------------ steps
+    def run(self) -> RunResult:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        with RunFolder(self.folder, self.cfg.resume) if self.dist.main else nullcontext():
+            self.setup()
+            if self.cfg.resume:
+                self.resume()
+            with self._signals():
+                self.train()
+            if self.signal:
+                self.checkpoint()
+                if self.dist.main:
+                    print(f"interrupted at step {self.steps_done}/{self.total_steps}; checkpoint written, "
+                          "continue with --resume")
+                return RunResult(self.folder, {}, {}, True, self.history, self.signal)
+            return self.finish()
+
+    def setup(self) -> None:
+        from .data import pack
+        from .models import load_model
+
+        cfg, dist = self.cfg, self.dist
+        if cfg.cache:  # the last shard is held out for metrics; the others are split across processes
+            eval_src = CachedSource(cfg.cache, shards=slice(-1, None))
+            missing = [h for h in self.hooks if h not in eval_src.hooks]
+            if missing:
+                raise DLMScopeError(f"cache {cfg.cache!r} lacks hooks {missing}; it has {eval_src.hooks}")
+            n_shards = len(eval_src.manifest["shards"])
+            if n_shards < 1 + dist.world:
+                raise DLMScopeError(f"cache {cfg.cache!r} has {n_shards} shard(s); training needs at least "
+                                    f"{1 + dist.world} (one held out, one per process)")
+            train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
+            model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
+        else:
+            lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
+            for h in self.hooks:
+                lm.site(h)
+            if lm.tokenizer is None:
+                raise DLMScopeError(f"model {cfg.model!r} has no tokenizer; train from a cache (--cache) instead")
+            train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)
+            train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
+            eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
+            common = dict(policy=cfg.policy or None, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
+            train_src = ActivationSource(lm, self.hooks, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
+                                         rank=dist.rank, world=dist.world, **common)
+            eval_src = ActivationSource(lm, self.hooks, eval_rows.input_ids, eval_rows.doc_ids, seed=cfg.seed + 1,
+                                        **{**common, "seqs_per_batch": min(cfg.seqs_per_forward, eval_rows.input_ids.shape[0])})
+            model_name, d_model, policy = lm.name, lm.d_model, train_src.policy
+        local_batch = cfg.batch_size // dist.world
+        self.buffer = ShuffleBuffer(train_src, max(cfg.buffer_tokens // dist.world, 2 * local_batch), local_batch,
+                                    seed=cfg.seed + dist.rank)
+        self.eval_set = _eval_set(eval_src, cfg.eval_tokens)
+        d_in = next(iter(self.eval_set.values())).shape[1] if d_model is None else d_model
+        self.build_trainers(d_in, {"model_name": model_name, "masking_policy": policy, "t_range": [cfg.t_min, cfg.t_max],
+                                   "dataset_path": cfg.dataset, "context_size": cfg.context_length})
+        self.total_steps = cfg.total_tokens // cfg.batch_size
+
+    def resume(self) -> None:
+        if not has_state(self.folder, self.state_name):
+            legacy = " (checkpoint.pt files of older versions are not loaded: they are pickles)" \
+                if (self.folder / "checkpoint.pt").exists() else ""
+            raise DLMScopeError(f"--resume given but {str(self.folder / (self.state_name + '.json'))!r} does not "
+                                f"exist{legacy}")
+        state = load_state(self.folder, self.state_name)
+        saved = state["config"]
+        changed = [k for k, v in asdict(self.cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
         if changed:
             raise DLMScopeError(f"--resume with changed options {changed}; the checkpoint was written with "
-                                f"{ {k: state['config'].get(k) for k in changed} }")
-        saved_world = len(state["buffers"]) if state["buffers"] else 1
-        if saved_world != dist.world:
-            raise DLMScopeError(f"the checkpoint was written by {saved_world} process(es); resume it with "
-                                f"the same number, not {dist.world}")
-        for key, tr in trainers.items():
+                                f"{ {k: saved.get(k) for k in changed} }")
+        if len(state["ranks"]) != self.dist.world:
+            raise DLMScopeError(f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with "
+                                f"the same number, not {self.dist.world}")
+        for key, tr in self.trainers.items():
             tr.load_state_dict(state["trainers"][key])
-        buffer.load_state_dict(state["buffers"][dist.rank] if dist.world > 1 else state["buffer"])
-        step, history = state["step"], state["history"]
-    if dist.main:
-        atomic_write_json(folder / "config.json", asdict(cfg))
+        mine = state["ranks"][self.dist.rank]
+        self.buffer.load_state_dict(mine["buffer"])
+        set_rng_state(mine["rng"])
+        self.steps_done, self.history = state["step"], state["history"]
 
-    stop = {"flag": False}
+    def train(self) -> None:
+        cfg = self.cfg
+        bar = None
+        if cfg.progress and self.dist.main:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.steps_done * cfg.batch_size, unit="tok",
+                       unit_scale=True, desc=f"train-sae {len(self.trainers)} SAE(s)")
+        self.t0 = time.time()
+        try:
+            while self.steps_done < self.total_steps:
+                logs = self.step()
+                if self.steps_done % cfg.eval_every == 0 or self.steps_done == self.total_steps:
+                    self.evaluate(logs)
+                if bar is not None:
+                    bar.update(cfg.batch_size)
+                    first = logs[next(iter(logs))]
+                    bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.2f}")
+                if self._stop_requested():
+                    return
+                if self.steps_done % cfg.checkpoint_every == 0 and self.steps_done < self.total_steps:
+                    self.checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
 
-    def on_signal(signum, frame):  # finish the step, checkpoint, exit
-        stop["flag"] = True
+    def step(self) -> dict[str, dict]:
+        batch = self.buffer.next()
+        reduce = self.dist.mean if self.dist.world > 1 else None
+        logs = {key: tr.step(self.inputs(key, batch.acts), reduce) for key, tr in self.trainers.items()}
+        self.steps_done += 1
+        return logs
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def evaluate(self, logs: dict[str, dict]) -> None:
+        entry = {"step": self.steps_done, "tokens": self.steps_done * self.cfg.batch_size,
+                 "seconds": time.time() - self.t0}
+        for key, tr in self.trainers.items():
+            ev = tr.evaluate(self.inputs(key, self.eval_set))
+            entry[key] = {**{m: v for m, v in ev.items() if m != "density"}, "train_loss": logs[key]["loss"],
+                          "dead_fraction_train": logs[key]["dead_fraction"]}
+        self.history.append(entry)
 
-    def checkpoint() -> None:
-        buffers = None
-        if dist.world > 1:
+    def checkpoint(self) -> None:
+        mine = {"buffer": self.buffer.state_dict(), "rng": rng_state()}
+        ranks = [mine]
+        if self.dist.world > 1:
             import torch.distributed as tdist
 
-            buffers = [None] * dist.world
-            tdist.all_gather_object(buffers, buffer.state_dict())
-        if dist.main:
-            atomic_torch_save(ckpt_path, {"step": step, "history": history, "config": asdict(cfg),
-                                          "trainers": {k: t.state_dict() for k, t in trainers.items()},
-                                          "buffer": buffer.state_dict(), "buffers": buffers})
+            ranks = [None] * self.dist.world
+            tdist.all_gather_object(ranks, mine)
+        if self.dist.main:
+            atomic_write_json(self.folder / "config.json", asdict(self.cfg))
+            save_state(self.folder, self.state_name, {
+                "step": self.steps_done, "history": self.history, "config": asdict(self.cfg), "ranks": ranks,
+                "trainers": {k: t.state_dict() for k, t in self.trainers.items()}})
 
-    total_steps = tcfg.steps
-    bar = None
-    if cfg.progress and dist.main:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
-                   desc=f"train-sae {len(trainers)} SAE(s)")
-    reduce = dist.mean if dist.world > 1 else None
-    t0 = time.time()
-    interrupted = False
-    try:
-        while step < total_steps:
-            batch = buffer.next()
-            logs = {key: tr.step(batch.acts[key.rsplit("-k", 1)[0]], reduce) for key, tr in trainers.items()}
-            step += 1
-            if step % cfg.eval_every == 0 or step == total_steps:
-                entry = {"step": step, "tokens": step * cfg.batch_size, "seconds": time.time() - t0}
-                for key, tr in trainers.items():
-                    ev = evaluate_sae(tr.sae, eval_set[key.rsplit("-k", 1)[0]])
-                    entry[key] = {**{m: v for m, v in ev.items() if m != "density"}, "train_loss": logs[key]["loss"],
-                                  "dead_fraction_train": logs[key]["dead_fraction"]}
-                history.append(entry)
-            if bar is not None:
-                bar.update(cfg.batch_size)
-                first = logs[next(iter(logs))]
-                bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.2f}")
-            if step % cfg.checkpoint_every == 0 and step < total_steps:
-                checkpoint()
-            stop_now = torch.tensor(float(stop["flag"]))
-            if dist.world > 1:
-                stop_now = dist.mean(stop_now)
-            if float(stop_now) > 0:
-                checkpoint()
-                interrupted = True
-                break
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if bar is not None:
-            bar.close()
-    if interrupted:
-        if dist.main:
-            print(f"interrupted at step {step}/{total_steps}; checkpoint written, continue with --resume")
-        return RunResult(folder, {}, {}, True, history)
+    def finish(self) -> RunResult:
+        outputs, final = {}, {}
+        if self.dist.main:
+            for key, tr in self.trainers.items():
+                ev = tr.evaluate(self.inputs(key, self.eval_set))
+                final[key] = {m: v for m, v in ev.items() if m != "density"}
+                final[key]["density_histogram"] = log10_density_histogram(ev["density"])
+                outputs[key] = self.save_output(key, tr, ev["density"])
+            atomic_write_json(self.folder / "metrics.json", {"final": final, "history": self.history,
+                                                             "steps": self.steps_done, "seconds": time.time() - self.t0})
+            write_report(self.folder, final, self.history)
+        self.checkpoint()  # collective under torchrun: every rank takes part
+        return RunResult(self.folder, outputs, final, False, self.history)
 
-    saes, final = {}, {}
-    if dist.main:
-        for key, tr in trainers.items():
-            ev = evaluate_sae(tr.sae, eval_set[key.rsplit("-k", 1)[0]])
-            final[key] = {m: v for m, v in ev.items() if m != "density"}
-            final[key]["density_histogram"] = log10_density_histogram(ev["density"])
-            saes[key] = save_sae(tr.sae, folder / "saes" / key.replace(".", "_"), density=ev["density"])
-        atomic_write_json(folder / "metrics.json", {"final": final, "history": history, "steps": step,
-                                                    "seconds": time.time() - t0})
-        write_report(folder, final, history)
-    checkpoint()  # collective under torchrun: every rank takes part
-    return RunResult(folder, saes, final, False, history)
+    # ---------------------------------------------------------------------------------------- helpers
+    @contextmanager
+    def _signals(self):
+        def on_signal(signum, frame):  # finish the step, checkpoint, stop
+            self.signal = signum
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got a signal (agreed across torchrun processes, so all stop at the same step)."""
+        if self.dist.world == 1:
+            return bool(self.signal)
+        if float(self.dist.mean(torch.tensor(float(self.signal)))) > 0:
+            self.signal = self.signal or signal.SIGTERM
+        return bool(self.signal)
+
+
+class SAERun(DictionaryRun):
+    """Top-K / BatchTopK SAEs, one per (layer, k)."""
+
+    def __init__(self, cfg: TrainSAEConfig):
+        super().__init__(cfg)
+        if not cfg.k_list():
+            raise DLMScopeError("give at least one k")
+
+    def build_trainers(self, d_in: int, meta: dict) -> None:
+        cfg = self.cfg
+        tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
+                           autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
+        devices = cfg.sae_device_list(self.dist.device)
+        for h in self.hooks:
+            for k in cfg.k_list():
+                key = f"{h}-k{k}"
+                self.trainers[key] = SAETrainer(SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture,
+                                                          {**meta, "hook_name": h}),
+                                                tcfg, devices[len(self.routes) % len(devices)])
+                self.routes[key] = h
+
+    def save_output(self, key: str, trainer: SAETrainer, density: torch.Tensor) -> Path:
+        return save_sae(trainer.sae, self.folder / "saes" / key.replace(".", "_"), density=density)
+
+
+def train_sae(cfg: TrainSAEConfig) -> RunResult:
+    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring."""
+    return SAERun(cfg).run()
 
 
 def write_report(folder: Path, final: dict, history: list) -> Path:

@@ -81,8 +81,11 @@ def test_cache_roundtrip_resume_and_corruption(llada, tmp_path):
     assert [s["file"] for s in CachedSource(tmp_path / "c", shards=slice(1, None, 2)).shards] == ["shard-00001.safetensors"]
     shard = tmp_path / "c" / "shard-00001.safetensors"
     mtime = shard.stat().st_mtime_ns
+    leftover = tmp_path / "c" / ".shard-00002.safetensors.k9x.tmp"  # what a writer killed mid-shard leaves
+    leftover.write_bytes(b"\0" * 4096)
     write_cache(src, tmp_path / "c", progress=False)  # resumable: complete shards are kept
     assert shard.stat().st_mtime_ns == mtime
+    assert not leftover.exists() and not (tmp_path / "c" / ".lock").exists()
     with pytest.raises(DLMScopeError, match="different configuration"):
         write_cache(ActivationSource(llada, [HOOK], _rows(), policy="all", seqs_per_batch=8), tmp_path / "c", progress=False)
     shard.write_bytes(shard.read_bytes()[:-10])

@@ -10,6 +10,7 @@ import torch
 
 from dlmscope import DLMScopeError
 from dlmscope.cli import main
+from dlmscope.runstate import load_state
 from dlmscope.sae import load_sae
 from dlmscope.training import TrainSAEConfig, train_sae
 
@@ -50,7 +51,9 @@ def test_end_to_end_four_saes(full_run):
         assert sae.cfg.n_latents == 4 * 64
         assert full_run.metrics[key]["fvu"] < 1.0 and full_run.metrics[key]["l0"] <= sae.cfg.k
     folder = full_run.folder
-    assert {"config.json", "metrics.json", "report.html", "checkpoint.pt"} <= {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "metrics.json", "report.html", "checkpoint.json"} <= names
+    assert not any(n.endswith((".tmp", ".pt", ".lock")) for n in names)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [4, 8, 12]
     final = metrics["final"]["blocks.1.hook_resid_post-k8"]
@@ -79,7 +82,7 @@ def test_resume_equals_uninterrupted(full_run, tiny_dirs, text, tmp_path):
     finally:
         training.SAETrainer.step = original
     assert part.interrupted and not part.saes and not (part.folder / "saes").exists()
-    assert torch.load(part.folder / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert part.signal == signal.SIGINT and load_state(part.folder, "checkpoint")["step"] == 6
     with pytest.raises(DLMScopeError, match="already exists; pass --resume"):
         train_sae(cfg)
     cfg.resume = True
@@ -89,8 +92,35 @@ def test_resume_equals_uninterrupted(full_run, tiny_dirs, text, tmp_path):
     for key in full_run.saes:
         a, b = load_sae(full_run.saes[key]), load_sae(resumed.saes[key])
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-4)
-    assert [h["step"] for h in resumed.history] == [h["step"] for h in full_run.history]
+            assert torch.equal(getattr(a, name), getattr(b, name)), (key, name)
+    drop = ("seconds",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in full_run.history]
+    data = next(resumed.folder.glob("checkpoint.*.safetensors"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit in a weight
+    data.write_bytes(bytes(raw))
+    with pytest.raises(DLMScopeError, match=r"is corrupt \(checksum mismatch\)"):
+        train_sae(cfg)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this creates a file: stands for arbitrary code
+        return open, (str(self.marker), "w")
+
+
+def test_resume_never_unpickles(tiny_dirs, text, tmp_path):
+    import pickle
+
+    folder, marker = tmp_path / "shared", tmp_path / "pwned"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(pickle.dumps({"step": 1, "x": _Payload(marker)}))
+    with pytest.raises(DLMScopeError, match="checkpoint.json' does not exist .*not loaded: they are pickles"):
+        train_sae(_cfg(tiny_dirs, text, tmp_path, name="shared", resume=True))
+    assert not marker.exists() and (folder / "checkpoint.pt").exists()
 
 
 def test_train_from_cache(llada, tiny_dirs, text, tmp_path):
@@ -139,6 +169,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
                           (["--dataset", str(short)], "fewer than one row"),
                           (["--cache", str(tmp_path)], "not an activation cache"),
                           (["--name", "cli"], "already exists; pass --resume"),
+                          (["--name", "../../escape"], "is not a name"),
                           (["--name", "cli", "--resume", "--k", "16"], "changed options"),
                           (["--config", str(tmp_path / "c.json")], "unknown config keys ['bogus']"),
                           (["--config", str(tmp_path / "nope.yaml")], "does not exist")):
@@ -147,7 +178,8 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert _digest(tmp_path / "cli") == done  # nothing already saved was touched
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+    assert not (tmp_path / "bad").exists()  # failed runs leave no folder behind
+    assert not (tmp_path.parent.parent / "escape").exists()
     # A damaged SAE file and activations of the wrong width: one line each.
     sae_dir = next((tmp_path / "cli" / "saes").iterdir())
     sae = load_sae(sae_dir)
@@ -187,3 +219,51 @@ def test_two_process_gloo_matches_single_process(tiny_dirs, text, tmp_path):
     assert abs(a["final"][key]["fvu"] - b["final"][key]["fvu"]) < 0.05
     assert abs(a["final"][key]["cosine"] - b["final"][key]["cosine"]) < 0.05
     assert not (tmp_path / "ddp" / "saes" / key.replace(".", "_") / "rank1").exists()
+
+
+def _wait_for(done, proc, seconds=120):
+    """Wait until `done()` holds (a real run reached that point); fail if the run ended first."""
+    import time
+
+    for _ in range(seconds * 20):
+        if done():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run never got there")
+
+
+def test_concurrent_runs_kill_9_and_sigterm(tiny_dirs, text, tmp_path):
+    """Real processes: a second run of the same name is refused while the first is alive; kill -9 leaves a
+    stale lock and temporaries that the resume takes over and removes; SIGTERM checkpoints and exits 143."""
+    args = [sys.executable, "-m", "dlmscope", "train-sae", "--model", str(tiny_dirs["llada"]), "--dataset", str(text),
+            "--layers", "1", "--k", "4", "--expansion", "2", "--total-tokens", str(256 * 100_000), "--batch-size", "256",
+            "--buffer-tokens", "1024", "--seqs-per-forward", "8", "--context-length", "32", "--eval-tokens", "256",
+            "--eval-every", "1000", "--checkpoint-every", "3", "--threads", "1", "--no-progress", "--out", str(tmp_path),
+            "--name", "dup"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    state = tmp_path / "dup" / "checkpoint.json"
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(state.exists, first)
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and f"in use by another process (pid {first.pid})" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.kill()  # kill -9: no checkpoint, no cleanup
+        first.communicate()
+    leftover = tmp_path / "dup" / ".checkpoint.0123456789abcdef.safetensors.x1y2z3.tmp"
+    leftover.write_bytes(b"\0" * (1 << 20))
+    step_at_kill = load_state(tmp_path / "dup", "checkpoint")["step"]
+    killed = state.stat().st_ino
+    third = subprocess.Popen([*args, "--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: state.stat().st_ino != killed, third)  # the resumed run's own checkpoint
+        third.send_signal(signal.SIGTERM)
+        out, err = third.communicate(timeout=300)
+    finally:
+        third.kill()
+    assert third.returncode == 143, err
+    assert "interrupted at step" in out
+    assert not leftover.exists() and not (tmp_path / "dup" / ".lock").exists()
+    assert load_state(tmp_path / "dup", "checkpoint")["step"] > step_at_kill
