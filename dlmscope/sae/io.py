@@ -14,10 +14,15 @@ state dict encoder.weight (n, d), encoder.bias, decoder.weight (d, n), b_dec, k,
 `config.json` {"trainer": {...}}), and sparsify's (`cfg.json` {k, num_latents, d_in, activation, ...} +
 `sae.safetensors` encoder.weight (n, d), encoder.bias, W_dec (n, d), b_dec). Both encode
 ReLU(W (x - b_dec) + b) then top-k, and decode f W_dec + b_dec, exactly our maths.
+
+Every reader rejects non-finite weights and malformed configs with one line naming the file and key.
+Our own SAEs carry `metadata.dlmscope_weights_sha256` (the weights file's checksum), verified on load,
+so flipped bytes in a finite float do not load silently either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +35,7 @@ from ..errors import DLMScopeError
 from .model import SAEConfig, TopKSAE
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout our cfg.json follows
+CHECKSUM_KEY = "dlmscope_weights_sha256"
 
 
 def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = None) -> Path:
@@ -60,6 +66,7 @@ def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = No
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         save_file(weights, str(tmp / "sae_weights.safetensors"))
+        meta[CHECKSUM_KEY] = hashlib.sha256((tmp / "sae_weights.safetensors").read_bytes()).hexdigest()
         if density is not None:
             save_file({"sparsity": torch.log10(density.detach().float().clamp_min(1e-10)).cpu()},
                       str(tmp / "sparsity.safetensors"))
@@ -114,6 +121,30 @@ def _get(d: dict, key: str, path: Path):
     return d[key]
 
 
+def _matrix(d: dict, key: str, path: Path) -> torch.Tensor:
+    value = _get(d, key, path)
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        raise DLMScopeError(f"{str(path)!r}: {key} must be a matrix, not {getattr(value, 'shape', type(value).__name__)}")
+    return value
+
+
+def _int(value, key: str, path: Path) -> int:
+    """A config integer: a JSON int (or a one-element integer tensor in a state dict), nothing else."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DLMScopeError(f"{str(path)!r}: {key}={value!r} must be an integer")
+    return value
+
+
+def _dict(value, key: str, path: Path) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DLMScopeError(f"{str(path)!r}: {key} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
 def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: float | None = None) -> TopKSAE:
     sae = TopKSAE(cfg)
     with torch.no_grad():
@@ -123,15 +154,28 @@ def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: fl
                 raise DLMScopeError(f"{str(path)!r}: weight {name} has shape {tuple(value.shape)}, "
                                     f"expected {tuple(target.shape)}")
             target.copy_(value.float())
+            _check_finite(target, name, path)
         if threshold is not None:
             sae.threshold.fill_(float(threshold))
+            _check_finite(sae.threshold, "threshold", path)
     return sae.eval()
+
+
+def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        where = f" (first at index {tuple(int(i) for i in bad.nonzero()[0])})" if t.dim() else ""
+        raise DLMScopeError(f"{str(path)!r}: tensor {name} has {int(bad.sum())} non-finite value(s){where}; "
+                            "the file is damaged")
 
 
 def _load_saelens(path: Path) -> TopKSAE:
     cfg_path, w_path = path / "cfg.json", path / "sae_weights.safetensors"
     c, w = _read_json(cfg_path), _read_safetensors(w_path)
-    meta = dict(c.get("metadata") or {})
+    meta = dict(_dict(c.get("metadata"), "metadata", cfg_path))
+    expected = meta.pop(CHECKSUM_KEY, None)
+    if expected is not None and hashlib.sha256(w_path.read_bytes()).hexdigest() != expected:
+        raise DLMScopeError(f"SAE weights {str(w_path)!r} are corrupt (checksum mismatch with cfg.json)")
     arch = c.get("architecture", "topk")
     W_enc, b_enc, W_dec, b_dec = (_get(w, n, w_path).float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if c.get("normalize_activations", "none") not in ("none", None) or c.get("reshape_activations", "none") != "none":
@@ -156,7 +200,8 @@ def _load_saelens(path: Path) -> TopKSAE:
         raise DLMScopeError(f"{str(cfg_path)!r} lacks 'k'")
     for key in ("dlmscope_architecture", "k", "sae_lens_version", "sae_lens_training_version"):
         meta.pop(key, None)
-    cfg = SAEConfig(int(_get(c, "d_in", cfg_path)), int(_get(c, "d_sae", cfg_path)), int(k), arch, meta)
+    cfg = SAEConfig(_int(_get(c, "d_in", cfg_path), "d_in", cfg_path),
+                    _int(_get(c, "d_sae", cfg_path), "d_sae", cfg_path), _int(k, "k", cfg_path), arch, meta)
     return _build(cfg, w_path, W_enc, b_enc, W_dec, b_dec, threshold)
 
 
@@ -170,9 +215,10 @@ def _load_dictionary_learning(path: Path) -> TopKSAE:
         raise DLMScopeError(f"cannot read SAE weights {str(w_path)!r}: {_first_line(e)}") from None
     if not isinstance(w, dict):
         raise DLMScopeError(f"{str(w_path)!r} is not a state dict")
-    trainer = c.get("trainer", c)
-    W_enc = _get(w, "encoder.weight", w_path)  # (n_latents, d_in)
-    k = int(w["k"]) if "k" in w else int(_get(trainer, "k", path / "config.json"))
+    trainer = _dict(c.get("trainer", c), "trainer", path / "config.json")
+    W_enc = _matrix(w, "encoder.weight", w_path)  # (n_latents, d_in)
+    k = _int(w["k"], "k", w_path) if "k" in w else _int(_get(trainer, "k", path / "config.json"), "k",
+                                                         path / "config.json")
     batch = "BatchTopK" in str(trainer.get("dict_class", ""))
     layer = trainer.get("layer")  # DLM-Scope hooks the output of block `layer`: our resid_post
     meta = {"model_name": trainer.get("lm_name"),
@@ -190,8 +236,8 @@ def _load_sparsify(path: Path) -> TopKSAE:
     if c.get("activation", "topk") != "topk" or c.get("transcode") or c.get("skip_connection") or "W_skip" in w:
         raise DLMScopeError(f"{str(cfg_path)!r}: only plain Top-K sparsify SAEs are supported (no groupmax, "
                             "transcoder or skip connection)")
-    W_enc = _get(w, "encoder.weight", w_path)
-    cfg = SAEConfig(W_enc.shape[1], W_enc.shape[0], int(_get(c, "k", cfg_path)), "topk",
+    W_enc = _matrix(w, "encoder.weight", w_path)
+    cfg = SAEConfig(W_enc.shape[1], W_enc.shape[0], _int(_get(c, "k", cfg_path), "k", cfg_path), "topk",
                     {"source_hookpoint": path.name, "source_format": "sparsify"})
     return _build(cfg, w_path, W_enc.t(), _get(w, "encoder.bias", w_path), _get(w, "W_dec", w_path),
                   _get(w, "b_dec", w_path))

@@ -155,3 +155,48 @@ def test_saved_cfg_has_what_saelens_needs(trained, tmp_path):
     for key in ("model_name", "hook_name", "context_size", "dataset_path", "sae_lens_version"):
         assert key in cfg["metadata"]
     assert cfg["metadata"]["sae_lens_version"] == sae_io.SAELENS_FORMAT_VERSION
+
+
+def test_damaged_weights_never_load_silently(trained, tmp_path):
+    """NaN rows (every reader), thousands of flipped bytes in our own files, and malformed configs: one line each."""
+    def refused(folder, needle):
+        with pytest.raises(DLMScopeError) as err:
+            load_sae_dir(folder)
+        assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+    save_sae(trained.sae, tmp_path / "ours")
+    weights = tmp_path / "ours" / "sae_weights.safetensors"
+    raw = bytearray(weights.read_bytes())
+    gen = torch.Generator().manual_seed(0)
+    start = 8 + int.from_bytes(raw[:8], "little")  # past the JSON header: only float bytes change
+    for i in torch.randint(start, len(raw), (2000,), generator=gen).tolist():
+        raw[i] ^= 0x04  # low mantissa/exponent bits: mostly finite garbage
+    weights.write_bytes(bytes(raw))
+    refused(tmp_path / "ours", "sae_weights.safetensors' are corrupt (checksum mismatch with cfg.json)")
+
+    w = {n: getattr(trained.sae, n).detach().contiguous().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    w["W_dec"][3] = float("nan")
+    cfg = json.loads((tmp_path / "ours" / "cfg.json").read_text())
+    del cfg["metadata"]["dlmscope_weights_sha256"]  # a file written by another tool: no checksum
+    (tmp_path / "nan").mkdir()
+    save_file(w, str(tmp_path / "nan" / "sae_weights.safetensors"))
+    (tmp_path / "nan" / "cfg.json").write_text(json.dumps(cfg))
+    refused(tmp_path / "nan", f"tensor W_dec has {w['W_dec'].shape[1]} non-finite value(s) (first at index (3, 0))")
+    for key, value, needle in (("k", "abc", "k='abc' must be an integer"), ("k", 2.5, "k=2.5 must be an integer"),
+                               ("metadata", ["a"], "metadata must be a JSON object, not list"),
+                               ("d_in", True, "d_in=True must be an integer")):
+        (tmp_path / "nan" / "cfg.json").write_text(json.dumps({**cfg, key: value}))
+        refused(tmp_path / "nan", needle)
+
+    (tmp_path / "dl").mkdir()
+    torch.save({"encoder.weight": torch.randn(8, 4), "encoder.bias": torch.full((8,), float("inf")),
+                "decoder.weight": torch.randn(4, 8), "b_dec": torch.zeros(4), "k": torch.tensor(2)},
+               tmp_path / "dl" / "ae.pt")
+    refused(tmp_path / "dl", "ae.pt': tensor b_enc has 8 non-finite value(s)")
+    (tmp_path / "sp").mkdir()
+    save_file({"encoder.weight": torch.randn(8, 4), "encoder.bias": torch.zeros(8),
+               "W_dec": torch.full((8, 4), float("nan")), "b_dec": torch.zeros(4)}, str(tmp_path / "sp" / "sae.safetensors"))
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps({"k": "2"}))
+    refused(tmp_path / "sp", "k='2' must be an integer")
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps({"k": 2}))
+    refused(tmp_path / "sp", "sae.safetensors': tensor W_dec has 32 non-finite value(s)")
