@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from ..errors import DLMScopeError
 from .base import LoadedModel, bidirectional_mask, hf_sites
+
+log = logging.getLogger("dlmscope")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -29,9 +32,27 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise DLMScopeError(f"no config.json in {str(folder)!r}; a checkpoint folder needs one")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DLMScopeError(f"{str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise DLMScopeError(f"{str(path)!r} is not a JSON object")
+    _check_attention_shape(config, path)
+    return config
+
+
+def _check_attention_shape(config: dict, path: Path) -> None:
+    """Heads must divide the width (unless head_dim is explicit) and key/value heads the heads."""
+    width = config.get("hidden_size", config.get("d_model"))
+    heads = config.get("num_attention_heads", config.get("n_heads"))
+    kv = config.get("num_key_value_heads", config.get("n_kv_heads"))
+    for key, value in (("width", width), ("attention heads", heads), ("key/value heads", kv)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise DLMScopeError(f"{str(path)!r}: {key} {value!r} must be a positive integer")
+    if width and heads and config.get("head_dim") is None and width % heads:
+        raise DLMScopeError(f"{str(path)!r}: {heads} attention heads do not divide the width {width}")
+    if heads and kv and heads % kv:
+        raise DLMScopeError(f"{str(path)!r}: {kv} key/value heads do not divide the {heads} attention heads")
 
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -57,21 +78,30 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from tensors
 
 
-def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it ships none (token ids then have to be given)."""
+def load_tokenizer(folder: Path, remote: bool = False):
+    """The folder's tokenizer, or None when it ships none (token ids then have to be given).
+
+    Native loaders never run the folder's Python code; `remote=True` (backend="remote") allows the
+    tokenizer's own code and says so in a log line.
+    """
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
-    from transformers.utils import logging
+    from transformers.utils import logging as hf_logging
 
-    before = logging.get_verbosity()
-    logging.set_verbosity_error()  # AutoConfig complains about model types it does not know (llada)
+    if remote:
+        log.warning("backend=remote: the tokenizer may run Python code shipped in %s", folder)
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoConfig complains about model types it does not know (llada)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception:  # remote-code tokenizers: try again allowing the folder's own code
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=remote)
+    except Exception as e:  # truncated tokenizer.json, or a tokenizer that needs its own code
+        text = str(e).strip()
+        hint = "" if remote else "; if it needs the checkpoint's own code, load it with backend='remote'"
+        raise DLMScopeError(f"cannot load the tokenizer in {str(folder)!r}: "
+                            f"{text.splitlines()[0] if text else type(e).__name__}{hint}") from None
     finally:
-        logging.set_verbosity(before)
+        hf_logging.set_verbosity(before)
 
 
 def build_hf_module(

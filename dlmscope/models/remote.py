@@ -126,7 +126,7 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
         out = module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, remote=True)
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None and tokenizer is not None and not causal:
         mask_id = tokenizer.mask_token_id

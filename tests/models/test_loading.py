@@ -295,3 +295,53 @@ def test_remote_backend_bad_input(tmp_path, toy_remote):
                     "remote backend cannot load family")
     (folder / "modeling_toy.py").unlink()
     _one_line_error(lambda: load_model(folder, family="llada", backend="remote"), "cannot read the remote-code config")
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_native_loaders_never_run_the_folders_code(tiny_dirs, tmp_path, caplog):
+    """A tokenizer that needs its own code is refused natively (nothing runs); backend=remote runs it and logs so."""
+    from typer.testing import CliRunner
+
+    from dlmscope.cli import app
+
+    folder = _copy_model(tiny_dirs["llada"], tmp_path / "m")
+    marker = tmp_path / "ran"
+    (folder / "evil_tok.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    result = CliRunner().invoke(app, ["info", str(folder)])
+    assert not marker.exists()
+    assert isinstance(result.exception, DLMScopeError) and "backend='remote'" in str(result.exception)
+    assert "\n" not in str(result.exception)
+    from dlmscope.models.checkpoint import load_tokenizer
+
+    with caplog.at_level("WARNING", logger="dlmscope"):
+        tok = load_tokenizer(folder, remote=True)
+    assert marker.exists() and type(tok).__name__ == "EvilTokenizer"
+    assert "may run Python code shipped in" in caplog.text
+
+
+def test_truncated_tokenizer_and_bad_head_counts_are_one_line(tiny_dirs, tmp_path):
+    folder = _copy_model(tiny_dirs["llada"], tmp_path / "t")
+    tok = folder / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[: tok.stat().st_size // 2])
+    _one_line_error(lambda: load_model(folder), "cannot load the tokenizer in")
+    for family, key, value, message in (("llada", "n_heads", 3, "3 attention heads do not divide the width 64"),
+                                        ("dream", "num_attention_heads", 3, "3 attention heads do not divide the width 64"),
+                                        ("dream", "num_key_value_heads", 3, "3 key/value heads do not divide the 4"),
+                                        ("dream", "num_attention_heads", "4", "attention heads '4' must be a positive")):
+        folder = tmp_path / f"{family}-{key}-{value}"
+        if not folder.exists():
+            _copy_model(tiny_dirs[family], folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+        _one_line_error(lambda: load_model(folder), message)
