@@ -372,11 +372,13 @@ def _build_store(sae_name: str, model: Optional[str], out: Optional[str], cfg, d
     import time
     from pathlib import Path
 
-    from .analysis.features import build_feature_store
+    from .analysis.features import build_feature_store, check_store_target
     from .data import heldout_rows
     from .models import load_model
     from .sae import load_sae
 
+    if out is not None:
+        check_store_target(out)  # before any loading: refuse a file or a folder that is not a store
     sae = load_sae(sae_name, device=device)
     model = model or sae.cfg.model_name or DEFAULT_MODEL
     lm = load_model(model, device=device)

@@ -107,6 +107,25 @@ def _vocab_strings(lm: LoadedModel) -> list[str]:
     return out
 
 
+def check_store_target(out: str | Path) -> Path:
+    """Refuse, before any work, an `out` that is not absent, an empty folder or an existing feature store
+    (which is then replaced whole), or whose parent folder cannot be written."""
+    out = Path(out).expanduser()
+    allowed = "give a folder that is absent, empty or an existing feature store"
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise DLMScopeError(f"feature store folder {str(out)!r} exists and is not a folder; {allowed}")
+        if any(out.iterdir()) and not ((out / MANIFEST).is_file() and (out / ARRAYS).is_file()):
+            raise DLMScopeError(f"feature store folder {str(out)!r} is a non-empty folder that is not a feature "
+                                f"store; {allowed}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"))
+    except OSError as e:
+        raise DLMScopeError(f"cannot write the feature store {str(out)!r}: {e.strerror or e}") from None
+    return out
+
+
 def _write_folder(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
     """Write into a sibling temp folder, then swap it in (the old store is removed afterwards)."""
     from safetensors.torch import save_file
@@ -158,6 +177,7 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
     `sae_name` and `model_ref` (name or folder; default the model's name) are how the app reloads them.
     """
     t_start = time.perf_counter()
+    out = check_store_target(out)
     hook = check_sae_matches(lm, sae)
     if not 0 <= cfg.t_low <= cfg.t_high <= 1:
         raise DLMScopeError(f"mask ratio range [{cfg.t_low}, {cfg.t_high}] must satisfy 0 <= low <= high <= 1")
@@ -241,7 +261,7 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
         "fvu": fvus["all"].value(), "fvu_masked": fvus["masked"].value(), "fvu_visible": fvus["visible"].value(),
         "build_seconds": time.perf_counter() - t_start,
     }
-    return _write_folder(Path(out), tensors, manifest)
+    return _write_folder(out, tensors, manifest)
 
 
 @dataclass

@@ -144,3 +144,27 @@ def test_empty_store_and_causal_models(tiny_dirs, rows, tmp_path):
     store = FeatureStore.open(build_feature_store(causal, sae, rows, tmp_path / "e", FeatureStoreConfig(n_seqs=2)))
     assert store.empty and store.manifest["dead_fraction"] == 1.0
     assert store.top_examples(0) == [] and store.quantile_groups(0) == []
+
+
+def test_build_out_refuses_what_is_not_a_store(llada, tiny_dirs, tiny_sae, rows, tmp_path, capsys):
+    """`features build --out X`: a file or a folder of other things is never deleted; an unwritable X is one line."""
+    from dlmscope.cli import main
+    from dlmscope.sae import save_sae
+
+    sae_dir = save_sae(tiny_sae, tmp_path / "sae")
+    notes, paper = tmp_path / "notes", tmp_path / "paper.txt"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    paper.write_text("keep me too")
+    for out, needle in ((notes, "non-empty folder that is not a feature store"), (paper, "exists and is not a folder"),
+                        ("/proc/x", "cannot write the feature store '/proc/x'")):
+        with pytest.raises(SystemExit) as e:
+            main(["features", "build", "--sae", str(sae_dir), "--model", str(tiny_dirs["llada"]), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert (notes / "mine.txt").read_text() == "keep me" and paper.read_text() == "keep me too"
+    (tmp_path / "empty").mkdir()
+    build_feature_store(llada, tiny_sae, rows, tmp_path / "empty", FeatureStoreConfig(n_seqs=2))
+    assert FeatureStore.open(tmp_path / "empty").manifest["n_seqs"] == 2
+    with pytest.raises(DLMScopeError, match="not a feature store"):
+        build_feature_store(llada, tiny_sae, rows, notes, FeatureStoreConfig(n_seqs=2))
