@@ -1,4 +1,3 @@
-import io
 import math
 
 import pytest
@@ -90,17 +89,18 @@ def test_dead_counter_counts_tokens_since_firing(trained, raw_x):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_state_dict_round_trip_continues_identically(make_trainer, arch):
+def test_state_dict_round_trip_continues_identically(make_trainer, arch, tmp_path):
+    from dlmscope.runstate import load_state, save_state
+
     a = make_trainer(arch, steps=5)
     a.since_fired[:3] = a.dead_tokens  # some dead latents, so AuxK is part of the continuation
     snap = a.state_dict()
-    buf = io.BytesIO()
-    torch.save(snap, buf)
+    save_state(tmp_path, "trainer", snap)  # train-sae's resume path: safetensors + JSON, no pickle
     xs = [torch.randn(128, 16, generator=torch.Generator().manual_seed(i)) * 5 + 2 for i in range(3)]
     logs_a = [a.step(x) for x in xs]
     assert not torch.equal(snap["sae"]["W_enc"], a.sae.W_enc.detach())  # the snapshot did not move
     b = SAETrainer(a.sae.cfg, a.cfg)
-    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    b.load_state_dict(load_state(tmp_path, "trainer"))
     logs_b = [b.step(x) for x in xs]
     assert logs_a == logs_b
     for (name, p), q in zip(a.sae.state_dict().items(), b.sae.state_dict().values()):
