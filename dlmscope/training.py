@@ -208,7 +208,8 @@ class DictionaryRun:
 
     - `setup()`: activation sources (model or cache; split across torchrun processes), shuffle buffer,
       held-out set, then `build_trainers(d_in, meta)` (subclass) fills `trainers` and `routes`.
-    - `resume()`: restores what `checkpoint()` wrote (`dlmscope.runstate`: safetensors + JSON, checksummed).
+    - `read_checkpoint()` (before setup) and `resume(state)`: restore what `checkpoint()` wrote
+      (`dlmscope.runstate`: safetensors + JSON, checksummed).
     - `step()`: one optimiser step of every trainer on the next batch; `inputs(key, acts)` picks a trainer's
       input (default: the activations of its hook in `routes`).
     - `evaluate()`: held-out metrics of every trainer, appended to `history`.
@@ -252,9 +253,10 @@ class DictionaryRun:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         with RunFolder(self.folder, self.cfg.resume) if self.dist.main else nullcontext():
+            saved = self.read_checkpoint() if self.cfg.resume else None  # before the expensive setup
             self.setup()
-            if self.cfg.resume:
-                self.resume()
+            if saved is not None:
+                self.resume(saved)
             with self._signals():
                 self.train()
             if self.signal:
@@ -305,7 +307,8 @@ class DictionaryRun:
                                    "dataset_path": cfg.dataset, "context_size": cfg.context_length})
         self.total_steps = cfg.total_tokens // cfg.batch_size
 
-    def resume(self) -> None:
+    def read_checkpoint(self) -> dict:
+        """The verified resume state, with the options it was written with checked against ours."""
         if not has_state(self.folder, self.state_name):
             legacy = " (checkpoint.pt files of older versions are not loaded: they are pickles)" \
                 if (self.folder / "checkpoint.pt").exists() else ""
@@ -320,6 +323,10 @@ class DictionaryRun:
         if len(state["ranks"]) != self.dist.world:
             raise DLMScopeError(f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with "
                                 f"the same number, not {self.dist.world}")
+        return state
+
+    def resume(self, state: dict) -> None:
+        """Continue from `read_checkpoint()`'s state: trainers, shuffle buffer, RNG, step and history."""
         for key, tr in self.trainers.items():
             tr.load_state_dict(state["trainers"][key])
         mine = state["ranks"][self.dist.rank]

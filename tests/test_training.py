@@ -170,6 +170,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
                           (["--cache", str(tmp_path)], "not an activation cache"),
                           (["--name", "cli"], "already exists; pass --resume"),
                           (["--name", "../../escape"], "is not a name"),
+                          (["--name", "ghost", "--resume"], "checkpoint.json' does not exist"),
                           (["--name", "cli", "--resume", "--k", "16"], "changed options"),
                           (["--config", str(tmp_path / "c.json")], "unknown config keys ['bogus']"),
                           (["--config", str(tmp_path / "nope.yaml")], "does not exist")):
@@ -178,7 +179,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert _digest(tmp_path / "cli") == done  # nothing already saved was touched
-    assert not (tmp_path / "bad").exists()  # failed runs leave no folder behind
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "ghost").exists()  # failed runs leave no folder
     assert not (tmp_path.parent.parent / "escape").exists()
     # A damaged SAE file and activations of the wrong width: one line each.
     sae_dir = next((tmp_path / "cli" / "saes").iterdir())
