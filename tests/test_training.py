@@ -178,8 +178,8 @@ def test_two_process_gloo_run_writes_once(tiny_dirs, text, tmp_path):
               "--seqs-per-forward", "4", "--context-length", "32", "--eval-tokens", "512", "--no-progress",
               "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dlmscope",
-                          "train-sae", *common, "--name", "ddp"], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "dlmscope", "train-sae", *common, "--name", "ddp"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     a = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     key = next(iter(a["final"]))
@@ -216,7 +216,8 @@ def data_parallel_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dp")
     (folder / "worker.py").write_text(DATA_PARALLEL_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for cmd, out in (([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "two.pt"),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    for cmd, out in ((torchrun, "two.pt"),
                      ([sys.executable], "one.pt")):
         run = subprocess.run([*cmd, str(folder / "worker.py"), str(folder / out)], env=env, capture_output=True,
                              text=True, timeout=300)
