@@ -113,7 +113,8 @@ def device(name: str, value: Any) -> str:
         if count == 0:
             raise DLMScopeError(f"{name}={value!r} but CUDA is not available on this machine; use cpu")
         if dev.index is not None and dev.index >= count:
-            raise DLMScopeError(f"{name}={value!r} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+            raise DLMScopeError(f"{name}={value!r} but this machine has {count} CUDA device(s): "
+                                f"cuda:0..cuda:{count - 1}")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise DLMScopeError(f"{name}={value!r} but MPS is not available on this machine; use cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):

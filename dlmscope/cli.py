@@ -16,7 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Mechanistic interpretability for diffusion language models.")
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Built-in model name or local checkpoint folder.")
-DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.", callback=lambda value: checks.device("--device", value))
+DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.",
+                         callback=lambda value: checks.device("--device", value))
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
 
 

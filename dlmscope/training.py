@@ -113,7 +113,8 @@ class TrainSAEConfig:
         checks.number("lr", self.lr, 0.0)
         checks.number("t_min", self.t_min, 0.0, 1.0)
         checks.number("t_max", self.t_max, self.t_min, 1.0)
-        self.layer_list(), self.k_list()
+        self.layer_list()
+        self.k_list()
         checks.choice("site", self.site, ("pre", "mid", "post"))
         checks.choice("architecture", self.architecture, ARCHITECTURES)
         checks.choice("policy", self.policy, ("", *POLICIES))
@@ -153,7 +154,8 @@ def load_config_file(path: str | Path, cls: type = TrainSAEConfig) -> dict:
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise DLMScopeError(f"config file {str(path)!r} is not valid YAML/JSON{at}") from None
     if not isinstance(data, dict):
-        raise DLMScopeError(f"config file {str(path)!r} must hold a mapping of option: value, not a {type(data).__name__}")
+        raise DLMScopeError(f"config file {str(path)!r} must hold a mapping of option: value, "
+                            f"not a {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(str(key) for key in set(data) - known)
     if unknown:

@@ -38,11 +38,12 @@ def test_good_values_come_back():
 
 def test_output_paths_are_checked_without_writing(tmp_path):
     (tmp_path / "file").write_text("x")
-    assert checks.writable_file("--out", tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
+    target = tmp_path / "new" / "deeper" / "r.json"
+    assert checks.writable_file("--out", target) == target
     assert checks.writable_folder("--out", tmp_path / "new" / "run") == tmp_path / "new" / "run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe leaves nothing behind
     for call, message in ((lambda: checks.writable_file("--out", tmp_path), "is a folder"),
-                          (lambda: checks.writable_file("--out", tmp_path / "file" / "r.json"), "is a file, not a folder"),
+                          (lambda: checks.writable_file("--out", tmp_path / "file" / "r.json"), "is a file, not a"),
                           (lambda: checks.writable_folder("--out", tmp_path / "file"), "is a file; give a folder"),
                           (lambda: checks.writable_folder("--out", "/proc/dlmscope-run"), "is not writable")):
         with pytest.raises(DLMScopeError, match=message):

@@ -179,7 +179,8 @@ def test_two_process_gloo_run_writes_once(tiny_dirs, text, tmp_path):
               "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                          "dlmscope", "train-sae", *common, "--name", "ddp"], env=env, capture_output=True, text=True, timeout=300)
+                          "dlmscope", "train-sae", *common, "--name", "ddp"], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     a = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     key = next(iter(a["final"]))

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import positive
 from ..diffusion.loss import token_ce
 from ..diffusion.sampler import REMASKING, LowConfidence, Remasking, StepInput, generate, get_remasking, transfer_schedule
-from ..checks import positive
 from ..errors import DLMScopeError
 from ..hooks import capture, hooked
 from ..models.base import ForwardState, LoadedModel

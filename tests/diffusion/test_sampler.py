@@ -133,7 +133,8 @@ def test_topk_margin_and_entropy_scores_by_hand():
 
     ln = math.log
     # softmax rows: (1/6, 1/3, 1/2), (1/4, 1/4, 1/2), uniform (1/3 each), (0, 0, 1) up to exp(-50)
-    logits = torch.tensor([[[0.0, ln(2), ln(3)], [0.0, 0.0, ln(2)], [5.0, 5.0, 5.0], [-50.0, -50.0, 0.0]]], dtype=torch.float64)
+    logits = torch.tensor([[[0.0, ln(2), ln(3)], [0.0, 0.0, ln(2)], [5.0, 5.0, 5.0], [-50.0, -50.0, 0.0]]],
+                          dtype=torch.float64)
     s = _step_input(logits)
     margin = get_remasking("topk_margin").scores(s)
     torch.testing.assert_close(margin, torch.tensor([[1 / 2 - 1 / 3, 1 / 2 - 1 / 4, 0.0, 1.0]], dtype=torch.float64))
