@@ -199,6 +199,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_manifest(path: Path) -> dict:
+    """A cache's manifest.json, checked: hooks, policy and a list of shards each with file, tokens and sha256."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DLMScopeError(f"cache manifest {str(path)!r} is unreadable or truncated: {e}") from None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("model"), str) and manifest.get("policy") in POLICIES \
+        and isinstance(manifest.get("hooks"), list) and manifest["hooks"] and isinstance(manifest.get("shards"), list) \
+        and all(isinstance(h, str) for h in manifest["hooks"])
+    if not ok:
+        raise DLMScopeError(f"cache manifest {str(path)!r} is corrupt: it needs model, hooks, policy and shards")
+    for s in manifest["shards"]:
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+                and isinstance(s.get("sha256"), str) and isinstance(s.get("tokens"), int)):
+            raise DLMScopeError(f"cache manifest {str(path)!r} is corrupt: bad shard entry {str(s)[:80]!r}")
+    return manifest
+
+
 def write_cache(source: ActivationSource, folder: str | Path, n_batches: int | None = None, *,
                 dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
     """Write one pass of `source` as safetensors shards plus a manifest; skips shards already complete.
@@ -218,7 +236,7 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
     header = {"model": source.lm.name, "hooks": source.hooks, "policy": source.policy,
               "t_range": list(source.t_range), "dtype": str(dtype).replace("torch.", ""), "seed": source.seed,
               "seqs_per_batch": source.seqs_per_batch}
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {**header, "shards": []}
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else {**header, "shards": []}
     if {k: manifest.get(k) for k in header} != header:
         raise DLMScopeError(f"cache folder {str(folder)!r} holds a different configuration; use another folder")
     done = {s["file"]: s for s in manifest["shards"]}
@@ -253,11 +271,8 @@ class CachedSource:
         path = self.folder / "manifest.json"
         if not path.is_file():
             raise DLMScopeError(f"{str(self.folder)!r} is not an activation cache (no manifest.json)")
-        try:
-            self.manifest = json.loads(path.read_text())
-            self.hooks, self.policy = self.manifest["hooks"], self.manifest["policy"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DLMScopeError(f"cache manifest {str(path)!r} is corrupt: {e}") from None
+        self.manifest = read_manifest(path)
+        self.hooks, self.policy = self.manifest["hooks"], self.manifest["policy"]
         everything = self.manifest["shards"]
         if isinstance(shards, slice):
             self.shards = everything[shards]

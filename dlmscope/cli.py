@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from . import checks
 from .errors import DLMScopeError
 from .models.zoo import DEFAULT_MODEL
 
@@ -15,7 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Mechanistic interpretability for diffusion language models.")
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Built-in model name or local checkpoint folder.")
-DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.")
+DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.",
+                         callback=lambda value: checks.device("--device", value))
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
 
 
@@ -107,7 +109,7 @@ def dataclass_command(cls, run, name: str, help: str) -> None:
         from .training import load_config_file
 
         config = kwargs.pop("config")
-        values = load_config_file(config) if config else {}
+        values = load_config_file(config, cls) if config else {}
         values.update({k: v for k, v in kwargs.items() if v is not None})
         run(cls(**values))
 
@@ -176,15 +178,13 @@ def eval_splice(
     from .models import load_model
     from .sae import load_sae
 
+    cfg = SpliceConfig(tuple(checks.float_list("--t-bins", t_bins, 0.0, 1.0, low_open=True)), positions, with_error,
+                       n_seqs, seed=seed)
+    checks.positive("--context-length", context_length)
+    if out:
+        checks.writable_file("--out", out)
     lm = load_model(model, device=device)
-    try:
-        bins = tuple(float(v) for v in t_bins.split(","))
-    except ValueError:
-        raise DLMScopeError(f"t-bins={t_bins!r} must be comma-separated numbers in (0, 1]") from None
-    if any(not 0 < b <= 1 for b in bins):
-        raise DLMScopeError(f"t-bins={t_bins!r} must lie in (0, 1]")
-    result = splice_eval(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length),
-                         SpliceConfig(bins, positions, with_error, n_seqs, seed=seed))
+    result = splice_eval(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length), cfg)
     typer.echo(splice_table(result))
     if out:
         atomic_write_json(out, result)
@@ -207,17 +207,27 @@ def cache_cmd(
     device: str = DeviceOpt,
 ) -> None:
     """Write activations to sharded safetensors with a checksummed manifest."""
-    from .activations import ActivationSource, write_cache
+    from .activations import POLICIES, ActivationSource, read_manifest, write_cache
     from .data import load_texts, pack
     from .models import load_model
     from .models.checkpoint import resolve_dtype
 
+    manifest = checks.writable_folder("OUT", out) / "manifest.json"
+    if manifest.is_file():
+        read_manifest(manifest)  # resuming: a damaged manifest fails before the model loads
+    hooks = [f"blocks.{i}.hook_resid_post" for i in checks.int_list("--layers", layers, 0)]
+    checks.choice("--policy", policy, ("", *POLICIES))
+    checks.number("--t-min", t_min, 0.0, 1.0)
+    checks.number("--t-max", t_max, t_min, 1.0)
+    checks.non_negative("--batches", batches)
+    checks.positive("--seqs-per-forward", seqs_per_forward)
+    checks.positive("--context-length", context_length)
+    store_dtype = resolve_dtype(dtype)
     lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts(dataset), context_length)
-    hooks = [f"blocks.{int(i)}.hook_resid_post" for i in layers.split(",")]
     src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy or None, t_range=(t_min, t_max),
                            seqs_per_batch=seqs_per_forward, seed=seed)
-    folder = write_cache(src, out, batches or None, dtype=resolve_dtype(dtype))
+    folder = write_cache(src, out, batches or None, dtype=store_dtype)
     typer.echo(f"cache written to {folder}")
 
 
@@ -247,17 +257,17 @@ def steer(
     from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
     from .sae import load_sae
 
+    sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
+        checks.int_list("--schedule", steps_schedule, 0)
+    seed_list = checks.int_list("--seeds", seeds)
+    checks.positive("--gen-length", gen_length)
+    checks.positive("--steps", steps)
+    if out:
+        checks.writable_file("--out", out)
     lm = load_model(model, device=device)
-    try:
-        sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
-            [int(v) for v in steps_schedule.split(",")]
-        seed_list = [int(v) for v in seeds.split(",")]
-    except ValueError:
-        raise DLMScopeError(f"--schedule={steps_schedule!r} / --seeds={seeds!r}: expected all, first:FRACTION or "
-                            "comma-separated integers") from None
     spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
     the_sae = load_sae(sae, device=device)
-    validate(spec, the_sae, lm)  # before the judges load: bad input fails fast
+    validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
     r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
                 judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature)
@@ -288,19 +298,25 @@ def order(
     device: str = DeviceOpt,
 ) -> None:
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
-    from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, task_accuracy
+    from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, strategy_names, task_accuracy
     from .data import heldout_rows
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
+    from .tasks import TASKS
 
+    sae_names = checks.names("--sae", sae)
+    names = [checks.choice("--strategies", s, strategy_names()) for s in checks.names("--strategies", strategies)]
+    if task:
+        checks.choice("--task", task, TASKS)
+        checks.positive("--n", n)
+    checks.positive("--gen-length", gen_length)
+    budgets = checks.int_list("--steps", steps, 1, gen_length)
+    checks.non_negative("--heldout", heldout)
+    if out:
+        checks.writable_file("--out", out)
     lm = load_model(model, device=device)
-    saes = [load_sae(s.strip(), device=device) for s in sae.split(",") if s.strip()]
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
-    try:
-        budgets = [int(v) for v in steps.split(",")]
-    except ValueError:
-        raise DLMScopeError(f"--steps={steps!r} must be comma-separated integers") from None
+    saes = [load_sae(s, device=device) for s in sae_names]
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
     result = {"dynamics": {}, "task": {}, "heldout_nll": {}}
     hooks = [s.cfg.hook_name for s in saes]
@@ -342,10 +358,18 @@ def stability(
     from .models import load_model
     from .sae import load_sae
 
-    lms = [load_model(c.strip(), device=device) for c in checkpoints.split(",") if c.strip()]
-    per = [load_sae(s_.strip(), device=device) for s_ in saes.split(",") if s_.strip()]
-    if per and len(per) != len(lms):
-        raise DLMScopeError(f"--saes lists {len(per)} SAEs for {len(lms)} checkpoints; give one per checkpoint or none")
+    ckpt_names = checks.names("--checkpoints", checkpoints)
+    if len(ckpt_names) < 2:
+        raise DLMScopeError(f"--checkpoints={checkpoints!r} names {len(ckpt_names)} checkpoint; give at least two: "
+                            "the SAE's own and a later one")
+    sae_names = checks.names("--saes", saes) if saes.strip() else []
+    if sae_names and len(sae_names) != len(ckpt_names):
+        raise DLMScopeError(f"--saes lists {len(sae_names)} SAEs for {len(ckpt_names)} checkpoints; give one per "
+                            "checkpoint or none")
+    checks.positive("--n-seqs", n_seqs)
+    checks.writable_folder("--out", out)
+    lms = [load_model(c, device=device) for c in ckpt_names]
+    per = [load_sae(s_, device=device) for s_ in sae_names]
     control = load_sae(control_sae, device=device) if control_sae else None
     report = stability_report(load_sae(sae, device=device), lms, heldout_rows(lms[0].tokenizer, 128),
                               saes_per_checkpoint=per or None, control_sae=control, n_seqs=n_seqs)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .activations import ActivationSource, CachedSource, ShuffleBuffer
 from .errors import DLMScopeError
 from .io_utils import atomic_write_json, atomic_write_text
@@ -95,17 +96,42 @@ class TrainSAEConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def __post_init__(self) -> None:
+        """Every value checked here, before any model loads (config files, flags and Python alike)."""
+        from .activations import POLICIES
+        from .models.checkpoint import resolve_dtype
+        from .sae.model import ARCHITECTURES
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "str":
+                setattr(self, f.name, checks.text(f.name, value))
+            elif kind == "bool" and not isinstance(value, bool):
+                raise DLMScopeError(f"{f.name}={value!r} must be true or false")
+        for name in ("expansion", "context_length", "seqs_per_forward", "total_tokens", "batch_size", "buffer_tokens",
+                     "eval_tokens", "eval_every", "checkpoint_every"):
+            checks.positive(name, getattr(self, name))
+        checks.non_negative("threads", self.threads)
+        checks.integer("seed", self.seed)
+        checks.number("lr", self.lr, 0.0)
+        checks.number("t_min", self.t_min, 0.0, 1.0)
+        checks.number("t_max", self.t_max, self.t_min, 1.0)
+        self.layer_list()
+        self.k_list()
+        checks.choice("site", self.site, ("pre", "mid", "post"))
+        checks.choice("architecture", self.architecture, ARCHITECTURES)
+        checks.choice("policy", self.policy, ("", *POLICIES))
+        checks.device("device", self.device)
+        for d in self.sae_device_list(self.device):
+            checks.device("sae_devices", d)
+        resolve_dtype(self.dtype)
+
     def layer_list(self) -> list[int]:
-        try:
-            return [int(v) for v in self.layers.split(",") if v.strip()]
-        except ValueError:
-            raise DLMScopeError(f"layers={self.layers!r} must be comma-separated integers") from None
+        return checks.int_list("layers", self.layers, 0)
 
     def k_list(self) -> list[int]:
-        try:
-            return [int(v) for v in self.k.split(",") if v.strip()]
-        except ValueError:
-            raise DLMScopeError(f"k={self.k!r} must be comma-separated integers") from None
+        return checks.int_list("k", self.k, 1)
 
     def sae_device_list(self, default: str) -> list[str]:
         return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
@@ -116,16 +142,24 @@ class TrainSAEConfig:
         return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{Path(self.model).name}-L{self.layers}-k{self.k}".replace(",", "_"))
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config whose keys are TrainSAEConfig fields."""
+def load_config_file(path: str | Path, cls: type = TrainSAEConfig) -> dict:
+    """Read a YAML or JSON config whose keys are fields of the dataclass `cls` (its values are checked by `cls`)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise DLMScopeError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(TrainSAEConfig)}
-    unknown = sorted(set(data) - known)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise DLMScopeError(f"config file {str(path)!r} is not valid YAML/JSON{at}") from None
+    if not isinstance(data, dict):
+        raise DLMScopeError(f"config file {str(path)!r} must hold a mapping of option: value, "
+                            f"not a {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(key) for key in set(data) - known)
     if unknown:
         raise DLMScopeError(f"unknown config keys {unknown} in {str(path)!r}; allowed: {', '.join(sorted(known))}")
     return data
@@ -227,10 +261,6 @@ class DictionaryRun:
         self.cfg = cfg
         self.dist = _Dist(cfg.device)
         self.folder = Path(cfg.out) / check_name(cfg.run_name())
-        if cfg.site not in ("pre", "mid", "post"):
-            raise DLMScopeError(f"site={cfg.site!r}; allowed: pre, mid, post")
-        if not cfg.layer_list():
-            raise DLMScopeError("give at least one layer")
         self.hooks = [f"blocks.{i}.hook_resid_{cfg.site}" for i in cfg.layer_list()]
         self.trainers: dict = {}
         self.routes: dict[str, str] = {}

@@ -97,6 +97,28 @@ def test_cache_roundtrip_resume_and_corruption(llada, tmp_path):
         CachedSource(tmp_path)
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: text[: len(text) // 2], "unreadable or truncated"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "shards"}), "needs model, hooks"),
+    (lambda text: json.dumps({**json.loads(text), "hooks": []}), "needs model, hooks"),
+    (lambda text: json.dumps({**json.loads(text), "shards": [{"file": "../x", "sha256": "0", "tokens": 1}]}),
+     "bad shard entry"),
+    (lambda text: json.dumps({**json.loads(text), "shards": []}), "none left for this source"),
+])
+def test_damaged_manifest_is_one_line(llada, tmp_path, damage, message):
+    """Readers and a resumed write reject a damaged manifest before touching shards."""
+    write_cache(ActivationSource(llada, [HOOK], _rows(16), policy="mask", seqs_per_batch=8), tmp_path, progress=False)
+    path = tmp_path / "manifest.json"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(DLMScopeError, match=message) as e:
+        CachedSource(tmp_path)
+    assert "\n" not in str(e.value)
+    if "none left" not in message:  # an empty shard list is a valid start for the writer
+        with pytest.raises(DLMScopeError, match=message):
+            write_cache(ActivationSource(llada, [HOOK], _rows(16), policy="mask", seqs_per_batch=8), tmp_path,
+                        progress=False)
+
+
 def test_cache_bfloat16_and_cli(llada, tiny_dirs, tmp_path):
     from dlmscope.cli import main
 

@@ -72,3 +72,75 @@ def test_analysis_commands_smoke(tmp_path, capsys):
     assert "(other seed: control) | 1.000 |" in capsys.readouterr().out
     report = json.loads((tmp_path / "stab" / "report.json").read_text())
     assert report["features"][1]["mean_correlation"] > 0.999 and (tmp_path / "stab" / "report.html").is_file()
+
+
+SAE = ["--sae", "tiny-dlm-L3-k32"]
+BAD_INPUT = {  # class of input -> (args, substring of the one error line); {file} {dir} {tmp} are filled in
+    "device": [(["info", "--device", "banana"], "'banana' is not a torch device"),
+               (["train-sae", "--device", "cuda:99"], "device='cuda:99'"),
+               (["eval-splice", *SAE, "--device", "cuda:99"], "--device='cuda:99'")],
+    "finite number in range": [(["train-sae", "--lr", "nan"], "lr=nan must be a finite number"),
+                               (["train-sae", "--lr", "-1"], "lr=-1.0"),
+                               (["train-sae", "--t-min", "0.6"], "t_max=0.5"),
+                               (["cache", "{tmp}/c", "--t-max", "2"], "--t-max=2.0")],
+    "count": [(["train-sae", "--eval-every", "0"], "eval_every=0"),
+              (["train-sae", "--checkpoint-every", "0"], "checkpoint_every=0"),
+              (["train-sae", "--seqs-per-forward", "0"], "seqs_per_forward=0"),
+              (["train-sae", "--eval-tokens", "0"], "eval_tokens=0"),
+              (["train-sae", "--expansion", "0"], "expansion=0"),
+              (["train-sae", "--threads", "-1"], "threads=-1 must be an integer >= 0"),
+              (["eval-splice", *SAE, "--n-seqs", "-4"], "n_seqs=-4"),
+              (["cache", "{tmp}/c", "--batches", "-3"], "--batches=-3"),
+              (["order", *SAE, "--n", "0"], "--n=0"),
+              (["order", *SAE, "--heldout", "-1"], "--heldout=-1"),
+              (["order", *SAE, "--gen-length", "0"], "--gen-length=0"),
+              (["order", *SAE, "--steps", "4,32"], "--steps=32 must be an integer >= 1 and <= 16"),
+              (["stability", *SAE, "--checkpoints", "a,b", "--n-seqs", "0"], "--n-seqs=0")],
+    "comma list": [(["cache", "{tmp}/c", "--layers", "x"], "--layers='x' must be comma-separated integers"),
+                   (["order", "--sae", ","], "--sae=',' names nothing"),
+                   (["order", *SAE, "--strategies", "origin,best"], "--strategies='best'"),
+                   (["stability", *SAE, "--checkpoints", ","], "--checkpoints=',' names nothing"),
+                   (["stability", *SAE, "--checkpoints", "a"], "give at least two"),
+                   (["eval-splice", *SAE, "--t-bins", "0.5,0"], "--t-bins=0.0"),
+                   (["steer", *SAE, "--feature", "1", "--seeds", "1,a"], "--seeds='1,a'"),
+                   (["train-sae", "--k", "8,0"], "k=0 must be an integer >= 1")],
+    "output path": [(["cache", "{file}"], "OUT='{file}' is a file"),
+                    (["cache", "/proc/dlmscope/c"], "OUT='/proc/dlmscope/c' is not writable"),
+                    (["eval-splice", *SAE, "--out", "{dir}"], "--out='{dir}' is a folder"),
+                    (["eval-splice", *SAE, "--out", "/proc/dlmscope.json"], "is not writable"),
+                    (["eval-splice", *SAE, "--out", "{file}/s.json"], "is a file, not a folder"),
+                    (["order", *SAE, "--out", "{dir}"], "is a folder"),
+                    (["steer", *SAE, "--feature", "1", "--out", "{dir}"], "is a folder"),
+                    (["stability", *SAE, "--checkpoints", "a,b", "--out", "{file}"], "--out='{file}' is a file")],
+    "config file": [(["train-sae", "--config", "{tmp}/broken.yaml"], "is not valid YAML/JSON at line 2"),
+                    (["train-sae", "--config", "{tmp}/typed.yaml"], "lr='fast' must be a finite number"),
+                    (["train-sae", "--config", "{tmp}/list.yaml"], "must hold a mapping"),
+                    (["train-sae", "--config", "{tmp}/flag.yaml"], "progress='no' must be true or false")],
+    "activation cache": [(["cache", "{tmp}/truncated"], "is unreadable or truncated"),
+                         (["cache", "{tmp}/shardless"], "it needs model, hooks, policy and shards")],
+    "step schedule": [(["steer", *SAE, "--feature", "1", "--schedule", "100", "--steps", "8", "--gen-length", "8"],
+                       "steps=[100]: the run has steps 0..7")],
+}
+
+
+@pytest.mark.parametrize("args,message", [case for cases in BAD_INPUT.values() for case in cases],
+                         ids=[f"{kind}:{' '.join(a[:2])}" for kind, cases in BAD_INPUT.items() for a, _ in cases])
+def test_bad_values_one_line_exit_2_nothing_written(args, message, tmp_path, monkeypatch, capsys):
+    """Every class of bad value fails at the boundary: exit 2, one line naming it, no output created."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "broken.yaml").write_text("layers: '1'\n  k: 8\n")
+    (tmp_path / "typed.yaml").write_text("lr: fast\n")
+    (tmp_path / "list.yaml").write_text("- layers\n- k\n")
+    (tmp_path / "flag.yaml").write_text("progress: 'no'\n")
+    for name, text in (("truncated", '{"model": "m", "hooks": ["blocks.1.hook_res'), ("shardless", '{"model": "m"}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+    fill = dict(tmp=tmp_path, file=tmp_path / "file", dir=tmp_path / "dir")
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)  # default outputs (runs/, stability/) would land here
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message.format(**fill) in err, err
+    assert sorted(tmp_path.rglob("*")) == before

@@ -203,22 +203,21 @@ def test_help_lists_every_option(capsys):
     assert "Highest mask ratio" in out
 
 
-def test_two_process_gloo_matches_single_process(tiny_dirs, text, tmp_path):
+def test_two_process_gloo_run_writes_once(tiny_dirs, text, tmp_path):
+    """The real torchrun launch of train-sae: both ranks finish the same steps and only rank 0 writes.
+    (Each rank draws its own data, so the result is compared with a single process below, on fixed batches.)"""
     common = ["--model", str(tiny_dirs["llada"]), "--dataset", str(text), "--layers", "1", "--k", "4",
               "--expansion", "2", "--total-tokens", "4096", "--batch-size", "256", "--buffer-tokens", "1024",
               "--seqs-per-forward", "4", "--context-length", "32", "--eval-tokens", "512", "--no-progress",
               "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dlmscope",
-                          "train-sae", *common, "--name", "ddp"], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "dlmscope", "train-sae", *common, "--name", "ddp"], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    main(["train-sae", *common, "--name", "single", "--threads", "1"])
     a = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "single" / "metrics.json").read_text())
-    assert a["steps"] == b["steps"] == 16
     key = next(iter(a["final"]))
-    assert abs(a["final"][key]["fvu"] - b["final"][key]["fvu"]) < 0.05
-    assert abs(a["final"][key]["cosine"] - b["final"][key]["cosine"]) < 0.05
+    assert a["steps"] == 16 and a["final"][key]["fvu"] < 1.0
     assert not (tmp_path / "ddp" / "saes" / key.replace(".", "_") / "rank1").exists()
 
 
@@ -268,3 +267,61 @@ def test_concurrent_runs_kill_9_and_sigterm(tiny_dirs, text, tmp_path):
     assert "interrupted at step" in out
     assert not leftover.exists() and not (tmp_path / "dup" / ".lock").exists()
     assert load_state(tmp_path / "dup", "checkpoint")["step"] > step_at_kill
+
+
+DATA_PARALLEL_WORKER = """
+import sys, torch
+from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
+from dlmscope.training import _Dist
+
+torch.set_num_threads(1)
+dist = _Dist("cpu")  # what train_sae uses: torch.distributed under torchrun, a no-op alone
+g = torch.Generator().manual_seed(0)
+batches = [torch.randn(64, 16, generator=g) * torch.linspace(0.5, 2, 16) + 1 for _ in range(12)]
+out = {}
+for name, dead_tokens in (("no_aux", 10**9), ("aux", None)):
+    tr = SAETrainer(SAEConfig(16, 64, 4, "topk", {}),
+                    TrainConfig(total_tokens=64 * 12, batch_size=64, b_dec_init="mean", dead_tokens=dead_tokens))
+    share = 64 // dist.world  # this rank's slice of every global batch
+    logs = [tr.step(x[dist.rank * share:(dist.rank + 1) * share], dist.mean if dist.world > 1 else None)
+            for x in batches]
+    out[name] = tr.sae.state_dict()
+    out[name + ".dead"] = max(log["dead_fraction"] for log in logs)
+if dist.main:
+    torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def data_parallel_weights(tmp_path_factory):
+    """SAE weights after 12 steps on the same global batches: 2 gloo processes (each half of every batch)
+    and 1 process (whole batches)."""
+    folder = tmp_path_factory.mktemp("dp")
+    (folder / "worker.py").write_text(DATA_PARALLEL_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+    for cmd, out in ((torchrun, "two.pt"),
+                     ([sys.executable], "one.pt")):
+        run = subprocess.run([*cmd, str(folder / "worker.py"), str(folder / out)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+    return torch.load(folder / "two.pt"), torch.load(folder / "one.pt")
+
+
+def test_two_processes_train_the_same_sae_as_one(data_parallel_weights):
+    """Gradients averaged over processes == the gradient of the whole batch, so the weights agree to float
+    round-off (1.2e-7 measured); with the all-reduce disabled W_enc differed by 5.9e-3 and this failed."""
+    two, one = data_parallel_weights
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "input_scale"):
+        torch.testing.assert_close(two["no_aux"][name], one["no_aux"][name], atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_two_processes_match_one_with_dead_latents(data_parallel_weights):
+    """Dead latents (AuxK) too: the dead counter advances by the global batch and AuxK normalises by the global
+    residual variance (before the fix each rank counted its own tokens and these weights differed)."""
+    two, one = data_parallel_weights
+    assert two["no_aux.dead"] == one["no_aux.dead"] == 0 and two["aux.dead"] == one["aux.dead"] > 0
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(two["aux"][name], one["aux"][name], atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")

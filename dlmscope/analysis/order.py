@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import positive
 from ..diffusion.loss import token_ce
 from ..diffusion.sampler import REMASKING, LowConfidence, Remasking, StepInput, generate, get_remasking, transfer_schedule
 from ..errors import DLMScopeError
@@ -122,13 +123,18 @@ class FeatureStability(LowConfidence):
         return conf * (1 + self.alpha * stability)
 
 
+def strategy_names() -> list[str]:
+    """Every remasking order `make_strategy` accepts: the sampler's and the SAE-informed one."""
+    return [*REMASKING, FeatureStability.name]
+
+
 def make_strategy(name: str, sae=None):
     if name == FeatureStability.name:
         if sae is None:
             raise DLMScopeError("the sae_stability strategy needs an SAE")
         return FeatureStability(sae)
     if name not in REMASKING:
-        raise DLMScopeError(f"unknown remasking {name!r}; allowed: {', '.join([*REMASKING, FeatureStability.name])}")
+        raise DLMScopeError(f"unknown remasking {name!r}; allowed: {', '.join(strategy_names())}")
     return name
 
 
@@ -138,6 +144,7 @@ def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps:
     """Exact accuracy and mean reward of a remasking strategy on a task's test split."""
     from ..tasks import get_task
 
+    positive("n", n)
     task = get_task(task_name)
     examples = task.examples("test", n, seed=seed)
     rewards, correct = [], []
@@ -163,6 +170,8 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
     mask_id = lm.require_mask_id()
     rows = rows.to(lm.device)
     B, L = rows.shape
+    if B == 0:
+        raise DLMScopeError("no held-out rows to score; give at least one")
     n = L - prompt_length
     if not 1 <= steps <= n:
         raise DLMScopeError(f"steps={steps} out of range: need 1 <= steps <= answer length ({n})")

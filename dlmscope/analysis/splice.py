@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import checks
 from ..diffusion.loss import next_token_ce, token_ce
 from ..diffusion.noise import corrupt
 from ..errors import DLMScopeError
@@ -40,6 +41,13 @@ class SpliceConfig:
     """Held-out sequences per bin."""
     batch_size: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for t in self.t_bins:
+            checks.number("t_bins", t, 0.0, 1.0, low_open=True)
+        checks.choice("positions", self.positions, SPLICE_POSITIONS)
+        checks.positive("n_seqs", self.n_seqs)
+        checks.positive("batch_size", self.batch_size)
 
 
 def check_sae_matches(lm: LoadedModel, sae, other_model_ok: bool = False) -> str:
@@ -105,8 +113,6 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
                 other_model_ok: bool = False) -> dict:
     """Per t bin and condition: CE and ELBO with intervals, ΔCE and recovered score."""
     hook = check_sae_matches(lm, sae, other_model_ok)
-    if cfg.positions not in SPLICE_POSITIONS:
-        raise DLMScopeError(f"positions={cfg.positions!r}; allowed: {', '.join(SPLICE_POSITIONS)}")
     if lm.causal and cfg.positions != "all":
         raise DLMScopeError("autoregressive models have no masked positions; use positions='all'")
     rows = rows[: cfg.n_seqs]

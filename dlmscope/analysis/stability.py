@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import positive
 from ..errors import DLMScopeError
 from ..hooks import run_with_cache
 from ..models.base import LoadedModel
@@ -63,6 +64,7 @@ def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *,
     Decoder matching between per-checkpoint SAEs only means something next to its floor: `control_sae`, a
     second SAE on the first checkpoint trained with another seed, gives how far two SAEs of one model differ.
     """
+    positive("n_seqs", n_seqs)
     if len(checkpoints) < 2:
         raise DLMScopeError("give at least two checkpoints: the SAE's own and one later checkpoint")
     if control_sae is not None and not saes_per_checkpoint:

@@ -42,8 +42,8 @@ class SteeringSpec:
     """all, masked, generated, or top:N."""
 
 
-def validate(spec: SteeringSpec, sae, lm: LoadedModel | None = None) -> None:
-    """One-line errors for a spec that cannot be applied."""
+def validate(spec: SteeringSpec, sae, lm: LoadedModel | None = None, n_steps: int | None = None) -> None:
+    """One-line errors for a spec that cannot be applied (to a run of `n_steps` steps, when given)."""
     if not 0 <= spec.feature < sae.cfg.n_latents:
         raise DLMScopeError(f"feature {spec.feature} out of range: the SAE has latents 0..{sae.cfg.n_latents - 1}")
     if not math.isfinite(spec.strength):
@@ -63,6 +63,9 @@ def validate(spec: SteeringSpec, sae, lm: LoadedModel | None = None) -> None:
             raise DLMScopeError(f"steps={spec.steps!r}; allowed: all, first:FRACTION in (0, 1], or a list of steps")
     elif any(not isinstance(v, int) or v < 0 for v in spec.steps):
         raise DLMScopeError(f"steps={list(spec.steps)!r}; a step list holds integers >= 0")
+    elif n_steps is not None and any(v >= n_steps for v in spec.steps):
+        raise DLMScopeError(f"steps={list(spec.steps)!r}: the run has steps 0..{n_steps - 1}, so step "
+                            f"{max(spec.steps)} would never steer")
 
 
 def _first_fraction(steps: str) -> float | None:
@@ -228,7 +231,7 @@ def compare(lm: LoadedModel, sae, spec: SteeringSpec, prompts: Sequence[str], se
             dlm_judge: LoadedModel | None = None, gen_length: int = 32, steps: int = 32,
             temperature: float = 0.0) -> dict:
     """Steered vs unsteered side by side over prompts x seeds: metrics of both and the paired samples."""
-    validate(spec, sae, lm)
+    validate(spec, sae, lm, gen_length if lm.causal else steps)
     if not prompts:
         raise DLMScopeError("the prompt list is empty; give at least one prompt")
     if concept is None:

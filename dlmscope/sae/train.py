@@ -159,7 +159,9 @@ class SAETrainer:
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
             e = err.detach()
-            residual_variance = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            e_mean = e.mean(0) if reduce is None else reduce(e.mean(0))  # over the global batch
+            residual_variance = (e - e_mean).pow(2).sum(-1).mean()
+            residual_variance = (residual_variance if reduce is None else reduce(residual_variance)).clamp_min(1e-12)
             aux = (e - out.aux_recon.float()).pow(2).sum(-1).mean() / residual_variance * min(n_dead / self.k_aux, 1.0)
         loss = mse + self.cfg.aux_coef * aux
         lr = self.lr_at(self.step_count)
@@ -185,7 +187,7 @@ class SAETrainer:
                     sae.threshold.copy_(t if self.step_count == 0 else 0.99 * sae.threshold + 0.01 * t)
             if reduce is not None:
                 fired = reduce(fired.float()) > 0
-            self.since_fired += x.shape[0]
+            self.since_fired += x.shape[0] if reduce is None else self.cfg.batch_size  # data parallel: the global batch
             self.since_fired[fired] = 0
             variance = (out.x - out.x.mean(0)).pow(2).sum().clamp_min(1e-12)
             fvu = float(err.detach().pow(2).sum() / variance)

@@ -85,3 +85,33 @@ def test_empty_prompts_and_foreign_sae(llada, tiny_sae):
         steered_generate(llada, tiny_sae, SteeringSpec(3), [])
     with pytest.raises(DLMScopeError, match="does not match|trained on model|out of range"):
         steered_generate(llada, load_sae("tiny-dlm-L3-k32"), SteeringSpec(3), ["a"])
+
+
+@pytest.mark.parametrize("mode,scale", [("direction", "max"), ("sae", "fixed"), ("sae", "max")])
+def test_exact_delta_added_to_the_residual(llada, tiny_sae, mode, scale):
+    """The residual moves by exactly strength * W_dec[f] / input_scale, times max(A) per position for scale=max,
+    which is DLM-Scope's decode(A with A[f] += bump) + (h - decode(A)) with the reconstruction error kept."""
+    ids = torch.randint(4, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    f, strength = 3, 2.5
+    h = run_with_cache(llada, ids, [HOOK], stop_early=False)[HOOK].float()
+    with steer(llada, tiny_sae, SteeringSpec(f, strength, mode, scale)):
+        steered = run_with_cache(llada, ids, [HOOK], stop_early=False)[HOOK].float()
+    with torch.no_grad():
+        direction = tiny_sae.W_dec[f] / tiny_sae.input_scale
+        A = tiny_sae.encode(h)
+        bump = strength * (A.max(-1).values if mode == "sae" and scale == "max" else torch.ones(h.shape[:2]))
+        torch.testing.assert_close(steered - h, bump[..., None] * direction, atol=1e-5, rtol=1e-4)
+        if mode == "sae":
+            edited = A.clone()
+            edited[..., f] += bump
+            expected = tiny_sae.decode(edited) + (h - tiny_sae.decode(A))
+            torch.testing.assert_close(steered, expected, atol=1e-4, rtol=1e-4)
+    assert float(tiny_sae.input_scale) != 1.0 and float(bump.min()) > 0  # the scale and max(A) both matter here
+
+
+def test_step_schedule_must_lie_in_the_run(llada, tiny_sae):
+    from dlmscope.analysis.steering import compare, validate
+
+    with pytest.raises(DLMScopeError, match=r"steps=\[2, 8\]: the run has steps 0..7"):
+        compare(llada, tiny_sae, SteeringSpec(3, steps=[2, 8]), ["a"], concept=[], gen_length=8, steps=8)
+    validate(SteeringSpec(3, steps=[0, 7]), tiny_sae, llada, n_steps=8)

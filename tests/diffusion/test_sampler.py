@@ -117,3 +117,35 @@ def test_bad_inputs(llada, tiny_dirs):
         generate(llada, [], gen_length=8, steps=8, block_length=8)
     with pytest.raises(DLMScopeError, match="autoregressive"):
         generate(load_model(tiny_dirs["causal"]), [[5]], gen_length=8, steps=8, block_length=8)
+
+
+def _step_input(logits, generator=None):
+    """A StepInput over (B, L, V) logits: every position a candidate (strategies that only score ignore the rest)."""
+    from dlmscope.diffusion.sampler import StepInput
+
+    B, L, _ = logits.shape
+    x = torch.zeros(B, L, dtype=torch.long)
+    return StepInput(None, x, logits, logits.argmax(-1), torch.ones(B, L, dtype=torch.bool), 0, 1, 0, 1, generator)
+
+
+def test_topk_margin_and_entropy_scores_by_hand():
+    import math
+
+    ln = math.log
+    # softmax rows: (1/6, 1/3, 1/2), (1/4, 1/4, 1/2), uniform (1/3 each), (0, 0, 1) up to exp(-50)
+    logits = torch.tensor([[[0.0, ln(2), ln(3)], [0.0, 0.0, ln(2)], [5.0, 5.0, 5.0], [-50.0, -50.0, 0.0]]],
+                          dtype=torch.float64)
+    s = _step_input(logits)
+    margin = get_remasking("topk_margin").scores(s)
+    torch.testing.assert_close(margin, torch.tensor([[1 / 2 - 1 / 3, 1 / 2 - 1 / 4, 0.0, 1.0]], dtype=torch.float64))
+    neg_entropy = get_remasking("entropy").scores(s)  # sum p log p: 0 for a certain prediction, -log V for uniform
+    expected = [(1 / 6) * ln(1 / 6) + (1 / 3) * ln(1 / 3) + (1 / 2) * ln(1 / 2), -1.5 * ln(2), -ln(3), 0.0]
+    torch.testing.assert_close(neg_entropy, torch.tensor([expected], dtype=torch.float64), atol=1e-12, rtol=1e-9)
+
+
+def test_origin_scores_are_the_seeded_uniform_draws():
+    logits = torch.zeros(2, 5, 7)
+    scores = get_remasking("origin").scores(_step_input(logits, torch.Generator().manual_seed(4)))
+    expected = torch.rand((2, 5), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.equal(scores, expected) and scores.dtype == torch.float64
+    assert ((scores >= 0) & (scores < 1)).all() and scores.unique().numel() == 10  # a random order: no ties

@@ -1,0 +1,155 @@
+"""Input checks shared by config dataclasses and the CLI: each returns the checked value or raises a
+one-line `DLMScopeError` naming the bad value and what is allowed, before any expensive work starts."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import DLMScopeError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An int (not a bool) in [minimum, maximum] (None: unbounded)."""
+    if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = [f">= {minimum}"] * (minimum is not None) + [f"<= {maximum}"] * (maximum is not None)
+        raise DLMScopeError(f"{name}={value!r} must be an integer{' ' + ' and '.join(bounds) if bounds else ''}")
+    return value
+
+
+def positive(name: str, value: Any) -> int:
+    """A count that must be at least one."""
+    return integer(name, value, 1)
+
+
+def non_negative(name: str, value: Any) -> int:
+    return integer(name, value, 0)
+
+
+def number(name: str, value: Any, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> float:
+    """A finite float in [low, high] (an open end with `low_open` / `high_open`; None: unbounded)."""
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise DLMScopeError(f"{name}={value!r} must be a finite number in {interval}")
+    return float(value)
+
+
+def choice(name: str, value: Any, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise DLMScopeError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def text(name: str, value: Any) -> str:
+    """A string option (a config file may hold a number where a string is meant, e.g. `k: 32`)."""
+    if _is_int(value) or isinstance(value, float):
+        return str(value)
+    if not isinstance(value, str):
+        raise DLMScopeError(f"{name}={value!r} must be a string")
+    return value
+
+
+def names(name: str, value: Any) -> list[str]:
+    """A non-empty comma-separated list of names (blank items dropped)."""
+    items = [v.strip() for v in text(name, value).split(",") if v.strip()]
+    if not items:
+        raise DLMScopeError(f"{name}={value!r} names nothing; give a comma-separated list")
+    return items
+
+
+def int_list(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> list[int]:
+    """A non-empty comma-separated list of integers, each in [minimum, maximum]."""
+    items = names(name, value)
+    try:
+        ints = [int(v) for v in items]
+    except ValueError:
+        raise DLMScopeError(f"{name}={value!r} must be comma-separated integers") from None
+    for v in ints:
+        integer(name, v, minimum, maximum)
+    return ints
+
+
+def float_list(name: str, value: Any, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> list[float]:
+    """A non-empty comma-separated list of finite numbers in [low, high] ((low, high] with `low_open`)."""
+    items = names(name, value)
+    try:
+        floats = [float(v) for v in items]
+    except ValueError:
+        raise DLMScopeError(f"{name}={value!r} must be comma-separated numbers") from None
+    for v in floats:
+        number(name, v, low, high, low_open)
+    return floats
+
+
+def device(name: str, value: Any) -> str:
+    """A torch device string this machine has (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    value = text(name, value)
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise DLMScopeError(f"{name}={value!r} is not a torch device; e.g. cpu, cuda, cuda:1, mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DLMScopeError(f"{name}={value!r} but CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise DLMScopeError(f"{name}={value!r} but this machine has {count} CUDA device(s): "
+                                f"cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DLMScopeError(f"{name}={value!r} but MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DLMScopeError(f"{name}={value!r}: unsupported device type; use cpu, cuda or mps")
+    return value
+
+
+def _probe_folder(name: str, path: Path, given: Path) -> None:
+    """Fail unless a file can be created in `path`'s nearest existing folder (nothing is left behind);
+    errors name the `given` path."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DLMScopeError(f"{name}={str(given)!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise DLMScopeError(f"{name}={str(given)!r} is not writable ({str(existing)!r}: {e.strerror or e})") from None
+
+
+def writable_file(name: str, path: str | os.PathLike) -> Path:
+    """An output file we can write: not a folder, and its folder can be created and written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DLMScopeError(f"{name}={str(path)!r} is a folder; give a file path")
+    _probe_folder(name, path.parent, path)
+    return path
+
+
+def writable_folder(name: str, path: str | os.PathLike) -> Path:
+    """An output folder we can create or write into: not an existing file."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DLMScopeError(f"{name}={str(path)!r} is a file; give a folder path")
+    _probe_folder(name, path, path)
+    return path
