@@ -117,3 +117,10 @@ def test_bad_inputs(llada, tiny_dirs):
         generate(llada, [], gen_length=8, steps=8, block_length=8)
     with pytest.raises(DLMScopeError, match="autoregressive"):
         generate(load_model(tiny_dirs["causal"]), [[5]], gen_length=8, steps=8, block_length=8)
+
+
+@pytest.mark.parametrize("gen_length, blocks", [(16, [0] * 4), (24, [0] * 4), (64, [0, 0, 1, 1])])
+def test_default_block_length_fits_the_generation(llada, gen_length, blocks):
+    """No block_length: 32-token blocks when 32 divides gen_length, else one block (the README's gen_length=16)."""
+    out = generate(llada, [[5, 6]], gen_length=gen_length, steps=4, return_history=True)
+    assert [r.block for r in out.history] == blocks and out.sequences.shape[1] == 2 + gen_length
