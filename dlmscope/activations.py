@@ -215,8 +215,8 @@ def write_cache(source: ActivationSource, folder: str | Path, n_batches: int | N
     done = {s["file"]: s for s in manifest["shards"]}
     iterator = range(n)
     if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc="caching activations", unit="batch")
+        from .runtime import progress
+        iterator = progress(iterator, desc="caching activations", unit="batch")
     for i in iterator:
         name = f"shard-{i:05d}.safetensors"
         if name in done and (folder / name).is_file() and _sha256(folder / name) == done[name]["sha256"]:

@@ -22,6 +22,7 @@ from .activations import ActivationSource, CachedSource, ShuffleBuffer
 from .errors import DLMScopeError
 from .io_utils import atomic_torch_save, atomic_write_json, atomic_write_text
 from .models.zoo import DEFAULT_MODEL
+from .runtime import progress, torch_threads
 from .sae import SAEConfig, SAETrainer, TrainConfig, evaluate_sae, save_sae
 from .sae.metrics import log10_density_histogram
 
@@ -195,13 +196,18 @@ def _eval_set(source, n_tokens: int) -> dict[str, torch.Tensor]:
 
 
 def train_sae(cfg: TrainSAEConfig) -> RunResult:
-    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring."""
+    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring.
+
+    `cfg.threads` holds for the run only: the caller's torch thread count is restored after."""
+    with torch_threads(cfg.threads):
+        return _train_sae(cfg)
+
+
+def _train_sae(cfg: TrainSAEConfig) -> RunResult:
     from .data import pack
     from .models import load_model
 
     dist = _Dist(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     layers, ks = cfg.layer_list(), cfg.k_list()
     if not layers or not ks:
         raise DLMScopeError("give at least one layer and one k")
@@ -307,8 +313,7 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     total_steps = tcfg.steps
     bar = None
     if cfg.progress and dist.main:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
+        bar = progress(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
                    desc=f"train-sae {len(trainers)} SAE(s)")
     reduce = dist.mean if dist.world > 1 else None
     t0 = time.time()
