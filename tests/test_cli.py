@@ -72,3 +72,15 @@ def test_analysis_commands_smoke(tmp_path, capsys):
     assert "(other seed: control) | 1.000 |" in capsys.readouterr().out
     report = json.loads((tmp_path / "stab" / "report.json").read_text())
     assert report["features"][1]["mean_correlation"] > 0.999 and (tmp_path / "stab" / "report.html").is_file()
+
+
+def test_rspo_command_both_algorithms_and_resume(tmp_path, capsys):
+    """The README's RL commands on a tiny budget (tests/test_readme.py runs the README block itself with -m slow)."""
+    budget = ["--task", "sudoku", "--group-size", "2", "--prompts-per-step", "1", "--eval-n", "2"]
+    main(["rspo", "--algo", "rspo", "--steps", "1", "--lam", "0.1", "--out", str(tmp_path / "rspo"), *budget])
+    assert (tmp_path / "rspo" / "checkpoint-00001" / "config.json").is_file()
+    main(["rspo", "--algo", "diffu-grpo", "--steps", "1", "--out", str(tmp_path / "grpo"), *budget])
+    main(["rspo", "--algo", "diffu-grpo", "--steps", "2", "--out", str(tmp_path / "grpo"), "--resume", *budget])
+    log = json.loads((tmp_path / "grpo" / "log.json").read_text())
+    assert [e["step"] for e in log["steps"]] == [1, 2]  # step 2 continued the run of step 1
+    assert (tmp_path / "grpo" / "checkpoint-00002").is_dir() and "checkpoints in" in capsys.readouterr().out

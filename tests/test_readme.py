@@ -65,6 +65,8 @@ SLOW = {  # block -> the fast tests that run the same commands
     "train-sae/0": "tests/test_training.py (train-sae flags, --config, --resume, --help), "
                    "tests/test_activations.py (dlmscope cache), tests/test_training.py::test_train_from_cache",
     "analyses/0": "tests/test_cli.py::test_analysis_commands_smoke (eval-splice, steer, order)",
+    "rl/0": "tests/test_cli.py::test_rspo_command_both_algorithms_and_resume, "
+            "tests/test_cli.py::test_analysis_commands_smoke (stability)",
     "explorer/0": "tests/apps/test_explorer.py (features build; dlmscope explore launched and browsed)",
 }
 OTHER_LANGUAGES: dict[str, str] = {}
