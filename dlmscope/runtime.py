@@ -45,8 +45,8 @@ class LogProgress:
     def _print(self) -> None:
         done = f"{self._percent():3.0f}% ({self._count(self.n)}/{self._count(self.total)} {self.unit})" \
             if self.total else f"{self._count(self.n)} {self.unit}"
-        line = f"{self.desc}: {done}, {time.monotonic() - self.t0:.0f} s" + (f", {self.postfix}" if self.postfix else "")
-        print(line, file=self.file, flush=True)
+        line = f"{self.desc}: {done}, {time.monotonic() - self.t0:.0f} s"
+        print(line + (f", {self.postfix}" if self.postfix else ""), file=self.file, flush=True)
         self.last_printed = self.n
 
     def update(self, n: float = 1) -> None:

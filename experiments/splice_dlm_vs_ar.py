@@ -53,11 +53,11 @@ def train_and_eval(args) -> dict:
         lm = load_model(model, device=args.device)
         layers = ",".join(str(i) for i in range(lm.n_layers))
         t0 = time.time()
+        name = f"splice-{model}-{args.tokens}-x{args.expansion}"
         saes = trained_saes(TrainSAEConfig(model=model, layers=layers, k=args.k, total_tokens=args.tokens,
                                            batch_size=args.sae_batch_size, expansion=args.expansion,
-                                           out=str(ROOT / "runs"), name=f"splice-{model}-{args.tokens}-x{args.expansion}",
-                                           eval_every=50, checkpoint_every=100_000, device=args.device,
-                                           progress=False))
+                                           out=str(ROOT / "runs"), name=name, eval_every=50,
+                                           checkpoint_every=100_000, device=args.device, progress=False))
         results["config"][f"train_s_{model}"] = round(time.time() - t0, 1)
         rows = heldout_rows(lm.tokenizer, 128)
         for folder, fvu in saes.items():

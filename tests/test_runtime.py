@@ -63,6 +63,6 @@ def test_train_sae_restores_the_callers_thread_count(tiny_dirs, tmp_path):
     text.write_text("\n\n".join(builtin_corpus("train")[:40]))
     before = torch.get_num_threads()
     cfg = TrainSAEConfig(model=str(tiny_dirs["llada"]), dataset=str(text), layers="1", k="4", expansion=2,
-                         total_tokens=256 * 2, batch_size=256, buffer_tokens=1024, seqs_per_forward=8, context_length=32,
-                         eval_tokens=256, out=str(tmp_path), progress=False, threads=before + 1)
+                         total_tokens=256 * 2, batch_size=256, buffer_tokens=1024, seqs_per_forward=8,
+                         context_length=32, eval_tokens=256, out=str(tmp_path), progress=False, threads=before + 1)
     assert train_sae(cfg).saes and torch.get_num_threads() == before
