@@ -3,16 +3,18 @@
     import dlmscope
     lm = dlmscope.load_model("dlmscope-tiny-dlm")          # or a local LLaDA / Dream folder
     out = dlmscope.generate(lm, ["The list type"], gen_length=32, steps=32)
-    acts = dlmscope.run_with_cache(lm, ids, ["blocks.1.hook_resid_post"])
+    acts = dlmscope.run_with_cache(lm, torch.tensor(lm.to_tokens(["The list type"])), ["blocks.1.hook_resid_post"])
+    sae = dlmscope.load_sae("tiny-dlm-L1-k32")               # shipped SAE name or an SAE folder
 """
 
 from .diffusion.sampler import DenoiseStep, GenerateOutput, Remasking, generate
 from .errors import DLMScopeError
 from .hooks import capture, hooked, run_with_cache
 from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .sae import load_sae
 
 __all__ = [
-    "load_model", "LoadedModel", "DEFAULT_MODEL", "generate", "GenerateOutput", "DenoiseStep", "Remasking",
+    "load_model", "load_sae", "LoadedModel", "DEFAULT_MODEL", "generate", "GenerateOutput", "DenoiseStep", "Remasking",
     "capture", "hooked", "run_with_cache", "DLMScopeError",
 ]
 __version__ = "0.1.0"

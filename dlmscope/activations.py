@@ -242,8 +242,8 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
     done = {s["file"]: s for s in manifest["shards"]}
     iterator = range(n)
     if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc="caching activations", unit="batch")
+        from .runtime import progress
+        iterator = progress(iterator, desc="caching activations", unit="batch")
     for i in iterator:
         name = f"shard-{i:05d}.safetensors"
         if name in done and (folder / name).is_file() and _sha256(folder / name) == done[name]["sha256"]:

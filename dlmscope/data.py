@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,6 @@ HELDOUT_PERCENT = 5
 """Kept at 5 (not 2) so the held-out split the shipped twins were evaluated on stays held out."""
 SPLITS = ("train", "heldout")
 BUILD_TIMEOUT_S = 120
-# Modules whose import opens windows or a browser, prints, writes files, or only exists on Windows.
-_SKIP = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__hello__",
-         "__phello__", "lib2to3", "pydoc_data", "ensurepip", "venv", "test", "xxlimited", "xxlimited_35",
-         "xxsubtype", "msvcrt", "winreg", "winsound", "nturl2path", "msilib")
 
 
 def cache_dir() -> Path:
@@ -49,20 +46,18 @@ def _paragraphs(text: str) -> list[str]:
     return [c for p in re.split(r"\n\s*\n", text) if (c := _clean(p))]
 
 
-def _extract_docstrings(skip: list[str]) -> tuple[list[str], list[str]]:
-    """Docstrings of the standard library, run in a fresh `python -I -S` (stdlib only, no side effects here).
+def _extract_docstrings(top: list[str], subs: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Docstrings of the pinned standard-library modules, run in a fresh `python -I -S` (no side effects here).
 
-    Returns (core, extra): core = each top-level module, its classes and functions and their Python
-    methods (the corpus before version 3, kept first so earlier splits keep their order); extra = the
-    rest of those classes' members (C methods, properties) and all public submodules. A module that
-    fails to import or prints is skipped. Sorted names throughout, so the output is deterministic.
+    Returns (core, extra, missing): core = each top-level module, its classes and functions and their
+    Python methods (the corpus before version 3, kept first so earlier splits keep their order);
+    extra = the rest of those classes' members (C methods, properties) and the submodules; missing =
+    pinned modules that failed to import or printed. Sorted names throughout: deterministic output.
     """
     import contextlib
     import importlib
     import inspect
     import io
-    import pkgutil
-    import sys
 
     def quiet_import(name):
         out = io.StringIO()
@@ -88,9 +83,10 @@ def _extract_docstrings(skip: list[str]) -> tuple[list[str], list[str]]:
         described = inspect.isroutine(v) or isinstance(v, (property, classmethod, staticmethod))
         return described and not inspect.isfunction(v)
 
-    core, extra, packages = [], [], []
-    for name in sorted(sys.stdlib_module_names):
-        if name in skip or name.startswith("_") or (module := quiet_import(name)) is None:
+    core, extra, missing = [], [], []
+    for name in top:
+        if (module := quiet_import(name)) is None:
+            missing.append(name)
             continue
         for obj in [module] + members(module, own(name)):
             core += doc(obj)
@@ -98,25 +94,22 @@ def _extract_docstrings(skip: list[str]) -> tuple[list[str], list[str]]:
                 core += [d for f in members(obj, inspect.isfunction) for d in doc(f)]
                 extra += [d for m in members(obj, is_member) for d in doc(m)]
         extra += [d for f in members(module, inspect.isbuiltin) for d in doc(f)]
-        if hasattr(module, "__path__"):
-            packages.append(module)
-    subs = sorted(info.name for p in packages
-                  for info in pkgutil.walk_packages(p.__path__, p.__name__ + ".", onerror=lambda _: None)
-                  if not any(part.startswith("_") or part in ("test", "tests", "idle_test")
-                             for part in info.name.split(".")[1:]))
     for name in subs:
         if (module := quiet_import(name)) is None:
+            missing.append(name)
             continue
         for obj in [module] + members(module, own(name)):
             extra += doc(obj)
             if inspect.isclass(obj):
                 extra += [d for f in members(obj, lambda v: inspect.isfunction(v) or is_member(v)) for d in doc(f)]
-    return core, extra
+    return core, extra, missing
 
 
 def _stdlib_docstrings() -> list[str]:
+    from .corpus_modules import SUBMODULES, TOP_LEVEL
+
     code = f"{inspect.getsource(_extract_docstrings)}\nimport json, sys\n" \
-           f"json.dump(_extract_docstrings({list(_SKIP)!r}), sys.stdout)"
+           f"json.dump(_extract_docstrings({list(TOP_LEVEL)!r}, {list(SUBMODULES)!r}), sys.stdout)"
     try:
         done = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S, check=True)
@@ -126,7 +119,11 @@ def _stdlib_docstrings() -> list[str]:
     except subprocess.CalledProcessError as e:
         last = (e.stderr.strip().splitlines() or ["no output"])[-1]
         raise DLMScopeError(f"reading standard-library docstrings failed: {last}") from None
-    core, extra = json.loads(done.stdout)
+    core, extra, missing = json.loads(done.stdout)
+    if missing:
+        warnings.warn(f"built-in corpus: {len(missing)} pinned standard-library module(s) do not import on this "
+                      f"Python ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); their paragraphs "
+                      "are missing, so the splits differ from the reference build", stacklevel=2)
     return [p for text in core + extra for p in _paragraphs(text)]
 
 

@@ -2,7 +2,8 @@
 
 Pages read a feature store (`dlmscope features build`); the denoising view and the steering
 playground also load the model and SAE the store was built for (or `--model` / `--sae`). It lives
-in the package so `dlmscope explore` works from any install; `apps/explorer.py` is the same app.
+in the package so `dlmscope explore` works from any install: Streamlit runs this file as a script
+(`__main__`, no parent package), so every import here is absolute. `apps/explorer.py` is the same app.
 Query parameters open a page directly: `?page=feature&feature=12`, `?page=denoise&feature=12&run=1`.
 Bad input (a missing or empty store, an SAE that does not match the model or the store, a feature
 out of range) is shown with `st.error`, never as a traceback.
@@ -35,7 +36,7 @@ def _args() -> argparse.Namespace:
 
 
 def _int_param(value, default: int = 0) -> int:
-    from .errors import DLMScopeError
+    from dlmscope.errors import DLMScopeError
 
     try:
         return int(value if value is not None else default)
@@ -60,7 +61,7 @@ def colour_tokens(ex: dict, scale: float) -> str:
 
 
 def _splice_rows(result: dict) -> list[dict]:
-    from .errors import DLMScopeError
+    from dlmscope.errors import DLMScopeError
 
     try:
         return [{"t bin": k, "clean CE": v["clean"]["ce"][0], "spliced CE": v["sae"]["ce"][0], "ΔCE": v["delta_ce"][0],
@@ -73,7 +74,7 @@ def _splice_rows(result: dict) -> list[dict]:
 def main() -> None:
     import streamlit as st
 
-    from .errors import DLMScopeError
+    from dlmscope.errors import DLMScopeError
 
     st.set_page_config(page_title="dlmscope explorer", layout="wide")
     try:
@@ -85,8 +86,8 @@ def main() -> None:
 
 
 def _run(st) -> None:
-    from .analysis.features import FeatureStore
-    from .errors import DLMScopeError
+    from dlmscope.analysis.features import FeatureStore
+    from dlmscope.errors import DLMScopeError
 
     args = _args()
 
@@ -118,7 +119,7 @@ def _run(st) -> None:
 
 def _model_and_sae(st, store, args):
     """The model and SAE, loaded once per session and checked against each other and the store."""
-    from .errors import DLMScopeError
+    from dlmscope.errors import DLMScopeError
 
     model, sae = args.model or store.manifest["model_ref"], args.sae or store.manifest["sae"]
     if not sae:
@@ -126,9 +127,9 @@ def _model_and_sae(st, store, args):
 
     @st.cache_resource(show_spinner="loading model and SAE")
     def load(model: str, sae: str):
-        from .analysis.splice import check_sae_matches
-        from .models import load_model
-        from .sae import load_sae
+        from dlmscope.analysis.splice import check_sae_matches
+        from dlmscope.models import load_model
+        from dlmscope.sae import load_sae
 
         lm, s = load_model(model), load_sae(sae)
         check_sae_matches(lm, s)
@@ -254,7 +255,7 @@ def _denoising_view(st, store, feature, args) -> None:
     import plotly.graph_objects as go
     import torch
 
-    from .errors import DLMScopeError
+    from dlmscope.errors import DLMScopeError
 
     st.header("Denoising view")
     f = store.check_feature(feature)
@@ -269,8 +270,8 @@ def _denoising_view(st, store, feature, args) -> None:
     run = st.button("run sampler", type="primary")
     key = (prompt, gen_length, steps, block)
     if run or (st.query_params.get("run") == "1" and st.session_state.get("denoise_key") != key):
-        from .diffusion.sampler import generate
-        from .hooks import capture
+        from dlmscope.diffusion.sampler import generate
+        from dlmscope.hooks import capture
 
         lm, sae = _model_and_sae(st, store, args)
         hook = store.manifest["hook"]
@@ -325,7 +326,7 @@ def _steering(st, store, feature, args) -> None:
     gen_length = c6.selectbox("tokens", [16, 32, 64], index=1)
     seed = int(c7.number_input("seed", value=0, step=1))
     if st.button("generate", type="primary") or st.query_params.get("run") == "1":
-        from .analysis.steering import SteeringSpec, steered_generate
+        from dlmscope.analysis.steering import SteeringSpec, steered_generate
 
         lm, sae = _model_and_sae(st, store, args)
         spec = SteeringSpec(f, strength, mode=mode, steps=schedule, positions=positions)
@@ -343,7 +344,7 @@ def _summary(st, store, feature, args) -> None:
     import plotly.graph_objects as go
     import torch
 
-    from .errors import DLMScopeError
+    from dlmscope.errors import DLMScopeError
 
     m = store.manifest
     st.header("SAE summary")

@@ -26,6 +26,7 @@ from .activations import ActivationSource, CachedSource, ShuffleBuffer
 from .errors import DLMScopeError
 from .io_utils import atomic_write_json, atomic_write_text
 from .models.zoo import DEFAULT_MODEL
+from .runtime import progress, torch_threads
 from .runstate import RunFolder, check_name, has_state, load_state, rng_state, save_state, set_rng_state
 from .sae import SAEConfig, SAETrainer, TrainConfig, save_sae
 from .sae.metrics import log10_density_histogram
@@ -280,9 +281,9 @@ class DictionaryRun:
 
     # ------------------------------------------------------------------------------------------ steps
     def run(self) -> RunResult:
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        with RunFolder(self.folder, self.cfg.resume) if self.dist.main else nullcontext():
+        """The whole run; `cfg.threads` holds for the run only (the caller's thread count is restored)."""
+        lock = RunFolder(self.folder, self.cfg.resume) if self.dist.main else nullcontext()
+        with torch_threads(self.cfg.threads), lock:
             saved = self.read_checkpoint() if self.cfg.resume else None  # before the expensive setup
             self.setup()
             if saved is not None:
@@ -368,8 +369,7 @@ class DictionaryRun:
         cfg = self.cfg
         bar = None
         if cfg.progress and self.dist.main:
-            from tqdm import tqdm
-            bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.steps_done * cfg.batch_size, unit="tok",
+            bar = progress(total=self.total_steps * cfg.batch_size, initial=self.steps_done * cfg.batch_size, unit="tok",
                        unit_scale=True, desc=f"train-sae {len(self.trainers)} SAE(s)")
         self.t0 = time.time()
         try:

@@ -27,35 +27,41 @@ MODELS = ("dlmscope-tiny-dlm", "dlmscope-tiny-ar")
 T_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+def trained_saes(cfg) -> dict[Path, float]:
+    """Train the run, or reuse a finished run of the same name: each SAE folder with its held-out FVU."""
+    from dlmscope.training import train_sae
+
+    run_dir = Path(cfg.out) / cfg.run_name()
+    if (run_dir / "metrics.json").exists():
+        final = json.loads((run_dir / "metrics.json").read_text())["final"]  # SAE key -> metrics, as run.metrics
+        folders = {key: run_dir / "saes" / key.replace(".", "_") for key in final}
+    else:
+        run = train_sae(cfg)
+        final, folders = run.metrics, run.saes
+    return {Path(folders[key]): final[key]["fvu"] for key in sorted(final)}
+
+
 def train_and_eval(args) -> dict:
     from dlmscope.data import heldout_rows
     from dlmscope.models import load_model
     from dlmscope.sae import load_sae
-    from dlmscope.training import TrainSAEConfig, train_sae
+    from dlmscope.training import TrainSAEConfig
 
     results: dict = {"config": {"tokens": args.tokens, "k": args.k, "n_seqs": args.n_seqs, "device": args.device,
                                 "expansion": args.expansion}, "rows": []}
     for model in MODELS:
         lm = load_model(model, device=args.device)
         layers = ",".join(str(i) for i in range(lm.n_layers))
-        name = f"splice-{model}-{args.tokens}-x{args.expansion}"
-        run_dir = ROOT / "runs" / name
         t0 = time.time()
-        if (run_dir / "metrics.json").exists():
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            folders = sorted((run_dir / "saes").iterdir())
-        else:
-            run = train_sae(TrainSAEConfig(model=model, layers=layers, k=args.k, total_tokens=args.tokens,
-                                           batch_size=args.sae_batch_size, expansion=args.expansion, out=str(ROOT / "runs"), name=name,
-                                           eval_every=50, checkpoint_every=100_000, device=args.device,
-                                           progress=False))
-            metrics, folders = run.metrics, list(run.saes.values())
+        name = f"splice-{model}-{args.tokens}-x{args.expansion}"
+        saes = trained_saes(TrainSAEConfig(model=model, layers=layers, k=args.k, total_tokens=args.tokens,
+                                           batch_size=args.sae_batch_size, expansion=args.expansion,
+                                           out=str(ROOT / "runs"), name=name, eval_every=50,
+                                           checkpoint_every=100_000, device=args.device, progress=False))
         results["config"][f"train_s_{model}"] = round(time.time() - t0, 1)
         rows = heldout_rows(lm.tokenizer, 128)
-        for folder in folders:
+        for folder, fvu in saes.items():
             sae = load_sae(folder, device=args.device)
-            fvu = next((m.get("fvu") for key, m in metrics.items() if isinstance(m, dict)
-                        and key.replace(".", "_") == Path(folder).name), None)
             variants = ("all", "masked") if lm.is_diffusion else ("all",)
             for positions in variants:
                 r = splice_eval(lm, sae, rows, SpliceConfig(t_bins=T_BINS, positions=positions, n_seqs=args.n_seqs,

@@ -30,6 +30,7 @@ from dlmscope.diffusion.loss import elbo_loss, next_token_ce, token_ce  # noqa: 
 from dlmscope.diffusion.noise import corrupt, sample_t  # noqa: E402
 from dlmscope.models.checkpoint import wrap_decoder  # noqa: E402
 from dlmscope.models.tiny import tiny_llama  # noqa: E402
+from dlmscope.runtime import progress  # noqa: E402
 
 WORK = ROOT / ".cache" / "zoo"
 ZOO = ROOT / "dlmscope" / "zoo"
@@ -125,11 +126,7 @@ def train_one(kind: str, data: dict, cfg: ZooConfig, device: str, out: Path) -> 
     log = []
     t0 = time.time()
     use_amp = device.startswith("cuda")
-    try:
-        from tqdm import tqdm
-        bar = tqdm(range(cfg.steps), desc=f"train {kind}", mininterval=5)
-    except ImportError:
-        bar = range(cfg.steps)
+    bar = progress(range(cfg.steps), desc=f"train {kind}")
     for step in bar:
         rows = torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=gen)
         x0 = train_ids[rows].to(device)
@@ -150,8 +147,7 @@ def train_one(kind: str, data: dict, cfg: ZooConfig, device: str, out: Path) -> 
             if step % 500 == 0 or step == cfg.steps - 1:
                 entry["heldout_loss"] = heldout_loss(lm, kind, data, device)
             log.append(entry)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     module.eval()
     from safetensors.torch import save_file
 

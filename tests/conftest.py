@@ -2,6 +2,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_cache(tmp_path_factory):
+    """Tests (and the commands they start) never write to the user's ~/.cache/dlmscope."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DLMSCOPE_CACHE", str(tmp_path_factory.mktemp("dlmscope-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from dlmscope.data import builtin_corpus

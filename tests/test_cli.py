@@ -144,3 +144,15 @@ def test_bad_values_one_line_exit_2_nothing_written(args, message, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and message.format(**fill) in err, err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_rspo_command_both_algorithms_and_resume(tmp_path, capsys):
+    """The README's RL commands on a tiny budget (tests/test_readme.py runs the README block itself with -m slow)."""
+    budget = ["--task", "sudoku", "--group-size", "2", "--prompts-per-step", "1", "--eval-n", "2"]
+    main(["rspo", "--algo", "rspo", "--steps", "1", "--lam", "0.1", "--out", str(tmp_path / "rspo"), *budget])
+    assert (tmp_path / "rspo" / "checkpoint-00001" / "config.json").is_file()
+    main(["rspo", "--algo", "diffu-grpo", "--steps", "1", "--out", str(tmp_path / "grpo"), *budget])
+    main(["rspo", "--algo", "diffu-grpo", "--steps", "2", "--out", str(tmp_path / "grpo"), "--resume", *budget])
+    log = json.loads((tmp_path / "grpo" / "log.json").read_text())
+    assert [e["step"] for e in log["steps"]] == [1, 2]  # step 2 continued the run of step 1
+    assert (tmp_path / "grpo" / "checkpoint-00002").is_dir() and "checkpoints in" in capsys.readouterr().out

@@ -90,3 +90,29 @@ def test_pack_one_document_per_row(tokenizer):
     assert tokenizer.decode(flat[1:-1]) == long  # a long document continues over rows, nothing dropped
     with pytest.raises(DLMScopeError, match="no texts"):
         pack(tokenizer, [], 16, cross_document=False)
+
+
+def test_tests_never_write_to_the_users_cache():
+    from pathlib import Path
+
+    from dlmscope.data import cache_dir
+
+    assert not cache_dir().is_relative_to(Path.home() / ".cache")  # tests/conftest.py's temporary_cache
+
+
+def test_corpus_reads_only_the_pinned_modules(tmp_path, monkeypatch):
+    """Modules outside the pinned list never add text; a pinned one that does not import is named in a warning."""
+    import dlmscope.corpus_modules as pinned
+    from dlmscope.data import _extract_docstrings
+
+    assert pinned.TOP_LEVEL[:3] == ("abc", "aifc", "argparse") and "nt" not in pinned.TOP_LEVEL
+    assert len(pinned.TOP_LEVEL) == 201 and len(pinned.SUBMODULES) == 321
+    core, extra, missing = _extract_docstrings(["json", "no_such_module"], ["json.decoder"])
+    assert missing == ["no_such_module"] and core[0].startswith("JSON (JavaScript Object Notation)")
+    assert any(d.startswith("Simple JSON <https://json.org> decoder") for d in extra)
+    monkeypatch.setenv("DLMSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(pinned, "TOP_LEVEL", ("json", "no_such_module"))
+    monkeypatch.setattr(pinned, "SUBMODULES", ())
+    with pytest.warns(UserWarning, match=r"1 pinned standard-library module\(s\) do not import .*\(no_such_module\)"):
+        stats = corpus_stats()
+    assert stats["train"]["documents"] + stats["heldout"]["documents"] < 3000  # topic prose + json only

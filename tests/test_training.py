@@ -38,8 +38,7 @@ def _cfg(tiny_dirs, text, out, **kw):
 
 @pytest.fixture(scope="module")
 def full_run(tiny_dirs, text, tmp_path_factory):
-    torch.set_num_threads(1)
-    return train_sae(_cfg(tiny_dirs, text, tmp_path_factory.mktemp("full")))
+    return train_sae(_cfg(tiny_dirs, text, tmp_path_factory.mktemp("full"), threads=1))
 
 
 def test_end_to_end_four_saes(full_run):

@@ -96,6 +96,18 @@ def _interval(values: torch.Tensor) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def _bin_mean(lm: LoadedModel, hook: str, batches: list, positions: str) -> torch.Tensor:
+    """The hook's mean activation over every batch of the bin, at the positions that will be spliced."""
+    total, n = torch.zeros(lm.d_model, dtype=torch.float64, device=lm.device), 0
+    for _, xt, c in batches:
+        act = run_with_cache(lm, xt, [hook])[hook].float()
+        sel = _positions(c, positions)
+        act = (act if sel is None else act[sel]).reshape(-1, act.shape[-1])
+        total += act.sum(0).double()
+        n += act.shape[0]
+    return (total / max(n, 1)).float()
+
+
 def _replacement(sae, condition: str, mean_act: torch.Tensor, with_error: bool):
     def fn(act: torch.Tensor, ctx) -> torch.Tensor:
         if condition == "zero":
@@ -125,9 +137,7 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
         per = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
         batches = [draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed, b_idx, s)
                    for s in range(0, rows.shape[0], cfg.batch_size)]
-        first = run_with_cache(lm, batches[0][1], [hook])[hook].float()
-        sel = _positions(batches[0][2], cfg.positions)
-        mean_act = (first if sel is None else first[sel]).reshape(-1, first.shape[-1]).mean(0)
+        mean_act = _bin_mean(lm, hook, batches, cfg.positions)
         for x0, xt, c in batches:
             pos = _positions(c, cfg.positions)
             for cond in CONDITIONS:

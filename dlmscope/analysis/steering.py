@@ -90,7 +90,9 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
     """Apply `spec` to every forward inside the block (the sampler's or an AR loop's).
 
     Steps and still-masked positions are restricted by `hooks.hooked`; `generated` and `top:N`
-    positions are chosen per forward here.
+    positions are chosen per forward here. `generated` starts at `prompt_length` (the sampler
+    left-pads every prompt to the longest), except in AR decoding (`ar_generate`), which runs one
+    unpadded prompt at a time: there the last `step` positions are the generated ones.
     """
     hook = check_sae_matches(lm, sae)
     validate(spec, sae, lm)
@@ -108,7 +110,10 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
             new = h + (spec.strength * sae.encode_topk(h)[0].max(-1).values)[..., None] * d
         B, L = h.shape[:2]
         if spec.positions == "generated":
-            where = (torch.arange(L, device=h.device) >= prompt_length)[None].expand(B, L)
+            start = prompt_length
+            if lm.causal and ctx.state.step is not None:  # AR decoding: step s has appended s tokens to its prompt
+                start = L - ctx.state.step
+            where = (torch.arange(L, device=h.device) >= start)[None].expand(B, L)
         elif spec.positions.startswith("top:"):
             score = sae.encode(h)[..., f]
             where = torch.zeros(B, L, dtype=torch.bool, device=h.device)

@@ -54,13 +54,17 @@ def log_likelihood(lm: LoadedModel, prompt: torch.Tensor, answer: torch.Tensor, 
     """Monte-Carlo lower bound on log p(answer | prompt) (LLaDA's estimator).
 
     Each draw masks exactly k ~ U{1..n} answer tokens; its NLL estimate is CE(masked) * n / k.
-    For autoregressive models the exact log-likelihood is returned.
+    For autoregressive models the exact log-likelihood is returned; they need a non-empty prompt
+    (BOS at least), as nothing predicts the first token.
     """
     x0 = torch.cat([prompt, answer]).to(lm.device)[None]
     n_prompt = prompt.numel()
     if answer.numel() == 0:
         raise DLMScopeError("log_likelihood needs a non-empty answer")
     if lm.causal:
+        if n_prompt == 0:
+            raise DLMScopeError("an autoregressive log_likelihood needs a non-empty prompt (at least BOS) to "
+                                "score the first answer token")
         ce = next_token_ce(lm.forward(x0), x0)[0, n_prompt - 1:]
         return -float(ce.sum())
     mask_id = lm.require_mask_id()

@@ -233,7 +233,7 @@ def generate(
     prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
     gen_length: int = 128,
     steps: int = 128,
-    block_length: int | None = 32,
+    block_length: int | None = None,
     temperature: float = 0.0,
     remasking: str | Remasking = "low_confidence",
     cfg_scale: float = 0.0,
@@ -245,14 +245,16 @@ def generate(
 ) -> GenerateOutput:
     """Generate `gen_length` tokens after each prompt by iterative unmasking.
 
-    `block_length` None means one block. Steps are split evenly over blocks; each step unmasks
-    the per-block linear schedule's count of positions chosen by `remasking` (never remasking).
+    `block_length` None fits the generation: 32 when it divides `gen_length`, else one block. Steps are
+    split evenly over blocks; each step unmasks the per-block linear schedule's count of positions chosen
+    by `remasking` (never remasking).
     With temperature 0 and `low_confidence` this reproduces upstream LLaDA `generate`.
     """
     if lm.causal:
         raise DLMScopeError(f"{lm.name} is autoregressive; the diffusion sampler needs a masked diffusion model")
     mask_id = lm.require_mask_id()
-    block_length = gen_length if block_length is None else block_length
+    if block_length is None:
+        block_length = 32 if gen_length % 32 == 0 else gen_length
     if gen_length < 1:
         raise DLMScopeError(f"gen_length={gen_length} must be >= 1")
     if block_length < 1 or gen_length % block_length:

@@ -242,11 +242,11 @@ def train_rl(cfg: RLConfig, task=None) -> dict:
         atomic_write_json(out / "log.json", log)
         write_curves(out, log)
 
-    from tqdm import tqdm
+    from ..runtime import progress
 
     update = _rspo_update if cfg.algo == "rspo" else _grpo_update
-    for step in tqdm(range(start, cfg.steps), desc=f"{cfg.algo} on {getattr(task, 'name', 'task')}",
-                     initial=start, total=cfg.steps):
+    for step in progress(range(start, cfg.steps), desc=f"{cfg.algo} on {getattr(task, 'name', 'task')}",
+                         initial=start, total=cfg.steps):
         t0 = time.perf_counter()
         policy.module.eval()
         roll = sample_groups(policy, task, rng.sample(pool, cfg.prompts_per_step), cfg.group_size,

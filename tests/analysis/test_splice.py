@@ -60,6 +60,19 @@ def test_splice_respects_shift_and_causal(tiny_dirs, tiny_sae):
         tiny_sae.cfg.metadata.update(meta)
 
 
+def test_mean_ablation_uses_the_whole_bins_mean(tiny_dirs):
+    """AR rows are not corrupted, so the bin (and its mean activation) is the same however it is batched."""
+    from dlmscope.sae import SAEConfig, TopKSAE
+
+    ar = load_model(tiny_dirs["causal"])
+    sae = TopKSAE(SAEConfig(64, 128, 8, metadata={"model_name": None, "hook_name": "blocks.0.hook_resid_post"}))
+    rows = _rows(8)
+    rows[:4] = rows[0]  # the first batch is unlike the rest: its mean is not the bin's
+    one, four = (splice_eval(ar, sae, rows, SpliceConfig(n_seqs=8, batch_size=b))["bins"]["clean"]["mean"]["ce"][0]
+                 for b in (8, 4))
+    assert one == pytest.approx(four, rel=1e-5)
+
+
 def test_splice_bad_input(llada, tiny_sae):
     from dlmscope.sae import load_sae
 

@@ -115,3 +115,27 @@ def test_step_schedule_must_lie_in_the_run(llada, tiny_sae):
     with pytest.raises(DLMScopeError, match=r"steps=\[2, 8\]: the run has steps 0..7"):
         compare(llada, tiny_sae, SteeringSpec(3, steps=[2, 8]), ["a"], concept=[], gen_length=8, steps=8)
     validate(SteeringSpec(3, steps=[0, 7]), tiny_sae, llada, n_steps=8)
+
+
+def test_ar_generated_positions_start_at_each_prompts_own_end(tiny_dirs, tiny_sae):
+    """Prompts of different lengths (steered_generate passes the longest): every generated token of each prompt is
+    steered, no prompt token is."""
+    ar = load_model(tiny_dirs["causal"])
+    prompts = ["The list type is a mutable sequence", "The"]
+    lengths = [len(ids) for ids in ar.to_tokens(prompts)]
+    assert lengths[0] > lengths[1] + 2
+    meta = dict(tiny_sae.cfg.metadata)
+    before, touched = [], []
+    try:
+        tiny_sae.cfg.metadata["model_name"] = None
+        with hooked(ar, {HOOK: lambda a, c: before.append(a.clone())}):
+            with steer(ar, tiny_sae, SteeringSpec(3, 20.0, "direction", positions="generated"), max(lengths)):
+                with hooked(ar, {HOOK: lambda a, c: touched.append((c.state.step, (a != before[-1]).any(-1)[0]))}):
+                    ar_generate(ar, prompts, 4)
+    finally:
+        tiny_sae.cfg.metadata.update(meta)
+    starts = [i for i, (step, _) in enumerate(touched) if step == 0]
+    assert len(starts) == 2 and len(touched) > 4  # one decoding loop per prompt, several tokens each
+    for n_prompt, forwards in zip(lengths, (touched[:starts[1]], touched[starts[1]:])):
+        for step, changed in forwards:
+            assert changed.tolist() == [False] * n_prompt + [True] * step

@@ -1,12 +1,13 @@
-"""The explorer: every page under Streamlit's AppTest on a tiny model, the CLI, and one real headless-Chromium run."""
+"""The explorer: every page under Streamlit's AppTest on a tiny model, and `dlmscope explore` launched as a user
+does (the installed console script, fresh cache) with every page opened in a real headless Chromium."""
 
 import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-APP = str(Path(__file__).resolve().parents[2] / "apps" / "explorer.py")
+APP = str(Path(__file__).resolve().parents[2] / "dlmscope" / "explorer.py")  # the file `dlmscope explore` runs
 HOOK = "blocks.1.hook_resid_post"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -160,7 +161,7 @@ def test_bad_input_shows_errors(env, monkeypatch, tmp_path, tiny_dirs):
     assert not at.exception and "page='nowhere'" in at.error[0].value
 
 
-def test_cli_builds_the_store_and_launches_streamlit(env, tiny_dirs, tmp_path, monkeypatch, capsys):
+def test_cli_features_build(env, tiny_dirs, tmp_path, capsys):
     from dlmscope.analysis.features import FeatureStore
     from dlmscope.cli import main
 
@@ -168,19 +169,6 @@ def test_cli_builds_the_store_and_launches_streamlit(env, tiny_dirs, tmp_path, m
     main(["features", "build", "--sae", str(env["sae"]), "--model", str(tiny_dirs["llada"]), "--out", str(out),
           "--n-seqs", "3", "--context-length", "16"])
     assert FeatureStore.open(out).manifest["n_tokens"] == 48
-    calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    import dlmscope.data
-
-    few = dlmscope.data.heldout_rows
-    monkeypatch.setattr(dlmscope.data, "heldout_rows", lambda tok, length: few(tok, 16, n=2))
-    with pytest.raises(SystemExit) as e:
-        main(["explore", "--sae", str(env["sae"]), "--model", str(tiny_dirs["llada"]), "--store", str(tmp_path / "new"),
-              "--port", "8765"])
-    assert e.value.code == 0 and (tmp_path / "new" / "manifest.json").is_file()  # built on first launch
-    cmd = calls[0]
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[cmd.index("--server.port") + 1] == "8765"
-    assert cmd[cmd.index("--store") + 1] == str(tmp_path / "new")
     with pytest.raises(SystemExit) as e:
         main(["features", "build", "--sae", str(env["sae"]), "--model", str(tiny_dirs["causal"]), "--out", str(out)])
     assert e.value.code == 2 and "trained on model 'llada'" in capsys.readouterr().err
@@ -256,40 +244,69 @@ class Browser:
         self.proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def explore(tmp_path_factory):
+    """`dlmscope explore` with no options, from PATH, on a free port, with an empty cache: it builds the shipped
+    SAE's feature store, then serves. The whole process group is stopped afterwards (streamlit is its child)."""
+    root = tmp_path_factory.mktemp("explore")
+    port = _free_port()
+    log = open(root / "explore.log", "w")
+    server = subprocess.Popen([shutil.which("dlmscope"), "explore", "--port", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "DLMSCOPE_CACHE": str(root / "cache")},
+                              cwd=root, start_new_session=True)
+    try:
+        _wait_port(port, server, seconds=180)
+        yield {"port": port, "cache": root / "cache", "log": root / "explore.log"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_explore_builds_the_default_store_and_serves(explore):
+    from dlmscope.analysis.features import FeatureStore
+
+    (store,) = (explore["cache"] / "stores").iterdir()
+    assert store.name == "dlmscope-tiny-dlm__tiny-dlm-L3-k32" and FeatureStore.open(store).n_latents == 2048
+    assert "feature store for tiny-dlm-L3-k32" in explore["log"].read_text()
+    health = urllib.request.urlopen(f"http://127.0.0.1:{explore['port']}/_stcore/health", timeout=10).read()
+    assert health == b"ok"
+
+
+# page -> (extra query, JavaScript that is true once the page has rendered)
+TEXT = "document.body.innerText.includes({!r})".format
+PLOTS = "document.querySelectorAll('.js-plotly-plot').length >= {}".format
+PAGES = {"list": ("", TEXT("Features")),
+         "feature": ("", f"{TEXT('Top activating examples')} && {PLOTS(2)} && "
+                         "document.querySelectorAll('[data-testid=stExpander]').length == 10"),
+         "denoise": ("&run=1", f"{TEXT('step  0:')} && document.querySelector('.js-plotly-plot .heatmaplayer, "
+                               ".js-plotly-plot .hm')"),
+         "steer": ("&run=1", TEXT("steered (feature")), "summary": ("", TEXT("dead fraction"))}
+ERRORS = "document.querySelectorAll('[data-testid=stException], [data-testid=stAlertContentError]').length"
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it; "
-                                                         "locally: apt-get install chromium)")
-def test_real_browser_renders_feature_page_and_denoising_view(env, tiny_dirs, tmp_path):
+                                                         "locally: apt-get install chromium chromium-driver)")
+def test_real_browser_renders_every_page_of_dlmscope_explore(explore, tmp_path):
+    from dlmscope.analysis.features import FeatureStore
+
     shots = Path(os.environ.get("DLMSCOPE_SCREENSHOTS", tmp_path))  # never inside the repository by default
     shots.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1",
-                               "--browser.gatherUsageStats", "false", "--", "--store", env["DLMSCOPE_STORE"]],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    browser = None
+    (store,) = (explore["cache"] / "stores").iterdir()
+    f = int(FeatureStore.open(store).stats()["density"].argmax())
+    browser = Browser(tmp_path / "profile")
     try:
-        _wait_port(port, server)
-        browser = Browser(tmp_path / "profile")
-        f = _busiest(env)
-        url = f"http://127.0.0.1:{port}/?page=feature&feature={f}"
-        assert browser.open_and_wait(url, "document.querySelectorAll('.js-plotly-plot').length >= 2 && "
-                                          "document.querySelectorAll('[data-testid=stExpander]').length == 10")
-        body = browser.js("document.body.innerText")
-        assert f"Feature {f}" in body and "Top activating examples" in body and "Logit effect" in body
-        assert "Quantile groups" in body and "Activation histogram (density" in body
-        assert browser.js("document.querySelectorAll('span.tok').length") >= 50
-        assert browser.js("document.querySelectorAll('span.tok.masked').length") >= 1
-        assert "Traceback" not in body
-        assert browser.screenshot(shots / "feature.png").stat().st_size > 20_000
-        url = f"http://127.0.0.1:{port}/?page=denoise&feature={f}&run=1"
-        assert browser.open_and_wait(url, "document.querySelector('.js-plotly-plot .heatmaplayer, "
-                                          ".js-plotly-plot .hm') && document.body.innerText.includes('step  0:')",
-                                     timeout=60)
-        body = browser.js("document.body.innerText")
-        assert "Denoising view" in body and "Text as it unmasks" in body and "▢" in body and "Traceback" not in body
-        assert browser.screenshot(shots / "denoise.png").stat().st_size > 20_000
+        for page, (extra, ready) in PAGES.items():
+            url = f"http://127.0.0.1:{explore['port']}/?page={page}&feature={f}{extra}"
+            ok = browser.open_and_wait(url, f"({ready}) || {ERRORS}")
+            body = browser.js("document.body.innerText")
+            assert ok and browser.js(ERRORS) == 0 and "Traceback" not in body, f"page {page}: {body[-2000:]}"
+            assert browser.screenshot(shots / f"{page}.png").stat().st_size > 20_000
+            if page == "feature":
+                assert f"Feature {f}" in body and "Logit effect" in body and "Quantile groups" in body
+                assert browser.js("document.querySelectorAll('span.tok').length") >= 50
+                assert browser.js("document.querySelectorAll('span.tok.masked').length") >= 1
+            if page == "denoise":
+                assert "Text as it unmasks" in body and "▢" in body
     finally:
-        if browser is not None:
-            browser.close()
-        server.terminate()
-        server.wait(timeout=30)
+        browser.close()

@@ -80,6 +80,9 @@ def test_ar_log_likelihood_is_the_exact_sum(tiny_dirs):
     logp = torch.log_softmax(lm.forward(full)[0].float(), -1)
     exact = sum(float(logp[i - 1, full[0, i]]) for i in range(3, 6))
     assert math.isclose(log_likelihood(lm, prompt, answer), exact, rel_tol=1e-5)
+    with pytest.raises(DLMScopeError, match="non-empty prompt") as e:  # it used to score only the last token
+        log_likelihood(lm, torch.tensor([], dtype=torch.long), answer)
+    assert "\n" not in str(e.value)
 
 
 def test_dlm_log_likelihood(llada):

@@ -149,3 +149,10 @@ def test_origin_scores_are_the_seeded_uniform_draws():
     expected = torch.rand((2, 5), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     assert torch.equal(scores, expected) and scores.dtype == torch.float64
     assert ((scores >= 0) & (scores < 1)).all() and scores.unique().numel() == 10  # a random order: no ties
+
+
+@pytest.mark.parametrize("gen_length, blocks", [(16, [0] * 4), (24, [0] * 4), (64, [0, 0, 1, 1])])
+def test_default_block_length_fits_the_generation(llada, gen_length, blocks):
+    """No block_length: 32-token blocks when 32 divides gen_length, else one block (the README's gen_length=16)."""
+    out = generate(llada, [[5, 6]], gen_length=gen_length, steps=4, return_history=True)
+    assert [r.block for r in out.history] == blocks and out.sequences.shape[1] == 2 + gen_length
