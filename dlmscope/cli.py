@@ -42,10 +42,20 @@ def generate(
     prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (a multiple of the number of blocks)."),
-    block_length: int = typer.Option(32, help="Semi-autoregressive block length (divides gen-length)."),
-    temperature: float = typer.Option(0.0, help="Gumbel sampling temperature; 0 is greedy."),
-    remasking: str = typer.Option("low_confidence", help="low_confidence, random, topk_margin, entropy, origin."),
+    block_length: Optional[int] = typer.Option(
+        None, help="Semi-autoregressive block length (divides gen-length); default fits the generation: 32 when it "
+        "divides gen-length, else gen-length (one block under the dream schedule)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    remasking: str = typer.Option("low_confidence", help="low_confidence, random (LLaDA); maskgit_plus, topk_margin, "
+                                  "entropy, origin (Dream)."),
     cfg_scale: float = typer.Option(0.0, help="Classifier-free guidance scale (0 = off)."),
+    schedule: Optional[str] = typer.Option(None, help="Tokens revealed per step: linear (LLaDA) or dream "
+                                           "(Dream's 1 - s/t); default: the checkpoint family's own."),
+    top_p: Optional[float] = typer.Option(None, help="Dream's nucleus filter in (0, 1] (off by default)."),
+    top_k: Optional[int] = typer.Option(None, help="Dream's top-k filter (0 or unset = off)."),
+    alg_temp: Optional[float] = typer.Option(None, help="Dream's alg_temp: draw positions from softmax(confidence / "
+                                             "alg_temp) instead of taking the most confident (0 or unset = off)."),
+    eps: float = typer.Option(1e-3, help="Dream schedule's final time: t runs linspace(1, eps, steps + 1)."),
     seed: int = typer.Option(0, help="Random seed."),
     history: bool = typer.Option(False, "--history", help="Print the sequence after every step."),
     device: str = DeviceOpt,
@@ -57,7 +67,8 @@ def generate(
 
     lm = load_model(model, device=device, dtype=dtype)
     out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
-                 remasking=remasking, cfg_scale=cfg_scale, seed=seed, return_history=history)
+                 remasking=remasking, cfg_scale=cfg_scale, schedule=schedule, top_p=top_p, top_k=top_k,
+                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history)
     if history:
         for rec in out.history:
             for b in range(rec.x.shape[0]):
