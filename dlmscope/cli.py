@@ -244,6 +244,8 @@ def steer(
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (DLMs)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    sampler_schedule: Optional[str] = typer.Option(None, help="Sampler schedule (DLMs): linear or dream; default: "
+                                                   "the model family's own (--schedule picks the steered steps)."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     metrics: bool = typer.Option(True, help="Score both with the feature, AR-twin perplexity and DLM ELBO."),
     out: Optional[str] = typer.Option(None, help="Write the comparison JSON here."),
@@ -251,11 +253,14 @@ def steer(
 ) -> None:
     """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
     from .analysis.steering import SteeringSpec, compare, validate
+    from .diffusion.sampler import get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
     from .sae import load_sae
 
+    if sampler_schedule is not None:
+        get_schedule(sampler_schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
     try:
         sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
@@ -269,7 +274,7 @@ def steer(
     validate(spec, the_sae, lm)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
     r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
-                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature)
+                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature, sampler_schedule)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
@@ -293,16 +298,21 @@ def order(
     steps: str = typer.Option("4,8,16", help="Comma-separated step budgets for the task and held-out likelihood."),
     gen_length: int = typer.Option(16, help="Tokens to generate."),
     heldout: int = typer.Option(32, help="Held-out rows for the order-following likelihood (0 to skip)."),
+    schedule: Optional[str] = typer.Option(None, help="Sampler schedule: linear or dream; default: the model "
+                                           "family's own."),
     out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
     device: str = DeviceOpt,
 ) -> None:
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
     from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, task_accuracy
     from .data import heldout_rows
+    from .diffusion.sampler import get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
 
+    if schedule is not None:
+        get_schedule(schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
     saes = [load_sae(s.strip(), device=device) for s in sae.split(",") if s.strip()]
     names = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -318,11 +328,12 @@ def order(
     typer.echo(f"| order |{head}")
     typer.echo("|---|" + "---|" * head.count("|"))
     for name in names:
-        dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length)
-        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length)
-               for b in budgets} if task else {}
-        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b).mean())
-               for b in budgets} if heldout else {}
+        dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length,
+                               schedule=schedule)
+        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length,
+                                schedule=schedule) for b in budgets} if task else {}
+        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b,
+                                             schedule=schedule).mean()) for b in budgets} if heldout else {}
         result["dynamics"][name], result["task"][name], result["heldout_nll"][name] = dyn["layers"], acc, nll
         cells = "".join(f" {dyn['layers'][h]['pre_mask_stability']:.3f} | {dyn['layers'][h]['post_decode_drift']:.3f} |"
                         for h in hooks)

@@ -107,3 +107,15 @@ def test_generate_sampler_options(tiny_dirs, capsys):
     main(["generate", "--gen-length", "8", "--steps", "4", "--schedule", "dream", "--remasking", "entropy",
           "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--alg-temp", "0.5", "--eps", "0.01"])
     assert capsys.readouterr().out.strip().startswith("The list type")
+
+
+@pytest.mark.parametrize("args", [
+    ["steer", "--sae", "tiny-dlm-L1-k32", "--feature", "1", "--sampler-schedule", "cosine"],
+    ["order", "--sae", "tiny-dlm-L1-k32", "--schedule", "cosine"],
+    ["rspo", "--schedule", "cosine"],
+])
+def test_sampling_commands_reject_unknown_schedules(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "unknown schedule 'cosine'; allowed: linear, dream" in err and len(err.splitlines()) == 1
