@@ -95,3 +95,14 @@ def test_dream_fixture_covers_padding_and_uneven_steps():
         mine = [r for r in runs if r["settings"]["alg"] == alg]
         assert any(len(r["prompts"]) == 3 and r["prompt_attention_mask"] and r["settings"]["max_new_tokens"]
                    % r["settings"]["steps"] for r in mine)
+
+
+def test_dream_generation_config_matches_our_defaults(dream_fixture):
+    """The checkpoint's generation_config.json (upstream defaults) agrees with our ids and Dream defaults."""
+    import inspect
+
+    cfg = json.loads((FIXTURES / "dream_tiny" / "generation_config.json").read_text())
+    assert cfg["mask_token_id"] == dream_fixture.mask_id == 500
+    assert cfg["eps"] == inspect.signature(generate).parameters["eps"].default
+    assert cfg["temperature"] == inspect.signature(generate).parameters["temperature"].default
+    assert cfg["pad_token_id"] == dream_fixture.module.config.pad_token_id
