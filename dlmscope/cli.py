@@ -44,10 +44,20 @@ def generate(
     prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (a multiple of the number of blocks)."),
-    block_length: int = typer.Option(32, help="Semi-autoregressive block length (divides gen-length)."),
-    temperature: float = typer.Option(0.0, help="Gumbel sampling temperature; 0 is greedy."),
-    remasking: str = typer.Option("low_confidence", help="low_confidence, random, topk_margin, entropy, origin."),
+    block_length: Optional[int] = typer.Option(
+        None, help="Semi-autoregressive block length (divides gen-length); default fits the generation: 32 when it "
+        "divides gen-length, else gen-length (one block under the dream schedule)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    remasking: str = typer.Option("low_confidence", help="low_confidence, random (LLaDA); maskgit_plus, topk_margin, "
+                                  "entropy, origin (Dream)."),
     cfg_scale: float = typer.Option(0.0, help="Classifier-free guidance scale (0 = off)."),
+    schedule: Optional[str] = typer.Option(None, help="Tokens revealed per step: linear (LLaDA) or dream "
+                                           "(Dream's 1 - s/t); default: the checkpoint family's own."),
+    top_p: Optional[float] = typer.Option(None, help="Dream's nucleus filter in (0, 1] (off by default)."),
+    top_k: Optional[int] = typer.Option(None, help="Dream's top-k filter (0 or unset = off)."),
+    alg_temp: Optional[float] = typer.Option(None, help="Dream's alg_temp: draw positions from softmax(confidence / "
+                                             "alg_temp) instead of taking the most confident (0 or unset = off)."),
+    eps: float = typer.Option(1e-3, help="Dream schedule's final time: t runs linspace(1, eps, steps + 1)."),
     seed: int = typer.Option(0, help="Random seed."),
     history: bool = typer.Option(False, "--history", help="Print the sequence after every step."),
     device: str = DeviceOpt,
@@ -59,7 +69,8 @@ def generate(
 
     lm = load_model(model, device=device, dtype=dtype)
     out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
-                 remasking=remasking, cfg_scale=cfg_scale, seed=seed, return_history=history)
+                 remasking=remasking, cfg_scale=cfg_scale, schedule=schedule, top_p=top_p, top_k=top_k,
+                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history)
     if history:
         for rec in out.history:
             for b in range(rec.x.shape[0]):
@@ -245,6 +256,8 @@ def steer(
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (DLMs)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    sampler_schedule: Optional[str] = typer.Option(None, help="Sampler schedule (DLMs): linear or dream; default: "
+                                                   "the model family's own (--schedule picks the steered steps)."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     metrics: bool = typer.Option(True, help="Score both with the feature, AR-twin perplexity and DLM ELBO."),
     out: Optional[str] = typer.Option(None, help="Write the comparison JSON here."),
@@ -252,6 +265,7 @@ def steer(
 ) -> None:
     """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
     from .analysis.steering import SteeringSpec, compare, validate
+    from .diffusion.sampler import get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
@@ -264,13 +278,15 @@ def steer(
     checks.positive("--steps", steps)
     if out:
         checks.writable_file("--out", out)
+    if sampler_schedule is not None:
+        get_schedule(sampler_schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
     spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
     the_sae = load_sae(sae, device=device)
     validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
     r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
-                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature)
+                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature, sampler_schedule)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
@@ -294,12 +310,15 @@ def order(
     steps: str = typer.Option("4,8,16", help="Comma-separated step budgets for the task and held-out likelihood."),
     gen_length: int = typer.Option(16, help="Tokens to generate."),
     heldout: int = typer.Option(32, help="Held-out rows for the order-following likelihood (0 to skip)."),
+    schedule: Optional[str] = typer.Option(None, help="Sampler schedule: linear or dream; default: the model "
+                                           "family's own."),
     out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
     device: str = DeviceOpt,
 ) -> None:
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
     from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, strategy_names, task_accuracy
     from .data import heldout_rows
+    from .diffusion.sampler import get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
@@ -315,6 +334,8 @@ def order(
     checks.non_negative("--heldout", heldout)
     if out:
         checks.writable_file("--out", out)
+    if schedule is not None:
+        get_schedule(schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
     saes = [load_sae(s, device=device) for s in sae_names]
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
@@ -325,11 +346,12 @@ def order(
     typer.echo(f"| order |{head}")
     typer.echo("|---|" + "---|" * head.count("|"))
     for name in names:
-        dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length)
-        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length)
-               for b in budgets} if task else {}
-        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b).mean())
-               for b in budgets} if heldout else {}
+        dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length,
+                               schedule=schedule)
+        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length,
+                                schedule=schedule) for b in budgets} if task else {}
+        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b,
+                                             schedule=schedule).mean()) for b in budgets} if heldout else {}
         result["dynamics"][name], result["task"][name], result["heldout_nll"][name] = dyn["layers"], acc, nll
         cells = "".join(f" {dyn['layers'][h]['pre_mask_stability']:.3f} | {dyn['layers'][h]['post_decode_drift']:.3f} |"
                         for h in hooks)

@@ -262,13 +262,14 @@ def _denoising_view(st, store, feature, args) -> None:
     if not store.manifest["diffusion"]:
         raise DLMScopeError(f"the store's model {store.manifest['model']!r} is autoregressive; the denoising view "
                             "needs a masked diffusion model")
-    c1, c2, c3, c4 = st.columns([4, 1, 1, 1])
+    c1, c2, c3, c4, c5 = st.columns([4, 1, 1, 1, 1])
     prompt = c1.text_input("prompt", "The list type")
     gen_length = c2.selectbox("tokens", [16, 32, 64], index=1)
     steps = c3.selectbox("steps", [8, 16, 32, 64], index=2)
     block = c4.selectbox("block length", [8, 16, 32, 64], index=2)
+    schedule = c5.selectbox("schedule", ["model's own", "linear", "dream"], help="tokens revealed per step")
     run = st.button("run sampler", type="primary")
-    key = (prompt, gen_length, steps, block)
+    key = (prompt, gen_length, steps, block, schedule)
     if run or (st.query_params.get("run") == "1" and st.session_state.get("denoise_key") != key):
         from dlmscope.diffusion.sampler import generate
         from dlmscope.hooks import capture
@@ -276,7 +277,8 @@ def _denoising_view(st, store, feature, args) -> None:
         lm, sae = _model_and_sae(st, store, args)
         hook = store.manifest["hook"]
         with st.spinner("sampling"), capture(lm, [hook], to_cpu=True) as cache:
-            out = generate(lm, [prompt], gen_length=gen_length, steps=steps, block_length=block, return_history=True)
+            out = generate(lm, [prompt], gen_length=gen_length, steps=steps, block_length=block, return_history=True,
+                           schedule=None if schedule == "model's own" else schedule)
         vocab = store.manifest["vocab"]
         strings = lambda ids: ["▢" if t == lm.mask_id else vocab[t] for t in ids.tolist()]  # noqa: E731
         st.session_state["denoise"] = {  # activations, not latents: any feature is one small encode away

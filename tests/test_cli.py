@@ -156,3 +156,48 @@ def test_rspo_command_both_algorithms_and_resume(tmp_path, capsys):
     log = json.loads((tmp_path / "grpo" / "log.json").read_text())
     assert [e["step"] for e in log["steps"]] == [1, 2]  # step 2 continued the run of step 1
     assert (tmp_path / "grpo" / "checkpoint-00002").is_dir() and "checkpoints in" in capsys.readouterr().out
+@pytest.mark.parametrize("args,message", [
+    (["--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["--temperature", "inf"], "temperature=inf"),
+    (["--temperature", "nan"], "temperature=nan"),
+    (["--temperature", "-1"], "temperature=-1.0"),
+    (["--cfg-scale", "nan"], "cfg_scale=nan"),
+    (["--cfg-scale", "-2"], "cfg_scale=-2.0"),
+    (["--top-p", "1.5"], "top_p=1.5"),
+    (["--top-k", "-3"], "top_k=-3"),
+    (["--alg-temp", "-1"], "alg_temp=-1.0"),
+    (["--gen-length", "5000"], "exceeds"),
+    (["-p", "the list type " * 2000], "exceeds"),
+])
+def test_generate_sampler_options_bad_input(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_generate_sampler_options(tiny_dirs, capsys):
+    """Dream's options on the command line reach the sampler: the dream schedule's counts show in the history."""
+    main(["generate", str(tiny_dirs["dream"]), "-p", "a b", "--gen-length", "24", "--steps", "6", "--remasking",
+          "maskgit_plus", "--history"])
+    rows = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[step")]
+    assert [24 - row.split().count("_") for row in rows] == [0, 3, 7, 11, 15, 19]  # Dream's 3, 4, 4, 4, 4, 5
+    main(["generate", str(tiny_dirs["dream"]), "-p", "a b", "--gen-length", "24", "--steps", "6", "--schedule",
+          "linear", "--history"])
+    rows = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[step")]
+    assert [24 - row.split().count("_") for row in rows] == [0, 4, 8, 12, 16, 20]  # LLaDA's 4 each
+    main(["generate", "--gen-length", "8", "--steps", "4", "--schedule", "dream", "--remasking", "entropy",
+          "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--alg-temp", "0.5", "--eps", "0.01"])
+    assert capsys.readouterr().out.strip().startswith("The list type")
+
+
+@pytest.mark.parametrize("args", [
+    ["steer", "--sae", "tiny-dlm-L1-k32", "--feature", "1", "--sampler-schedule", "cosine"],
+    ["order", "--sae", "tiny-dlm-L1-k32", "--schedule", "cosine"],
+    ["rspo", "--schedule", "cosine"],
+])
+def test_sampling_commands_reject_unknown_schedules(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "unknown schedule 'cosine'; allowed: linear, dream" in err and len(err.splitlines()) == 1

@@ -15,7 +15,9 @@ import torch
 
 from ..checks import positive
 from ..diffusion.loss import token_ce
-from ..diffusion.sampler import REMASKING, LowConfidence, Remasking, StepInput, generate, get_remasking, transfer_schedule
+from ..diffusion.sampler import (
+    REMASKING, LowConfidence, Remasking, StepInput, default_schedule, generate, get_remasking, get_schedule,
+)
 from ..errors import DLMScopeError
 from ..hooks import capture, hooked
 from ..models.base import ForwardState, LoadedModel
@@ -60,7 +62,7 @@ def order_metrics(sets: torch.Tensor, masks: torch.Tensor, n_latents: int) -> di
 
 @torch.no_grad()
 def feature_dynamics(lm: LoadedModel, saes, prompts: Sequence[str], remasking, gen_length: int = 32,
-                     steps: int = 32, seed: int = 0) -> dict:
+                     steps: int = 32, seed: int = 0, schedule: str | None = None) -> dict:
     """Run the sampler once and measure how each SAE's features of generated positions evolve.
 
     `saes` is one SAE or a list of SAEs on different hooks (layers); results are keyed by hook.
@@ -71,7 +73,7 @@ def feature_dynamics(lm: LoadedModel, saes, prompts: Sequence[str], remasking, g
     hooks = [check_sae_matches(lm, sae) for sae in saes]
     with capture(lm, hooks, to_cpu=True) as cache:
         out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
-                       remasking=remasking, return_history=True, seed=seed)
+                       remasking=remasking, return_history=True, seed=seed, schedule=schedule)
     P = out.prompt_length
     masks = torch.stack([h.mask[:, P:].cpu() for h in out.history])
     layers = {}
@@ -140,7 +142,7 @@ def make_strategy(name: str, sae=None):
 
 @torch.no_grad()
 def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps: int = 16, gen_length: int = 16,
-                  seed: int = 0, batch: int = 25) -> dict:
+                  seed: int = 0, batch: int = 25, schedule: str | None = None) -> dict:
     """Exact accuracy and mean reward of a remasking strategy on a task's test split."""
     from ..tasks import get_task
 
@@ -151,7 +153,7 @@ def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps:
     for i in range(0, n, batch):
         chunk = examples[i:i + batch]
         texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
-                         remasking=strategy, seed=seed).texts
+                         remasking=strategy, seed=seed, schedule=schedule).texts
         rewards += [task.reward(e, t) for e, t in zip(chunk, texts)]
         correct += [task.is_correct(e, t) for e, t in zip(chunk, texts)]
     return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n}
@@ -159,9 +161,9 @@ def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps:
 
 @torch.no_grad()
 def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int, remasking: str | Remasking,
-                         steps: int, seed: int = 0) -> torch.Tensor:
+                         steps: int, seed: int = 0, schedule: str | None = None) -> torch.Tensor:
     """(B,) NLL per answer token of held-out rows when the answer (after `prompt_length`) is revealed
-    in the strategy's order, `steps` steps with the sampler's linear schedule (teacher forced).
+    in the strategy's order, `steps` steps with the sampler's schedule (teacher forced; None: the family's own).
 
     Each step's revealed tokens are scored jointly from the same forward (the sampler's parallel
     factorisation), so fewer steps cost likelihood; the order is what the strategy picks from the
@@ -179,7 +181,8 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
     gen = torch.Generator().manual_seed(seed)
     x = rows.clone()
     x[:, prompt_length:] = mask_id
-    sched = transfer_schedule(torch.full((B,), n, device=lm.device), steps)
+    rule = get_schedule(default_schedule(lm) if schedule is None else schedule)
+    sched = rule.plan(torch.full((B,), n, device=lm.device), steps)
     nll = torch.zeros(B, device=lm.device)
     strategy.begin(lm, x)
     try:
@@ -188,7 +191,8 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
             lm.state = ForwardState(i, steps, 0, mask, float(mask[:, prompt_length:].float().mean()))
             logits = lm.denoise_logits(x)
             x0 = torch.where(mask, logits.argmax(-1), x)
-            _, transfer = strategy.select(StepInput(lm, x, logits, x0, mask, i, steps, i, steps, gen), sched[:, i])
+            s = StepInput(lm, x, logits, x0, mask, i, steps, i, steps, gen, schedule=rule)
+            _, transfer = strategy.select(s, sched[:, i])
             nll += (token_ce(logits, rows) * transfer).sum(1)
             x = torch.where(transfer, rows, x)
     finally:

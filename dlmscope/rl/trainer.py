@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion.sampler import get_schedule
 from ..errors import DLMScopeError
 from ..io_utils import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..models.zoo import DEFAULT_MODEL
@@ -72,6 +73,8 @@ class RLConfig:
     """Completion length in tokens (one block)."""
     denoise_steps: int = 16
     """Sampler steps per rollout and evaluation."""
+    schedule: str | None = None
+    """Sampler schedule of rollouts and evaluation: linear or dream (unset: the model family's own)."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N rollout steps (0 = frozen)."""
     eval_n: int = 50
@@ -105,6 +108,8 @@ def check_config(cfg: RLConfig) -> None:
             raise DLMScopeError(f"{name}={getattr(cfg, name)} must be >= 1")
     if cfg.lam <= 0:
         raise DLMScopeError(f"lam={cfg.lam} must be > 0 (the target is A / lambda)")
+    if cfg.schedule is not None:
+        get_schedule(cfg.schedule)
 
 
 def make_task(cfg: RLConfig):
@@ -216,7 +221,8 @@ def train_rl(cfg: RLConfig, task=None) -> dict:
 
     def run_eval(step: int) -> dict:
         policy.module.eval()
-        r = {"step": step, **evaluate(policy, task, eval_examples, gen_length=cfg.gen_length, steps=cfg.denoise_steps)}
+        r = {"step": step, **evaluate(policy, task, eval_examples, gen_length=cfg.gen_length, steps=cfg.denoise_steps,
+                                           schedule=cfg.schedule)}
         log["eval"].append(r)
         return r
 
@@ -251,7 +257,7 @@ def train_rl(cfg: RLConfig, task=None) -> dict:
         policy.module.eval()
         roll = sample_groups(policy, task, rng.sample(pool, cfg.prompts_per_step), cfg.group_size,
                              gen_length=cfg.gen_length, steps=cfg.denoise_steps, temperature=cfg.temperature,
-                             seed=rng.randrange(2**31), normalise=cfg.normalise_adv)
+                             seed=rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule)
         t1 = time.perf_counter()
         policy.module.train()
         stats = update(policy, ref, roll, opt, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))

@@ -53,3 +53,14 @@ def test_feature_dynamics_and_order_likelihood(llada, tiny_sae):
         make_strategy("nope")
     with pytest.raises(DLMScopeError, match="prompt list is empty"):
         feature_dynamics(llada, tiny_sae, [], "entropy")
+
+
+def test_order_likelihood_follows_the_schedule(tiny_dirs):
+    """Teacher-forced order likelihood reveals by the sampler's schedule: the family's own unless given."""
+    from dlmscope import load_model
+
+    dream = load_model(tiny_dirs["dream"])
+    rows = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    own = order_log_likelihood(dream, rows, 4, "low_confidence", 3)  # 8 tokens: dream 2, 2, 4; linear 3, 3, 2
+    assert torch.equal(own, order_log_likelihood(dream, rows, 4, "low_confidence", 3, schedule="dream"))
+    assert not torch.allclose(own, order_log_likelihood(dream, rows, 4, "low_confidence", 3, schedule="linear"))

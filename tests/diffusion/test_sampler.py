@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError, generate
-from dlmscope.diffusion.sampler import REMASKING, Remasking, get_remasking, left_pad, top_n_mask, transfer_schedule
+from dlmscope.diffusion.sampler import (
+    REMASKING, DreamSchedule, Remasking, StepInput, TokenSampling, default_schedule, get_remasking, get_schedule, left_pad,
+    top_n_mask, transfer_schedule,
+)
 
 
 def test_schedule_linear_with_remainder():
@@ -138,16 +141,17 @@ def test_topk_margin_and_entropy_scores_by_hand():
     s = _step_input(logits)
     margin = get_remasking("topk_margin").scores(s)
     torch.testing.assert_close(margin, torch.tensor([[1 / 2 - 1 / 3, 1 / 2 - 1 / 4, 0.0, 1.0]], dtype=torch.float64))
-    neg_entropy = get_remasking("entropy").scores(s)  # sum p log p: 0 for a certain prediction, -log V for uniform
-    expected = [(1 / 6) * ln(1 / 6) + (1 / 3) * ln(1 / 3) + (1 / 2) * ln(1 / 2), -1.5 * ln(2), -ln(3), 0.0]
-    torch.testing.assert_close(neg_entropy, torch.tensor([expected], dtype=torch.float64), atol=1e-12, rtol=1e-9)
+    neg_entropy = get_remasking("entropy").scores(s)  # Dream's sum p log(p + 1e-10): ~0 certain, ~-log V uniform
+    rows = [(1 / 6, 1 / 3, 1 / 2), (1 / 4, 1 / 4, 1 / 2), (1 / 3,) * 3, (0.0, 0.0, 1.0)]
+    expected = [sum(p * ln(p + 1e-10) for p in row) for row in rows]
+    torch.testing.assert_close(neg_entropy, torch.tensor([expected], dtype=torch.float64), atol=1e-6, rtol=1e-6)  # fp32
 
 
 def test_origin_scores_are_the_seeded_uniform_draws():
     logits = torch.zeros(2, 5, 7)
     scores = get_remasking("origin").scores(_step_input(logits, torch.Generator().manual_seed(4)))
-    expected = torch.rand((2, 5), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    assert torch.equal(scores, expected) and scores.dtype == torch.float64
+    expected = torch.rand(10, generator=torch.Generator().manual_seed(4), dtype=torch.float32).view(2, 5)
+    assert torch.equal(scores, expected)  # one float32 uniform per candidate, in order, as Dream draws them
     assert ((scores >= 0) & (scores < 1)).all() and scores.unique().numel() == 10  # a random order: no ties
 
 
@@ -156,3 +160,115 @@ def test_default_block_length_fits_the_generation(llada, gen_length, blocks):
     """No block_length: 32-token blocks when 32 divides gen_length, else one block (the README's gen_length=16)."""
     out = generate(llada, [[5, 6]], gen_length=gen_length, steps=4, return_history=True)
     assert [r.block for r in out.history] == blocks and out.sequences.shape[1] == 2 + gen_length
+# ---------------------------------------------------------------- schedules, Dream options, validation
+
+
+def test_schedules_count_as_upstream():
+    """linear: LLaDA's even split, remainder first; dream: int(n * (1 - t[i+1]/t[i])) on linspace(1, eps, steps+1)."""
+    n = torch.tensor([24, 16, 0])
+    assert get_schedule("linear").plan(n, 7).tolist() == transfer_schedule(n, 7).tolist()
+    assert transfer_schedule(torch.tensor([24]), 7).tolist() == [[4, 4, 4, 3, 3, 3, 3]]
+    # t = 1, .8335, .667, ...: step 0 reveals int(24 * 0.1665) = 3 (LLaDA: 4); the last step the rest
+    assert get_schedule("dream").plan(n, 6).tolist() == [[3, 4, 4, 4, 4, 5], [2, 2, 2, 3, 3, 4], [0] * 6]
+    assert get_schedule("dream", eps=0.5).plan(torch.tensor([24]), 4).tolist() == [[3, 2, 3, 16]]
+    assert isinstance(get_schedule(DreamSchedule(0.1)), DreamSchedule)
+
+
+def test_default_schedule_and_block_length_follow_the_family(llada, tiny_dirs):
+    from dlmscope import load_model
+
+    dream = load_model(tiny_dirs["dream"])
+    assert (default_schedule(llada), default_schedule(dream)) == ("linear", "dream")
+    blocks = lambda lm, gen, **kw: [r.block for r in generate(lm, [[5, 6]], gen_length=gen, steps=gen // 4,  # noqa: E731
+                                                               return_history=True, **kw).history]
+    assert blocks(llada, 64) == [0] * 8 + [1] * 8  # 32 divides 64: two blocks of 32
+    assert blocks(llada, 40) == [0] * 10  # 32 does not divide 40: one block
+    assert blocks(dream, 64) == [0] * 16  # Dream has no blocks
+    assert blocks(dream, 64, block_length=32) == [0] * 8 + [1] * 8
+    counts = [int(r.transfer[0].sum()) for r in generate(dream, [[5, 6]], gen_length=24, steps=6,
+                                                         return_history=True).history]
+    assert counts == [3, 4, 4, 4, 4, 5]
+    counts = [int(r.transfer[0].sum()) for r in generate(dream, [[5, 6]], gen_length=24, steps=6, schedule="linear",
+                                                         return_history=True).history]
+    assert counts == [4] * 6
+
+
+def test_dream_confidences_use_the_tempered_filtered_distribution(llada):
+    """maskgit_plus scores softmax(logits / T)[x0] (LLaDA's low_confidence the untempered one); top-k
+    renormalises before margin and entropy are taken."""
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    x0 = torch.tensor([[0]])
+    cand = torch.tensor([[True]])
+
+    def score(strategy, **kw):
+        s = StepInput(llada, x0, logits, x0, cand, 0, 1, 0, 1, None, TokenSampling(**kw))
+        return float(get_remasking(strategy).scores(s)[0, 0])
+
+    p = torch.softmax(logits[0, 0], -1)
+    p_t = torch.softmax(logits[0, 0] / 2, -1)
+    assert score("low_confidence", temperature=2.0) == pytest.approx(float(p[0]), rel=1e-6)
+    assert score("maskgit_plus", temperature=2.0) == pytest.approx(float(p_t[0]), rel=1e-6)
+    assert score("maskgit_plus") == pytest.approx(float(p[0]), rel=1e-6)
+    p2 = torch.softmax(logits[0, 0, :2], -1)  # top_k=2 keeps two tokens
+    assert score("topk_margin", top_k=2) == pytest.approx(float(p2[0] - p2[1]), rel=1e-6)
+    assert score("entropy", top_k=2) == pytest.approx(float((p2 * torch.log(p2 + 1e-10)).sum()), rel=1e-6)
+    assert score("maskgit_plus", top_p=0.5) == pytest.approx(1.0)  # top token alone carries > 0.5
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llada):
+    kw = dict(gen_length=8, steps=8, block_length=8)
+    greedy = generate(llada, [[5, 6]], **kw).sequences
+    assert torch.equal(generate(llada, [[5, 6]], temperature=1.5, top_k=1, seed=0, **kw).sequences, greedy)
+    assert torch.equal(generate(llada, [[5, 6]], temperature=1.5, top_p=1e-6, seed=0, **kw).sequences, greedy)
+    assert not torch.equal(generate(llada, [[5, 6]], temperature=1.5, seed=0, **kw).sequences, greedy)
+
+
+def test_alg_temp_draws_positions_by_schedule(llada):
+    kw = dict(gen_length=12, steps=4, block_length=12, remasking="maskgit_plus", return_history=True)
+    top = generate(llada, [[5, 6]], **kw)
+    assert torch.equal(generate(llada, [[5, 6]], alg_temp=0.0, **kw).sequences, top.sequences)
+    drawn = [generate(llada, [[5, 6]], alg_temp=10.0, seed=s, **kw) for s in (0, 0, 1)]
+    assert torch.equal(drawn[0].sequences, drawn[1].sequences)  # seeded
+    orders = [[r.transfer[0].nonzero().flatten().tolist() for r in d.history] for d in (top, drawn[0], drawn[2])]
+    assert orders[1] != orders[0] or orders[2] != orders[0]  # a hot softmax does not just take the top scores
+    for d in drawn:
+        assert [int(r.transfer.sum()) for r in d.history] == [3, 3, 3, 3]  # the schedule's counts still hold
+
+
+def test_origin_reveals_with_the_schedule_fraction(llada):
+    """Under `linear` origin reveals 1/(steps left) of the masked positions in expectation, all by the last step."""
+    out = generate(llada, [[5, 6]] * 8, gen_length=32, steps=4, block_length=32, remasking="origin",
+                   schedule="linear", seed=0, return_history=True)
+    first = int(out.history[0].transfer.sum())
+    assert 40 < first < 90  # 256 masked, p = 1/4: mean 64, sd 7
+    assert not (out.sequences == llada.mask_id).any()
+
+
+def test_bad_sampler_options_are_one_line(llada):
+    cases = [
+        (dict(schedule="cosine"), "unknown schedule 'cosine'; allowed: linear, dream"),
+        (dict(temperature=float("inf")), "temperature=inf"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(temperature=-0.5), "temperature=-0.5"),
+        (dict(cfg_scale=float("nan")), "cfg_scale=nan"),
+        (dict(cfg_scale=-1.0), "cfg_scale=-1.0"),
+        (dict(top_p=0.0), r"top_p=0.0 .*\(0, 1\]"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(top_k=-1), "top_k=-1"),
+        (dict(alg_temp=-1.0), "alg_temp=-1.0"),
+        (dict(alg_temp=float("inf")), "alg_temp=inf"),
+        (dict(alg_temp=float("nan")), "alg_temp=nan"),
+        (dict(eps=1.0), "eps=1.0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DLMScopeError, match=message) as e:
+            generate(llada, [[5]], gen_length=8, steps=8, **kwargs)
+        assert "\n" not in str(e.value)
+
+
+def test_prompt_past_the_context_fails_before_any_forward(llada):
+    limit = llada.module.config.max_position_embeddings
+    calls = []
+    with pytest.raises(DLMScopeError, match=f"= {limit + 1} tokens exceeds .* context of {limit}") as e:
+        generate(llada, [[5] * (limit - 7)], gen_length=8, steps=8, callback=calls.append)
+    assert "\n" not in str(e.value) and not calls

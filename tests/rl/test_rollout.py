@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dlmscope.rl import group_advantages, sample_groups
@@ -17,3 +18,17 @@ def test_sample_groups_shapes(llada, count_task):
     assert roll.seqs.shape[0] == 6 and roll.completion.sum(1).eq(8).all()
     assert not (roll.completion & ~roll.attn.bool()).any()
     assert torch.allclose(roll.advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-6)
+
+
+def test_rollouts_and_evaluation_take_the_schedule(llada, count_task):
+    from dlmscope import DLMScopeError
+    from dlmscope.rl.rollout import evaluate
+
+    ex = count_task.examples("train", 2)
+    kw = dict(gen_length=8, steps=4, temperature=1.0, seed=0)
+    assert torch.equal(sample_groups(llada, count_task, ex, 2, **kw).seqs,
+                       sample_groups(llada, count_task, ex, 2, schedule="linear", **kw).seqs)
+    for call in (lambda: sample_groups(llada, count_task, ex, 2, schedule="cosine", **kw),
+                 lambda: evaluate(llada, count_task, ex, gen_length=8, steps=4, schedule="cosine")):
+        with pytest.raises(DLMScopeError, match="unknown schedule 'cosine'"):
+            call()
