@@ -283,7 +283,8 @@ class RLRun:
         self.ref = None
         if cfg.algo != "spg":  # SPG has no reference; the reference never carries adapters
             self.ref = load_model(cfg.ref, device=cfg.device) if cfg.ref else copy.deepcopy(self.policy)
-            check_compatible(self.policy, self.ref)
+            if cfg.ref:
+                check_compatible(self.policy, self.ref)
             self.ref.module.eval().requires_grad_(False)
         if cfg.lora_r:
             lora.add_adapters(self.policy.module, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)

@@ -39,6 +39,7 @@ def test_rspo_raises_reward_checkpoints_reload_and_resume(tiny_dirs, count_task,
     assert log["after"]["reward"] > log["before"]["reward"] + 0.2
     rollout = [s["reward"] for s in log["steps"]]
     assert sum(rollout[-3:]) > sum(rollout[:3])
+    assert len(log["after"]["correct"]) == 4 and log["after"]["accuracy"] == sum(log["after"]["correct"]) / 4
     lm = load_model(tmp_path / "a" / "checkpoint-00012")
     assert lm.family == "llada" and lm.n_layers == 2 and lm.tokenizer is not None
     # an interrupted run (state saved at step 6) resumed to step 12 ends where the straight run ended
