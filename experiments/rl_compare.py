@@ -38,6 +38,7 @@ def run(args) -> dict:
                     eval_n=args.eval_n, eval_every=max(1, args.steps // 4), checkpoint_every=args.steps)
     per_algo = {"rspo": {}, "spg": {"spg_beta": 1.0, "spg_block_length": 8}, "diffu-grpo": {}}
     logs = {}
+    start = starting_point(base)
     for seed in range(args.seeds):
         for algo in ALGOS:
             out = args.runs / f"{algo}-s{seed}"
@@ -45,7 +46,18 @@ def run(args) -> dict:
                           **per_algo[algo])
             logs[f"{algo}-s{seed}"] = train_rl(cfg)
     return {"settings": {"steps": args.steps, "prompts": args.prompts, "seeds": args.seeds, "lr": args.lr,
-                         "eval_n": args.eval_n, "runs": str(args.runs)}, "logs": logs}
+                         "eval_n": args.eval_n, "runs": str(args.runs)}, "starting_point": start, "logs": logs}
+
+
+def starting_point(cfg) -> dict:
+    """Greedy exact solve of the starting model on the test puzzles by number of decoding steps (why 2 steps)."""
+    from dlmscope.models import load_model
+    from dlmscope.rl.rollout import evaluate
+    from dlmscope.rl.trainer import make_task
+
+    lm, task = load_model(cfg.model), make_task(cfg)
+    ex = task.examples("test", cfg.eval_n, seed=0)
+    return {str(n): evaluate(lm, task, ex, gen_length=cfg.gen_length, steps=n)["accuracy"] for n in (16, 8, 4, 2)}
 
 
 def _bootstrap(rows, base=None, n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
@@ -89,7 +101,9 @@ def render(res: dict, out: Path) -> str:
     md = (f"Sudoku 4x4 ({c['min_empty']}-{c['max_empty']} empty cells), tiny DLM, {c['denoise_steps']}-step decoding; "
           f"{st['seeds']} seeds x {c['steps']} steps x {c['prompts_per_step']} prompts x {c['group_size']} completions, "
           f"lr {c['lr']}, 1 optimiser step per rollout, rollouts at temperature {c['temperature']}; "
-          f"{c['eval_n']} test puzzles, greedy. Bold: interval vs no RL excludes 0.\n\n" + "\n".join(lines) + "\n")
+          f"{c['eval_n']} test puzzles, greedy. Bold: interval vs no RL excludes 0.\n\n"
+          "Starting point, greedy exact solve by decoding steps: "
+          + ", ".join(f"{k}: {v:.3f}" for k, v in res["starting_point"].items()) + "\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(out / "rl_compare.md", md)
     atomic_write_json(out / "rl_compare_summary.json", summary)
     _figure(logs, st, out)
