@@ -163,7 +163,7 @@ def _rspo(cfg) -> None:
 def _register_rspo() -> None:
     from .rl import RLConfig
 
-    dataclass_command(RLConfig, _rspo, "rspo", "RL post-training of a DLM on a verifiable task (RSPO or diffu-GRPO).")
+    dataclass_command(RLConfig, _rspo, "rspo", "RL post-training of a DLM on a verifiable task (RSPO, SPG or diffu-GRPO; optional LoRA).")
 
 
 _register_rspo()

@@ -4,7 +4,7 @@ Trains Top-K SAEs (layers 1 and 3, default `train-sae` settings) on the base mod
 the RSPO checkpoint with seed 2, so no two SAEs share an initialisation. Reports how the base SAE transfers
 to the RSPO model (FVU, L0, dead, splice dCE, per-feature correlation, top-example overlap) and how well the
 RSPO SAE's decoder matches the base SAE's, next to the floor set by the base model's other-seed SAE.
-The RSPO checkpoint comes from `experiments/rspo_sudoku.py --steps 30` (trained here when missing).
+The RSPO checkpoint is a 30-step `dlmscope rspo --algo rspo` run with the default settings (trained here when missing).
 Writes experiments/results/stability_rspo.{json,md,html}.
 """
 

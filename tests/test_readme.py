@@ -45,11 +45,6 @@ REWRITES = [
     (r"dlmscope steer", "dlmscope steer --gen-length 8 --steps 8"),
     (r"--steps 4,8,16", "--steps 4"),
     (r"dlmscope order", "dlmscope order --n 2 --heldout 2"),
-    (r"--steps 30\b", "--steps 1"),
-    (r"--steps 40\b", "--steps 2"),
-    (r" --group-size \d+", ""),
-    (r"dlmscope rspo", "dlmscope rspo --group-size 2 --prompts-per-step 1 --eval-n 2"),
-    (r"checkpoint-00030", "checkpoint-00001"),  # the rspo run above stops after step 1 here
     (r"dlmscope stability", "dlmscope stability --n-seqs 2"),
     (r"dlmscope features build", "dlmscope features build --n-seqs 8"),
     (r"dlmscope explore", "dlmscope explore --port $PORT"),

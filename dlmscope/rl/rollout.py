@@ -54,12 +54,12 @@ def sample_groups(lm: LoadedModel, task, examples: list, group_size: int, *, gen
 @torch.no_grad()
 def evaluate(lm: LoadedModel, task, examples: list, *, gen_length: int, steps: int, batch_size: int = 64,
              schedule: str | None = None) -> dict:
-    """Greedy (temperature 0) exact accuracy and mean reward (Sudoku: cell accuracy) over `examples`."""
-    acc = reward = 0.0
+    """Greedy (temperature 0) exact accuracy, mean reward (Sudoku: cell accuracy) and per-example correctness."""
+    correct, reward = [], 0.0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
                          schedule=schedule).texts
-        acc += sum(bool(task.is_correct(e, t)) for e, t in zip(chunk, texts))
+        correct += [int(bool(task.is_correct(e, t))) for e, t in zip(chunk, texts)]
         reward += sum(float(task.reward(e, t)) for e, t in zip(chunk, texts))
-    return {"accuracy": acc / len(examples), "reward": reward / len(examples)}
+    return {"accuracy": sum(correct) / len(examples), "reward": reward / len(examples), "correct": correct}

@@ -1,15 +1,20 @@
 """RL post-training of a masked diffusion LM on a verifiable task: `dlmscope rspo`.
 
 A step samples `prompts_per_step` train prompts, `group_size` completions each (our sampler, temperature
-> 0), scores them with the task and takes `inner_iters` optimiser steps on RSPO's or diffu-GRPO's loss
-against a frozen (optionally refreshed) reference. Checkpoints are LLaDA-format folders (`load_model`
-reads them, tokenizer included) plus one trainer state (policy, reference, optimizer, RNG, log) for
-`--resume`; every file is written atomically.
+> 0), scores them with the task and takes `inner_iters` optimiser steps on RSPO's, diffu-GRPO's or SPG's
+loss (RSPO and diffu-GRPO against a frozen, optionally refreshed, reference). `RLRun` holds one run's
+state and its steps (setup, step, evaluate, checkpoint, finish); `train_rl` drives it.
+
+The output folder is a locked `runstate.RunFolder`: a finished or foreign folder is refused unless
+`--resume`. Checkpoints are LLaDA-format folders (`load_model` reads them, tokenizer included; with LoRA
+the adapters are merged and also saved in PEFT's layout under `adapter/`) plus one pickle-free,
+checksummed trainer state (`runstate.save_state`: weights, optimizer, RNG, log) for `--resume`.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -19,12 +24,17 @@ import torch
 
 from ..diffusion.sampler import get_schedule
 from ..errors import DLMScopeError
-from ..io_utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..io_utils import atomic_write_json, atomic_write_text
 from ..models.zoo import DEFAULT_MODEL
-from .losses import elbo_draws, elbo_logp, grpo_loss, one_step_input, rspo_loss, token_logp
+from ..runtime import progress
+from ..runstate import RunFolder, has_state, load_state, rng_state, save_state, set_rng_state
+from . import lora
+from .losses import (SPG_ESTIMATES, elbo_draws, elbo_logp, grpo_loss, one_step_input, rspo_loss, spg_logp,
+                     spg_loss, spg_masks, token_logp)
 from .rollout import Rollout, evaluate, sample_groups
 
-ALGORITHMS = ("rspo", "diffu-grpo")
+ALGORITHMS = ("rspo", "diffu-grpo", "spg")
+STATE = "trainer_state"
 
 
 @dataclass
@@ -34,9 +44,9 @@ class RLConfig:
     model: str = DEFAULT_MODEL
     """Starting checkpoint (LLaDA-format folder or built-in name)."""
     ref: str = ""
-    """Reference checkpoint (empty: a frozen copy of --model); must share architecture and tokenizer."""
+    """Reference checkpoint for rspo/diffu-grpo (empty: a frozen copy of --model); same architecture and tokenizer."""
     algo: str = "rspo"
-    """rspo or diffu-grpo."""
+    """rspo, diffu-grpo or spg."""
     task: str = "sudoku"
     """Verifiable task: sudoku or countdown."""
     min_empty: int = 10
@@ -58,7 +68,7 @@ class RLConfig:
     lam: float = 0.1
     """RSPO lambda: d_hat regresses onto A/lambda; 0.1 keeps the target within ~±5 nats for rewards in [0, 1]."""
     mc_draws: int = 2
-    """RSPO mask draws per completion (shared by policy and reference)."""
+    """Mask draws per completion: RSPO's ELBO draws (shared by policy and reference), SPG's num_t."""
     normalise_adv: bool = False
     """Divide advantages by the group's reward std (GRPO style); off keeps RSPO's target in reward units."""
     clip: float = 0.2
@@ -66,7 +76,21 @@ class RLConfig:
     beta: float = 0.04
     """diffu-GRPO k3-KL coefficient."""
     prompt_mask_p: float = 0.15
-    """diffu-GRPO prompt masking probability."""
+    """diffu-GRPO and SPG: probability of masking each prompt token (SPG: each token before the masked block)."""
+    spg_estimate: str = "eubo"
+    """SPG bound for completions with advantage <= 0: eubo, mix (w EUBO + (1-w) ELBO) or elbo."""
+    spg_beta: float = 1.0
+    """SPG EUBO beta > 0 (published: 1.0 Sudoku, 1.5 GSM8K/MATH/Countdown)."""
+    spg_mix_weight: float = 0.5
+    """SPG mix weight w in [0, 1] (only with --spg-estimate mix)."""
+    spg_block_length: int = 8
+    """SPG block length of the block-wise random masks; gen_length / it must be >= mc_draws."""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); adapters via the peft library."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale alpha / r; d1 uses r 128, alpha 64)."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """Comma-separated module names LoRA wraps (Llama names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."""
     temperature: float = 1.0
     """Rollout sampling temperature (> 0, or groups collapse to one completion)."""
     gen_length: int = 16
@@ -84,7 +108,7 @@ class RLConfig:
     checkpoint_every: int = 10
     """Rollout steps between checkpoints (the last step is always saved)."""
     out: str = "runs/rl"
-    """Output folder (checkpoint-NNNNN/, trainer_state.pt, log.json, curves.html)."""
+    """Output folder (checkpoint-NNNNN/, trainer_state.*, log.json, curves.html); must be new or empty unless --resume."""
     resume: bool = False
     """Continue from the folder's trainer state."""
     seed: int = 0
@@ -93,23 +117,51 @@ class RLConfig:
     """Torch device."""
 
 
+# options that only one algorithm reads: setting them for another is a mistake worth one line
+_OPTION_ALGOS = {"ref": ("rspo", "diffu-grpo"), "ref_refresh": ("rspo", "diffu-grpo"), "lam": ("rspo",),
+                 "clip": ("diffu-grpo",), "beta": ("diffu-grpo",), "mc_draws": ("rspo", "spg"),
+                 "prompt_mask_p": ("diffu-grpo", "spg"), "spg_estimate": ("spg",), "spg_beta": ("spg",),
+                 "spg_mix_weight": ("spg",), "spg_block_length": ("spg",)}
+_POSITIVE_INTS = ("steps", "prompts_per_step", "inner_iters", "grad_accum", "mc_draws", "gen_length", "denoise_steps",
+                  "checkpoint_every", "eval_n", "spg_block_length")
+_FLOAT_RANGES = {"lr": "> 0", "lam": "> 0", "temperature": "> 0", "spg_beta": "> 0", "lora_alpha": "> 0",
+                 "clip": "in (0, 1)", "prompt_mask_p": "in [0, 1)", "beta": ">= 0", "spg_mix_weight": "in [0, 1]"}
+
+
+def _in_range(x: float, rule: str) -> bool:
+    return {"> 0": x > 0, ">= 0": x >= 0, "in (0, 1)": 0 < x < 1, "in [0, 1)": 0 <= x < 1,
+            "in [0, 1]": 0 <= x <= 1}[rule]
+
+
 def check_config(cfg: RLConfig) -> None:
-    """One-line errors for values the run cannot use."""
+    """One-line errors for values the run cannot use, before anything is loaded or written."""
     if cfg.algo not in ALGORITHMS:
         raise DLMScopeError(f"unknown algo {cfg.algo!r}; allowed: {', '.join(ALGORITHMS)}")
-    if cfg.group_size < 2:
-        raise DLMScopeError(f"group_size={cfg.group_size}: group advantages need at least 2 completions per prompt")
-    if cfg.prompts_per_step < 1 or cfg.prompts_per_step % max(cfg.grad_accum, 1):
-        raise DLMScopeError(f"prompts_per_step={cfg.prompts_per_step} must be >= 1 and divisible by grad_accum={cfg.grad_accum}")
-    if cfg.temperature <= 0:
-        raise DLMScopeError(f"temperature={cfg.temperature}: rollouts need temperature > 0 for groups to differ")
-    for name in ("steps", "inner_iters", "grad_accum", "mc_draws", "gen_length", "denoise_steps", "checkpoint_every", "eval_n"):
+    defaults = RLConfig()
+    for name, algos in _OPTION_ALGOS.items():
+        if cfg.algo not in algos and getattr(cfg, name) != getattr(defaults, name):
+            raise DLMScopeError(f"--{name.replace('_', '-')} is an option of {' and '.join(algos)}, not of {cfg.algo}")
+    for name, rule in _FLOAT_RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and _in_range(value, rule)):
+            raise DLMScopeError(f"{name}={value} must be finite and {rule}")
+    for name in _POSITIVE_INTS:
         if getattr(cfg, name) < 1:
             raise DLMScopeError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.lam <= 0:
-        raise DLMScopeError(f"lam={cfg.lam} must be > 0 (the target is A / lambda)")
     if cfg.schedule is not None:
         get_schedule(cfg.schedule)
+    for name in ("lora_r", "ref_refresh", "eval_every", "seed"):
+        if getattr(cfg, name) < 0:
+            raise DLMScopeError(f"{name}={getattr(cfg, name)} must be >= 0")
+    if cfg.group_size < 2:
+        raise DLMScopeError(f"group_size={cfg.group_size}: group advantages need at least 2 completions per prompt")
+    if cfg.prompts_per_step % cfg.grad_accum:
+        raise DLMScopeError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by grad_accum={cfg.grad_accum}")
+    if cfg.spg_estimate not in SPG_ESTIMATES:
+        raise DLMScopeError(f"unknown spg_estimate {cfg.spg_estimate!r}; allowed: {', '.join(SPG_ESTIMATES)}")
+    if cfg.algo == "spg" and (cfg.gen_length % cfg.spg_block_length or cfg.gen_length // cfg.spg_block_length < cfg.mc_draws):
+        raise DLMScopeError(f"spg_block_length={cfg.spg_block_length} must divide gen_length={cfg.gen_length} into at "
+                            f"least mc_draws={cfg.mc_draws} blocks")
 
 
 def make_task(cfg: RLConfig):
@@ -169,116 +221,184 @@ def _grpo_update(policy, ref, roll: Rollout, opt, cfg: RLConfig, gen: torch.Gene
     return {"loss": sum(losses) / len(losses), "log_ratio": float(((torch.cat(first) - ref_lp[0]) * comp).sum(1).mean())}
 
 
+def _spg_update(policy, ref, roll: Rollout, opt, cfg: RLConfig, gen: torch.Generator) -> dict:
+    """SPG: ELBO for A > 0, the upper bound otherwise, from `mc_draws` block-random masks per iteration."""
+    slices = _micro_batches(roll.seqs.shape[0], cfg.grad_accum)
+    lengths = roll.completion.sum(1)
+    positive = roll.advantages.to(lengths.device) > 0
+    losses, bound = [], []
+    for _ in range(cfg.inner_iters):
+        xt = spg_masks(roll.seqs, cfg.gen_length, policy.mask_id, cfg.mc_draws, cfg.spg_block_length,
+                       cfg.prompt_mask_p, gen)
+        opt.zero_grad(set_to_none=True)
+        total, est = 0.0, []
+        for sl in slices:
+            logp = torch.stack([token_logp(policy, xt[sl, t], roll.seqs[sl], roll.attn[sl]) for t in range(cfg.mc_draws)], 1)
+            lp = spg_logp(logp, xt[sl] == policy.mask_id, roll.completion[sl], positive[sl], cfg.spg_beta,
+                          cfg.spg_estimate, cfg.spg_mix_weight)
+            loss = spg_loss(lp, roll.advantages[sl].to(lp.device), lengths[sl], float(lengths.sum()))
+            loss.backward()
+            total += float(loss.detach())
+            est.append(lp.detach())
+        _step(policy, opt)
+        losses.append(total)
+        bound.append(float(torch.cat(est).mean()))
+    return {"loss": sum(losses) / len(losses), "logp_bound": bound[0]}
+
+
+UPDATES = {"rspo": _rspo_update, "diffu-grpo": _grpo_update, "spg": _spg_update}
+
+
 def _micro_batches(n: int, k: int) -> list[slice]:
     per = n // k
     return [slice(i, i + per) for i in range(0, n, per)]
 
 
 def _step(policy, opt) -> None:
-    torch.nn.utils.clip_grad_norm_(policy.module.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for p in policy.module.parameters() if p.requires_grad], 1.0)
     opt.step()
 
 
-def _rng_state(rng: random.Random) -> dict:
-    return {"py": rng.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+class RLRun:
+    """One RL run: `setup()` once, `step(i)` per rollout step (it evaluates and checkpoints on schedule), `finish()`.
 
+    Call inside `with run.folder:` (the locked output folder); `train_rl` does all of this.
+    """
 
-def _set_rng_state(rng: random.Random, state: dict) -> None:
-    rng.setstate(state["py"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def __init__(self, cfg: RLConfig, task=None):
+        check_config(cfg)
+        self.cfg = cfg
+        self.task = task if task is not None else make_task(cfg)
+        self.out = Path(cfg.out)
+        self.folder = RunFolder(self.out, resume=cfg.resume)
+        self.start = 0
+
+    def setup(self) -> None:
+        """Load policy (LoRA-wrapped if asked) and reference, the optimiser and prompts; restore state on --resume."""
+        from ..analysis.stability import check_compatible
+        from ..models import load_model
+
+        cfg = self.cfg
+        if cfg.resume and not has_state(self.out, STATE):
+            raise DLMScopeError(f"--resume given but {str(self.out)!r} holds no trainer state ({STATE}.json)")
+        torch.manual_seed(cfg.seed)  # LoRA's initialisation
+        self.policy = load_model(cfg.model, device=cfg.device)
+        if self.policy.family != "llada":
+            raise DLMScopeError(f"RL writes LLaDA-format checkpoints; {self.policy.name} is a {self.policy.family} model")
+        self.policy.require_mask_id()
+        self.ref = None
+        if cfg.algo != "spg":  # SPG has no reference; the reference never carries adapters
+            self.ref = load_model(cfg.ref, device=cfg.device) if cfg.ref else copy.deepcopy(self.policy)
+            if cfg.ref:
+                check_compatible(self.policy, self.ref)
+            self.ref.module.eval().requires_grad_(False)
+        if cfg.lora_r:
+            lora.add_adapters(self.policy.module, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+        self.opt = torch.optim.AdamW([p for p in self.policy.module.parameters() if p.requires_grad], lr=cfg.lr,
+                                     weight_decay=0.0)
+        self.rng = random.Random(cfg.seed)
+        self.eval_examples = self.task.examples("test", cfg.eval_n, seed=0)
+        self.pool = self.task.examples("train", 2000, seed=cfg.seed)
+        if cfg.resume:
+            self._restore(load_state(self.out, STATE))
+        else:
+            self.log = {"config": asdict(cfg), "steps": [], "eval": []}
+            self.log["before"] = self.evaluate(0)
+
+    def _weights(self, lm) -> dict:
+        """What the state keeps of a model: the trainable tensors under LoRA (the base is --model), else all."""
+        return lora.adapter_state(lm.module) if self.cfg.lora_r else lm.module.state_dict()
+
+    def _state(self, step: int) -> dict:
+        state = {"step": step, "policy": self._weights(self.policy), "opt": self.opt.state_dict(), "log": self.log,
+                 "rng": {"run": self.rng.getstate(), "global": rng_state()}}
+        if self.ref is not None and self.cfg.ref_refresh:  # a frozen reference is --ref / --model itself
+            state["ref"] = self.ref.module.state_dict()
+        return state
+
+    def _restore(self, state: dict) -> None:
+        try:
+            lora.load_weights(self.policy.module, state["policy"], partial=bool(self.cfg.lora_r))
+            if "ref" in state:
+                self.ref.module.load_state_dict(state["ref"])
+            self.opt.load_state_dict(state["opt"])
+        except (RuntimeError, KeyError, ValueError):
+            raise DLMScopeError(f"trainer state in {str(self.out)!r} was written for another model or options than "
+                                f"{self.cfg.model!r} (lora_r={self.cfg.lora_r})") from None
+        self.log, self.start = state["log"], state["step"]
+        self.rng.setstate(state["rng"]["run"])
+        set_rng_state(state["rng"]["global"])
+
+    def evaluate(self, step: int) -> dict:
+        """Greedy exact accuracy and mean reward on the fixed test examples, appended to the log."""
+        self.policy.module.eval()
+        r = {"step": step, **evaluate(self.policy, self.task, self.eval_examples, gen_length=self.cfg.gen_length,
+                                      steps=self.cfg.denoise_steps, schedule=self.cfg.schedule)}
+        self.log["eval"].append(r)
+        return r
+
+    def step(self, step: int) -> dict:
+        """Rollout step `step` (0-based): sample, update, log; evaluate and checkpoint when due."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.policy.module.eval()
+        roll = sample_groups(self.policy, self.task, self.rng.sample(self.pool, cfg.prompts_per_step), cfg.group_size,
+                             gen_length=cfg.gen_length, steps=cfg.denoise_steps, temperature=cfg.temperature,
+                             seed=self.rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule)
+        t1 = time.perf_counter()
+        self.policy.module.train()
+        stats = UPDATES[cfg.algo](self.policy, self.ref, roll, self.opt, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        if self.ref is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
+            self.ref.module.load_state_dict(lora.plain_state(self.policy.module, bool(cfg.lora_r)))
+        flat = roll.rewards.view(-1, cfg.group_size)
+        row = {"step": step + 1, "reward": float(roll.rewards.mean()), "accuracy": float(roll.correct.float().mean()),
+               "constant_groups": float((flat.max(1).values == flat.min(1).values).float().mean()),
+               **stats, "sample_s": t1 - t0, "update_s": time.perf_counter() - t1}
+        self.log["steps"].append(row)
+        done = step + 1 == cfg.steps
+        if done:
+            self.log["after"] = self.evaluate(step + 1)
+        elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            self.evaluate(step + 1)
+        if done or (step + 1) % cfg.checkpoint_every == 0:
+            self.checkpoint(step + 1)
+        return row
+
+    def checkpoint(self, step: int) -> Path:
+        """checkpoint-NNNNN/ (merged LLaDA folder, `adapter/` under LoRA), then the trainer state, log and curves."""
+        from ..models.llada import save_llada
+
+        folder = self.out / f"checkpoint-{step:05d}"
+        p, cfg = self.policy, self.cfg
+        save_llada(lora.merged(p.module) if cfg.lora_r else p.module, folder, mask_id=p.mask_id, tokenizer=p.tokenizer)
+        if cfg.lora_r:
+            lora.save_adapter(p.module, folder / "adapter", cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.model)
+        save_state(self.out, STATE, self._state(step))
+        self._write_log()
+        return folder
+
+    def _write_log(self) -> None:
+        atomic_write_json(self.out / "log.json", self.log)
+        write_curves(self.out, self.log)
+
+    def finish(self) -> dict:
+        """The log (also in `out/log.json`); a resumed finished run reports its last evaluation."""
+        self.policy.module.eval()
+        if "after" not in self.log:
+            self.log["after"] = self.log["eval"][-1]
+        self._write_log()
+        return self.log
 
 
 def train_rl(cfg: RLConfig, task=None) -> dict:
-    """Run RSPO or diffu-GRPO; returns the log (also in `out/log.json`). `task` overrides `cfg.task`."""
-    from ..analysis.stability import check_compatible
-    from ..models import load_model
-    from ..models.llada import save_llada
-
-    check_config(cfg)
-    task = task if task is not None else make_task(cfg)
-    out = Path(cfg.out)
-    state_path = out / "trainer_state.pt"
-    if cfg.resume and not state_path.is_file():
-        raise DLMScopeError(f"--resume given but {str(state_path)!r} does not exist")
-    policy = load_model(cfg.model, device=cfg.device)
-    if policy.family != "llada":
-        raise DLMScopeError(f"RL writes LLaDA-format checkpoints; {policy.name} is a {policy.family} model")
-    policy.require_mask_id()
-    if cfg.ref:
-        ref = load_model(cfg.ref, device=cfg.device)
-        check_compatible(policy, ref)
-    else:
-        ref = copy.deepcopy(policy)
-    ref.module.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(policy.module.parameters(), lr=cfg.lr, weight_decay=0.0)
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    eval_examples = task.examples("test", cfg.eval_n, seed=0)
-    pool = task.examples("train", 2000, seed=cfg.seed)
-
-    def run_eval(step: int) -> dict:
-        policy.module.eval()
-        r = {"step": step, **evaluate(policy, task, eval_examples, gen_length=cfg.gen_length, steps=cfg.denoise_steps,
-                                           schedule=cfg.schedule)}
-        log["eval"].append(r)
-        return r
-
-    start = 0
-    if cfg.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        try:
-            policy.module.load_state_dict(state["policy"])
-            ref.module.load_state_dict(state["ref"])
-        except RuntimeError:
-            raise DLMScopeError(f"{str(state_path)!r} was written for a different architecture than {cfg.model!r}") from None
-        opt.load_state_dict(state["opt"])
-        log, start = state["log"], state["step"]
-        _set_rng_state(rng, state["rng"])
-    else:
-        log = {"config": asdict(cfg), "steps": [], "eval": []}
-        log["before"] = run_eval(0)
-
-    def save(step: int) -> None:
-        save_llada(policy.module, out / f"checkpoint-{step:05d}", mask_id=policy.mask_id, tokenizer=policy.tokenizer)
-        atomic_torch_save(state_path, {"policy": policy.module.state_dict(), "ref": ref.module.state_dict(),
-                                       "opt": opt.state_dict(), "log": log, "step": step, "rng": _rng_state(rng)})
-        atomic_write_json(out / "log.json", log)
-        write_curves(out, log)
-
-    from ..runtime import progress
-
-    update = _rspo_update if cfg.algo == "rspo" else _grpo_update
-    for step in progress(range(start, cfg.steps), desc=f"{cfg.algo} on {getattr(task, 'name', 'task')}",
-                         initial=start, total=cfg.steps):
-        t0 = time.perf_counter()
-        policy.module.eval()
-        roll = sample_groups(policy, task, rng.sample(pool, cfg.prompts_per_step), cfg.group_size,
-                             gen_length=cfg.gen_length, steps=cfg.denoise_steps, temperature=cfg.temperature,
-                             seed=rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule)
-        t1 = time.perf_counter()
-        policy.module.train()
-        stats = update(policy, ref, roll, opt, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-        if cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
-            ref.module.load_state_dict(policy.module.state_dict())
-        flat = roll.rewards.view(-1, cfg.group_size)
-        log["steps"].append({"step": step + 1, "reward": float(roll.rewards.mean()), "accuracy": float(roll.correct.float().mean()),
-                             "constant_groups": float((flat.max(1).values == flat.min(1).values).float().mean()),
-                             **stats, "sample_s": t1 - t0, "update_s": time.perf_counter() - t1})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            run_eval(step + 1)
-        if step + 1 == cfg.steps:
-            log["after"] = run_eval(step + 1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save(step + 1)
-    policy.module.eval()
-    if "after" not in log:  # resumed a finished run
-        log["after"] = log["eval"][-1]
-    atomic_write_json(out / "log.json", log)
-    write_curves(out, log)
-    return log
+    """Run RSPO, diffu-GRPO or SPG; returns the log (also in `out/log.json`). `task` overrides `cfg.task`."""
+    run = RLRun(cfg, task)
+    with run.folder:
+        run.setup()
+        for step in progress(range(run.start, cfg.steps), desc=f"{cfg.algo} on {getattr(run.task, 'name', 'task')}",
+                         initial=run.start, total=cfg.steps):
+            run.step(step)
+        return run.finish()
 
 
 def write_curves(out: Path, log: dict) -> Path:
@@ -293,3 +413,4 @@ def write_curves(out: Path, log: dict) -> Path:
                                  name=f"test {key} (greedy)", mode="lines+markers"))
     fig.update_layout(title=f"{log['config']['algo']} on {log['config']['task']}", xaxis_title="rollout step")
     return atomic_write_text(out / "curves.html", fig.to_html(include_plotlyjs=True))
+

@@ -39,6 +39,7 @@ def test_rspo_raises_reward_checkpoints_reload_and_resume(tiny_dirs, count_task,
     assert log["after"]["reward"] > log["before"]["reward"] + 0.2
     rollout = [s["reward"] for s in log["steps"]]
     assert sum(rollout[-3:]) > sum(rollout[:3])
+    assert len(log["after"]["correct"]) == 4 and log["after"]["accuracy"] == sum(log["after"]["correct"]) / 4
     lm = load_model(tmp_path / "a" / "checkpoint-00012")
     assert lm.family == "llada" and lm.n_layers == 2 and lm.tokenizer is not None
     # an interrupted run (state saved at step 6) resumed to step 12 ends where the straight run ended
@@ -58,19 +59,99 @@ def test_diffu_grpo_runs_and_writes_curves(tiny_dirs, count_task, tmp_path):
     assert len(log["steps"]) == 2 and (tmp_path / "curves.html").is_file() and (tmp_path / "checkpoint-00002").is_dir()
 
 
+def test_spg_raises_reward(tiny_dirs, count_task, tmp_path):
+    log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo="spg", steps=12, prompts_per_step=2, group_size=4,
+                            lr=3e-3, gen_length=8, denoise_steps=4, eval_n=4, spg_block_length=4, out=str(tmp_path)),
+                   task=count_task)
+    assert log["after"]["reward"] > log["before"]["reward"] + 0.2
+    rollout = [s["reward"] for s in log["steps"]]
+    assert sum(rollout[-3:]) > sum(rollout[:3])
+    assert not any("log_ratio" in s for s in log["steps"])  # no reference model
+
+
+def test_lora_checkpoint_merged_equals_adapters(tiny_dirs, count_task, tmp_path):
+    """Only adapters train; the merged LLaDA folder and PEFT's own loading of `adapter/` equal the live model."""
+    from peft import PeftModel
+
+    from dlmscope.rl.trainer import RLRun
+
+    cfg = RLConfig(model=str(tiny_dirs["llada"]), algo="diffu-grpo", lora_r=4, lora_alpha=8.0, steps=2, lr=1e-2,
+                   prompts_per_step=2, group_size=2, gen_length=8, denoise_steps=4, eval_n=2, out=str(tmp_path / "r"))
+    run = RLRun(cfg, task=count_task)
+    with run.folder:
+        run.setup()
+        base = {k: v.clone() for k, v in run.policy.module.state_dict().items()}
+        for step in range(2):
+            run.step(step)
+        run.finish()
+    changed = {k for k, v in run.policy.module.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and all("lora_" in k for k in changed)
+    ids = torch.randint(4, 200, (2, 12))
+    with torch.no_grad():
+        live = run.policy.forward(ids)
+        merged = load_model(tmp_path / "r" / "checkpoint-00002")
+        torch.testing.assert_close(merged.forward(ids), live, atol=1e-5, rtol=0)
+        assert (merged.forward(ids) - load_model(tiny_dirs["llada"]).forward(ids)).abs().max() > 1e-3
+        plain = load_model(tiny_dirs["llada"])
+        peft = PeftModel.from_pretrained(plain.module, tmp_path / "r" / "checkpoint-00002" / "adapter")
+        torch.testing.assert_close(peft(input_ids=ids).logits, live, atol=1e-5, rtol=0)
+    # resume continues from the adapter-only state
+    resumed = train_rl(RLConfig(**{**cfg.__dict__, "steps": 3, "resume": True}), task=count_task)
+    assert len(resumed["steps"]) == 3
+
+
+def test_out_folder_guard(tiny_dirs, count_task, tmp_path):
+    kw = dict(model=str(tiny_dirs["llada"]), steps=1, prompts_per_step=2, group_size=2, gen_length=8, denoise_steps=4,
+              eval_n=2, task="sudoku")
+    out = tmp_path / "done"
+    train_rl(RLConfig(out=str(out), **kw), task=count_task)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(DLMScopeError, match="already exists; pass --resume"):
+        train_rl(RLConfig(out=str(out), **kw), task=count_task)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing of the finished run touched
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):  # a file, and a folder that cannot be made
+        with pytest.raises(DLMScopeError, match="cannot write to output folder"):
+            train_rl(RLConfig(out=str(bad), **kw), task=count_task)
+
+
 def test_rl_bad_inputs(tiny_dirs, tmp_path, tokenizer):
     from dlmscope.models.tiny import write_tiny_llada
 
-    base = dict(model=str(tiny_dirs["llada"]), out=str(tmp_path))
-    with pytest.raises(DLMScopeError, match="at least 2 completions"):
-        train_rl(RLConfig(group_size=1, **base))
+    base = dict(model=str(tiny_dirs["llada"]), out=str(tmp_path / "out"))
+    for kw, match in [(dict(group_size=1), "at least 2 completions"), (dict(algo="ppo"), "unknown algo"),
+                      (dict(lam=float("nan")), "lam=nan must be finite"), (dict(lr=float("inf")), "lr=inf"),
+                      (dict(lr=-1.0), "lr=-1.0 must be finite and > 0"), (dict(algo="diffu-grpo", clip=1.5), "clip=1.5"),
+                      (dict(algo="spg", spg_beta=0.0), "spg_beta=0.0"), (dict(algo="spg", spg_beta=-1.0), "spg_beta"),
+                      (dict(spg_beta=1.5), "--spg-beta is an option of spg, not of rspo"),
+                      (dict(algo="diffu-grpo", spg_estimate="mix"), "--spg-estimate is an option of spg"),
+                      (dict(algo="spg", lam=0.5), "--lam is an option of rspo, not of spg"),
+                      (dict(algo="spg", spg_estimate="cubo"), "unknown spg_estimate"),
+                      (dict(algo="spg", spg_block_length=16), "into at least mc_draws=2 blocks"),
+                      (dict(steps=0), "steps=0 must be >= 1"), (dict(lora_r=-1), "lora_r=-1")]:
+        with pytest.raises(DLMScopeError, match=match):
+            train_rl(RLConfig(**base, **kw))
+    assert not (tmp_path / "out").exists()  # option errors come before the folder is made
     with pytest.raises(DLMScopeError, match="unknown task 'go'"):
         train_rl(RLConfig(task="go", **base))
-    with pytest.raises(DLMScopeError, match="unknown algo"):
-        train_rl(RLConfig(algo="ppo", **base))
-    with pytest.raises(DLMScopeError, match="does not exist"):
+    with pytest.raises(DLMScopeError, match="holds no trainer state"):
         train_rl(RLConfig(resume=True, **base))
+    with pytest.raises(DLMScopeError, match=r"LoRA targets \['qq_proj'\] match no linear layer; allowed: .*q_proj"):
+        train_rl(RLConfig(lora_r=2, lora_targets="q_proj,qq_proj", **base))
+    assert not (tmp_path / "out").exists()  # a run that failed before writing leaves no folder
     deeper = write_tiny_llada(tmp_path / "deeper", n_layers=3, vocab_size=len(tokenizer), tokenizer=tokenizer,
                               mask_id=tokenizer.mask_token_id)
     with pytest.raises(DLMScopeError, match="differ in architecture"):
         train_rl(RLConfig(ref=str(deeper), **base))
+
+
+@pytest.mark.parametrize("args,message", [(["--lam", "nan"], "lam=nan must be finite and > 0"),
+                                          (["--algo", "rspo", "--spg-beta", "2"], "--spg-beta is an option of spg"),
+                                          (["--algo", "spg", "--spg-beta", "0"], "spg_beta=0.0 must be finite and > 0")])
+def test_cli_bad_option_is_one_line_exit_2(args, message, capsys, tmp_path):
+    from dlmscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["rspo", "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
