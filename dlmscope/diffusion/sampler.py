@@ -468,12 +468,21 @@ class StepForward:
         return logits
 
 
-def check_threshold(threshold: float | None, strategy: Remasking) -> None:
+def check_fast_options(lm: LoadedModel, threshold: float | None, cache: str | None,
+                       strategy: Remasking | None = None) -> None:
+    """One-line errors for Fast-dLLM's options, before any work."""
+    if lm.causal and (threshold is not None or cache is not None):
+        raise DLMScopeError(f"threshold / cache are diffusion sampler options; {lm.name} is autoregressive")
+    check_threshold(threshold, strategy)
+    check_cache(lm, cache)
+
+
+def check_threshold(threshold: float | None, strategy: Remasking | None = None) -> None:
     if threshold is None:
         return
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise DLMScopeError(f"threshold={threshold} is invalid; allowed: a number in (0, 1] or none")
-    if not strategy.ranks:
+    if strategy is not None and not strategy.ranks:
         raise DLMScopeError(f"threshold decoding needs a strategy that scores positions; {strategy.name!r} picks "
                             "them at random by itself")
 
@@ -534,8 +543,7 @@ def generate(
         )
     strategy = get_remasking(remasking)
     sampling = TokenSampling(temperature, top_p, top_k)
-    check_threshold(threshold, strategy)
-    check_cache(lm, cache)
+    check_fast_options(lm, threshold, cache, strategy)
     steps_per_block = steps // n_blocks
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
