@@ -439,8 +439,13 @@ class StepForward:
 
     With a cache, the first step of each block is a full forward that refreshes the cache; the
     other steps compute only the cache's window (`prefix`: the block and everything after it;
-    `dual`: the block), and the logits of the other positions are those of the last forward that
-    computed them. `lm.state.window` tells hooks which positions the activations they see cover.
+    `dual`: the block; Dream-style shifted models one position more on the left), and the logits
+    of the other positions are those of the last forward that computed them. Not recomputed on a
+    cached step: the positions before the block (`prefix`, `dual`) and after it (`dual`).
+    Hooks still run on every step, on the window only; `lm.state.window` = (start, end) says which
+    positions the activations cover, and position selectors (given over the whole sequence) are
+    cut to it, so `capture(positions="masked")` sees every masked position under `prefix` (they all
+    lie in the window) and only the current block's under `dual`.
     """
 
     def __init__(self, lm: LoadedModel, cache: str | None):
