@@ -93,6 +93,8 @@ def test_strategies_hooks_and_steering_compose_with_the_cache(llada, tiny_sae, o
         out = generate(llada, ids, gen_length=16, steps=8, block_length=8, cache=cache, threshold=0.5,
                        remasking=FeatureStability(tiny_sae))
         assert not (out.sequences == llada.mask_id).any()
+        cfg = generate(llada, ids, gen_length=16, steps=8, block_length=8, cache=cache, cfg_scale=1.0)  # batch doubled
+        assert not (cfg.sequences == llada.mask_id).any() and cfg.n_forwards == 8
     spec = SteeringSpec(3, 50.0, "direction", "fixed", "all", "generated")
     plain = steered_generate(llada, tiny_sae, None, ["The list"], 8, 8, cache="dual")
     steered = steered_generate(llada, tiny_sae, spec, ["The list"], 8, 8, cache="dual")
