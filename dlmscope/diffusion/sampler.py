@@ -527,7 +527,7 @@ def generate(
     Fast decoding (Fast-dLLM, arXiv 2505.22618): `threshold` reveals, in the current block, every
     masked position whose confidence (the strategy's score) is >= threshold, at least the best one
     per step, until the block is full (`steps` then sets only the block count check; a run takes
-    1 to `block_length` steps per block). `cache` "prefix" / "dual" reuses keys/values of the
+    1 to `block_length` steps per block, and `lm.state.n_steps` is `gen_length`, the most it can take). `cache` "prefix" / "dual" reuses keys/values of the
     positions before (and, dual, after) the block within a block (see `StepForward`).
     """
     if lm.causal:

@@ -121,10 +121,11 @@ class LoadedModel:
         """Logits where position i predicts token i (the shift of Dream-style models undone)."""
         if self.causal:
             raise DLMScopeError(f"{self.name} is autoregressive ({self.family}); it has no denoising logits")
-        logits = self.forward(input_ids, attention_mask)
-        if self.shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        return self.align_logits(self.forward(input_ids, attention_mask))
+
+    def align_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits -> position i predicts token i (position 0 keeps its own under a shift)."""
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if self.shift else logits
 
     def require_mask_id(self) -> int:
         if self.mask_id is None:

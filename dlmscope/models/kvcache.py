@@ -67,7 +67,7 @@ class BlockKVCache:
         am = attention_mask.to(self.lm.device).bool()
         self.key_mask = torch.cat([am[:, keep], am[:, start:end]], 1)
         self.window, self.lo = (start, end), lo
-        return _denoise(logits, self.lm.shift)
+        return self.lm.align_logits(logits)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Denoising logits (B, end - lo, V) of positions [lo, end) from a forward of the window only."""
@@ -81,6 +81,3 @@ class BlockKVCache:
             logits = logits[:, :-1]
         return logits
 
-
-def _denoise(logits: torch.Tensor, shift: bool) -> torch.Tensor:
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift else logits
