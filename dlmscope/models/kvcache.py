@@ -31,13 +31,13 @@ class _KeptKV:
                 torch.cat([self.values[layer_idx], value_states], -2))
 
 
-def check_cache(lm: LoadedModel, mode: str | None) -> None:
-    """Raise one line unless `mode` is None or a cache mode `lm` can run."""
+def check_cache(lm: LoadedModel | None, mode: str | None) -> None:
+    """Raise one line unless `mode` is None or a cache mode `lm` can run (lm None: check the name only)."""
     if mode is None:
         return
     if mode not in CACHE_MODES:
         raise DLMScopeError(f"cache={mode!r}; allowed: {', '.join(CACHE_MODES)} or none")
-    if lm.kv_call is None:
+    if lm is not None and lm.kv_call is None:
         raise DLMScopeError(
             f"cache={mode!r} needs a native LLaDA or Dream model (bidirectional transformers decoder); "
             f"{lm.name} is {lm.family}" + (" on the remote backend" if lm.family in ("llada", "dream") else "")

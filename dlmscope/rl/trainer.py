@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.sampler import get_schedule
+from ..diffusion.sampler import check_fast_options, check_threshold, get_schedule
+from ..models.kvcache import check_cache
 from ..errors import DLMScopeError
 from ..io_utils import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..models.zoo import DEFAULT_MODEL
@@ -75,6 +76,10 @@ class RLConfig:
     """Sampler steps per rollout and evaluation."""
     schedule: str | None = None
     """Sampler schedule of rollouts and evaluation: linear or dream (unset: the model family's own)."""
+    threshold: float = 0.0
+    """Fast-dLLM threshold decoding for rollouts and evaluation, in (0, 1] (0 = off)."""
+    cache: str | None = None
+    """Fast-dLLM block KV cache for rollouts and evaluation: prefix or dual (unset = off)."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N rollout steps (0 = frozen)."""
     eval_n: int = 50
@@ -110,6 +115,8 @@ def check_config(cfg: RLConfig) -> None:
         raise DLMScopeError(f"lam={cfg.lam} must be > 0 (the target is A / lambda)")
     if cfg.schedule is not None:
         get_schedule(cfg.schedule)
+    check_threshold(cfg.threshold or None)
+    check_cache(None, cfg.cache)
 
 
 def make_task(cfg: RLConfig):
@@ -207,6 +214,8 @@ def train_rl(cfg: RLConfig, task=None) -> dict:
     if policy.family != "llada":
         raise DLMScopeError(f"RL writes LLaDA-format checkpoints; {policy.name} is a {policy.family} model")
     policy.require_mask_id()
+    fast = {"threshold": cfg.threshold or None, "cache": cfg.cache}
+    check_fast_options(policy, **fast)
     if cfg.ref:
         ref = load_model(cfg.ref, device=cfg.device)
         check_compatible(policy, ref)
@@ -222,7 +231,7 @@ def train_rl(cfg: RLConfig, task=None) -> dict:
     def run_eval(step: int) -> dict:
         policy.module.eval()
         r = {"step": step, **evaluate(policy, task, eval_examples, gen_length=cfg.gen_length, steps=cfg.denoise_steps,
-                                           schedule=cfg.schedule)}
+                                           schedule=cfg.schedule, **fast)}
         log["eval"].append(r)
         return r
 
@@ -257,7 +266,7 @@ def train_rl(cfg: RLConfig, task=None) -> dict:
         policy.module.eval()
         roll = sample_groups(policy, task, rng.sample(pool, cfg.prompts_per_step), cfg.group_size,
                              gen_length=cfg.gen_length, steps=cfg.denoise_steps, temperature=cfg.temperature,
-                             seed=rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule)
+                             seed=rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule, **fast)
         t1 = time.perf_counter()
         policy.module.train()
         stats = update(policy, ref, roll, opt, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))

@@ -119,9 +119,12 @@ def test_cli_fast_options(tiny_dirs, capsys):
     main(["generate", str(tiny_dirs["llada"]), "--gen-length", "16", "--steps", "16", "--block-length", "8",
           "--threshold", "0.5", "--cache", "dual"])
     assert capsys.readouterr().out.strip()
-    for args, message in ((["--threshold", "2"], "threshold=2.0 is invalid"), (["--cache", "full"], "cache='full'")):
+    for args, message in ((["generate", str(tiny_dirs["llada"]), "--threshold", "2"], "threshold=2.0 is invalid"),
+                          (["generate", str(tiny_dirs["llada"]), "--cache", "full"], "cache='full'"),
+                          (["rspo", "--threshold", "2"], "threshold=2.0 is invalid"),
+                          (["rspo", "--cache", "full"], "cache='full'")):
         with pytest.raises(SystemExit) as e:
-            main(["generate", str(tiny_dirs["llada"]), *args])
+            main(args)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
     for cmd in (["generate", str(tiny_dirs["causal"])],
