@@ -14,7 +14,6 @@ Writes experiments/results/decoding_order.{json,md,html}.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,16 +45,12 @@ PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptio
 
 def interval(values) -> list[float]:
     """[mean, low, high]: Student-t 95% interval, NaNs dropped."""
-    from scipy.stats import t as student_t
+    import torch
 
-    v = [float(x) for x in values if x == x]
-    n = len(v)
-    if n == 0:
-        return [float("nan")] * 3
-    mean = sum(v) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
-    half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
-    return [mean, mean - half, mean + half]
+    from dlmscope.analysis.splice import _interval
+
+    v = torch.tensor([float(x) for x in values if x == x], dtype=torch.float64)
+    return list(_interval(v)) if len(v) else [float("nan")] * 3
 
 
 def paired(a, b) -> list[float]:
