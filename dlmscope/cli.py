@@ -19,6 +19,9 @@ ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Built-in model nam
 DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.",
                          callback=lambda value: checks.device("--device", value))
 DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+ThresholdOpt = typer.Option(None, help="Fast-dLLM parallel decoding: reveal every masked position of the block with "
+                                       "confidence >= this (0 < t <= 1; at least one per step; steps then unused).")
+CacheOpt = typer.Option(None, help="Fast-dLLM block KV cache: prefix or dual (native LLaDA / Dream only).")
 
 
 @app.command()
@@ -60,6 +63,8 @@ def generate(
     eps: float = typer.Option(1e-3, help="Dream schedule's final time: t runs linspace(1, eps, steps + 1)."),
     seed: int = typer.Option(0, help="Random seed."),
     history: bool = typer.Option(False, "--history", help="Print the sequence after every step."),
+    threshold: Optional[float] = ThresholdOpt,
+    cache: Optional[str] = CacheOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -70,7 +75,7 @@ def generate(
     lm = load_model(model, device=device, dtype=dtype)
     out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
                  remasking=remasking, cfg_scale=cfg_scale, schedule=schedule, top_p=top_p, top_k=top_k,
-                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history)
+                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history, threshold=threshold, cache=cache)
     if history:
         for rec in out.history:
             for b in range(rec.x.shape[0]):
@@ -261,11 +266,13 @@ def steer(
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     metrics: bool = typer.Option(True, help="Score both with the feature, AR-twin perplexity and DLM ELBO."),
     out: Optional[str] = typer.Option(None, help="Write the comparison JSON here."),
+    threshold: Optional[float] = ThresholdOpt,
+    cache: Optional[str] = CacheOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
     from .analysis.steering import SteeringSpec, compare, validate
-    from .diffusion.sampler import get_schedule
+    from .diffusion.sampler import check_fast_options, get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
@@ -282,11 +289,13 @@ def steer(
         get_schedule(sampler_schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
     spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
+    check_fast_options(lm, threshold, cache)
     the_sae = load_sae(sae, device=device)
     validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
     r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
-                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature, sampler_schedule)
+                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature, sampler_schedule,
+                threshold, cache)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
@@ -313,12 +322,14 @@ def order(
     schedule: Optional[str] = typer.Option(None, help="Sampler schedule: linear or dream; default: the model "
                                            "family's own."),
     out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
+    threshold: Optional[float] = ThresholdOpt,
+    cache: Optional[str] = CacheOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
     from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, strategy_names, task_accuracy
     from .data import heldout_rows
-    from .diffusion.sampler import get_schedule
+    from .diffusion.sampler import check_fast_options, get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
@@ -337,6 +348,8 @@ def order(
     if schedule is not None:
         get_schedule(schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
+    fast = {"threshold": threshold, "cache": cache}
+    check_fast_options(lm, threshold, cache)
     saes = [load_sae(s, device=device) for s in sae_names]
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
     result = {"dynamics": {}, "task": {}, "heldout_nll": {}}
@@ -347,11 +360,11 @@ def order(
     typer.echo("|---|" + "---|" * head.count("|"))
     for name in names:
         dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length,
-                               schedule=schedule)
+                               schedule=schedule, **fast)
         acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length,
-                                schedule=schedule) for b in budgets} if task else {}
+                                schedule=schedule, **fast) for b in budgets} if task else {}
         nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b,
-                                             schedule=schedule).mean()) for b in budgets} if heldout else {}
+                                             schedule=schedule, **fast).mean()) for b in budgets} if heldout else {}
         result["dynamics"][name], result["task"][name], result["heldout_nll"][name] = dyn["layers"], acc, nll
         cells = "".join(f" {dyn['layers'][h]['pre_mask_stability']:.3f} | {dyn['layers'][h]['post_decode_drift']:.3f} |"
                         for h in hooks)

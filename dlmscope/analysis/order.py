@@ -16,10 +16,11 @@ import torch
 from ..checks import positive
 from ..diffusion.loss import token_ce
 from ..diffusion.sampler import (
-    REMASKING, LowConfidence, Remasking, StepInput, default_schedule, generate, get_remasking, get_schedule,
+    REMASKING, LowConfidence, Remasking, StepForward, StepInput, check_threshold, default_schedule, generate,
+    get_remasking, get_schedule,
 )
 from ..errors import DLMScopeError
-from ..hooks import capture, hooked
+from ..hooks import hooked
 from ..models.base import ForwardState, LoadedModel
 from .splice import check_sae_matches
 
@@ -62,26 +63,46 @@ def order_metrics(sets: torch.Tensor, masks: torch.Tensor, n_latents: int) -> di
 
 @torch.no_grad()
 def feature_dynamics(lm: LoadedModel, saes, prompts: Sequence[str], remasking, gen_length: int = 32,
-                     steps: int = 32, seed: int = 0, schedule: str | None = None) -> dict:
+                     steps: int = 32, seed: int = 0, schedule: str | None = None, threshold: float | None = None,
+                     cache: str | None = None) -> dict:
     """Run the sampler once and measure how each SAE's features of generated positions evolve.
 
-    `saes` is one SAE or a list of SAEs on different hooks (layers); results are keyed by hook.
+    `saes` is one SAE or a list of SAEs on different hooks (layers); results are keyed by hook, with
+    the metrics of each sequence alone under `per_sequence`. `sampler` holds further `generate`
+    options (schedule, threshold, cache). Under a KV cache a step does not recompute every position;
+    those keep the features of the last forward that computed them (what the cached model uses).
     """
     saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
     if not prompts:
         raise DLMScopeError("the prompt list is empty; give at least one prompt")
     hooks = [check_sae_matches(lm, sae) for sae in saes]
-    with capture(lm, hooks, to_cpu=True) as cache:
+    sets: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+
+    def make_grab(hook: str, sae):
+        def grab(act: torch.Tensor, ctx) -> None:
+            latents = sae.encode_topk(act.float())[1].cpu()
+            if ctx.state.window is not None:
+                start, end = ctx.state.window
+                latents, fresh = sets[hook][-1].clone(), latents
+                latents[:, start:end] = fresh
+            sets[hook].append(latents)
+
+        return grab
+
+    with hooked(lm, {h: make_grab(h, sae) for h, sae in zip(hooks, saes)}):
         out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
-                       remasking=remasking, return_history=True, seed=seed, schedule=schedule)
+                       remasking=remasking, return_history=True, seed=seed, schedule=schedule, threshold=threshold,
+                       cache=cache)
     P = out.prompt_length
     masks = torch.stack([h.mask[:, P:].cpu() for h in out.history])
     layers = {}
     for hook, sae in zip(hooks, saes):
-        sets = torch.stack([sae.encode_topk(a[:, P:].to(lm.device).float())[1].cpu() for a in cache.acts[hook]])
-        layers[hook] = order_metrics(sets, masks, sae.cfg.n_latents)
+        s = torch.stack(sets[hook])[:, :, P:]
+        layers[hook] = order_metrics(s, masks, sae.cfg.n_latents)
+        per_seq = [order_metrics(s[:, b:b + 1], masks[:, b:b + 1], sae.cfg.n_latents) for b in range(s.shape[1])]
+        layers[hook]["per_sequence"] = {k: [m[k] for m in per_seq] for k in ("pre_mask_stability", "post_decode_drift")}
     name = remasking if isinstance(remasking, str) else remasking.name
-    return {"remasking": name, "layers": layers, "texts": out.texts}
+    return {"remasking": name, "layers": layers, "texts": out.texts, "forwards": out.n_forwards}
 
 
 class FeatureStability(LowConfidence):
@@ -104,7 +125,12 @@ class FeatureStability(LowConfidence):
         self.prev = self.current = None
 
         def grab(act: torch.Tensor, ctx) -> None:
-            self.current = self.sae.encode_topk(act.float())[1]
+            sets = self.sae.encode_topk(act.float())[1]
+            if ctx.state.window is not None:  # a KV-cached step: positions outside the window keep their sets
+                start, end = ctx.state.window
+                sets, fresh = self.current.clone(), sets
+                sets[:, start:end] = fresh
+            self.current = sets
 
         self._ctx = hooked(lm, {hook: grab})
         self._ctx.__enter__()
@@ -142,32 +168,48 @@ def make_strategy(name: str, sae=None):
 
 @torch.no_grad()
 def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps: int = 16, gen_length: int = 16,
-                  seed: int = 0, batch: int = 25, schedule: str | None = None) -> dict:
-    """Exact accuracy and mean reward of a remasking strategy on a task's test split."""
+                  seed: int = 0, batch: int = 25, schedule: str | None = None, threshold: float | None = None,
+                  cache: str | None = None) -> dict:
+    """Exact accuracy and mean reward of a remasking strategy on a task's test split.
+
+    Per example: `correct` and `forwards`, the forward passes its row needed (steps in which it still
+    had a masked position; a batch runs until its slowest row is done). `schedule`, `threshold` and
+    `cache` are the sampler's.
+    """
     from ..tasks import get_task
 
     positive("n", n)
     task = get_task(task_name)
     examples = task.examples("test", n, seed=seed)
-    rewards, correct = [], []
+    rewards, correct, forwards = [], [], []
     for i in range(0, n, batch):
         chunk = examples[i:i + batch]
+        busy = torch.zeros(len(chunk), dtype=torch.long)
+
+        def count(rec) -> None:
+            busy.add_(rec.mask.cpu().any(1).long())
+
         texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
-                         remasking=strategy, seed=seed, schedule=schedule).texts
+                         remasking=strategy, seed=seed, schedule=schedule, threshold=threshold, cache=cache,
+                         callback=count).texts
         rewards += [task.reward(e, t) for e, t in zip(chunk, texts)]
         correct += [task.is_correct(e, t) for e, t in zip(chunk, texts)]
-    return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n}
+        forwards += busy.tolist()
+    return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n, "correct": [bool(c) for c in correct],
+            "forwards": forwards}
 
 
 @torch.no_grad()
 def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int, remasking: str | Remasking,
-                         steps: int, seed: int = 0, schedule: str | None = None) -> torch.Tensor:
+                         steps: int, seed: int = 0, schedule: str | None = None, *, threshold: float | None = None,
+                         cache: str | None = None, return_forwards: bool = False):
     """(B,) NLL per answer token of held-out rows when the answer (after `prompt_length`) is revealed
     in the strategy's order, `steps` steps with the sampler's schedule (teacher forced; None: the family's own).
 
     Each step's revealed tokens are scored jointly from the same forward (the sampler's parallel
     factorisation), so fewer steps cost likelihood; the order is what the strategy picks from the
-    model's own predictions.
+    model's own predictions. `threshold` and `cache` are the sampler's fast decoding (one block:
+    the answer); with `return_forwards`, also the (B,) forward passes each row needed.
     """
     mask_id = lm.require_mask_id()
     rows = rows.to(lm.device)
@@ -178,24 +220,35 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
     if not 1 <= steps <= n:
         raise DLMScopeError(f"steps={steps} out of range: need 1 <= steps <= answer length ({n})")
     strategy = get_remasking(remasking)
+    check_threshold(threshold, strategy)
+    forward = StepForward(lm, cache)
     gen = torch.Generator().manual_seed(seed)
     x = rows.clone()
     x[:, prompt_length:] = mask_id
     rule = get_schedule(default_schedule(lm) if schedule is None else schedule)
     sched = rule.plan(torch.full((B,), n, device=lm.device), steps)
+    attn = torch.ones_like(x)
     nll = torch.zeros(B, device=lm.device)
+    busy = torch.zeros(B, dtype=torch.long, device=lm.device)
+    n_steps = n if threshold is not None else steps
     strategy.begin(lm, x)
     try:
-        for i in range(steps):
+        i = 0
+        while (x == mask_id).any() if threshold is not None else i < steps:
             mask = x == mask_id
-            lm.state = ForwardState(i, steps, 0, mask, float(mask[:, prompt_length:].float().mean()))
-            logits = lm.denoise_logits(x)
+            state = ForwardState(i, n_steps, 0, mask, float(mask[:, prompt_length:].float().mean()))
+            logits = forward(x, attn, state, prompt_length, L, i == 0)
             x0 = torch.where(mask, logits.argmax(-1), x)
-            s = StepInput(lm, x, logits, x0, mask, i, steps, i, steps, gen, schedule=rule)
-            _, transfer = strategy.select(s, sched[:, i])
+            s = StepInput(lm, x, logits, x0, mask, i, n_steps, i, steps, gen, schedule=rule)
+            if threshold is None:
+                _, transfer = strategy.select(s, sched[:, i])
+            else:
+                _, transfer = strategy.select_above(s, threshold)
             nll += (token_ce(logits, rows) * transfer).sum(1)
+            busy += mask.any(1)
             x = torch.where(transfer, rows, x)
+            i += 1
     finally:
         strategy.end()
         lm.state = ForwardState()
-    return nll.cpu() / n
+    return (nll.cpu() / n, busy.cpu()) if return_forwards else nll.cpu() / n

@@ -110,10 +110,11 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
             new = h + (spec.strength * sae.encode_topk(h)[0].max(-1).values)[..., None] * d
         B, L = h.shape[:2]
         if spec.positions == "generated":
+            offset = ctx.state.window[0] if ctx.state.window else 0  # a KV-cached step sees only its window
             start = prompt_length
             if lm.causal and ctx.state.step is not None:  # AR decoding: step s has appended s tokens to its prompt
                 start = L - ctx.state.step
-            where = (torch.arange(L, device=h.device) >= start)[None].expand(B, L)
+            where = (torch.arange(offset, offset + L, device=h.device) >= start)[None].expand(B, L)
         elif spec.positions.startswith("top:"):
             score = sae.encode(h)[..., f]
             where = torch.zeros(B, L, dtype=torch.bool, device=h.device)
@@ -161,7 +162,8 @@ def ar_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 3
 
 
 def steered_generate(lm: LoadedModel, sae, spec: SteeringSpec | None, prompts: Sequence[str], gen_length: int = 32,
-                     steps: int = 32, seed: int = 0, temperature: float = 0.0, schedule: str | None = None) -> list[str]:
+                     steps: int = 32, seed: int = 0, temperature: float = 0.0, schedule: str | None = None,
+                     threshold: float | None = None, cache: str | None = None) -> list[str]:
     """Continuations with (or, spec None, without) steering: the sampler for DLMs, `ar_generate` for AR."""
     from contextlib import nullcontext
 
@@ -174,7 +176,7 @@ def steered_generate(lm: LoadedModel, sae, spec: SteeringSpec | None, prompts: S
         if lm.causal:
             return ar_generate(lm, prompts, gen_length, temperature, seed)
         return generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
-                        temperature=temperature, seed=seed, schedule=schedule).texts
+                        temperature=temperature, seed=seed, schedule=schedule, threshold=threshold, cache=cache).texts
 
 
 @torch.no_grad()
@@ -234,7 +236,8 @@ def steering_metrics(lm: LoadedModel, sae, feature: int, prompts: Sequence[str],
 def compare(lm: LoadedModel, sae, spec: SteeringSpec, prompts: Sequence[str], seeds: Sequence[int] = (0,),
             concept: Sequence[int] | None = None, ar_judge: LoadedModel | None = None,
             dlm_judge: LoadedModel | None = None, gen_length: int = 32, steps: int = 32,
-            temperature: float = 0.0, schedule: str | None = None) -> dict:
+            temperature: float = 0.0, schedule: str | None = None, threshold: float | None = None,
+            cache: str | None = None) -> dict:
     """Steered vs unsteered side by side over prompts x seeds: metrics of both and the paired samples."""
     validate(spec, sae, lm, gen_length if lm.causal else steps)
     if not prompts:
@@ -247,7 +250,7 @@ def compare(lm: LoadedModel, sae, spec: SteeringSpec, prompts: Sequence[str], se
     all_prompts = [p for _ in seeds for p in prompts]
     for label, s in (("unsteered", None), ("steered", spec)):
         conts = [c for seed in seeds for c in steered_generate(lm, sae, s, prompts, gen_length, steps, seed, temperature,
-                                                                 schedule)]
+                                                                 schedule, threshold, cache)]
         out[label] = steering_metrics(lm, sae, spec.feature, all_prompts, conts, concept, ar_judge, dlm_judge)
         out[f"{label}_texts"] = conts
     out["prompts"] = all_prompts

@@ -29,6 +29,7 @@ class ForwardState:
     block: int | None = None
     mask: torch.Tensor | None = None  # (B, L) bool: positions still masked in x_t
     t: float | None = None  # fraction of generated positions still masked
+    window: tuple[int, int] | None = None  # a KV-cached step computes only positions [start, end) of `mask`
 
 
 @dataclass
@@ -61,6 +62,9 @@ class LoadedModel:
     sites: dict[str, Site] = field(repr=False, default_factory=dict)
     call: Callable[..., torch.Tensor] | None = field(repr=False, default=None)
     state: ForwardState = field(repr=False, default_factory=ForwardState)
+    kv_call: Callable[..., tuple[torch.Tensor, Any]] | None = field(repr=False, default=None)
+    """(ids, attention_mask 2-D or 4-D, position_ids, kept keys/values) -> (raw logits, new cache); None when
+    the model cannot run Fast-dLLM's block KV cache (see `models.kvcache`)."""
 
     @property
     def n_layers(self) -> int:
@@ -117,10 +121,11 @@ class LoadedModel:
         """Logits where position i predicts token i (the shift of Dream-style models undone)."""
         if self.causal:
             raise DLMScopeError(f"{self.name} is autoregressive ({self.family}); it has no denoising logits")
-        logits = self.forward(input_ids, attention_mask)
-        if self.shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        return self.align_logits(self.forward(input_ids, attention_mask))
+
+    def align_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits -> position i predicts token i (position 0 keeps its own under a shift)."""
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if self.shift else logits
 
     def require_mask_id(self) -> int:
         if self.mask_id is None:

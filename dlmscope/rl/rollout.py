@@ -38,11 +38,15 @@ class Rollout:
 
 @torch.no_grad()
 def sample_groups(lm: LoadedModel, task, examples: list, group_size: int, *, gen_length: int, steps: int,
-                  temperature: float, seed: int, normalise: bool = False, schedule: str | None = None) -> Rollout:
-    """G completions per example (one block of `gen_length`, `steps` denoising steps), scored by the task."""
+                  temperature: float, seed: int, normalise: bool = False, schedule: str | None = None,
+                  threshold: float | None = None, cache: str | None = None) -> Rollout:
+    """G completions per example (one block of `gen_length`, `steps` denoising steps), scored by the task.
+
+    `threshold` / `cache`: the sampler's fast decoding (Fast-dLLM) for the rollouts.
+    """
     rows = [e for e in examples for _ in range(group_size)]
     out = generate(lm, [e.prompt for e in rows], gen_length=gen_length, steps=steps, block_length=gen_length,
-                   temperature=temperature, seed=seed, schedule=schedule)
+                   temperature=temperature, seed=seed, schedule=schedule, threshold=threshold, cache=cache)
     rewards = torch.tensor([float(task.reward(e, t)) for e, t in zip(rows, out.texts)])
     completion = torch.zeros_like(out.sequences, dtype=torch.bool)
     completion[:, out.prompt_length:] = True
@@ -53,13 +57,13 @@ def sample_groups(lm: LoadedModel, task, examples: list, group_size: int, *, gen
 
 @torch.no_grad()
 def evaluate(lm: LoadedModel, task, examples: list, *, gen_length: int, steps: int, batch_size: int = 64,
-             schedule: str | None = None) -> dict:
+             schedule: str | None = None, threshold: float | None = None, cache: str | None = None) -> dict:
     """Greedy (temperature 0) exact accuracy, mean reward (Sudoku: cell accuracy) and per-example correctness."""
     correct, reward = [], 0.0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
-                         schedule=schedule).texts
+                         schedule=schedule, threshold=threshold, cache=cache).texts
         correct += [int(bool(task.is_correct(e, t))) for e, t in zip(chunk, texts)]
         reward += sum(float(task.reward(e, t)) for e, t in zip(chunk, texts))
     return {"accuracy": sum(correct) / len(examples), "reward": reward / len(examples), "correct": correct}

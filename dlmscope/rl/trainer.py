@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.sampler import get_schedule
+from ..diffusion.sampler import check_fast_options, check_threshold, get_schedule
+from ..models.kvcache import check_cache
 from ..errors import DLMScopeError
 from ..io_utils import atomic_write_json, atomic_write_text
 from ..models.zoo import DEFAULT_MODEL
@@ -99,6 +100,10 @@ class RLConfig:
     """Sampler steps per rollout and evaluation."""
     schedule: str | None = None
     """Sampler schedule of rollouts and evaluation: linear or dream (unset: the model family's own)."""
+    threshold: float = 0.0
+    """Fast-dLLM threshold decoding for rollouts and evaluation, in (0, 1] (0 = off)."""
+    cache: str | None = None
+    """Fast-dLLM block KV cache for rollouts and evaluation: prefix or dual (unset = off)."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N rollout steps (0 = frozen)."""
     eval_n: int = 50
@@ -162,6 +167,8 @@ def check_config(cfg: RLConfig) -> None:
     if cfg.algo == "spg" and (cfg.gen_length % cfg.spg_block_length or cfg.gen_length // cfg.spg_block_length < cfg.mc_draws):
         raise DLMScopeError(f"spg_block_length={cfg.spg_block_length} must divide gen_length={cfg.gen_length} into at "
                             f"least mc_draws={cfg.mc_draws} blocks")
+    check_threshold(cfg.threshold or None)
+    check_cache(None, cfg.cache)
 
 
 def make_task(cfg: RLConfig):
@@ -286,6 +293,8 @@ class RLRun:
         if self.policy.family != "llada":
             raise DLMScopeError(f"RL writes LLaDA-format checkpoints; {self.policy.name} is a {self.policy.family} model")
         self.policy.require_mask_id()
+        self.fast = {"threshold": cfg.threshold or None, "cache": cfg.cache}
+        check_fast_options(self.policy, **self.fast)
         self.ref = None
         if cfg.algo != "spg":  # SPG has no reference; the reference never carries adapters
             self.ref = load_model(cfg.ref, device=cfg.device) if cfg.ref else copy.deepcopy(self.policy)
@@ -333,7 +342,8 @@ class RLRun:
         """Greedy exact accuracy and mean reward on the fixed test examples, appended to the log."""
         self.policy.module.eval()
         r = {"step": step, **evaluate(self.policy, self.task, self.eval_examples, gen_length=self.cfg.gen_length,
-                                      steps=self.cfg.denoise_steps, schedule=self.cfg.schedule)}
+                                      steps=self.cfg.denoise_steps, schedule=self.cfg.schedule,
+                                      **self.fast)}
         self.log["eval"].append(r)
         return r
 
@@ -344,7 +354,8 @@ class RLRun:
         self.policy.module.eval()
         roll = sample_groups(self.policy, self.task, self.rng.sample(self.pool, cfg.prompts_per_step), cfg.group_size,
                              gen_length=cfg.gen_length, steps=cfg.denoise_steps, temperature=cfg.temperature,
-                             seed=self.rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule)
+                             seed=self.rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule,
+                             **self.fast)
         t1 = time.perf_counter()
         self.policy.module.train()
         stats = UPDATES[cfg.algo](self.policy, self.ref, roll, self.opt, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))

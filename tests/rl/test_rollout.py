@@ -32,3 +32,16 @@ def test_rollouts_and_evaluation_take_the_schedule(llada, count_task):
                  lambda: evaluate(llada, count_task, ex, gen_length=8, steps=4, schedule="cosine")):
         with pytest.raises(DLMScopeError, match="unknown schedule 'cosine'"):
             call()
+
+
+def test_rollouts_and_evaluation_take_fast_decoding(llada, count_task):
+    from dlmscope.rl.rollout import evaluate
+
+    ex = count_task.examples("train", 2)
+    kw = dict(gen_length=8, steps=8, temperature=1.0, seed=0)
+    # threshold 1.0 with 8 steps for 8 tokens reveals one token per step, as plain decoding
+    assert torch.equal(sample_groups(llada, count_task, ex, 2, **kw).seqs,
+                       sample_groups(llada, count_task, ex, 2, threshold=1.0, **kw).seqs)
+    # a threshold below every confidence reveals the block at once: only the forward that refreshes the cache
+    assert evaluate(llada, count_task, ex, gen_length=8, steps=1) == \
+        evaluate(llada, count_task, ex, gen_length=8, steps=8, threshold=1e-9, cache="prefix")
