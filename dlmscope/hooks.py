@@ -159,7 +159,7 @@ def capture(lm: LoadedModel, names: Sequence[str], *, steps: Steps = None, posit
     if not names:
         raise DLMScopeError("capture needs at least one hook name")
     cache = ActivationCache({n: [] for n in names}, {n: [] for n in names})
-    order = {n: (lm.layer_of(n), ("pre", "mid", "post").index(n.rsplit("_", 1)[1])) for n in names}
+    order = {n: lm.site_order(n) for n in names}
     deepest = max(names, key=order.__getitem__)
 
     def make_fn(name: str) -> HookFn:
