@@ -116,3 +116,103 @@ def test_unsupported_config_is_one_line(tiny, tmp_path, family, changes, field):
     with pytest.raises(DLMScopeError, match=field) as e:
         load_model(folder)
     assert "\n" not in str(e.value)
+
+
+# Remote code of our own written like the upstream LLaDA 2.x files: transformers-4 style, a rotary
+# module holding `rope_init_fn` (the "default" init transformers 5 dropped) and a non-persistent
+# `inv_freq`, no `reset_parameters`; the forward insists on the 4-D bool mask the sampler builds.
+TOY_MOE = '''
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+class ToyMoeConfig(PretrainedConfig):
+    model_type = "dlmscope_toy_moe"
+
+    def __init__(self, vocab_size=40, hidden_size=16, num_attention_heads=2, num_hidden_layers=2, num_experts=4,
+                 num_experts_per_tok=2, block_size=3, rope_theta=10000.0, mask_token_id=39, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_attention_heads = vocab_size, hidden_size, num_attention_heads
+        self.num_hidden_layers, self.num_experts, self.num_experts_per_tok = num_hidden_layers, num_experts, num_experts_per_tok
+        self.block_size, self.rope_theta, self.mask_token_id = block_size, rope_theta, mask_token_id
+        super().__init__(**kwargs)
+
+
+class Rotary(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.rope_init_fn = ROPE_INIT_FUNCTIONS["default"]
+        inv_freq, self.attention_scaling = self.rope_init_fn(config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+class Layer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.post_attention_layernorm = nn.LayerNorm(d)
+
+    def forward(self, x, mask, phase):
+        w = mask[:, 0].to(x.dtype)
+        x = x + (w @ (self.mix(self.input_layernorm(x)) * phase)) / w.sum(-1, keepdim=True)
+        return (x + self.post_attention_layernorm(x),)
+
+
+class ToyMoeModel(PreTrainedModel):
+    config_class = ToyMoeConfig
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Layer(config.hidden_size) for _ in range(config.num_hidden_layers))
+        self.model.rotary_emb = Rotary(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def tie_weights(self):
+        pass
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None, **kwargs):
+        assert attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool
+        freqs = torch.arange(input_ids.shape[1])[:, None].float() * self.model.rotary_emb.inv_freq[None]
+        phase = freqs.cos().repeat(1, self.config.hidden_size // freqs.shape[1])
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, attention_mask, phase)[0]
+        return CausalLMOutput(logits=self.lm_head(x))
+'''
+
+
+def test_remote_backend_moe_shims(tmp_path):
+    import importlib.util
+
+    from dlmscope.models.llada2 import block_mask
+    from dlmscope.models.remote import _compat
+
+    folder = tmp_path / "toy_moe"
+    folder.mkdir()
+    (folder / "modeling_toy_moe.py").write_text(TOY_MOE)
+    spec = importlib.util.spec_from_file_location("modeling_toy_moe_reference", folder / "modeling_toy_moe.py")
+    mod = importlib.util.module_from_spec(spec)
+    with _compat():
+        spec.loader.exec_module(mod)
+        torch.manual_seed(0)
+        reference = mod.ToyMoeModel(mod.ToyMoeConfig()).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"], "block_size": 3, "mask_token_id": 39,
+        "auto_map": {"AutoConfig": "modeling_toy_moe.ToyMoeConfig", "AutoModelForCausalLM": "modeling_toy_moe.ToyMoeModel"},
+    }))
+    lm = load_model(folder, backend="remote")  # family detected from the architecture
+    assert (lm.family, lm.n_experts, lm.n_active_experts, lm.block_size, lm.mask_id) == ("llada2", 4, 2, 3, 39)
+    ids = torch.randint(0, 39, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    with torch.no_grad():
+        want = reference(ids, attention_mask=block_mask(mask, 7, 3, "cpu")).logits
+        torch.testing.assert_close(lm.forward(ids, mask), want)  # rotary recomputed, block mask passed
+        torch.testing.assert_close(lm.forward(ids), reference(ids, attention_mask=block_mask(None, 7, 3, "cpu")).logits)
