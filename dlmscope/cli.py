@@ -31,8 +31,14 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
         "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
-        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names}))}}}",
+        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names if '.hook_resid_' in n}))}}}",
     }
+    if lm.n_experts:
+        moe_layers = sorted({lm.layer_of(n) for n in lm.hook_names if n.endswith(".hook_router_logits")})
+        summary.update({"experts": lm.n_experts, "active_experts": lm.n_active_experts, "moe_layers": moe_layers,
+                        "router_hook_names": "blocks.{i}.hook_{router_logits,expert_weights,expert_indices}"})
+    if lm.block_size:
+        summary["block_size"] = lm.block_size
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -72,3 +72,24 @@ def test_analysis_commands_smoke(tmp_path, capsys):
     assert "(other seed: control) | 1.000 |" in capsys.readouterr().out
     report = json.loads((tmp_path / "stab" / "report.json").read_text())
     assert report["features"][1]["mean_correlation"] > 0.999 and (tmp_path / "stab" / "report.html").is_file()
+
+
+def test_info_on_moe_and_block_models(tmp_path, capsys):
+    import json as _json
+
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    main(["info", str(write_tiny_llada2(tmp_path / "l2"))])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["experts"], info["active_experts"], info["block_size"]) == ("llada2", 8, 2, 4)
+    assert info["moe_layers"] == [1, 2] and info["hook_names"] == "blocks.{0..2}.hook_resid_{mid,post,pre}"
+    folder = write_tiny_lladamoe(tmp_path / "lm")
+    main(["info", str(folder)])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["experts"], info["moe_layers"]) == ("lladamoe", 8, [0, 1]) and "block_size" not in info
+    cfg = _json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(_json.dumps({**cfg, "moe_router_score_function": "sparsemax"}))
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "moe_router_score_function='sparsemax'" in err
