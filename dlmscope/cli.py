@@ -358,6 +358,33 @@ def stability(
     write_report_html(report, Path(out) / "report.html")
 
 
+@app.command()
+def experts(
+    model: str = typer.Argument(..., help="MoE checkpoint folder (LLaDA-MoE or LLaDA 2.x)."),
+    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    gen_length: int = typer.Option(32, help="Tokens to generate."),
+    steps: int = typer.Option(32, help="Denoising steps."),
+    block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length (default: one block)."),
+    layer: Optional[int] = typer.Option(None, help="MoE layer to plot (default: the first)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: str = typer.Option("experts", help="Folder for experts.json and experts.html."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Expert routing across denoising steps: usage on masked vs visible positions, change at unmasking."""
+    from .analysis.experts import check_layer, expert_dynamics, write_expert_report
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    check_layer(lm, layer)
+    result = expert_dynamics(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, seed=seed)
+    json_path, html = write_expert_report(result, out, layer)
+    for i, d in result["layers"].items():
+        typer.echo(f"layer {i}: TV(masked, visible) {d['masked_vs_visible_tv']:.3f}  "
+                   f"overlap across unmasking {d['unmask_overlap']:.3f}")
+    typer.echo(f"wrote {json_path} and {html}")
+
+
 features_app = typer.Typer(help="Feature statistics for the explorer.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 DEFAULT_SAE = "tiny-dlm-L3-k32"

@@ -187,3 +187,17 @@ def test_two_process_gloo_matches_single_process(tiny_dirs, text, tmp_path):
     assert abs(a["final"][key]["fvu"] - b["final"][key]["fvu"]) < 0.05
     assert abs(a["final"][key]["cosine"] - b["final"][key]["cosine"]) < 0.05
     assert not (tmp_path / "ddp" / "saes" / key.replace(".", "_") / "rank1").exists()
+
+
+@pytest.mark.parametrize("family", ["lladamoe", "llada2"])
+def test_train_sae_on_moe_residual_streams(family, tokenizer, text, tmp_path):
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    write = {"lladamoe": write_tiny_lladamoe, "llada2": write_tiny_llada2}[family]
+    folder = write(tmp_path / family, vocab_size=len(tokenizer), tokenizer=tokenizer, mask_id=tokenizer.mask_token_id)
+    result = train_sae(TrainSAEConfig(model=str(folder), dataset=str(text), layers="1", k="4", expansion=2,
+                                      total_tokens=256 * 4, batch_size=256, buffer_tokens=512, seqs_per_forward=4,
+                                      context_length=32, eval_tokens=128, eval_every=2, checkpoint_every=4,
+                                      out=str(tmp_path / "runs"), name="moe", progress=False))
+    (key, metrics), = result.metrics.items()
+    assert "blocks.1.hook_resid_post" in key and 0 < metrics["fvu"] < 2 and metrics["l0"] <= 4
