@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import DLMScopeError
 from ..models.base import ForwardState, LoadedModel
+from ..models.kvcache import BlockKVCache, check_cache
 
 
 class Schedule:
@@ -203,6 +204,7 @@ class Remasking:
     """Scores masked positions; the loop unmasks the `n` best of each row. Subclass to add a strategy."""
 
     name = "base"
+    ranks = True  # False: the strategy picks positions itself and has no confidence to threshold
 
     def begin(self, lm: LoadedModel, x: torch.Tensor) -> None:
         """Called once before the first step (set up hooks, state)."""
@@ -219,6 +221,16 @@ class Remasking:
         if s.alg_temp:
             return score, sample_n_mask(score, n_transfer, s.alg_temp, s.generator)
         return score, top_n_mask(score, n_transfer)
+
+    def threshold_scores(self, s: StepInput) -> torch.Tensor:
+        """The confidence Fast-dLLM's threshold compares, in [0, 1]: the scores themselves by default."""
+        return self.scores(s)
+
+    def select_above(self, s: StepInput, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast-dLLM threshold decoding: every candidate with confidence >= threshold, and each row's best."""
+        score = self.threshold_scores(s).to(torch.float64).masked_fill(~s.candidates, float("-inf"))
+        best = top_n_mask(score, s.candidates.any(1).long())
+        return score, best | (s.candidates & (score >= threshold))
 
 
 def top_n_mask(score: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -307,6 +319,9 @@ class Entropy(DreamConfidence):
     def confidence(self, probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return (probs * torch.log(probs + 1e-10)).sum(-1)
 
+    def threshold_scores(self, s: StepInput) -> torch.Tensor:
+        return self.scores(s).exp()  # exp(-entropy): 1 for a certain prediction
+
 
 class Origin(Remasking):
     """Dream `origin`: each candidate is revealed with probability `schedule.fraction` (1 - s/t under `dream`).
@@ -317,6 +332,7 @@ class Origin(Remasking):
     """
 
     name = "origin"
+    ranks = False
 
     def scores(self, s: StepInput) -> torch.Tensor:
         u = torch.rand(int(s.candidates.sum()), generator=s.generator, dtype=torch.float32).to(s.x.device)
@@ -352,6 +368,7 @@ class GenerateOutput:
     prompt_length: int
     texts: list[str] | None
     history: list[DenoiseStep] = field(default_factory=list)
+    n_forwards: int = 0  # model calls (a KV-cached step counts as one, though it computes only its window)
 
     @property
     def generated(self) -> torch.Tensor:
@@ -417,6 +434,50 @@ def context_limit(lm: LoadedModel) -> int | None:
     return None
 
 
+class StepForward:
+    """The model call of one denoising step: a full forward, or Fast-dLLM's block-wise KV cache.
+
+    With a cache, the first step of each block is a full forward that refreshes the cache; the
+    other steps compute only the cache's window (`prefix`: the block and everything after it;
+    `dual`: the block), and the logits of the other positions are those of the last forward that
+    computed them. `lm.state.window` tells hooks which positions the activations they see cover.
+    """
+
+    def __init__(self, lm: LoadedModel, cache: str | None):
+        self.lm = lm
+        self.cache = BlockKVCache(lm, cache) if cache is not None else None
+        self.last: torch.Tensor | None = None
+        self.count = 0
+
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, state: ForwardState, lo: int, hi: int,
+                 first_in_block: bool) -> torch.Tensor:
+        self.count += 1
+        if self.cache is None:
+            self.lm.state = state
+            return self.lm.denoise_logits(ids, attn)
+        if first_in_block:
+            self.lm.state = state
+            self.last = self.cache.refresh(ids, attn, lo, hi)
+            return self.last
+        state.window = self.cache.window
+        self.lm.state = state
+        fresh = self.cache.step(ids)
+        logits = self.last.clone()
+        logits[:, lo:lo + fresh.shape[1]] = fresh
+        self.last = logits
+        return logits
+
+
+def check_threshold(threshold: float | None, strategy: Remasking) -> None:
+    if threshold is None:
+        return
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise DLMScopeError(f"threshold={threshold} is invalid; allowed: a number in (0, 1] or none")
+    if not strategy.ranks:
+        raise DLMScopeError(f"threshold decoding needs a strategy that scores positions; {strategy.name!r} picks "
+                            "them at random by itself")
+
+
 @torch.no_grad()
 def generate(
     lm: LoadedModel,
@@ -437,6 +498,8 @@ def generate(
     return_history: bool = False,
     keep_logits: bool = False,
     seed: int | None = None,
+    threshold: float | None = None,
+    cache: str | None = None,
 ) -> GenerateOutput:
     """Generate `gen_length` tokens after each prompt by iterative unmasking.
 
@@ -446,6 +509,12 @@ def generate(
     `gen_length`). Steps are split evenly over blocks; each step reveals the schedule's count of the
     positions `remasking` scores best (drawn from softmax(score / alg_temp) when `alg_temp` > 0),
     never remasking. `top_p` / `top_k` filter the token distribution as Dream does.
+
+    Fast decoding (Fast-dLLM, arXiv 2505.22618): `threshold` reveals, in the current block, every
+    masked position whose confidence (the strategy's score) is >= threshold, at least the best one
+    per step, until the block is full (`steps` then sets only the block count check; a run takes
+    1 to `block_length` steps per block). `cache` "prefix" / "dual" reuses keys/values of the
+    positions before (and, dual, after) the block within a block (see `StepForward`).
     """
     if lm.causal:
         raise DLMScopeError(f"{lm.name} is autoregressive; the diffusion sampler needs a masked diffusion model")
@@ -465,6 +534,8 @@ def generate(
         )
     strategy = get_remasking(remasking)
     sampling = TokenSampling(temperature, top_p, top_k)
+    check_threshold(threshold, strategy)
+    check_cache(lm, cache)
     steps_per_block = steps // n_blocks
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -480,33 +551,37 @@ def generate(
     is_prompt = torch.zeros_like(x, dtype=torch.bool)
     is_prompt[:, :P] = True
     history: list[DenoiseStep] = []
+    forward = StepForward(lm, cache)
+    n_steps = gen_length if threshold is not None else steps  # with a threshold, the most a run can take
+    step = 0
     strategy.begin(lm, x)
     try:
         for block in range(n_blocks):
             lo, hi = P + block * block_length, P + (block + 1) * block_length
-            for i in range(steps_per_block):
-                step = block * steps_per_block + i
+            i = 0
+            while (x[:, lo:hi] == mask_id).any() if threshold is not None else i < steps_per_block:
                 mask = x == mask_id
                 t = float(mask[:, P:].float().mean())
                 if cfg_scale > 0:
                     uncond = x.masked_fill(is_prompt & attn.bool(), mask_id)
                     both = torch.cat([x, uncond])
-                    lm.state = ForwardState(step, steps, block, both == mask_id, t)
-                    cond, un = lm.denoise_logits(both, torch.cat([attn, attn])).chunk(2)
+                    state = ForwardState(step, n_steps, block, both == mask_id, t)
+                    cond, un = forward(both, torch.cat([attn, attn]), state, lo, hi, i == 0).chunk(2)
                     logits = un + (cfg_scale + 1) * (cond - un)
                 else:
-                    lm.state = ForwardState(step, steps, block, mask, t)
-                    logits = lm.denoise_logits(x, attn)
+                    logits = forward(x, attn, ForwardState(step, n_steps, block, mask, t), lo, hi, i == 0)
                 x0 = sampling.draw(logits, generator)
                 x0 = torch.where(mask, x0, x)
                 candidates = mask.clone()
                 candidates[:, :lo] = False
                 candidates[:, hi:] = False
-                n_transfer = sched.counts(candidates.sum(1), i, steps_per_block)
-                s = StepInput(lm, x, logits, x0, candidates, step, steps, i, steps_per_block, generator,
+                s = StepInput(lm, x, logits, x0, candidates, step, n_steps, i, steps_per_block, generator,
                               sampling, sched, alg_temp)
-                confidence, transfer = strategy.select(s, n_transfer)
-                record = DenoiseStep(step, steps, block, t, x, mask, logits if (keep_logits or callback) else None,
+                if threshold is None:
+                    confidence, transfer = strategy.select(s, sched.counts(candidates.sum(1), i, steps_per_block))
+                else:
+                    confidence, transfer = strategy.select_above(s, threshold)
+                record = DenoiseStep(step, n_steps, block, t, x, mask, logits if (keep_logits or callback) else None,
                                      x0, confidence, transfer)
                 x = torch.where(transfer, x0, x)
                 if callback is not None:
@@ -515,6 +590,8 @@ def generate(
                     if not keep_logits:
                         record.logits = None
                     history.append(record)
+                i += 1
+                step += 1
     finally:
         strategy.end()
         lm.state = ForwardState()
@@ -523,4 +600,4 @@ def generate(
         eos = lm.tokenizer.eos_token_id
         rows = [row.tolist() for row in x[:, P:].cpu()]
         texts = [lm.to_text(r[: r.index(eos)] if eos in r else r) for r in rows]
-    return GenerateOutput(x.cpu(), attn.cpu(), P, texts, history)
+    return GenerateOutput(x.cpu(), attn.cpu(), P, texts, history, forward.count)

@@ -29,6 +29,7 @@ class ForwardState:
     block: int | None = None
     mask: torch.Tensor | None = None  # (B, L) bool: positions still masked in x_t
     t: float | None = None  # fraction of generated positions still masked
+    window: tuple[int, int] | None = None  # a KV-cached step computes only positions [start, end) of `mask`
 
 
 @dataclass
@@ -61,6 +62,9 @@ class LoadedModel:
     sites: dict[str, Site] = field(repr=False, default_factory=dict)
     call: Callable[..., torch.Tensor] | None = field(repr=False, default=None)
     state: ForwardState = field(repr=False, default_factory=ForwardState)
+    kv_call: Callable[..., tuple[torch.Tensor, Any]] | None = field(repr=False, default=None)
+    """(ids, attention_mask 2-D or 4-D, position_ids, kept keys/values) -> (raw logits, new cache); None when
+    the model cannot run Fast-dLLM's block KV cache (see `models.kvcache`)."""
 
     @property
     def n_layers(self) -> int:
