@@ -40,9 +40,18 @@ class _StopForward(Exception):
 
 
 def position_mask(positions: Positions, state: ForwardState, shape: tuple[int, int], device) -> torch.Tensor | None:
-    """Resolve a position selector to a (B, L) bool mask; None means every position."""
+    """Resolve a position selector to a (B, L) bool mask; None means every position.
+
+    During a KV-cached sampler step the activation covers only `state.window` of the sequence:
+    selectors (masks, indices) are given over the whole sequence and cut to that window here.
+    """
     if positions is None or (isinstance(positions, str) and positions == "all"):
         return None
+    if state.window is not None:
+        start, end = state.window
+        full = position_mask(positions, ForwardState(**{**vars(state), "window": None}),
+                             (shape[0], state.mask.shape[1]), device)
+        return full[:, start:end]
     if isinstance(positions, str):
         if positions not in POSITION_KINDS:
             raise DLMScopeError(f"unknown positions {positions!r}; allowed: {', '.join(POSITION_KINDS)}, a list of "

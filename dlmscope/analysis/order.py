@@ -101,7 +101,12 @@ class FeatureStability(LowConfidence):
         self.prev = self.current = None
 
         def grab(act: torch.Tensor, ctx) -> None:
-            self.current = self.sae.encode_topk(act.float())[1]
+            sets = self.sae.encode_topk(act.float())[1]
+            if ctx.state.window is not None:  # a KV-cached step: positions outside the window keep their sets
+                start, end = ctx.state.window
+                sets, fresh = self.current.clone(), sets
+                sets[:, start:end] = fresh
+            self.current = sets
 
         self._ctx = hooked(lm, {hook: grab})
         self._ctx.__enter__()

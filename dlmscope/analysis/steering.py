@@ -105,7 +105,8 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
             new = h + (spec.strength * sae.encode_topk(h)[0].max(-1).values)[..., None] * d
         B, L = h.shape[:2]
         if spec.positions == "generated":
-            where = (torch.arange(L, device=h.device) >= prompt_length)[None].expand(B, L)
+            start = ctx.state.window[0] if ctx.state.window else 0  # a KV-cached step sees only its window
+            where = (torch.arange(start, start + L, device=h.device) >= prompt_length)[None].expand(B, L)
         elif spec.positions.startswith("top:"):
             score = sae.encode(h)[..., f]
             where = torch.zeros(B, L, dtype=torch.bool, device=h.device)

@@ -31,6 +31,7 @@ class ForwardState:
     block: int | None = None
     mask: torch.Tensor | None = None  # (B, L) bool: positions still masked in x_t
     t: float | None = None  # fraction of generated positions still masked
+    window: tuple[int, int] | None = None  # a KV-cached step computes only positions [start, end) of `mask`
 
 
 @dataclass
@@ -66,6 +67,9 @@ class LoadedModel:
     n_experts: int | None = None  # routed experts per MoE layer; None for dense models
     n_active_experts: int | None = None  # experts chosen per token
     block_size: int | None = None  # block-diffusion models: attention is causal across blocks of this size
+    kv_call: Callable[..., tuple[torch.Tensor, Any]] | None = field(repr=False, default=None)
+    """(ids, attention_mask 2-D or 4-D, position_ids, kept keys/values) -> (raw logits, new cache); None when
+    the model cannot run Fast-dLLM's block KV cache (see `models.kvcache`)."""
 
     @property
     def n_layers(self) -> int:

@@ -121,8 +121,15 @@ def wrap_decoder(module: nn.Module, *, family: str, name: str, tokenizer, mask_i
             attention_mask = bidirectional_mask(attention_mask)
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def kv_call(input_ids, attention_mask, position_ids, past):
+        if attention_mask.dim() == 2:
+            attention_mask = None if bool(attention_mask.all()) else bidirectional_mask(attention_mask)
+        out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past, use_cache=past is None)
+        return out.logits, out.past_key_values
+
     return LoadedModel(
         module=module, tokenizer=tokenizer, family=family, mask_id=mask_id, shift=shift, causal=causal,
         layers=layers, d_model=module.config.hidden_size, vocab_size=module.config.vocab_size, name=name,
-        sites=hf_sites(layers, "post_attention_layernorm"), call=call,
+        sites=hf_sites(layers, "post_attention_layernorm"), call=call, kv_call=None if causal else kv_call,
     )

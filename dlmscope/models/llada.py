@@ -83,6 +83,11 @@ def load_llada(folder: Path, device: str | torch.device, dtype: torch.dtype, nam
     except KeyError as e:
         raise DLMScopeError(f"{str(folder)!r} does not hold LLaDA weights (missing {e.args[0]!r})") from None
     config = llama_config(cfg, intermediate_size=ff.shape[0], vocab_size=wte.shape[0])
+    if config.attention_bias and not cfg.get("include_bias", False):
+        # include_qkv_bias: q/k/v biases only; Llama's attention_bias also gives o_proj one, which is zero here
+        for i in range(config.num_hidden_layers):
+            key = f"model.transformer.blocks.{i}.attn_out.bias"
+            tensors.setdefault(key, torch.zeros(config.hidden_size, dtype=wte.dtype))
     if "model.transformer.ff_out.weight" not in tensors and not config.tie_word_embeddings:
         raise DLMScopeError(f"{str(folder)!r}: no LM head (model.transformer.ff_out) and weight_tying is false")
     module = build_hf_module(LlamaForCausalLM, config, iter(tensors.items()), rename_key, device, dtype)
@@ -106,8 +111,13 @@ def save_llada(module, folder: str | Path, *, mask_id: int, tokenizer=None, extr
     c = module.config
     inverse = {v: k for k, v in _LAYER_KEYS.items()}
     tensors = {}
+    qkv_bias_only = bool(c.attention_bias and not c.mlp_bias)
     for key, value in module.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if qkv_bias_only and key.endswith("self_attn.o_proj.bias"):
+            if value.any():
+                raise DLMScopeError(f"{key} is non-zero: LLaDA's include_qkv_bias format has no attention-output bias")
             continue
         if m := re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", key):
             tensors[f"model.transformer.blocks.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"] = value
@@ -122,8 +132,8 @@ def save_llada(module, folder: str | Path, *, mask_id: int, tokenizer=None, extr
         "embedding_size": c.vocab_size, "vocab_size": c.vocab_size, "rope": True,
         "rope_theta": c.rope_parameters["rope_theta"], "rms_norm_eps": c.rms_norm_eps,
         "max_sequence_length": c.max_position_embeddings, "weight_tying": bool(c.tie_word_embeddings),
-        "include_bias": False, "include_qkv_bias": False, "layer_norm_type": "rms", "activation_type": "silu",
-        "block_type": "llama", "block_group_size": 1, "mask_token_id": mask_id,
+        "include_bias": bool(c.mlp_bias), "include_qkv_bias": qkv_bias_only, "layer_norm_type": "rms",
+        "activation_type": "silu", "block_type": "llama", "block_group_size": 1, "mask_token_id": mask_id,
         "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id, "bos_token_id": c.bos_token_id,
         **(extra_config or {}),
     }

@@ -1,0 +1,86 @@
+"""Fast-dLLM's block-wise approximate KV cache for a bidirectional decoder (LLaDA, Dream).
+
+At each block start one full forward computes every position and keeps the keys/values of the
+positions the following steps will not recompute: everything before the block (`prefix`), or
+everything outside the block (`dual`: prefix and the masked suffix). Within the block each step
+runs only its window (`prefix`: block start to the end; `dual`: the block) and attends to the
+kept keys/values, which go stale as the block fills: that is the approximation (arXiv 2505.22618).
+Models whose logits are shifted (Dream: position i-1 predicts token i) recompute one more
+position on the left, so the block's first token is predicted by a fresh position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DLMScopeError
+from .base import LoadedModel
+
+CACHE_MODES = ("prefix", "dual")
+"""`prefix`: keys/values before the current block; `dual`: also those after it."""
+
+
+class _KeptKV:
+    """The transformers `Cache` protocol (only `update`) over fixed keys/values that are never appended to."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return (torch.cat([self.keys[layer_idx], key_states], -2),
+                torch.cat([self.values[layer_idx], value_states], -2))
+
+
+def check_cache(lm: LoadedModel, mode: str | None) -> None:
+    """Raise one line unless `mode` is None or a cache mode `lm` can run."""
+    if mode is None:
+        return
+    if mode not in CACHE_MODES:
+        raise DLMScopeError(f"cache={mode!r}; allowed: {', '.join(CACHE_MODES)} or none")
+    if lm.kv_call is None:
+        raise DLMScopeError(
+            f"cache={mode!r} needs a native LLaDA or Dream model (bidirectional transformers decoder); "
+            f"{lm.name} is {lm.family}" + (" on the remote backend" if lm.family in ("llada", "dream") else "")
+        )
+
+
+class BlockKVCache:
+    """One sampler run's cache: `refresh` at each block start, then `step` for the other steps of the block."""
+
+    def __init__(self, lm: LoadedModel, mode: str):
+        check_cache(lm, mode)
+        self.lm, self.mode = lm, mode
+        self.kept: _KeptKV | None = None
+        self.key_mask: torch.Tensor | None = None  # (B, kept + window) bool, real keys
+        self.window: tuple[int, int] = (0, 0)  # positions a cached step recomputes (hooks see these)
+        self.lo = 0  # first position whose denoising logits a cached step returns
+
+    def refresh(self, ids: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Full forward for the block [lo, hi): denoising logits (B, L, V); keeps the other positions' keys/values."""
+        L = ids.shape[1]
+        start = max(lo - int(self.lm.shift), 0)
+        end = L if self.mode == "prefix" else hi
+        logits, cache = self.lm.kv_call(ids.to(self.lm.device), attention_mask.to(self.lm.device), None, None)
+        keep = torch.cat([torch.arange(start), torch.arange(end, L)]).to(self.lm.device)
+        self.kept = _KeptKV([layer.keys.index_select(-2, keep) for layer in cache.layers],
+                           [layer.values.index_select(-2, keep) for layer in cache.layers])
+        am = attention_mask.to(self.lm.device).bool()
+        self.key_mask = torch.cat([am[:, keep], am[:, start:end]], 1)
+        self.window, self.lo = (start, end), lo
+        return _denoise(logits, self.lm.shift)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Denoising logits (B, end - lo, V) of positions [lo, end) from a forward of the window only."""
+        start, end = self.window
+        B = ids.shape[0]
+        positions = torch.arange(start, end, device=self.lm.device)[None].expand(B, -1)
+        mask = self.key_mask[:, None, None, :].expand(-1, 1, end - start, -1)
+        logits, _ = self.lm.kv_call(ids[:, start:end].to(self.lm.device), mask, positions, self.kept)
+        if self.lm.shift:
+            logits = torch.cat([logits[:, :1], logits], 1) if start == self.lo else logits
+            logits = logits[:, :-1]
+        return logits
+
+
+def _denoise(logits: torch.Tensor, shift: bool) -> torch.Tensor:
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift else logits
