@@ -43,13 +43,13 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
         self.dense = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg["use_bias"])
 
-    def forward(self, x, mask, cos, sin):
+    def forward(self, x, mask, cos, sin, kv=None):
         b, n, _ = x.shape
         qkv = self.query_key_value(x).view(b, n, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         if hasattr(self, "query_layernorm"):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
-        return self.dense(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask))
+        return self.dense(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask, kv))
 
 
 class Gate(nn.Module):
@@ -105,8 +105,8 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.mlp = SparseMoE(cfg) if moe else SwiGLU(cfg["hidden_size"], cfg["intermediate_size"])
 
-    def forward(self, x, mask, cos, sin):
-        x = x + self.attention(self.input_layernorm(x), mask, cos, sin)
+    def forward(self, x, mask, cos, sin, kv=None):
+        x = x + self.attention(self.input_layernorm(x), mask, cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -38,7 +38,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-5))
         self.clip = cfg.get("clip_qkv")
 
-    def forward(self, x, mask, cos, sin):
+    def forward(self, x, mask, cos, sin, kv=None):
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim)
@@ -48,7 +48,7 @@ class Attention(nn.Module):
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return self.o_proj(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask))
+        return self.o_proj(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask, kv))
 
 
 class SparseMoE(nn.Module):
@@ -89,8 +89,8 @@ class Layer(nn.Module):
         if moe and cfg.get("shared_expert_intermediate_size") is not None:
             self.shared_expert = SwiGLU(cfg["hidden_size"], cfg["shared_expert_intermediate_size"])
 
-    def forward(self, x, mask, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+    def forward(self, x, mask, cos, sin, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin, kv)
         h = self.post_attention_layernorm(x)
         out = self.mlp(h)
         if hasattr(self, "shared_expert"):

@@ -10,6 +10,7 @@ submodules so the hook machinery can read or edit logits, chosen experts and the
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -79,9 +80,9 @@ def rotary_inv_freq(head_dim: int, partial_rotary_factor: float, theta: float) -
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
-def rotary_cos_sin(inv_freq: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, rotary_dim) cos and sin for positions 0..L-1, computed in float32."""
-    freqs = torch.arange(length, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()[None]
+def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, rotary_dim) cos and sin for the (L,) positions, computed in float32."""
+    freqs = positions.to(inv_freq.device, torch.float32)[:, None] * inv_freq.float()[None]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -95,8 +96,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA over (B, H, L, D) with grouped key/value heads; mask (B, 1, L, L) bool, True = may attend."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, kv=None) -> torch.Tensor:
+    """SDPA over (B, H, L, D) with grouped key/value heads; mask (B, 1, L, keys) bool, True = may attend.
+
+    `kv(k, v) -> (k, v)` sees this layer's keys/values first (a KV cache prepends kept ones or records them).
+    """
+    if kv is not None:
+        k, v = kv(k, v)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -123,12 +129,35 @@ class MoEDecoder(nn.Module):
             self.lm_head.weight = getattr(self.model, embed_name).weight
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None = None,
+                past=None, keep_kv: bool = False):
+        """Float32 logits (B, L, V). `positions` (L,) default 0..L-1; `past.update(k, v, layer)` prepends
+        cached keys/values; `keep_kv` also returns this pass's keys/values (a `RecordedKV`)."""
         x = getattr(self.model, self.embed_name)(input_ids)
-        cos, sin = rotary_cos_sin(self.inv_freq, input_ids.shape[1], x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, mask, cos, sin)
-        return self.lm_head(self.model.norm(x)).float()
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = rotary_cos_sin(self.inv_freq, positions, x.dtype)
+        recorded = RecordedKV() if keep_kv else None
+        for i, layer in enumerate(self.model.layers):
+            kv = None
+            if past is not None:
+                kv = lambda k, v, i=i: past.update(k, v, i)  # noqa: E731
+            elif recorded is not None:
+                kv = recorded.add
+            x = layer(x, mask, cos, sin, kv)
+        logits = self.lm_head(self.model.norm(x)).float()
+        return (logits, recorded) if keep_kv else logits
+
+
+class RecordedKV:
+    """Keys/values of every layer from one forward, in the shape of a transformers cache (`.layers[i].keys`)."""
+
+    def __init__(self):
+        self.layers: list[SimpleNamespace] = []
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.layers.append(SimpleNamespace(keys=k, values=v))
+        return k, v
 
 
 def block_causal_mask(length: int, block_size: int, device) -> torch.Tensor:
@@ -183,6 +212,16 @@ def wrap_moe(module: MoEDecoder, *, family: str, name: str, tokenizer, mask_id: 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return module(input_ids, mask_fn(attention_mask, input_ids.shape[1], input_ids.device))
 
+    def kv_call(input_ids, attention_mask, position_ids, past):
+        """The `LoadedModel.kv_call` protocol of `models.kvcache`: a 2-D mask gets the family's own structure."""
+        if attention_mask.dim() == 2:
+            attention_mask = mask_fn(None if bool(attention_mask.all()) else attention_mask, input_ids.shape[1],
+                                     input_ids.device)
+        positions = None if position_ids is None else position_ids[0]
+        if past is not None:
+            return module(input_ids, attention_mask, positions, past), None
+        return module(input_ids, attention_mask, positions, keep_kv=True)
+
     return LoadedModel(module=module, tokenizer=tokenizer, family=family, mask_id=mask_id, shift=False, causal=False,
                        layers=layers, d_model=d_model, vocab_size=vocab_size, name=name, sites=sites, call=call,
-                       n_experts=n_experts, n_active_experts=n_active, block_size=block_size)
+                       kv_call=kv_call, n_experts=n_experts, n_active_experts=n_active, block_size=block_size)

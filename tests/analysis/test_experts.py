@@ -37,7 +37,7 @@ def test_router_sites_capture_and_edit_during_sampling(moe_dirs):
     lm = load_model(moe_dirs["llada2"])
     names = ["blocks.1.hook_router_logits", "blocks.1.hook_expert_weights", "blocks.1.hook_expert_indices"]
     with capture(lm, names, positions="masked", steps=[0, 3]) as cache:
-        generate(lm, ["def f"], gen_length=8, steps=8, block_length=8)
+        generate(lm, [[5, 6, 7, 8]], gen_length=8, steps=8)  # the model's own blocks of 4
     assert cache.steps[names[0]] == [0, 3]
     logits, weights, chosen = (cache.acts[n][0] for n in names)
     assert logits.shape == (8, 8) and weights.shape == chosen.shape == (8, 2)  # 8 masked positions at step 0
