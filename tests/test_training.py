@@ -201,3 +201,14 @@ def test_train_sae_on_moe_residual_streams(family, tokenizer, text, tmp_path):
                                       out=str(tmp_path / "runs"), name="moe", progress=False))
     (key, metrics), = result.metrics.items()
     assert "blocks.1.hook_resid_post" in key and 0 < metrics["fvu"] < 2 and metrics["l0"] <= 4
+    # eval-splice on the same model (block models read each block given clean earlier blocks)
+    from dlmscope.analysis.splice import SpliceConfig, splice_eval
+    from dlmscope.models import load_model
+    from dlmscope.sae import load_sae
+
+    lm = load_model(folder)
+    rows = torch.randint(0, len(tokenizer), (4, 16))
+    res = splice_eval(lm, load_sae(result.saes[key]), rows, SpliceConfig(t_bins=(0.3,), n_seqs=4, batch_size=4),
+                      other_model_ok=True)
+    clean, spliced = res["bins"]["0.3"]["clean"]["ce"][0], res["bins"]["0.3"]["sae"]["ce"][0]
+    assert 0 < clean < 20 and 0 < spliced < 20 and clean != spliced

@@ -182,7 +182,7 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
         for i in range(steps):
             mask = x == mask_id
             lm.state = ForwardState(i, steps, 0, mask, float(mask[:, prompt_length:].float().mean()))
-            logits = lm.denoise_logits(x)
+            logits = lm.denoise_logits(x, clean=rows)
             x0 = torch.where(mask, logits.argmax(-1), x)
             _, transfer = strategy.select(StepInput(lm, x, logits, x0, mask, i, steps, i, steps, gen), sched[:, i])
             nll += (token_ce(logits, rows) * transfer).sum(1)

@@ -119,17 +119,17 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
         per = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
         batches = [draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed, b_idx, s)
                    for s in range(0, rows.shape[0], cfg.batch_size)]
-        first = run_with_cache(lm, batches[0][1], [hook])[hook].float()
+        first = run_with_cache(lm, batches[0][1], [hook], clean=batches[0][0])[hook].float()
         sel = _positions(batches[0][2], cfg.positions)
         mean_act = (first if sel is None else first[sel]).reshape(-1, first.shape[-1]).mean(0)
         for x0, xt, c in batches:
             pos = _positions(c, cfg.positions)
             for cond in CONDITIONS:
                 if cond == "clean":
-                    logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                    logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt, clean=x0)
                 else:
                     with hooked(lm, {hook: _replacement(sae, cond, mean_act, cfg.with_error)}, positions=pos):
-                        logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                        logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt, clean=x0)
                 if lm.causal:
                     ce = next_token_ce(logits, x0).mean(1)
                     per[cond]["ce"].append(ce)

@@ -32,6 +32,7 @@ class ForwardState:
     mask: torch.Tensor | None = None  # (B, L) bool: positions still masked in x_t
     t: float | None = None  # fraction of generated positions still masked
     window: tuple[int, int] | None = None  # a KV-cached step computes only positions [start, end) of `mask`
+    context: bool = False  # a pass that only builds clean context (block models' earlier blocks): hooks skip it
 
 
 @dataclass
@@ -129,10 +130,20 @@ class LoadedModel:
 
     __call__ = forward
 
-    def denoise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits where position i predicts token i (the shift of Dream-style models undone)."""
+    def denoise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits where position i predicts token i (the shift of Dream-style models undone).
+
+        `clean` is the uncorrupted sequence: a block-diffusion model then denoises each block of
+        `input_ids` given the clean earlier blocks (its training objective, see `models.llada2`);
+        models with full bidirectional attention ignore it.
+        """
         if self.causal:
             raise DLMScopeError(f"{self.name} is autoregressive ({self.family}); it has no denoising logits")
+        if clean is not None and self.block_size:
+            from .llada2 import teacher_forced_logits
+
+            return teacher_forced_logits(self, input_ids, clean, attention_mask)
         logits = self.forward(input_ids, attention_mask)
         if self.shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)

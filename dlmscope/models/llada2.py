@@ -4,6 +4,11 @@ Attention is bidirectional inside a block of `block_size` positions and causal a
 (B, L) padding mask becomes that block-causal mask with padded keys hidden. Routing is sigmoid
 scores, group-limited top-k chosen on `scores + expert_bias`, weights the unbiased scores of the
 chosen experts normalised to sum 1 (when top_k > 1) times `routed_scaling_factor`, plus shared experts.
+
+Masking policy for block models (DLM-Scope's, as in block-diffusion training): a corrupted sequence
+x_t is read block by block, each block of x_t given the *clean* earlier blocks of x_0
+(`teacher_forced_logits`); losses, likelihoods, SAE activations and splicing use that view
+whenever a caller passes the clean sequence (`LoadedModel.denoise_logits(xt, clean=x0)`).
 """
 
 from __future__ import annotations
@@ -154,6 +159,39 @@ def block_mask(attention_mask: torch.Tensor | None, length: int, block_size: int
         eye = torch.eye(length, dtype=torch.bool, device=device)
         mask = (mask & attention_mask.bool()[:, None, None, :]) | eye
     return mask
+
+
+def teacher_forced_logits(lm: LoadedModel, xt: torch.Tensor, x0: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, L, V) of each block of `xt` given the clean earlier blocks of `x0` (block-diffusion training).
+
+    Two passes: x0 block-causally (keys/values only; a `ForwardState.context` pass hooks skip), then
+    xt attending to its own block and to x0's earlier blocks. Hooks see the second pass, (B, L).
+    """
+    from dataclasses import replace
+
+    from .kvcache import _KeptKV
+
+    if lm.kv_call is None:
+        raise DLMScopeError(f"{lm.name}: clean-context denoising needs the native {FAMILY} loader (backend='native')")
+    if xt.shape != x0.shape:
+        raise DLMScopeError(f"x_t {tuple(xt.shape)} and the clean sequence {tuple(x0.shape)} differ in shape")
+    xt, x0 = xt.to(lm.device), x0.to(lm.device)
+    B, L = xt.shape
+    real = torch.ones_like(xt, dtype=torch.bool) if attention_mask is None else attention_mask.to(lm.device).bool()
+    saved = lm.state
+    lm.state = replace(saved, context=True)
+    try:
+        _, clean = lm.kv_call(x0, real.long(), None, None)
+    finally:
+        lm.state = saved
+    block = torch.arange(L, device=xt.device) // lm.block_size
+    earlier = (block[None, :] < block[:, None])[None, None] & real[:, None, None, :]
+    same = block_mask(attention_mask, L, lm.block_size, xt.device) & (block[None, :] == block[:, None])
+    mask = torch.cat([earlier, same.expand(B, -1, -1, -1)], -1)
+    past = _KeptKV([layer.keys for layer in clean.layers], [layer.values for layer in clean.layers])
+    logits, _ = lm.kv_call(xt, mask, torch.arange(L, device=xt.device)[None].expand(B, -1), past)
+    return logits
 
 
 def wrap(module: MoEDecoder, raw: dict, name: str, tokenizer=None) -> LoadedModel:

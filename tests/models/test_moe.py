@@ -216,3 +216,32 @@ def test_remote_backend_moe_shims(tmp_path):
         want = reference(ids, attention_mask=block_mask(mask, 7, 3, "cpu")).logits
         torch.testing.assert_close(lm.forward(ids, mask), want)  # rotary recomputed, block mask passed
         torch.testing.assert_close(lm.forward(ids), reference(ids, attention_mask=block_mask(None, 7, 3, "cpu")).logits)
+
+
+@torch.no_grad()
+def test_block_model_reads_each_block_given_clean_earlier_blocks():
+    from dlmscope.diffusion.loss import diffusion_lm_loss, elbo_loss, log_likelihood, token_ce
+    from dlmscope.diffusion.noise import corrupt
+
+    lm = load_model(FIXTURES / "llada2_tiny")  # blocks of 4
+    x0 = torch.randint(0, 500, (2, 12))
+    xt = x0.clone()
+    xt[:, [1, 5, 6, 10, 11]] = lm.mask_id
+    got = lm.denoise_logits(xt, clean=x0)
+    name = "blocks.2.hook_resid_post"
+    acts = run_with_cache(lm, xt, [name], clean=x0)[name]
+    assert acts.shape[:2] == (2, 12)  # hooks see the noisy pass only, not the clean context pass
+    for b in range(3):
+        ids = torch.cat([x0[:, :4 * b], xt[:, 4 * b:4 * b + 4]], 1)  # clean earlier blocks, noisy block b
+        assert (got[:, 4 * b:4 * b + 4] - lm(ids)[:, 4 * b:]).abs().max() < 1e-5
+        assert (acts[:, 4 * b:4 * b + 4] - run_with_cache(lm, ids, [name])[name][:, 4 * b:]).abs().max() < 1e-5
+    assert (lm.denoise_logits(xt)[:, 4:] - got[:, 4:]).abs().max() > 1e-3  # without x0 the masks of earlier blocks show
+    c = corrupt(x0, lm.mask_id, 0.4, generator=torch.Generator().manual_seed(0))
+    assert torch.isclose(diffusion_lm_loss(lm, x0, c), elbo_loss(lm.denoise_logits(c.xt, clean=x0), x0, c))
+    # one answer token per block: the block-factorised estimator is exact, sum over blocks of CE given clean context
+    seq = torch.randint(0, 500, (12,))
+    prompt, answer = seq[:3], seq[3:]  # answer blocks: positions 3 | 4-7 | 8-11
+    short = torch.cat([prompt, answer[:1]])
+    want = -float(token_ce(lm.denoise_logits(torch.cat([prompt, torch.tensor([lm.mask_id])])[None]), short[None])[0, 3])
+    assert abs(log_likelihood(lm, prompt, answer[:1], n_draws=3) - want) < 1e-4
+    assert log_likelihood(lm, prompt, answer, n_draws=8, generator=torch.Generator().manual_seed(0)) < 0
