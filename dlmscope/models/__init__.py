@@ -50,7 +50,7 @@ def load_model(
 
     Nothing is downloaded: folders must hold config.json and safetensors weights. `backend="remote"`
     runs the folder's own modelling code (`trust_remote_code`); `device_map` is passed to transformers
-    for causal and remote loads (big checkpoints over several devices).
+    for causal and remote loads and to accelerate for the native MoE loaders (big checkpoints over several devices).
     """
     if isinstance(path_or_name, LoadedModel):
         return path_or_name
@@ -83,11 +83,11 @@ def load_model(
     if family == "lladamoe":
         from .lladamoe import load_lladamoe
 
-        return load_lladamoe(folder, device, torch_dtype, display)
+        return load_lladamoe(folder, device, torch_dtype, display, device_map=device_map)
     if family == "llada2":
         from .llada2 import load_llada2
 
-        return load_llada2(folder, device, torch_dtype, display)
+        return load_llada2(folder, device, torch_dtype, display, device_map=device_map)
     if family == "dream":
         from .dream import load_dream
 

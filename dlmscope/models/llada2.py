@@ -206,7 +206,8 @@ def wrap(module: MoEDecoder, raw: dict, name: str, tokenizer=None) -> LoadedMode
                     mask_fn=lambda m, n, device: block_mask(m, n, block, device))
 
 
-def load_llada2(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+def load_llada2(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
+                device_map: str | dict | None = None) -> LoadedModel:
     raw = read_config(folder)
-    module = load_state(build(raw), dict(iter_safetensors(folder)), FAMILY, device, dtype)
+    module = load_state(build(raw), dict(iter_safetensors(folder)), FAMILY, device, dtype, device_map)
     return wrap(module, raw, name or folder.name, load_tokenizer(folder))

@@ -142,8 +142,9 @@ def wrap(module: MoEDecoder, cfg: dict, name: str, tokenizer=None) -> LoadedMode
                     block_size=None, mask_fn=lambda m, n, device: None if m is None else bidirectional_mask(m))
 
 
-def load_lladamoe(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+def load_lladamoe(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
+                  device_map: str | dict | None = None) -> LoadedModel:
     cfg = read_config(folder)
     module = build(cfg)
-    module = load_state(module, dict(iter_safetensors(folder)), FAMILY, device, dtype)
+    module = load_state(module, dict(iter_safetensors(folder)), FAMILY, device, dtype, device_map)
     return wrap(module, cfg, name or folder.name, load_tokenizer(folder))

@@ -82,7 +82,7 @@ def rotary_inv_freq(head_dim: int, partial_rotary_factor: float, theta: float) -
 
 def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, rotary_dim) cos and sin for the (L,) positions, computed in float32."""
-    freqs = positions.to(inv_freq.device, torch.float32)[:, None] * inv_freq.float()[None]
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device, torch.float32)[None]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -166,8 +166,10 @@ def block_causal_mask(length: int, block_size: int, device) -> torch.Tensor:
     return block[None, :] <= block[:, None]
 
 
-def load_state(module: MoEDecoder, tensors: dict[str, torch.Tensor], family: str, device, dtype) -> MoEDecoder:
-    """Strictly load upstream-keyed `tensors` into a module built on the meta device, then move it."""
+def load_state(module: MoEDecoder, tensors: dict[str, torch.Tensor], family: str, device, dtype,
+               device_map: str | dict | None = None) -> MoEDecoder:
+    """Strictly load upstream-keyed `tensors` into a module built on the meta device, then move it
+    (`device_map`: "auto"/"balanced"/"sequential" or {module name: device}, placed by accelerate)."""
     expected = set(module.state_dict())
     tied = module.lm_head.weight is getattr(module.model, module.embed_name).weight
     if tied:
@@ -180,7 +182,14 @@ def load_state(module: MoEDecoder, tensors: dict[str, torch.Tensor], family: str
     module.load_state_dict(floats, strict=False, assign=True)
     if tied:
         module.lm_head.weight = getattr(module.model, module.embed_name).weight
-    return module.to(device=device).eval()
+    if device_map is None:
+        return module.to(device=device).eval()
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        layer_class = type(module.model.layers[0]).__name__
+        device_map = infer_auto_device_map(module, no_split_module_classes=[layer_class], dtype=dtype)
+    return dispatch_model(module.eval(), device_map=device_map)
 
 
 def require(cfg: dict, family: str, *names: str) -> None:

@@ -245,3 +245,18 @@ def test_block_model_reads_each_block_given_clean_earlier_blocks():
     want = -float(token_ce(lm.denoise_logits(torch.cat([prompt, torch.tensor([lm.mask_id])])[None]), short[None])[0, 3])
     assert abs(log_likelihood(lm, prompt, answer[:1], n_draws=3) - want) < 1e-4
     assert log_likelihood(lm, prompt, answer, n_draws=8, generator=torch.Generator().manual_seed(0)) < 0
+
+
+@torch.no_grad()
+def test_device_map_places_modules_with_accelerate():
+    """CPU only here: accelerate's placement path runs (one device, so it adds no hooks); same logits and routing."""
+    folder = FIXTURES / "llada2_tiny"
+    ref = load_model(folder)
+    ids = torch.randint(0, 500, (2, 10))
+    per_layer = {"model.word_embeddings": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)},
+                 "model.norm": "cpu", "lm_head": "cpu"}
+    for device_map in ("auto", per_layer):
+        lm = load_model(folder, device_map=device_map)
+        assert (lm(ids) - ref(ids)).abs().max() < 1e-6
+        name = "blocks.1.hook_expert_indices"
+        assert torch.equal(run_with_cache(lm, ids, [name])[name], run_with_cache(ref, ids, [name])[name])
