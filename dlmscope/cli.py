@@ -74,6 +74,29 @@ def generate(
         typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
 
 
+@app.command("generate-blocks")
+def generate_blocks_cmd(
+    model: str = typer.Argument(..., help="Block-diffusion checkpoint folder (LLaDA 2.x)."),
+    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate (the last block is filled completely)."),
+    steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // minimal-topk)."),
+    threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the step's quota."),
+    minimal_topk: int = typer.Option(1, help="Caps steps per block at max-new-tokens // minimal-topk."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Generate with LLaDA 2.x's block sampler (its own blocks, threshold decoding, cached finished blocks)."""
+    from .diffusion.blocks import generate_blocks
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    out = generate_blocks(lm, prompt, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block,
+                          threshold=threshold, minimal_topk=minimal_topk)
+    for p, text in zip(prompt, out.texts or [str(r.tolist()) for r in out.generated]):
+        typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
+    typer.echo(f"[{out.n_forwards} forwards, {out.generated.shape[1]} positions]")
+
+
 def field_docs(cls) -> dict[str, str]:
     """Docstrings written under dataclass fields (they become --help)."""
     import ast

@@ -93,3 +93,19 @@ def test_info_on_moe_and_block_models(tmp_path, capsys):
         main(["info", str(folder)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "moe_router_score_function='sparsemax'" in err
+
+
+def test_generate_blocks_command(tmp_path, tokenizer, capsys):
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    folder = write_tiny_llada2(tmp_path / "l2", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                               mask_id=tokenizer.mask_token_id)
+    main(["generate-blocks", str(folder), "-p", "def f", "--max-new-tokens", "6", "--steps-per-block", "2",
+          "--threshold", "0.5"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("def f") and lines[-1].endswith("positions]") and "forwards" in lines[-1]
+    dense = write_tiny_lladamoe(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["generate-blocks", str(dense)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "not a block-diffusion model" in err and len(err.splitlines()) == 1

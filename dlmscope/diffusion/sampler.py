@@ -539,7 +539,8 @@ def generate(
     if lm.block_size:  # a block-diffusion model's blocks are its own, aligned to absolute positions
         if block_length not in (None, lm.block_size):
             raise DLMScopeError(f"block_length={block_length} is invalid for {lm.name}: a block-diffusion model "
-                                f"decodes its own blocks of {lm.block_size} (pass none)")
+                                f"decodes its own blocks of {lm.block_size} (pass none, or use generate_blocks / "
+                                "`dlmscope generate-blocks`)")
         block_length = lm.block_size
     block_length = sched.default_block_length(gen_length) if block_length is None else block_length
     if block_length < 1 or (gen_length % block_length and not lm.block_size):
