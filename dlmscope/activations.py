@@ -89,7 +89,7 @@ class ActivationSource:
             xt, masked = c.xt, c.mask
         keep = {"mask": masked, "unmask": ~masked, "all": torch.ones_like(masked), "clean": torch.ones_like(masked)}
         keep = keep[self.policy]
-        acts = run_with_cache(self.lm, xt, self.hooks, positions=keep.to(self.lm.device))
+        acts = run_with_cache(self.lm, xt, self.hooks, positions=keep.to(self.lm.device), clean=x0)
         info = {"token": x0[keep], "position": torch.arange(L).expand(B, L)[keep], "doc": docs[keep],
                 "t": t[:, None].expand(B, L)[keep], "masked": masked[keep]}
         return ActivationBatch({h: a.float().cpu() for h, a in acts.items()}, info)

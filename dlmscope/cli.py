@@ -36,8 +36,14 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
         "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
-        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names}))}}}",
+        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names if '.hook_resid_' in n}))}}}",
     }
+    if lm.n_experts:
+        moe_layers = sorted({lm.layer_of(n) for n in lm.hook_names if n.endswith(".hook_router_logits")})
+        summary.update({"experts": lm.n_experts, "active_experts": lm.n_active_experts, "moe_layers": moe_layers,
+                        "router_hook_names": "blocks.{i}.hook_{router_logits,expert_weights,expert_indices}"})
+    if lm.block_size:
+        summary["block_size"] = lm.block_size
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -84,6 +90,29 @@ def generate(
                 typer.echo(f"[step {rec.step:3d} | block {rec.block} | seq {b}] {text}")
     for p, text in zip(prompt, out.texts or [str(r.tolist()) for r in out.generated]):
         typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
+
+
+@app.command("generate-blocks")
+def generate_blocks_cmd(
+    model: str = typer.Argument(..., help="Block-diffusion checkpoint folder (LLaDA 2.x)."),
+    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate (the last block is filled completely)."),
+    steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // minimal-topk)."),
+    threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the step's quota."),
+    minimal_topk: int = typer.Option(1, help="Caps steps per block at max-new-tokens // minimal-topk."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Generate with LLaDA 2.x's block sampler (its own blocks, threshold decoding, cached finished blocks)."""
+    from .diffusion.blocks import generate_blocks
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    out = generate_blocks(lm, prompt, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block,
+                          threshold=threshold, minimal_topk=minimal_topk)
+    for p, text in zip(prompt, out.texts or [str(r.tolist()) for r in out.generated]):
+        typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
+    typer.echo(f"[{out.n_forwards} forwards, {out.generated.shape[1]} positions]")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -411,6 +440,33 @@ def stability(
     typer.echo(stability_table(report))
     atomic_write_json(Path(out) / "report.json", report)
     write_report_html(report, Path(out) / "report.html")
+
+
+@app.command()
+def experts(
+    model: str = typer.Argument(..., help="MoE checkpoint folder (LLaDA-MoE or LLaDA 2.x)."),
+    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    gen_length: int = typer.Option(32, help="Tokens to generate."),
+    steps: int = typer.Option(32, help="Denoising steps."),
+    block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length (default: one block)."),
+    layer: Optional[int] = typer.Option(None, help="MoE layer to plot (default: the first)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: str = typer.Option("experts", help="Folder for experts.json and experts.html."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Expert routing across denoising steps: usage on masked vs visible positions, change at unmasking."""
+    from .analysis.experts import check_layer, expert_dynamics, write_expert_report
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    check_layer(lm, layer)
+    result = expert_dynamics(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, seed=seed)
+    json_path, html = write_expert_report(result, out, layer)
+    for i, d in result["layers"].items():
+        typer.echo(f"layer {i}: TV(masked, visible) {d['masked_vs_visible_tv']:.3f}  "
+                   f"overlap across unmasking {d['unmask_overlap']:.3f}")
+    typer.echo(f"wrote {json_path} and {html}")
 
 
 features_app = typer.Typer(help="Feature statistics for the explorer.", no_args_is_help=True)

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 PAGES = {"list": "Feature list", "feature": "Feature", "denoise": "Denoising view", "steer": "Steering playground",
-         "summary": "SAE summary"}
+         "summary": "SAE summary", "experts": "Expert routing"}
 SPLICE_FILE = "splice.json"
+EXPERTS_FILE = "experts.json"
 
 
 def _args() -> argparse.Namespace:
@@ -31,6 +32,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--model", default=env("DLMSCOPE_MODEL"), help="model (default: the store's)")
     p.add_argument("--sae", default=env("DLMSCOPE_SAE"), help="SAE name or folder (default: the store's)")
     p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON (`dlmscope eval-splice --out`)")
+    p.add_argument("--experts", default=env("DLMSCOPE_EXPERTS"), help="experts.json (`dlmscope experts --out`)")
     args, _ = p.parse_known_args(sys.argv[1:])
     return args
 
@@ -114,7 +116,7 @@ def _run(st) -> None:
         del q["run"]  # `run=1` in an address starts the sampler on the page it was written for only
     q["page"], q["feature"] = page, str(feature)
     {"list": _feature_list, "feature": _feature_page, "denoise": _denoising_view, "steer": _steering,
-     "summary": _summary}[page](st, store, feature, args)
+     "summary": _summary, "experts": _experts}[page](st, store, feature, args)
 
 
 def _model_and_sae(st, store, args):
@@ -382,6 +384,36 @@ def _summary(st, store, feature, args) -> None:
     else:
         st.caption(f"No splice result found: pass --splice FILE (from `dlmscope eval-splice --out FILE`) or put it "
                    f"at {path}.")
+
+
+def _experts(st, store, feature, args) -> None:
+    """Expert routing across denoising steps of an MoE model, from `dlmscope experts --out DIR`."""
+    from .analysis.experts import expert_figure
+    from .errors import DLMScopeError
+
+    st.header("Expert routing")
+    path = Path(args.experts) if args.experts else Path(args.store) / EXPERTS_FILE
+    if not path.is_file():
+        if args.experts:
+            raise DLMScopeError(f"experts JSON {args.experts!r} does not exist")
+        st.caption(f"No expert routing result: run `dlmscope experts MODEL --out DIR` on an MoE model and pass "
+                   f"--experts DIR/{EXPERTS_FILE}, or put it at {path}.")
+        return
+    try:
+        result = json.loads(path.read_text())
+        layers = {int(k): v for k, v in result["layers"].items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise DLMScopeError(f"cannot read experts JSON {str(path)!r}: {e}") from None
+    result["layers"] = layers
+    st.caption(f"{result['model']} ({result['family']}): {result['n_experts']} experts, {result['n_active']} active; "
+               f"{result['steps']} steps over {result['gen_length']} generated tokens. Usage = share of routed "
+               "slots per expert on masked vs visible positions; overlap = Jaccard of a position's experts with "
+               "its final ones, by steps since it was unmasked.")
+    st.dataframe([{"layer": i, "TV(masked, visible)": round(d["masked_vs_visible_tv"], 4),
+                   "overlap across unmasking": round(d["unmask_overlap"], 4)} for i, d in layers.items()],
+                 hide_index=True)
+    layer = st.selectbox("layer", list(layers))
+    st.plotly_chart(expert_figure(result, layer))
 
 
 if __name__ == "__main__":

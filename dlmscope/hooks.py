@@ -118,7 +118,7 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], *, steps: Steps = None,
         layer = lm.layer_of(name)
 
         def edit(act: torch.Tensor) -> torch.Tensor | None:
-            if not wanted(lm.state.step):
+            if lm.state.context or not wanted(lm.state.step):
                 return None
             pos = position_mask(positions, lm.state, tuple(act.shape[:2]), act.device)
             new = fn(act, HookContext(name, layer, lm.state, pos))
@@ -168,7 +168,7 @@ def capture(lm: LoadedModel, names: Sequence[str], *, steps: Steps = None, posit
     if not names:
         raise DLMScopeError("capture needs at least one hook name")
     cache = ActivationCache({n: [] for n in names}, {n: [] for n in names})
-    order = {n: (lm.layer_of(n), ("pre", "mid", "post").index(n.rsplit("_", 1)[1])) for n in names}
+    order = {n: lm.site_order(n) for n in names}
     deepest = max(names, key=order.__getitem__)
 
     def make_fn(name: str) -> HookFn:
@@ -190,11 +190,18 @@ def capture(lm: LoadedModel, names: Sequence[str], *, steps: Steps = None, posit
 @torch.no_grad()
 def run_with_cache(lm: LoadedModel, input_ids: torch.Tensor, names: Sequence[str],
                    attention_mask: torch.Tensor | None = None, *, positions: Positions = None,
-                   stop_early: bool = True) -> dict[str, torch.Tensor]:
-    """One forward pass returning {hook name: activation}; stops after the deepest site by default."""
+                   stop_early: bool = True, clean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass returning {hook name: activation}; stops after the deepest site by default.
+
+    `clean` (the uncorrupted `input_ids`) makes a block-diffusion model see clean earlier blocks, as
+    in training (`LoadedModel.denoise_logits`); other models ignore it.
+    """
     with capture(lm, names, positions=positions, stop_early=stop_early) as cache:
         try:
-            lm.forward(input_ids, attention_mask)
+            if clean is not None and lm.block_size:
+                lm.denoise_logits(input_ids, attention_mask, clean=clean)
+            else:
+                lm.forward(input_ids, attention_mask)
         except _StopForward:
             pass
     return {n: cache.acts[n][0] for n in cache.keys()}

@@ -156,6 +156,8 @@ def test_rspo_command_both_algorithms_and_resume(tmp_path, capsys):
     log = json.loads((tmp_path / "grpo" / "log.json").read_text())
     assert [e["step"] for e in log["steps"]] == [1, 2]  # step 2 continued the run of step 1
     assert (tmp_path / "grpo" / "checkpoint-00002").is_dir() and "checkpoints in" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--schedule", "cosine"], "unknown schedule 'cosine'"),
     (["--temperature", "inf"], "temperature=inf"),
@@ -201,3 +203,40 @@ def test_sampling_commands_reject_unknown_schedules(args, capsys):
         main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "unknown schedule 'cosine'; allowed: linear, dream" in err and len(err.splitlines()) == 1
+
+
+def test_info_on_moe_and_block_models(tmp_path, capsys):
+    import json as _json
+
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    main(["info", str(write_tiny_llada2(tmp_path / "l2"))])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["experts"], info["active_experts"], info["block_size"]) == ("llada2", 8, 2, 4)
+    assert info["moe_layers"] == [1, 2] and info["hook_names"] == "blocks.{0..2}.hook_resid_{mid,post,pre}"
+    folder = write_tiny_lladamoe(tmp_path / "lm")
+    main(["info", str(folder)])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["experts"], info["moe_layers"]) == ("lladamoe", 8, [0, 1]) and "block_size" not in info
+    cfg = _json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(_json.dumps({**cfg, "moe_router_score_function": "sparsemax"}))
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "moe_router_score_function='sparsemax'" in err
+
+
+def test_generate_blocks_command(tmp_path, tokenizer, capsys):
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    folder = write_tiny_llada2(tmp_path / "l2", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                               mask_id=tokenizer.mask_token_id)
+    main(["generate-blocks", str(folder), "-p", "def f", "--max-new-tokens", "6", "--steps-per-block", "2",
+          "--threshold", "0.5"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("def f") and lines[-1].endswith("positions]") and "forwards" in lines[-1]
+    dense = write_tiny_lladamoe(tmp_path / "lm")
+    with pytest.raises(SystemExit) as e:
+        main(["generate-blocks", str(dense)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "not a block-diffusion model" in err and len(err.splitlines()) == 1

@@ -324,3 +324,28 @@ def test_two_processes_match_one_with_dead_latents(data_parallel_weights):
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(two["aux"][name], one["aux"][name], atol=1e-6, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["lladamoe", "llada2"])
+def test_train_sae_on_moe_residual_streams(family, tokenizer, text, tmp_path):
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    write = {"lladamoe": write_tiny_lladamoe, "llada2": write_tiny_llada2}[family]
+    folder = write(tmp_path / family, vocab_size=len(tokenizer), tokenizer=tokenizer, mask_id=tokenizer.mask_token_id)
+    result = train_sae(TrainSAEConfig(model=str(folder), dataset=str(text), layers="1", k="4", expansion=2,
+                                      total_tokens=256 * 4, batch_size=256, buffer_tokens=512, seqs_per_forward=4,
+                                      context_length=32, eval_tokens=128, eval_every=2, checkpoint_every=4,
+                                      out=str(tmp_path / "runs"), name="moe", progress=False))
+    (key, metrics), = result.metrics.items()
+    assert "blocks.1.hook_resid_post" in key and 0 < metrics["fvu"] < 2 and metrics["l0"] <= 4
+    # eval-splice on the same model (block models read each block given clean earlier blocks)
+    from dlmscope.analysis.splice import SpliceConfig, splice_eval
+    from dlmscope.models import load_model
+    from dlmscope.sae import load_sae
+
+    lm = load_model(folder)
+    rows = torch.randint(0, len(tokenizer), (4, 16))
+    res = splice_eval(lm, load_sae(result.saes[key]), rows, SpliceConfig(t_bins=(0.3,), n_seqs=4, batch_size=4),
+                      other_model_ok=True)
+    clean, spliced = res["bins"]["0.3"]["clean"]["ce"][0], res["bins"]["0.3"]["sae"]["ce"][0]
+    assert 0 < clean < 20 and 0 < spliced < 20 and clean != spliced

@@ -165,7 +165,7 @@ def encoded_batches(lm: LoadedModel, sae, hook: str, rows: torch.Tensor, cfg: Fe
             t = cfg.t_low + (cfg.t_high - cfg.t_low) * torch.rand(x0.shape[0], generator=gen)
             c = corrupt(x0, lm.require_mask_id(), t, eps=0.0, keep_first=True, generator=gen)
             xt, masked = c.xt, c.mask
-        acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].flatten(0, 1).to(sae.device, torch.float32)
+        acts = run_with_cache(lm, xt.to(lm.device), [hook], clean=x0)[hook].flatten(0, 1).to(sae.device, torch.float32)
         yield start, masked, acts, sae.encode(acts)
 
 

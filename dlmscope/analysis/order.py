@@ -237,7 +237,7 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
         while (x == mask_id).any() if threshold is not None else i < steps:
             mask = x == mask_id
             state = ForwardState(i, n_steps, 0, mask, float(mask[:, prompt_length:].float().mean()))
-            logits = forward(x, attn, state, prompt_length, L, i == 0)
+            logits = forward(x, attn, state, prompt_length, L, i == 0, clean=rows)
             x0 = torch.where(mask, logits.argmax(-1), x)
             s = StepInput(lm, x, logits, x0, mask, i, n_steps, i, steps, gen, schedule=rule)
             if threshold is None:

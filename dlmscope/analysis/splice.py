@@ -99,8 +99,8 @@ def _interval(values: torch.Tensor) -> tuple[float, float, float]:
 def _bin_mean(lm: LoadedModel, hook: str, batches: list, positions: str) -> torch.Tensor:
     """The hook's mean activation over every batch of the bin, at the positions that will be spliced."""
     total, n = torch.zeros(lm.d_model, dtype=torch.float64, device=lm.device), 0
-    for _, xt, c in batches:
-        act = run_with_cache(lm, xt, [hook])[hook].float()
+    for x0, xt, c in batches:
+        act = run_with_cache(lm, xt, [hook], clean=x0)[hook].float()
         sel = _positions(c, positions)
         act = (act if sel is None else act[sel]).reshape(-1, act.shape[-1])
         total += act.sum(0).double()
@@ -142,10 +142,10 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
             pos = _positions(c, cfg.positions)
             for cond in CONDITIONS:
                 if cond == "clean":
-                    logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                    logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt, clean=x0)
                 else:
                     with hooked(lm, {hook: _replacement(sae, cond, mean_act, cfg.with_error)}, positions=pos):
-                        logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                        logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt, clean=x0)
                 if lm.causal:
                     ce = next_token_ce(logits, x0).mean(1)
                     per[cond]["ce"].append(ce)

@@ -32,8 +32,9 @@ def check_compatible(a: LoadedModel, b: LoadedModel) -> None:
 
 
 @torch.no_grad()
-def _latents(lm: LoadedModel, sae, hook: str, xt: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    acts = run_with_cache(lm, xt.to(lm.device), [hook])[hook].float()[keep.to(lm.device)]
+def _latents(lm: LoadedModel, sae, hook: str, xt: torch.Tensor, keep: torch.Tensor,
+             clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    acts = run_with_cache(lm, xt.to(lm.device), [hook], clean=clean)[hook].float()[keep.to(lm.device)]
     return acts, sae.encode(acts)
 
 
@@ -86,13 +87,13 @@ def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *,
     # Evaluate on the positions the SAE was trained on (its masking policy).
     policy = sae.cfg.metadata.get("masking_policy", "all")
     keep = {"mask": masked, "unmask": ~masked}.get(policy, torch.ones_like(masked))
-    base_acts, base_lat = _latents(base, sae, hook, xt, keep)
+    base_acts, base_lat = _latents(base, sae, hook, xt, keep, rows)
     report = {"hook": hook, "policy": policy, "checkpoints": [lm.name for lm in checkpoints], "transfer": [],
               "features": []}
     top_base = base_lat.topk(10, dim=0).indices  # (10, n_latents): each feature's top-10 example positions
     alive = (base_lat > 0).sum(0) >= 10
     for lm in checkpoints:
-        acts, lat = _latents(lm, sae, hook, xt, keep)
+        acts, lat = _latents(lm, sae, hook, xt, keep, rows)
         m = evaluate_sae(sae, acts)
         splice = splice_eval(lm, sae, rows, SpliceConfig(t_bins=(), n_seqs=n_seqs, seed=seed), other_model_ok=True)
         label = "dlmscope" if lm.is_diffusion else "clean"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import DLMScopeError
 from ..models.base import LoadedModel
-from .noise import Corrupted, corrupt_exact
+from .noise import Corrupted, corrupt_exact_blocks
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -44,8 +44,8 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor,
 
 def diffusion_lm_loss(lm: LoadedModel, x0: torch.Tensor, c: Corrupted,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ELBO training loss of a DLM on a corrupted batch."""
-    return elbo_loss(lm.denoise_logits(c.xt, attention_mask), x0, c)
+    """ELBO training loss of a DLM on a corrupted batch (block models: each block given clean earlier blocks)."""
+    return elbo_loss(lm.denoise_logits(c.xt, attention_mask, clean=x0), x0, c)
 
 
 @torch.no_grad()
@@ -54,6 +54,8 @@ def log_likelihood(lm: LoadedModel, prompt: torch.Tensor, answer: torch.Tensor, 
     """Monte-Carlo lower bound on log p(answer | prompt) (LLaDA's estimator).
 
     Each draw masks exactly k ~ U{1..n} answer tokens; its NLL estimate is CE(masked) * n / k.
+    Block-diffusion models factorise over their blocks: each block of the answer gets its own draw
+    (k_b of its n_b tokens, weight n_b / k_b) and is read given the clean earlier blocks.
     For autoregressive models the exact log-likelihood is returned; they need a non-empty prompt
     (BOS at least), as nothing predicts the first token.
     """
@@ -74,7 +76,8 @@ def log_likelihood(lm: LoadedModel, prompt: torch.Tensor, answer: torch.Tensor, 
     for start in range(0, n_draws, batch_size):
         b = min(batch_size, n_draws - start)
         xb = x0.expand(b, -1)
-        c = corrupt_exact(xb, mask_id, eligible.expand(b, -1), generator=generator)
-        ce = token_ce(lm.denoise_logits(c.xt), xb) * c.mask
-        total += float((ce.sum(1) / c.p_mask.to(ce.device)).sum())
+        xt, mask, weight = corrupt_exact_blocks(xb, mask_id, eligible.expand(b, -1), lm.block_size or xb.shape[1],
+                                                generator=generator)
+        ce = token_ce(lm.denoise_logits(xt, clean=xb), xb) * mask
+        total += float((ce * weight.to(ce.device)).sum())
     return -total / n_draws

@@ -73,3 +73,25 @@ def corrupt_exact(x0: torch.Tensor, mask_id: int, eligible: torch.Tensor, *,
     mask = rank < k.to(x0.device)[:, None]
     p = k.float() / n.float().cpu()
     return Corrupted(torch.where(mask, torch.full_like(x0, mask_id), x0), mask, p.clone(), p)
+
+
+def corrupt_exact_blocks(x0: torch.Tensor, mask_id: int, eligible: torch.Tensor, block_size: int, *,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`corrupt_exact` in every block of `block_size` positions (from 0) that has eligible tokens.
+
+    Returns (xt, mask, weight): weight (B, L) is n_b / k_b of each position's block, so
+    sum(CE * mask * weight) estimates the NLL of a block-factorised model. One block covering the
+    whole row draws exactly as `corrupt_exact` (LLaDA's estimator).
+    """
+    B, L = x0.shape
+    xt, mask, weight = x0.clone(), torch.zeros_like(eligible, dtype=torch.bool), torch.zeros(B, L)
+    for lo in range(0, L, block_size):
+        part = torch.zeros_like(eligible)
+        part[:, lo:lo + block_size] = eligible[:, lo:lo + block_size]
+        if not bool(part.any()):
+            continue
+        c = corrupt_exact(x0, mask_id, part, generator=generator)
+        xt = torch.where(c.mask, c.xt, xt)
+        mask |= c.mask
+        weight[:, lo:lo + block_size] = 1.0 / c.p_mask[:, None]
+    return xt, mask, weight

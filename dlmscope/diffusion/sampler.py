@@ -434,6 +434,19 @@ def context_limit(lm: LoadedModel) -> int | None:
     return None
 
 
+def block_bounds(P: int, gen_length: int, block_length: int, aligned: bool) -> list[tuple[int, int]]:
+    """[lo, hi) of each block of the generation after a prompt of width P.
+
+    `aligned` (block-diffusion models): blocks are the model's own, multiples of `block_length` from
+    position 0; the first is the one the prompt ends in (its free part) and the last is filled
+    completely, so the generation may be longer than `gen_length` (as LLaDA 2.x's sampler does).
+    """
+    if not aligned:
+        return [(P + b * block_length, P + (b + 1) * block_length) for b in range(gen_length // block_length)]
+    first, end = P // block_length, -(-(P + gen_length) // block_length)
+    return [(max(P, b * block_length), (b + 1) * block_length) for b in range(first, end)]
+
+
 class StepForward:
     """The model call of one denoising step: a full forward, or Fast-dLLM's block-wise KV cache.
 
@@ -455,11 +468,13 @@ class StepForward:
         self.count = 0
 
     def __call__(self, ids: torch.Tensor, attn: torch.Tensor, state: ForwardState, lo: int, hi: int,
-                 first_in_block: bool) -> torch.Tensor:
+                 first_in_block: bool, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoising logits of `ids`; `clean` (teacher forcing) lets a block-diffusion model read each block
+        given the clean earlier blocks (`LoadedModel.denoise_logits`)."""
         self.count += 1
         if self.cache is None:
             self.lm.state = state
-            return self.lm.denoise_logits(ids, attn)
+            return self.lm.denoise_logits(ids, attn, clean=clean)
         if first_in_block:
             self.lm.state = state
             self.last = self.cache.refresh(ids, attn, lo, hi)
@@ -537,11 +552,17 @@ def generate(
     sched = get_schedule(default_schedule(lm) if schedule is None else schedule, eps)
     if gen_length < 1:
         raise DLMScopeError(f"gen_length={gen_length} must be >= 1")
+    if lm.block_size:  # a block-diffusion model's blocks are its own, aligned to absolute positions
+        if block_length not in (None, lm.block_size):
+            raise DLMScopeError(f"block_length={block_length} is invalid for {lm.name}: a block-diffusion model "
+                                f"decodes its own blocks of {lm.block_size} (pass none, or use generate_blocks / "
+                                "`dlmscope generate-blocks`)")
+        block_length = lm.block_size
     block_length = sched.default_block_length(gen_length) if block_length is None else block_length
-    if block_length < 1 or gen_length % block_length:
+    if block_length < 1 or (gen_length % block_length and not lm.block_size):
         raise DLMScopeError(f"gen_length={gen_length} is not divisible by block_length={block_length}")
     n_blocks = gen_length // block_length
-    if not 1 <= steps <= gen_length or steps % n_blocks:
+    if not lm.block_size and (not 1 <= steps <= gen_length or steps % n_blocks):
         raise DLMScopeError(
             f"steps={steps} out of range: need 1 <= steps <= gen_length ({gen_length}) and a multiple of the "
             f"number of blocks ({n_blocks})"
@@ -549,11 +570,16 @@ def generate(
     strategy = get_remasking(remasking)
     sampling = TokenSampling(temperature, top_p, top_k)
     check_fast_options(lm, threshold, cache, strategy)
-    steps_per_block = steps // n_blocks
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     prompt_ids, prompt_mask = _prepare_prompts(lm, prompts)
     B, P = prompt_ids.shape
+    bounds = block_bounds(P, gen_length, block_length, aligned=bool(lm.block_size))
+    gen_length = bounds[-1][1] - P
+    if lm.block_size and (steps < 1 or steps % len(bounds)):
+        raise DLMScopeError(f"steps={steps} must be a positive multiple of the number of blocks ({len(bounds)}: the "
+                            f"prompt's last block and the {lm.block_size}-token blocks after it)")
+    steps_per_block = steps // len(bounds)
     limit = context_limit(lm)
     if limit is not None and P + gen_length > limit:
         raise DLMScopeError(f"prompt ({P} tokens) + gen_length ({gen_length}) = {P + gen_length} tokens exceeds "
@@ -569,10 +595,10 @@ def generate(
     step = 0
     strategy.begin(lm, x)
     try:
-        for block in range(n_blocks):
-            lo, hi = P + block * block_length, P + (block + 1) * block_length
+        for block, (lo, hi) in enumerate(bounds):
             i = 0
-            while (x[:, lo:hi] == mask_id).any() if threshold is not None else i < steps_per_block:
+            while ((x[:, lo:hi] == mask_id).any() if threshold is not None else i < steps_per_block
+                   and (not lm.block_size or (x[:, lo:hi] == mask_id).any())):  # block models: stop when full
                 mask = x == mask_id
                 t = float(mask[:, P:].float().mean())
                 if cfg_scale > 0:

@@ -15,9 +15,18 @@ BACKENDS = ("native", "remote")
 """native: our loaders (no remote code); remote: the checkpoint's own code with transformers-5 shims."""
 
 
+_MOE_FAMILIES = {"lladamoe": "lladamoe", "LLaDAMoEModelLM": "lladamoe", "llada2_moe": "llada2",
+                 "LLaDA2MoeModelLM": "llada2"}
+"""model_type or architecture -> MoE family; the released LLaDA-MoE config says model_type "llada"."""
+
+
 def detect_family(config: dict) -> str:
-    """Family from a config.json: LLaDA and Dream by model_type, masked LMs by architecture, else causal."""
+    """Family from a config.json: MoE DLMs by architecture or model_type, LLaDA and Dream by model_type,
+    masked LMs by architecture, else causal."""
     model_type = str(config.get("model_type", "")).lower()
+    for key in [*(config.get("architectures") or []), model_type]:
+        if key in _MOE_FAMILIES:
+            return _MOE_FAMILIES[key]
     if model_type == "llada":
         return "llada"
     if model_type == "dream":
@@ -41,7 +50,7 @@ def load_model(
 
     Nothing is downloaded: folders must hold config.json and safetensors weights. `backend="remote"`
     runs the folder's own modelling code (`trust_remote_code`); `device_map` is passed to transformers
-    for causal and remote loads (big checkpoints over several devices).
+    for causal and remote loads and to accelerate for the native MoE loaders (big checkpoints over several devices).
     """
     if isinstance(path_or_name, LoadedModel):
         return path_or_name
@@ -71,6 +80,14 @@ def load_model(
         from .llada import load_llada
 
         return load_llada(folder, device, torch_dtype, display)
+    if family == "lladamoe":
+        from .lladamoe import load_lladamoe
+
+        return load_lladamoe(folder, device, torch_dtype, display, device_map=device_map)
+    if family == "llada2":
+        from .llada2 import load_llada2
+
+        return load_llada2(folder, device, torch_dtype, display, device_map=device_map)
     if family == "dream":
         from .dream import load_dream
 

@@ -11,10 +11,12 @@ from torch import nn
 
 from ..errors import DLMScopeError
 
-FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens")
+FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens", "lladamoe", "llada2")
 """Checkpoint families `load_model` understands."""
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+SITE_ORDER = ("resid_pre", "resid_mid", "router_logits", "expert_weights", "expert_indices", "resid_post")
+"""Per-layer hook sites in the order a forward pass reaches them (router sites exist on MoE layers only)."""
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(SITE_ORDER) + r")$")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ForwardState:
     mask: torch.Tensor | None = None  # (B, L) bool: positions still masked in x_t
     t: float | None = None  # fraction of generated positions still masked
     window: tuple[int, int] | None = None  # a KV-cached step computes only positions [start, end) of `mask`
+    context: bool = False  # a pass that only builds clean context (block models' earlier blocks): hooks skip it
 
 
 @dataclass
@@ -62,6 +65,9 @@ class LoadedModel:
     sites: dict[str, Site] = field(repr=False, default_factory=dict)
     call: Callable[..., torch.Tensor] | None = field(repr=False, default=None)
     state: ForwardState = field(repr=False, default_factory=ForwardState)
+    n_experts: int | None = None  # routed experts per MoE layer; None for dense models
+    n_active_experts: int | None = None  # experts chosen per token
+    block_size: int | None = None  # block-diffusion models: attention is causal across blocks of this size
     kv_call: Callable[..., tuple[torch.Tensor, Any]] | None = field(repr=False, default=None)
     """(ids, attention_mask 2-D or 4-D, position_ids, kept keys/values) -> (raw logits, new cache); None when
     the model cannot run Fast-dLLM's block KV cache (see `models.kvcache`)."""
@@ -96,15 +102,22 @@ class LoadedModel:
                 raise DLMScopeError(
                     f"hook {hook_name!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
                 )
+            kinds = [k for k in SITE_ORDER if any(n.endswith(f".hook_{k}") for n in self.sites)]
             raise DLMScopeError(
-                f"unknown hook {hook_name!r}; allowed: blocks.{{0..{self.n_layers - 1}}}."
-                f"hook_resid_{{{'|'.join(sorted({n.rsplit('_', 1)[1] for n in self.sites}))}}}"
+                f"unknown hook {hook_name!r}; allowed: blocks.{{0..{self.n_layers - 1}}}.hook_{{{'|'.join(kinds)}}}"
+                + (" (router sites on MoE layers only)" if self.n_experts else "")
             )
         return self.sites[hook_name]
 
     def layer_of(self, hook_name: str) -> int:
         self.site(hook_name)
         return int(_HOOK_RE.match(hook_name).group(1))
+
+    def site_order(self, hook_name: str) -> tuple[int, int]:
+        """(layer, position within the layer): sorts hook names in the order a forward pass reaches them."""
+        self.site(hook_name)
+        m = _HOOK_RE.match(hook_name)
+        return int(m.group(1)), SITE_ORDER.index(m.group(2))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits (B, L, V) for `input_ids` (B, L); `attention_mask` is 1 for real tokens."""
@@ -117,10 +130,20 @@ class LoadedModel:
 
     __call__ = forward
 
-    def denoise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits where position i predicts token i (the shift of Dream-style models undone)."""
+    def denoise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits where position i predicts token i (the shift of Dream-style models undone).
+
+        `clean` is the uncorrupted sequence: a block-diffusion model then denoises each block of
+        `input_ids` given the clean earlier blocks (its training objective, see `models.llada2`);
+        models with full bidirectional attention ignore it.
+        """
         if self.causal:
             raise DLMScopeError(f"{self.name} is autoregressive ({self.family}); it has no denoising logits")
+        if clean is not None and self.block_size:
+            from .llada2 import teacher_forced_logits
+
+            return teacher_forced_logits(self, input_ids, clean, attention_mask)
         return self.align_logits(self.forward(input_ids, attention_mask))
 
     def align_logits(self, logits: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,29 @@ position on the left, so the block's first token is predicted by a fresh positio
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from ..errors import DLMScopeError
 from .base import LoadedModel
 
-CACHE_MODES = ("prefix", "dual")
-"""`prefix`: keys/values before the current block; `dual`: also those after it."""
+CACHE_MODES = ("prefix", "dual", "block")
+"""`prefix`: keys/values before the current block; `dual`: also those after it; `block`: block-diffusion
+models (LLaDA 2.x) only, the finished blocks' keys/values, exact because attention is causal across blocks."""
+
+
+class _RecordingKV:
+    """Like `_KeptKV`, and remembers each layer's concatenated keys/values (to keep a prefix of them)."""
+
+    def __init__(self, kept: "_KeptKV"):
+        self.kept = kept
+        self.layers: list[SimpleNamespace] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.kept.update(key_states, value_states, layer_idx)
+        self.layers.append(SimpleNamespace(keys=keys, values=values))
+        return keys, values
 
 
 class _KeptKV:
@@ -37,7 +53,13 @@ def check_cache(lm: LoadedModel | None, mode: str | None) -> None:
         return
     if mode not in CACHE_MODES:
         raise DLMScopeError(f"cache={mode!r}; allowed: {', '.join(CACHE_MODES)} or none")
-    if lm is not None and lm.kv_call is None:
+    if lm is None:
+        return
+    if (mode == "block") != bool(lm.block_size):
+        raise DLMScopeError(f"cache={mode!r} " + ("is exact only for block-diffusion models (LLaDA 2.x); "
+                            f"{lm.name} is {lm.family}" if mode == "block" else
+                            f"approximates bidirectional attention; {lm.name} is a block-diffusion model: use cache='block'"))
+    if lm.kv_call is None:
         raise DLMScopeError(
             f"cache={mode!r} needs a native LLaDA or Dream model (bidirectional transformers decoder); "
             f"{lm.name} is {lm.family}" + (" on the remote backend" if lm.family in ("llada", "dream") else "")
@@ -57,6 +79,8 @@ class BlockKVCache:
 
     def refresh(self, ids: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Full forward for the block [lo, hi): denoising logits (B, L, V); keeps the other positions' keys/values."""
+        if self.mode == "block":
+            return self._refresh_block(ids, attention_mask, lo, hi)
         L = ids.shape[1]
         start = max(lo - int(self.lm.shift), 0)
         end = L if self.mode == "prefix" else hi
@@ -69,6 +93,35 @@ class BlockKVCache:
         self.window, self.lo = (start, end), lo
         return self.lm.align_logits(logits)
 
+    def _refresh_block(self, ids: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Block mode: compute [kept, hi) on top of the kept keys/values (the blocks finished since the last
+        refresh and the new block), keep everything before the new block's start. Logits outside are 0."""
+        L, start = ids.shape[1], hi - self.lm.block_size
+        begin = 0 if self.kept is None else self.kept.keys[0].shape[-2]
+        am = attention_mask.to(self.lm.device).bool()
+        self.lm.state.window = (begin, hi)
+        if self.kept is None:
+            logits, cache = self.lm.kv_call(ids[:, :hi].to(self.lm.device), am[:, :hi], None, None)
+        else:
+            cache = _RecordingKV(self.kept)
+            mask = self._window_mask(am, begin, hi)
+            positions = torch.arange(begin, hi, device=self.lm.device)[None].expand(ids.shape[0], -1)
+            logits, _ = self.lm.kv_call(ids[:, begin:hi].to(self.lm.device), mask, positions, cache)
+        self.kept = _KeptKV([layer.keys[..., :start, :] for layer in cache.layers],
+                            [layer.values[..., :start, :] for layer in cache.layers])
+        self.key_mask = am[:, :hi]
+        self.window, self.lo = (start, hi), lo
+        out = torch.zeros(ids.shape[0], L, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        out[:, begin:hi] = logits
+        return out
+
+    def _window_mask(self, am: torch.Tensor, begin: int, hi: int) -> torch.Tensor:
+        """(B, 1, hi - begin, hi) bool for queries [begin, hi) over keys [0, hi): the model's own block-causal
+        structure restricted to real keys (queries always see themselves, as the loader's mask)."""
+        from ..models.llada2 import block_mask
+
+        return block_mask(am[:, :hi].long(), hi, self.lm.block_size, am.device)[:, :, begin:hi]
+
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Denoising logits (B, end - lo, V) of positions [lo, end) from a forward of the window only."""
         start, end = self.window
@@ -76,6 +129,8 @@ class BlockKVCache:
         positions = torch.arange(start, end, device=self.lm.device)[None].expand(B, -1)
         mask = self.key_mask[:, None, None, :].expand(-1, 1, end - start, -1)
         logits, _ = self.lm.kv_call(ids[:, start:end].to(self.lm.device), mask, positions, self.kept)
+        if self.mode == "block":  # the window starts at the block start, which the prompt may fill partly
+            return logits[:, self.lo - start:]
         if self.lm.shift:
             logits = torch.cat([logits[:, :1], logits], 1) if start == self.lo else logits
             logits = logits[:, :-1]

@@ -17,6 +17,7 @@ from ..errors import DLMScopeError
 from .base import LoadedModel, bidirectional_mask, hf_sites
 from .causal import _mid_attr, find_layers
 from .checkpoint import load_tokenizer
+from .llada2 import DEFAULT_BLOCK_SIZE, block_mask
 
 _AUTO_KEYS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 
@@ -35,15 +36,21 @@ def _default_rope(config, device=None, seq_len=None, **_):
 def _compat():
     """Process-wide patches needed only while remote code is imported and instantiated."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.utils import import_utils
 
     added_rope = "default" not in ROPE_INIT_FUNCTIONS
     if added_rope:
         ROPE_INIT_FUNCTIONS["default"] = _default_rope
+    added_fx = not hasattr(import_utils, "is_torch_fx_available")  # LLaDA 2.0's file imports it (gone in 5)
+    if added_fx:
+        import_utils.is_torch_fx_available = lambda: False
     try:
         yield
     finally:
         if added_rope:
             ROPE_INIT_FUNCTIONS.pop("default", None)
+        if added_fx:
+            del import_utils.is_torch_fx_available
 
 
 def _tolerant_generation_configs() -> None:
@@ -80,10 +87,17 @@ def _shimmed(cls: type) -> type:
 
 def _reset_rotary(module: torch.nn.Module) -> None:
     """Recompute RoPE frequencies: transformers 5 leaves non-persistent buffers of remote modules
-    built on the meta device uninitialised (Dream's `inv_freq` came back as garbage, logits off by ~0.2)."""
+    built on the meta device uninitialised (Dream's `inv_freq` came back as garbage, logits off by ~0.2).
+    Dream has `reset_parameters`; the LLaDA-MoE / LLaDA 2.x rotaries keep their `rope_init_fn`."""
     for m in module.modules():
-        if "inv_freq" in m._buffers and callable(getattr(m, "reset_parameters", None)):
+        if "inv_freq" not in m._buffers:
+            continue
+        if callable(getattr(m, "reset_parameters", None)):
             m.reset_parameters()
+        elif callable(getattr(m, "rope_init_fn", None)):
+            inv_freq, m.attention_scaling = m.rope_init_fn(m.config, m.inv_freq.device)
+            m.inv_freq = inv_freq
+            m.original_inv_freq = inv_freq
 
 
 def load_remote(folder: Path, family: str, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
@@ -93,8 +107,9 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    if family not in ("llada", "dream", "masked_lm", "causal"):
-        raise DLMScopeError(f"the remote backend cannot load family {family!r}; allowed: llada, dream, masked_lm, causal")
+    allowed = ("llada", "dream", "masked_lm", "causal", "lladamoe", "llada2")
+    if family not in allowed:
+        raise DLMScopeError(f"the remote backend cannot load family {family!r}; allowed: {', '.join(allowed)}")
     with _compat():
         try:
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
@@ -112,16 +127,20 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
         _tolerant_generation_configs()
         module = _shimmed(cls).from_pretrained(str(folder), config=config, trust_remote_code=True,
                                                local_files_only=True, dtype=dtype, device_map=device_map)
-    _reset_rotary(module)
+    with _compat():  # the rotary's rope_init_fn may be the "default" shim
+        _reset_rotary(module)
     if device_map is None:
         module.to(device)
     module.eval()
     layers = find_layers(module)
     shift, causal = family == "dream", family == "causal"
+    block_size = getattr(config, "block_size", DEFAULT_BLOCK_SIZE) if family == "llada2" else None
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is not None and family == "dream":  # Dream takes only a 4-D boolean mask
             attention_mask = bidirectional_mask(attention_mask)
+        if family == "llada2":  # upstream makes a 2-D mask token-causal: the block structure is ours to pass
+            attention_mask = block_mask(attention_mask, input_ids.shape[1], block_size, input_ids.device)
         kwargs = {} if family == "masked_lm" else {"use_cache": False}
         out = module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
@@ -134,6 +153,9 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     d_model = getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model")
     # LLaDA's logits have embedding_size entries (padded vocabulary), not vocab_size
     vocab_size = getattr(text_config, "embedding_size", None) or text_config.vocab_size
+    n_experts = getattr(text_config, "num_experts", None) if family in ("lladamoe", "llada2") else None
     return LoadedModel(module=module, tokenizer=tokenizer, family=family, mask_id=None if causal else mask_id,
                        shift=shift, causal=causal, layers=layers, d_model=d_model, vocab_size=vocab_size,
-                       name=name or folder.name, sites=hf_sites(layers, _mid_attr(layers[0])), call=call)
+                       name=name or folder.name, sites=hf_sites(layers, _mid_attr(layers[0])), call=call,
+                       n_experts=n_experts, n_active_experts=getattr(text_config, "num_experts_per_tok", None)
+                       if n_experts else None, block_size=block_size)

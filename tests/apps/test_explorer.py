@@ -41,7 +41,7 @@ def env(tiny_dirs, llada, tiny_sae, tokenizer, tmp_path_factory):
 def _app(env, monkeypatch, extra_env=None, **query):
     from streamlit.testing.v1 import AppTest
 
-    for k in ("DLMSCOPE_STORE", "DLMSCOPE_MODEL", "DLMSCOPE_SAE", "DLMSCOPE_SPLICE"):
+    for k in ("DLMSCOPE_STORE", "DLMSCOPE_MODEL", "DLMSCOPE_SAE", "DLMSCOPE_SPLICE", "DLMSCOPE_EXPERTS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("DLMSCOPE_STORE", env["DLMSCOPE_STORE"])
     for k, v in (extra_env or {}).items():
@@ -131,6 +131,23 @@ def test_summary_with_splice_table(env, monkeypatch):
     assert list(at.dataframe[0].value["t bin"]) == ["0.5", "dlmscope"] and len(_charts(at)) == 1
     at = _app(env, monkeypatch, {"DLMSCOPE_SPLICE": env["root"] / "nope.json"}, page="summary")
     assert not at.exception and "does not exist" in at.error[0].value
+
+
+def test_expert_routing_page(env, monkeypatch, tmp_path, tokenizer):
+    from dlmscope.analysis.experts import expert_dynamics, write_expert_report
+    from dlmscope.models import load_model
+    from dlmscope.models.tiny import write_tiny_lladamoe
+
+    at = _app(env, monkeypatch, page="experts")
+    assert not at.exception and not at.error and "No expert routing result" in at.caption[0].value
+    moe = load_model(write_tiny_lladamoe(tmp_path / "moe", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                                         mask_id=tokenizer.mask_token_id))
+    json_path, _ = write_expert_report(expert_dynamics(moe, ["def f"], gen_length=4, steps=4), tmp_path / "rep")
+    at = _app(env, monkeypatch, {"DLMSCOPE_EXPERTS": json_path}, page="experts")
+    assert not at.exception and not at.error
+    assert list(at.dataframe[0].value["layer"]) == [0, 1] and len(_charts(at)) == 1
+    at = _app(env, monkeypatch, {"DLMSCOPE_EXPERTS": tmp_path / "nope.json"}, page="experts")
+    assert "does not exist" in at.error[0].value
 
 
 def test_bad_input_shows_errors(env, monkeypatch, tmp_path, tiny_dirs):

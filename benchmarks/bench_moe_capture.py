@@ -1,0 +1,78 @@
+"""Capture overhead on MoE models (run by hand): every hook site vs a bare forward, side by side.
+
+    python benchmarks/bench_moe_capture.py [--reps 40]
+
+Models: tiny builders at a non-trivial size (d_model 256, 4 layers, 16 experts with 4 active, expert
+width 256, vocabulary 4096), LLaDA-MoE and LLaDA 2.x layouts, batch 4 x 256 tokens, fp32, CPU with
+one thread. Each repetition runs the bare forward and `run_with_cache` of every site (residual
+pre/mid/post and the three router sites of every MoE layer, no early stop), interleaved, so drift
+hits both; the per-repetition ratio's mean and 95% t-interval are reported.
+Writes benchmarks/results/moe_capture.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dlmscope import run_with_cache
+from dlmscope.io_utils import atomic_write_json
+from dlmscope.models import load_model
+from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+SIZE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=16, n_active=4, d_expert=256,
+            vocab_size=4096)
+T_975 = {19: 2.093, 39: 2.023, 59: 2.001}  # Student t quantiles by degrees of freedom
+
+
+def seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def paired(bare, measured, reps: int) -> dict:
+    ratios, tb, tm = [], [], []
+    for _ in range(reps):
+        tb.append(seconds(bare))
+        tm.append(seconds(measured))
+        ratios.append(tm[-1] / tb[-1])
+    mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
+    half = T_975.get(reps - 1, 1.96) * sd / reps ** 0.5
+    return {"bare_median_s": statistics.median(tb), "capture_median_s": statistics.median(tm),
+            "ratio_of_medians": statistics.median(tm) / statistics.median(tb), "ratio_mean": mean, "ratio_ci95": [mean - half, mean + half], "reps": reps}
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=40)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    result = {"setup": {**SIZE, "batch": [4, 256], "dtype": "float32", "threads": 1, "cpu": platform.processor()
+                        or platform.machine()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        builders = {"lladamoe": (write_tiny_lladamoe, {}),
+                    "llada2": (write_tiny_llada2, dict(head_dim=32, n_group=4, topk_group=2, first_dense=1,
+                                                       block_size=32))}
+        for family, (write, extra) in builders.items():
+            lm = load_model(write(Path(tmp) / family, **SIZE, **extra))
+            ids = torch.randint(0, 4000, (4, 256), generator=torch.Generator().manual_seed(0))
+            ids[torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3] = lm.mask_id
+            names = lm.hook_names
+            lm.forward(ids)  # warm-up
+            entry = paired(lambda: lm.forward(ids), lambda: run_with_cache(lm, ids, names, stop_early=False), args.reps)
+            entry["sites"] = len(names)
+            result[family] = entry
+            print(family, entry)
+    atomic_write_json(Path(__file__).parent / "results" / "moe_capture.json", result)
+
+
+if __name__ == "__main__":
+    main()
