@@ -388,8 +388,8 @@ def _summary(st, store, feature, args) -> None:
 
 def _experts(st, store, feature, args) -> None:
     """Expert routing across denoising steps of an MoE model, from `dlmscope experts --out DIR`."""
-    from .analysis.experts import expert_figure
-    from .errors import DLMScopeError
+    from dlmscope.analysis.experts import expert_figure
+    from dlmscope.errors import DLMScopeError
 
     st.header("Expert routing")
     path = Path(args.experts) if args.experts else Path(args.store) / EXPERTS_FILE

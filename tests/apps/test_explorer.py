@@ -327,3 +327,13 @@ def test_real_browser_renders_every_page_of_dlmscope_explore(explore, tmp_path):
                 assert "Text as it unmasks" in body and "▢" in body
     finally:
         browser.close()
+
+
+def test_explorer_has_no_relative_imports():
+    """Streamlit runs dlmscope/explorer.py as a script (no parent package): a relative import anywhere in it,
+    even inside one page's function, breaks that page with an ImportError."""
+    import ast
+
+    tree = ast.parse(Path(APP).read_text())
+    relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not relative, f"relative imports at lines {relative}"
