@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError
-from dlmscope.activations import (ActivationSource, CachedSource, ShuffleBuffer, trajectory_activations,
-                                  write_cache)
+from dlmscope.activations import (ActivationSource, CachedSource, Prefetcher, ShuffleBuffer,
+                                  trajectory_activations, write_cache)
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -63,6 +63,48 @@ def test_shuffle_buffer_yields_each_token_once_per_pass(llada):
     assert buf.epoch == 1  # the next pass starts only once this one is used up
     with pytest.raises(DLMScopeError, match="at least twice the batch size"):
         ShuffleBuffer(src, capacity=32, batch_size=32)
+
+
+class _Failing:
+    """A source whose batch 2 of every pass fails."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __len__(self):
+        return len(self.src)
+
+    def batch(self, epoch, index):
+        if index == 2:
+            raise RuntimeError("broken batch")
+        return self.src.batch(epoch, index)
+
+
+def test_prefetcher_gives_the_same_batches_in_the_same_order(llada):
+    src = ActivationSource(llada, [HOOK], _rows(), policy="mask", seqs_per_batch=4)
+    plain = ShuffleBuffer(src, capacity=128, batch_size=32, seed=3)
+    steps = 3 * len(src) * 4 * 16 // 32  # about three passes of the data
+    expected, mid = [], None
+    for i in range(steps):  # first without the thread: one model must not run two forwards at once
+        expected.append(plain.next())
+        mid = plain.state_dict() if i == steps // 2 else mid
+    ahead = ShuffleBuffer(Prefetcher(src, 64), capacity=128, batch_size=32, seed=3)
+    for i in range(steps):
+        b = ahead.next()
+        assert torch.equal(expected[i].acts[HOOK], b.acts[HOOK]), i
+        assert torch.equal(expected[i].info["token"], b.info["token"]), i
+        if i == steps // 2:  # a resume mid-pass: the saved state loaded again, the thread restarts there
+            ahead.load_state_dict(mid)
+    assert ahead.epoch >= 2
+    ahead.source.close()
+    first, fourth = src.batch(0, 0).acts[HOOK], src.batch(0, 3).acts[HOOK]
+    failing = Prefetcher(_Failing(src), 64)
+    assert torch.equal(failing.batch(0, 0).acts[HOOK], first)
+    failing.batch(0, 1)
+    with pytest.raises(RuntimeError, match="broken batch"):
+        failing.batch(0, 2)
+    assert torch.equal(failing.batch(0, 3).acts[HOOK], fourth)  # restarts after the error
+    failing.close()
 
 
 def test_cache_roundtrip_resume_and_corruption(llada, tmp_path):
