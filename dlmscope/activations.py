@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a zero-copy view of the file's memory map.
+
+    Pages are mapped copy-on-write (a write never reaches the file) and read from disk when first
+    touched, so a shard costs no copy and no Python work per token; converting bf16/fp16 activations
+    to float32 is the only pass over the data. Raises ValueError/KeyError on a malformed file."""
+    import mmap
+
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the map outlives the file object
+    n = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8:8 + n])
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        start, end = meta["data_offsets"]
+        if not 0 <= start <= end <= len(mm) - 8 - n:
+            raise ValueError(f"tensor {name!r} lies outside the file")
+        flat = torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start) \
+            if end > start else torch.empty(0, dtype=dtype)
+        out[name] = flat.view(meta["shape"])
+    return out
+
+
 def read_manifest(path: Path) -> dict:
     """A cache's manifest.json, checked: hooks, policy and a list of shards each with file, tokens and sha256."""
     try:
@@ -329,7 +361,7 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
     if {k: manifest.get(k) for k in header} != header:
         raise DLMScopeError(f"cache folder {str(folder)!r} holds a different configuration; use another folder")
     done = {s["file"]: s for s in manifest["shards"]}
-    iterator = range(n)
+    iterator, saved = range(n), time.monotonic()
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="caching activations", unit="batch")
@@ -342,10 +374,25 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
         tensors.update({f"info.{k}": v for k, v in b.info.items()})
         atomic_save_safetensors(folder / name, tensors)
         done[name] = {"file": name, "tokens": len(b), "sha256": _sha256(folder / name)}
-        manifest["shards"] = [done[k] for k in sorted(done)]
-        manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-        atomic_write_json(manifest_path, manifest)
+        if time.monotonic() - saved >= MANIFEST_EVERY_S:
+            _save_manifest(manifest_path, manifest, done)
+            saved = time.monotonic()
+    _save_manifest(manifest_path, manifest, done)
     return folder
+
+
+MANIFEST_EVERY_S = 10.0
+"""Seconds between manifest rewrites while caching: rewriting it per shard costs O(shards^2) bytes at 100M
+tokens; a shard written but not yet listed is simply written again by a resumed run."""
+
+
+def _save_manifest(path: Path, manifest: dict, done: dict) -> None:
+    def index(file: str) -> int:  # numeric order, also past shard 99,999
+        return int(file.split("-")[1].split(".")[0])
+
+    manifest["shards"] = [done[k] for k in sorted(done, key=index)]
+    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    atomic_write_json(path, manifest)
 
 
 class CachedSource:
@@ -380,13 +427,11 @@ class CachedSource:
         return len(self.shards)
 
     def batch(self, epoch: int, index: int) -> ActivationBatch:
-        from safetensors import safe_open
-
         file = self.folder / self.shards[index]["file"]
         try:
-            with safe_open(str(file), framework="pt") as f:
-                acts = {h: f.get_tensor(f"act.{h}").float() for h in self.hooks}
-                info = {k: f.get_tensor(f"info.{k}") for k in INFO_KEYS}
+            tensors = mmap_safetensors(file)
+            acts = {h: tensors[f"act.{h}"].float() for h in self.hooks}  # float32 shards: still the mapped view
+            info = {k: tensors[f"info.{k}"] for k in INFO_KEYS}
         except Exception as e:
             raise DLMScopeError(f"cache shard {str(file)!r} is corrupt: {e}") from None
         return ActivationBatch(acts, info)

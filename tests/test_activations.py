@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError
-from dlmscope.activations import (ActivationSource, CachedSource, Prefetcher, ShuffleBuffer,
+from dlmscope.activations import (ActivationSource, CachedSource, Prefetcher, ShuffleBuffer, mmap_safetensors,
                                   trajectory_activations, write_cache)
 
 HOOK = "blocks.1.hook_resid_post"
@@ -107,6 +107,23 @@ def test_prefetcher_gives_the_same_batches_in_the_same_order(llada):
     failing.close()
 
 
+def test_mmap_safetensors_reads_what_safetensors_wrote_without_touching_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 3, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g).half(),
+               "c": torch.randn(2, 2, 2, generator=g), "d": torch.arange(9), "e": torch.tensor([True, False, True]),
+               "f": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"k": "v"})
+    before = (tmp_path / "x.safetensors").read_bytes()
+    got, ref = mmap_safetensors(tmp_path / "x.safetensors"), load_file(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for k in tensors:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    got["c"].fill_(1.0)  # copy-on-write: the file keeps its bytes
+    assert (tmp_path / "x.safetensors").read_bytes() == before
+
+
 def test_cache_roundtrip_resume_and_corruption(llada, tmp_path):
     src = ActivationSource(llada, ["blocks.0.hook_resid_post", HOOK], _rows(), policy="mask", seqs_per_batch=8)
     write_cache(src, tmp_path / "c", progress=False)
@@ -190,3 +207,14 @@ def test_trajectory_activations(llada):
     assert len(masked_only) == 1 and masked_only[0].info["masked"].all() and len(masked_only[0]) == 6
     with pytest.raises(DLMScopeError, match="unknown positions"):
         trajectory_activations(llada, ["a"], [HOOK], positions="odd")
+
+
+def test_manifest_lists_shards_in_numeric_order(tmp_path):
+    from dlmscope.activations import _save_manifest
+
+    done = {f"shard-{i:05d}.safetensors": {"file": f"shard-{i:05d}.safetensors", "tokens": i, "sha256": "x"}
+            for i in (100000, 99999, 7)}
+    manifest = {"model": "m"}
+    _save_manifest(tmp_path / "manifest.json", manifest, done)
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["tokens"] for s in saved["shards"]] == [7, 99999, 100000] and saved["tokens"] == 200006
