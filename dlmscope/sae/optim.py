@@ -6,7 +6,8 @@
   Scheduled"), the combination sparsify trains with by default; our own implementation. Three iterates
   per parameter: z takes the sign steps, z <- z - lr * sign(grad); x is the running average of z with
   weights lr_t^2 (so warm-up steps count less), x <- x + c_t (z - x), c_t = lr_t^2 / sum lr^2; the
-  gradient is taken at y = beta x + (1 - beta) z, which is what the parameter holds during training.
+  gradient is taken at y = beta x + (1 - beta) z (beta 0.95), which is what the parameter holds during
+  training; x is not stored but recovered from y and z.
   The average x is the model to evaluate and save (`averaged`). No decay: averaging replaces it.
   lr 5e-3 / sqrt(n_latents / 2^14), warm-up only.
 """
@@ -21,7 +22,12 @@ import torch
 
 
 class SignScheduleFree(torch.optim.Optimizer):
-    """Sign descent with schedule-free averaging; `averaged()` swaps the average x into the parameters."""
+    """Sign descent with schedule-free averaging; `averaged()` swaps the average x into the parameters.
+
+    State per parameter: z and the weight sum. The average is recovered from the parameter (y) as
+    x = (y - (1 - beta) z) / beta, so edits the trainer makes to y between steps (decoder rows renormalised
+    to unit norm) carry into the average too; a separately stored x would drift away from them.
+    """
 
     def __init__(self, params, lr: float, beta: float = 0.95):
         super().__init__(params, {"lr": lr, "beta": beta})
@@ -35,14 +41,20 @@ class SignScheduleFree(torch.optim.Optimizer):
                     continue
                 st = self.state[p]
                 if not st:
-                    st["z"], st["x"] = p.detach().clone(), p.detach().clone()
+                    st["z"] = p.detach().clone()
                     st["weight_sum"] = 0.0  # a float: Optimizer.load_state_dict casts tensors to the parameter dtype
                 if lr == 0:
                     continue
+                z = st["z"]
+                x = self._average(p, z, beta)
                 st["weight_sum"] += lr * lr
-                st["z"].add_(p.grad.sign(), alpha=-lr)
-                st["x"].lerp_(st["z"], lr * lr / st["weight_sum"])
-                p.copy_(st["x"]).lerp_(st["z"], 1 - beta)
+                z.add_(p.grad.sign(), alpha=-lr)
+                x.lerp_(z, lr * lr / st["weight_sum"])
+                p.copy_(x.mul_(beta).add_(z, alpha=1 - beta))
+
+    @staticmethod
+    def _average(p: torch.Tensor, z: torch.Tensor, beta: float) -> torch.Tensor:
+        return p.detach().sub(z, alpha=1 - beta).div_(beta)
 
     @contextmanager
     def averaged(self):
@@ -50,15 +62,19 @@ class SignScheduleFree(torch.optim.Optimizer):
         if getattr(self, "_swapped", False):  # nested: already averaged
             yield
             return
-        swapped = [(p, self.state[p]["x"]) for g in self.param_groups for p in g["params"] if self.state[p]]
+        kept = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if self.state[p]:
+                    x = self._average(p, self.state[p]["z"], g["beta"])
+                    kept.append((p, p.data))
+                    p.data = x
         self._swapped = True
-        for p, x in swapped:
-            p.data, self.state[p]["x"] = x, p.data
         try:
             yield
         finally:
-            for p, _ in swapped:
-                p.data, self.state[p]["x"] = self.state[p]["x"], p.data
+            for p, y in kept:
+                p.data = y
             self._swapped = False
 
 
