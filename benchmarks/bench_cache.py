@@ -1,11 +1,12 @@
 """Activation-cache write and read speed (GB/s of stored activations) at LLaDA-8B's width.
 
 Synthetic activations (d 4,096, `--tokens-per-shard` per shard, one hook) go through the real writer
-(`write_cache`: safetensors shards written atomically, a sha256 per shard, the manifest rewritten per shard)
-and the real reader (`CachedSource.batch`: memory-mapped, then float32; one sum over every value, since
-mapped pages are read only when touched), for float32 and bfloat16 storage. Reads are timed right after writing, so they come from the page cache (memory speed); a cold
-read is bounded by the disk. The checksum pass `CachedSource(verify=True)` is timed on its own. On a shared
-machine wall-clock rates fall with the load, so rates per CPU-second of this process are reported too.
+(`write_cache`: safetensors shards written atomically, a sha256 per shard, the manifest rewritten every 10 s)
+and the real reader (`CachedSource.batch`: memory-mapped, then float32; one sum over every value, since mapped
+pages are read only when touched), for float32 and bfloat16 storage. Reads are timed right after writing, so
+they come from the page cache (memory speed); a cold read is bounded by the disk. The checksum pass
+`CachedSource(verify=True)` is timed on its own. On a shared machine wall-clock rates fall with the load, so
+rates per CPU-second of this process are reported too.
 
     python benchmarks/bench_cache.py [--shards 24] [--tokens-per-shard 2048] [--folder /big/disk/tmp]
 
@@ -44,8 +45,9 @@ class SyntheticSource:
         from dlmscope.activations import ActivationBatch
 
         n = self.tokens
-        info = {"token": torch.zeros(n, dtype=torch.long), "position": torch.arange(n), "doc": torch.zeros(n, dtype=torch.long),
-                "t": torch.full((n,), 0.3), "masked": torch.ones(n, dtype=torch.bool)}
+        info = {"token": torch.zeros(n, dtype=torch.long), "position": torch.arange(n),
+                "doc": torch.zeros(n, dtype=torch.long), "t": torch.full((n,), 0.3),
+                "masked": torch.ones(n, dtype=torch.bool)}
         return ActivationBatch({HOOK: self.acts}, info)
 
 

@@ -13,7 +13,12 @@ tokens (2,000 resamples; it covers evaluation noise, not seed-to-seed training n
 
     python benchmarks/bench_optimizers.py [--cells 1024:300000,4096:1000000] [--configs adam,signum_sf]
 
-Writes benchmarks/results/optimizers.json.
+Writes benchmarks/results/optimizers.json. The committed results are the two 300k-token cells, run side by side:
+
+    python benchmarks/bench_optimizers.py --cells 1024:300000 --configs adam,signum_sf \
+        --out benchmarks/results/optimizers_b1024.json
+    python benchmarks/bench_optimizers.py --cells 4096:300000 --configs adam,signum_sf \
+        --out benchmarks/results/optimizers_b4096.json
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Our SAE training step as a multiple of its floor, measured side by side in one run.
 
-The floor of a Top-K SAE step is what no trainer can skip: one dense encode GEMM (N, d_in) @ (d_in,
-n_latents) and the top-k over its rows, at the same shape and dtype (on CPU into a reused output buffer). Everything else a step does
-(bias, sparse backward, decode, AuxK, optimiser, decoder renormalisation) is overhead over it. Steps and
-floors alternate (so drifting background load hits both alike) and the medians are compared; on CPU the
-clock is this process's CPU time (run it with one thread), which a busy shared machine does not inflate,
+The floor of a Top-K SAE step is what no trainer can skip: one dense encode GEMM (N, d_in) @ (d_in, n_latents)
+and the top-k over its rows, at the same shape and dtype (on CPU into a reused output buffer). Everything else
+a step does (bias, sparse backward, decode, AuxK, optimiser, decoder renormalisation) is overhead over it.
+Steps and floors alternate (so drifting background load hits both alike) and the medians are compared; on CPU
+the clock is this process's CPU time (run it with one thread), which a busy shared machine does not inflate,
 on GPUs wall time after synchronising.
 
     python benchmarks/bench_sae_floor.py                       # CPU, one thread: d_in 256, 4,096 latents, k 32
@@ -61,7 +61,8 @@ def step_vs_floor(d_in: int, latents: int, k: int, batch: int, device: str, repe
             if i >= warmup:
                 times[name].append(clock() - t)
     step, fl = statistics.median(times["step"]), statistics.median(times["floor"])
-    return {"clock": "wall" if cuda else "process CPU time", "d_in": d_in, "latents": latents, "k": k, "batch": batch, "device": device, "optimizer": optimizer,
+    return {"clock": "wall" if cuda else "process CPU time", "d_in": d_in, "latents": latents, "k": k, "batch": batch,
+            "device": device, "optimizer": optimizer,
             "repeats": repeats, "step_s": step, "floor_s": fl, "step_over_floor": step / fl,
             "tokens_per_s": batch / step}
 
