@@ -164,6 +164,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
     base = ["train-sae", "--config", str(cfg_file), "--out", str(tmp_path), "--no-progress"]
     for args, message in ((["--layers", "9"], "out of range"), (["--site", "attn"], "allowed: pre, mid, post"),
                           (["--k", "500"], "0 < k < n_latents"), (["--layers", "x"], "comma-separated integers"),
+                          (["--optimizer", "sgd"], "allowed: adam, signum_sf"),
                           (["--out", "/proc/nope"], "cannot write to output folder"),
                           (["--dataset", str(tmp_path / "none.txt")], "does not exist"),
                           (["--dataset", str(empty)], "no non-empty texts"),
@@ -326,3 +327,18 @@ def test_two_processes_match_one_with_dead_latents(data_parallel_weights):
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(two["aux"][name], one["aux"][name], atol=1e-6, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_signum_sf_run_saves_the_averaged_weights(tiny_dirs, text, tmp_path):
+    from dlmscope.training import SAERun
+
+    run = SAERun(_cfg(tiny_dirs, text, tmp_path, layers="1", k="4", optimizer="signum_sf", prefetch=False))
+    result = run.run()
+    tr = next(iter(run.trainers.values()))
+    saved = load_sae(next(iter(result.saes.values())))
+    with tr.averaged():
+        w_dec = tr.sae.W_dec.detach() / tr.sae.input_scale  # the saved SAE has the input scale folded in
+    assert torch.allclose(saved.W_dec, w_dec, atol=1e-6) and not torch.allclose(saved.W_dec, tr.sae.W_dec.detach()
+                                                                                   / tr.sae.input_scale, atol=1e-6)
+    assert json.loads((result.folder / "config.json").read_text())["optimizer"] == "signum_sf"
+    assert result.metrics[next(iter(result.saes))]["fvu"] < 1.0
