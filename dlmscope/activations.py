@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,21 +111,20 @@ class ShuffleBuffer:
     def _size(self) -> int:
         return 0 if self.info is None else int(self.info["token"].shape[0])
 
-    def _append(self, b: ActivationBatch) -> None:
-        if self.info is None:
-            self.acts, self.info = dict(b.acts), dict(b.info)
-        else:
-            self.acts = {h: torch.cat([self.acts[h], b.acts[h]]) for h in self.acts}
-            self.info = {k: torch.cat([self.info[k], b.info[k]]) for k in self.info}
-
     def _refill(self) -> bool:
-        """Top up from the current pass; False once the pass is used up."""
-        added = False
-        while self._size() < self.capacity and self.index < len(self.source):
-            self._append(self.source.batch(self.epoch, self.index))
+        """Top up from the current pass (one concatenation per refill); False once the pass is used up."""
+        new, size = [], self._size()
+        while size < self.capacity and self.index < len(self.source):
+            new.append(self.source.batch(self.epoch, self.index))
+            size += len(new[-1])
             self.index += 1
-            added = True
-        return added
+        if not new:
+            return False
+        old = [] if self.info is None else [ActivationBatch(self.acts, self.info)]
+        parts = old + new
+        self.acts = {h: torch.cat([p.acts[h] for p in parts]) for h in parts[0].acts}
+        self.info = {k: torch.cat([p.info[k] for p in parts]) for k in parts[0].info}
+        return True
 
     def next(self) -> ActivationBatch:
         if self._size() <= self.capacity // 2:
@@ -147,6 +147,96 @@ class ShuffleBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
         self.epoch, self.index, self.acts, self.info = state["epoch"], state["index"], state["acts"], state["info"]
+
+
+class Prefetcher:
+    """Makes a source's batches ahead in a background thread while the caller (the SAE step) works.
+
+    Wraps any source with `batch(epoch, index)` and `len()` (`ActivationSource`, `CachedSource`) and serves
+    the same batches: a source batch is a pure function of (epoch, index), so computing it early changes
+    nothing, and results and `--resume` stay bit-identical to a run without prefetching. The thread walks
+    the order a `ShuffleBuffer` asks in -- (e, 0), (e, 1), ..., (e + 1, 0) -- and keeps up to `max_tokens`
+    tokens queued (bounded memory; at least one batch); any other request (a resume, a seek) restarts it there.
+    One design for every device: on CPU the model's ops release the GIL, so forward and SAE step run on
+    separate cores; on a GPU the thread issues its kernels on its own CUDA stream, so the model's forward
+    overlaps the SAE kernels on the default stream (`.cpu()` of the result waits for that stream only).
+    An error in the thread is raised by the `batch` call that would have returned that batch. Hooks are
+    per model, so nothing else may run the source's model while its thread is alive (`close()` first).
+    """
+
+    def __init__(self, source, max_tokens: int):
+        import threading
+
+        self.source, self.max_tokens = source, max_tokens
+        self._cond = threading.Condition()
+        self._queue: list[tuple[tuple[int, int], object]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._next: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _after(self, epoch: int, index: int) -> tuple[int, int]:
+        return (epoch, index + 1) if index + 1 < len(self.source) else (epoch + 1, 0)
+
+    def _produce(self, pos: tuple[int, int], threads: int) -> None:
+        from contextlib import nullcontext
+
+        torch.set_num_threads(threads)
+        device = getattr(getattr(self.source, "lm", None), "device", torch.device("cpu"))
+        stream = torch.cuda.stream(torch.cuda.Stream(device)) if torch.device(device).type == "cuda" else nullcontext()
+        with stream:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop or not self._queue
+                                        or sum(len(b) for _, b in self._queue if isinstance(b, ActivationBatch))
+                                        < self.max_tokens)
+                    if self._stop:
+                        return
+                try:
+                    item: object = self.source.batch(*pos)
+                except Exception as e:  # handed to the consumer, raised where the batch was asked for
+                    item = e
+                with self._cond:
+                    if self._stop:
+                        return
+                    self._queue.append((pos, item))
+                    self._cond.notify_all()
+                if isinstance(item, Exception):
+                    return
+                pos = self._after(*pos)
+
+    def _restart(self, pos: tuple[int, int]) -> None:
+        import threading
+
+        self.close()
+        self._stop, self._queue = False, []
+        self._thread = threading.Thread(target=self._produce, args=(pos, torch.get_num_threads()), daemon=True,
+                                        name="dlmscope-prefetch")
+        self._thread.start()
+
+    def batch(self, epoch: int, index: int) -> ActivationBatch:
+        if (epoch, index) != self._next or self._thread is None:
+            self._restart((epoch, index))
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._queue))
+            pos, item = self._queue.pop(0)
+            self._cond.notify_all()
+        self._next = self._after(*pos)
+        if isinstance(item, Exception):
+            self._thread, self._next = None, None
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the batch it is making); the next `batch` call starts a new one."""
+        if self._thread is not None:
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+            self._thread.join()
+            self._thread = None
 
 
 TRAJECTORY_POSITIONS = ("all", "masked", "unmasked")
@@ -199,6 +289,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a zero-copy view of the file's memory map.
+
+    Pages are mapped copy-on-write (a write never reaches the file) and read from disk when first
+    touched, so a shard costs no copy and no Python work per token; converting bf16/fp16 activations
+    to float32 is the only pass over the data. Raises ValueError/KeyError on a malformed file."""
+    import mmap
+
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the map outlives the file object
+    n = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8:8 + n])
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        start, end = meta["data_offsets"]
+        if not 0 <= start <= end <= len(mm) - 8 - n:
+            raise ValueError(f"tensor {name!r} lies outside the file")
+        flat = torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start) \
+            if end > start else torch.empty(0, dtype=dtype)
+        out[name] = flat.view(meta["shape"])
+    return out
+
+
 def read_manifest(path: Path) -> dict:
     """A cache's manifest.json, checked: hooks, policy and a list of shards each with file, tokens and sha256."""
     try:
@@ -240,7 +361,7 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
     if {k: manifest.get(k) for k in header} != header:
         raise DLMScopeError(f"cache folder {str(folder)!r} holds a different configuration; use another folder")
     done = {s["file"]: s for s in manifest["shards"]}
-    iterator = range(n)
+    iterator, saved = range(n), time.monotonic()
     if progress:
         from .runtime import progress
         iterator = progress(iterator, desc="caching activations", unit="batch")
@@ -253,10 +374,25 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
         tensors.update({f"info.{k}": v for k, v in b.info.items()})
         atomic_save_safetensors(folder / name, tensors)
         done[name] = {"file": name, "tokens": len(b), "sha256": _sha256(folder / name)}
-        manifest["shards"] = [done[k] for k in sorted(done)]
-        manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-        atomic_write_json(manifest_path, manifest)
+        if time.monotonic() - saved >= MANIFEST_EVERY_S:
+            _save_manifest(manifest_path, manifest, done)
+            saved = time.monotonic()
+    _save_manifest(manifest_path, manifest, done)
     return folder
+
+
+MANIFEST_EVERY_S = 10.0
+"""Seconds between manifest rewrites while caching: rewriting it per shard costs O(shards^2) bytes at 100M
+tokens; a shard written but not yet listed is simply written again by a resumed run."""
+
+
+def _save_manifest(path: Path, manifest: dict, done: dict) -> None:
+    def index(file: str) -> int:  # numeric order, also past shard 99,999
+        return int(file.split("-")[1].split(".")[0])
+
+    manifest["shards"] = [done[k] for k in sorted(done, key=index)]
+    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    atomic_write_json(path, manifest)
 
 
 class CachedSource:
@@ -291,13 +427,11 @@ class CachedSource:
         return len(self.shards)
 
     def batch(self, epoch: int, index: int) -> ActivationBatch:
-        from safetensors import safe_open
-
         file = self.folder / self.shards[index]["file"]
         try:
-            with safe_open(str(file), framework="pt") as f:
-                acts = {h: f.get_tensor(f"act.{h}").float() for h in self.hooks}
-                info = {k: f.get_tensor(f"info.{k}") for k in INFO_KEYS}
+            tensors = mmap_safetensors(file)
+            acts = {h: tensors[f"act.{h}"].float() for h in self.hooks}  # float32 shards: still the mapped view
+            info = {k: tensors[f"info.{k}"] for k in INFO_KEYS}
         except Exception as e:
             raise DLMScopeError(f"cache shard {str(file)!r} is corrupt: {e}") from None
         return ActivationBatch(acts, info)

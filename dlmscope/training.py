@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .activations import ActivationSource, CachedSource, ShuffleBuffer
+from .activations import ActivationSource, CachedSource, Prefetcher, ShuffleBuffer
 from .errors import DLMScopeError
 from .io_utils import atomic_write_json, atomic_write_text
 from .models.zoo import DEFAULT_MODEL
@@ -70,8 +70,12 @@ class TrainSAEConfig:
     """Activation vectors per SAE step."""
     buffer_tokens: int = 65536
     """Shuffle-buffer capacity in tokens."""
+    prefetch: bool = True
+    """Make activations in a background thread while the SAEs train (same batches, same order as without)."""
     lr: float = 0.0
-    """Learning rate (0 = 2e-4 / sqrt(n_latents / 2^14))."""
+    """Learning rate (0 = the optimiser's default: adam 2e-4, signum_sf 5e-3, over sqrt(n_latents / 2^14))."""
+    optimizer: str = "adam"
+    """adam (warm-up, linear decay) or signum_sf (sign descent with schedule-free averaging)."""
     eval_tokens: int = 8192
     """Held-out activation vectors used for metrics."""
     eval_every: int = 50
@@ -102,6 +106,7 @@ class TrainSAEConfig:
         from .activations import POLICIES
         from .models.checkpoint import resolve_dtype
         from .sae.model import ARCHITECTURES
+        from .sae.optim import OPTIMIZERS
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -122,6 +127,7 @@ class TrainSAEConfig:
         self.k_list()
         checks.choice("site", self.site, ("pre", "mid", "post"))
         checks.choice("architecture", self.architecture, ARCHITECTURES)
+        checks.choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         checks.choice("policy", self.policy, ("", *POLICIES))
         checks.device("device", self.device)
         for d in self.sae_device_list(self.device):
@@ -166,7 +172,7 @@ def load_config_file(path: str | Path, cls: type = TrainSAEConfig) -> dict:
     return data
 
 
-RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads")
+RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads", "prefetch")
 """Options that may differ between a run and its --resume (they do not change the result)."""
 
 
@@ -268,6 +274,9 @@ class DictionaryRun:
         self.history: list[dict] = []
         self.steps_done = 0
         self.signal = 0
+        self.prefetcher: Prefetcher | None = None
+        self.wait_seconds = 0.0
+        """Wall time the steps spent waiting for their batch (activations not ready yet)."""
 
     # ----------------------------------------------------------------------------------- subclass API
     def build_trainers(self, d_in: int, meta: dict) -> None:
@@ -285,11 +294,15 @@ class DictionaryRun:
         lock = RunFolder(self.folder, self.cfg.resume) if self.dist.main else nullcontext()
         with torch_threads(self.cfg.threads), lock:
             saved = self.read_checkpoint() if self.cfg.resume else None  # before the expensive setup
-            self.setup()
-            if saved is not None:
-                self.resume(saved)
-            with self._signals():
-                self.train()
+            try:
+                self.setup()
+                if saved is not None:
+                    self.resume(saved)
+                with self._signals():
+                    self.train()
+            finally:
+                if self.prefetcher is not None:
+                    self.prefetcher.close()
             if self.signal:
                 self.checkpoint()
                 if self.dist.main:
@@ -330,6 +343,8 @@ class DictionaryRun:
                                         **{**common, "seqs_per_batch": min(cfg.seqs_per_forward, eval_rows.input_ids.shape[0])})
             model_name, d_model, policy = lm.name, lm.d_model, train_src.policy
         local_batch = cfg.batch_size // dist.world
+        if cfg.prefetch:  # half a buffer ahead: what one refill takes
+            train_src = self.prefetcher = Prefetcher(train_src, max(cfg.buffer_tokens // dist.world // 2, local_batch))
         self.buffer = ShuffleBuffer(train_src, max(cfg.buffer_tokens // dist.world, 2 * local_batch), local_batch,
                                     seed=cfg.seed + dist.rank)
         self.eval_set = _eval_set(eval_src, cfg.eval_tokens)
@@ -347,7 +362,9 @@ class DictionaryRun:
                                 f"exist{legacy}")
         state = load_state(self.folder, self.state_name)
         saved = state["config"]
-        changed = [k for k, v in asdict(self.cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        defaults = {f.name: f.default for f in fields(self.cfg)}  # options added since the checkpoint was written
+        changed = [k for k, v in asdict(self.cfg).items()
+                   if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
         if changed:
             raise DLMScopeError(f"--resume with changed options {changed}; the checkpoint was written with "
                                 f"{ {k: saved.get(k) for k in changed} }")
@@ -390,7 +407,9 @@ class DictionaryRun:
                 bar.close()
 
     def step(self) -> dict[str, dict]:
+        t = time.perf_counter()
         batch = self.buffer.next()
+        self.wait_seconds += time.perf_counter() - t
         reduce = self.dist.mean if self.dist.world > 1 else None
         logs = {key: tr.step(self.inputs(key, batch.acts), reduce) for key, tr in self.trainers.items()}
         self.steps_done += 1
@@ -428,7 +447,8 @@ class DictionaryRun:
                 final[key]["density_histogram"] = log10_density_histogram(ev["density"])
                 outputs[key] = self.save_output(key, tr, ev["density"])
             atomic_write_json(self.folder / "metrics.json", {"final": final, "history": self.history,
-                                                             "steps": self.steps_done, "seconds": time.time() - self.t0})
+                                                             "steps": self.steps_done, "seconds": time.time() - self.t0,
+                                                             "input_wait_seconds": self.wait_seconds})
             write_report(self.folder, final, self.history)
         self.checkpoint()  # collective under torchrun: every rank takes part
         return RunResult(self.folder, outputs, final, False, self.history)
@@ -466,6 +486,7 @@ class SAERun(DictionaryRun):
     def build_trainers(self, d_in: int, meta: dict) -> None:
         cfg = self.cfg
         tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
+                           optimizer=cfg.optimizer,
                            autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
         devices = cfg.sae_device_list(self.dist.device)
         for h in self.hooks:
@@ -477,7 +498,8 @@ class SAERun(DictionaryRun):
                 self.routes[key] = h
 
     def save_output(self, key: str, trainer: SAETrainer, density: torch.Tensor) -> Path:
-        return save_sae(trainer.sae, self.folder / "saes" / key.replace(".", "_"), density=density)
+        with trainer.averaged():
+            return save_sae(trainer.sae, self.folder / "saes" / key.replace(".", "_"), density=density)
 
 
 def train_sae(cfg: TrainSAEConfig) -> RunResult:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError
-from dlmscope.activations import (ActivationSource, CachedSource, ShuffleBuffer, trajectory_activations,
-                                  write_cache)
+from dlmscope.activations import (ActivationSource, CachedSource, Prefetcher, ShuffleBuffer, mmap_safetensors,
+                                  trajectory_activations, write_cache)
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -63,6 +63,65 @@ def test_shuffle_buffer_yields_each_token_once_per_pass(llada):
     assert buf.epoch == 1  # the next pass starts only once this one is used up
     with pytest.raises(DLMScopeError, match="at least twice the batch size"):
         ShuffleBuffer(src, capacity=32, batch_size=32)
+
+
+class _Failing:
+    """A source whose batch 2 of every pass fails."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __len__(self):
+        return len(self.src)
+
+    def batch(self, epoch, index):
+        if index == 2:
+            raise RuntimeError("broken batch")
+        return self.src.batch(epoch, index)
+
+
+def test_prefetcher_gives_the_same_batches_in_the_same_order(llada):
+    src = ActivationSource(llada, [HOOK], _rows(), policy="mask", seqs_per_batch=4)
+    plain = ShuffleBuffer(src, capacity=128, batch_size=32, seed=3)
+    steps = 3 * len(src) * 4 * 16 // 32  # about three passes of the data
+    expected, mid = [], None
+    for i in range(steps):  # first without the thread: one model must not run two forwards at once
+        expected.append(plain.next())
+        mid = plain.state_dict() if i == steps // 2 else mid
+    ahead = ShuffleBuffer(Prefetcher(src, 64), capacity=128, batch_size=32, seed=3)
+    for i in range(steps):
+        b = ahead.next()
+        assert torch.equal(expected[i].acts[HOOK], b.acts[HOOK]), i
+        assert torch.equal(expected[i].info["token"], b.info["token"]), i
+        if i == steps // 2:  # a resume mid-pass: the saved state loaded again, the thread restarts there
+            ahead.load_state_dict(mid)
+    assert ahead.epoch >= 2
+    ahead.source.close()
+    first, fourth = src.batch(0, 0).acts[HOOK], src.batch(0, 3).acts[HOOK]
+    failing = Prefetcher(_Failing(src), 64)
+    assert torch.equal(failing.batch(0, 0).acts[HOOK], first)
+    failing.batch(0, 1)
+    with pytest.raises(RuntimeError, match="broken batch"):
+        failing.batch(0, 2)
+    assert torch.equal(failing.batch(0, 3).acts[HOOK], fourth)  # restarts after the error
+    failing.close()
+
+
+def test_mmap_safetensors_reads_what_safetensors_wrote_without_touching_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 3, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g).half(),
+               "c": torch.randn(2, 2, 2, generator=g), "d": torch.arange(9), "e": torch.tensor([True, False, True]),
+               "f": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"k": "v"})
+    before = (tmp_path / "x.safetensors").read_bytes()
+    got, ref = mmap_safetensors(tmp_path / "x.safetensors"), load_file(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for k in tensors:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    got["c"].fill_(1.0)  # copy-on-write: the file keeps its bytes
+    assert (tmp_path / "x.safetensors").read_bytes() == before
 
 
 def test_cache_roundtrip_resume_and_corruption(llada, tmp_path):
@@ -148,3 +207,14 @@ def test_trajectory_activations(llada):
     assert len(masked_only) == 1 and masked_only[0].info["masked"].all() and len(masked_only[0]) == 6
     with pytest.raises(DLMScopeError, match="unknown positions"):
         trajectory_activations(llada, ["a"], [HOOK], positions="odd")
+
+
+def test_manifest_lists_shards_in_numeric_order(tmp_path):
+    from dlmscope.activations import _save_manifest
+
+    done = {f"shard-{i:05d}.safetensors": {"file": f"shard-{i:05d}.safetensors", "tokens": i, "sha256": "x"}
+            for i in (100000, 99999, 7)}
+    manifest = {"model": "m"}
+    _save_manifest(tmp_path / "manifest.json", manifest, done)
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["tokens"] for s in saved["shards"]] == [7, 99999, 100000] and saved["tokens"] == 200006

@@ -87,6 +87,7 @@ def test_resume_equals_uninterrupted(full_run, tiny_dirs, text, tmp_path):
     cfg.resume = True
     with pytest.raises(DLMScopeError, match=r"changed options \['k'\]"):
         train_sae(_cfg(tiny_dirs, text, tmp_path, k="4,16", resume=True))
+    cfg.prefetch = False  # the first part made activations in a background thread, the rest does not
     resumed = train_sae(cfg)
     for key in full_run.saes:
         a, b = load_sae(full_run.saes[key]), load_sae(resumed.saes[key])
@@ -162,6 +163,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
     base = ["train-sae", "--config", str(cfg_file), "--out", str(tmp_path), "--no-progress"]
     for args, message in ((["--layers", "9"], "out of range"), (["--site", "attn"], "allowed: pre, mid, post"),
                           (["--k", "500"], "0 < k < n_latents"), (["--layers", "x"], "comma-separated integers"),
+                          (["--optimizer", "sgd"], "allowed: adam, signum_sf"),
                           (["--out", "/proc/nope"], "cannot write to output folder"),
                           (["--dataset", str(tmp_path / "none.txt")], "does not exist"),
                           (["--dataset", str(empty)], "no non-empty texts"),
@@ -349,3 +351,18 @@ def test_train_sae_on_moe_residual_streams(family, tokenizer, text, tmp_path):
                       other_model_ok=True)
     clean, spliced = res["bins"]["0.3"]["clean"]["ce"][0], res["bins"]["0.3"]["sae"]["ce"][0]
     assert 0 < clean < 20 and 0 < spliced < 20 and clean != spliced
+
+
+def test_signum_sf_run_saves_the_averaged_weights(tiny_dirs, text, tmp_path):
+    from dlmscope.training import SAERun
+
+    run = SAERun(_cfg(tiny_dirs, text, tmp_path, layers="1", k="4", optimizer="signum_sf", prefetch=False))
+    result = run.run()
+    tr = next(iter(run.trainers.values()))
+    saved = load_sae(next(iter(result.saes.values())))
+    with tr.averaged():
+        w_dec = tr.sae.W_dec.detach() / tr.sae.input_scale  # the saved SAE has the input scale folded in
+    assert torch.allclose(saved.W_dec, w_dec, atol=1e-6) and not torch.allclose(saved.W_dec, tr.sae.W_dec.detach()
+                                                                                   / tr.sae.input_scale, atol=1e-6)
+    assert json.loads((result.folder / "config.json").read_text())["optimizer"] == "signum_sf"
+    assert result.metrics[next(iter(result.saes))]["fvu"] < 1.0

@@ -96,8 +96,10 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int, dead_ids, k_aux: int):
-        pre = torch.addmm(b_enc, x, W_enc)  # under autocast: bf16
+    def forward(ctx, x, W_enc, b_enc, k: int, dead_ids, k_aux: int, out: torch.Tensor | None = None):
+        # `out`: a reused (N, n_latents) buffer; a fresh one costs page faults and a broadcast bias copy into
+        # new memory on every step (about 12% of a CPU step at d_in 256). `pre` is never saved for backward.
+        pre = torch.addmm(b_enc, x, W_enc, out=out) if out is not None else torch.addmm(b_enc, x, W_enc)
         values, indices = pre.topk(k, dim=-1, sorted=False)
         values = values.relu()
         if dead_ids is not None and k_aux > 0:
@@ -122,7 +124,7 @@ class _TopKEncode(torch.autograd.Function):
                                       check_invariants=False)
         grad_w = torch.sparse.mm(g_t, xf).t()
         grad_b = W_enc.new_zeros(n_latents).index_add_(0, idx.flatten(), g.flatten())
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _sparse_route(x: torch.Tensor) -> bool:
@@ -206,7 +208,7 @@ class TopKSAE(nn.Module):
         k_aux = min(k_aux, dead_ids.numel()) if dead_ids is not None else 0
         if self.cfg.architecture == "topk" and _sparse_route(x):
             values, indices, aux_values, aux_indices = _TopKEncode.apply(xc, self.W_enc, self.b_enc, self.cfg.k,
-                                                                         dead_ids, k_aux)
+                                                                         dead_ids, k_aux, self._pre_buffer(xc))
             out = SAEOutput(xs, self._sparse_decode(values, indices) + self.b_dec, values, indices, self.cfg.n_latents)
             if dead_ids is not None:
                 out.aux_recon = self._sparse_decode(aux_values, aux_indices)
@@ -227,6 +229,15 @@ class TopKSAE(nn.Module):
             aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
             out.aux_recon = torch.zeros_like(pre).scatter(1, dead_ids[local], aux_values.relu()) @ self.W_dec
         return out
+
+    def _pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The reused (N, n_latents) pre-activation buffer of the sparse route (None under autocast)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        shape, buf = (x.shape[0], self.cfg.n_latents), self.__dict__.get("_pre")
+        if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
+            buf = self.__dict__["_pre"] = x.new_empty(shape)  # not a buffer: never saved, never moved
+        return buf
 
     def _sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_j values[:, j] * W_dec[indices[:, j]] for 2-D inputs, no b_dec, no scale."""

@@ -18,7 +18,6 @@ A latent is dead once it has not fired for `dead_tokens` tokens.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 from ..errors import DLMScopeError
 from .metrics import evaluate_sae
 from .model import SAEConfig, TopKSAE
+from .optim import OPTIMIZERS, averaged, default_lr, make_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,11 +40,13 @@ class TrainConfig:
     batch_size: int = 1024
     """Activation vectors per optimiser step."""
     lr: float | None = None
-    """Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (OpenAI's scaling law)."""
+    """Learning rate; default per optimiser (adam: 2e-4, signum_sf: 5e-3) / sqrt(n_latents / 2^14)."""
+    optimizer: str = "adam"
+    """adam (with lr decay) or signum_sf (sign descent, schedule-free averaging; see `sae.optim`)."""
     warmup_steps: int = 50
     """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
     decay_fraction: float = 0.2
-    """The final fraction of steps over which the learning rate decays linearly to zero."""
+    """The final fraction of steps over which the learning rate decays linearly to zero (adam only)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (0 turns AuxK off)."""
     k_aux: int | None = None
@@ -60,6 +62,8 @@ class TrainConfig:
     """Seed of the SAE's initial weights."""
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise DLMScopeError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if self.b_dec_init not in ("geometric_median", "mean"):
             raise DLMScopeError(f"b_dec_init={self.b_dec_init!r}; allowed: geometric_median, mean")
         if self.batch_size < 1 or self.total_tokens < self.batch_size:
@@ -98,11 +102,10 @@ class SAETrainer:
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, device: str | torch.device = "cpu"):
         self.cfg = cfg
         self.sae = TopKSAE(sae_cfg, seed=cfg.seed).to(device)
-        self.lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae_cfg.n_latents / 2**14)
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer, sae_cfg.n_latents)
         self.k_aux = cfg.k_aux or max(1, sae_cfg.d_in // 2)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.total_tokens // 5))
-        fused = {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), **fused)
+        self.opt = make_optimizer(cfg.optimizer, self.sae.parameters(), self.lr, device)
         self.step_count = 0
         self.tokens = 0
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
@@ -113,7 +116,7 @@ class SAETrainer:
         steps = max(1, self.cfg.steps)
         if step < self.cfg.warmup_steps:
             return self.lr * (step + 1) / self.cfg.warmup_steps
-        decay_start = int(steps * (1 - self.cfg.decay_fraction))
+        decay_start = int(steps * (1 - self.cfg.decay_fraction)) if OPTIMIZERS[self.cfg.optimizer].decays else steps
         if step >= decay_start:
             return self.lr * max(0.0, (steps - step) / max(1, steps - decay_start))
         return self.lr
@@ -198,13 +201,18 @@ class SAETrainer:
                 "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": lr}
 
     def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096) -> dict:
-        """Held-out metrics of the current SAE (see `metrics.evaluate_sae`)."""
+        """Held-out metrics of the current SAE (see `metrics.evaluate_sae`), with the weights `averaged()` gives."""
         was_training = self.sae.training
         self.sae.eval()
         try:
-            return evaluate_sae(self.sae, x_heldout, batch_size)
+            with self.averaged():
+                return evaluate_sae(self.sae, x_heldout, batch_size)
         finally:
             self.sae.train(was_training)
+
+    def averaged(self):
+        """Context in which `sae` holds the weights to evaluate and save (signum_sf: the schedule-free average)."""
+        return averaged(self.opt)
 
     def state_dict(self) -> dict:
         """A snapshot (copies, not views of live tensors), so later steps cannot change it."""

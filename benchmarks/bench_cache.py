@@ -1,0 +1,100 @@
+"""Activation-cache write and read speed (GB/s of stored activations) at LLaDA-8B's width.
+
+Synthetic activations (d 4,096, `--tokens-per-shard` per shard, one hook) go through the real writer
+(`write_cache`: safetensors shards written atomically, a sha256 per shard, the manifest rewritten every 10 s)
+and the real reader (`CachedSource.batch`: memory-mapped, then float32; one sum over every value, since mapped
+pages are read only when touched), for float32 and bfloat16 storage. Reads are timed right after writing, so
+they come from the page cache (memory speed); a cold read is bounded by the disk. The checksum pass
+`CachedSource(verify=True)` is timed on its own. On a shared machine wall-clock rates fall with the load, so
+rates per CPU-second of this process are reported too.
+
+    python benchmarks/bench_cache.py [--shards 24] [--tokens-per-shard 2048] [--folder /big/disk/tmp]
+
+Writes benchmarks/results/cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOK = "blocks.16.hook_resid_post"
+
+
+class SyntheticSource:
+    """Duck-types `ActivationSource` for `write_cache`: fixed random activations per batch."""
+
+    def __init__(self, n_batches: int, tokens: int, d: int):
+        self.lm = SimpleNamespace(name="synthetic")
+        self.hooks, self.policy, self.t_range, self.seed, self.seqs_per_batch = [HOOK], "mask", (0.05, 0.5), 0, 1
+        self.n, self.tokens, self.d = n_batches, tokens, d
+        self.acts = torch.randn(tokens, d, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, epoch: int, index: int):
+        from dlmscope.activations import ActivationBatch
+
+        n = self.tokens
+        info = {"token": torch.zeros(n, dtype=torch.long), "position": torch.arange(n),
+                "doc": torch.zeros(n, dtype=torch.long), "t": torch.full((n,), 0.3),
+                "masked": torch.ones(n, dtype=torch.bool)}
+        return ActivationBatch({HOOK: self.acts}, info)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=int, default=24)
+    p.add_argument("--tokens-per-shard", type=int, default=2048)
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--folder", default="", help="where to write (default: a temporary folder)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache.json"))
+    args = p.parse_args()
+    from dlmscope.activations import CachedSource, write_cache
+    from dlmscope.io_utils import atomic_write_json
+
+    torch.set_num_threads(1)
+    src = SyntheticSource(args.shards, args.tokens_per_shard, args.d)
+    results = {"machine": platform.processor() or platform.machine(), "d": args.d, "shards": args.shards,
+               "tokens_per_shard": args.tokens_per_shard, "dtypes": {}}
+    base = Path(tempfile.mkdtemp(dir=args.folder or None))
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).replace("torch.", "")
+            folder = base / name
+            gb = args.shards * args.tokens_per_shard * args.d * dtype.itemsize / 1e9
+            t, c = time.perf_counter(), time.process_time()
+            write_cache(src, folder, dtype=dtype, progress=False)
+            write_s, write_cpu = time.perf_counter() - t, time.process_time() - c
+            t = time.perf_counter()
+            reader = CachedSource(folder, verify=True)
+            verify_s = time.perf_counter() - t
+            reader = CachedSource(folder, verify=False)
+            t, c = time.perf_counter(), time.process_time()
+            total = 0.0
+            for i in range(len(reader)):
+                total += float(reader.batch(0, i).acts[HOOK].sum())  # touch every value: the map is lazy
+            read_s, read_cpu = time.perf_counter() - t, time.process_time() - c
+            results["dtypes"][name] = {"stored_gb": gb, "write_gb_per_s": gb / write_s,
+                                       "read_gb_per_s": gb / read_s, "verify_gb_per_s": gb / verify_s,
+                                       "read_tokens_per_s": args.shards * args.tokens_per_shard / read_s,
+                                       "write_gb_per_cpu_s": gb / write_cpu, "read_gb_per_cpu_s": gb / read_cpu}
+            print(f"{name}: {gb:.2f} GB, write {gb / write_s:.2f} GB/s ({gb / write_cpu:.2f} per CPU-second), "
+                  f"read {gb / read_s:.2f} GB/s ({gb / read_cpu:.2f} per CPU-second, to float32), "
+                  f"checksum {gb / verify_s:.2f} GB/s")
+    finally:
+        shutil.rmtree(base)
+    atomic_write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
