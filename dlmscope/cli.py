@@ -107,7 +107,7 @@ def dataclass_command(cls, run, name: str, help: str) -> None:
         from .training import load_config_file
 
         config = kwargs.pop("config")
-        values = load_config_file(config) if config else {}
+        values = load_config_file(config, cls) if config else {}
         values.update({k: v for k, v in kwargs.items() if v is not None})
         run(cls(**values))
 
@@ -154,6 +154,33 @@ def _register_rspo() -> None:
 
 
 _register_rspo()
+
+
+def _diff(cfg) -> None:
+    from .analysis.diffing import diff
+
+    report = diff(cfg)
+    if report.get("interrupted"):
+        sys.exit(128 + report["signal"])
+    for key, r in report["crosscoders"].items():
+        for e in r["per_checkpoint"]:
+            later, base = e["specific_later"], e["specific_base"]
+            typer.echo(f"{key} {e['checkpoint']}: {r['n_alive']} alive latents, {later['count']} specific to it "
+                       f"({later['robust']} robust by Latent Scaling), {base['count']} specific to the base "
+                       f"({base['robust']} robust), {e['shared']} shared; FVU {r['fvu']:.4f}")
+    for key, r in report["diff_saes"].items():
+        typer.echo(f"{key}: |difference|^2 / |base|^2 = {r['relative_difference_norm_sq']:.4f}, diff-SAE FVU {r['fvu']:.4f}")
+    typer.echo(f"report: {report['folder']}/diff.json, diff.html (explore: dlmscope explore --diff {report['folder']}/diff.json)")
+
+
+def _register_diff() -> None:
+    from .analysis.diffing import DiffConfig
+
+    dataclass_command(DiffConfig, _diff, "diff", "Model diffing: a BatchTopK crosscoder over paired activations of "
+                      "checkpoints (relative decoder norms, Latent Scaling), optionally a diff-SAE.")
+
+
+_register_diff()
 
 
 @app.command("eval-splice")
