@@ -14,12 +14,15 @@ direction d = d_j^s, activations f_j(x), and per checkpoint c a target y^c(x):
 
     beta^c = argmin_b sum_x |b f_j(x) d - y^c(x)|^2 = sum_x f_j(x) <d, y^c(x)> / (|d|^2 sum_x f_j(x)^2)
 
-with targets (scaled space, b_dec^c removed): the activation a^c = x^c - b_dec^c; the reconstruction
-without latent j, r^c = sum_{i != j} f_i d_i^c; and the error without latent j, e^c = a^c - r^c (so
-beta_activation = beta_reconstruction + beta_error). The ratios of the other checkpoint o to s,
-nu_error = beta_error^o / beta_error^s and nu_reconstruction = beta_reconstruction^o / beta_reconstruction^s,
-are near 0 for a genuinely specific latent; a large nu_error flags Complete Shrinkage, a large
-nu_reconstruction Latent Decoupling. A specific latent is *robust* when both ratios are below `nu_max`.
+with targets (scaled space, b_dec^c removed, a^c = x^c - b_dec^c the activation, r^c = sum_i f_i d_i^c the
+crosscoder's reconstruction, e^c = a^c - r^c its error): "activation" a^c; "reconstruction" r^c; "error"
+e^c + f_j d_j^c, the error of the reconstruction without latent j. Both of the last two keep latent j's own
+contribution, so in the checkpoint s the latent belongs to both betas are about 1. The ratios of the other
+checkpoint o to s, nu_error = beta_error^o / beta_error^s and nu_reconstruction = beta_reconstruction^o /
+beta_reconstruction^s, are near 0 for a genuinely specific latent; a large nu_error flags Complete
+Shrinkage (o's activations carry the direction but its reconstruction misses it), a large nu_reconstruction
+Latent Decoupling (o's reconstruction carries it through other latents). A specific latent is *robust* when
+both ratios are below `nu_max`.
 
 Lens 2, a diff-SAE (optional): a Top-K SAE on the activation differences x^last - x^0 of the same tokens;
 how large the differences are (relative to the activations) and which latents carry them.
@@ -147,7 +150,7 @@ def latent_scaling(cc, x: torch.Tensor, latents: torch.Tensor, source: torch.Ten
     "reconstruction" and "error" (NaN where a latent never fires on x)."""
     C = cc.cfg.n_checkpoints
     D = cc.W_dec[source, latents]  # (m, d)
-    self_dot = torch.einsum("md,cmd->mc", D, cc.W_dec[:, latents])  # <d_j, d_j^c>
+    self_dot = torch.einsum("md,cmd->mc", D, cc.W_dec[:, latents])  # <d, d_j^c>
     num_act = torch.zeros(len(latents), C, dtype=torch.float64)
     num_rec = torch.zeros_like(num_act)
     f_sq = torch.zeros(len(latents), dtype=torch.float64)
@@ -157,15 +160,14 @@ def latent_scaling(cc, x: torch.Tensor, latents: torch.Tensor, source: torch.Ten
         fj = f[:, latents]  # (N, m)
         a = cc.split(xb) * cc.input_scale[:, None] - cc.b_dec  # (N, C, d)
         recon = cc.split(cc.decode_scaled(f, bias=False))  # (N, C, d)
-        proj_a = torch.einsum("ncd,md->nmc", a, D)
-        proj_r = torch.einsum("ncd,md->nmc", recon, D) - fj[..., None] * self_dot  # latent j removed
-        num_act += (fj[..., None] * proj_a).sum(0).double().cpu()
-        num_rec += (fj[..., None] * proj_r).sum(0).double().cpu()
+        num_act += (fj[..., None] * torch.einsum("ncd,md->nmc", a, D)).sum(0).double().cpu()
+        num_rec += (fj[..., None] * torch.einsum("ncd,md->nmc", recon, D)).sum(0).double().cpu()
         f_sq += fj.pow(2).sum(0).double().cpu()
     denom = (f_sq * D.pow(2).sum(1).double().cpu())[:, None]
     denom = torch.where(denom > 0, denom, torch.full_like(denom, float("nan")))
+    own = f_sq[:, None] * self_dot.double().cpu()  # sum_x f_j^2 <d, d_j^c>: latent j's own part
     act, rec = num_act / denom, num_rec / denom
-    return {"activation": act, "reconstruction": rec, "error": act - rec}
+    return {"activation": act, "reconstruction": rec, "error": act - rec + own / denom}
 
 
 def scaling_ratios(betas: dict[str, torch.Tensor], source: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
