@@ -170,7 +170,7 @@ def _diff(cfg) -> None:
                        f"({base['robust']} robust), {e['shared']} shared; FVU {r['fvu']:.4f}")
     for key, r in report["diff_saes"].items():
         typer.echo(f"{key}: |difference|^2 / |base|^2 = {r['relative_difference_norm_sq']:.4f}, diff-SAE FVU {r['fvu']:.4f}")
-    typer.echo(f"report: {report['folder']}/diff.json, diff.html (explore: dlmscope explore --diff {report['folder']}/diff.json)")
+    typer.echo(f"report: {report['folder']}/diff.json, diff.html (explorer: DLMSCOPE_DIFF={report['folder']}/diff.json streamlit run apps/explorer.py)")
 
 
 def _register_diff() -> None:
