@@ -126,3 +126,16 @@ def test_trajectory_activations(llada):
     assert len(masked_only) == 1 and masked_only[0].info["masked"].all() and len(masked_only[0]) == 6
     with pytest.raises(DLMScopeError, match="unknown positions"):
         trajectory_activations(llada, ["a"], [HOOK], positions="odd")
+
+
+def test_paired_source_runs_every_checkpoint_on_the_same_batch(llada):
+    from dlmscope.activations import PairedActivationSource
+
+    single = ActivationSource(llada, [HOOK], _rows(), seqs_per_batch=8, seed=3).batch(1, 2)
+    paired = PairedActivationSource([llada, llada], [HOOK], _rows(), seqs_per_batch=8, seed=3).batch(1, 2)
+    assert paired.acts[HOOK].shape == (len(single), 128)
+    assert torch.equal(paired.acts[HOOK][:, :64], single.acts[HOOK])
+    assert torch.equal(paired.acts[HOOK][:, 64:], single.acts[HOOK])
+    assert all(torch.equal(paired.info[k], single.info[k]) for k in single.info)
+    with pytest.raises(DLMScopeError, match="at least two checkpoints"):
+        PairedActivationSource([llada], [HOOK], _rows(), seqs_per_batch=8)
