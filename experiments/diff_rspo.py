@@ -33,7 +33,7 @@ SAES = {"base_s0": (0, 0), "base_s1": (0, 1), "rspo_s2": (1, 2), "countdown_s3":
 CC_SEEDS = (0, 1, 2)
 
 
-def finetune_countdown(out: Path, steps: int, lr: float = 1e-3, batch: int = 16, seed: int = 0) -> Path:
+def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: int = 0) -> Path:
     """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA."""
     import torch
 
@@ -76,19 +76,22 @@ def _study_run_class():
     class StudyRun(CrossCoderRun):
         """Pairwise crosscoders and per-checkpoint SAEs, all fed from one paired stream (slices of it)."""
 
+        pairs, saes = PAIRS, SAES
+
         def build_trainers(self, d_in: int, meta: dict) -> None:
             cfg, h = self.cfg, self.hooks[0]
             d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
             self.d, self.slices, self.matching = d, {}, []
-            tcfg = lambda seed: TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, seed=seed)  # noqa: E731
-            for pair, (a, b) in PAIRS.items():
+            tcfg = lambda seed: TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr,  # noqa: E731
+                                            seed=seed)
+            for pair, (a, b) in self.pairs.items():
                 for s in CC_SEEDS:
                     key = f"cc-{pair}-s{s}"
                     names = [self.checkpoints[a], self.checkpoints[b] + ("-copy" if a == b else "")]
                     self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, 32, names,
                                                                             {**meta, "hook_name": h}), tcfg(s))
                     self.slices[key], self.routes[key] = (a, b), h
-            for name, (c, s) in SAES.items():
+            for name, (c, s) in self.saes.items():
                 key = f"sae-{name}"
                 self.trainers[key] = SAETrainer(SAEConfig(d, cfg.expansion * d, 32, "topk", {**meta, "hook_name": h}),
                                                 tcfg(s))
@@ -147,13 +150,14 @@ def run(args) -> dict:
     if not (rspo / "config.json").is_file():
         raise SystemExit(f"missing RSPO checkpoint {rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
                          "--out runs/rl-rspo")
-    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}", args.ft_steps)
+    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}", args.ft_steps, args.ft_lr)
     data = _mixed_text(work / "diff_mixed.txt")
     ckpts = ["dlmscope-tiny-dlm", str(rspo), str(countdown)]
     cfg = TrainSAEConfig(model=ckpts[0], layers="1", total_tokens=args.total_tokens, dataset=str(data), out=str(work),
-                         name=f"diff-study-{args.total_tokens}", eval_every=50, checkpoint_every=50, progress=False, seed=0,
+                         name=f"diff-study-{args.total_tokens}-ft{args.ft_lr:g}", eval_every=100, checkpoint_every=100, progress=False, seed=0,
+                         batch_size=256, lr=args.lr,
                          policy="all", expansion=args.expansion,
-                         resume=(work / f"diff-study-{args.total_tokens}" / "checkpoint.json").is_file())
+                         resume=(work / f"diff-study-{args.total_tokens}-ft{args.ft_lr:g}" / "checkpoint.json").is_file())
     study = _study_run_class()(cfg, ckpts)
     result = study.run()
     lms = [load_model(c) for c in ckpts]
@@ -162,8 +166,8 @@ def run(args) -> dict:
     rows, owners = packed.input_ids[:args.n_seqs], packed.doc_ids[:args.n_seqs]
     text = paired_text(lms, "blocks.1.hook_resid_post", rows, seed=2)
     d = lms[0].d_model
-    res = {"config": {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps,
-                      "n_seqs": args.n_seqs, "n_latents": args.expansion * d, "policy": "all", "hook": "blocks.1.hook_resid_post", "threshold": 0.9, "nu_max": 0.3},
+    res = {"config": {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
+                      "n_seqs": args.n_seqs, "lr": args.lr, "batch_size": 256, "n_latents": args.expansion * d, "policy": "all", "hook": "blocks.1.hook_resid_post", "threshold": 0.9, "nu_max": 0.3},
            "crosscoders": {}, "matching_vs_tokens": [h["matching"] for h in result.history if "matching" in h],
            "sae_final": {k: {m: v[m] for m in ("fvu", "l0", "dead_fraction")} for k, v in result.metrics.items()}}
     for key, folder in result.saes.items():
@@ -235,7 +239,9 @@ def main() -> None:
     p.add_argument("--rspo", type=Path, default=ROOT / "runs" / "rl-rspo" / "checkpoint-00030")
     p.add_argument("--total-tokens", type=int, default=100_000)
     p.add_argument("--expansion", type=int, default=4)
-    p.add_argument("--ft-steps", type=int, default=150)
+    p.add_argument("--ft-steps", type=int, default=120)
+    p.add_argument("--ft-lr", type=float, default=5e-4, help="Countdown fine-tune learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=3e-3, help="crosscoder and SAE learning rate (short runs need a high one)")
     p.add_argument("--n-seqs", type=int, default=48)
     run_or_render(p, "diff_rspo", run, render)
 

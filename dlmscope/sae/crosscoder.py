@@ -86,10 +86,12 @@ class CrossCoder(nn.Module):
         self.cfg = cfg
         C, n, d = cfg.n_checkpoints, cfg.n_latents, cfg.d_in
         gen = torch.Generator().manual_seed(seed)
-        # Each latent starts with an independent unit direction per checkpoint, its sum of norms sqrt(C)-scaled
-        # down so the concatenated decoder row has unit norm; the encoder starts as the decoder's transpose.
-        w_dec = torch.nn.functional.normalize(torch.randn(C, n, d, generator=gen), dim=2) / math.sqrt(C)
-        self.W_dec = nn.Parameter(w_dec)
+        # Each latent starts shared: the same random unit direction in every checkpoint, scaled by 1/sqrt(C) so
+        # the concatenated decoder row has unit norm; the encoder starts as the decoder's transpose. (Independent
+        # directions per checkpoint would never meet on identical checkpoints: identical gradients give
+        # identical Adam updates, so the initial difference would stay forever.)
+        w_dec = (torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1) / math.sqrt(C)).expand(C, n, d)
+        self.W_dec = nn.Parameter(w_dec.clone())
         self.W_enc = nn.Parameter(w_dec.permute(0, 2, 1).reshape(C * d, n).clone())
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(C, d))

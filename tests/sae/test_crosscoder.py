@@ -67,6 +67,8 @@ def test_identical_checkpoints_give_no_specific_latents():
     rel, alive = _alive_relative_norm(tr, planted=False)
     assert int(alive.sum()) >= N_SHARED // 2
     assert not bool((alive & ((rel > 0.9) | (rel < 0.1))).any()), rel[alive]
+    # Latents start shared and identical checkpoints get identical updates: the decoders never part.
+    assert torch.allclose(tr.sae.W_dec[0], tr.sae.W_dec[1]) and rel.sub(0.5).abs().max() < 1e-5
 
 
 def test_save_load_round_trip_is_exact(planted, tmp_path):
