@@ -59,8 +59,12 @@ class DiffConfig(TrainSAEConfig):
     """Crosscoders are BatchTopK (the only allowed value)."""
     layers: str = "1"
     """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site})."""
-    total_tokens: int = 300_000
+    total_tokens: int = 100_000
     """Training tokens per crosscoder."""
+    batch_size: int = 256
+    """Paired activation vectors per crosscoder step."""
+    lr: float = 3e-3
+    """Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), which barely moves the decoders in a short run)."""
     threshold: float = 0.9
     """Relative decoder norm above which a latent is specific to the later checkpoint (below 1 - it: to the base)."""
     nu_max: float = 0.3
