@@ -199,8 +199,9 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
 
 
 def render(res: dict, out: Path) -> str:
-    lines = ["| pair | FVU | alive | specific to later: count | robust (Latent Scaling) | specific to base: count | "
-             "robust | top examples of later-specific latents in task text |", "|" + "---|" * 8]
+    lines = ["| pair | FVU | alive | relative norm p1 / p99 | min / max | decoder cosine (median, shared) | "
+             "specific to later: count | robust (Latent Scaling) | specific to base: count | robust | "
+             "top examples of later-specific latents in task text |", "|" + "---|" * 11]
     summary = {}
     for pair in PAIRS:
         keys = [k for k in res["crosscoders"] if k.startswith(f"cc-{pair}-")]
@@ -213,7 +214,12 @@ def render(res: dict, out: Path) -> str:
         task = sum(k != "prose" for k in kinds)
         fmt = lambda c: f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"  # noqa: E731
         fvu = _mean_ci([r["fvu"] for r in rs])
-        lines.append(f"| {pair} | {fvu[0]:.3f} | {_mean_ci([r['n_alive'] for r in rs])[0]:.0f} | {fmt(later)} | "
+        rel = [sorted(e["relative_norm"]) for e in es]
+        pct = lambda q: _mean_ci([v[min(len(v) - 1, int(q * len(v)))] for v in rel])[0]  # noqa: E731
+        spread = f"{pct(0.01):.3f} / {pct(0.99):.3f} | {min(v[0] for v in rel):.3f} / {max(v[-1] for v in rel):.3f}"
+        cos = _mean_ci([e["cosine_shared_median"] for e in es])
+        lines.append(f"| {pair} | {fvu[0]:.3f} | {_mean_ci([r['n_alive'] for r in rs])[0]:.0f} | {spread} | "
+                     f"{cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | {fmt(later)} | "
                      f"{fmt(robust)} | {fmt(base)} | {fmt(base_r)} | {task}/{len(kinds)} |")
         summary[pair] = {"later": later, "robust": robust, "base": base, "task_examples": [task, len(kinds)]}
     m_lines = ["| tokens | base other seed | RSPO SAE | Countdown-FT SAE | random directions |", "|---|---|---|---|---|"]
@@ -224,7 +230,8 @@ def render(res: dict, out: Path) -> str:
     md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k=32, {c['total_tokens']:,} tokens, seeds 0-2) at "
           f"{c['hook']}; a latent is specific to the later checkpoint when its relative decoder norm exceeds "
           f"{c['threshold']} (to the base: below {1 - c['threshold']:.1f}); robust when both Latent Scaling ratios "
-          f"are below {c['nu_max']}. Counts: mean over 3 seeds [95% t-interval]. Last column: of the top held-out "
+          f"are below {c['nu_max']}. Counts and cosine: mean over 3 seeds [95% t-interval]; relative-norm "
+          f"percentiles over alive latents, mean over seeds; min / max over all seeds. Last column: of the top held-out "
           f"examples of the later-specific latents (all seeds), how many lie in Countdown/Sudoku documents. "
           f"Activations at all positions of the corrupted rows (t ~ U[0.05, 0.5]). "
           f"Held-out: {c['n_seqs']} rows of the shuffled builtin + task text.\n\n" + "\n".join(lines) +
