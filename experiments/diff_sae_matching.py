@@ -27,13 +27,6 @@ def run(args) -> dict:
 
     torch.set_num_threads(1)
     work = ROOT / "runs"
-    if args.partial:  # the matching recorded so far, from the run's last checkpoint (the run may still go on)
-        from dlmscope.runstate import load_state
-
-        state = load_state(work / f"diff-saes-{args.total_tokens}", "checkpoint")
-        return {"config": {**state["config"], "n_latents": 4 * 256, "hook": "blocks.1.hook_resid_post",
-                           "partial_at_step": state["step"]},
-                "matching_vs_tokens": [h["matching"] for h in state["history"] if "matching" in h]}
     ckpts = ["dlmscope-tiny-dlm", str(args.rspo), str(work / "countdown-ft-120")]
     name = f"diff-saes-{args.total_tokens}"
     cfg = TrainSAEConfig(model=ckpts[0], layers="1", total_tokens=args.total_tokens,
@@ -56,10 +49,8 @@ def render(res: dict, out: Path) -> str:
         lines.append(f"| {m['tokens']:,} | " + " | ".join(f"{m[k]['mean']:.3f} ({m[k]['fraction_above_0.9']:.2f} > 0.9)"
                                                         for k in ("base_other_seed", "rspo", "countdown", "random")) + " |")
     c = res["config"]
-    partial = f" (recorded up to step {c['partial_at_step']} of {c['total_tokens'] // c['batch_size']})" \
-        if "partial_at_step" in c else ""
     md = (f"Mean Hungarian-matched decoder cosine against the base SAE (seed 0) (fraction of latents above 0.9), Top-K "
-          f"k=32, {c['n_latents']} latents, lr {c['lr']}, batch {c['batch_size']}, {c['hook']}, all positions{partial}:\n\n"
+          f"k=32, {c['n_latents']} latents, lr {c['lr']}, batch {c['batch_size']}, {c['hook']}, all positions:\n\n"
           + "\n".join(lines) + "\n")
     atomic_write_text(out / "diff_sae_matching.md", md)
     return md
@@ -71,7 +62,6 @@ def main() -> None:
     p.add_argument("--total-tokens", type=int, default=400_000)
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--partial", action="store_true", help="report the matching recorded so far by a run in progress")
     run_or_render(p, "diff_sae_matching", run, render)
 
 
