@@ -435,3 +435,27 @@ class CachedSource:
         except Exception as e:
             raise DLMScopeError(f"cache shard {str(file)!r} is corrupt: {e}") from None
         return ActivationBatch(acts, info)
+
+
+class PairedActivationSource:
+    """The same batches run through several checkpoints: identical tokens, masks and positions for each
+    (one `ActivationSource` per checkpoint, all with the same seed); each hook's activations are the
+    checkpoints' concatenated along the feature axis (N, C * d), checkpoint order as given.
+
+    Checkpoints must share tokenizer and width (checked by the caller, `analysis.stability.check_compatible`)."""
+
+    def __init__(self, lms: Sequence[LoadedModel], hooks: Sequence[str], rows: torch.Tensor,
+                 doc_ids: torch.Tensor | None = None, **kwargs):
+        if len(lms) < 2:
+            raise DLMScopeError(f"paired activations need at least two checkpoints; got {len(lms)}")
+        self.sources = [ActivationSource(lm, hooks, rows, doc_ids, **kwargs) for lm in lms]
+        first = self.sources[0]
+        self.lm, self.hooks, self.policy, self.t_range = first.lm, first.hooks, first.policy, first.t_range
+        self.seed, self.seqs_per_batch = first.seed, first.seqs_per_batch
+
+    def __len__(self) -> int:
+        return len(self.sources[0])
+
+    def batch(self, epoch: int, index: int) -> ActivationBatch:
+        batches = [s.batch(epoch, index) for s in self.sources]
+        return ActivationBatch({h: torch.cat([b.acts[h] for b in batches], dim=1) for h in self.hooks}, batches[0].info)

@@ -203,6 +203,33 @@ def _register_rspo() -> None:
 _register_rspo()
 
 
+def _diff(cfg) -> None:
+    from .analysis.diffing import diff
+
+    report = diff(cfg)
+    if report.get("interrupted"):
+        sys.exit(128 + report["signal"])
+    for key, r in report["crosscoders"].items():
+        for e in r["per_checkpoint"]:
+            later, base = e["specific_later"], e["specific_base"]
+            typer.echo(f"{key} {e['checkpoint']}: {r['n_alive']} alive latents, {later['count']} specific to it "
+                       f"({later['robust']} robust by Latent Scaling), {base['count']} specific to the base "
+                       f"({base['robust']} robust), {e['shared']} shared; FVU {r['fvu']:.4f}")
+    for key, r in report["diff_saes"].items():
+        typer.echo(f"{key}: |difference|^2 / |base|^2 = {r['relative_difference_norm_sq']:.4f}, diff-SAE FVU {r['fvu']:.4f}")
+    typer.echo(f"report: {report['folder']}/diff.json, diff.html (explorer: DLMSCOPE_DIFF={report['folder']}/diff.json streamlit run apps/explorer.py)")
+
+
+def _register_diff() -> None:
+    from .analysis.diffing import DiffConfig
+
+    dataclass_command(DiffConfig, _diff, "diff", "Model diffing: a BatchTopK crosscoder over paired activations of "
+                      "checkpoints (relative decoder norms, Latent Scaling), optionally a diff-SAE.")
+
+
+_register_diff()
+
+
 @app.command("eval-splice")
 def eval_splice(
     sae: str = typer.Option(..., help="SAE name (registry) or folder."),

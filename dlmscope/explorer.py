@@ -33,6 +33,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--sae", default=env("DLMSCOPE_SAE"), help="SAE name or folder (default: the store's)")
     p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON (`dlmscope eval-splice --out`)")
     p.add_argument("--experts", default=env("DLMSCOPE_EXPERTS"), help="experts.json (`dlmscope experts --out`)")
+
+
+    p.add_argument("--diff", default=env("DLMSCOPE_DIFF"), help="model-diffing report (`dlmscope diff`: diff.json)")
     args, _ = p.parse_known_args(sys.argv[1:])
     return args
 
@@ -92,6 +95,8 @@ def _run(st) -> None:
     from dlmscope.errors import DLMScopeError
 
     args = _args()
+    if args.diff:
+        return _diff_page(st, args.diff)
 
     @st.cache_resource(show_spinner=False)
     def open_store(path: str, mtime: float):
@@ -414,6 +419,38 @@ def _experts(st, store, feature, args) -> None:
                  hide_index=True)
     layer = st.selectbox("layer", list(layers))
     st.plotly_chart(expert_figure(result, layer))
+
+
+def _diff_page(st, path: str) -> None:
+    """`dlmscope diff`'s report: per crosscoder and later checkpoint, the checkpoint-specific latents (both ways)
+    with relative norm, Latent Scaling ratios and top held-out examples."""
+    from dlmscope.errors import DLMScopeError
+
+    try:
+        report = json.loads(Path(path).read_text())
+        crosscoders = report["crosscoders"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DLMScopeError(f"cannot read diff report {path!r} (a `dlmscope diff` diff.json): {e}") from None
+    st.header("Model diffing: " + " vs ".join(report["checkpoints"]))
+    if not crosscoders:
+        raise DLMScopeError(f"diff report {path!r} holds no crosscoder")
+    key = st.sidebar.selectbox("crosscoder", list(crosscoders))
+    r = crosscoders[key]
+    st.caption(f"{r['hook']}: {r['n_latents']} latents (k={r['k']}), {r['n_alive']} alive on {r['n_tokens']:,} held-out "
+               f"tokens, FVU {r['fvu']:.3f}; specific = relative decoder norm beyond {r['threshold']}, robust = both "
+               f"Latent Scaling ratios below {r['nu_max']}")
+    for e in r["per_checkpoint"]:
+        for side, owner in (("later", e["checkpoint"]), ("base", report["checkpoints"][0])):
+            s = e[f"specific_{side}"]
+            st.subheader(f"Specific to {owner}: {s['count']} latents ({s['robust']} robust)")
+            for lat in s["latents"]:
+                with st.expander(f"latent {lat['latent']}: relative norm {lat['relative_norm']:.3f}, nu_error "
+                                 f"{lat['nu_error']:.3f}, nu_reconstruction {lat['nu_reconstruction']:.3f}, density "
+                                 f"{lat['density']:.4f}" + (" (robust)" if lat["robust"] else "")):
+                    st.dataframe([{"activation": ex["activation"], "token": ex["token"], "masked": ex["masked"],
+                                   **{f"contribution to {n}": c for n, c in zip(report["checkpoints"], ex["contribution"])},
+                                   "context (input, [M] = masked)": ex["context"], "clean text": ex["clean_context"]}
+                                  for ex in lat["examples"]], hide_index=True)
 
 
 if __name__ == "__main__":

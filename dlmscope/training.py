@@ -288,6 +288,10 @@ class DictionaryRun:
     def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         return acts[self.routes[key]]
 
+    def activation_source(self, lm, rows: torch.Tensor, doc_ids: torch.Tensor, **kwargs):
+        """The source of training (and held-out) batches when running the model; crosscoders pair checkpoints."""
+        return ActivationSource(lm, self.hooks, rows, doc_ids, **kwargs)
+
     # ------------------------------------------------------------------------------------------ steps
     def run(self) -> RunResult:
         """The whole run; `cfg.threads` holds for the run only (the caller's thread count is restored)."""
@@ -337,10 +341,10 @@ class DictionaryRun:
             train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
             eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
             common = dict(policy=cfg.policy or None, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
-            train_src = ActivationSource(lm, self.hooks, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
-                                         rank=dist.rank, world=dist.world, **common)
-            eval_src = ActivationSource(lm, self.hooks, eval_rows.input_ids, eval_rows.doc_ids, seed=cfg.seed + 1,
-                                        **{**common, "seqs_per_batch": min(cfg.seqs_per_forward, eval_rows.input_ids.shape[0])})
+            train_src = self.activation_source(lm, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
+                                               rank=dist.rank, world=dist.world, **common)
+            eval_src = self.activation_source(lm, eval_rows.input_ids, eval_rows.doc_ids, seed=cfg.seed + 1,
+                                              **{**common, "seqs_per_batch": min(cfg.seqs_per_forward, eval_rows.input_ids.shape[0])})
             model_name, d_model, policy = lm.name, lm.d_model, train_src.policy
         local_batch = cfg.batch_size // dist.world
         if cfg.prefetch:  # half a buffer ahead: what one refill takes
@@ -500,6 +504,52 @@ class SAERun(DictionaryRun):
     def save_output(self, key: str, trainer: SAETrainer, density: torch.Tensor) -> Path:
         with trainer.averaged():
             return save_sae(trainer.sae, self.folder / "saes" / key.replace(".", "_"), density=density)
+
+
+class CrossCoderRun(DictionaryRun):
+    """BatchTopK crosscoders (`dlmscope.sae.crosscoder`), one per (layer, k), over the paired activations of
+    `checkpoints` (cfg.model is the first): every checkpoint runs on the identical corrupted batch. A cache
+    written from a `PairedActivationSource` (concatenated activations) works as --cache."""
+
+    def __init__(self, cfg: TrainSAEConfig, checkpoints: list[str]):
+        super().__init__(cfg)
+        if len(checkpoints) < 2:
+            raise DLMScopeError(f"model diffing needs at least two checkpoints; got {checkpoints}")
+        if not cfg.k_list():
+            raise DLMScopeError("give at least one k")
+        self.checkpoints = list(checkpoints)
+
+    def activation_source(self, lm, rows: torch.Tensor, doc_ids: torch.Tensor, **kwargs):
+        from .activations import PairedActivationSource
+        from .analysis.stability import check_compatible
+        from .models import load_model
+
+        if not hasattr(self, "others"):
+            self.others = [load_model(c, device=self.dist.device, dtype=self.cfg.dtype) for c in self.checkpoints[1:]]
+            for other in self.others:
+                check_compatible(lm, other)
+        return PairedActivationSource([lm, *self.others], self.hooks, rows, doc_ids, **kwargs)
+
+    def build_trainers(self, d_in: int, meta: dict) -> None:
+        from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
+
+        cfg, n = self.cfg, len(self.checkpoints)
+        width = next(iter(self.eval_set.values())).shape[1]
+        if width % n:
+            raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
+        d = width // n
+        tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed)
+        for h in self.hooks:
+            for k in cfg.k_list():
+                key = f"{h}-k{k}"
+                self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, self.checkpoints,
+                                                                        {**meta, "hook_name": h}), tcfg, self.dist.device)
+                self.routes[key] = h
+
+    def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
+        from .sae.crosscoder import save_crosscoder
+
+        return save_crosscoder(trainer.sae, self.folder / "crosscoders" / key.replace(".", "_"), density=density)
 
 
 def train_sae(cfg: TrainSAEConfig) -> RunResult:

@@ -218,3 +218,16 @@ def test_manifest_lists_shards_in_numeric_order(tmp_path):
     _save_manifest(tmp_path / "manifest.json", manifest, done)
     saved = json.loads((tmp_path / "manifest.json").read_text())
     assert [s["tokens"] for s in saved["shards"]] == [7, 99999, 100000] and saved["tokens"] == 200006
+
+
+def test_paired_source_runs_every_checkpoint_on_the_same_batch(llada):
+    from dlmscope.activations import PairedActivationSource
+
+    single = ActivationSource(llada, [HOOK], _rows(), seqs_per_batch=8, seed=3).batch(1, 2)
+    paired = PairedActivationSource([llada, llada], [HOOK], _rows(), seqs_per_batch=8, seed=3).batch(1, 2)
+    assert paired.acts[HOOK].shape == (len(single), 128)
+    assert torch.equal(paired.acts[HOOK][:, :64], single.acts[HOOK])
+    assert torch.equal(paired.acts[HOOK][:, 64:], single.acts[HOOK])
+    assert all(torch.equal(paired.info[k], single.info[k]) for k in single.info)
+    with pytest.raises(DLMScopeError, match="at least two checkpoints"):
+        PairedActivationSource([llada], [HOOK], _rows(), seqs_per_batch=8)

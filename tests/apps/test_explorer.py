@@ -337,3 +337,27 @@ def test_explorer_has_no_relative_imports():
     tree = ast.parse(Path(APP).read_text())
     relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
     assert not relative, f"relative imports at lines {relative}"
+
+
+def test_diff_page_lists_specific_latents_with_examples(llada, tokenizer, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from dlmscope.analysis.diffing import crosscoder_report, paired_text
+    from dlmscope.data import heldout_rows
+    from dlmscope.io_utils import atomic_write_json
+    from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig
+
+    cc = CrossCoder(CrossCoderConfig(64, 128, 4, ["base", "tuned"], {"hook_name": HOOK}))
+    with torch.no_grad():
+        cc.W_dec[0, :3] = 0  # latents 0-2 decode only into "tuned"
+    text = paired_text([llada, llada], HOOK, heldout_rows(tokenizer, 32, n=4))
+    report = {"checkpoints": ["base", "tuned"], "crosscoders": {"cc": crosscoder_report(cc, text, llada, n_examples=2)}}
+    atomic_write_json(tmp_path / "diff.json", report)
+    monkeypatch.setenv("DLMSCOPE_DIFF", str(tmp_path / "diff.json"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert "Specific to tuned: 3 latents" in [s.value for s in at.subheader][0]
+    assert len(at.dataframe) == 3 and len(at.dataframe[0].value) == 2
+    monkeypatch.setenv("DLMSCOPE_DIFF", str(tmp_path / "nope.json"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert "cannot read diff report" in at.error[0].value

@@ -1,0 +1,162 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from dlmscope import DLMScopeError
+from dlmscope.analysis.diffing import DiffConfig, decoder_stats, latent_scaling, scaling_ratios
+from dlmscope.cli import main
+from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig, load_crosscoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+E = torch.eye(4)
+
+
+def _hand_built(dec_a: list, dec_b: list, enc: list) -> CrossCoder:
+    """A 2-checkpoint, 4-d crosscoder with given decoder rows per latent and encoder columns (8-d reads)."""
+    cc = CrossCoder(CrossCoderConfig(4, len(enc), 1, ["A", "B"]))
+    with torch.no_grad():
+        cc.W_dec.copy_(torch.stack([torch.stack(dec_a), torch.stack(dec_b)]))
+        cc.W_enc.copy_(torch.stack(enc, dim=1))
+        cc.b_enc.zero_()
+        cc.b_dec.zero_()
+        cc.threshold.fill_(0.0)
+    return cc
+
+
+def _data(base_e0: float, n: int = 500):
+    """Latent 0's concept e0 at strength f in B and base_e0 * f in A; a shared concept e1 (strength g) in both."""
+    gen = torch.Generator().manual_seed(0)
+    f, g = torch.rand(n, 1, generator=gen) + 0.1, torch.rand(n, 1, generator=gen) + 0.1
+    return torch.cat([base_e0 * f * E[0] + g * E[1], f * E[0] + g * E[1]], dim=1)
+
+
+def _nu(cc, x):
+    latents, source = torch.tensor([0]), torch.tensor([1])
+    betas = latent_scaling(cc, x, latents, source)
+    return betas, {k: float(v[0]) for k, v in scaling_ratios(betas, source, torch.tensor([0])).items()}
+
+
+Z = torch.zeros(4)
+SHARED_ENC = torch.cat([E[1], E[1]]) / 2  # latent 1 reads e1 from both halves
+
+
+def test_latent_scaling_genuinely_specific():
+    cc = _hand_built([Z, E[1]], [E[0], E[1]], [torch.cat([Z, E[0]]), SHARED_ENC])
+    betas, nu = _nu(cc, _data(0.0))
+    assert betas["activation"][0].tolist() == pytest.approx([0.0, 1.0], abs=1e-5)
+    assert nu["nu_error"] == pytest.approx(0.0, abs=1e-5) and nu["nu_reconstruction"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_latent_scaling_flags_complete_shrinkage():
+    """A's decoder for the latent is zero although A carries half of the concept: it sits in A's error."""
+    cc = _hand_built([Z, E[1]], [E[0], E[1]], [torch.cat([Z, E[0]]), SHARED_ENC])
+    betas, nu = _nu(cc, _data(0.5))
+    assert betas["activation"][0].tolist() == pytest.approx([0.5, 1.0], abs=1e-5)
+    assert betas["error"][0].tolist() == pytest.approx([0.5, 1.0], abs=1e-5)
+    assert nu["nu_error"] == pytest.approx(0.5, abs=1e-5) and nu["nu_reconstruction"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_latent_scaling_flags_latent_decoupling():
+    """The concept is in both checkpoints, but latent 2 reconstructs it in A while latent 0 does so in B."""
+    cc = _hand_built([Z, E[1], E[0]], [E[0], E[1], Z], [torch.cat([Z, E[0]]), SHARED_ENC, torch.cat([E[0], Z])])
+    betas, nu = _nu(cc, _data(1.0))
+    assert betas["reconstruction"][0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert nu["nu_reconstruction"] == pytest.approx(1.0, abs=1e-5) and nu["nu_error"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_decoder_stats_relative_norm_and_cosine():
+    cc = _hand_built([Z, E[1], 3 * E[2]], [E[0], E[1], -E[2]], [SHARED_ENC] * 3)
+    s = decoder_stats(cc)
+    assert s["relative_norm"][:, 0].tolist() == pytest.approx([1.0, 0.5, 0.25])
+    assert s["cosine"][1:, 0].tolist() == pytest.approx([1.0, -1.0])
+
+
+# ------------------------------------------------------------------------------- dlmscope diff end to end
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    from dlmscope.data import builtin_corpus
+
+    path = tmp_path_factory.mktemp("text") / "docs.txt"
+    path.write_text("\n\n".join(builtin_corpus("train")[:150]))
+    return path
+
+
+def _args(tiny_dirs, text, out, *extra):
+    return ["diff", "--checkpoints", f"{tiny_dirs['llada']},{tiny_dirs['llada']}", "--dataset", str(text),
+            "--layers", "1", "--k", "4", "--expansion", "4", "--total-tokens", str(256 * 8), "--batch-size", "256",
+            "--buffer-tokens", "1024", "--seqs-per-forward", "8", "--context-length", "32", "--eval-tokens", "256",
+            "--eval-every", "4", "--checkpoint-every", "4", "--n-seqs", "4", "--out", str(out), "--name", "d",
+            "--no-progress", *extra]
+
+
+def test_diff_identical_checkpoints_end_to_end(tiny_dirs, text, tmp_path, capsys):
+    main(_args(tiny_dirs, text, tmp_path, "--diff-sae"))
+    out = capsys.readouterr().out
+    assert "0 specific to it" in out and "diff-SAE" in out
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    cc = report["crosscoders"]["blocks.1.hook_resid_post-k4"]
+    e = cc["per_checkpoint"][0]
+    assert e["specific_later"]["count"] == 0 and e["specific_base"]["count"] == 0 and cc["n_alive"] > 0
+    assert report["diff_saes"]["blocks.1.hook_resid_post-k4-diffsae"]["relative_difference_norm_sq"] == 0.0
+    assert (tmp_path / "d" / "diff.html").stat().st_size > 1000
+    loaded = load_crosscoder(cc["folder"])
+    assert loaded.cfg.checkpoints == [str(tiny_dirs["llada"])] * 2 and loaded.cfg.hook_name == "blocks.1.hook_resid_post"
+
+
+def test_diff_resume_equals_uninterrupted(tiny_dirs, text, tmp_path):
+    import dlmscope.sae.crosscoder as crosscoder
+    from dlmscope.analysis.diffing import DiffRun
+
+    def cfg(name, **kw):
+        return DiffConfig(checkpoints=f"{tiny_dirs['llada']},{tiny_dirs['llada']}", dataset=str(text), layers="1",
+                          k="4", expansion=4, total_tokens=256 * 8, batch_size=256, buffer_tokens=1024,
+                          seqs_per_forward=8, context_length=32, eval_tokens=256, eval_every=4, checkpoint_every=4,
+                          out=str(tmp_path), name=name, progress=False, **kw)
+
+    full = DiffRun(cfg("full")).run()
+    original, calls = crosscoder.CrossCoderTrainer.step, {"n": 0}
+
+    def interrupting(self, x, reduce=None):
+        calls["n"] += 1
+        if calls["n"] == 6:  # a SIGINT during step 6, after the checkpoint at step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, x, reduce)
+
+    crosscoder.CrossCoderTrainer.step = interrupting
+    try:
+        part = DiffRun(cfg("part")).run()
+    finally:
+        crosscoder.CrossCoderTrainer.step = original
+    assert part.interrupted
+    resumed = DiffRun(cfg("part", resume=True)).run()
+    a, b = (load_crosscoder(r.saes["blocks.1.hook_resid_post-k4"]) for r in (full, resumed))
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "input_scale", "threshold"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_diff_bad_inputs_are_one_line(tiny_dirs, text, tmp_path, tokenizer, capsys):
+    from dlmscope.models.tiny import write_tiny_llada
+    from dlmscope.tokenizer import train_tokenizer
+    from dlmscope.data import builtin_corpus
+
+    narrow = write_tiny_llada(tmp_path / "narrow", mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                              tokenizer=tokenizer, d_model=32)
+    other_tok = train_tokenizer(builtin_corpus("train")[500:900], vocab_size=len(tokenizer))
+    retok = write_tiny_llada(tmp_path / "retok", mask_id=other_tok.mask_token_id, vocab_size=len(other_tok),
+                             tokenizer=other_tok)
+    base = _args(tiny_dirs, text, tmp_path)
+    for checkpoints, message in ((str(tiny_dirs["llada"]), "at least two comma-separated checkpoints"),
+                                 (f"{tiny_dirs['llada']},{narrow}", "differ in architecture"),
+                                 (f"{tiny_dirs['llada']},{retok}", "different tokenizers")):
+        args = list(base)
+        args[2] = checkpoints
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
