@@ -24,6 +24,7 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
          device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
     """Family, size, mask id and hook names of a model."""
     from .models import load_model
+    from .models.base import HOOK_KINDS
 
     lm = load_model(model, device=device, dtype=dtype)
     layers = lm.n_layers
@@ -31,7 +32,7 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
         "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
-        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names}))}}}",
+        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_{{{','.join(k for k in HOOK_KINDS if any(n.endswith(k) for n in lm.hook_names))}}}",
     }
     typer.echo(json.dumps(summary, indent=2))
 

@@ -159,8 +159,7 @@ def capture(lm: LoadedModel, names: Sequence[str], *, steps: Steps = None, posit
     if not names:
         raise DLMScopeError("capture needs at least one hook name")
     cache = ActivationCache({n: [] for n in names}, {n: [] for n in names})
-    order = {n: (lm.layer_of(n), ("pre", "mid", "post").index(n.rsplit("_", 1)[1])) for n in names}
-    deepest = max(names, key=order.__getitem__)
+    deepest = max(names, key=lm.hook_order)
 
     def make_fn(name: str) -> HookFn:
         def fn(act: torch.Tensor, ctx: HookContext) -> None:

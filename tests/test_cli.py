@@ -18,7 +18,7 @@ def test_info_and_generate_on_checkpoint_folders(tiny_dirs, capsys):
     main(["info", str(tiny_dirs["dream"])])
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "dream" and info["shifted_logits"] and info["n_layers"] == 2 and info["d_model"] == 64
-    assert info["hook_names"] == "blocks.{0..1}.hook_resid_{mid,post,pre}" and info["parameters"] > 0
+    assert info["hook_names"] == "blocks.{0..1}.hook_{resid_pre,resid_mid,mlp_in,mlp_out,resid_post}" and info["parameters"] > 0
     main(["info", str(tiny_dirs["causal"]), "--dtype", "bfloat16"])
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "causal" and not info["diffusion"] and info["mask_id"] is None

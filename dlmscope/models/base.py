@@ -14,7 +14,9 @@ from ..errors import DLMScopeError
 FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens")
 """Checkpoint families `load_model` understands."""
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|mlp_in|mlp_out|resid_post)$")
+HOOK_KINDS = ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+"""Hook kinds in the order a layer's forward reaches them."""
 
 
 @dataclass
@@ -94,13 +96,17 @@ class LoadedModel:
                 )
             raise DLMScopeError(
                 f"unknown hook {hook_name!r}; allowed: blocks.{{0..{self.n_layers - 1}}}."
-                f"hook_resid_{{{'|'.join(sorted({n.rsplit('_', 1)[1] for n in self.sites}))}}}"
+                f"hook_{{{'|'.join(k for k in HOOK_KINDS if any(n.endswith(k) for n in self.sites))}}}"
             )
         return self.sites[hook_name]
 
     def layer_of(self, hook_name: str) -> int:
         self.site(hook_name)
         return int(_HOOK_RE.match(hook_name).group(1))
+
+    def hook_order(self, hook_name: str) -> tuple[int, int]:
+        """(layer, position within the layer): sorts hooks in the order a forward reaches them."""
+        return self.layer_of(hook_name), HOOK_KINDS.index(_HOOK_RE.match(hook_name).group(2))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits (B, L, V) for `input_ids` (B, L); `attention_mask` is 1 for real tokens."""
@@ -155,13 +161,19 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
     """TransformerLens-style hook names for a list of decoder layers.
 
     resid_pre reads a layer's input, resid_post its output, resid_mid the input of the layer's
-    second norm (the residual stream after attention, before the MLP).
+    second norm (the residual stream after attention, before the MLP). mlp_in and mlp_out are the
+    input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP reads
+    (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
+    our resid_mid), mlp_out is what the MLP adds to the residual stream (as in TransformerLens).
     """
     sites: dict[str, Site] = {}
     for i, layer in enumerate(layers):
         sites[f"blocks.{i}.hook_resid_pre"] = Site(layer, "input")
         if mid_attr is not None and hasattr(layer, mid_attr):
             sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
+        if isinstance(getattr(layer, "mlp", None), nn.Module):
+            sites[f"blocks.{i}.hook_mlp_in"] = Site(layer.mlp, "input")
+            sites[f"blocks.{i}.hook_mlp_out"] = Site(layer.mlp, "output")
         sites[f"blocks.{i}.hook_resid_post"] = Site(layer, "output")
     return sites
 
