@@ -33,15 +33,23 @@ class TrainSAEConfig:
     model: str = DEFAULT_MODEL
     """Built-in model name or local checkpoint folder."""
     layers: str = "1,3"
-    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site})."""
+    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
     site: str = "post"
-    """Residual-stream site: pre, mid or post."""
+    """Site the SAE reads: pre, mid or post (residual stream), mlp_in or mlp_out."""
     k: str = "32"
     """Comma-separated k values; one SAE per layer and k."""
     expansion: int = 8
     """Latents per input dimension (n_latents = expansion * d_model)."""
     architecture: str = "topk"
-    """topk or batchtopk."""
+    """topk, batchtopk, jumprelu, matryoshka, transcoder or skip_transcoder."""
+    target_site: str = ""
+    """Transcoders: the site they predict in the same layer (e.g. --site mlp_in --target-site mlp_out)."""
+    prefix_sizes: str = ""
+    """Matryoshka: comma-separated nested prefix sizes (default n_latents/16, n_latents/4; the width is added)."""
+    l0_coef: float = 1e-3
+    """JumpReLU: initial L0 penalty coefficient (steered so the L0 tracks k)."""
+    bandwidth: float = 0.05
+    """JumpReLU: rectangle-kernel bandwidth of the straight-through threshold gradient."""
     policy: str = ""
     """Position policy: mask, unmask, all or clean (default: mask for DLMs, clean for causal models)."""
     t_min: float = 0.05
@@ -103,6 +111,15 @@ class TrainSAEConfig:
         except ValueError:
             raise DLMScopeError(f"k={self.k!r} must be comma-separated integers") from None
 
+    def hook(self, layer: int, site: str) -> str:
+        return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
+
+    def prefix_list(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in self.prefix_sizes.split(",") if v.strip())
+        except ValueError:
+            raise DLMScopeError(f"prefix_sizes={self.prefix_sizes!r} must be comma-separated integers") from None
+
     def sae_device_list(self, default: str) -> list[str]:
         return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
 
@@ -124,6 +141,9 @@ def load_config_file(path: str | Path) -> dict:
         raise DLMScopeError(f"unknown config keys {unknown} in {str(path)!r}; allowed: {', '.join(sorted(known))}")
     return data
 
+
+SITES = ("pre", "mid", "post", "mlp_in", "mlp_out")
+"""Hook sites an SAE can read (and a transcoder predict)."""
 
 RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads")
 """Options that may differ between a run and its --resume (they do not change the result)."""
@@ -205,8 +225,12 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     layers, ks = cfg.layer_list(), cfg.k_list()
     if not layers or not ks:
         raise DLMScopeError("give at least one layer and one k")
-    if cfg.site not in ("pre", "mid", "post"):
-        raise DLMScopeError(f"site={cfg.site!r}; allowed: pre, mid, post")
+    if cfg.site not in SITES or (cfg.target_site and cfg.target_site not in SITES):
+        raise DLMScopeError(f"site={cfg.site!r}, target_site={cfg.target_site!r}; allowed: {', '.join(SITES)}")
+    transcoder = cfg.architecture.endswith("transcoder")
+    if transcoder != bool(cfg.target_site) or cfg.target_site == cfg.site:
+        raise DLMScopeError(f"target_site={cfg.target_site!r} with site={cfg.site!r}: transcoders (and only they) "
+                            "need a target site other than the site they read")
     folder = Path(cfg.out) / cfg.run_name()
     ckpt_path = folder / "checkpoint.pt"
     if dist.main:
@@ -218,7 +242,9 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
             raise DLMScopeError(f"cannot write to output folder {str(folder)!r}: {e.strerror}") from None
         if ckpt_path.exists() and not cfg.resume:
             raise DLMScopeError(f"run {str(folder)!r} already exists; pass --resume to continue it or choose --name")
-    hooks = [f"blocks.{i}.hook_resid_{cfg.site}" for i in layers]
+    hooks = [cfg.hook(i, cfg.site) for i in layers]
+    targets = {h: cfg.hook(i, cfg.target_site) for h, i in zip(hooks, layers)} if transcoder else {}
+    hooks += list(targets.values())
 
     if cfg.cache:  # the last shard is held out for metrics; the others are split across processes
         eval_src = CachedSource(cfg.cache, shards=slice(-1, None))
@@ -252,15 +278,17 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     eval_set = _eval_set(eval_src, cfg.eval_tokens)
     d_in = next(iter(eval_set.values())).shape[1] if d_model is None else d_model
     tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
-                       autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
+                       autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32", l0_coef=cfg.l0_coef,
+                       bandwidth=cfg.bandwidth)
     trainers: dict[str, SAETrainer] = {}
     sae_devices = cfg.sae_device_list(dist.device)
-    for h in hooks:
+    for h in hooks[:len(layers)]:
         for k in ks:
             meta = {"model_name": model_name, "hook_name": h, "masking_policy": policy,
-                    "t_range": [cfg.t_min, cfg.t_max], "dataset_path": cfg.dataset, "context_size": cfg.context_length}
-            trainers[f"{h}-k{k}"] = SAETrainer(SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture, meta),
-                                               tcfg, sae_devices[len(trainers) % len(sae_devices)])
+                    "t_range": [cfg.t_min, cfg.t_max], "dataset_path": cfg.dataset, "context_size": cfg.context_length,
+                    **({"hook_name_out": targets[h]} if transcoder else {})}
+            sae_cfg = SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture, meta, cfg.prefix_list())
+            trainers[f"{h}-k{k}"] = SAETrainer(sae_cfg, tcfg, sae_devices[len(trainers) % len(sae_devices)])
     history: list[dict] = []
     step = 0
     if cfg.resume:
@@ -316,12 +344,14 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     try:
         while step < total_steps:
             batch = buffer.next()
-            logs = {key: tr.step(batch.acts[key.rsplit("-k", 1)[0]], reduce) for key, tr in trainers.items()}
+            logs = {key: tr.step(batch.acts[h], reduce, batch.acts.get(targets.get(h)))
+                    for key, tr in trainers.items() for h in [key.rsplit("-k", 1)[0]]}
             step += 1
             if step % cfg.eval_every == 0 or step == total_steps:
                 entry = {"step": step, "tokens": step * cfg.batch_size, "seconds": time.time() - t0}
                 for key, tr in trainers.items():
-                    ev = evaluate_sae(tr.sae, eval_set[key.rsplit("-k", 1)[0]])
+                    h = key.rsplit("-k", 1)[0]
+                    ev = evaluate_sae(tr.sae, eval_set[h], target=eval_set.get(targets.get(h)))
                     entry[key] = {**{m: v for m, v in ev.items() if m != "density"}, "train_loss": logs[key]["loss"],
                                   "dead_fraction_train": logs[key]["dead_fraction"]}
                 history.append(entry)
@@ -351,7 +381,8 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     saes, final = {}, {}
     if dist.main:
         for key, tr in trainers.items():
-            ev = evaluate_sae(tr.sae, eval_set[key.rsplit("-k", 1)[0]])
+            h = key.rsplit("-k", 1)[0]
+            ev = evaluate_sae(tr.sae, eval_set[h], target=eval_set.get(targets.get(h)))
             final[key] = {m: v for m, v in ev.items() if m != "density"}
             final[key]["density_histogram"] = log10_density_histogram(ev["density"])
             saes[key] = save_sae(tr.sae, folder / "saes" / key.replace(".", "_"), density=ev["density"])
