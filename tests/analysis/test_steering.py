@@ -85,3 +85,15 @@ def test_empty_prompts_and_foreign_sae(llada, tiny_sae):
         steered_generate(llada, tiny_sae, SteeringSpec(3), [])
     with pytest.raises(DLMScopeError, match="does not match|trained on model|out of range"):
         steered_generate(llada, load_sae("tiny-dlm-L3-k32"), SteeringSpec(3), ["a"])
+
+
+@torch.no_grad()
+def test_transcoder_steering_writes_at_its_output_hook(llada, tiny_transcoder):
+    ids = torch.randint(4, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    hooks = ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    clean = run_with_cache(llada, ids, hooks, stop_early=False)
+    with steer(llada, tiny_transcoder, SteeringSpec(3, 2.0, mode="direction", scale="fixed")):
+        steered = run_with_cache(llada, ids, hooks, stop_early=False)
+    torch.testing.assert_close(steered[hooks[0]], clean[hooks[0]])
+    torch.testing.assert_close(steered[hooks[1]] - clean[hooks[1]], 2.0 * (tiny_transcoder.W_dec[3] / tiny_transcoder.output_scale).expand(1, 8, 64),
+                               atol=1e-5, rtol=1e-4)
