@@ -425,6 +425,16 @@ def summary_rows(result: dict) -> list[dict]:
     return rows
 
 
+def find_evaluation(sae: str, store: str | Path | None = None) -> Path | None:
+    """The evaluation.json shown for an SAE: in the feature store, else beside the SAE (registry name or folder)."""
+    from ..sae.registry import REGISTRY, registry
+
+    entry = registry().get(str(sae))
+    folder = REGISTRY.parent / entry["path"] if entry else Path(str(sae)).expanduser()
+    candidates = ([Path(store) / "evaluation.json"] if store else []) + [folder / "evaluation.json"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
 def write_report(result: dict, folder: str | Path) -> Path:
     """evaluation.json and evaluation.html (plotly) in `folder`."""
     import plotly.graph_objects as go
