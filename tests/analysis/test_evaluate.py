@@ -121,3 +121,18 @@ def test_report_files_and_cli_errors(suite, tmp_path, capsys):
         main(["evaluate", "tiny-dlm-L3-k32", "--probes", "token_class,colour"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "unknown label set 'colour'" in err and "\n" not in err
+
+
+def test_registered_evaluations_exist_and_show_the_masked_visible_gap():
+    from dlmscope.sae.registry import REGISTRY, registry
+
+    evaluated = {n: e for n, e in registry().items() if "evaluation" in e}
+    assert {"tiny-dlm-L1-k32", "tiny-dlm-L3-k32"} <= set(evaluated)
+    for name, entry in evaluated.items():
+        path = E.find_evaluation(name)
+        assert path == REGISTRY.parent / entry["evaluation"]
+        result = json.loads(path.read_text())
+        assert result["sae"]["hook"] == entry["hook"] and result["config"]["n_seqs"] == 64
+    l3 = json.loads(E.find_evaluation("tiny-dlm-L3-k32").read_text())["core"]
+    assert all(e["masked"]["fvu"] < 0.2 and e["visible"]["fvu"] > 0.45 for e in l3.values())
+    assert 0.08 < l3["0.5"]["masked"]["fvu"] < 0.11 and 0.45 < l3["0.5"]["visible"]["fvu"] < 0.55
