@@ -344,7 +344,7 @@ def train_sae(cfg: TrainSAEConfig) -> RunResult:
     try:
         while step < total_steps:
             batch = buffer.next()
-            logs = {key: tr.step(batch.acts[h], reduce, batch.acts.get(targets.get(h)))
+            logs = {key: tr.step(batch.acts[h], reduce, **({"target": batch.acts[targets[h]]} if h in targets else {}))
                     for key, tr in trainers.items() for h in [key.rsplit("-k", 1)[0]]}
             step += 1
             if step % cfg.eval_every == 0 or step == total_steps:

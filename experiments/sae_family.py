@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _study import run_or_render  # noqa: E402
+from _study import RESULTS, run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_text  # noqa: E402
 
 ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka", "skip_transcoder")
@@ -43,12 +43,13 @@ def train_family(args, seed: int) -> dict:
     source = ActivationSource(lm, [resid, mlp_in, mlp_out], rows.input_ids, rows.doc_ids, seed=seed, seqs_per_batch=32)
     buffer = ShuffleBuffer(source, 65536, 1024, seed=seed)
     tcfg = TrainConfig(total_tokens=args.tokens, batch_size=1024, seed=seed)
+    n_latents = args.expansion * lm.d_model
     meta = {"model_name": lm.name, "hook_name": resid, "masking_policy": source.policy, "t_range": [0.05, 0.5]}
     trainers = {}
     for arch in ARCHS:
         m = {**meta, "hook_name": mlp_in, "hook_name_out": mlp_out} if arch.endswith("transcoder") else meta
-        prefixes = (128, 512) if arch == "matryoshka" else ()
-        trainers[arch] = SAETrainer(SAEConfig(lm.d_model, 8 * lm.d_model, 32, arch, m, prefixes), tcfg, args.device)
+        prefixes = (n_latents // 16, n_latents // 4) if arch == "matryoshka" else ()
+        trainers[arch] = SAETrainer(SAEConfig(lm.d_model, n_latents, 32, arch, m, prefixes), tcfg, args.device)
     for _ in tqdm(range(tcfg.steps), desc=f"seed {seed}"):
         b = buffer.next()
         for arch, tr in trainers.items():
@@ -100,10 +101,11 @@ def run(args) -> dict:
     lm = load_model("dlmscope-tiny-dlm", device=args.device)
     rows = heldout_rows(lm.tokenizer, 128)
     cfg = EvaluateConfig(n_seqs=args.n_seqs, splice_seqs=args.splice_seqs, probe_examples=300)
-    results = {"config": {"tokens": args.tokens, "seeds": args.seeds, "n_seqs": args.n_seqs,
-                          "splice_seqs": args.splice_seqs, "layer": LAYER, "n_latents": 8 * lm.d_model, "k": 32},
-               "runs": {}}
-    for seed in range(args.seeds):
+    seeds = [int(v) for v in args.seed_list.split(",")]
+    results = {"config": {"tokens": args.tokens, "seeds": len(seeds), "n_seqs": args.n_seqs,
+                          "splice_seqs": args.splice_seqs, "layer": LAYER, "n_latents": args.expansion * lm.d_model,
+                          "k": 32}, "runs": {}}
+    for seed in seeds:
         t0 = time.time()
         saes = train_family(args, seed)
         results["config"][f"train_s_seed{seed}"] = round(time.time() - t0, 1)
@@ -157,14 +159,36 @@ def render(results: dict, out: Path) -> str:
     return table
 
 
+def merge(out: Path) -> None:
+    """Combine per-seed results (sae_family.seed*.json, run as parallel processes) into sae_family.json."""
+    import json
+
+    from dlmscope.io_utils import atomic_write_json
+
+    parts = [json.loads(f.read_text()) for f in sorted(out.glob("sae_family.seed*.json"))]
+    merged = {"config": {**parts[0]["config"], "seeds": sum(p["config"]["seeds"] for p in parts)}, "runs": {}}
+    for part in parts:
+        merged["config"].update({k: v for k, v in part["config"].items() if k.startswith("train_s")})
+        for arch, runs in part["runs"].items():
+            merged["runs"].setdefault(arch, []).extend(runs)
+    atomic_write_json(out / "sae_family.json", merged)
+    print(render(merged, out))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=600_000)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seed-list", default="0,1", help="seeds to run; a subset writes sae_family.seed<list>.json")
+    p.add_argument("--merge", action="store_true", help="combine the per-seed JSONs into sae_family.json")
+    p.add_argument("--expansion", type=int, default=8, help="latents per model dimension")
     p.add_argument("--n-seqs", type=int, default=32)
     p.add_argument("--splice-seqs", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
-    run_or_render(p, "sae_family", run, render)
+    known, _ = p.parse_known_args()
+    if known.merge:
+        return merge(RESULTS)
+    name = "sae_family" if known.seed_list == "0,1" else f"sae_family.seed{known.seed_list.replace(',', '_')}"
+    run_or_render(p, name, run, render)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Top-K and BatchTopK sparse autoencoders.
+"""Top-K and BatchTopK sparse autoencoders, and the base class of the whole family.
+
+JumpReLU (jumprelu.py), Matryoshka (matryoshka.py) and (skip) transcoders (transcoder.py) subclass
+`TopKSAE` and keep its interface (encode, encode_topk, decode, reconstruct, W_dec, cfg); the trainer
+calls the per-architecture hooks `configure_training`, `init_from_batch`, `extra_loss`, `after_step`.
 
 Encoder: pre = (x * s - b_dec) @ W_enc + b_enc; latents = ReLU of the k largest pre-activations per
 token (Top-K). BatchTopK keeps the k * N largest ReLU'd pre-activations over a training batch of N
