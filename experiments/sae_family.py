@@ -1,9 +1,11 @@
 """The SAE family side by side on dlmscope-tiny-dlm, layer 3, at matched sparsity (L0 ~ 32), two seeds.
 
 Top-K, BatchTopK, JumpReLU (lambda steered to L0 = 32), Matryoshka BatchTopK (prefixes 128, 512, 2048)
-on blocks.3.hook_resid_post and a skip transcoder blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out, 2048
-latents each, trained like the shipped SAEs (masking policy `mask`, t ~ U[0.05, 0.5], batch 1024) on
-`--tokens` tokens. Per seed one activation stream (its own data order and masks) feeds all five
+on blocks.3.hook_resid_post and a skip transcoder blocks.3.hook_mlp_in -> blocks.3.hook_mlp_out,
+`--expansion` x d_model latents each (the committed table: 4, i.e. 1,024, and 307,200 tokens), trained like
+the shipped SAEs (masking policy `mask`, t ~ U[0.05, 0.5], batch 1024) on `--tokens` tokens. Seeds can run
+as parallel processes (`--seed-list 0`, `--seed-list 1`, then `--merge`). Per seed one activation stream
+(its own data order and masks) feeds all five
 trainers, so the architectures see identical data. Each SAE then goes through `dlmscope evaluate`'s
 suite; the table shows the mean over seeds and a 95% Student-t interval (n = 2: wide by design).
 Writes experiments/results/sae_family.{json,md}; `--render` rebuilds the table from the JSON.
