@@ -29,14 +29,16 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
          device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
     """Family, size, mask id and hook names of a model."""
     from .models import load_model
+    from .models.base import ROUTER_SITES, SITE_ORDER
 
     lm = load_model(model, device=device, dtype=dtype)
     layers = lm.n_layers
+    kinds = [k for k in SITE_ORDER if k not in ROUTER_SITES and any(n.endswith(f".hook_{k}") for n in lm.hook_names)]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
         "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
-        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_resid_{{{','.join(sorted({n.rsplit('_', 1)[1] for n in lm.hook_names if '.hook_resid_' in n}))}}}",
+        "hook_names": f"blocks.{{0..{layers - 1}}}.hook_{{{','.join(kinds)}}}",
     }
     if lm.n_experts:
         moe_layers = sorted({lm.layer_of(n) for n in lm.hook_names if n.endswith(".hook_router_logits")})
@@ -260,6 +262,50 @@ def eval_splice(
     typer.echo(splice_table(result))
     if out:
         atomic_write_json(out, result)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    sae: str = typer.Argument(..., help="SAE name (registry) or folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
+    out: Optional[str] = typer.Option(None, help="Folder for evaluation.json / .html (default: eval-<SAE name>)."),
+    n_seqs: int = typer.Option(64, help="Held-out sequences for core metrics and t-curves."),
+    t_bins: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated mask ratios."),
+    splice_seqs: int = typer.Option(32, help="Sequences per bin for ΔCE / ΔELBO (0 skips splicing)."),
+    probes: str = typer.Option("token_class,sudoku_digit,countdown_op", help="Label sets for sparse probing ('' skips)."),
+    probe_k: str = typer.Option("1,2,5,20", help="Comma-separated latents per sparse probe."),
+    absorption: bool = typer.Option(True, help="Run the first-letter absorption metric."),
+    context_length: int = typer.Option(128, help="Tokens per held-out sequence."),
+    seed: int = typer.Option(0, help="Mask and split seed."),
+    device: str = DeviceOpt,
+) -> None:
+    """SAEBench-style evaluation for DLMs: core metrics per mask ratio and masked vs visible, t-curves, sparse probing, absorption."""
+    from pathlib import Path
+
+    from .analysis.evaluate import EvaluateConfig, evaluate_sae_suite, summary_rows, write_report
+    from .data import heldout_rows
+    from .models import load_model
+    from .sae import load_sae
+
+    try:
+        cfg = EvaluateConfig(n_seqs=n_seqs, t_bins=tuple(float(v) for v in t_bins.split(",") if v.strip()),
+                             splice_seqs=splice_seqs, probes=tuple(p.strip() for p in probes.split(",") if p.strip()),
+                             probe_k=tuple(int(v) for v in probe_k.split(",") if v.strip()), absorption=absorption,
+                             seed=seed)
+    except ValueError as e:
+        if isinstance(e, DLMScopeError):
+            raise
+        raise DLMScopeError(f"t-bins={t_bins!r} and probe-k={probe_k!r} must be comma-separated numbers") from None
+    sae_obj = load_sae(sae, device=device)
+    lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, device=device)
+    result = evaluate_sae_suite(lm, sae_obj, heldout_rows(lm.tokenizer, context_length), cfg)
+    path = write_report(result, out or f"eval-{Path(sae).name}")
+    typer.echo("| t | FVU masked | FVU visible | L0 masked | L0 visible | ΔCE (all positions) |\n|---|---|---|---|---|---|")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in summary_rows(result):
+        typer.echo(f"| {r['t']:g} | {fmt(r['fvu_masked'])} | {fmt(r['fvu_visible'])} | {fmt(r['l0_masked'])} | "
+                   f"{fmt(r['l0_visible'])} | {fmt(r['delta_ce'])} |")
+    typer.echo(f"written {path} and {path.with_suffix('.html')}")
 
 
 @app.command("cache")

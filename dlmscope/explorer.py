@@ -389,6 +389,34 @@ def _summary(st, store, feature, args) -> None:
     else:
         st.caption(f"No splice result found: pass --splice FILE (from `dlmscope eval-splice --out FILE`) or put it "
                    f"at {path}.")
+    _evaluation(st, args.sae or m["sae"], args.store)
+
+
+def _evaluation(st, sae: str, store: str) -> None:
+    """The `dlmscope evaluate` result of this SAE, when one is stored beside it or in the feature store."""
+    from dlmscope.analysis.evaluate import find_evaluation, summary_rows
+
+    st.subheader("Evaluation (dlmscope evaluate)")
+    path = find_evaluation(sae, store)
+    if path is None:
+        st.caption(f"No evaluation found: run `dlmscope evaluate {sae} --out {store}`.")
+        return
+    result = json.loads(path.read_text())
+    st.caption(f"from {path}: reconstruction per mask ratio on masked vs visible positions (a DLM SAE trained on "
+               "masked positions reconstructs them far better than the visible ones); ΔCE of splicing at all positions")
+    st.dataframe(summary_rows(result), hide_index=True)
+    curves = result["t_curves"]
+    cols = st.columns(3)
+    cols[0].metric("latents mostly on masked positions", f"{curves['mostly_masked_fraction']:.2f}")
+    cols[1].metric("latents mostly on visible positions", f"{curves['mostly_visible_fraction']:.2f}")
+    absorption = result.get("absorption", {})
+    cols[2].metric("first-letter absorption", f"{absorption['mean_absorption_fraction']:.3f}"
+                   if "mean_absorption_fraction" in absorption else "n/a")
+    probes = [{"label set": name, "residual": pr["residual"]["all"], **{f"SAE k={k}": v["all"] for k, v in pr["sae"].items()}}
+              for name, pr in result.get("probing", {}).items() if "sae" in pr]
+    if probes:
+        st.caption("sparse probing test accuracy (all positions)")
+        st.dataframe(probes, hide_index=True)
 
 
 def _experts(st, store, feature, args) -> None:

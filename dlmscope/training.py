@@ -39,15 +39,23 @@ class TrainSAEConfig:
     model: str = DEFAULT_MODEL
     """Built-in model name or local checkpoint folder."""
     layers: str = "1,3"
-    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site})."""
+    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
     site: str = "post"
-    """Residual-stream site: pre, mid or post."""
+    """Site the SAE reads: pre, mid or post (residual stream), mlp_in or mlp_out."""
     k: str = "32"
     """Comma-separated k values; one SAE per layer and k."""
     expansion: int = 8
     """Latents per input dimension (n_latents = expansion * d_model)."""
     architecture: str = "topk"
-    """topk or batchtopk."""
+    """topk, batchtopk, jumprelu, matryoshka, transcoder or skip_transcoder."""
+    target_site: str = ""
+    """Transcoders: the site they predict in the same layer (e.g. --site mlp_in --target-site mlp_out)."""
+    prefix_sizes: str = ""
+    """Matryoshka: comma-separated nested prefix sizes (default n_latents/16, n_latents/4; the width is added)."""
+    l0_coef: float = 1e-3
+    """JumpReLU: initial L0 penalty coefficient (steered so the L0 tracks k)."""
+    bandwidth: float = 0.05
+    """JumpReLU: rectangle-kernel bandwidth of the straight-through threshold gradient."""
     policy: str = ""
     """Position policy: mask, unmask, all or clean (default: mask for DLMs, clean for causal models)."""
     t_min: float = 0.05
@@ -125,7 +133,13 @@ class TrainSAEConfig:
         checks.number("t_max", self.t_max, self.t_min, 1.0)
         self.layer_list()
         self.k_list()
-        checks.choice("site", self.site, ("pre", "mid", "post"))
+        checks.choice("site", self.site, SITES)
+        if self.target_site:
+            checks.choice("target_site", self.target_site, SITES)
+        if self.architecture.endswith("transcoder") != bool(self.target_site) or self.target_site == self.site:
+            raise DLMScopeError(f"target_site={self.target_site!r} with site={self.site!r}: transcoders (and only they) "
+                                "need a target site other than the site they read")
+        self.prefix_list()
         checks.choice("architecture", self.architecture, ARCHITECTURES)
         checks.choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         checks.choice("policy", self.policy, ("", *POLICIES))
@@ -139,6 +153,15 @@ class TrainSAEConfig:
 
     def k_list(self) -> list[int]:
         return checks.int_list("k", self.k, 1)
+
+    def hook(self, layer: int, site: str) -> str:
+        return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
+
+    def prefix_list(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in self.prefix_sizes.split(",") if v.strip())
+        except ValueError:
+            raise DLMScopeError(f"prefix_sizes={self.prefix_sizes!r} must be comma-separated integers") from None
 
     def sae_device_list(self, default: str) -> list[str]:
         return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
@@ -171,6 +194,9 @@ def load_config_file(path: str | Path, cls: type = TrainSAEConfig) -> dict:
         raise DLMScopeError(f"unknown config keys {unknown} in {str(path)!r}; allowed: {', '.join(sorted(known))}")
     return data
 
+
+SITES = ("pre", "mid", "post", "mlp_in", "mlp_out")
+"""Hook sites an SAE can read (and a transcoder predict)."""
 
 RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads", "prefetch")
 """Options that may differ between a run and its --resume (they do not change the result)."""
@@ -268,7 +294,9 @@ class DictionaryRun:
         self.cfg = cfg
         self.dist = _Dist(cfg.device)
         self.folder = Path(cfg.out) / check_name(cfg.run_name())
-        self.hooks = [f"blocks.{i}.hook_resid_{cfg.site}" for i in cfg.layer_list()]
+        self.hooks = [cfg.hook(i, cfg.site) for i in cfg.layer_list()]
+        self.targets: dict[str, str] = {}
+        """Input hook -> the hook a trainer predicts, where that differs (transcoders)."""
         self.trainers: dict = {}
         self.routes: dict[str, str] = {}
         self.history: list[dict] = []
@@ -287,6 +315,11 @@ class DictionaryRun:
 
     def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         return acts[self.routes[key]]
+
+    def target_kwargs(self, key: str, acts: dict[str, torch.Tensor]) -> dict:
+        """`target=` for a trainer that predicts another hook than it reads (transcoders), else nothing."""
+        out = self.targets.get(self.routes[key])
+        return {"target": acts[out]} if out else {}
 
     def activation_source(self, lm, rows: torch.Tensor, doc_ids: torch.Tensor, **kwargs):
         """The source of training (and held-out) batches when running the model; crosscoders pair checkpoints."""
@@ -415,7 +448,8 @@ class DictionaryRun:
         batch = self.buffer.next()
         self.wait_seconds += time.perf_counter() - t
         reduce = self.dist.mean if self.dist.world > 1 else None
-        logs = {key: tr.step(self.inputs(key, batch.acts), reduce) for key, tr in self.trainers.items()}
+        logs = {key: tr.step(self.inputs(key, batch.acts), reduce, **self.target_kwargs(key, batch.acts))
+                for key, tr in self.trainers.items()}
         self.steps_done += 1
         return logs
 
@@ -423,7 +457,7 @@ class DictionaryRun:
         entry = {"step": self.steps_done, "tokens": self.steps_done * self.cfg.batch_size,
                  "seconds": time.time() - self.t0}
         for key, tr in self.trainers.items():
-            ev = tr.evaluate(self.inputs(key, self.eval_set))
+            ev = tr.evaluate(self.inputs(key, self.eval_set), **self.target_kwargs(key, self.eval_set))
             entry[key] = {**{m: v for m, v in ev.items() if m != "density"}, "train_loss": logs[key]["loss"],
                           "dead_fraction_train": logs[key]["dead_fraction"]}
         self.history.append(entry)
@@ -446,7 +480,7 @@ class DictionaryRun:
         outputs, final = {}, {}
         if self.dist.main:
             for key, tr in self.trainers.items():
-                ev = tr.evaluate(self.inputs(key, self.eval_set))
+                ev = tr.evaluate(self.inputs(key, self.eval_set), **self.target_kwargs(key, self.eval_set))
                 final[key] = {m: v for m, v in ev.items() if m != "density"}
                 final[key]["density_histogram"] = log10_density_histogram(ev["density"])
                 outputs[key] = self.save_output(key, tr, ev["density"])
@@ -486,18 +520,23 @@ class SAERun(DictionaryRun):
         super().__init__(cfg)
         if not cfg.k_list():
             raise DLMScopeError("give at least one k")
+        self.reads = list(self.hooks)
+        if cfg.target_site:
+            self.targets = {h: cfg.hook(i, cfg.target_site) for h, i in zip(self.reads, cfg.layer_list())}
+            self.hooks += list(self.targets.values())
 
     def build_trainers(self, d_in: int, meta: dict) -> None:
         cfg = self.cfg
         tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
-                           optimizer=cfg.optimizer,
+                           optimizer=cfg.optimizer, l0_coef=cfg.l0_coef, bandwidth=cfg.bandwidth,
                            autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
         devices = cfg.sae_device_list(self.dist.device)
-        for h in self.hooks:
+        for h in self.reads:
+            out = {"hook_name_out": self.targets[h]} if h in self.targets else {}
             for k in cfg.k_list():
                 key = f"{h}-k{k}"
                 self.trainers[key] = SAETrainer(SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture,
-                                                          {**meta, "hook_name": h}),
+                                                          {**meta, "hook_name": h, **out}, cfg.prefix_list()),
                                                 tcfg, devices[len(self.routes) % len(devices)])
                 self.routes[key] = h
 

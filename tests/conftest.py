@@ -52,6 +52,22 @@ def tiny_sae(llada):
     return tr.sae.eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_transcoder(llada):
+    """A skip transcoder on the tiny LLaDA's layer-1 MLP (input -> output), trained for a few steps."""
+    from dlmscope.hooks import run_with_cache
+    from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
+
+    hooks = ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    ids = torch.randint(4, llada.vocab_size, (16, 16), generator=torch.Generator().manual_seed(0))
+    x, y = (a.reshape(-1, 64) for a in run_with_cache(llada, ids, hooks).values())
+    meta = {"model_name": llada.name, "hook_name": hooks[0], "hook_name_out": hooks[1]}
+    tr = SAETrainer(SAEConfig(64, 256, 8, "skip_transcoder", meta), TrainConfig(total_tokens=256 * 20, batch_size=256))
+    for _ in range(20):
+        tr.step(x, target=y)
+    return tr.sae.eval()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one thread is faster and immune to OpenMP spin-waits on a busy 2-core machine."""

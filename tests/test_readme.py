@@ -62,6 +62,7 @@ SLOW = {  # block -> the fast tests that run the same commands
     "analyses/0": "tests/test_cli.py::test_analysis_commands_smoke (eval-splice, steer, order)",
     "rl/0": "tests/test_cli.py::test_rspo_command_both_algorithms_and_resume, "
             "tests/test_cli.py::test_analysis_commands_smoke (stability)",
+    "rl/1": "tests/analysis/test_diffing.py (dlmscope diff --diff-sae end to end through main(); it needs rl/0's checkpoint, slow too)",
     "explorer/0": "tests/apps/test_explorer.py (features build; dlmscope explore launched and browsed)",
 }
 OTHER_LANGUAGES: dict[str, str] = {}

@@ -366,3 +366,33 @@ def test_signum_sf_run_saves_the_averaged_weights(tiny_dirs, text, tmp_path):
                                                                                    / tr.sae.input_scale, atol=1e-6)
     assert json.loads((result.folder / "config.json").read_text())["optimizer"] == "signum_sf"
     assert result.metrics[next(iter(result.saes))]["fvu"] < 1.0
+
+
+@pytest.mark.parametrize("arch,extra", [("jumprelu", {}), ("matryoshka", {"prefix_sizes": "16,64"}),
+                                        ("skip_transcoder", {"site": "mlp_in", "target_site": "mlp_out"})])
+def test_train_sae_family_architectures(tiny_dirs, text, tmp_path, arch, extra):
+    cfg = _cfg(tiny_dirs, text, tmp_path, layers="1", k="8", architecture=arch, total_tokens=256 * 4, eval_every=2,
+               **extra)
+    result = train_sae(cfg)
+    (key, folder), = result.saes.items()
+    sae = load_sae(folder)
+    assert sae.cfg.architecture == arch and 0 < result.metrics[key]["fvu"] < 10 and result.metrics[key]["l0"] > 0
+    if arch == "matryoshka":
+        assert sae.cfg.prefix_sizes == (16, 64, 256)
+    if arch == "skip_transcoder":
+        assert key == "blocks.1.hook_mlp_in-k8" and sae.cfg.hook_name_out == "blocks.1.hook_mlp_out"
+
+
+@pytest.mark.parametrize("extra,match", [({"architecture": "transcoder", "site": "mlp_in", "target_site": "mlp_in"},
+                                          "target site other than"),
+                                         ({"architecture": "transcoder"}, "target site other than"),
+                                         ({"architecture": "matryoshka", "prefix_sizes": "64,16"}, "prefix sizes")])
+def test_train_sae_family_bad_options_one_line(tiny_dirs, text, tmp_path, capsys, extra, match):
+    args = ["train-sae", "--model", str(tiny_dirs["llada"]), "--dataset", str(text), "--layers", "1", "--out",
+            str(tmp_path), "--total-tokens", "512", "--batch-size", "256", "--no-progress"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and match in err and "\n" not in err

@@ -59,6 +59,7 @@ def check_sae_matches(lm: LoadedModel, sae, other_model_ok: bool = False) -> str
     if hook is None:
         raise DLMScopeError("the SAE records no hook_name in its metadata; cannot tell where to splice it")
     lm.site(hook)
+    lm.site(sae.cfg.hook_name_out)
     if sae.cfg.d_in != lm.d_model:
         raise DLMScopeError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name} d_model={lm.d_model}")
     recorded = sae.cfg.model_name
@@ -108,16 +109,24 @@ def _bin_mean(lm: LoadedModel, hook: str, batches: list, positions: str) -> torc
     return (total / max(n, 1)).float()
 
 
-def _replacement(sae, condition: str, mean_act: torch.Tensor, with_error: bool):
+def splice_hooks(sae, condition: str = "sae", mean_act: torch.Tensor | None = None, with_error: bool = False) -> dict:
+    """{hook name: hook fn} replacing what the SAE reconstructs (the output hook of a transcoder, which is fed
+    the input hook's activation of the same forward) by its reconstruction, zeros or the mean activation."""
+    seen: dict[str, torch.Tensor] = {}
+    source, dest = sae.cfg.hook_name, sae.cfg.hook_name_out
+
+    def remember(act: torch.Tensor, ctx) -> None:
+        seen["x"] = act
+
     def fn(act: torch.Tensor, ctx) -> torch.Tensor:
         if condition == "zero":
             return torch.zeros_like(act)
         if condition == "mean":
             return mean_act.to(act).expand_as(act)
-        recon = sae.reconstruct(act.float()).to(act.dtype)
+        recon = sae.reconstruct(seen.pop("x", act).float()).to(act.dtype)
         return recon + (act - recon) if with_error else recon
 
-    return fn
+    return {dest: fn} if dest == source else {source: remember, dest: fn}
 
 
 @torch.no_grad()
@@ -137,14 +146,14 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
         per = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
         batches = [draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed, b_idx, s)
                    for s in range(0, rows.shape[0], cfg.batch_size)]
-        mean_act = _bin_mean(lm, hook, batches, cfg.positions)
+        mean_act = _bin_mean(lm, sae.cfg.hook_name_out, batches, cfg.positions)
         for x0, xt, c in batches:
             pos = _positions(c, cfg.positions)
             for cond in CONDITIONS:
                 if cond == "clean":
                     logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt, clean=x0)
                 else:
-                    with hooked(lm, {hook: _replacement(sae, cond, mean_act, cfg.with_error)}, positions=pos):
+                    with hooked(lm, splice_hooks(sae, cond, mean_act, cfg.with_error), positions=pos):
                         logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt, clean=x0)
                 if lm.causal:
                     ce = next_token_ce(logits, x0).mean(1)

@@ -97,17 +97,21 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
     hook = check_sae_matches(lm, sae)
     validate(spec, sae, lm)
     f = spec.feature
-    direction = sae.W_dec[f].detach().float() / sae.input_scale
+    direction = sae.W_dec[f].detach().float() / sae.output_scale
+    seen: dict[str, torch.Tensor] = {}  # a transcoder encodes its input hook and writes at its output hook
+
+    def remember(act: torch.Tensor, ctx) -> None:
+        seen["x"] = act
 
     def fn(act: torch.Tensor, ctx) -> torch.Tensor | None:
         if spec.strength == 0:
             return None
-        h = act.float()
+        h, x = act.float(), seen.pop("x", act).float()
         d = direction.to(h.device)
         if spec.mode == "direction" or spec.scale == "fixed":
             new = h + spec.strength * d
         else:
-            new = h + (spec.strength * sae.encode_topk(h)[0].max(-1).values)[..., None] * d
+            new = h + (spec.strength * sae.encode_topk(x)[0].max(-1).values)[..., None] * d
         B, L = h.shape[:2]
         if spec.positions == "generated":
             offset = ctx.state.window[0] if ctx.state.window else 0  # a KV-cached step sees only its window
@@ -116,14 +120,15 @@ def steer(lm: LoadedModel, sae, spec: SteeringSpec, prompt_length: int = 0):
                 start = L - ctx.state.step
             where = (torch.arange(offset, offset + L, device=h.device) >= start)[None].expand(B, L)
         elif spec.positions.startswith("top:"):
-            score = sae.encode(h)[..., f]
+            score = sae.encode(x)[..., f]
             where = torch.zeros(B, L, dtype=torch.bool, device=h.device)
             where.scatter_(1, score.topk(min(int(spec.positions[4:]), L), dim=1).indices, True)
         else:
             return new.to(act.dtype)
         return torch.where(where[..., None], new, h).to(act.dtype)
 
-    with hooked(lm, {hook: fn}, steps=step_filter(spec, lm),
+    out_hook = sae.cfg.hook_name_out
+    with hooked(lm, {out_hook: fn} if out_hook == hook else {hook: remember, out_hook: fn}, steps=step_filter(spec, lm),
                 positions="masked" if spec.positions == "masked" else None):
         yield
 

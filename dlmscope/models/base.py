@@ -14,8 +14,10 @@ from ..errors import DLMScopeError
 FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens", "lladamoe", "llada2")
 """Checkpoint families `load_model` understands."""
 
-SITE_ORDER = ("resid_pre", "resid_mid", "router_logits", "expert_weights", "expert_indices", "resid_post")
+SITE_ORDER = ("resid_pre", "resid_mid", "mlp_in", "router_logits", "expert_weights", "expert_indices", "mlp_out",
+              "resid_post")
 """Per-layer hook sites in the order a forward pass reaches them (router sites exist on MoE layers only)."""
+ROUTER_SITES = ("router_logits", "expert_weights", "expert_indices")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(SITE_ORDER) + r")$")
 
 
@@ -183,13 +185,19 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
     """TransformerLens-style hook names for a list of decoder layers.
 
     resid_pre reads a layer's input, resid_post its output, resid_mid the input of the layer's
-    second norm (the residual stream after attention, before the MLP).
+    second norm (the residual stream after attention, before the MLP). mlp_in and mlp_out are the
+    input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP reads
+    (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
+    our resid_mid), mlp_out is what the MLP adds to the residual stream (as in TransformerLens).
     """
     sites: dict[str, Site] = {}
     for i, layer in enumerate(layers):
         sites[f"blocks.{i}.hook_resid_pre"] = Site(layer, "input")
         if mid_attr is not None and hasattr(layer, mid_attr):
             sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
+        if isinstance(getattr(layer, "mlp", None), nn.Module):
+            sites[f"blocks.{i}.hook_mlp_in"] = Site(layer.mlp, "input")
+            sites[f"blocks.{i}.hook_mlp_out"] = Site(layer.mlp, "output")
         sites[f"blocks.{i}.hook_resid_post"] = Site(layer, "output")
     return sites
 

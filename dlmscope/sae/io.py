@@ -8,6 +8,9 @@ masking_policy and t_range}, plus `k` and `rescale_acts_by_decoder_norm` for "to
 `sparsity.safetensors` with `sparsity` = log10 feature density. SAELens has no inference "batchtopk"
 class: it saves BatchTopK SAEs as "jumprelu" with a `threshold` (d_sae) tensor, and so do we (the
 same threshold for every latent; `metadata.dlmscope_architecture` = "batchtopk" and `k` record ours).
+JumpReLU SAEs are "jumprelu" with their per-latent thresholds; Matryoshka SAEs are saved like BatchTopK
+(plus `metadata.prefix_sizes`); transcoders are "jumprelu_transcoder" / "jumprelu_skip_transcoder"
+(`d_out`, `apply_b_dec_to_input` false, `W_skip` (d_out, d_in), `metadata.hook_name_out`).
 
 Also read: DLM-Scope's release format, dictionary_learning's AutoEncoderTopK / BatchTopKSAE (`ae.pt`
 state dict encoder.weight (n, d), encoder.bias, decoder.weight (d, n), b_dec, k, threshold; and
@@ -32,10 +35,14 @@ from pathlib import Path
 import torch
 
 from ..errors import DLMScopeError
-from .model import SAEConfig, TopKSAE
+from .family import build_sae
+from .model import BATCH_SELECTED, SAEConfig, TopKSAE
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout our cfg.json follows
 CHECKSUM_KEY = "dlmscope_weights_sha256"
+SAVED_AS = {"batchtopk": "jumprelu", "jumprelu": "jumprelu", "matryoshka": "jumprelu",
+            "transcoder": "jumprelu_transcoder", "skip_transcoder": "jumprelu_skip_transcoder"}
+"""SAELens architecture each of ours is saved as (Top-K is SAELens' own "topk")."""
 
 
 def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = None) -> Path:
@@ -56,13 +63,18 @@ def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = No
     cfg_json = {"d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32", "device": "cpu",
                 "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
                 "metadata": meta}
-    weights = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if cfg.architecture == "batchtopk":
-        cfg_json["architecture"] = "jumprelu"
-        meta.update(dlmscope_architecture="batchtopk", k=cfg.k)
-        weights["threshold"] = torch.full((cfg.n_latents,), float(sae.threshold))
-    else:
+    names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if cfg.architecture == "skip_transcoder" else ())
+    weights = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in names}
+    if cfg.architecture == "topk":
         cfg_json.update(architecture="topk", k=cfg.k, rescale_acts_by_decoder_norm=False)
+    else:
+        cfg_json["architecture"] = SAVED_AS[cfg.architecture]
+        meta.update(dlmscope_architecture=cfg.architecture, k=cfg.k)
+        weights["threshold"] = torch.broadcast_to(sae.threshold.detach().float(), (cfg.n_latents,)).contiguous().cpu()
+        if cfg.architecture == "matryoshka":
+            meta["prefix_sizes"] = list(cfg.prefix_sizes)
+        if cfg.architecture.endswith("transcoder"):
+            cfg_json.update(d_out=cfg.d_in, apply_b_dec_to_input=False)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         save_file(weights, str(tmp / "sae_weights.safetensors"))
@@ -85,7 +97,7 @@ def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = No
 
 
 def _folded_copy(sae: TopKSAE) -> TopKSAE:
-    copy = TopKSAE(sae.cfg)
+    copy = build_sae(sae.cfg)
     copy.load_state_dict(sae.state_dict())
     copy.fold_input_scale()
     return copy.eval()
@@ -145,10 +157,11 @@ def _dict(value, key: str, path: Path) -> dict:
     return value
 
 
-def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: float | None = None) -> TopKSAE:
-    sae = TopKSAE(cfg)
+def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: float | torch.Tensor | None = None,
+           **extra: torch.Tensor) -> TopKSAE:
+    sae = build_sae(cfg)
     with torch.no_grad():
-        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec), *extra.items()):
             target = getattr(sae, name)
             if tuple(value.shape) != tuple(target.shape):
                 raise DLMScopeError(f"{str(path)!r}: weight {name} has shape {tuple(value.shape)}, "
@@ -156,7 +169,7 @@ def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: fl
             target.copy_(value.float())
             _check_finite(target, name, path)
         if threshold is not None:
-            sae.threshold.fill_(float(threshold))
+            sae.threshold.copy_(torch.as_tensor(threshold, dtype=torch.float32).expand_as(sae.threshold))
             _check_finite(sae.threshold, "threshold", path)
     return sae.eval()
 
@@ -181,28 +194,40 @@ def _load_saelens(path: Path) -> TopKSAE:
     if c.get("normalize_activations", "none") not in ("none", None) or c.get("reshape_activations", "none") != "none":
         raise DLMScopeError(f"{str(cfg_path)!r}: normalize_activations / reshape_activations other than 'none' "
                             "are not supported")
-    if not c.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+    transcoder = arch in ("jumprelu_transcoder", "jumprelu_skip_transcoder")
+    if not c.get("apply_b_dec_to_input", True) and not transcoder:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         b_enc = b_enc + b_dec @ W_enc
     if c.get("rescale_acts_by_decoder_norm", False):  # fold |W_dec row| into the encoder
         norm = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norm, b_enc * norm, W_dec / norm[:, None]
-    threshold = None
-    if arch == "jumprelu" and "threshold" in w and (meta.get("dlmscope_architecture") == "batchtopk" or "k" in c):
-        t = w["threshold"].float()
-        if not torch.all(t == t[0]):
-            raise DLMScopeError(f"{str(w_path)!r}: a JumpReLU SAE with per-latent thresholds is not supported")
-        arch, threshold = "batchtopk", float(t[0])
+    threshold, extra = None, {}
+    if arch in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
+        t = _get(w, "threshold", w_path).float()
+        same = bool(torch.all(t == t[0]))
+        default = {"jumprelu": "batchtopk" if "k" in c and same else "jumprelu", "jumprelu_transcoder": "transcoder",
+                   "jumprelu_skip_transcoder": "skip_transcoder"}[arch]
+        arch = meta.get("dlmscope_architecture", default)
+        if arch in BATCH_SELECTED and not same:
+            raise DLMScopeError(f"{str(w_path)!r}: a {arch} SAE needs one threshold for every latent")
+        threshold = t if arch == "jumprelu" else t[0]
+        if arch == "skip_transcoder":
+            extra["W_skip"] = _get(w, "W_skip", w_path).float()
+        if transcoder and int(c.get("d_out", c.get("d_in", 0))) != int(c.get("d_in", 0)):
+            raise DLMScopeError(f"{str(cfg_path)!r}: transcoders with d_out != d_in are not supported")
     elif arch != "topk":
-        raise DLMScopeError(f"{str(cfg_path)!r}: architecture {arch!r} is not supported (topk, or batchtopk saved as "
-                            "jumprelu)")
+        raise DLMScopeError(f"{str(cfg_path)!r}: architecture {arch!r} is not supported (topk, jumprelu, "
+                            "jumprelu_transcoder, jumprelu_skip_transcoder)")
     k = c.get("k", meta.get("k"))
+    if k is None and arch == "jumprelu":  # a foreign JumpReLU SAE: k only sizes per-token top-k views
+        k = min(32, int(_get(c, "d_sae", cfg_path)) - 1)
     if k is None:
         raise DLMScopeError(f"{str(cfg_path)!r} lacks 'k'")
+    prefixes = tuple(meta.pop("prefix_sizes", ()) or ())
     for key in ("dlmscope_architecture", "k", "sae_lens_version", "sae_lens_training_version"):
         meta.pop(key, None)
     cfg = SAEConfig(_int(_get(c, "d_in", cfg_path), "d_in", cfg_path),
-                    _int(_get(c, "d_sae", cfg_path), "d_sae", cfg_path), _int(k, "k", cfg_path), arch, meta)
-    return _build(cfg, w_path, W_enc, b_enc, W_dec, b_dec, threshold)
+                    _int(_get(c, "d_sae", cfg_path), "d_sae", cfg_path), _int(k, "k", cfg_path), arch, meta, prefixes)
+    return _build(cfg, w_path, W_enc, b_enc, W_dec, b_dec, threshold, **extra)
 
 
 def _load_dictionary_learning(path: Path) -> TopKSAE:

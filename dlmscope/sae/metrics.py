@@ -55,23 +55,26 @@ def log10_density_histogram(dens: torch.Tensor, bins: int = 40, floor: float = -
 
 
 @torch.no_grad()
-def evaluate_sae(sae, x: torch.Tensor, batch_size: int = 4096) -> dict:
+def evaluate_sae(sae, x: torch.Tensor, batch_size: int = 4096, target: torch.Tensor | None = None) -> dict:
     """FVU, explained variance, cosine, L0, dead fraction and per-latent density of an SAE on raw activations (N, d_in).
 
-    Streams over batches; FVU is the textbook ratio over the whole set (float64 sums).
+    Streams over batches; FVU is the textbook ratio over the whole set (float64 sums). `target` is what a
+    transcoder predicts (default: x itself).
     """
     x = x.reshape(-1, x.shape[-1])
-    mean = x.double().mean(0).to(sae.device)
+    y = x if target is None else target.reshape(-1, target.shape[-1])
+    mean = y.double().mean(0).to(sae.device)
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.float64, device=sae.device)
     err = var = cos = 0.0
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size].to(sae.device, sae.W_dec.dtype)
+        yb = y[i:i + batch_size].to(sae.device, sae.W_dec.dtype)
         lat = sae.encode(xb)
-        x_hat = sae.decode(lat)
+        y_hat = sae.reconstruct(xb)
         fired += (lat > 0).sum(0)
-        err += float((xb.double() - x_hat.double()).pow(2).sum())
-        var += float((xb.double() - mean).pow(2).sum())
-        cos += float(torch.nn.functional.cosine_similarity(xb, x_hat, dim=-1).double().sum())
+        err += float((yb.double() - y_hat.double()).pow(2).sum())
+        var += float((yb.double() - mean).pow(2).sum())
+        cos += float(torch.nn.functional.cosine_similarity(yb, y_hat, dim=-1).double().sum())
     n = x.shape[0]
     dens = (fired / n).float()
     value = err / max(var, 1e-30)

@@ -1,4 +1,8 @@
-"""Top-K and BatchTopK sparse autoencoders.
+"""Top-K and BatchTopK sparse autoencoders, and the base class of the whole family.
+
+JumpReLU (jumprelu.py), Matryoshka (matryoshka.py) and (skip) transcoders (transcoder.py) subclass
+`TopKSAE` and keep its interface (encode, encode_topk, decode, reconstruct, W_dec, cfg); the trainer
+calls the per-architecture hooks `configure_training`, `init_from_batch`, `extra_loss`, `after_step`.
 
 Encoder: pre = (x * s - b_dec) @ W_enc + b_enc; latents = ReLU of the k largest pre-activations per
 token (Top-K). BatchTopK keeps the k * N largest ReLU'd pre-activations over a training batch of N
@@ -27,7 +31,9 @@ from torch import nn
 
 from ..errors import DLMScopeError
 
-ARCHITECTURES = ("topk", "batchtopk")
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka", "transcoder", "skip_transcoder")
+BATCH_SELECTED = ("batchtopk", "matryoshka", "transcoder", "skip_transcoder")
+"""Architectures that keep the k * N largest activations of a training batch and a threshold at inference."""
 
 
 @dataclass
@@ -41,9 +47,11 @@ class SAEConfig:
     k: int
     """Active latents per token (BatchTopK: on average over a batch)."""
     architecture: str = "topk"
-    """topk or batchtopk."""
+    """topk, batchtopk, jumprelu (k = target L0), matryoshka, transcoder or skip_transcoder."""
     metadata: dict = field(default_factory=dict)
-    """model_name, hook_name, masking_policy, t_range, dataset_path, context_size, ..."""
+    """model_name, hook_name, masking_policy, t_range, dataset_path, context_size, ... (transcoders: hook_name_out)"""
+    prefix_sizes: tuple[int, ...] = ()
+    """Matryoshka: nested prefix sizes, strictly increasing, ending at n_latents."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -52,6 +60,20 @@ class SAEConfig:
             raise DLMScopeError(f"k={self.k} must satisfy 0 < k < n_latents ({self.n_latents})")
         if self.d_in < 1:
             raise DLMScopeError(f"d_in={self.d_in} must be positive")
+        if self.architecture == "matryoshka":
+            sizes = list(self.prefix_sizes) or [self.n_latents // 16, self.n_latents // 4]
+            sizes = sizes if sizes[-1] == self.n_latents else sizes + [self.n_latents]
+            if any(b <= a for a, b in zip([0] + sizes, sizes)) or sizes[-1] > self.n_latents:
+                raise DLMScopeError(f"matryoshka prefix sizes {list(self.prefix_sizes)} must strictly increase "
+                                    f"within 1..{self.n_latents} (the width)")
+            self.prefix_sizes = tuple(int(m) for m in sizes)
+        elif self.prefix_sizes:
+            raise DLMScopeError(f"prefix sizes are for matryoshka SAEs, not {self.architecture}")
+        if self.architecture.endswith("transcoder"):
+            out = self.metadata.get("hook_name_out")
+            if out is None or out == self.hook_name:
+                raise DLMScopeError(f"a transcoder reads one hook and predicts another; got input {self.hook_name!r} "
+                                    f"and output {out!r}")
 
     @property
     def hook_name(self) -> str | None:
@@ -60,6 +82,11 @@ class SAEConfig:
     @property
     def model_name(self) -> str | None:
         return self.metadata.get("model_name")
+
+    @property
+    def hook_name_out(self) -> str | None:
+        """Where the decoder writes: the output hook of a transcoder, the input hook otherwise."""
+        return self.metadata.get("hook_name_out", self.hook_name)
 
 
 @dataclass
@@ -79,6 +106,8 @@ class SAEOutput:
     aux_recon: torch.Tensor | None = None
     """(N, d_in) AuxK prediction: decode of the k_aux largest dead-latent activations WITHOUT b_dec
     (None when no dead mask was given or nothing is dead)."""
+    pre: torch.Tensor | None = None
+    """(N, n_latents) encoder pre-activations, where an architecture's extra loss needs them (JumpReLU)."""
 
     @property
     def latents(self) -> torch.Tensor:
@@ -148,6 +177,11 @@ class TopKSAE(nn.Module):
         self.register_buffer("threshold", torch.zeros(()))  # BatchTopK inference threshold
 
     @property
+    def output_scale(self) -> torch.Tensor:
+        """Scale of the reconstruction target (a transcoder's output hook has its own)."""
+        return self.input_scale
+
+    @property
     def device(self) -> torch.device:
         return self.W_dec.device
 
@@ -159,7 +193,15 @@ class TopKSAE(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations (.., n_latents) of raw activations."""
         self.check_input(x)
-        return (x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
+        return self._encoder_input(x * self.input_scale) @ self.W_enc + self.b_enc
+
+    def _encoder_input(self, xs: torch.Tensor) -> torch.Tensor:
+        """What the encoder sees of scaled activations: x - b_dec (a transcoder overrides this)."""
+        return xs - self.b_dec
+
+    def _skip(self, xs: torch.Tensor) -> torch.Tensor | float:
+        """A linear path from input to output in the scaled space (skip transcoders); none here."""
+        return 0.0
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices), each (.., k): the per-token top-k after ReLU (also for BatchTopK SAEs)."""
@@ -167,8 +209,8 @@ class TopKSAE(nn.Module):
         return values.relu(), indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latent activations (.., n_latents); BatchTopK uses its inference threshold."""
-        if self.cfg.architecture == "batchtopk":
+        """Dense latent activations (.., n_latents); batch-selected SAEs use their inference threshold."""
+        if self.cfg.architecture in BATCH_SELECTED:
             pre = self.pre_acts(x)
             return pre.relu() * (pre > self.threshold)
         values, indices = self.encode_topk(x)
@@ -184,24 +226,28 @@ class TopKSAE(nn.Module):
                                   mode="sum").view(*lead, self.cfg.d_in)
         else:
             out = acts @ self.W_dec
-        return (out + self.b_dec) / self.input_scale
+        return (out + self.b_dec) / self.output_scale
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """decode(encode(x)) by the cheapest route."""
-        if self.cfg.architecture == "batchtopk":
-            return self.decode(self.encode(x))
-        return self.decode(self.encode_topk(x))
+        """decode(encode(x)) by the cheapest route (plus a skip transcoder's linear path)."""
+        if self.cfg.architecture == "topk":
+            return self.decode(self.encode_topk(x))
+        skip = self._skip(x * self.input_scale)
+        return self.decode(self.encode(x)) + skip / self.output_scale
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, k_aux: int = 0) -> SAEOutput:
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, k_aux: int = 0,
+                target: torch.Tensor | None = None) -> SAEOutput:
         """Training forward on raw (N, d_in) activations, in the scaled space.
 
         Top-K keeps the k largest per token; BatchTopK the k*N largest over the batch. With a dead mask
         (n_latents,) and k_aux > 0 it also returns the AuxK prediction from the min(k_aux, n_dead)
-        largest dead-latent activations per token, decoded without b_dec.
+        largest dead-latent activations per token, decoded without b_dec. `target` (transcoders) is
+        what the decoder predicts; by default x itself.
         """
         self.check_input(x)
         xs = x * self.input_scale
-        xc = xs - self.b_dec
+        ys = xs if target is None else target.to(xs) * self.output_scale
+        xc = self._encoder_input(xs)
         dead_ids = dead_mask.nonzero().squeeze(1) if dead_mask is not None and k_aux > 0 else None
         if dead_ids is not None and dead_ids.numel() == 0:
             dead_ids = None
@@ -213,9 +259,9 @@ class TopKSAE(nn.Module):
             if dead_ids is not None:
                 out.aux_recon = self._sparse_decode(aux_values, aux_indices)
             return out
-        # Dense route (GPUs, and BatchTopK): cuBLAS matmuls beat gathers and sparse kernels there.
+        # Dense route (GPUs, and batch selection): cuBLAS matmuls beat gathers and sparse kernels there.
         pre = xc @ self.W_enc + self.b_enc
-        if self.cfg.architecture == "batchtopk":
+        if self.cfg.architecture in BATCH_SELECTED:
             flat = pre.relu().flatten()
             keep = flat.topk(self.cfg.k * pre.shape[0], sorted=False)
             dense = torch.zeros_like(flat).scatter(0, keep.indices, keep.values).view_as(pre)
@@ -224,7 +270,7 @@ class TopKSAE(nn.Module):
             values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
             values = values.relu()
             dense = torch.zeros_like(pre).scatter(1, indices, values)
-        out = SAEOutput(xs, dense @ self.W_dec + self.b_dec, values, indices, self.cfg.n_latents)
+        out = SAEOutput(ys, dense @ self.W_dec + self.b_dec + self._skip(xs), values, indices, self.cfg.n_latents)
         if dead_ids is not None:
             aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
             out.aux_recon = torch.zeros_like(pre).scatter(1, dead_ids[local], aux_values.relu()) @ self.W_dec
@@ -239,6 +285,28 @@ class TopKSAE(nn.Module):
             buf = self.__dict__["_pre"] = x.new_empty(shape)  # not a buffer: never saved, never moved
         return buf
 
+    def configure_training(self, cfg) -> None:
+        """Take what the forward needs from the TrainConfig `cfg` (JumpReLU: the kernel bandwidth)."""
+
+    @torch.no_grad()
+    def init_from_batch(self, x: torch.Tensor) -> None:
+        """Architecture-specific initialisation from the first raw batch, after scale and b_dec are set."""
+
+    def extra_loss(self, out: SAEOutput, step: int, cfg) -> tuple[torch.Tensor | float, dict]:
+        """Architecture-specific loss terms beyond MSE + AuxK (TrainConfig `cfg`, optimiser step `step`)."""
+        return 0.0, {}
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput, step: int, cfg) -> None:
+        """State updated after each optimiser step: the inference threshold of batch-selected SAEs, an EMA
+        (rate 0.01) of the smallest activation kept per batch."""
+        if self.cfg.architecture not in BATCH_SELECTED:
+            return
+        positive = out.values[out.values > 0]
+        if positive.numel():
+            t = positive.min().float()
+            self.threshold.copy_(t if step == 0 else 0.99 * self.threshold + 0.01 * t)
+
     def _sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_j values[:, j] * W_dec[indices[:, j]] for 2-D inputs, no b_dec, no scale."""
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
@@ -246,11 +314,12 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def fold_input_scale(self) -> None:
         """Bake the input scale into the weights: same latents, raw-space inputs and outputs."""
-        s = self.input_scale.clone()
+        s, s_out = self.input_scale.clone(), self.output_scale.clone()
         self.W_enc.mul_(s)
-        self.W_dec.div_(s)
-        self.b_dec.div_(s)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
         self.input_scale.fill_(1.0)
+        self.output_scale.fill_(1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import DLMScopeError
 from .metrics import evaluate_sae
-from .model import SAEConfig, TopKSAE
+from .family import build_sae
+from .model import SAEConfig
 from .optim import OPTIMIZERS, averaged, default_lr, make_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -60,6 +61,14 @@ class TrainConfig:
     """bfloat16 autocast for the encoder matmul and top-k (GPU; parameters and Adam stay float32)."""
     seed: int = 0
     """Seed of the SAE's initial weights."""
+    l0_coef: float = 1e-3
+    """JumpReLU: initial L0 penalty coefficient lambda (in the unit-mean-squared-norm space)."""
+    l0_warmup: float = 0.1
+    """JumpReLU: fraction of steps over which lambda warms up linearly from 0."""
+    target_l0: int | None = None
+    """JumpReLU: L0 that lambda is steered towards (default: the SAE's k; 0 keeps lambda fixed)."""
+    bandwidth: float = 0.05
+    """JumpReLU: width of the rectangle kernel of the straight-through threshold gradient."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -90,7 +99,7 @@ def geometric_median(x: torch.Tensor, iters: int = 10, tol: float = 1e-6) -> tor
 
 
 class SAETrainer:
-    """Adam on one TopKSAE; `step(x)` takes raw activations (N, d_in).
+    """Adam on one SAE of any architecture; `step(x)` takes raw activations (N, d_in) (and a target for transcoders).
 
     Per step: forward (with AuxK when latents are dead), backward, gradient component parallel to
     each decoder row removed, Adam step, decoder rows renormalised, dead counters updated.
@@ -101,7 +110,8 @@ class SAETrainer:
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, device: str | torch.device = "cpu"):
         self.cfg = cfg
-        self.sae = TopKSAE(sae_cfg, seed=cfg.seed).to(device)
+        self.sae = build_sae(sae_cfg, seed=cfg.seed).to(device)
+        self.sae.configure_training(cfg)
         self.lr = cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer, sae_cfg.n_latents)
         self.k_aux = cfg.k_aux or max(1, sae_cfg.d_in // 2)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.total_tokens // 5))
@@ -122,41 +132,50 @@ class SAETrainer:
         return self.lr
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor, reduce: Reduce | None = None) -> None:
-        """Input scale (unit mean squared norm) and b_dec from the first batch; `reduce` averages over processes."""
+    def initialise(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> None:
+        """Input (and a transcoder's output) scale to unit mean squared norm and b_dec from the first batch;
+        `reduce` averages over processes."""
         x = x.float()
-        mean_sq = (x ** 2).sum(-1).mean()
-        if reduce is not None:
-            mean_sq = reduce(mean_sq)
-        scale = 1.0 / mean_sq.sqrt().clamp_min(1e-8)
-        self.sae.input_scale.fill_(float(scale))
-        xs = x * scale
-        b = geometric_median(xs) if self.cfg.b_dec_init == "geometric_median" else xs.mean(0)
+        y = x if target is None else target.float()
+
+        def unit_scale(a: torch.Tensor) -> float:
+            mean_sq = (a ** 2).sum(-1).mean()
+            if reduce is not None:
+                mean_sq = reduce(mean_sq)
+            return float(1.0 / mean_sq.sqrt().clamp_min(1e-8))
+
+        self.sae.input_scale.fill_(unit_scale(x))
+        self.sae.output_scale.fill_(unit_scale(y))
+        ys = y * self.sae.output_scale
+        b = geometric_median(ys) if self.cfg.b_dec_init == "geometric_median" else ys.mean(0)
         if reduce is not None:
             b = reduce(b)
         self.sae.b_dec.copy_(b)
         # Scale the transposed-decoder encoder so the first reconstruction has the least-squares right size:
         # at scale 1 the k projections overshoot (about 2x here), and undoing that costs Adam many steps.
-        sae, xc = self.sae, xs - b
-        r = sae.decode(sae.encode_topk(x)) * sae.input_scale - sae.b_dec
-        dots = torch.stack([(xc * r).sum(), (r * r).sum()])
+        sae, yc = self.sae, ys - b
+        r = sae.decode(sae.encode_topk(x)) * sae.output_scale - sae.b_dec
+        dots = torch.stack([(yc * r).sum(), (r * r).sum()])
         if reduce is not None:
             dots = reduce(dots)
         if dots[1] > 0 and dots[0] > 0:
             sae.W_enc.mul_(dots[0] / dots[1])
+        sae.init_from_batch(x)
         self.initialised = True
 
-    def step(self, x: torch.Tensor, reduce: Reduce | None = None) -> dict:
-        """One optimiser step on raw activations (N, d_in). `reduce` (an all-reduce mean) makes it data-parallel."""
+    def step(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> dict:
+        """One optimiser step on raw activations (N, d_in). `reduce` (an all-reduce mean) makes it data-parallel;
+        `target` is what a transcoder predicts (its output hook's activations)."""
         sae = self.sae
         x = x.to(sae.device, torch.float32)
+        target = None if target is None else target.to(sae.device, torch.float32)
         if not self.initialised:
-            self.initialise(x, reduce)
+            self.initialise(x, reduce, target)
         dead = self.since_fired >= self.dead_tokens
         n_dead = int(dead.sum())
         use_aux = n_dead > 0 and self.cfg.aux_coef > 0
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-            out = sae(x, dead if use_aux else None, self.k_aux)
+            out = sae(x, dead if use_aux else None, self.k_aux, target)
         err = out.x - out.recon.float()
         mse = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
@@ -166,7 +185,8 @@ class SAETrainer:
             residual_variance = (e - e_mean).pow(2).sum(-1).mean()
             residual_variance = (residual_variance if reduce is None else reduce(residual_variance)).clamp_min(1e-12)
             aux = (e - out.aux_recon.float()).pow(2).sum(-1).mean() / residual_variance * min(n_dead / self.k_aux, 1.0)
-        loss = mse + self.cfg.aux_coef * aux
+        extra, extra_logs = sae.extra_loss(out, self.step_count, self.cfg)
+        loss = mse + self.cfg.aux_coef * aux + extra
         lr = self.lr_at(self.step_count)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -184,10 +204,7 @@ class SAETrainer:
                 fired[out.indices[out.values > 0]] = True
             else:
                 fired = (out.values > 0).any(0)
-                positive = out.values[out.values > 0]
-                if positive.numel():  # BatchTopK inference threshold: EMA of the smallest kept activation
-                    t = positive.min().float()
-                    sae.threshold.copy_(t if self.step_count == 0 else 0.99 * sae.threshold + 0.01 * t)
+            sae.after_step(out, self.step_count, self.cfg)
             if reduce is not None:
                 fired = reduce(fired.float()) > 0
             self.since_fired += x.shape[0] if reduce is None else self.cfg.batch_size  # data parallel: the global batch
@@ -198,15 +215,15 @@ class SAETrainer:
         self.step_count += 1
         self.tokens += x.shape[0]
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()), "fvu": fvu,
-                "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": lr}
+                "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": lr, **extra_logs}
 
-    def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096) -> dict:
+    def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096, target: torch.Tensor | None = None) -> dict:
         """Held-out metrics of the current SAE (see `metrics.evaluate_sae`), with the weights `averaged()` gives."""
         was_training = self.sae.training
         self.sae.eval()
         try:
             with self.averaged():
-                return evaluate_sae(self.sae, x_heldout, batch_size)
+                return evaluate_sae(self.sae, x_heldout, batch_size, target)
         finally:
             self.sae.train(was_training)
 

@@ -92,3 +92,20 @@ def test_splice_bad_input(llada, tiny_sae):
         splice_eval(llada, tiny_sae, _rows(), SpliceConfig(positions="odd"))
     with pytest.raises(DLMScopeError, match="no sequences"):
         splice_eval(llada, tiny_sae, _rows()[:0])
+
+
+@torch.no_grad()
+def test_transcoder_splice_replaces_the_mlp_output_by_its_prediction(llada, tiny_transcoder):
+    from dlmscope.analysis.splice import splice_hooks
+    from dlmscope.hooks import hooked, run_with_cache
+
+    tc, xt = tiny_transcoder, _rows(2)
+    mlp_in = run_with_cache(llada, xt, ["blocks.1.hook_mlp_in"])["blocks.1.hook_mlp_in"]
+    with hooked(llada, {"blocks.1.hook_mlp_out": lambda act, ctx: tc.reconstruct(mlp_in)}):
+        want = llada.denoise_logits(xt)
+    with hooked(llada, splice_hooks(tc)):
+        got = llada.denoise_logits(xt)
+    torch.testing.assert_close(got, want)
+    assert (got - llada.denoise_logits(xt)).abs().max() > 1e-4
+    r = splice_eval(llada, tc, _rows(), SpliceConfig(t_bins=(0.3,), n_seqs=8, batch_size=4, with_error=True))
+    assert abs(r["bins"]["0.3"]["delta_ce"][0]) < 1e-4

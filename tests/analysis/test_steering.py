@@ -139,3 +139,15 @@ def test_ar_generated_positions_start_at_each_prompts_own_end(tiny_dirs, tiny_sa
     for n_prompt, forwards in zip(lengths, (touched[:starts[1]], touched[starts[1]:])):
         for step, changed in forwards:
             assert changed.tolist() == [False] * n_prompt + [True] * step
+
+
+@torch.no_grad()
+def test_transcoder_steering_writes_at_its_output_hook(llada, tiny_transcoder):
+    ids = torch.randint(4, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    hooks = ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+    clean = run_with_cache(llada, ids, hooks, stop_early=False)
+    with steer(llada, tiny_transcoder, SteeringSpec(3, 2.0, mode="direction", scale="fixed")):
+        steered = run_with_cache(llada, ids, hooks, stop_early=False)
+    torch.testing.assert_close(steered[hooks[0]], clean[hooks[0]])
+    torch.testing.assert_close(steered[hooks[1]] - clean[hooks[1]], 2.0 * (tiny_transcoder.W_dec[3] / tiny_transcoder.output_scale).expand(1, 8, 64),
+                               atol=1e-5, rtol=1e-4)

@@ -150,6 +150,22 @@ def test_expert_routing_page(env, monkeypatch, tmp_path, tokenizer):
     assert "does not exist" in at.error[0].value
 
 
+def test_summary_shows_the_evaluation(env, monkeypatch, tmp_path, llada, tiny_sae):
+    from dlmscope.analysis.evaluate import EvaluateConfig, evaluate_sae_suite, write_report
+
+    store = tmp_path / "store"
+    shutil.copytree(env["DLMSCOPE_STORE"], store)
+    rows = torch.randint(4, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = EvaluateConfig(n_seqs=4, t_bins=(0.3, 0.7), splice_seqs=2, probes=(), absorption=False, batch_size=2)
+    write_report(evaluate_sae_suite(llada, tiny_sae, rows, cfg), store)
+    at = _app(env, monkeypatch, {"DLMSCOPE_STORE": store}, page="summary")
+    assert not at.exception and not at.error
+    assert "Evaluation (dlmscope evaluate)" in [s.value for s in at.subheader]
+    assert "latents mostly on masked positions" in [m.label for m in at.metric]
+    table = at.dataframe[1].value
+    assert list(table["t"]) == [0.3, 0.7] and (table["fvu_masked"] > 0).all()
+
+
 def test_bad_input_shows_errors(env, monkeypatch, tmp_path, tiny_dirs):
     from dlmscope.analysis.features import FeatureStoreConfig, build_feature_store
     from dlmscope.data import heldout_rows

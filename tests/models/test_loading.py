@@ -12,7 +12,8 @@ def test_families_load(tiny_dirs, family, shift, causal):
     lm = load_model(tiny_dirs[family])
     assert lm.family == family and lm.shift == shift and lm.causal == causal and lm.is_diffusion == (not causal)
     assert lm.n_layers == 2 and lm.d_model == 64 and lm.n_params() > 0
-    assert lm.hook_names == [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "mid", "post")]
+    assert lm.hook_names == [f"blocks.{i}.hook_{k}" for i in range(2)
+                             for k in ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")]
     assert (lm.mask_id is not None) == (not causal)
     assert lm.forward(torch.randint(0, 100, (2, 7))).shape == (2, 7, lm.vocab_size)
     assert lm.layer_of("blocks.1.hook_resid_mid") == 1

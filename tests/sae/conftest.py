@@ -9,10 +9,13 @@ META = {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "masking_pol
 def _make_trainer(arch: str = "topk", steps: int = 10, **train) -> SAETrainer:
     """A 16-d, 64-latent, k=4 SAE trained `steps` steps on shifted, scaled Gaussian data."""
     gen = torch.Generator().manual_seed(0)
-    tr = SAETrainer(SAEConfig(16, 64, 4, arch, dict(META)),
+    meta = {**META, "hook_name_out": "blocks.0.hook_mlp_out"} if arch.endswith("transcoder") else dict(META)
+    tr = SAETrainer(SAEConfig(16, 64, 4, arch, meta),
                     TrainConfig(total_tokens=128 * max(steps, 10), batch_size=128, warmup_steps=2, **train))
+    mix = torch.randn(16, 16, generator=torch.Generator().manual_seed(9))  # transcoders learn x -> relu(x M)
     for _ in range(steps):
-        tr.step(torch.randn(128, 16, generator=gen) * 5 + 2)
+        x = torch.randn(128, 16, generator=gen) * 5 + 2
+        tr.step(x, target=(x @ mix).relu() if arch.endswith("transcoder") else None)
     return tr
 
 

@@ -9,7 +9,11 @@ from dlmscope.sae import load_sae_dir, save_sae
 from dlmscope.sae import io as sae_io
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+SAELENS_CLASS = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE", "matryoshka": "JumpReLUSAE",
+                 "transcoder": "JumpReLUTranscoder", "skip_transcoder": "JumpReLUSkipTranscoder"}
+
+
+@pytest.mark.parametrize("arch", list(SAELENS_CLASS))
 def test_saelens_loads_our_files_with_identical_encodings(make_trainer, raw_x, tmp_path, arch):
     from sae_lens import SAE
 
@@ -17,18 +21,34 @@ def test_saelens_loads_our_files_with_identical_encodings(make_trainer, raw_x, t
     density = torch.rand(64)
     save_sae(tr.sae, tmp_path / "sae", density=density)
     theirs = SAE.load_from_disk(str(tmp_path / "sae"))
-    assert type(theirs).__name__ == ("TopKSAE" if arch == "topk" else "JumpReLUSAE")
+    assert type(theirs).__name__ == SAELENS_CLASS[arch]
     ours = load_sae_dir(tmp_path / "sae")
     torch.testing.assert_close(ours.encode(raw_x), tr.sae.encode(raw_x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(raw_x), ours.encode(raw_x))
-        torch.testing.assert_close(theirs.decode(theirs.encode(raw_x)), ours.reconstruct(raw_x))
-    assert ours.cfg.architecture == arch and ours.cfg.k == 4
+        torch.testing.assert_close(theirs(raw_x), ours.reconstruct(raw_x))
+    assert ours.cfg.architecture == arch and ours.cfg.k == 4 and ours.cfg.prefix_sizes == tr.sae.cfg.prefix_sizes
     assert ours.cfg.metadata["masking_policy"] == "mask" and ours.cfg.metadata["t_range"] == [0.05, 0.5]
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and theirs.cfg.metadata.model_name == "m"
+    assert cfg["metadata"]["hook_name"] == tr.sae.cfg.hook_name and theirs.cfg.metadata.model_name == "m"
     torch.testing.assert_close(load_file(str(tmp_path / "sae" / "sparsity.safetensors"))["sparsity"],
                                torch.log10(density))
+
+
+def test_reads_saelens_own_jumprelu_files(tmp_path, raw_x):
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+
+    theirs = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=64))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p))
+        theirs.threshold.abs_()
+    theirs.save_model(str(tmp_path / "sl"))
+    ours = load_sae_dir(tmp_path / "sl")
+    assert ours.cfg.architecture == "jumprelu"
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(raw_x), theirs.encode(raw_x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.reconstruct(raw_x), theirs(raw_x), atol=1e-4, rtol=1e-4)
 
 
 def test_reads_saelens_own_topk_files_with_decoder_norm_rescaling(tmp_path, raw_x):
