@@ -73,6 +73,14 @@ def unbacked(block: str, numbers: list[float]) -> list[str]:
     return missing
 
 
+def rendered(renderer: tuple[str, str], data: list) -> str:
+    """FUNCTION(*json) of the script SCRIPT, stripped."""
+    spec = importlib.util.spec_from_file_location("render_" + Path(renderer[0]).stem, ROOT / renderer[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, renderer[1])(*data).strip()
+
+
 def check_block(paths: list[str], renderer, block: str) -> list[str]:
     """Problems of one marked block, as readable lines (empty: backed)."""
     for p in paths:
@@ -80,10 +88,7 @@ def check_block(paths: list[str], renderer, block: str) -> list[str]:
             return [f"{p} does not exist"]
     data = [json.loads((ROOT / p).read_text()) for p in paths]
     if renderer:
-        spec = importlib.util.spec_from_file_location("render_" + Path(renderer[0]).stem, ROOT / renderer[0])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        expected = getattr(module, renderer[1])(*data).strip()
+        expected = rendered(renderer, data)
         return [] if expected == block.strip() else [f"differs from {renderer[0]}:{renderer[1]}; expected:\n{expected}"]
     return [f"{n} is in none of {paths}" for n in unbacked(block, [x for d in data for x in json_numbers(d, [])])]
 
@@ -130,3 +135,30 @@ def test_checker_blocks_and_exact_renderers(tmp_path):
     assert found[1:] == (["a.json"], None, "| x | 0.50 |\n|---|---|")
     assert [line for line, _ in unmarked_tables(text)] == [8]
     assert check_block(["no/such.json"], None, "0.1") == ["no/such.json does not exist"]
+
+
+def test_render_blocks_are_compared_and_rewritten(tmp_path):
+    (tmp_path / "r.json").write_text('{"x": 0.25}')
+    (tmp_path / "r.py").write_text("def table(d):\n    return f'| x |\\n|---|\\n| {d[\"x\"]:.2f} |'\n")
+    text = f"<!-- result:{tmp_path}/r.json render={tmp_path}/r.py:table -->\n| x |\n|---|\n| 0.99 |\n\nend\n"
+    (_, paths, renderer, block), = blocks(text)
+    assert "expected:\n| x |\n|---|\n| 0.25 |" in check_block(paths, renderer, block)[0]
+    new = write_rendered(text)
+    assert new.endswith("| 0.25 |\n\nend\n") and "0.99" not in new
+    (_, paths, renderer, block), = blocks(new)
+    assert check_block(paths, renderer, block) == []
+
+
+def write_rendered(text: str) -> str:
+    """The README with every `render=` block replaced by its renderer's current output."""
+    lines = text.splitlines()
+    for line, paths, renderer, block in reversed(list(blocks(text))):
+        if renderer:
+            data = [json.loads((ROOT / p).read_text()) for p in paths]
+            start = line + next(i for i, x in enumerate(lines[line:]) if x.strip())
+            lines[start: start + len(block.splitlines())] = rendered(renderer, data).splitlines()
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python tests/test_provenance.py: rewrite the README's render= tables from their JSON
+    README.write_text(write_rendered(README.read_text()))
