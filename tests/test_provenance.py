@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,10 @@ def unbacked(block: str, numbers: list[float]) -> list[str]:
 
 
 def rendered(renderer: tuple[str, str], data: list) -> str:
-    """FUNCTION(*json) of the script SCRIPT, stripped."""
+    """FUNCTION(*json) of the script SCRIPT, stripped (its folder importable, as when it runs)."""
+    folder = str((ROOT / renderer[0]).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location("render_" + Path(renderer[0]).stem, ROOT / renderer[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
