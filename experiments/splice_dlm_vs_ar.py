@@ -36,20 +36,29 @@ VARIANTS = ("sae", "norm_rescaled", "sae_at_x_norm", "pca_same_fvu", "sae_masked
 N_BOOT = 2000
 
 
-def train_saes(model: str, seed: int, args) -> dict:
-    """{hook/k key: (SAE folder, held-out FVU)} of one model and seed, trained or read from runs/."""
-    from dlmscope.training import TrainSAEConfig, train_sae
+def trained_saes(cfg) -> dict[Path, float]:
+    """Train the run, or reuse a finished run of the same name: each SAE folder with its held-out FVU."""
+    from dlmscope.training import train_sae
 
-    name = f"splice-{model}-{args.tokens}-b{args.sae_batch_size}-s{seed}"
-    run_dir = ROOT / "runs" / name
+    run_dir = Path(cfg.out) / cfg.run_name()
     if (run_dir / "metrics.json").exists():
-        final = json.loads((run_dir / "metrics.json").read_text())["final"]
+        final = json.loads((run_dir / "metrics.json").read_text())["final"]  # SAE key -> metrics, as run.metrics
+        folders = {key: run_dir / "saes" / key.replace(".", "_") for key in final}
     else:
-        run = train_sae(TrainSAEConfig(model=model, layers="0,1,2,3,4,5", k=args.k, total_tokens=args.tokens,
-                                       batch_size=args.sae_batch_size, expansion=args.expansion, out=str(ROOT / "runs"), name=name, seed=seed,
-                                       eval_every=10_000, checkpoint_every=10_000, threads=1, progress=False))
-        final = run.metrics
-    return {key: (run_dir / "saes" / key.replace(".", "_"), m["fvu"]) for key, m in final.items()}
+        run = train_sae(cfg)
+        final, folders = run.metrics, run.saes
+    return {Path(folders[key]): final[key]["fvu"] for key in sorted(final)}
+
+
+def train_saes(model: str, seed: int, args) -> dict[Path, float]:
+    """One model's SAEs (every layer, every k) for one seed, trained or read back from runs/."""
+    from dlmscope.training import TrainSAEConfig
+
+    return trained_saes(TrainSAEConfig(
+        model=model, layers="0,1,2,3,4,5", k=args.k, total_tokens=args.tokens, batch_size=args.sae_batch_size,
+        expansion=args.expansion, out=str(ROOT / "runs"), seed=seed,
+        name=f"splice-{model}-{args.tokens}-b{args.sae_batch_size}-s{seed}", eval_every=10_000,
+        checkpoint_every=10_000, threads=1, progress=False))
 
 
 def _pca_projector(acts, fvu: float):
@@ -121,7 +130,7 @@ def train_and_eval(args) -> dict:
         rows = heldout_rows(lm.tokenizer, 128)
         x_eval, x_pca = rows[: args.n_seqs], rows[args.n_seqs: 2 * args.n_seqs]
         bins = [(f"{t:.1f}", t) for t in t_bins] + [("dlmscope", None)] if lm.is_diffusion else [("clean", None)]
-        loaded = {(seed, key): (load_sae(folder), fvu) for seed, d in saes.items() for key, (folder, fvu) in d.items()}
+        loaded = {(seed, folder.name): (load_sae(folder), fvu) for seed, d in saes.items() for folder, fvu in d.items()}
         entries = {(seed, key): {"model": model, "seed": seed, "layer": lm.layer_of(s.cfg.hook_name), "k": s.cfg.k,
                                  "fvu": fvu, "delta_ce": {}} for (seed, key), (s, fvu) in loaded.items()}
         pcas = {}
