@@ -1,11 +1,20 @@
 """ΔCE of SAE splicing vs layer, DLM vs its autoregressive twin (DLM-Scope's headline comparison).
 
 Trains Top-K SAEs on every layer of dlmscope-tiny-dlm (masking policy `mask`, t ~ U[0.05, 0.5]) and
-dlmscope-tiny-ar (clean text) at two k values with `train_sae` (one activation pass per model
-feeds all of its SAEs), then splices each into its model with `splice_eval`: DLM per t bin and on
-DLM-Scope's U[0.05, 0.5], spliced at all and at masked-only positions; AR next-token CE.
+dlmscope-tiny-ar (clean text) at each k and SAE seed with `train_sae` (one activation pass per model and
+seed feeds all of its SAEs), then splices each into its model on the same held-out sequences and masks:
+DLM masked-token CE per fixed mask ratio t and on DLM-Scope's U[0.05, 0.5]; AR next-token CE. The clean
+pass is shared by every SAE of a model, so all differences are paired. ΔCE intervals come from a crossed
+bootstrap over SAE seeds and sequences (both sources of variance).
+
+Mechanism check (DLM, k=32, SAE seed 0): is a loss reduction, if any, a property of the SAE's features or of
+what any lossy map does to the residual? Besides the reconstruction x_hat we splice the residual rescaled to
+x_hat's norm (norm shrink only), x_hat rescaled to x's norm (SAE direction only), and x projected onto its
+top principal components with the SAE's FVU (a denoised residual with the same error energy), plus the SAE
+spliced at masked positions only.
+
 Writes experiments/results/splice_dlm_vs_ar.{json,md,html}. A finished training run is reused;
-`--render` rebuilds the table and figure from the JSON alone.
+`--render` rebuilds tables and figure from the JSON alone.
 """
 
 from __future__ import annotations
@@ -19,12 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlmscope.analysis.splice import SpliceConfig, splice_eval  # noqa: E402
 from _study import run_or_render  # noqa: E402
-from dlmscope.io_utils import atomic_write_text  # noqa: E402
+from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 MODELS = ("dlmscope-tiny-dlm", "dlmscope-tiny-ar")
-T_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
+VARIANTS = ("sae", "norm_rescaled", "sae_at_x_norm", "pca_same_fvu", "sae_masked_only")
+N_BOOT = 2000
 
 
 def trained_saes(cfg) -> dict[Path, float]:
@@ -41,93 +50,251 @@ def trained_saes(cfg) -> dict[Path, float]:
     return {Path(folders[key]): final[key]["fvu"] for key in sorted(final)}
 
 
-def train_and_eval(args) -> dict:
-    from dlmscope.data import heldout_rows
-    from dlmscope.models import load_model
-    from dlmscope.sae import load_sae
+def train_saes(model: str, seed: int, args) -> dict[Path, float]:
+    """One model's SAEs (every layer, every k) for one seed, trained or read back from runs/."""
     from dlmscope.training import TrainSAEConfig
 
-    results: dict = {"config": {"tokens": args.tokens, "k": args.k, "n_seqs": args.n_seqs, "device": args.device,
-                                "expansion": args.expansion}, "rows": []}
+    return trained_saes(TrainSAEConfig(
+        model=model, layers="0,1,2,3,4,5", k=args.k, total_tokens=args.tokens, batch_size=args.sae_batch_size,
+        expansion=args.expansion, out=str(ROOT / "runs"), seed=seed,
+        name=f"splice-{model}-{args.tokens}-b{args.sae_batch_size}-s{seed}", eval_every=10_000,
+        checkpoint_every=10_000, threads=1, progress=False))
+
+
+def _pca_projector(acts, fvu: float):
+    """Mean and projector onto the fewest principal components whose residual variance is <= fvu."""
+    import torch
+
+    mean = acts.mean(0)
+    _, s, vt = torch.linalg.svd(acts - mean, full_matrices=False)
+    left = 1 - (s**2).cumsum(0) / (s**2).sum()
+    r = int((left > fvu).sum()) + 1
+    return mean, vt[:r].T @ vt[:r], r
+
+
+def _replacement(sae, variant: str, pca=None):
+    import torch
+
+    def fn(act, ctx):
+        x = act.float()
+        if variant == "pca_same_fvu":
+            mean, proj, _ = pca
+            return mean + (x - mean) @ proj
+        recon = sae.reconstruct(x)
+        if variant in ("sae", "sae_masked_only"):
+            return recon
+        nx, nr = x.norm(dim=-1, keepdim=True), recon.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return x * (nr / nx.clamp_min(1e-6)) if variant == "norm_rescaled" else recon * (nx / nr)
+
+    return fn
+
+
+def train_and_eval(args) -> dict:
+    import torch
+
+    from dlmscope.analysis.splice import draw_masks
+    from dlmscope.data import heldout_rows
+    from dlmscope.diffusion.loss import next_token_ce, token_ce
+    from dlmscope.hooks import hooked, run_with_cache
+    from dlmscope.models import load_model
+    from dlmscope.sae import load_sae
+
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t_bins = [float(t) for t in args.t_bins.split(",")]
+    if args.train_only:  # train one model's SAEs (e.g. in a parallel process) and stop
+        for seed in seeds:
+            train_saes(args.train_only, seed, args)
+        sys.exit(0)
+    if args.combine:  # merge the per-twin files of parallel --twin runs
+        parts = [json.loads(f.read_text()) for f in sorted(args.out.glob("splice_*.partial.json"))]
+        merged = parts[0]
+        for part in parts[1:]:
+            merged["config"].update({k: v for k, v in part["config"].items() if k.startswith("train_s_")})
+            merged["clean_ce"].update(part["clean_ce"])
+            merged["saes"] += part["saes"]
+            merged["mechanism"] += part["mechanism"]
+        merged["config"]["seeds"] = ",".join(str(x) for x in sorted({e["seed"] for e in merged["saes"]}))
+        return merged
+    skip = ("out", "render", "train_only", "twin", "combine")
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k not in skip},
+                     "saes": [], "clean_ce": {}, "mechanism": []}
+    mech_layers = {int(x) for x in args.mechanism_layers.split(",")}
     for model in MODELS:
-        lm = load_model(model, device=args.device)
-        layers = ",".join(str(i) for i in range(lm.n_layers))
+        if args.twin and model != args.twin:
+            continue
         t0 = time.time()
-        name = f"splice-{model}-{args.tokens}-x{args.expansion}"
-        saes = trained_saes(TrainSAEConfig(model=model, layers=layers, k=args.k, total_tokens=args.tokens,
-                                           batch_size=args.sae_batch_size, expansion=args.expansion,
-                                           out=str(ROOT / "runs"), name=name, eval_every=50,
-                                           checkpoint_every=100_000, device=args.device, progress=False))
+        saes = {seed: train_saes(model, seed, args) for seed in seeds}
         results["config"][f"train_s_{model}"] = round(time.time() - t0, 1)
+        lm = load_model(model)
         rows = heldout_rows(lm.tokenizer, 128)
-        for folder, fvu in saes.items():
-            sae = load_sae(folder, device=args.device)
-            variants = ("all", "masked") if lm.is_diffusion else ("all",)
-            for positions in variants:
-                r = splice_eval(lm, sae, rows, SpliceConfig(t_bins=T_BINS, positions=positions, n_seqs=args.n_seqs,
-                                                            batch_size=args.batch_size))
-                results["rows"].append({"model": model, "layer": lm.layer_of(sae.cfg.hook_name), "k": sae.cfg.k,
-                                        "positions": positions, "fvu": fvu, "bins": r["bins"]})
-                print(model, sae.cfg.hook_name, sae.cfg.k, positions, flush=True)
+        x_eval, x_pca = rows[: args.n_seqs], rows[args.n_seqs: 2 * args.n_seqs]
+        bins = [(f"{t:.1f}", t) for t in t_bins] + [("dlmscope", None)] if lm.is_diffusion else [("clean", None)]
+        loaded = {(seed, folder.name): (load_sae(folder), fvu) for seed, d in saes.items() for folder, fvu in d.items()}
+        entries = {(seed, key): {"model": model, "seed": seed, "layer": lm.layer_of(s.cfg.hook_name), "k": s.cfg.k,
+                                 "fvu": fvu, "delta_ce": {}} for (seed, key), (s, fvu) in loaded.items()}
+        pcas = {}
+        if lm.is_diffusion:
+            hooks = sorted({s.cfg.hook_name for s, _ in loaded.values()})
+            _, xt, _ = draw_masks(lm, x_pca, None, args.seed + 1, 0, 0)
+            acts = run_with_cache(lm, xt, hooks)
+            for (seed, key), (s, fvu) in loaded.items():
+                if seed == 0 and s.cfg.k == 32 and lm.layer_of(s.cfg.hook_name) in mech_layers:
+                    pcas[key] = _pca_projector(acts[s.cfg.hook_name].float().reshape(-1, lm.d_model), fvu)
+        clean_all = {}
+        for b_idx, (label, t) in enumerate(bins):
+            x0, xt, c = draw_masks(lm, x_eval, t, args.seed, b_idx, 0)
+
+            def seq_ce(fns=None, positions=None):
+                with hooked(lm, fns or {}, positions=positions):
+                    logits = lm.forward(xt) if lm.causal else lm.denoise_logits(xt)
+                if lm.causal:
+                    return next_token_ce(logits, x0).mean(1)
+                return (token_ce(logits, x0) * c.mask).sum(1) / c.mask.sum(1).clamp_min(1)
+
+            with torch.no_grad():
+                clean = seq_ce()
+                clean_all[label] = round(float(clean.mean()), 5)
+                for (seed, key), (s, _) in loaded.items():
+                    d = seq_ce({s.cfg.hook_name: _replacement(s, "sae")}) - clean
+                    entries[(seed, key)]["delta_ce"][label] = [round(float(v), 5) for v in d]
+                    if key in pcas and seed == 0:
+                        for variant in VARIANTS[1:]:
+                            pos = c.mask if variant == "sae_masked_only" else None
+                            dv = seq_ce({s.cfg.hook_name: _replacement(s, variant, pcas[key])}, pos) - clean
+                            results["mechanism"].append({"layer": entries[(seed, key)]["layer"], "k": s.cfg.k,
+                                                         "bin": label, "variant": variant,
+                                                         "pca_rank": pcas[key][2],
+                                                         "delta_ce": [round(float(v), 5) for v in dv]})
+            print(model, label, f"{time.time() - t0:.0f}s", flush=True)
+        results["clean_ce"][model] = clean_all
+        results["saes"] += list(entries.values())
+    if args.twin:
+        atomic_write_json(args.out / f"splice_{args.twin}_s{args.seeds.replace(',', '-')}.partial.json", results)
     return results
 
 
-def _headline(row: dict) -> dict:
-    return row["bins"]["dlmscope" if "dlmscope" in row["bins"] else "clean"]
+# ------------------------------------------------------------------------------------------- statistics
+def crossed_bootstrap(matrix: list[list[float]], seed: int = 0) -> list[float]:
+    """Mean and 95% percentile interval of a (seeds x sequences) matrix of paired ΔCE, resampling seeds
+    and sequences independently (a crossed bootstrap); one row falls back to sequences only."""
+    import torch
+
+    m = torch.tensor(matrix, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    si = torch.randint(0, m.shape[0], (N_BOOT, m.shape[0]), generator=g)
+    qi = torch.randint(0, m.shape[1], (N_BOOT, m.shape[1]), generator=g)
+    rows = m[si]  # (N_BOOT, seeds, sequences)
+    boots = torch.gather(rows, 2, qi[:, None, :].expand(-1, m.shape[0], -1)).mean((1, 2))
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [float(m.mean()), lo, hi]
+
+
+def summary(results: dict) -> dict:
+    """{(model, layer, k, bin): [mean, lo, hi, seed means]} over the SAE seeds."""
+    groups: dict = {}
+    for e in results["saes"]:
+        for label, d in e["delta_ce"].items():
+            groups.setdefault((e["model"], e["layer"], e["k"], label), []).append(d)
+    return {key: crossed_bootstrap(rows) + [[sum(r) / len(r) for r in rows]] for key, rows in groups.items()}
+
+
+def _ci(v) -> str:
+    return f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
+
+
+def readme_table(results: dict) -> str:
+    """ΔCE per layer and k, DLM (t ~ U[0.05, 0.5]) vs AR, mean over SAE seeds with 95% intervals."""
+    s = summary(results)
+    ks = sorted({e["k"] for e in results["saes"]})
+    layers = sorted({e["layer"] for e in results["saes"]})
+    lines = ["| layer | " + " | ".join(f"DLM k={k}" for k in ks) + " | " + " | ".join(f"AR k={k}" for k in ks) + " |",
+             "|---|" + "---|" * (2 * len(ks))]
+    for layer in layers:
+        cells = [_ci(s[(MODELS[0], layer, k, "dlmscope")]) for k in ks] + [_ci(s[(MODELS[1], layer, k, "clean")])
+                                                                            for k in ks]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_bins_table(results: dict) -> str:
+    """DLM ΔCE per fixed mask ratio (k=32), mean over SAE seeds with 95% intervals."""
+    s = summary(results)
+    bins = [b for b in results["clean_ce"][MODELS[0]] if b != "dlmscope"]
+    layers = sorted({e["layer"] for e in results["saes"]})
+    lines = ["| layer | " + " | ".join(f"t={b}" for b in bins) + " |", "|---|" + "---|" * len(bins)]
+    lines += [f"| {layer} | " + " | ".join(_ci(s[(MODELS[0], layer, 32, b)]) for b in bins) + " |" for layer in layers]
+    return "\n".join(lines)
+
+
+def mechanism_summary(results: dict) -> dict:
+    out = {}
+    for m in results["mechanism"]:
+        out[(m["layer"], m["bin"], m["variant"])] = crossed_bootstrap([m["delta_ce"]])
+    return out
+
+
+def readme_mechanism_table(results: dict, bins=("0.1", "0.9", "dlmscope")) -> str:
+    """Splicing variants (k=32, first seed): ΔCE with 95% intervals over sequences, at three mask ratios."""
+    s, mech = summary(results), mechanism_summary(results)
+    seed0 = min(e["seed"] for e in results["saes"])
+    sae = {(e["layer"], b): crossed_bootstrap([d]) for e in results["saes"] if e["seed"] == seed0 and e["k"] == 32
+           and e["model"] == MODELS[0] for b, d in e["delta_ce"].items()}
+    del s
+    layers = sorted({m["layer"] for m in results["mechanism"]})
+    lines = ["| layer | t | SAE x_hat | x at x_hat's norm | x_hat at x's norm | PCA, same FVU | SAE at masked only |",
+             "|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        for b in bins:
+            lines.append(f"| {layer} | {b} | {_ci(sae[(layer, b)])} | " + " | ".join(
+                _ci(mech[(layer, b, v)]) for v in VARIANTS[1:]) + " |")
+    return "\n".join(lines)
+
+
+def verdict(results: dict) -> str:
+    s = summary(results)
+    below = sorted(f"L{layer} k={k} t={b}" for (model, layer, k, b), v in s.items()
+                   if model == MODELS[0] and v[2] < 0)
+    mech = mechanism_summary(results)
+    mech_below = sorted(f"L{layer} t={b} {v}" for (layer, b, v), ci in mech.items() if ci[2] < 0)
+    n = sum(1 for key in s if key[0] == MODELS[0])
+    text = (f"Configurations where splicing significantly lowers the DLM's masked CE (95% upper bound < 0): "
+            f"{len(below)} of {n} (layer x k x mask-ratio bin){': ' + ', '.join(below) if below else ''}. ")
+    text += (f"Among the mechanism variants: {len(mech_below)}{': ' + ', '.join(mech_below) if mech_below else ''}.")
+    return text
 
 
 def render(results: dict, out: Path) -> str:
-    rows = results["rows"]
-    ks = sorted({r["k"] for r in rows})
-    layers = sorted({r["layer"] for r in rows})
-
-    def find(model, layer, k, positions="all"):
-        return next(r for r in rows if r["model"] == model and r["layer"] == layer and r["k"] == k
-                    and r["positions"] == positions)
-
-    def cell(r):
-        d = _headline(r)["delta_ce"]
-        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
-
-    head = ["| layer |"]
-    for k in ks:
-        head[0] += f" DLM k={k} (all) | DLM k={k} (masked only) | AR k={k} |"
-    lines = [head[0], "|---|" + "---|" * (3 * len(ks))]
-    for layer in layers:
-        cells = []
-        for k in ks:
-            cells += [cell(find(MODELS[0], layer, k)), cell(find(MODELS[0], layer, k, "masked")),
-                      cell(find(MODELS[1], layer, k))]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    sub = ["| layer | k | FVU DLM | FVU AR | recovered DLM (zero/mean) | recovered AR (zero/mean) | "
-           + " | ".join(f"DLM ΔCE t={t}" for t in T_BINS) + " |", "|---|---|---|---|---|---|" + "---|" * len(T_BINS)]
-    for layer in layers:
-        for k in ks:
-            d, a = find(MODELS[0], layer, k), find(MODELS[1], layer, k)
-            rd, ra = _headline(d)["recovered"], _headline(a)["recovered"]
-            fvu = lambda r: f"{r['fvu']:.3f}" if r["fvu"] is not None else "-"  # noqa: E731
-            sub.append(f"| {layer} | {k} | {fvu(d)} | {fvu(a)} | {rd['zero']:.3f} / {rd['mean']:.3f} | "
-                       f"{ra['zero']:.3f} / {ra['mean']:.3f} | "
-                       + " | ".join(f"{d['bins'][f'{t:.1f}']['delta_ce'][0]:+.3f}" for t in T_BINS) + " |")
-    early = [find(MODELS[0], layer, k) for layer in layers[:2] for k in ks]
-    lowers = [r for r in early if _headline(r)["delta_ce"][2] < 0]
-    ar_early = [find(MODELS[1], layer, k) for layer in layers[:2] for k in ks]
-    ar_lowers = [r for r in ar_early if _headline(r)["delta_ce"][2] < 0]
-    if lowers and not ar_lowers:
-        verdict = ("REPRODUCES: splicing early-layer SAEs significantly lowers the DLM's masked CE "
-                   f"({', '.join('L%d k=%d' % (r['layer'], r['k']) for r in lowers)}) and no early AR splice lowers its loss.")
-    else:
-        verdict = ("DOES NOT REPRODUCE on these twins: no early-layer (0-1) DLM splice lowers the masked CE "
-                   "significantly (all 95% upper bounds >= 0)" if not lowers else
-                   "PARTLY: some early DLM splices lower the loss, but so do AR splices")
-        verdict += "; splicing costs loss in both the DLM and the AR twin."
+    if len(results["clean_ce"]) < len(MODELS):
+        return "one twin only: merge the partial files with --combine"
+    s = summary(results)
     c = results["config"]
-    md = (f"SAEs: Top-K, {c['expansion']}x expansion, {c['tokens']:,} training tokens each, k in {c['k']}; "
-          f"{c['n_seqs']} held-out sequences of 128 tokens, masks drawn once per sequence and bin and shared by all "
-          "conditions. ΔCE = spliced - clean, mean and 95% t-interval over sequences; DLM: masked-token CE with "
-          "t ~ U[0.05, 0.5] (DLM-Scope), AR: next-token CE.\n\n" + "\n".join(lines)
-          + "\n\nPer t bin (DLM, spliced at all positions), FVU and recovered score on the headline bin:\n\n"
-          + "\n".join(sub) + f"\n\nPaper's claim (early-layer splicing lowers DLM loss, absent in AR): {verdict}\n")
+    ks = sorted({e["k"] for e in results["saes"]})
+    layers = sorted({e["layer"] for e in results["saes"]})
+    fvu = ["| model | layer | " + " | ".join(f"FVU k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for model in MODELS:
+        for layer in layers:
+            cells = []
+            for k in ks:
+                v = [e["fvu"] for e in results["saes"] if e["model"] == model and e["layer"] == layer and e["k"] == k]
+                cells.append(f"{sum(v) / len(v):.3f} ({min(v):.3f}-{max(v):.3f})")
+            fvu.append(f"| {model.replace('dlmscope-', '')} | {layer} | " + " | ".join(cells) + " |")
+    bins = list(results["clean_ce"][MODELS[0]])
+    full = ["| layer | k | " + " | ".join(f"t={b}" for b in bins) + " |", "|---|---|" + "---|" * len(bins)]
+    full += [f"| {layer} | {k} | " + " | ".join(_ci(s[(MODELS[0], layer, k, b)]) for b in bins) + " |"
+             for layer in layers for k in ks]
+    seeds = ", ".join(f"{m.replace('dlmscope-tiny-', '')} " + ",".join(str(x) for x in sorted(
+        {e["seed"] for e in results["saes"] if e["model"] == m})) for m in MODELS)
+    md = (f"SAEs: Top-K, {c['expansion']}x expansion, {c['tokens']:,} training tokens each (batch {c['sae_batch_size']}), "
+          f"k in {c['k']}, SAE seeds {seeds}; {c['n_seqs']} held-out sequences of 128 tokens, one mask draw per "
+          "sequence and bin shared by every SAE. ΔCE = spliced - clean (nats), mean over seeds and sequences, 95% "
+          "interval from a crossed bootstrap over seeds and sequences. DLM: masked-token CE (dlmscope = t ~ U[0.05, 0.5] "
+          f"per sequence); AR: next-token CE. Clean CE: {json.dumps(results['clean_ce'])}.\n\n"
+          "DLM (dlmscope bin) vs AR:\n\n" + readme_table(results)
+          + "\n\nDLM per mask ratio, every k:\n\n" + "\n".join(full)
+          + "\n\nHeld-out FVU at the end of training (mean over seeds, min-max):\n\n" + "\n".join(fvu)
+          + "\n\nMechanism (DLM, k=32, SAE seed 0; intervals over sequences):\n\n"
+          + readme_mechanism_table(results, tuple(bins)) + "\n\n" + verdict(results) + "\n")
     atomic_write_text(out / "splice_dlm_vs_ar.md", md)
     try:
         import plotly.graph_objects as go
@@ -135,28 +302,35 @@ def render(results: dict, out: Path) -> str:
         return md
     fig = go.Figure()
     for model in MODELS:
+        label = "dlmscope" if model == MODELS[0] else "clean"
         for k in ks:
-            pts = [_headline(find(model, layer, k))["delta_ce"] for layer in layers]
+            pts = [s[(model, layer, k, label)] for layer in layers]
             fig.add_trace(go.Scatter(
                 x=layers, y=[p[0] for p in pts], mode="lines+markers",
                 name=f"{'DLM' if model == MODELS[0] else 'AR'} k={k}",
                 error_y=dict(type="data", symmetric=False, array=[p[2] - p[0] for p in pts],
                              arrayminus=[p[0] - p[1] for p in pts])))
     fig.add_hline(y=0, line_dash="dot")
-    fig.update_layout(title="ΔCE vs layer, DLM vs AR (SAE spliced at all positions)", xaxis_title="layer",
-                      yaxis_title="ΔCE = spliced - clean (nats)")
+    fig.update_layout(title="ΔCE vs layer, DLM vs AR (mean over SAE seeds, 95% crossed-bootstrap intervals)",
+                      xaxis_title="layer", yaxis_title="ΔCE = spliced - clean (nats)")
     atomic_write_text(out / "splice_dlm_vs_ar.html", fig.to_html(include_plotlyjs="cdn"))
     return md
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
-    p.add_argument("--k", default="16,32")
-    p.add_argument("--sae-batch-size", type=int, default=4096, help="SAE batch (4096 made the committed results)")
+    p.add_argument("--tokens", type=int, default=150_000, help="training tokens per SAE")
+    p.add_argument("--k", default="16,32,64")
+    p.add_argument("--seeds", default="0,1,2", help="SAE seeds")
+    p.add_argument("--sae-batch-size", type=int, default=1024)
     p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--n-seqs", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-seqs", type=int, default=32, help="held-out sequences (the next as many fit the PCA)")
+    p.add_argument("--t-bins", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask draws")
+    p.add_argument("--mechanism-layers", default="0,1,2", help="layers of the mechanism check")
+    p.add_argument("--twin", choices=MODELS, help="evaluate one twin only (parallel processes)")
+    p.add_argument("--combine", action="store_true", help="merge the partial files of --twin runs in --out")
+    p.add_argument("--train-only", choices=MODELS, help="only train this model's SAEs (parallel processes)")
     run_or_render(p, "splice_dlm_vs_ar", train_and_eval, render)
 
 

@@ -1,19 +1,22 @@
-"""Steering success vs strength on both twins, and all-steps vs early-steps-only schedules.
+"""Steering the DLM vs its autoregressive twin: success and fluency per feature, three schedules, with intervals.
 
-Features are chosen the same way on both models, from each model's shipped layer-3 SAE on the same
-held-out text: among latents firing on 0.5-20% of tokens, the ones whose activation mass is most
-concentrated on their 20 top tokens (concept-like). Steering is DLM-Scope's A[f] += strength *
-max(A), error kept, at all positions; the DLM schedule counts denoising steps, the AR one generated
-tokens (first:0.1 = first 10% of either). Success: the feature's mean activation on the re-encoded
-continuation and its concept-token rate; fluency: perplexity under the AR twin and NLL bound
-(ELBO) under the DLM. Prompts x seeds, temperature 0.5, steered vs unsteered (strength 0).
-Writes experiments/results/steering_dlm_vs_ar.{json,md,html}.
+Rule fixed before any steering result was looked at: per twin, from its shipped layer-3 SAE (k=32) on the first
+64 held-out rows, the FEATURES latents with density in [0.5%, 20%] whose activation mass is most concentrated on
+their 20 top tokens (concept-like; `choose_features`). Steering is DLM-Scope's A[f] += strength * max(A), error
+kept, at all positions. Schedules over the 32 denoising steps (DLM) or 32 generated tokens (AR): all, first
+quarter (first:0.25) and last quarter (late: steps 24-31), so the two partial schedules steer equally often.
+Per generated text (prompts x seeds, temperature 0.5): the feature's mean activation when the prompt +
+continuation is re-encoded (the study's success metric), the concept-token rate, perplexity under the AR twin
+and the DLM's ELBO bound on NLL per token; steered minus unsteered on the same prompt and seed. A feature's
+effect is its mean over texts; intervals are 95% Student-t over features, and DLM vs AR is a Welch t-test
+over features (the twins' features are chosen separately, so the samples are independent).
+Writes experiments/results/steering_dlm_vs_ar.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _study import run_or_render  # noqa: E402
-from dlmscope.io_utils import atomic_write_text  # noqa: E402
+from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptions are", "A function",
-           "The module"]
+           "The module", "To open a file", "The class"]
 MODELS = (("dlmscope-tiny-dlm", "tiny-dlm-L3-k32"), ("dlmscope-tiny-ar", "tiny-ar-L3-k32"))
+METRICS = ("feature_activation", "concept_rate", "perplexity", "dlm_nll")
 
 
 def choose_features(lm, sae, rows, n: int) -> list[int]:
@@ -45,102 +49,185 @@ def choose_features(lm, sae, rows, n: int) -> list[int]:
     return [int(f) for f in conc.topk(n).indices]
 
 
+def schedules(args) -> dict:
+    late = list(range(args.steps - round(args.partial * args.steps), args.steps))
+    return {"all": "all", f"first:{args.partial:g}": f"first:{args.partial:g}", "late": late}
+
+
 def run(args) -> dict:
-    from dlmscope.analysis.steering import SteeringSpec, compare, feature_token_profile
+    """Both twins, or one (--twin, written to <out>/steering_<twin>.partial.json after every feature so a run
+    cut short keeps the first features of the ranking); --combine merges the two partial files."""
+    import json
+
+    import torch
+
+    from dlmscope.analysis.steering import SteeringSpec, feature_token_profile, steered_generate, steering_metrics
     from dlmscope.data import heldout_rows
     from dlmscope.models import load_model
     from dlmscope.sae import load_sae
 
+    if args.combine:
+        parts = [json.loads((args.out / f"steering_{m}.partial.json").read_text()) for m, _ in MODELS]
+        merged = parts[0]
+        for part in parts[1:]:
+            for key in ("features", "unsteered"):
+                merged[key].update(part[key])
+            merged["runs"] += part["runs"]
+        merged["config"]["features"] = min(len(v) for v in merged["features"].values())
+        return merged
+    torch.set_num_threads(1)
     strengths = [float(s) for s in args.strengths.split(",")]
-    early = [float(s) for s in args.early_strengths.split(",")]
     seeds = list(range(args.seeds))
-    judges = {name: load_model(name, device=args.device) for name, _ in MODELS}
-    res: dict = {"config": vars(args) | {"out": str(args.out), "prompts": PROMPTS}, "runs": []}
+    judges = {name: load_model(name) for name, _ in MODELS}
+    ar_judge, dlm_judge = judges[MODELS[1][0]], judges[MODELS[0][0]]
+    texts_prompts = [p for _ in seeds for p in PROMPTS]
+    res: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "render", "twin", "combine")} | {"prompts": PROMPTS},
+                 "schedules": {k: v for k, v in schedules(args).items()}, "features": {}, "unsteered": {}, "runs": []}
+
+    def per_text(lm, sae, f, conts, concept, judged: bool) -> list[dict]:
+        return [steering_metrics(lm, sae, f, [p], [c], concept, ar_judge if judged else None,
+                                 dlm_judge if judged else None, n_draws=args.n_draws)
+                for p, c in zip(texts_prompts, conts)]
+
     for model, sae_name in MODELS:
-        lm, sae = judges[model], load_sae(sae_name, device=args.device)
+        if args.twin and model != args.twin:
+            continue
+        lm, sae = judges[model], load_sae(sae_name)
         rows = heldout_rows(lm.tokenizer, 128, 64)
-        for f in choose_features(lm, sae, rows, args.features):
-            concept = feature_token_profile(lm, sae, f, rows)
-            for schedule, ss in (("all", strengths), (f"first:{args.early}", early)):
-                for s in ss:
-                    t0 = time.time()
-                    r = compare(lm, sae, SteeringSpec(f, s, steps=schedule), PROMPTS, seeds, concept,
-                                judges[MODELS[1][0]], judges[MODELS[0][0]], gen_length=32, steps=32,
-                                temperature=args.temperature)
-                    res["runs"].append({"model": model, "feature": f, "schedule": schedule, "strength": s,
-                                        "concept_tokens": lm.tokenizer.convert_ids_to_tokens(concept[:8]),
-                                        "unsteered": r["unsteered"], "steered": r["steered"],
-                                        "sample": [r["prompts"][0] + r["unsteered_texts"][0],
-                                                   r["prompts"][0] + r["steered_texts"][0]],
-                                        "seconds": round(time.time() - t0, 1)})
-                    print(model, f, schedule, s, f"{time.time() - t0:.0f}s", flush=True)
+        features = choose_features(lm, sae, rows, args.features)
+        concepts = {f: feature_token_profile(lm, sae, f, rows) for f in features}
+        res["features"][model] = {str(f): lm.tokenizer.convert_ids_to_tokens(concepts[f][:8]) for f in features}
+        t0 = time.time()
+        base = [c for seed in seeds for c in steered_generate(lm, sae, None, PROMPTS, 32, args.steps, seed,
+                                                              args.temperature)]
+        fluency = per_text(lm, sae, features[0], base, concepts[features[0]], True)
+        res["unsteered"][model] = {"texts": base, "perplexity": [m["perplexity"] for m in fluency],
+                                   "dlm_nll": [m["dlm_nll"] for m in fluency], "per_feature": {}}
+        for f in features:
+            m = per_text(lm, sae, f, base, concepts[f], False)
+            res["unsteered"][model]["per_feature"][str(f)] = {k: [x[k] for x in m] for k in METRICS[:2]}
+        for f in features:
+            for sched, steps in schedules(args).items():
+                for s in strengths:
+                    spec = SteeringSpec(f, s, steps=steps)
+                    conts = [c for seed in seeds for c in steered_generate(lm, sae, spec, PROMPTS, 32, args.steps,
+                                                                           seed, args.temperature)]
+                    m = per_text(lm, sae, f, conts, concepts[f], True)
+                    res["runs"].append({"model": model, "feature": f, "schedule": sched, "strength": s,
+                                        **{k: [x[k] for x in m] for k in METRICS}, "sample": conts[0]})
+            print(model, f, f"{time.time() - t0:.0f}s", flush=True)
+            if args.twin:
+                atomic_write_json(args.out / f"steering_{model}.partial.json", res)
     return res
 
 
-def render(res: dict, out: Path) -> str:
-    runs = res["runs"]
-    lines = ["| model | feature | schedule | strength | feature act. (unsteered -> steered) | concept rate | "
-             "AR perplexity | DLM NLL/token |", "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        u, s = r["unsteered"], r["steered"]
-        lines.append(f"| {r['model'].replace('dlmscope-', '')} | {r['feature']} | {r['schedule']} | {r['strength']:g} | "
-                     f"{u['feature_activation']:.4f} -> {s['feature_activation']:.4f} | "
-                     f"{u['concept_rate']:.3f} -> {s['concept_rate']:.3f} | {u['perplexity']:.0f} -> {s['perplexity']:.0f} | "
-                     f"{u['dlm_nll']:.2f} -> {s['dlm_nll']:.2f} |")
-    # averaged curves: success vs strength per model and schedule
-    agg: dict = {}
-    for r in runs:
-        key = (r["model"], r["schedule"], r["strength"])
-        agg.setdefault(key, []).append(r)
-    summary = ["| model | schedule | strength | Δ feature act. | Δ concept rate | AR perplexity | DLM NLL/token |",
-               "|---|---|---|---|---|---|---|"]
-    for (model, sched, s), rs in sorted(agg.items()):
-        mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
-        summary.append(f"| {model.replace('dlmscope-', '')} | {sched} | {s:g} | "
-                       f"{mean(lambda r: r['steered']['feature_activation'] - r['unsteered']['feature_activation']):+.4f} | "
-                       f"{mean(lambda r: r['steered']['concept_rate'] - r['unsteered']['concept_rate']):+.3f} | "
-                       f"{mean(lambda r: r['steered']['perplexity']):.0f} | {mean(lambda r: r['steered']['dlm_nll']):.2f} |")
-    c = res["config"]
-    md = (f"{len(c['prompts'])} prompts x {c['seeds']} seeds, 32 new tokens (DLM: 32 steps, one block), temperature "
-          f"{c['temperature']}; {c['features']} features per model; shipped layer-3 SAEs (k=32). Mean over features:\n\n"
-          + "\n".join(summary) + "\n\nPer feature (unsteered -> steered):\n\n" + "\n".join(lines) + "\n\nSamples "
-          "(first prompt, unsteered / steered):\n\n" + "\n".join(
-              f"- {r['model'].replace('dlmscope-', '')} f{r['feature']} {r['schedule']} s={r['strength']:g}: "
-              f"{json.dumps(r['sample'][0])} / {json.dumps(r['sample'][1])}"
-              for r in runs if r["strength"] == max(x["strength"] for x in runs)) + "\n")
-    atomic_write_text(out / "steering_dlm_vs_ar.md", md)
-    try:
-        from plotly.subplots import make_subplots
-    except ImportError:
-        return md
-    import plotly.graph_objects as go
+# ------------------------------------------------------------------------------------------- statistics
+def _mean(v) -> float:
+    return sum(v) / len(v)
 
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("Δ feature activation", "Δ concept-token rate",
-                                                        "AR-twin perplexity"))
-    for model, _ in MODELS:
-        for sched in sorted({r["schedule"] for r in runs}):
-            pts = sorted((s, rs) for (m, sc, s), rs in agg.items() if m == model and sc == sched)
-            xs = [s for s, _ in pts]
-            for col, f in enumerate((lambda r: r["steered"]["feature_activation"] - r["unsteered"]["feature_activation"],
-                                     lambda r: r["steered"]["concept_rate"] - r["unsteered"]["concept_rate"],
-                                     lambda r: r["steered"]["perplexity"]), 1):
-                fig.add_trace(go.Scatter(x=xs, y=[sum(map(f, rs)) / len(rs) for _, rs in pts], mode="lines+markers",
-                                         name=f"{model.replace('dlmscope-tiny-', '')} {sched}",
-                                         legendgroup=f"{model}{sched}", showlegend=col == 1), 1, col)
-    fig.update_xaxes(title_text="strength")
-    fig.update_layout(title="Steering success vs strength, DLM vs AR twin")
-    atomic_write_text(out / "steering_dlm_vs_ar.html", fig.to_html(include_plotlyjs="cdn"))
+
+def t_interval(v: list[float]) -> list[float]:
+    from scipy.stats import t as student_t
+
+    m, n = _mean(v), len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
+    half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
+    return [m, m - half, m + half]
+
+
+def effects(res: dict) -> dict:
+    """{(model, schedule, strength): {metric: per-feature steered - unsteered means}}."""
+    out: dict = {}
+    for r in res["runs"]:
+        u = res["unsteered"][r["model"]]
+        base = {**u["per_feature"][str(r["feature"])], "perplexity": u["perplexity"], "dlm_nll": u["dlm_nll"]}
+        e = out.setdefault((r["model"], r["schedule"], r["strength"]), {k: [] for k in METRICS})
+        for k in METRICS:
+            if k == "perplexity":  # ratio of perplexities = exp(difference of per-text log perplexities)
+                e[k].append(math.exp(_mean([math.log(a) - math.log(b) for a, b in zip(r[k], base[k])])))
+            else:
+                e[k].append(_mean([a - b for a, b in zip(r[k], base[k])]))
+    return out
+
+
+def _ci(v, fmt="+.4f") -> str:
+    return f"{v[0]:{fmt}} [{v[1]:{fmt}}, {v[2]:{fmt}}]"
+
+
+def readme_table(res: dict) -> str:
+    """Per twin and schedule: mean over features of steered - unsteered, 95% t-intervals over features."""
+    lines = ["| model | schedule | strength | Δ feature activation | Δ concept rate | AR-perplexity ratio | Δ DLM NLL |",
+             "|---|---|---|---|---|---|---|"]
+    for (model, sched, s), e in effects(res).items():
+        ppl = t_interval([math.log(x) for x in e["perplexity"]])
+        lines.append(f"| {model.replace('dlmscope-tiny-', '')} | {sched} | {s:g} | {_ci(t_interval(e['feature_activation']))} | "
+                     f"{_ci(t_interval(e['concept_rate']), '+.3f')} | {math.exp(ppl[0]):.2f} [{math.exp(ppl[1]):.2f}, "
+                     f"{math.exp(ppl[2]):.2f}] | {_ci(t_interval(e['dlm_nll']), '+.2f')} |")
+    return "\n".join(lines)
+
+
+def dlm_vs_ar(res: dict) -> list[dict]:
+    """Welch t-test over features, DLM effect vs AR effect, per schedule, strength and success metric."""
+    from scipy.stats import ttest_ind
+
+    eff, rows = effects(res), []
+    for (model, sched, s), e in eff.items():
+        if model != MODELS[0][0] or (MODELS[1][0], sched, s) not in eff:
+            continue
+        a = eff[(MODELS[1][0], sched, s)]
+        for k in METRICS[:2]:
+            test = ttest_ind(e[k], a[k], equal_var=False)
+            ci = test.confidence_interval(0.95)
+            rows.append({"schedule": sched, "strength": s, "metric": k, "dlm": _mean(e[k]), "ar": _mean(a[k]),
+                         "difference": [_mean(e[k]) - _mean(a[k]), float(ci.low), float(ci.high)],
+                         "p": float(test.pvalue)})
+    return rows
+
+
+def readme_test_table(res: dict) -> str:
+    """DLM effect minus AR effect with its Welch 95% interval and p-value."""
+    lines = ["| schedule | strength | metric | DLM | AR | DLM - AR [95% CI] | p (Welch) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['schedule']} | {r['strength']:g} | {r['metric'].replace('_', ' ')} | {r['dlm']:+.4f} | {r['ar']:+.4f} | "
+              f"{_ci(r['difference'])} | {'<0.001' if r['p'] < 0.001 else format(r['p'], '.3f')} |" for r in dlm_vs_ar(res)]
+    return "\n".join(lines)
+
+
+def render(res: dict, out: Path) -> str:
+    if len(res["unsteered"]) < len(MODELS):
+        return "one twin only: merge the partial files with --combine"
+    c = res["config"]
+    unsteered = {m: (math.exp(_mean([math.log(x) for x in u["perplexity"]])), _mean(u["dlm_nll"]))
+                 for m, u in res["unsteered"].items()}
+    per_feature = ["| model | feature | top tokens | schedule | Δ feature act. | Δ concept rate |", "|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        u = res["unsteered"][r["model"]]["per_feature"][str(r["feature"])]
+        per_feature.append(f"| {r['model'].replace('dlmscope-tiny-', '')} | {r['feature']} | "
+                           f"{' '.join(res['features'][r['model']][str(r['feature'])][:4]).replace('|', '/')} | "
+                           f"{r['schedule']} s={r['strength']:g} | "
+                           f"{_mean(r['feature_activation']) - _mean(u['feature_activation']):+.4f} | "
+                           f"{_mean(r['concept_rate']) - _mean(u['concept_rate']):+.3f} |")
+    md = (f"{len(c['prompts'])} prompts x {c['seeds']} seeds, 32 new tokens ({c['steps']} steps, one block), temperature "
+          f"{c['temperature']}; {c['features']} features per twin (rule in the script's docstring), shipped layer-3 SAEs "
+          f"(k=32); schedules {res['schedules']}. Unsteered AR-twin perplexity / DLM NLL per token: "
+          + ", ".join(f"{m.replace('dlmscope-tiny-', '')} {p:.1f} / {n:.2f}" for m, (p, n) in unsteered.items())
+          + ".\n\nMean over features of steered - unsteered (95% intervals over features; perplexity as a ratio):\n\n"
+          + readme_table(res) + "\n\nDLM vs AR (Welch t-test over features):\n\n" + readme_test_table(res)
+          + "\n\nPer feature:\n\n" + "\n".join(per_feature) + "\n")
+    atomic_write_text(out / "steering_dlm_vs_ar.md", md)
     return md
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--strengths", default="0,1,2,4,8")
-    p.add_argument("--early", type=float, default=0.1, help="early-only schedule: the first fraction of steps")
-    p.add_argument("--early-strengths", default="2,4,8")
-    p.add_argument("--features", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--strengths", default="4")
+    p.add_argument("--partial", type=float, default=0.25, help="fraction of steps of the first / late schedules")
+    p.add_argument("--features", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--n-draws", type=int, default=4, help="mask draws of the DLM's NLL bound per text")
     p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--twin", choices=[m for m, _ in MODELS], help="run one twin only (parallel processes)")
+    p.add_argument("--combine", action="store_true", help="merge the two twins' partial files")
     run_or_render(p, "steering_dlm_vs_ar", run, render)
 
 
