@@ -8,7 +8,8 @@ layer-3 SAEs (8 prompts, 32 tokens); Sudoku 4x4 exact solve (test puzzles, 16 to
 several step budgets; held-out NLL per token with the answer revealed in each order; forward passes.
 Every number carries a 95% Student-t interval over prompts / puzzles / rows, and every row its paired
 difference to low_confidence at the same budget. Countdown is left out (the tiny DLM solves <= 2%).
-Writes experiments/results/decoding_order.{json,md,html}.
+Writes experiments/results/decoding_order.{json,md,html} and decoding_order_summary.json (every number the
+tables print, which the README's table is rendered from).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _study import run_or_render  # noqa: E402
-from dlmscope.io_utils import atomic_write_text  # noqa: E402
+from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 THRESHOLD = 0.9
 ROWS = {  # name: (strategy, sampler options)
@@ -92,63 +93,109 @@ def run(args) -> dict:
     return res
 
 
+def summary(res: dict) -> dict:
+    """Every number the tables print, from the raw per-item results: [mean, low, high] per row, metric and
+    budget, with the paired difference to low_confidence (None on its own row)."""
+    rows = res["rows"]
+    base = rows[BASE]
+    out: dict = {"config": {k: res["config"][k] for k in ("n", "ll_rows")} | {"threshold": THRESHOLD},
+                 "hooks": list(base["dynamics"]), "rows": {}}
+    for name, r in rows.items():
+        own = name == BASE
+        dyn = {h: {m: {"value": interval(v), "vs_low_confidence": None if own else paired(v, base["dynamics"][h][m])}
+                   for m, v in per.items()} for h, per in r["dynamics"].items()}
+        entry = {"dynamics": dyn, "dynamics_forwards": r["dynamics_forwards"]}
+        for key, metric in (("sudoku", "correct"), ("heldout", "nll")):
+            last = list(base[key])[-1]
+            entry[key] = {b: {"value": interval(cell[metric]), "forwards": interval(cell["forwards"]),
+                              "vs_low_confidence": None if own else
+                              paired(cell[metric], base[key][last if b == "parallel" else b][metric])}
+                          for b, cell in r[key].items()}
+        out["rows"][name] = entry
+    return out
+
+
 def _fmt(ci: list[float], digits: int = 3) -> str:
     return f"{ci[0]:.{digits}f} [{ci[1]:.{digits}f}, {ci[2]:.{digits}f}]"
 
 
-def _diff(ci: list[float], digits: int = 3) -> str:
+def _diff(ci: list[float] | None, digits: int = 3) -> str:
+    if ci is None:
+        return ""
     real = ci[1] > 0 or ci[2] < 0
     text = f"{ci[0]:+.{digits}f} [{ci[1]:+.{digits}f}, {ci[2]:+.{digits}f}]"
     return f"**{text}**" if real else text
 
 
-def render(res: dict, out: Path) -> str:
-    rows = res["rows"]
-    base = rows[BASE]
-    hooks = list(base["dynamics"])
+def markdown(s: dict) -> str:
+    """The full table of experiments/results/decoding_order.md, from `summary`."""
+    rows, hooks, c = s["rows"], s["hooks"], s["config"]
     short = {h: f"L{h.split('.')[1]}" for h in hooks}
-    c = res["config"]
     lines = ["### Feature dynamics (8 prompts; mean [95% interval]; difference to low_confidence, paired by prompt)", "",
              "| row | " + " | ".join(f"{short[h]} pre-mask stability | vs low_conf. | {short[h]} post-decode drift | "
                                      "vs low_conf." for h in hooks) + " | forwards (32 tokens) |",
              "|" + "---|" * (1 + 4 * len(hooks) + 1)]
     for name, r in rows.items():
-        cells = []
-        for h in hooks:
-            for metric in ("pre_mask_stability", "post_decode_drift"):
-                v, b = r["dynamics"][h][metric], base["dynamics"][h][metric]
-                cells += [_fmt(interval(v)), "" if name == BASE else _diff(paired(v, b))]
+        cells = [x for h in hooks for m in ("pre_mask_stability", "post_decode_drift")
+                 for x in (_fmt(r["dynamics"][h][m]["value"]), _diff(r["dynamics"][h][m]["vs_low_confidence"]))]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['dynamics_forwards']} |")
 
-    def table(key: str, metric: str, title: str, scale: float, digits: int) -> list[str]:
-        budgets = list(base[key])
+    def table(key: str, title: str, digits: int) -> list[str]:
+        last = list(rows[BASE][key])[-1]
         out_lines = [f"### {title}", "", "| row | budget | value | vs low_confidence (same budget; threshold rows: "
-                     f"vs @{budgets[-1]}) | forwards per item |", "|---|---|---|---|---|"]
+                     f"vs @{last}) | forwards per item |", "|---|---|---|---|---|"]
         for name, r in rows.items():
             for b, cell in r[key].items():
-                ref = base[key][budgets[-1] if b == "parallel" else b]
-                v = [x * scale for x in cell[metric]]
-                d = paired(v, [x * scale for x in ref[metric]])
-                out_lines.append(f"| {name} | {'threshold' if b == 'parallel' else b} | {_fmt(interval(v), digits)} | "
-                                 f"{'' if name == BASE else _diff(d, digits)} | {_fmt(interval(cell['forwards']), 1)} |")
+                out_lines.append(f"| {name} | {'threshold' if b == 'parallel' else b} | {_fmt(cell['value'], digits)} | "
+                                 f"{_diff(cell['vs_low_confidence'], digits)} | {_fmt(cell['forwards'], 1)} |")
         return out_lines
 
-    lines += [""] + table("sudoku", "correct", f"Sudoku exact solve ({c['n']} test puzzles, 16 tokens, one block, greedy)",
-                          1.0, 2)
-    lines += [""] + table("heldout", "nll", f"Held-out NLL, nats/token ({c['ll_rows']} rows, last 32 of 64 tokens "
-                                            "revealed in each order, teacher forced)", 1.0, 3)
-    md = ("dlmscope-tiny-dlm; Jaccard of the k=32 feature sets of the shipped SAEs; bold = the 95% interval of the "
-          f"difference excludes 0. Threshold rows (Fast-dLLM, {THRESHOLD}) take as many steps as they need; cache rows "
-          "keep positions a cached step does not recompute at their last computed features.\n\n"
-          + "\n".join(lines) + "\n")
+    lines += [""] + table("sudoku", f"Sudoku exact solve ({c['n']} test puzzles, 16 tokens, one block, greedy)", 2)
+    lines += [""] + table("heldout", f"Held-out NLL, nats/token ({c['ll_rows']} rows, last 32 of 64 tokens "
+                                     "revealed in each order, teacher forced)", 3)
+    return ("dlmscope-tiny-dlm; Jaccard of the k=32 feature sets of the shipped SAEs; bold = the 95% interval of the "
+            f"difference excludes 0. Threshold rows (Fast-dLLM, {c['threshold']}) take as many steps as they need; "
+            "cache rows keep positions a cached step does not recompute at their last computed features.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def _count(ci: list[float]) -> str:
+    """Forwards per item: the integer when every item took the same number (a step budget), else one decimal."""
+    return str(int(ci[0])) if ci[1] == ci[2] == ci[0] == int(ci[0]) else f"{ci[0]:.1f}"
+
+
+def readme_table(s: dict) -> str:
+    """The README's decoding-order table (last SAE layer, first and last budgets), from `summary`."""
+    rows, hook = s["rows"], s["hooks"][-1]
+    short = f"L{hook.split('.')[1]}"
+    first, last = list(rows[BASE]["sudoku"])[0], list(rows[BASE]["sudoku"])[-1]
+    ll_last = list(rows[BASE]["heldout"])[-1]
+    lines = [f"| order | {short} pre-mask stability | {short} post-decode drift | Sudoku @{first} | Sudoku @{last} | "
+             f"forwards / puzzle @{last} | held-out NLL @{ll_last} |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        parallel = "parallel" in r["sudoku"]
+        sudoku = r["sudoku"]["parallel" if parallel else last]
+        nll = r["heldout"]["parallel" if parallel else ll_last]
+        cells = [_fmt(r["dynamics"][hook][m]["value"], 2) for m in ("pre_mask_stability", "post_decode_drift")]
+        cells += ["-" if parallel else _fmt(r["sudoku"][first]["value"], 2),
+                  _fmt(sudoku["value"], 2) + (" (own steps)" if parallel else ""),
+                  _count(sudoku["forwards"]), _fmt(nll["value"], 3)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(res: dict, out: Path) -> str:
+    s = summary(res)
+    atomic_write_json(out / "decoding_order_summary.json", s)
+    md = markdown(s)
     atomic_write_text(out / "decoding_order.md", md)
     try:
         import plotly.graph_objects as go
     except ImportError:
         return md
     fig = go.Figure()
-    for name, r in rows.items():
-        pts = [(interval(cell["forwards"])[0], interval(cell["correct"])) for cell in r["sudoku"].values()]
+    for name, r in s["rows"].items():
+        pts = [(cell["forwards"][0], cell["value"]) for cell in r["sudoku"].values()]
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1][0] for p in pts], name=name, mode="lines+markers",
                                  error_y=dict(type="data", symmetric=False, array=[p[1][2] - p[1][0] for p in pts],
                                               arrayminus=[p[1][0] - p[1][1] for p in pts])))
