@@ -12,7 +12,8 @@ corrupted batch) trains, side by side: BatchTopK crosscoders (expansion 4, k=32)
 0, 1, 2, and Top-K SAEs (k=32, same width) on base (seeds 0 and 1), rspo (seed 2) and countdown (seed 3),
 whose Hungarian-matched decoder cosines are recorded as training proceeds (matched cosine vs tokens).
 Text: the built-in corpus plus the task corpus (Countdown and Sudoku documents), shuffled, so held-out text
-contains the fine-tuned kinds of text. Writes experiments/results/diff_rspo.{json,md}.
+contains the fine-tuned kinds of text. Writes experiments/results/diff_rspo.{json,md} and diff_rspo_summary.json
+(every number of the crosscoder table).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _study import run_or_render  # noqa: E402
-from dlmscope.io_utils import atomic_write_text  # noqa: E402
+from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 PAIRS = {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0, 2)}
 SAES = {"base_s0": (0, 0), "base_s1": (0, 1), "rspo_s2": (1, 2), "countdown_s3": (2, 3)}
@@ -216,12 +217,15 @@ def render(res: dict, out: Path) -> str:
         fvu = _mean_ci([r["fvu"] for r in rs])
         rel = [sorted(e["relative_norm"]) for e in es]
         pct = lambda q: _mean_ci([v[min(len(v) - 1, int(q * len(v)))] for v in rel])[0]  # noqa: E731
-        spread = f"{pct(0.01):.3f} / {pct(0.99):.3f} | {min(v[0] for v in rel):.3f} / {max(v[-1] for v in rel):.3f}"
+        p1, p99, lo, hi = pct(0.01), pct(0.99), min(v[0] for v in rel), max(v[-1] for v in rel)
+        spread = f"{p1:.3f} / {p99:.3f} | {lo:.3f} / {hi:.3f}"
         cos = _mean_ci([e["cosine_shared_median"] for e in es])
         lines.append(f"| {pair} | {fvu[0]:.3f} | {_mean_ci([r['n_alive'] for r in rs])[0]:.0f} | {spread} | "
                      f"{cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | {fmt(later)} | "
                      f"{fmt(robust)} | {fmt(base)} | {fmt(base_r)} | {task}/{len(kinds)} |")
-        summary[pair] = {"later": later, "robust": robust, "base": base, "task_examples": [task, len(kinds)]}
+        summary[pair] = {"fvu": fvu, "relative_norm_p1_p99": [p1, p99], "relative_norm_min_max": [lo, hi],
+                         "cosine_shared_median": cos, "later": later, "robust": robust, "base": base,
+                         "base_robust": base_r, "task_examples": [task, len(kinds)]}
     m_lines = ["| tokens | base other seed | RSPO SAE | Countdown-FT SAE | random directions |", "|---|---|---|---|---|"]
     for m in res["matching_vs_tokens"]:
         m_lines.append(f"| {m['tokens']:,} | " + " | ".join(f"{m[k]['mean']:.3f} ({m[k]['fraction_above_0.9']:.2f} > 0.9)"
@@ -237,6 +241,7 @@ def render(res: dict, out: Path) -> str:
           f"Held-out: {c['n_seqs']} rows of the shuffled builtin + task text.\n\n" + "\n".join(lines) +
           "\n\nSAE lens: mean Hungarian-matched decoder cosine against the base SAE (seed 0), fraction above 0.9, as "
           f"training proceeds (Top-K, k=32, {c['n_latents']} latents, same tokens):\n\n" + "\n".join(m_lines) + "\n")
+    atomic_write_json(out / "diff_rspo_summary.json", summary)
     atomic_write_text(out / "diff_rspo.md", md)
     return md
 
