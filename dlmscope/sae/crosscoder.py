@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import DLMScopeError
 from ..io_utils import atomic_save_safetensors, atomic_write_json
 from .model import SAEOutput
-from .train import Reduce, SAETrainer, TrainConfig, geometric_median
+from .train import Reduce, SAETrainer, TrainConfig, aux_loss, geometric_median
 
 FORMAT = "dlmscope-crosscoder"
 WEIGHTS = "crosscoder.safetensors"
@@ -229,18 +229,9 @@ class CrossCoderTrainer(SAETrainer):
         mse = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
-            e = err.detach()
-            residual_variance = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            aux = (e - out.aux_recon).pow(2).sum(-1).mean() / residual_variance * min(n_dead / self.k_aux, 1.0)
+            aux = aux_loss(err, out.aux_recon, n_dead, self.k_aux, reduce)
         loss = mse + self.cfg.aux_coef * aux
-        lr = self.lr_at(self.step_count)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if reduce is not None:
-            for p in cc.parameters():
-                p.grad = reduce(p.grad)
+        lr = self.backward(loss, reduce)
         self.opt.step()
         with torch.no_grad():
             positive = out.values[out.values > 0]

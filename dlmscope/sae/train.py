@@ -85,6 +85,17 @@ class TrainConfig:
         return self.total_tokens // self.batch_size
 
 
+def aux_loss(err: torch.Tensor, aux_recon: torch.Tensor, n_dead: int, k_aux: int,
+             reduce: Reduce | None) -> torch.Tensor:
+    """AuxK (module docstring): the dead latents' prediction of the detached residual, normalised by the residual's
+    variance over the global batch (`reduce` averages across processes), scaled by min(n_dead / k_aux, 1)."""
+    e = err.detach()
+    e_mean = e.mean(0) if reduce is None else reduce(e.mean(0))
+    variance = (e - e_mean).pow(2).sum(-1).mean()
+    variance = (variance if reduce is None else reduce(variance)).clamp_min(1e-12)
+    return (e - aux_recon).pow(2).sum(-1).mean() / variance * min(n_dead / k_aux, 1.0)
+
+
 def geometric_median(x: torch.Tensor, iters: int = 10, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld iterations from the mean."""
     y = x.mean(0)
@@ -180,21 +191,10 @@ class SAETrainer:
         mse = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
-            e = err.detach()
-            e_mean = e.mean(0) if reduce is None else reduce(e.mean(0))  # over the global batch
-            residual_variance = (e - e_mean).pow(2).sum(-1).mean()
-            residual_variance = (residual_variance if reduce is None else reduce(residual_variance)).clamp_min(1e-12)
-            aux = (e - out.aux_recon.float()).pow(2).sum(-1).mean() / residual_variance * min(n_dead / self.k_aux, 1.0)
+            aux = aux_loss(err, out.aux_recon.float(), n_dead, self.k_aux, reduce)
         extra, extra_logs = sae.extra_loss(out, self.step_count, self.cfg)
         loss = mse + self.cfg.aux_coef * aux + extra
-        lr = self.lr_at(self.step_count)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if reduce is not None:
-            for p in sae.parameters():
-                p.grad = reduce(p.grad)
+        lr = self.backward(loss, reduce)
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()
@@ -216,6 +216,19 @@ class SAETrainer:
         self.tokens += x.shape[0]
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()), "fvu": fvu,
                 "l0": l0, "dead_fraction": n_dead / sae.cfg.n_latents, "lr": lr, **extra_logs}
+
+    def backward(self, loss: torch.Tensor, reduce: Reduce | None) -> float:
+        """Set this step's learning rate, backpropagate `loss` and average the gradients over processes
+        (`reduce`); returns the learning rate. The caller then takes the optimiser step."""
+        lr = self.lr_at(self.step_count)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if reduce is not None:
+            for p in self.sae.parameters():
+                p.grad = reduce(p.grad)
+        return lr
 
     def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096, target: torch.Tensor | None = None) -> dict:
         """Held-out metrics of the current SAE (see `metrics.evaluate_sae`), with the weights `averaged()` gives."""
