@@ -14,7 +14,6 @@ checksummed trainer state (`runstate.save_state`: weights, optimizer, RNG, log) 
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..diffusion.sampler import check_fast_options, check_threshold, get_schedule
 from ..models.kvcache import check_cache
 from ..errors import DLMScopeError
@@ -129,13 +129,10 @@ _OPTION_ALGOS = {"ref": ("rspo", "diffu-grpo"), "ref_refresh": ("rspo", "diffu-g
                  "spg_mix_weight": ("spg",), "spg_block_length": ("spg",)}
 _POSITIVE_INTS = ("steps", "prompts_per_step", "inner_iters", "grad_accum", "mc_draws", "gen_length", "denoise_steps",
                   "checkpoint_every", "eval_n", "spg_block_length")
-_FLOAT_RANGES = {"lr": "> 0", "lam": "> 0", "temperature": "> 0", "spg_beta": "> 0", "lora_alpha": "> 0",
-                 "clip": "in (0, 1)", "prompt_mask_p": "in [0, 1)", "beta": ">= 0", "spg_mix_weight": "in [0, 1]"}
-
-
-def _in_range(x: float, rule: str) -> bool:
-    return {"> 0": x > 0, ">= 0": x >= 0, "in (0, 1)": 0 < x < 1, "in [0, 1)": 0 <= x < 1,
-            "in [0, 1]": 0 <= x <= 1}[rule]
+_FLOAT_RANGES = {  # name -> (low, high, low_open, high_open) for checks.number
+    "lr": (0, None, True, False), "lam": (0, None, True, False), "temperature": (0, None, True, False),
+    "spg_beta": (0, None, True, False), "lora_alpha": (0, None, True, False), "clip": (0, 1, True, True),
+    "prompt_mask_p": (0, 1, False, True), "beta": (0, None, False, False), "spg_mix_weight": (0, 1, False, False)}
 
 
 def check_config(cfg: RLConfig) -> None:
@@ -146,18 +143,14 @@ def check_config(cfg: RLConfig) -> None:
     for name, algos in _OPTION_ALGOS.items():
         if cfg.algo not in algos and getattr(cfg, name) != getattr(defaults, name):
             raise DLMScopeError(f"--{name.replace('_', '-')} is an option of {' and '.join(algos)}, not of {cfg.algo}")
-    for name, rule in _FLOAT_RANGES.items():
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and _in_range(value, rule)):
-            raise DLMScopeError(f"{name}={value} must be finite and {rule}")
+    for name, bounds in _FLOAT_RANGES.items():
+        checks.number(name, getattr(cfg, name), *bounds)
     for name in _POSITIVE_INTS:
-        if getattr(cfg, name) < 1:
-            raise DLMScopeError(f"{name}={getattr(cfg, name)} must be >= 1")
+        checks.positive(name, getattr(cfg, name))
     if cfg.schedule is not None:
         get_schedule(cfg.schedule)
     for name in ("lora_r", "ref_refresh", "eval_every", "seed"):
-        if getattr(cfg, name) < 0:
-            raise DLMScopeError(f"{name}={getattr(cfg, name)} must be >= 0")
+        checks.non_negative(name, getattr(cfg, name))
     if cfg.group_size < 2:
         raise DLMScopeError(f"group_size={cfg.group_size}: group advantages need at least 2 completions per prompt")
     if cfg.prompts_per_step % cfg.grad_accum:

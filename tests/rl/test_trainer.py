@@ -120,15 +120,15 @@ def test_rl_bad_inputs(tiny_dirs, tmp_path, tokenizer):
 
     base = dict(model=str(tiny_dirs["llada"]), out=str(tmp_path / "out"))
     for kw, match in [(dict(group_size=1), "at least 2 completions"), (dict(algo="ppo"), "unknown algo"),
-                      (dict(lam=float("nan")), "lam=nan must be finite"), (dict(lr=float("inf")), "lr=inf"),
-                      (dict(lr=-1.0), "lr=-1.0 must be finite and > 0"), (dict(algo="diffu-grpo", clip=1.5), "clip=1.5"),
+                      (dict(lam=float("nan")), "lam=nan must be a finite number"), (dict(lr=float("inf")), "lr=inf"),
+                      (dict(lr=-1.0), r"lr=-1.0 must be a finite number in \(0, inf\)"), (dict(algo="diffu-grpo", clip=1.5), "clip=1.5"),
                       (dict(algo="spg", spg_beta=0.0), "spg_beta=0.0"), (dict(algo="spg", spg_beta=-1.0), "spg_beta"),
                       (dict(spg_beta=1.5), "--spg-beta is an option of spg, not of rspo"),
                       (dict(algo="diffu-grpo", spg_estimate="mix"), "--spg-estimate is an option of spg"),
                       (dict(algo="spg", lam=0.5), "--lam is an option of rspo, not of spg"),
                       (dict(algo="spg", spg_estimate="cubo"), "unknown spg_estimate"),
                       (dict(algo="spg", spg_block_length=16), "into at least mc_draws=2 blocks"),
-                      (dict(steps=0), "steps=0 must be >= 1"), (dict(lora_r=-1), "lora_r=-1")]:
+                      (dict(steps=0), "steps=0 must be an integer >= 1"), (dict(lora_r=-1), "lora_r=-1")]:
         with pytest.raises(DLMScopeError, match=match):
             train_rl(RLConfig(**base, **kw))
     assert not (tmp_path / "out").exists()  # option errors come before the folder is made
@@ -145,9 +145,9 @@ def test_rl_bad_inputs(tiny_dirs, tmp_path, tokenizer):
         train_rl(RLConfig(ref=str(deeper), **base))
 
 
-@pytest.mark.parametrize("args,message", [(["--lam", "nan"], "lam=nan must be finite and > 0"),
+@pytest.mark.parametrize("args,message", [(["--lam", "nan"], "lam=nan must be a finite number in (0, inf)"),
                                           (["--algo", "rspo", "--spg-beta", "2"], "--spg-beta is an option of spg"),
-                                          (["--algo", "spg", "--spg-beta", "0"], "spg_beta=0.0 must be finite and > 0")])
+                                          (["--algo", "spg", "--spg-beta", "0"], "spg_beta=0.0 must be a finite number in (0, inf)")])
 def test_cli_bad_option_is_one_line_exit_2(args, message, capsys, tmp_path):
     from dlmscope.cli import main
 
