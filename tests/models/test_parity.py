@@ -16,7 +16,7 @@ from dlmscope import generate, load_model
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
-@pytest.fixture(scope="module", params=["llada_tiny", "llada_qkv_tiny", "dream_tiny"])
+@pytest.fixture(scope="module", params=["llada_tiny", "llada_qkv_tiny", "dream_tiny", "lladamoe_tiny", "llada2_tiny"])
 def case(request):
     folder = FIXTURES / request.param
     return (load_model(folder, dtype="float32"), load_file(str(folder / "inputs.safetensors")),
