@@ -74,13 +74,18 @@ def names(name: str, value: Any) -> list[str]:
     return items
 
 
+def _parse_list(name: str, value: Any, convert, kind: str) -> list:
+    """`names(name, value)` converted item by item; one line naming the value when an item does not convert."""
+    items = names(name, value)  # outside the try: its own error (a DLMScopeError is a ValueError) stands
+    try:
+        return [convert(v) for v in items]
+    except ValueError:
+        raise DLMScopeError(f"{name}={value!r} must be comma-separated {kind}") from None
+
+
 def int_list(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> list[int]:
     """A non-empty comma-separated list of integers, each in [minimum, maximum]."""
-    items = names(name, value)
-    try:
-        ints = [int(v) for v in items]
-    except ValueError:
-        raise DLMScopeError(f"{name}={value!r} must be comma-separated integers") from None
+    ints = _parse_list(name, value, int, "integers")
     for v in ints:
         integer(name, v, minimum, maximum)
     return ints
@@ -89,11 +94,7 @@ def int_list(name: str, value: Any, minimum: int | None = None, maximum: int | N
 def float_list(name: str, value: Any, low: float | None = None, high: float | None = None,
                low_open: bool = False) -> list[float]:
     """A non-empty comma-separated list of finite numbers in [low, high] ((low, high] with `low_open`)."""
-    items = names(name, value)
-    try:
-        floats = [float(v) for v in items]
-    except ValueError:
-        raise DLMScopeError(f"{name}={value!r} must be comma-separated numbers") from None
+    floats = _parse_list(name, value, float, "numbers")
     for v in floats:
         number(name, v, low, high, low_open)
     return floats

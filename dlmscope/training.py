@@ -158,10 +158,7 @@ class TrainSAEConfig:
         return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
 
     def prefix_list(self) -> tuple[int, ...]:
-        try:
-            return tuple(int(v) for v in self.prefix_sizes.split(",") if v.strip())
-        except ValueError:
-            raise DLMScopeError(f"prefix_sizes={self.prefix_sizes!r} must be comma-separated integers") from None
+        return tuple(checks.int_list("prefix_sizes", self.prefix_sizes)) if self.prefix_sizes.strip() else ()
 
     def sae_device_list(self, default: str) -> list[str]:
         return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
