@@ -13,13 +13,13 @@ the step and the mask.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..errors import DLMScopeError
 from ..models.base import ForwardState, LoadedModel
 from ..models.kvcache import BlockKVCache, check_cache
@@ -408,21 +408,15 @@ def _prepare_prompts(lm: LoadedModel, prompts) -> tuple[torch.Tensor, torch.Tens
 def _check_options(temperature: float, cfg_scale: float, top_p: float | None, top_k: int | None,
                    alg_temp: float | None, eps: float) -> None:
     """One-line errors for sampling options outside what upstream accepts (nan and inf included)."""
-    def bad(name, value, allowed):
-        raise DLMScopeError(f"{name}={value} is invalid; allowed: {allowed}")
-
-    if not (math.isfinite(temperature) and temperature >= 0):
-        bad("temperature", temperature, "a finite number >= 0")
-    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
-        bad("cfg_scale", cfg_scale, "a finite number >= 0")
-    if top_p is not None and not (0 < top_p <= 1):
-        bad("top_p", top_p, "a number in (0, 1]")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
-        bad("top_k", top_k, "an integer >= 0 (0 = off)")
-    if alg_temp is not None and not (math.isfinite(alg_temp) and alg_temp >= 0):
-        bad("alg_temp", alg_temp, "a finite number >= 0 (0 = take the top scores)")
-    if not (math.isfinite(eps) and 0 <= eps < 1):
-        bad("eps", eps, "a number in [0, 1)")
+    checks.number("temperature", temperature, 0)
+    checks.number("cfg_scale", cfg_scale, 0)
+    if top_p is not None:
+        checks.number("top_p", top_p, 0, 1, low_open=True)
+    if top_k is not None:
+        checks.integer("top_k", top_k, 0)  # 0 = off
+    if alg_temp is not None:
+        checks.number("alg_temp", alg_temp, 0)  # 0 = take the top scores
+    checks.number("eps", eps, 0, 1, high_open=True)
 
 
 def context_limit(lm: LoadedModel) -> int | None:
@@ -500,8 +494,7 @@ def check_fast_options(lm: LoadedModel, threshold: float | None, cache: str | No
 def check_threshold(threshold: float | None, strategy: Remasking | None = None) -> None:
     if threshold is None:
         return
-    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-        raise DLMScopeError(f"threshold={threshold} is invalid; allowed: a number in (0, 1] or none")
+    checks.number("threshold", threshold, 0, 1, low_open=True)
     if strategy is not None and not strategy.ranks:
         raise DLMScopeError(f"threshold decoding needs a strategy that scores positions; {strategy.name!r} picks "
                             "them at random by itself")

@@ -103,7 +103,7 @@ def test_strategies_hooks_and_steering_compose_with_the_cache(llada, tiny_sae, o
 
 def test_bad_fast_options(llada, tiny_dirs):
     for bad in (0, -0.5, 1.5, float("nan")):
-        with pytest.raises(DLMScopeError, match=r"threshold=.* allowed: a number in \(0, 1\]"):
+        with pytest.raises(DLMScopeError, match=r"threshold=.* must be a finite number in \(0, 1\]"):
             generate(llada, [[5, 6]], gen_length=8, steps=8, threshold=bad)
     with pytest.raises(DLMScopeError, match="'origin' picks them at random"):
         generate(llada, [[5, 6]], gen_length=8, steps=8, threshold=0.9, remasking="origin")
@@ -119,9 +119,9 @@ def test_cli_fast_options(tiny_dirs, capsys):
     main(["generate", str(tiny_dirs["llada"]), "--gen-length", "16", "--steps", "16", "--block-length", "8",
           "--threshold", "0.5", "--cache", "dual"])
     assert capsys.readouterr().out.strip()
-    for args, message in ((["generate", str(tiny_dirs["llada"]), "--threshold", "2"], "threshold=2.0 is invalid"),
+    for args, message in ((["generate", str(tiny_dirs["llada"]), "--threshold", "2"], "threshold=2.0 must be a finite number in (0, 1]"),
                           (["generate", str(tiny_dirs["llada"]), "--cache", "full"], "cache='full'"),
-                          (["rspo", "--threshold", "2"], "threshold=2.0 is invalid"),
+                          (["rspo", "--threshold", "2"], "threshold=2.0 must be a finite number in (0, 1]"),
                           (["rspo", "--cache", "full"], "cache='full'")):
         with pytest.raises(SystemExit) as e:
             main(args)
