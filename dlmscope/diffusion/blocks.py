@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..errors import DLMScopeError
 from ..models.base import LoadedModel
 from .sampler import (DenoiseStep, GenerateOutput, Remasking, Schedule, StepInput, _prepare_prompts, block_bounds,
@@ -82,10 +83,8 @@ def generate_blocks(
         raise DLMScopeError(f"{lm.name} ({lm.family}) is not a block-diffusion model; use generate()")
     for name, value in (("max_new_tokens", max_new_tokens), ("steps_per_block", steps_per_block),
                         ("minimal_topk", minimal_topk)):
-        if not (isinstance(value, int) and value >= 1):
-            raise DLMScopeError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
-    if not 0 <= threshold <= 1:
-        raise DLMScopeError(f"threshold={threshold} is invalid; allowed: a number in [0, 1]")
+        checks.positive(name, value)
+    checks.number("threshold", threshold, 0, 1)
     if minimal_topk > max_new_tokens:
         raise DLMScopeError(f"minimal_topk={minimal_topk} is invalid; allowed: 1..max_new_tokens ({max_new_tokens})")
     steps_per_block = min(steps_per_block, max_new_tokens // minimal_topk)
