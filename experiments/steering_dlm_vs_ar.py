@@ -28,7 +28,8 @@ from _study import run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptions are", "A function",
-           "The module", "To open a file", "The class"]
+           "The module", "To open a file", "The class", "The for loop", "A string", "The return value",
+           "An iterator", "The default argument", "A tuple", "The keyword", "The standard library"]
 MODELS = (("dlmscope-tiny-dlm", "tiny-dlm-L3-k32"), ("dlmscope-tiny-ar", "tiny-ar-L3-k32"))
 METRICS = ("feature_activation", "concept_rate", "perplexity", "dlm_nll")
 
