@@ -199,9 +199,9 @@ class SAETrainer:
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            if out.indices is not None:
-                fired = torch.zeros_like(dead)
-                fired[out.indices[out.values > 0]] = True
+            if out.indices is not None:  # a count per latent: cheaper than boolean-mask indexing
+                fired = torch.zeros(dead.shape, device=x.device).index_add_(
+                    0, out.indices.flatten(), (out.values > 0).flatten().float()) > 0
             else:
                 fired = (out.values > 0).any(0)
             sae.after_step(out, self.step_count, self.cfg)
@@ -210,7 +210,7 @@ class SAETrainer:
             self.since_fired += x.shape[0] if reduce is None else self.cfg.batch_size  # data parallel: the global batch
             self.since_fired[fired] = 0
             variance = (out.x - out.x.mean(0)).pow(2).sum().clamp_min(1e-12)
-            fvu = float(err.detach().pow(2).sum() / variance)
+            fvu = float(mse.detach() * x.shape[0] / variance)  # mse is the squared error's sum over N
             l0 = float((out.values > 0).sum()) / x.shape[0]
         self.step_count += 1
         self.tokens += x.shape[0]
