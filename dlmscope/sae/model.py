@@ -135,7 +135,8 @@ class _LatentPattern:
         """Row pointers, the token of each entry, and the order sorting the flattened entries by latent (stable:
         tokens ascend within a row, as CSR requires)."""
         flat = self.indices.flatten()
-        order = flat.argsort(stable=True)
+        narrow = torch.int16 if self.n_latents <= 2**15 else torch.int32  # narrower keys sort about 3x faster on CPU
+        order = flat.to(narrow).argsort(stable=True)
         crow = flat.new_zeros(self.n_latents + 1)
         crow[1:] = torch.bincount(flat, minlength=self.n_latents).cumsum(0)
         return crow, order.div(self.indices.shape[1], rounding_mode="floor"), order
@@ -388,5 +389,6 @@ class TopKSAE(nn.Module):
         """Project out the gradient component along each decoder row (before each optimiser step)."""
         if self.W_dec.grad is None:
             return
-        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
+        w, grad = self.W_dec, self.W_dec.grad  # row dot products without (n_latents, d_in) temporaries
+        coef = torch.einsum("ld,ld->l", grad, w) / torch.einsum("ld,ld->l", w, w).clamp_min(1e-16)
+        grad.sub_(w * coef[:, None])

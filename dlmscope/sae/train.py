@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DLMScopeError
 from .metrics import evaluate_sae
@@ -187,11 +188,11 @@ class SAETrainer:
         use_aux = n_dead > 0 and self.cfg.aux_coef > 0
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             out = sae(x, dead if use_aux else None, self.k_aux, target)
-        err = out.x - out.recon.float()
-        mse = err.pow(2).sum(-1).mean()
+        recon = out.recon.float()
+        mse = F.mse_loss(recon, out.x, reduction="sum") / x.shape[0]  # one fused kernel each way
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
-            aux = aux_loss(err, out.aux_recon.float(), n_dead, self.k_aux, reduce)
+            aux = aux_loss(out.x - recon, out.aux_recon.float(), n_dead, self.k_aux, reduce)
         extra, extra_logs = sae.extra_loss(out, self.step_count, self.cfg)
         loss = mse + self.cfg.aux_coef * aux + extra
         lr = self.backward(loss, reduce)

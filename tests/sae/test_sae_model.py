@@ -78,21 +78,23 @@ def test_sparse_route_gradients_match_dense_autograd():
         assert want.abs().max() > 0.1  # a real gradient, not zeros on both sides
 
 
-def test_sparse_decode_gradients_match_dense_autograd():
+@pytest.mark.parametrize("n_latents", [20, 40_000])  # latent ids sorted as int16, and as int32 past 2^15
+def test_sparse_decode_gradients_match_dense_autograd(n_latents):
     """The decoder's sparse backward (latent-major sparse matmul, sampled dot products) against the dense maths,
     with latents repeated across tokens and a zero activation."""
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(20, 8, generator=gen, dtype=torch.double, requires_grad=True)
+    w = torch.randn(n_latents, 8, generator=gen, dtype=torch.double, requires_grad=True)
     values = torch.rand(30, 4, generator=gen, dtype=torch.double)
     values[0, 0] = 0.0
     values.requires_grad_(True)
-    indices = torch.stack([torch.randperm(20, generator=gen)[:4] for _ in range(30)])
+    pool = torch.tensor([0, 3, 7, 11, 13, n_latents - 1])  # few latents, so tokens share them; the top id too
+    indices = torch.stack([pool[torch.randperm(6, generator=gen)[:4]] for _ in range(30)])
     grad_out = torch.randn(30, 8, generator=gen, dtype=torch.double)
-    out = _SparseDecode.apply(values, w, _LatentPattern(indices, 20))
+    out = _SparseDecode.apply(values, w, _LatentPattern(indices, n_latents))
     out.backward(grad_out)
     ours = [values.grad.clone(), w.grad.clone()]
     values.grad = w.grad = None
-    ref = values.new_zeros(30, 20).scatter(1, indices, values) @ w
+    ref = values.new_zeros(30, n_latents).scatter(1, indices, values) @ w
     torch.testing.assert_close(out, ref)
     ref.backward(grad_out)
     for got, t in zip(ours, (values, w)):
