@@ -5,8 +5,10 @@ Synthetic activations (d 4,096, `--tokens-per-shard` per shard, one hook) go thr
 and the real reader (`CachedSource.batch`: memory-mapped, then float32; one sum over every value, since mapped
 pages are read only when touched), for float32 and bfloat16 storage. Reads are timed right after writing, so
 they come from the page cache (memory speed); a cold read is bounded by the disk. The checksum pass
-`CachedSource(verify=True)` is timed on its own. On a shared machine wall-clock rates fall with the load, so
-rates per CPU-second of this process are reported too.
+`CachedSource(verify=True)` is timed on its own. Side by side, the same shards go through the former write
+path (safetensors' `save_file`, then the file read back for its sha256) against ours (`atomic_save_safetensors`
+hashes while it writes). On a shared machine wall-clock rates fall with the load, so rates per CPU-second of
+this process are reported too.
 
     python benchmarks/bench_cache.py [--shards 24] [--tokens-per-shard 2048] [--folder /big/disk/tmp]
 
@@ -51,6 +53,29 @@ class SyntheticSource:
         return ActivationBatch({HOOK: self.acts}, info)
 
 
+def _shard(src: SyntheticSource, dtype: torch.dtype) -> dict:
+    b = src.batch(0, 0)
+    return {**{f"act.{h}": a.to(dtype) for h, a in b.acts.items()}, **{f"info.{k}": v for k, v in b.info.items()}}
+
+
+def write_readback(path: Path, src: SyntheticSource, dtype: torch.dtype) -> str:
+    """The former shard write: safetensors' own writer, then the file read back for its sha256."""
+    from safetensors.torch import save_file
+
+    from dlmscope.io_utils import atomic_write, file_sha256
+
+    tensors = _shard(src, dtype)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return file_sha256(path)
+
+
+def write_hashing(path: Path, src: SyntheticSource, dtype: torch.dtype) -> str:
+    """Ours: the sha256 is taken from the bytes as they are written."""
+    from dlmscope.io_utils import atomic_save_safetensors
+
+    return atomic_save_safetensors(path, _shard(src, dtype))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=24)
@@ -75,6 +100,14 @@ def main() -> None:
             t, c = time.perf_counter(), time.process_time()
             write_cache(src, folder, dtype=dtype, progress=False)
             write_s, write_cpu = time.perf_counter() - t, time.process_time() - c
+            write = {"readback": write_readback, "while_writing": write_hashing}
+            strategies = {k: [0.0, 0.0] for k in write}  # wall, CPU seconds; interleaved shard by shard
+            for i in range(args.shards):
+                for key, fn in write.items():
+                    t, c = time.perf_counter(), time.process_time()
+                    fn(base / f"{key}.safetensors", src, dtype)
+                    strategies[key][0] += time.perf_counter() - t
+                    strategies[key][1] += time.process_time() - c
             t = time.perf_counter()
             reader = CachedSource(folder, verify=True)
             verify_s = time.perf_counter() - t
@@ -87,10 +120,14 @@ def main() -> None:
             results["dtypes"][name] = {"stored_gb": gb, "write_gb_per_s": gb / write_s,
                                        "read_gb_per_s": gb / read_s, "verify_gb_per_s": gb / verify_s,
                                        "read_tokens_per_s": args.shards * args.tokens_per_shard / read_s,
-                                       "write_gb_per_cpu_s": gb / write_cpu, "read_gb_per_cpu_s": gb / read_cpu}
+                                       "write_gb_per_cpu_s": gb / write_cpu, "read_gb_per_cpu_s": gb / read_cpu,
+                                       "shard_write_side_by_side": {
+                                           k: {"gb_per_s": gb / w, "gb_per_cpu_s": gb / c}
+                                           for k, (w, c) in strategies.items()}}
             print(f"{name}: {gb:.2f} GB, write {gb / write_s:.2f} GB/s ({gb / write_cpu:.2f} per CPU-second), "
                   f"read {gb / read_s:.2f} GB/s ({gb / read_cpu:.2f} per CPU-second, to float32), "
-                  f"checksum {gb / verify_s:.2f} GB/s")
+                  f"checksum {gb / verify_s:.2f} GB/s; shard writes with sha256, read back vs while writing: "
+                  + " vs ".join(f"{gb / w:.2f} GB/s ({gb / c:.2f} per CPU-second)" for w, c in strategies.values()))
     finally:
         shutil.rmtree(base)
     atomic_write_json(args.out, results)

@@ -13,12 +13,17 @@ tokens (2,000 resamples; it covers evaluation noise, not seed-to-seed training n
 
     python benchmarks/bench_optimizers.py [--cells 1024:300000,4096:1000000] [--configs adam,signum_sf]
 
-Writes benchmarks/results/optimizers.json. The committed results are the two 300k-token cells, run side by side:
+Writes benchmarks/results/optimizers.json. The committed results are the four cells, one process each (one
+seed), the 300k-token ones run side by side, then the 1M-token ones:
 
     python benchmarks/bench_optimizers.py --cells 1024:300000 --configs adam,signum_sf \
         --out benchmarks/results/optimizers_b1024.json
     python benchmarks/bench_optimizers.py --cells 4096:300000 --configs adam,signum_sf \
         --out benchmarks/results/optimizers_b4096.json
+    python benchmarks/bench_optimizers.py --cells 1024:1000000 --configs adam,signum_sf \
+        --out benchmarks/results/optimizers_b1024_1m.json
+    python benchmarks/bench_optimizers.py --cells 4096:1000000 --configs adam,signum_sf \
+        --out benchmarks/results/optimizers_b4096_1m.json
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def main() -> None:
     results = {"machine": platform.processor() or platform.machine(), "torch_threads": args.threads,
                "source": "dlm layer 3", "d_in": d, "latents": args.latents, "k": args.k,
                "heldout_tokens": args.heldout, "cells": []}
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()  # wall, and this process's CPU time (a loaded machine)
     for batch, tokens in cells:
         steps = tokens // batch
         runners = {name: OurTrainer(*CONFIGS[name], args.latents, args.k, steps * batch, batch, d)
@@ -115,8 +120,9 @@ def main() -> None:
         results["cells"].append(cell)
         print(f"batch {batch}, {steps * batch} tokens: " + ", ".join(f"{n} {v:.4f}" for n, v in fvu.items())
               + f"; best ours - sparsify {cell['best_minus_sparsify']:+.4f} {cell['best_minus_sparsify_ci95']}")
-        atomic_write_json(args.out, {**results, "cpu_seconds_so_far": time.time() - t_start})
-    results["seconds"] = time.time() - t_start
+        atomic_write_json(args.out, {**results, "seconds_so_far": time.time() - t_start,
+                                     "cpu_seconds_so_far": time.process_time() - cpu_start})
+    results.update(seconds=time.time() - t_start, cpu_seconds=time.process_time() - cpu_start)
     atomic_write_json(args.out, results)
 
 

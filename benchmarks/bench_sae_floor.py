@@ -61,9 +61,11 @@ def step_vs_floor(d_in: int, latents: int, k: int, batch: int, device: str, repe
             if i >= warmup:
                 times[name].append(clock() - t)
     step, fl = statistics.median(times["step"]), statistics.median(times["floor"])
+    pairs = [a / b for a, b in zip(times["step"], times["floor"])]  # each step against the floor timed next to it
     return {"clock": "wall" if cuda else "process CPU time", "d_in": d_in, "latents": latents, "k": k, "batch": batch,
             "device": device, "optimizer": optimizer,
             "repeats": repeats, "step_s": step, "floor_s": fl, "step_over_floor": step / fl,
+            "paired_ratio_quartiles": statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3,
             "tokens_per_s": batch / step}
 
 
@@ -84,7 +86,8 @@ def main() -> None:
     r = step_vs_floor(args.d_in, args.latents, args.k, args.batch, args.device, args.repeats)
     r.update(torch_threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
     print(f"d_in {r['d_in']}, {r['latents']} latents, k {r['k']}, batch {r['batch']} on {r['device']}: step "
-          f"{r['step_s'] * 1e3:.1f} ms, floor {r['floor_s'] * 1e3:.1f} ms, ratio {r['step_over_floor']:.2f}x")
+          f"{r['step_s'] * 1e3:.1f} ms, floor {r['floor_s'] * 1e3:.1f} ms, ratio {r['step_over_floor']:.2f}x (paired "
+          f"ratios' quartiles {', '.join(f'{q:.2f}' for q in r['paired_ratio_quartiles'])})")
     atomic_write_json(args.out, r)
 
 

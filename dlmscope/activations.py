@@ -9,7 +9,6 @@ resumed run regenerates exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ import torch
 from .diffusion.noise import check_t_range, corrupt
 from .errors import DLMScopeError
 from .hooks import run_with_cache
-from .io_utils import atomic_save_safetensors, atomic_write_json
+from .io_utils import SAFETENSORS_DTYPES, atomic_save_safetensors, atomic_write_json, file_sha256
 from .models.base import LoadedModel
 
 POLICIES = ("mask", "unmask", "all", "clean")
@@ -281,17 +280,6 @@ def trajectory_activations(lm: LoadedModel, prompts, hooks: Sequence[str], *, at
 
 # ------------------------------------------------------------------------------------------ disk cache
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -310,7 +298,7 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        dtype = getattr(torch, SAFETENSORS_DTYPES[meta["dtype"]])
         start, end = meta["data_offsets"]
         if not 0 <= start <= end <= len(mm) - 8 - n:
             raise ValueError(f"tensor {name!r} lies outside the file")
@@ -367,13 +355,12 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
         iterator = progress(iterator, desc="caching activations", unit="batch")
     for i in iterator:
         name = f"shard-{i:05d}.safetensors"
-        if name in done and (folder / name).is_file() and _sha256(folder / name) == done[name]["sha256"]:
+        if name in done and (folder / name).is_file() and file_sha256(folder / name) == done[name]["sha256"]:
             continue
         b = source.batch(0, i)
         tensors = {f"act.{h}": a.to(dtype) for h, a in b.acts.items()}
         tensors.update({f"info.{k}": v for k, v in b.info.items()})
-        atomic_save_safetensors(folder / name, tensors)
-        done[name] = {"file": name, "tokens": len(b), "sha256": _sha256(folder / name)}
+        done[name] = {"file": name, "tokens": len(b), "sha256": atomic_save_safetensors(folder / name, tensors)}
         if time.monotonic() - saved >= MANIFEST_EVERY_S:
             _save_manifest(manifest_path, manifest, done)
             saved = time.monotonic()
@@ -420,7 +407,7 @@ class CachedSource:
         if verify:
             for s in self.shards:
                 file = self.folder / s["file"]
-                if not file.is_file() or _sha256(file) != s["sha256"]:
+                if not file.is_file() or file_sha256(file) != s["sha256"]:
                     raise DLMScopeError(f"cache shard {str(file)!r} is missing or corrupt (checksum mismatch)")
 
     def __len__(self) -> int:

@@ -275,14 +275,24 @@ import sys, torch
 from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 from dlmscope.training import _Dist
 
+
+
+class NoGradAllReduce(SAETrainer):
+    # The control: every other reduction (scale, b_dec, dead counters, AuxK variance) stays; the gradients are
+    # not averaged over processes.
+    def backward(self, loss, reduce):
+        return super().backward(loss, None)
+
+
 torch.set_num_threads(1)
 dist = _Dist("cpu")  # what train_sae uses: torch.distributed under torchrun, a no-op alone
 g = torch.Generator().manual_seed(0)
 batches = [torch.randn(64, 16, generator=g) * torch.linspace(0.5, 2, 16) + 1 for _ in range(12)]
 out = {}
-for name, dead_tokens in (("no_aux", 10**9), ("aux", None)):
-    tr = SAETrainer(SAEConfig(16, 64, 4, "topk", {}),
-                    TrainConfig(total_tokens=64 * 12, batch_size=64, b_dec_init="mean", dead_tokens=dead_tokens))
+for name, dead_tokens, trainer in (("no_aux", 10**9, SAETrainer), ("aux", None, SAETrainer),
+                                   ("no_grad_all_reduce", 10**9, NoGradAllReduce)):
+    tr = trainer(SAEConfig(16, 64, 4, "topk", {}),
+                 TrainConfig(total_tokens=64 * 12, batch_size=64, b_dec_init="mean", dead_tokens=dead_tokens))
     share = 64 // dist.world  # this rank's slice of every global batch
     logs = [tr.step(x[dist.rank * share:(dist.rank + 1) * share], dist.mean if dist.world > 1 else None)
             for x in batches]
@@ -311,11 +321,16 @@ def data_parallel_weights(tmp_path_factory):
 
 def test_two_processes_train_the_same_sae_as_one(data_parallel_weights):
     """Gradients averaged over processes == the gradient of the whole batch, so the weights agree to float
-    round-off (1.2e-7 measured); with the all-reduce disabled W_enc differed by 5.9e-3 and this failed."""
+    round-off (1.2e-7 measured). The control run drops only the gradient all-reduce (rank 0 steps on its own
+    half-batch gradient): its weights must miss the single-process ones by far more than the tolerance, so the
+    tolerance would catch a missing all-reduce."""
     two, one = data_parallel_weights
     for name in ("W_enc", "W_dec", "b_enc", "b_dec", "input_scale"):
         torch.testing.assert_close(two["no_aux"][name], one["no_aux"][name], atol=1e-6, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    for name in ("W_enc", "W_dec", "b_enc"):
+        missed = (two["no_grad_all_reduce"][name] - one["no_aux"][name]).abs().max()
+        assert missed > 100 * (1e-6 + 1e-5 * one["no_aux"][name].abs().max()), (name, float(missed))
 
 
 def test_two_processes_match_one_with_dead_latents(data_parallel_weights):

@@ -79,7 +79,7 @@ def load_model(
     if family == "llada":
         from .llada import load_llada
 
-        return load_llada(folder, device, torch_dtype, display)
+        return load_llada(folder, device, torch_dtype, display, device_map=device_map)
     if family == "lladamoe":
         from .lladamoe import load_lladamoe
 
@@ -91,8 +91,10 @@ def load_model(
     if family == "dream":
         from .dream import load_dream
 
-        return load_dream(folder, device, torch_dtype, display)
+        return load_dream(folder, device, torch_dtype, display, device_map=device_map)
     if family == "masked_lm":
+        if device_map is not None:
+            raise DLMScopeError("device_map is not supported for masked_lm models; load them on one device")
         from .causal import load_masked_lm
 
         return load_masked_lm(folder, device, torch_dtype, display)

@@ -111,8 +111,9 @@ def build_hf_module(
     rename: Callable[[str], str],
     device: str | torch.device,
     dtype: torch.dtype,
+    device_map: str | dict | None = None,
 ) -> nn.Module:
-    """Instantiate `model_cls(config)` without random init and load renamed `tensors` into it."""
+    """Instantiate `model_cls(config)` without random init and load renamed `tensors` into it (`place`d)."""
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         module = model_cls(config)
@@ -133,9 +134,21 @@ def build_hf_module(
     rotary = module.model.rotary_emb
     with torch.device("cpu"):
         module.model.rotary_emb = type(rotary)(config=config)
-    module.to(device=device)
-    module.eval()
-    return module
+    return place(module, device, dtype, device_map)
+
+
+def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype,
+          device_map: str | dict | None = None) -> nn.Module:
+    """Move a loaded decoder (`module.model.layers`) to `device`, or spread it with accelerate by `device_map`:
+    "auto"/"balanced"/"sequential" (never splitting a layer) or {module name: device}. Eval mode."""
+    if device_map is None:
+        return module.to(device=device).eval()
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        layer_class = type(module.model.layers[0]).__name__
+        device_map = infer_auto_device_map(module, no_split_module_classes=[layer_class], dtype=dtype)
+    return dispatch_model(module.eval(), device_map=device_map)
 
 
 def wrap_decoder(module: nn.Module, *, family: str, name: str, tokenizer, mask_id: int | None,

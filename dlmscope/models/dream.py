@@ -33,12 +33,14 @@ def qwen2_config(cfg: dict):
     return Qwen2Config(use_sliding_window=False, **kwargs)
 
 
-def load_dream(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+def load_dream(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
+               device_map: str | dict | None = None) -> LoadedModel:
     from transformers import Qwen2ForCausalLM
 
     cfg = read_config(folder)
     config = qwen2_config(cfg)
-    module = build_hf_module(Qwen2ForCausalLM, config, iter_safetensors(folder), lambda k: k, device, dtype)
+    module = build_hf_module(Qwen2ForCausalLM, config, iter_safetensors(folder), lambda k: k, device, dtype,
+                             device_map)
     tokenizer = load_tokenizer(folder)
     mask_id = cfg.get("mask_token_id")
     if mask_id is None and tokenizer is not None:

@@ -72,7 +72,8 @@ def llama_config(cfg: dict, intermediate_size: int, vocab_size: int):
     )
 
 
-def load_llada(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
+def load_llada(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
+               device_map: str | dict | None = None) -> LoadedModel:
     from transformers import LlamaForCausalLM
 
     cfg = read_config(folder)
@@ -90,7 +91,7 @@ def load_llada(folder: Path, device: str | torch.device, dtype: torch.dtype, nam
             tensors.setdefault(key, torch.zeros(config.hidden_size, dtype=wte.dtype))
     if "model.transformer.ff_out.weight" not in tensors and not config.tie_word_embeddings:
         raise DLMScopeError(f"{str(folder)!r}: no LM head (model.transformer.ff_out) and weight_tying is false")
-    module = build_hf_module(LlamaForCausalLM, config, iter(tensors.items()), rename_key, device, dtype)
+    module = build_hf_module(LlamaForCausalLM, config, iter(tensors.items()), rename_key, device, dtype, device_map)
     mask_id = cfg.get("mask_token_id")
     tokenizer = load_tokenizer(folder)
     if mask_id is None and tokenizer is not None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import DLMScopeError
 from .base import SITE_ORDER, LoadedModel, Site, hf_sites
+from .checkpoint import place
 
 ROUTER_SITES = ("router_logits", "expert_weights", "expert_indices")
 """Per-MoE-layer hook sites, in the order the forward pass reaches them."""
@@ -168,8 +169,7 @@ def block_causal_mask(length: int, block_size: int, device) -> torch.Tensor:
 
 def load_state(module: MoEDecoder, tensors: dict[str, torch.Tensor], family: str, device, dtype,
                device_map: str | dict | None = None) -> MoEDecoder:
-    """Strictly load upstream-keyed `tensors` into a module built on the meta device, then move it
-    (`device_map`: "auto"/"balanced"/"sequential" or {module name: device}, placed by accelerate)."""
+    """Strictly load upstream-keyed `tensors` into a module built on the meta device, then `place` it."""
     expected = set(module.state_dict())
     tied = module.lm_head.weight is getattr(module.model, module.embed_name).weight
     if tied:
@@ -182,14 +182,7 @@ def load_state(module: MoEDecoder, tensors: dict[str, torch.Tensor], family: str
     module.load_state_dict(floats, strict=False, assign=True)
     if tied:
         module.lm_head.weight = getattr(module.model, module.embed_name).weight
-    if device_map is None:
-        return module.to(device=device).eval()
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if isinstance(device_map, str):
-        layer_class = type(module.model.layers[0]).__name__
-        device_map = infer_auto_device_map(module, no_split_module_classes=[layer_class], dtype=dtype)
-    return dispatch_model(module.eval(), device_map=device_map)
+    return place(module, device, dtype, device_map)
 
 
 def require(cfg: dict, family: str, *names: str) -> None:

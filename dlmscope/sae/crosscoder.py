@@ -26,7 +26,6 @@ Saved format (a folder; `save_crosscoder` / `load_crosscoder` round-trip exactly
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import DLMScopeError
-from ..io_utils import atomic_save_safetensors, atomic_write_json
+from ..io_utils import atomic_save_safetensors, atomic_write_json, file_sha256
 from .model import SAEOutput
 from .train import Reduce, SAETrainer, TrainConfig, aux_loss, geometric_median
 
@@ -253,10 +252,6 @@ class CrossCoderTrainer(SAETrainer):
 
 # ------------------------------------------------------------------------------------------------ files
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_crosscoder(cc: CrossCoder, folder: str | Path, density: torch.Tensor | None = None) -> Path:
     """Write `cc` in the format of the module docstring (weights first, then cfg.json with their checksum)."""
     folder = Path(folder)
@@ -264,10 +259,10 @@ def save_crosscoder(cc: CrossCoder, folder: str | Path, density: torch.Tensor | 
     tensors = {n: getattr(cc, n).detach().float() for n in TENSORS}
     if density is not None:
         tensors["density"] = density.detach().float()
-    atomic_save_safetensors(folder / WEIGHTS, tensors)
+    digest = atomic_save_safetensors(folder / WEIGHTS, tensors)
     body = {"format": FORMAT, "format_version": 1, "d_in": cfg.d_in, "n_latents": cfg.n_latents, "k": cfg.k,
             "n_checkpoints": cfg.n_checkpoints, "checkpoints": list(cfg.checkpoints), "metadata": cfg.metadata,
-            "weights_sha256": _sha256(folder / WEIGHTS)}
+            "weights_sha256": digest}
     atomic_write_json(folder / "cfg.json", body)
     return folder
 
@@ -288,7 +283,7 @@ def load_crosscoder(folder: str | Path, device: str = "cpu") -> CrossCoder:
                                dict(body.get("metadata") or {}))
     except (ValueError, KeyError, TypeError) as e:
         raise DLMScopeError(f"crosscoder config {str(path)!r} is malformed: {e}") from None
-    if _sha256(folder / WEIGHTS) != body.get("weights_sha256"):
+    if file_sha256(folder / WEIGHTS) != body.get("weights_sha256"):
         raise DLMScopeError(f"{str(folder / WEIGHTS)!r} does not match the checksum in cfg.json (corrupt or replaced)")
     tensors = load_file(str(folder / WEIGHTS))
     cc = CrossCoder(cfg)

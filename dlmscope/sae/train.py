@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DLMScopeError
 from .metrics import evaluate_sae
@@ -187,11 +188,11 @@ class SAETrainer:
         use_aux = n_dead > 0 and self.cfg.aux_coef > 0
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             out = sae(x, dead if use_aux else None, self.k_aux, target)
-        err = out.x - out.recon.float()
-        mse = err.pow(2).sum(-1).mean()
+        recon = out.recon.float()
+        mse = F.mse_loss(recon, out.x, reduction="sum") / x.shape[0]  # one fused kernel each way
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
-            aux = aux_loss(err, out.aux_recon.float(), n_dead, self.k_aux, reduce)
+            aux = aux_loss(out.x - recon, out.aux_recon.float(), n_dead, self.k_aux, reduce)
         extra, extra_logs = sae.extra_loss(out, self.step_count, self.cfg)
         loss = mse + self.cfg.aux_coef * aux + extra
         lr = self.backward(loss, reduce)
@@ -199,9 +200,9 @@ class SAETrainer:
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            if out.indices is not None:
-                fired = torch.zeros_like(dead)
-                fired[out.indices[out.values > 0]] = True
+            if out.indices is not None:  # a count per latent: cheaper than boolean-mask indexing
+                fired = torch.zeros(dead.shape, device=x.device).index_add_(
+                    0, out.indices.flatten(), (out.values > 0).flatten().float()) > 0
             else:
                 fired = (out.values > 0).any(0)
             sae.after_step(out, self.step_count, self.cfg)
@@ -210,7 +211,7 @@ class SAETrainer:
             self.since_fired += x.shape[0] if reduce is None else self.cfg.batch_size  # data parallel: the global batch
             self.since_fired[fired] = 0
             variance = (out.x - out.x.mean(0)).pow(2).sum().clamp_min(1e-12)
-            fvu = float(err.detach().pow(2).sum() / variance)
+            fvu = float(mse.detach() * x.shape[0] / variance)  # mse is the squared error's sum over N
             l0 = float((out.values > 0).sum()) / x.shape[0]
         self.step_count += 1
         self.tokens += x.shape[0]

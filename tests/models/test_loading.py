@@ -90,6 +90,29 @@ def test_causal_device_map_pass_through(tiny_dirs, monkeypatch):
     torch.testing.assert_close(lm.forward(ids), load_model(tiny_dirs["causal"]).forward(ids))
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_native_device_map_places_modules_with_accelerate(tiny_dirs, family):
+    """LLaDA and Dream spread over devices like the MoE loaders (CPU only here: accelerate's placement path runs,
+    one device adds no hooks); same logits and the same captured residual stream as a plain load."""
+    pytest.importorskip("accelerate")
+    ref = load_model(tiny_dirs[family])
+    ids = torch.randint(4, 100, (2, 7))
+    per_module = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    for device_map in ("auto", per_module):
+        lm = load_model(tiny_dirs[family], device_map=device_map)
+        assert getattr(lm.module, "hf_device_map", None) is not None  # accelerate placed it
+        torch.testing.assert_close(lm.forward(ids), ref.forward(ids))
+        name = "blocks.1.hook_resid_post"
+        torch.testing.assert_close(run_with_cache(lm, ids, [name])[name], run_with_cache(ref, ids, [name])[name])
+
+
+def test_masked_lm_device_map_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(DLMScopeError, match="device_map is not supported for masked_lm"):
+        load_model(tmp_path, family="masked_lm", device_map="auto")
+
+
 def test_transformer_lens_model_wraps():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

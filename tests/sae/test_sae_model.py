@@ -3,7 +3,7 @@ import torch
 
 from dlmscope import DLMScopeError
 from dlmscope.sae import SAEConfig, TopKSAE
-from dlmscope.sae.model import _TopKEncode
+from dlmscope.sae.model import _LatentPattern, _SparseDecode
 
 
 def test_config_validation():
@@ -43,27 +43,62 @@ def test_decode_routes_agree(trained, raw_x):
     assert sae.encode(raw_x[None]).shape == (1, 40, 64)  # leading dims are kept
 
 
-def test_sparse_encoder_gradients_match_dense_autograd():
+def test_sparse_route_gradients_match_dense_autograd():
+    """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc) against autograd on
+    the plain dense maths, in float64 to 1e-5, with AuxK on and some selected pre-activations cut by the ReLU."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 8, generator=gen, dtype=torch.double, requires_grad=True)
-    w = torch.randn(8, 48, generator=gen, dtype=torch.double, requires_grad=True)
-    b = torch.randn(48, generator=gen, dtype=torch.double, requires_grad=True)
-    dead = torch.arange(0, 48, 3)
-    values, indices, aux_v, aux_i = _TopKEncode.apply(x, w, b, 5, dead, 6)
-    assert set(aux_i.flatten().tolist()) <= set(dead.tolist())
-    gv = torch.randn(values.shape, generator=gen, dtype=torch.double)
-    ga = torch.randn(aux_v.shape, generator=gen, dtype=torch.double)
-    ((values * gv).sum() + (aux_v * ga).sum()).backward()
-    ours = [t.grad.clone() for t in (x, w, b)]
-    for t in (x, w, b):
-        t.grad = None
-    pre = x @ w + b
-    ref_v, ref_a = pre.gather(1, indices).relu(), pre.gather(1, aux_i).relu()
-    torch.testing.assert_close(values, ref_v)
-    torch.testing.assert_close(aux_v, ref_a)
-    ((ref_v * gv).sum() + (ref_a * ga).sum()).backward()
-    for got, t in zip(ours, (x, w, b)):
-        torch.testing.assert_close(got, t.grad)
+    sae = TopKSAE(SAEConfig(8, 48, 5), seed=2).double()
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(48, generator=gen, dtype=torch.double) - 2.5)
+        sae.b_dec.copy_(torch.randn(8, generator=gen, dtype=torch.double))
+        sae.input_scale.fill_(0.7)
+    x = torch.randn(32, 8, generator=gen, dtype=torch.double)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+
+    def grads(out):
+        sae.zero_grad()
+        ((out.recon - out.x).pow(2).sum() + out.aux_recon.pow(2).sum()).backward()
+        return [p.grad.clone() for p in params]
+
+    out = sae(x, dead, 6)
+    assert (out.values == 0).any() and (out.values > 0).any()
+    ours = grads(out)
+    xs = x * sae.input_scale  # the plain dense computation, written out
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    dense = torch.zeros_like(pre).scatter(1, out.indices, pre.gather(1, out.indices).relu())
+    aux_ids = torch.arange(0, 48, 3)[pre.detach()[:, ::3].topk(6, dim=-1).indices]
+    aux = torch.zeros_like(pre).scatter(1, aux_ids, pre.gather(1, aux_ids).relu())
+    ref = type(out)(xs, dense @ sae.W_dec + sae.b_dec, out.values, out.indices, 48, aux @ sae.W_dec)
+    torch.testing.assert_close(out.recon, ref.recon)
+    torch.testing.assert_close(out.aux_recon, ref.aux_recon)
+    for got, want in zip(ours, grads(ref)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert want.abs().max() > 0.1  # a real gradient, not zeros on both sides
+
+
+@pytest.mark.parametrize("n_latents", [20, 40_000])  # latent ids sorted as int16, and as int32 past 2^15
+def test_sparse_decode_gradients_match_dense_autograd(n_latents):
+    """The decoder's sparse backward (latent-major sparse matmul, sampled dot products) against the dense maths,
+    with latents repeated across tokens and a zero activation."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n_latents, 8, generator=gen, dtype=torch.double, requires_grad=True)
+    values = torch.rand(30, 4, generator=gen, dtype=torch.double)
+    values[0, 0] = 0.0
+    values.requires_grad_(True)
+    pool = torch.tensor([0, 3, 7, 11, 13, n_latents - 1])  # few latents, so tokens share them; the top id too
+    indices = torch.stack([pool[torch.randperm(6, generator=gen)[:4]] for _ in range(30)])
+    grad_out = torch.randn(30, 8, generator=gen, dtype=torch.double)
+    out = _SparseDecode.apply(values, w, _LatentPattern(indices, n_latents))
+    out.backward(grad_out)
+    ours = [values.grad.clone(), w.grad.clone()]
+    values.grad = w.grad = None
+    ref = values.new_zeros(30, n_latents).scatter(1, indices, values) @ w
+    torch.testing.assert_close(out, ref)
+    ref.backward(grad_out)
+    for got, t in zip(ours, (values, w)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_parallel_gradient_removed_and_rows_renormalised():
