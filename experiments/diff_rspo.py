@@ -210,9 +210,13 @@ def run(args) -> dict:
     from dlmscope.training import split_texts
 
     torch.set_num_threads(1)
-    ckpts, data, cfg, config = study_setup(args, "diff-cc", eval_every=200)
+    pairs = args.pairs.split(",")
+    if unknown := set(pairs) - set(PAIRS):
+        raise SystemExit(f"unknown pairs {sorted(unknown)}; allowed: {', '.join(PAIRS)}")
+    ckpts, data, cfg, config = study_setup(args, "diff-cc" + ("" if len(pairs) == len(PAIRS) else "-" + "-".join(pairs)),
+                                           eval_every=200)
     study = _study_run_class()
-    study.saes = {}
+    study.saes, study.pairs = {}, {p: PAIRS[p] for p in pairs}
     study = study(cfg, ckpts)
     result = study.run()
     lms = [load_model(c) for c in ckpts]
@@ -222,7 +226,7 @@ def run(args) -> dict:
     text = paired_text(lms, config["hook"], rows, seed=2)
     kinds = [_is_task_text(heldout[int(i)]) or "prose" for i in owners.flatten()]
     d = lms[0].d_model
-    res = {"config": {**config, "n_seqs": args.n_seqs, "threshold": 0.9, "paper_rule": PAPER_RULE, "nu_max": 0.3,
+    res = {"config": {**config, "pairs": pairs, "n_seqs": args.n_seqs, "threshold": 0.9, "paper_rule": PAPER_RULE, "nu_max": 0.3,
                       "heldout_token_kinds": {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}},
            "crosscoders": {}, "final": {k: {m: v[m] for m in ("fvu", "l0", "dead_fraction")}
                                         for k, v in result.metrics.items()}}
@@ -243,8 +247,8 @@ def run(args) -> dict:
     return res
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and t-based 95% interval over seeds (n = 3: t = 4.303)."""
+def _mean_ci(values: list[float], floor: float = float("-inf")) -> tuple[float, float, float]:
+    """Mean and t-based 95% interval over seeds (n = 3: t = 4.303), the lower end clipped at `floor`."""
     import statistics
 
     m = statistics.fmean(values)
@@ -252,7 +256,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
         return m, m, m
     t = {2: 12.706, 3: 4.303, 4: 3.182}.get(len(values), 2.0)
     half = t * statistics.stdev(values) / len(values) ** 0.5
-    return m, m - half, m + half
+    return m, max(floor, m - half), m + half
 
 
 def _kinds(es: list[dict], side: str) -> dict[str, int]:
@@ -261,17 +265,17 @@ def _kinds(es: list[dict], side: str) -> dict[str, int]:
     return {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}
 
 
-def render(res: dict, out: Path) -> str:
+def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     lines = ["| pair | FVU | alive | relative norm p1 / p99 | min / max | decoder cosine (median, shared) | "
              "specific to later | robust (Latent Scaling) | specific to base | robust | paper rule: later / base | "
              "top examples of later-specific latents: Countdown / Sudoku / prose | of base-specific |",
              "|" + "---|" * 13]
     summary = {}
     fmt = lambda c: f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"  # noqa: E731
-    for pair in PAIRS:
+    for pair in res["config"].get("pairs", PAIRS):
         rs = [res["crosscoders"][k] for k in res["crosscoders"] if k.startswith(f"cc-{pair}-")]
         es = [r["per_checkpoint"][0] for r in rs]
-        col = lambda f: _mean_ci([f(e) for e in es])  # noqa: E731
+        col = lambda f: _mean_ci([f(e) for e in es], floor=0.0)  # noqa: E731  (counts)
         later, robust = col(lambda e: e["specific_later"]["count"]), col(lambda e: e["specific_later"]["robust"])
         base, base_r = col(lambda e: e["specific_base"]["count"]), col(lambda e: e["specific_base"]["robust"])
         paper = col(lambda e: e["paper_rule"]["later"]), col(lambda e: e["paper_rule"]["base"])
@@ -303,8 +307,8 @@ def render(res: dict, out: Path) -> str:
           f"Last two columns: the top-5 held-out examples of every specific latent (all seeds) by the kind of document "
           f"they lie in. Held-out: {c['n_seqs']} rows x 128 tokens ({held['countdown']} Countdown, {held['sudoku']} "
           f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n")
-    atomic_write_json(out / "diff_rspo_summary.json", summary)
-    atomic_write_text(out / "diff_rspo.md", md)
+    atomic_write_json(out / f"{name}_summary.json", summary)
+    atomic_write_text(out / f"{name}.md", md)
     return md
 
 
@@ -312,7 +316,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_study_options(p, total_tokens=300_000, expansion=4, k=32)
     p.add_argument("--n-seqs", type=int, default=48)
-    run_or_render(p, "diff_rspo", run, render)
+    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated subset of " + ", ".join(PAIRS))
+    p.add_argument("--name", default="diff_rspo", help="results name: <out>/<name>.{json,md}, <name>_summary.json")
+    name = p.parse_known_args()[0].name
+    run_or_render(p, name, run, lambda res, out: render(res, out, name))
 
 
 if __name__ == "__main__":
