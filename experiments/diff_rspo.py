@@ -200,6 +200,28 @@ def study_setup(args, prefix: str, eval_every: int):
     return ckpts, data, cfg, config
 
 
+def _paper_rule(cc, text, kinds: list[str]) -> dict:
+    """Latents specific under the paper's rule (alive on the held-out text), per side, with the kinds of document
+    their top-5 held-out examples lie in."""
+    import torch
+
+    from dlmscope.analysis.diffing import decoder_stats
+
+    with torch.no_grad():
+        f = cc.encode(text.acts)
+    rel = decoder_stats(cc)["relative_norm"][:, 0]
+    out = {}
+    for side, mask in (("later", rel > PAPER_RULE), ("base", rel < 1 - PAPER_RULE)):
+        found = []
+        for j in mask.nonzero().flatten().tolist():
+            col = f[:, j]
+            if (n := int((col > 0).sum())) > 0:
+                found += [kinds[i] for i in col.topk(min(5, n)).indices.tolist()]
+        out[side] = int((mask & (f > 0).any(0)).sum())
+        out[f"examples_{side}"] = {k: found.count(k) for k in ("countdown", "sudoku", "prose")}
+    return out
+
+
 def run(args) -> dict:
     import torch
 
@@ -241,8 +263,7 @@ def run(args) -> dict:
             for lat in e[f"specific_{side}"]["latents"]:
                 for ex in lat["examples"]:
                     ex["doc_kind"] = kinds[ex["row"] * rows.shape[1] + ex["position"]]
-        e["paper_rule"] = {"later": int((torch.tensor(e["relative_norm"]) > PAPER_RULE).sum()),
-                           "base": int((torch.tensor(e["relative_norm"]) < 1 - PAPER_RULE).sum())}
+        e["paper_rule"] = _paper_rule(cc, pair, kinds)
         res["crosscoders"][key] = {m: r[m] for m in ("fvu", "l0", "n_alive")} | {"per_checkpoint": r["per_checkpoint"]}
     return res
 
@@ -268,8 +289,9 @@ def _kinds(es: list[dict], side: str) -> dict[str, int]:
 def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     lines = ["| pair | FVU | alive | relative norm p1 / p99 | min / max | decoder cosine (median, shared) | "
              "specific to later | robust (Latent Scaling) | specific to base | robust | paper rule: later / base | "
-             "top examples of later-specific latents: Countdown / Sudoku / prose | of base-specific |",
-             "|" + "---|" * 13]
+             "top examples of later-specific latents: Countdown / Sudoku / prose | of base-specific | "
+             "paper rule, top examples: later | base |",
+             "|" + "---|" * 15]
     summary = {}
     fmt = lambda c: f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"  # noqa: E731
     for pair in res["config"].get("pairs", PAIRS):
@@ -285,14 +307,17 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
         p1, p99, lo, hi = pct(0.01), pct(0.99), min(v[0] for v in rel), max(v[-1] for v in rel)
         cos = _mean_ci([e["cosine_shared_median"] for e in es])
         kl, kb = _kinds(es, "later"), _kinds(es, "base")
+        pl, pb = ({k: sum(e["paper_rule"][f"examples_{side}"][k] for e in es) for k in kl} for side in ("later", "base"))
         lines.append(f"| {pair} | {fvu[0]:.3f} | {_mean_ci([r['n_alive'] for r in rs])[0]:.0f} | {p1:.3f} / {p99:.3f} | "
                      f"{lo:.3f} / {hi:.3f} | {cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | {fmt(later)} | {fmt(robust)} | "
                      f"{fmt(base)} | {fmt(base_r)} | {paper[0][0]:.1f} / {paper[1][0]:.1f} | "
-                     f"{' / '.join(str(v) for v in kl.values())} | {' / '.join(str(v) for v in kb.values())} |")
+                     f"{' / '.join(str(v) for v in kl.values())} | {' / '.join(str(v) for v in kb.values())} | "
+                     f"{' / '.join(str(v) for v in pl.values())} | {' / '.join(str(v) for v in pb.values())} |")
         summary[pair] = {"fvu": fvu, "relative_norm_p1_p99": [p1, p99], "relative_norm_min_max": [lo, hi],
                          "cosine_shared_median": cos, "later": later, "robust": robust, "base": base,
                          "base_robust": base_r, "paper_rule_later": paper[0], "paper_rule_base": paper[1],
-                         "examples_later": kl, "examples_base": kb}
+                         "examples_later": kl, "examples_base": kb, "paper_rule_examples_later": pl,
+                         "paper_rule_examples_base": pb}
     c = res["config"]
     held = c["heldout_token_kinds"]
     md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k={c['k']}, {c['total_tokens']:,} tokens, lr {c['lr']}, "
@@ -304,8 +329,8 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
           f"{1 - c['threshold']:.1f}); robust when both Latent Scaling ratios are below {c['nu_max']}; paper rule: "
           f"Minder, Dumas et al.'s Delta_norm > 0.9 (relative norm > {c['paper_rule']:.3f}). Counts: mean over 3 seeds "
           f"[95% t-interval]; relative-norm percentiles over alive latents, mean over seeds; min / max over all seeds. "
-          f"Last two columns: the top-5 held-out examples of every specific latent (all seeds) by the kind of document "
-          f"they lie in. Held-out: {c['n_seqs']} rows x 128 tokens ({held['countdown']} Countdown, {held['sudoku']} "
+          f"Example columns: the top-5 held-out examples of every specific latent (all seeds; our rule, then the "
+          f"paper's) by the kind of document they lie in (Countdown / Sudoku / prose). Held-out: {c['n_seqs']} rows x 128 tokens ({held['countdown']} Countdown, {held['sudoku']} "
           f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n")
     atomic_write_json(out / f"{name}_summary.json", summary)
     atomic_write_text(out / f"{name}.md", md)
