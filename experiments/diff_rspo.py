@@ -1,6 +1,7 @@
-"""Model diffing of dlmscope-tiny-dlm across post-training: crosscoders with Latent Scaling, next to SAE matching.
+"""Model diffing of dlmscope-tiny-dlm across post-training: crosscoders with Latent Scaling.
 
-Checkpoints (all read at layer 1, residual stream, every position of rows corrupted with DLM-Scope masking):
+Checkpoints (all read at layer 1, residual stream, every position -- masked and visible -- of rows corrupted
+with DLM-Scope masking):
 - base: dlmscope-tiny-dlm;
 - rspo: `dlmscope rspo --algo rspo --task sudoku --steps 30 --out runs/rl-rspo` (its last checkpoint);
 - countdown (positive control): the base fine-tuned hard on Countdown problems only with the masked-diffusion
@@ -8,17 +9,20 @@ Checkpoints (all read at layer 1, residual stream, every position of rows corrup
 - base vs base (negative control): identical weights give identical activations, so the pair is the base's
   activations twice.
 One paired activation stream [base, rspo, countdown] (`CrossCoderRun`: every checkpoint on the identical
-corrupted batch) trains, side by side: BatchTopK crosscoders (expansion 4, k=32) for each pair with seeds
-0, 1, 2, and Top-K SAEs (k=32, same width) on base (seeds 0 and 1), rspo (seed 2) and countdown (seed 3),
-whose Hungarian-matched decoder cosines are recorded as training proceeds (matched cosine vs tokens).
-Text: the built-in corpus plus the task corpus (Countdown and Sudoku documents), shuffled, so held-out text
-contains the fine-tuned kinds of text. Writes experiments/results/diff_rspo.{json,md} and diff_rspo_summary.json
-(every number of the crosscoder table).
+corrupted batch) trains BatchTopK crosscoders (expansion 4, k=32) for each pair with seeds 0, 1, 2.
+Text (`mixed_text`): the built-in corpus plus Countdown and Sudoku documents making up `--task-share` of its
+tokens (half each), shuffled, so training and held-out text contain the fine-tuned kinds of text.
+Rule, one for every pair, fixed before the runs: a latent is specific to the later checkpoint when its
+relative decoder norm |d_later| / (|d_base| + |d_later|) exceeds 0.9 (to the base: below 0.1); the
+paper's rule (Minder, Dumas et al. 2025: Delta_norm = (1 + (|d_l| - |d_b|) / max(|d_l|, |d_b|)) / 2 > 0.9,
+i.e. relative norm above 5/6) is reported next to it. The SAE lens is experiments/diff_sae_matching.py.
+Writes experiments/results/diff_rspo.{json,md} and diff_rspo_summary.json (every number of the table).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -32,10 +36,12 @@ from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 PAIRS = {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0, 2)}
 SAES = {"base_s0": (0, 0), "base_s1": (0, 1), "rspo_s2": (1, 2), "countdown_s3": (2, 3)}
 CC_SEEDS = (0, 1, 2)
+PAPER_RULE = 5 / 6  # Delta_norm > 0.9 of Minder, Dumas et al. in terms of the relative norm
 
 
 def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: int = 0) -> Path:
-    """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA."""
+    """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA,
+    with the mean training loss of its first and last 10 steps in finetune.json."""
     import torch
 
     from dlmscope.data import pack
@@ -54,14 +60,19 @@ def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: 
     opt = torch.optim.AdamW(lm.module.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     lm.module.train()
+    losses = []
     for _ in range(steps):
         x0 = rows[torch.randint(rows.shape[0], (batch,), generator=gen)]
         loss = diffusion_lm_loss(lm, x0, corrupt(x0, lm.mask_id, sample_t(batch, generator=gen), generator=gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        losses.append(loss.item())
     lm.module.eval()
     save_llada(lm.module, out, mask_id=lm.mask_id, tokenizer=lm.tokenizer)
+    atomic_write_json(out / "finetune.json", {"steps": steps, "lr": lr, "batch": batch, "rows": 64,
+                                              "loss_first10": sum(losses[:10]) / len(losses[:10]),
+                                              "loss_last10": sum(losses[-10:]) / len(losses[-10:])})
     return out
 
 
@@ -80,7 +91,7 @@ def _study_run_class():
         pairs, saes = PAIRS, SAES
 
         def build_trainers(self, d_in: int, meta: dict) -> None:
-            cfg, h = self.cfg, self.hooks[0]
+            cfg, h, k = self.cfg, self.hooks[0], self.cfg.k_list()[0]
             d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
             self.d, self.slices, self.matching = d, {}, []
             tcfg = lambda seed: TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr,  # noqa: E731
@@ -89,12 +100,12 @@ def _study_run_class():
                 for s in CC_SEEDS:
                     key = f"cc-{pair}-s{s}"
                     names = [self.checkpoints[a], self.checkpoints[b] + ("-copy" if a == b else "")]
-                    self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, 32, names,
+                    self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, names,
                                                                             {**meta, "hook_name": h}), tcfg(s))
                     self.slices[key], self.routes[key] = (a, b), h
             for name, (c, s) in self.saes.items():
                 key = f"sae-{name}"
-                self.trainers[key] = SAETrainer(SAEConfig(d, cfg.expansion * d, 32, "topk", {**meta, "hook_name": h}),
+                self.trainers[key] = SAETrainer(SAEConfig(d, cfg.expansion * d, k, "topk", {**meta, "hook_name": h}),
                                                 tcfg(s))
                 self.slices[key], self.routes[key] = (c,), h
 
@@ -104,6 +115,8 @@ def _study_run_class():
 
         def evaluate(self, logs: dict) -> None:
             super().evaluate(logs)
+            if not self.saes:
+                return
             saes = [self.trainers[f"sae-{n}"].sae for n in SAES]
             noise = torch.randn(saes[0].W_dec.shape, generator=torch.Generator().manual_seed(12345))
             entry = {"tokens": self.steps_done * self.cfg.batch_size}
@@ -121,14 +134,27 @@ def _study_run_class():
     return StudyRun
 
 
-def _mixed_text(path: Path) -> Path:
+def mixed_text(folder: Path, task_share: float) -> Path:
+    """The built-in corpus (both splits) plus Countdown and Sudoku documents (prompt + answer, half each) making
+    up `task_share` of the tokens, shuffled; written once per share."""
     from dlmscope.data import load_texts
-    from dlmscope.tasks import task_corpus
+    from dlmscope.models import load_model
+    from dlmscope.tasks import get_task
 
-    if not path.is_file():
-        docs = load_texts("builtin", "train") + load_texts("builtin", "heldout") + task_corpus(600, seed=1)
-        random.Random(0).shuffle(docs)
-        atomic_write_text(path, "\n\n".join(d.replace("\n\n", "\n") for d in docs) + "\n")
+    path = folder / f"diff_mixed_task{task_share:g}.txt"
+    if path.is_file():
+        return path
+    tok = load_model("dlmscope-tiny-dlm").tokenizer
+    n_tokens = lambda docs: sum(len(ids) for ids in tok(docs)["input_ids"])  # noqa: E731
+    prose = load_texts("builtin", "train") + load_texts("builtin", "heldout")
+    want = task_share / (1 - task_share) * n_tokens(prose) / 2  # tokens per task kind
+    docs = list(prose)
+    for name in ("countdown", "sudoku"):
+        probe = [ex.prompt + ex.answer for ex in get_task(name).examples("train", 200, seed=1)]
+        n = round(want / (n_tokens(probe) / len(probe)))
+        docs += [ex.prompt + ex.answer for ex in get_task(name).examples("train", n, seed=1)]
+    random.Random(0).shuffle(docs)
+    atomic_write_text(path, "\n\n".join(d.replace("\n\n", "\n") for d in docs) + "\n")
     return path
 
 
@@ -136,59 +162,114 @@ def _is_task_text(text: str) -> str | None:
     return "countdown" if "Countdown:" in text or "Equation:" in text else "sudoku" if "Sudoku" in text else None
 
 
+def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: int, k: int) -> None:
+    """Options shared with experiments/diff_sae_matching.py (same checkpoints, text and dictionary settings)."""
+    p.add_argument("--rspo", type=Path, default=ROOT / "runs" / "rl-rspo" / "checkpoint-00030")
+    p.add_argument("--ft-steps", type=int, default=300, help="Countdown fine-tune steps (batch 16 x 64 tokens)")
+    p.add_argument("--ft-lr", type=float, default=2e-3, help="Countdown fine-tune learning rate (AdamW)")
+    p.add_argument("--task-share", type=float, default=0.4,
+                   help="share of the training/held-out tokens that is task text (half Countdown, half Sudoku)")
+    p.add_argument("--total-tokens", type=int, default=total_tokens)
+    p.add_argument("--expansion", type=int, default=expansion)
+    p.add_argument("--k", type=int, default=k)
+    p.add_argument("--lr", type=float, default=3e-3, help="dictionary learning rate (short runs need a high one)")
+
+
+def study_setup(args, prefix: str, eval_every: int):
+    """The checkpoints [base, rspo, countdown fine-tune] (fine-tuning when missing), the mixed text and the run
+    config; the run folder name carries every setting, so an interrupted run resumes."""
+    from dlmscope.training import TrainSAEConfig
+
+    work = ROOT / "runs"
+    if not (args.rspo / "config.json").is_file():
+        raise SystemExit(f"missing RSPO checkpoint {args.rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
+                         "--out runs/rl-rspo")
+    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}", args.ft_steps, args.ft_lr)
+    data = mixed_text(work, args.task_share)
+    ckpts = ["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]
+    name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}"
+            f"-task{args.task_share:g}")
+    cfg = TrainSAEConfig(model=ckpts[0], layers="1", k=str(args.k), total_tokens=args.total_tokens, dataset=str(data),
+                         out=str(work), name=name, eval_every=eval_every, checkpoint_every=eval_every, progress=False,
+                         seed=0, batch_size=256, lr=args.lr, policy="all", expansion=args.expansion,
+                         resume=(work / name / "checkpoint.json").is_file())
+    config = {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
+              "finetune": json.loads((countdown / "finetune.json").read_text()), "task_share": args.task_share,
+              "lr": args.lr, "batch_size": 256, "k": args.k, "n_latents": args.expansion * 256, "policy": "all",
+              "hook": "blocks.1.hook_resid_post"}
+    return ckpts, data, cfg, config
+
+
+def _paper_rule(cc, text, kinds: list[str]) -> dict:
+    """Latents specific under the paper's rule (alive on the held-out text), per side, with the kinds of document
+    their top-5 held-out examples lie in."""
+    import torch
+
+    from dlmscope.analysis.diffing import decoder_stats
+
+    with torch.no_grad():
+        f = cc.encode(text.acts)
+    rel = decoder_stats(cc)["relative_norm"][:, 0]
+    out = {}
+    for side, mask in (("later", rel > PAPER_RULE), ("base", rel < 1 - PAPER_RULE)):
+        found = []
+        for j in mask.nonzero().flatten().tolist():
+            col = f[:, j]
+            if (n := int((col > 0).sum())) > 0:
+                found += [kinds[i] for i in col.topk(min(5, n)).indices.tolist()]
+        out[side] = int((mask & (f > 0).any(0)).sum())
+        out[f"examples_{side}"] = {k: found.count(k) for k in ("countdown", "sudoku", "prose")}
+    return out
+
+
 def run(args) -> dict:
     import torch
 
     from dlmscope.analysis.diffing import crosscoder_report, paired_text, PairedText
-    from dlmscope.data import load_texts, pack
+    from dlmscope.data import pack
     from dlmscope.models import load_model
     from dlmscope.sae.crosscoder import load_crosscoder
-    from dlmscope.training import TrainSAEConfig, split_texts
+    from dlmscope.training import split_texts
 
     torch.set_num_threads(1)
-    work = ROOT / "runs"
-    rspo = args.rspo
-    if not (rspo / "config.json").is_file():
-        raise SystemExit(f"missing RSPO checkpoint {rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
-                         "--out runs/rl-rspo")
-    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}", args.ft_steps, args.ft_lr)
-    data = _mixed_text(work / "diff_mixed.txt")
-    ckpts = ["dlmscope-tiny-dlm", str(rspo), str(countdown)]
-    cfg = TrainSAEConfig(model=ckpts[0], layers="1", total_tokens=args.total_tokens, dataset=str(data), out=str(work),
-                         name=f"diff-study-{args.total_tokens}-ft{args.ft_lr:g}", eval_every=100, checkpoint_every=100, progress=False, seed=0,
-                         batch_size=256, lr=args.lr,
-                         policy="all", expansion=args.expansion,
-                         resume=(work / f"diff-study-{args.total_tokens}-ft{args.ft_lr:g}" / "checkpoint.json").is_file())
-    study = _study_run_class()(cfg, ckpts)
+    pairs = args.pairs.split(",")
+    if unknown := set(pairs) - set(PAIRS):
+        raise SystemExit(f"unknown pairs {sorted(unknown)}; allowed: {', '.join(PAIRS)}")
+    ckpts, data, cfg, config = study_setup(args, "diff-cc" + ("" if len(pairs) == len(PAIRS) else "-" + "-".join(pairs)),
+                                           eval_every=200)
+    study = _study_run_class()
+    study.saes, study.pairs = {}, {p: PAIRS[p] for p in pairs}
+    study = study(cfg, ckpts)
     result = study.run()
     lms = [load_model(c) for c in ckpts]
     _, heldout = split_texts(str(data), "text")
     packed = pack(lms[0].tokenizer, heldout, 128)
     rows, owners = packed.input_ids[:args.n_seqs], packed.doc_ids[:args.n_seqs]
-    text = paired_text(lms, "blocks.1.hook_resid_post", rows, seed=2)
+    text = paired_text(lms, config["hook"], rows, seed=2)
+    kinds = [_is_task_text(heldout[int(i)]) or "prose" for i in owners.flatten()]
     d = lms[0].d_model
-    res = {"config": {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
-                      "n_seqs": args.n_seqs, "lr": args.lr, "batch_size": 256, "n_latents": args.expansion * d, "policy": "all", "hook": "blocks.1.hook_resid_post", "threshold": 0.9, "nu_max": 0.3},
-           "crosscoders": {}, "matching_vs_tokens": [h["matching"] for h in result.history if "matching" in h],
-           "sae_final": {k: {m: v[m] for m in ("fvu", "l0", "dead_fraction")} for k, v in result.metrics.items()}}
+    res = {"config": {**config, "pairs": pairs, "n_seqs": args.n_seqs, "threshold": 0.9, "paper_rule": PAPER_RULE, "nu_max": 0.3,
+                      "heldout_token_kinds": {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}},
+           "crosscoders": {}, "final": {k: {m: v[m] for m in ("fvu", "l0", "dead_fraction")}
+                                        for k, v in result.metrics.items()}}
     for key, folder in result.saes.items():
-        if not key.startswith("cc-"):
-            continue
         a, b = study.slices[key]
         pair = PairedText(text.x0, text.xt, text.masked,
                           torch.cat([text.acts[:, a * d:(a + 1) * d], text.acts[:, b * d:(b + 1) * d]], 1))
-        r = crosscoder_report(load_crosscoder(folder), pair, lms[0], n_examples=5)
+        cc = load_crosscoder(folder)
+        r = crosscoder_report(cc, pair, lms[0], n_examples=5)
         e = r["per_checkpoint"][0]
         for side in ("later", "base"):  # which held-out document each top example comes from
             for lat in e[f"specific_{side}"]["latents"]:
                 for ex in lat["examples"]:
-                    ex["doc_kind"] = _is_task_text(heldout[int(owners[ex["row"], ex["position"]])]) or "prose"
+                    ex["doc_kind"] = kinds[ex["row"] * rows.shape[1] + ex["position"]]
+        e["paper_rule"] = _paper_rule(cc, pair, kinds)
         res["crosscoders"][key] = {m: r[m] for m in ("fvu", "l0", "n_alive")} | {"per_checkpoint": r["per_checkpoint"]}
     return res
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and t-based 95% interval over seeds (n = 3: t = 4.303)."""
+def _mean_ci(values: list[float], floor: float = float("-inf")) -> tuple[float, float, float]:
+    """Mean and t-based 95% interval over seeds (n = 3: t = 4.303), the lower end clipped at `floor`."""
     import statistics
 
     m = statistics.fmean(values)
@@ -196,66 +277,74 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
         return m, m, m
     t = {2: 12.706, 3: 4.303, 4: 3.182}.get(len(values), 2.0)
     half = t * statistics.stdev(values) / len(values) ** 0.5
-    return m, m - half, m + half
+    return m, max(floor, m - half), m + half
 
 
-def render(res: dict, out: Path) -> str:
+def _kinds(es: list[dict], side: str) -> dict[str, int]:
+    """How many top held-out examples of the latents specific to `side` (all seeds) lie in each kind of text."""
+    kinds = [ex["doc_kind"] for e in es for lat in e[f"specific_{side}"]["latents"] for ex in lat["examples"]]
+    return {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}
+
+
+def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     lines = ["| pair | FVU | alive | relative norm p1 / p99 | min / max | decoder cosine (median, shared) | "
-             "specific to later: count | robust (Latent Scaling) | specific to base: count | robust | "
-             "top examples of later-specific latents in task text |", "|" + "---|" * 11]
+             "specific to later | robust (Latent Scaling) | specific to base | robust | paper rule: later / base | "
+             "top examples of later-specific latents: Countdown / Sudoku / prose | of base-specific | "
+             "paper rule, top examples: later | base |",
+             "|" + "---|" * 15]
     summary = {}
-    for pair in PAIRS:
-        keys = [k for k in res["crosscoders"] if k.startswith(f"cc-{pair}-")]
-        rs = [res["crosscoders"][k] for k in keys]
+    fmt = lambda c: f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"  # noqa: E731
+    for pair in res["config"].get("pairs", PAIRS):
+        rs = [res["crosscoders"][k] for k in res["crosscoders"] if k.startswith(f"cc-{pair}-")]
         es = [r["per_checkpoint"][0] for r in rs]
-        col = lambda f: _mean_ci([f(e) for e in es])  # noqa: E731
+        col = lambda f: _mean_ci([f(e) for e in es], floor=0.0)  # noqa: E731  (counts)
         later, robust = col(lambda e: e["specific_later"]["count"]), col(lambda e: e["specific_later"]["robust"])
         base, base_r = col(lambda e: e["specific_base"]["count"]), col(lambda e: e["specific_base"]["robust"])
-        kinds = [ex["doc_kind"] for e in es for lat in e["specific_later"]["latents"] for ex in lat["examples"]]
-        task = sum(k != "prose" for k in kinds)
-        fmt = lambda c: f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"  # noqa: E731
+        paper = col(lambda e: e["paper_rule"]["later"]), col(lambda e: e["paper_rule"]["base"])
         fvu = _mean_ci([r["fvu"] for r in rs])
         rel = [sorted(e["relative_norm"]) for e in es]
         pct = lambda q: _mean_ci([v[min(len(v) - 1, int(q * len(v)))] for v in rel])[0]  # noqa: E731
         p1, p99, lo, hi = pct(0.01), pct(0.99), min(v[0] for v in rel), max(v[-1] for v in rel)
-        spread = f"{p1:.3f} / {p99:.3f} | {lo:.3f} / {hi:.3f}"
         cos = _mean_ci([e["cosine_shared_median"] for e in es])
-        lines.append(f"| {pair} | {fvu[0]:.3f} | {_mean_ci([r['n_alive'] for r in rs])[0]:.0f} | {spread} | "
-                     f"{cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | {fmt(later)} | "
-                     f"{fmt(robust)} | {fmt(base)} | {fmt(base_r)} | {task}/{len(kinds)} |")
+        kl, kb = _kinds(es, "later"), _kinds(es, "base")
+        pl, pb = ({k: sum(e["paper_rule"][f"examples_{side}"][k] for e in es) for k in kl} for side in ("later", "base"))
+        lines.append(f"| {pair} | {fvu[0]:.3f} | {_mean_ci([r['n_alive'] for r in rs])[0]:.0f} | {p1:.3f} / {p99:.3f} | "
+                     f"{lo:.3f} / {hi:.3f} | {cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | {fmt(later)} | {fmt(robust)} | "
+                     f"{fmt(base)} | {fmt(base_r)} | {paper[0][0]:.1f} / {paper[1][0]:.1f} | "
+                     f"{' / '.join(str(v) for v in kl.values())} | {' / '.join(str(v) for v in kb.values())} | "
+                     f"{' / '.join(str(v) for v in pl.values())} | {' / '.join(str(v) for v in pb.values())} |")
         summary[pair] = {"fvu": fvu, "relative_norm_p1_p99": [p1, p99], "relative_norm_min_max": [lo, hi],
                          "cosine_shared_median": cos, "later": later, "robust": robust, "base": base,
-                         "base_robust": base_r, "task_examples": [task, len(kinds)]}
-    m_lines = ["| tokens | base other seed | RSPO SAE | Countdown-FT SAE | random directions |", "|---|---|---|---|---|"]
-    for m in res["matching_vs_tokens"]:
-        m_lines.append(f"| {m['tokens']:,} | " + " | ".join(f"{m[k]['mean']:.3f} ({m[k]['fraction_above_0.9']:.2f} > 0.9)"
-                                                          for k in ("base_other_seed", "rspo", "countdown", "random")) + " |")
+                         "base_robust": base_r, "paper_rule_later": paper[0], "paper_rule_base": paper[1],
+                         "examples_later": kl, "examples_base": kb, "paper_rule_examples_later": pl,
+                         "paper_rule_examples_base": pb}
     c = res["config"]
-    md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k=32, {c['total_tokens']:,} tokens, seeds 0-2) at "
-          f"{c['hook']}; a latent is specific to the later checkpoint when its relative decoder norm exceeds "
-          f"{c['threshold']} (to the base: below {1 - c['threshold']:.1f}); robust when both Latent Scaling ratios "
-          f"are below {c['nu_max']}. Counts and cosine: mean over 3 seeds [95% t-interval]; relative-norm "
-          f"percentiles over alive latents, mean over seeds; min / max over all seeds. Last column: of the top held-out "
-          f"examples of the later-specific latents (all seeds), how many lie in Countdown/Sudoku documents. "
-          f"Activations at all positions of the corrupted rows (t ~ U[0.05, 0.5]). "
-          f"Held-out: {c['n_seqs']} rows of the shuffled builtin + task text.\n\n" + "\n".join(lines) +
-          "\n\nSAE lens: mean Hungarian-matched decoder cosine against the base SAE (seed 0), fraction above 0.9, as "
-          f"training proceeds (Top-K, k=32, {c['n_latents']} latents, same tokens):\n\n" + "\n".join(m_lines) + "\n")
-    atomic_write_json(out / "diff_rspo_summary.json", summary)
-    atomic_write_text(out / "diff_rspo.md", md)
+    held = c["heldout_token_kinds"]
+    md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k={c['k']}, {c['total_tokens']:,} tokens, lr {c['lr']}, "
+          f"seeds 0-2) at {c['hook']}, every position of DLM-Scope-corrupted rows (t ~ U[0.05, 0.5]); text: built-in "
+          f"corpus + {c['task_share']:.0%} task tokens (half Countdown, half Sudoku). Countdown checkpoint: "
+          f"{c['ft_steps']} AdamW steps at lr {c['ft_lr']:g} on Countdown problems only (ELBO loss "
+          f"{c['finetune']['loss_first10']:.2f} -> {c['finetune']['loss_last10']:.2f}). A latent is specific to the "
+          f"later checkpoint when its relative decoder norm exceeds {c['threshold']} (to the base: below "
+          f"{1 - c['threshold']:.1f}); robust when both Latent Scaling ratios are below {c['nu_max']}; paper rule: "
+          f"Minder, Dumas et al.'s Delta_norm > 0.9 (relative norm > {c['paper_rule']:.3f}). Counts: mean over 3 seeds "
+          f"[95% t-interval]; relative-norm percentiles over alive latents, mean over seeds; min / max over all seeds. "
+          f"Example columns: the top-5 held-out examples of every specific latent (all seeds; our rule, then the "
+          f"paper's) by the kind of document they lie in (Countdown / Sudoku / prose). Held-out: {c['n_seqs']} rows x 128 tokens ({held['countdown']} Countdown, {held['sudoku']} "
+          f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n")
+    atomic_write_json(out / f"{name}_summary.json", summary)
+    atomic_write_text(out / f"{name}.md", md)
     return md
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rspo", type=Path, default=ROOT / "runs" / "rl-rspo" / "checkpoint-00030")
-    p.add_argument("--total-tokens", type=int, default=100_000)
-    p.add_argument("--expansion", type=int, default=4)
-    p.add_argument("--ft-steps", type=int, default=120)
-    p.add_argument("--ft-lr", type=float, default=5e-4, help="Countdown fine-tune learning rate (AdamW)")
-    p.add_argument("--lr", type=float, default=3e-3, help="crosscoder and SAE learning rate (short runs need a high one)")
+    add_study_options(p, total_tokens=300_000, expansion=4, k=32)
     p.add_argument("--n-seqs", type=int, default=48)
-    run_or_render(p, "diff_rspo", run, render)
+    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated subset of " + ", ".join(PAIRS))
+    p.add_argument("--name", default="diff_rspo", help="results name: <out>/<name>.{json,md}, <name>_summary.json")
+    name = p.parse_known_args()[0].name
+    run_or_render(p, name, run, lambda res, out: render(res, out, name))
 
 
 if __name__ == "__main__":

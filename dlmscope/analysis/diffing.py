@@ -14,10 +14,14 @@ direction d = d_j^s, activations f_j(x), and per checkpoint c a target y^c(x):
 
     beta^c = argmin_b sum_x |b f_j(x) d - y^c(x)|^2 = sum_x f_j(x) <d, y^c(x)> / (|d|^2 sum_x f_j(x)^2)
 
-with targets (scaled space, b_dec^c removed, a^c = x^c - b_dec^c the activation, r^c = sum_i f_i d_i^c the
-crosscoder's reconstruction, e^c = a^c - r^c its error): "activation" a^c; "reconstruction" r^c; "error"
-e^c + f_j d_j^c, the error of the reconstruction without latent j. Both of the last two keep latent j's own
-contribution, so in the checkpoint s the latent belongs to both betas are about 1. The ratios of the other
+with targets in the crosscoder's scaled space (x^c the scaled activation, b_dec^c its decoder bias,
+x_hat^c = sum_i f_i d_i^c + b_dec^c the crosscoder's reconstruction): "activation" x^c - b_dec^c;
+"reconstruction" x_hat^c (bias included); "error" x^c - (x_hat^c - f_j d_j^c), the error of the
+reconstruction without latent j (the bias cancels). These are the targets of the authors' code
+(science-of-finetuning diffing toolkit: `ft_reconstruction`/`base_reconstruction` = the full decode,
+`ft_error`/`base_error` remove latent j with that checkpoint's own decoder row; our "activation" is its
+`*_activation_no_bias`). Both of the last two keep latent j's own contribution, so in the checkpoint s the
+latent belongs to both betas are about 1. The ratios of the other
 checkpoint o to s, nu_error = beta_error^o / beta_error^s and nu_reconstruction = beta_reconstruction^o /
 beta_reconstruction^s, are near 0 for a genuinely specific latent; a large nu_error flags Complete
 Shrinkage (o's activations carry the direction but its reconstruction misses it), a large nu_reconstruction
@@ -155,23 +159,27 @@ def latent_scaling(cc, x: torch.Tensor, latents: torch.Tensor, source: torch.Ten
     C = cc.cfg.n_checkpoints
     D = cc.W_dec[source, latents]  # (m, d)
     self_dot = torch.einsum("md,cmd->mc", D, cc.W_dec[:, latents])  # <d, d_j^c>
-    num_act = torch.zeros(len(latents), C, dtype=torch.float64)
-    num_rec = torch.zeros_like(num_act)
-    f_sq = torch.zeros(len(latents), dtype=torch.float64)
+    bias_dot = (cc.b_dec @ D.t()).t().double().cpu()  # <d, b_dec^c> (m, C)
+    num_x = torch.zeros(len(latents), C, dtype=torch.float64)
+    num_rec = torch.zeros_like(num_x)
+    f_sum = torch.zeros(len(latents), dtype=torch.float64)
+    f_sq = torch.zeros_like(f_sum)
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size].to(cc.device, torch.float32)
         f = cc.encode(xb)
         fj = f[:, latents]  # (N, m)
-        a = cc.split(xb) * cc.input_scale[:, None] - cc.b_dec  # (N, C, d)
-        recon = cc.split(cc.decode_scaled(f, bias=False))  # (N, C, d)
-        num_act += (fj[..., None] * torch.einsum("ncd,md->nmc", a, D)).sum(0).double().cpu()
+        xs = cc.split(xb) * cc.input_scale[:, None]  # (N, C, d), scaled space, bias not removed
+        recon = cc.split(cc.decode_scaled(f, bias=False))  # (N, C, d): sum_i f_i d_i^c
+        num_x += (fj[..., None] * torch.einsum("ncd,md->nmc", xs, D)).sum(0).double().cpu()
         num_rec += (fj[..., None] * torch.einsum("ncd,md->nmc", recon, D)).sum(0).double().cpu()
+        f_sum += fj.sum(0).double().cpu()
         f_sq += fj.pow(2).sum(0).double().cpu()
     denom = (f_sq * D.pow(2).sum(1).double().cpu())[:, None]
     denom = torch.where(denom > 0, denom, torch.full_like(denom, float("nan")))
+    bias = f_sum[:, None] * bias_dot  # sum_x f_j <d, b_dec^c>
     own = f_sq[:, None] * self_dot.double().cpu()  # sum_x f_j^2 <d, d_j^c>: latent j's own part
-    act, rec = num_act / denom, num_rec / denom
-    return {"activation": act, "reconstruction": rec, "error": act - rec + own / denom}
+    return {"activation": (num_x - bias) / denom, "reconstruction": (num_rec + bias) / denom,
+            "error": (num_x - bias - num_rec + own) / denom}
 
 
 def scaling_ratios(betas: dict[str, torch.Tensor], source: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:

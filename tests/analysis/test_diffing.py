@@ -68,6 +68,34 @@ def test_latent_scaling_flags_latent_decoupling():
     assert nu["nu_reconstruction"] == pytest.approx(1.0, abs=1e-5) and nu["nu_error"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_latent_scaling_targets_match_least_squares_with_decoder_bias():
+    """Each beta is the least-squares scale of f_j d against the upstream targets, built here by hand: activation
+    minus bias, the full reconstruction (decoder bias included) and the error without latent j's own row."""
+    gen = torch.Generator().manual_seed(3)
+    cc = CrossCoder(CrossCoderConfig(4, 6, 3, ["A", "B"]))
+    with torch.no_grad():
+        for p in (cc.W_enc, cc.W_dec, cc.b_dec):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        cc.b_enc.fill_(0.5)
+        cc.input_scale.copy_(torch.tensor([0.5, 2.0]))
+        cc.threshold.fill_(0.0)
+    x = torch.randn(300, 8, generator=gen)
+    latents, source = torch.tensor([0, 2, 5]), torch.tensor([1, 0, 1])
+    betas = latent_scaling(cc, x, latents, source, batch_size=64)
+    with torch.no_grad():
+        f = cc.encode(x)
+        xs = cc.split(x) * cc.input_scale[:, None]
+        recon = cc.split(cc.decode_scaled(f))
+    for i, (j, s) in enumerate(zip(latents.tolist(), source.tolist())):
+        fd = (f[:, j, None] * cc.W_dec[s, j]).detach().flatten()[:, None]  # (N * d, 1)
+        for c in range(2):
+            targets = {"activation": xs[:, c] - cc.b_dec[c], "reconstruction": recon[:, c],
+                       "error": xs[:, c] - recon[:, c] + f[:, j, None] * cc.W_dec[c, j]}
+            for name, y in targets.items():
+                want = torch.linalg.lstsq(fd.double(), y.detach().flatten()[:, None].double()).solution.item()
+                assert betas[name][i, c].item() == pytest.approx(want, rel=1e-4, abs=1e-6), (name, j, c)
+
+
 def test_decoder_stats_relative_norm_and_cosine():
     cc = _hand_built([Z, E[1], 3 * E[2]], [E[0], E[1], -E[2]], [SHARED_ENC] * 3)
     s = decoder_stats(cc)

@@ -1,0 +1,56 @@
+"""The diffing study's text mix holds the stated share of task tokens, half Countdown and half Sudoku."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+import diff_rspo  # noqa: E402
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_mixed_text_has_the_stated_task_share(monkeypatch, tmp_path, share):
+    import dlmscope.data
+    from dlmscope.data import builtin_corpus
+    from dlmscope.models import load_model
+
+    prose = builtin_corpus("train")[:300]
+    monkeypatch.setattr(dlmscope.data, "load_texts", lambda name, split, *a: prose if split == "train" else [])
+    path = diff_rspo.mixed_text(tmp_path, share)
+    assert path.name == f"diff_mixed_task{share:g}.txt"
+    tok = load_model("dlmscope-tiny-dlm").tokenizer
+    docs = path.read_text().strip().split("\n\n")
+    counts = {"countdown": 0, "sudoku": 0, "prose": 0}
+    for doc, ids in zip(docs, tok(docs)["input_ids"]):
+        counts[diff_rspo._is_task_text(doc) or "prose"] += len(ids)
+    total = sum(counts.values())
+    assert counts["countdown"] / total == pytest.approx(share / 2, abs=0.01)
+    assert counts["sudoku"] / total == pytest.approx(share / 2, abs=0.01)
+    assert sorted(d for d in docs if diff_rspo._is_task_text(d) is None) == sorted(p.replace("\n\n", "\n") for p in prose)
+
+
+def test_paper_rule_counts_alive_latents_and_the_kinds_of_their_top_examples():
+    """Latent 0 lives only in B (specific to it), latent 1 is shared, latent 2 only in A but never fires."""
+    import torch
+
+    from dlmscope.analysis.diffing import PairedText
+    from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig
+
+    e, z = torch.eye(4), torch.zeros(4)
+    cc = CrossCoder(CrossCoderConfig(4, 3, 1, ["A", "B"]))
+    with torch.no_grad():
+        cc.W_dec.copy_(torch.stack([torch.stack([z, e[1], e[2]]), torch.stack([e[0], e[1], z])]))
+        cc.W_enc.copy_(torch.stack([torch.cat([z, e[0]]), torch.cat([e[1], e[1]]), torch.cat([-e[3], z])], dim=1))
+        cc.b_enc.zero_()
+        cc.b_dec.zero_()
+        cc.threshold.fill_(0.0)
+    # 8 tokens: B's e0 strength grows along the sequence; e1 everywhere
+    acts = torch.stack([torch.cat([e[1], (i / 8) * e[0] + e[1]]) for i in range(8)])
+    text = PairedText(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long),
+                      torch.zeros(1, 8, dtype=torch.bool), acts)
+    kinds = ["prose"] * 3 + ["sudoku"] + ["countdown"] * 4
+    out = diff_rspo._paper_rule(cc, text, kinds)
+    assert out["later"] == 1 and out["base"] == 0
+    assert out["examples_later"] == {"countdown": 4, "sudoku": 1, "prose": 0}
+    assert out["examples_base"] == {"countdown": 0, "sudoku": 0, "prose": 0}
