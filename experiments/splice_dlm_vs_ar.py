@@ -264,9 +264,35 @@ def verdict(results: dict) -> str:
     return text
 
 
+def headline(results: dict) -> dict:
+    """The numbers the README's prose quotes (written next to the .md as splice_dlm_vs_ar_summary.json)."""
+    s, mech = summary(results), mechanism_summary(results)
+    dlm = {key: v[:3] for key, v in s.items() if key[0] == MODELS[0]}
+    ks, layers = sorted({key[2] for key in dlm}), sorted({key[1] for key in dlm})
+    fvu = {(e["layer"], e["k"]): [] for e in results["saes"] if e["model"] == MODELS[0]}
+    for e in results["saes"]:
+        if e["model"] == MODELS[0]:
+            fvu[(e["layer"], e["k"])].append(e["fvu"])
+    name = "L{1} k={2} t={3}".format
+    return {
+        "dlm_configurations": len(dlm),
+        "dlm_upper_below_zero": [name(*key) for key, v in dlm.items() if v[2] < 0],
+        "dlm_interval_reaching_zero": [name(*key) for key, v in dlm.items() if v[1] <= 0],
+        "dlm_closest_to_zero": [{"layer": key[1], "k": key[2], "t": float(key[3]) if key[3][0].isdigit() else key[3],
+                                 "delta_ce": v} for key, v in sorted(dlm.items(), key=lambda kv: kv[1][0])[:3]],
+        "ar_over_dlm_range": [f(s[(MODELS[1], layer, k, "clean")][0] / s[(MODELS[0], layer, k, "dlmscope")][0]
+                                for layer in layers for k in ks) for f in (min, max)],
+        "dlm_mean_fvu_k32_range": [f(sum(fvu[(layer, 32)]) / len(fvu[(layer, 32)]) for layer in layers)
+                                   for f in (min, max)] if 32 in ks else [],
+        "mechanism_cells": len(mech),
+        "mechanism_upper_below_zero": [f"L{layer} t={b} {v}" for (layer, b, v), ci in mech.items() if ci[2] < 0],
+    }
+
+
 def render(results: dict, out: Path) -> str:
     if len(results["clean_ce"]) < len(MODELS):
         return "one twin only: merge the partial files with --combine"
+    atomic_write_json(out / "splice_dlm_vs_ar_summary.json", headline(results))
     s = summary(results)
     c = results["config"]
     ks = sorted({e["k"] for e in results["saes"]})

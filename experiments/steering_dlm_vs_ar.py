@@ -9,7 +9,7 @@ Per generated text (prompts x seeds, temperature 0.5): the feature's mean activa
 continuation is re-encoded (the study's success metric), the concept-token rate, perplexity under the AR twin
 and the DLM's ELBO bound on NLL per token; steered minus unsteered on the same prompt and seed. A feature's
 effect is its mean over texts; intervals are 95% Student-t over features, and DLM vs AR is a Welch t-test
-over features (the twins' features are chosen separately, so the samples are independent).
+over features (p also Holm-adjusted over the table's tests) (the twins' features are chosen separately, so the samples are independent).
 Writes experiments/results/steering_dlm_vs_ar.{json,md}.
 """
 
@@ -182,15 +182,34 @@ def dlm_vs_ar(res: dict) -> list[dict]:
             rows.append({"schedule": sched, "strength": s, "metric": k, "dlm": _mean(e[k]), "ar": _mean(a[k]),
                          "difference": [_mean(e[k]) - _mean(a[k]), float(ci.low), float(ci.high)],
                          "p": float(test.pvalue)})
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["p"])
+    running = 0.0
+    for rank, i in enumerate(order):  # Holm step-down adjustment over all the tests of the table
+        running = max(running, min(1.0, (len(rows) - rank) * rows[i]["p"]))
+        rows[i]["p_holm"] = running
     return rows
 
 
 def readme_test_table(res: dict) -> str:
     """DLM effect minus AR effect with its Welch 95% interval and p-value."""
-    lines = ["| schedule | strength | metric | DLM | AR | DLM - AR [95% CI] | p (Welch) |", "|---|---|---|---|---|---|---|"]
+    def p(v: float) -> str:
+        return "<0.001" if v < 0.001 else format(v, ".3f")
+
+    lines = ["| schedule | strength | metric | DLM | AR | DLM - AR [95% CI] | p (Welch) | p (Holm) |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['schedule']} | {r['strength']:g} | {r['metric'].replace('_', ' ')} | {r['dlm']:+.4f} | {r['ar']:+.4f} | "
-              f"{_ci(r['difference'])} | {'<0.001' if r['p'] < 0.001 else format(r['p'], '.3f')} |" for r in dlm_vs_ar(res)]
+              f"{_ci(r['difference'])} | {p(r['p'])} | {p(r['p_holm'])} |" for r in dlm_vs_ar(res)]
     return "\n".join(lines)
+
+
+def summary(res: dict, unsteered: dict) -> dict:
+    """The numbers the README's prose quotes: effects with intervals (perplexity as a ratio), tests, baselines."""
+    eff = {}
+    for (model, sched, s), e in effects(res).items():
+        ppl = [math.exp(x) for x in t_interval([math.log(x) for x in e["perplexity"]])]
+        eff[f"{model}/{sched}/{s:g}"] = {k: ppl if k == "perplexity" else t_interval(e[k]) for k in METRICS}
+    return {"effects": eff, "tests": dlm_vs_ar(res),
+            "unsteered": {m: {"perplexity": p, "dlm_nll": n} for m, (p, n) in unsteered.items()}}
 
 
 def render(res: dict, out: Path) -> str:
@@ -215,6 +234,7 @@ def render(res: dict, out: Path) -> str:
           + readme_table(res) + "\n\nDLM vs AR (Welch t-test over features):\n\n" + readme_test_table(res)
           + "\n\nPer feature:\n\n" + "\n".join(per_feature) + "\n")
     atomic_write_text(out / "steering_dlm_vs_ar.md", md)
+    atomic_write_json(out / "steering_dlm_vs_ar_summary.json", summary(res, unsteered))
     return md
 
 
