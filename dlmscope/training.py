@@ -73,7 +73,7 @@ class TrainSAEConfig:
     seqs_per_forward: int = 32
     """Rows per model forward."""
     total_tokens: int = 600_000
-    """Training tokens per SAE (the default finishes in about 3-4 minutes on a 2-core CPU)."""
+    """Training tokens per SAE (the default finishes in about 4-5 minutes on a 2-core CPU)."""
     batch_size: int = 1024
     """Activation vectors per SAE step."""
     buffer_tokens: int = 65536
