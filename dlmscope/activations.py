@@ -131,21 +131,33 @@ class ShuffleBuffer:
         if self._size() < self.batch_size:  # pass exhausted: start the next one
             self.epoch, self.index = self.epoch + 1, 0
             self._refill()
-        n = self._size()
-        perm = torch.randperm(n, generator=self.gen)
-        take, rest = perm[: self.batch_size], perm[self.batch_size:]
+        n, b = self._size(), self.batch_size
+        take = torch.randperm(n, generator=self.gen)[:b]
         out = ActivationBatch({h: a[take] for h, a in self.acts.items()}, {k: v[take] for k, v in self.info.items()})
-        self.acts = {h: a[rest] for h, a in self.acts.items()}
-        self.info = {k: v[rest] for k, v in self.info.items()}
+        # Remove the drawn rows by moving the undrawn rows of the last b slots into the holes the draw left
+        # before them, then dropping the tail: O(batch) copying per step instead of the whole buffer.
+        kept_tail = torch.ones(b, dtype=torch.bool)
+        kept_tail[take[take >= n - b] - (n - b)] = False
+        holes, movers = take[take < n - b], torch.arange(n - b, n)[kept_tail]
+        for t in (*self.acts.values(), *self.info.values()):
+            t[holes] = t[movers]
+        self.acts = {h: a[: n - b] for h, a in self.acts.items()}
+        self.info = {k: v[: n - b] for k, v in self.info.items()}
         return out
 
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "epoch": self.epoch, "index": self.index, "acts": self.acts,
-                "info": self.info}
+        """A snapshot: copies, because `next` edits the buffer in place."""
+        return {"gen": self.gen.get_state(), "epoch": self.epoch, "index": self.index, "acts": _copy(self.acts),
+                "info": _copy(self.info)}
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
-        self.epoch, self.index, self.acts, self.info = state["epoch"], state["index"], state["acts"], state["info"]
+        self.epoch, self.index = state["epoch"], state["index"]
+        self.acts, self.info = _copy(state["acts"]), _copy(state["info"])
+
+
+def _copy(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if tensors is None else {k: t.clone() for k, t in tensors.items()}
 
 
 class Prefetcher:

@@ -65,6 +65,22 @@ def test_shuffle_buffer_yields_each_token_once_per_pass(llada):
         ShuffleBuffer(src, capacity=32, batch_size=32)
 
 
+def test_shuffle_buffer_draws_in_place_and_snapshots_its_state(llada):
+    """A draw moves only batch-many rows (no copy of the whole buffer per step); a saved state stays as saved."""
+    src = ActivationSource(llada, [HOOK], _rows(), policy="all", seqs_per_batch=4)
+    buf = ShuffleBuffer(src, capacity=128, batch_size=32, seed=0)
+    buf.next()
+    storage = buf.acts[HOOK].untyped_storage().data_ptr()
+    saved = buf.state_dict()
+    before = saved["acts"][HOOK].clone()
+    drawn = buf.next()
+    assert buf.acts[HOOK].untyped_storage().data_ptr() == storage  # edited in place, not re-gathered
+    assert torch.equal(saved["acts"][HOOK], before)
+    remaining = torch.cat([buf.acts[HOOK], drawn.acts[HOOK]])
+    order = lambda x: x[torch.argsort(x[:, 0])]  # noqa: E731
+    torch.testing.assert_close(order(remaining), order(before))  # the draw plus the rest is the buffer before
+
+
 class _Failing:
     """A source whose batch 2 of every pass fails."""
 
