@@ -39,12 +39,65 @@ CC_SEEDS = (0, 1, 2)
 PAPER_RULE = 5 / 6  # Delta_norm > 0.9 of Minder, Dumas et al. in terms of the relative norm
 
 
-def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: int = 0) -> Path:
-    """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA,
-    with the mean training loss of its first and last 10 steps in finetune.json."""
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _ft_tag(params: str, preserve: float) -> str:
+    """Folder suffix of a narrow fine-tune ('' for the full, unconstrained one, so old folders keep their names)."""
+    tag = "" if params == "all" else "-" + params.replace("model.layers.", "L").replace(",", "_")
+    return tag + (f"-keep{preserve:g}" if preserve else "")
+
+
+def _hook_acts(lm, ids):
+    """The diffed activations (layer 1 residual), with gradients when `lm` is being trained."""
+    from dlmscope.hooks import hooked
+
+    got = []
+    with hooked(lm, {HOOK: lambda act, ctx: got.append(act)}):
+        lm.forward(ids)
+    return got[0].float()
+
+
+def _drift(h, h_base):
+    """Relative squared change of the diffed activations: sum |h - h_base|^2 / sum |h_base|^2."""
+    return ((h - h_base) ** 2).sum() / (h_base ** 2).sum()
+
+
+def finetune_eval(base, ft, n_rows: int = 64, seed: int = 0) -> dict:
+    """Held-out ELBO loss of base and fine-tune on built-in prose and on Countdown test problems (the same
+    corruption for both), and the relative change of the diffed activations on each (`_drift`, every position)."""
     import torch
 
-    from dlmscope.data import pack
+    from dlmscope.data import load_texts, pack
+    from dlmscope.diffusion.loss import diffusion_lm_loss
+    from dlmscope.diffusion.noise import corrupt, sample_t
+    from dlmscope.tasks import get_task
+
+    texts = {"prose": load_texts("builtin", "heldout"),
+             "countdown": [ex.prompt + ex.answer for ex in get_task("countdown").examples("test", 400, seed)]}
+    out = {}
+    with torch.no_grad():
+        for kind, docs in texts.items():
+            x0 = pack(base.tokenizer, docs, 64).input_ids[:n_rows]
+            gen = torch.Generator().manual_seed(seed)
+            c = corrupt(x0, base.mask_id, sample_t(x0.shape[0], generator=gen), generator=gen)
+            out[kind] = {"rows": int(x0.shape[0]), "loss_base": diffusion_lm_loss(base, x0, c).item(),
+                         "loss_ft": diffusion_lm_loss(ft, x0, c).item(),
+                         "drift": _drift(_hook_acts(ft, c.xt), _hook_acts(base, c.xt)).item()}
+    return out
+
+
+def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", preserve: float = 0.0,
+                       batch: int = 16, seed: int = 0) -> Path:
+    """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA,
+    with the mean training loss of its first and last 10 steps and `finetune_eval` in finetune.json.
+
+    `params`: "all", or comma-separated parameter-name prefixes, the only weights trained (a narrow change).
+    `preserve`: weight of a preservation term, `_drift` of the diffed activations on corrupted built-in prose
+    (a batch like the Countdown one each step) against the frozen base, so generic text keeps its activations."""
+    import torch
+
+    from dlmscope.data import load_texts, pack
     from dlmscope.diffusion.loss import diffusion_lm_loss
     from dlmscope.diffusion.noise import corrupt, sample_t
     from dlmscope.models import load_model
@@ -54,25 +107,46 @@ def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: 
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(seed)
-    lm = load_model("dlmscope-tiny-dlm")
+    lm, base = load_model("dlmscope-tiny-dlm"), load_model("dlmscope-tiny-dlm")
+    prefixes = None if params == "all" else tuple(params.split(","))
+    trained = [p for n, p in lm.module.named_parameters() if prefixes is None or n.startswith(prefixes)]
+    if not trained:
+        raise SystemExit(f"--ft-params {params!r} names no parameter of dlmscope-tiny-dlm")
+    for p in lm.module.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
     texts = [ex.prompt + ex.answer for ex in get_task("countdown").examples("train", 2000, seed)]
     rows = pack(lm.tokenizer, texts, 64).input_ids
-    opt = torch.optim.AdamW(lm.module.parameters(), lr=lr, weight_decay=0.0)
+    prose = pack(lm.tokenizer, load_texts("builtin", "train"), 64).input_ids
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     lm.module.train()
-    losses = []
+    losses, drifts = [], []
     for _ in range(steps):
         x0 = rows[torch.randint(rows.shape[0], (batch,), generator=gen)]
         loss = diffusion_lm_loss(lm, x0, corrupt(x0, lm.mask_id, sample_t(batch, generator=gen), generator=gen))
+        losses.append(loss.item())
+        if preserve:
+            xp = prose[torch.randint(prose.shape[0], (batch,), generator=gen)]
+            xt = corrupt(xp, lm.mask_id, sample_t(batch, generator=gen), generator=gen).xt
+            with torch.no_grad():
+                h_base = _hook_acts(base, xt)
+            drift = _drift(_hook_acts(lm, xt), h_base)
+            drifts.append(drift.item())
+            loss = loss + preserve * drift
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
     lm.module.eval()
     save_llada(lm.module, out, mask_id=lm.mask_id, tokenizer=lm.tokenizer)
-    atomic_write_json(out / "finetune.json", {"steps": steps, "lr": lr, "batch": batch, "rows": 64,
+    last10 = lambda v: sum(v[-10:]) / len(v[-10:])  # noqa: E731
+    atomic_write_json(out / "finetune.json", {"steps": steps, "lr": lr, "batch": batch, "rows": 64, "params": params,
+                                              "n_trained": sum(p.numel() for p in trained), "preserve": preserve,
                                               "loss_first10": sum(losses[:10]) / len(losses[:10]),
-                                              "loss_last10": sum(losses[-10:]) / len(losses[-10:])})
+                                              "loss_last10": last10(losses),
+                                              "drift_last10": last10(drifts) if drifts else None,
+                                              "eval": finetune_eval(base, load_model(str(out)))})
     return out
 
 
@@ -167,6 +241,12 @@ def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: 
     p.add_argument("--rspo", type=Path, default=ROOT / "runs" / "rl-rspo" / "checkpoint-00030")
     p.add_argument("--ft-steps", type=int, default=300, help="Countdown fine-tune steps (batch 16 x 64 tokens)")
     p.add_argument("--ft-lr", type=float, default=2e-3, help="Countdown fine-tune learning rate (AdamW)")
+    p.add_argument("--ft-params", default="all",
+                   help="weights the Countdown fine-tune trains: all, or comma-separated parameter-name prefixes "
+                        "(e.g. model.layers.0.mlp,model.layers.1.mlp)")
+    p.add_argument("--ft-preserve", type=float, default=0.0,
+                   help="weight of the fine-tune's preservation term: relative squared change of the diffed "
+                        "activations on built-in prose against the base (0: none)")
     p.add_argument("--task-share", type=float, default=0.4,
                    help="share of the training/held-out tokens that is task text (half Countdown, half Sudoku)")
     p.add_argument("--total-tokens", type=int, default=total_tokens)
@@ -175,28 +255,31 @@ def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: 
     p.add_argument("--lr", type=float, default=3e-3, help="dictionary learning rate (short runs need a high one)")
 
 
-def study_setup(args, prefix: str, eval_every: int):
-    """The checkpoints [base, rspo, countdown fine-tune] (fine-tuning when missing), the mixed text and the run
-    config; the run folder name carries every setting, so an interrupted run resumes."""
+def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 1, 2)):
+    """The checkpoints `used` of [base, rspo, countdown fine-tune] (fine-tuning when missing), the mixed text and
+    the run config; the run folder name carries every setting, so an interrupted run resumes."""
     from dlmscope.training import TrainSAEConfig
 
     work = ROOT / "runs"
-    if not (args.rspo / "config.json").is_file():
+    if 1 in used and not (args.rspo / "config.json").is_file():
         raise SystemExit(f"missing RSPO checkpoint {args.rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
                          "--out runs/rl-rspo")
-    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}", args.ft_steps, args.ft_lr)
+    tag = _ft_tag(args.ft_params, args.ft_preserve)
+    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}{tag}", args.ft_steps,
+                                   args.ft_lr, args.ft_params, args.ft_preserve)
     data = mixed_text(work, args.task_share)
-    ckpts = ["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]
-    name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}"
+    ckpts = [c for i, c in enumerate(["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]) if i in used]
+    name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}{tag}"
             f"-task{args.task_share:g}")
     cfg = TrainSAEConfig(model=ckpts[0], layers="1", k=str(args.k), total_tokens=args.total_tokens, dataset=str(data),
                          out=str(work), name=name, eval_every=eval_every, checkpoint_every=eval_every, progress=False,
                          seed=0, batch_size=256, lr=args.lr, policy="all", expansion=args.expansion,
                          resume=(work / name / "checkpoint.json").is_file())
     config = {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
+              "ft_params": args.ft_params, "ft_preserve": args.ft_preserve,
               "finetune": json.loads((countdown / "finetune.json").read_text()), "task_share": args.task_share,
               "lr": args.lr, "batch_size": 256, "k": args.k, "n_latents": args.expansion * 256, "policy": "all",
-              "hook": "blocks.1.hook_resid_post"}
+              "hook": HOOK}
     return ckpts, data, cfg, config
 
 
@@ -222,6 +305,13 @@ def _paper_rule(cc, text, kinds: list[str]) -> dict:
     return out
 
 
+def pair_checkpoints(pairs: list[str]) -> tuple[tuple[int, ...], dict[str, tuple[int, int]]]:
+    """The checkpoints (indices into [base, rspo, countdown]) the pairs need, and each pair's indices into them;
+    a run without RSPO neither needs nor computes its activations."""
+    used = tuple(sorted({i for p in pairs for i in PAIRS[p]}))
+    return used, {p: (used.index(PAIRS[p][0]), used.index(PAIRS[p][1])) for p in pairs}
+
+
 def run(args) -> dict:
     import torch
 
@@ -235,10 +325,11 @@ def run(args) -> dict:
     pairs = args.pairs.split(",")
     if unknown := set(pairs) - set(PAIRS):
         raise SystemExit(f"unknown pairs {sorted(unknown)}; allowed: {', '.join(PAIRS)}")
+    used, study_pairs = pair_checkpoints(pairs)
     ckpts, data, cfg, config = study_setup(args, "diff-cc" + ("" if len(pairs) == len(PAIRS) else "-" + "-".join(pairs)),
-                                           eval_every=200)
+                                           eval_every=200, used=used)
     study = _study_run_class()
-    study.saes, study.pairs = {}, {p: PAIRS[p] for p in pairs}
+    study.saes, study.pairs = {}, study_pairs
     study = study(cfg, ckpts)
     result = study.run()
     lms = [load_model(c) for c in ckpts]
@@ -286,6 +377,23 @@ def _kinds(es: list[dict], side: str) -> dict[str, int]:
     return {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}
 
 
+def _ft_words(ft: dict) -> str:
+    """How the Countdown fine-tune was narrowed and what it changed (fine-tunes recorded before these fields: '')."""
+    words = ""
+    if ft.get("params", "all") != "all":
+        words += f", training only {ft['params']} ({ft['n_trained']:,} weights)"
+    if ft.get("preserve"):
+        words += (f", plus {ft['preserve']:g} x the relative squared change of the layer-1 residual on built-in prose "
+                  f"against the base")
+    if "eval" in ft:
+        e = ft["eval"]
+        words += (f"; held-out ELBO base -> fine-tune: prose {e['prose']['loss_base']:.3f} -> {e['prose']['loss_ft']:.3f}, "
+                  f"Countdown {e['countdown']['loss_base']:.3f} -> {e['countdown']['loss_ft']:.3f}; relative squared "
+                  f"change of the diffed activations: prose {e['prose']['drift']:.4f}, Countdown "
+                  f"{e['countdown']['drift']:.4f}")
+    return words
+
+
 def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     lines = ["| pair | FVU | alive | relative norm p1 / p99 | min / max | decoder cosine (median, shared) | "
              "specific to later | robust (Latent Scaling) | specific to base | robust | paper rule: later / base | "
@@ -320,11 +428,13 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
                          "paper_rule_examples_base": pb}
     c = res["config"]
     held = c["heldout_token_kinds"]
+    summary["finetune"] = c["finetune"]
     md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k={c['k']}, {c['total_tokens']:,} tokens, lr {c['lr']}, "
           f"seeds 0-2) at {c['hook']}, every position of DLM-Scope-corrupted rows (t ~ U[0.05, 0.5]); text: built-in "
           f"corpus + {c['task_share']:.0%} task tokens (half Countdown, half Sudoku). Countdown checkpoint: "
           f"{c['ft_steps']} AdamW steps at lr {c['ft_lr']:g} on Countdown problems only (ELBO loss "
-          f"{c['finetune']['loss_first10']:.2f} -> {c['finetune']['loss_last10']:.2f}). A latent is specific to the "
+          f"{c['finetune']['loss_first10']:.2f} -> {c['finetune']['loss_last10']:.2f}){_ft_words(c['finetune'])}. "
+          f"A latent is specific to the "
           f"later checkpoint when its relative decoder norm exceeds {c['threshold']} (to the base: below "
           f"{1 - c['threshold']:.1f}); robust when both Latent Scaling ratios are below {c['nu_max']}; paper rule: "
           f"Minder, Dumas et al.'s Delta_norm > 0.9 (relative norm > {c['paper_rule']:.3f}). Counts: mean over 3 seeds "

@@ -1,5 +1,7 @@
-"""The diffing study's text mix holds the stated share of task tokens, half Countdown and half Sudoku."""
+"""The diffing study: its text mix holds the stated task share, the paper-rule count, the checkpoints a run needs,
+and the narrow Countdown fine-tune of the positive control."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +56,40 @@ def test_paper_rule_counts_alive_latents_and_the_kinds_of_their_top_examples():
     assert out["later"] == 1 and out["base"] == 0
     assert out["examples_later"] == {"countdown": 4, "sudoku": 1, "prose": 0}
     assert out["examples_base"] == {"countdown": 0, "sudoku": 0, "prose": 0}
+
+
+def test_pair_checkpoints_keeps_only_what_the_pairs_need():
+    assert diff_rspo.pair_checkpoints(list(diff_rspo.PAIRS)) == ((0, 1, 2), diff_rspo.PAIRS)
+    assert diff_rspo.pair_checkpoints(["base_vs_countdown"]) == ((0, 2), {"base_vs_countdown": (0, 1)})
+    assert diff_rspo.pair_checkpoints(["base_vs_base"]) == ((0,), {"base_vs_base": (0, 0)})
+
+
+def test_ft_tag_leaves_the_full_finetune_folder_name_unchanged():
+    assert diff_rspo._ft_tag("all", 0.0) == ""
+    assert diff_rspo._ft_tag("model.layers.0.mlp,model.layers.1.mlp", 10.0) == "-L0.mlp_L1.mlp-keep10"
+
+
+def test_drift_is_the_relative_squared_change():
+    import torch
+
+    base = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert diff_rspo._drift(base, base).item() == 0.0
+    assert diff_rspo._drift(base + torch.tensor([[0.0, 0.0], [1.0, 2.0]]), base).item() == pytest.approx(5 / 25)
+
+
+def test_narrow_finetune_changes_only_the_named_weights_and_records_its_effect(tmp_path):
+    import torch
+
+    from dlmscope.models import load_model
+
+    out = diff_rspo.finetune_countdown(tmp_path / "ft", steps=2, lr=1e-2, params="model.layers.1.mlp", preserve=1.0)
+    base, ft = (dict(load_model(m).module.named_parameters()) for m in ("dlmscope-tiny-dlm", str(out)))
+    changed = sorted(n for n in base if not torch.equal(base[n], ft[n]))
+    assert changed == [f"model.layers.1.mlp.{w}_proj.weight" for w in ("down", "gate", "up")]
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["n_trained"] == 3 * 768 * 256 and info["params"] == "model.layers.1.mlp" and info["drift_last10"] > 0
+    for kind in ("prose", "countdown"):
+        e = info["eval"][kind]
+        assert e["rows"] == 64 and e["drift"] > 0 and e["loss_ft"] != e["loss_base"]
+    with pytest.raises(SystemExit, match="names no parameter"):
+        diff_rspo.finetune_countdown(tmp_path / "bad", steps=1, lr=1e-2, params="model.layers.9")
