@@ -1,6 +1,6 @@
 """The three Countdown fine-tunes tried as the diffing study's positive control, side by side: which weights each
-trains, its held-out ELBO loss on built-in prose and on Countdown test problems before and after, and how far it
-moves the diffed activations (layer 1 residual) on each (`diff_rspo.finetune_eval`). Fine-tunes are cached in
+trains, its held-out ELBO loss on built-in prose and on Countdown and Sudoku test problems before and after, and how
+far it moves the diffed activations (layer 1 residual) on each (`diff_rspo.finetune_eval`). Fine-tunes are cached in
 runs/ (the study's folders). Writes experiments/results/diff_control_finetunes.{json,md}.
 """
 
@@ -26,29 +26,34 @@ FINETUNES = [(120, 5e-4, "all", 0.0), (300, 2e-3, "all", 0.0),
 def run(args) -> dict:
     import torch
 
+    from dlmscope.models import load_model
+
     torch.set_num_threads(1)
-    out = {}
+    base, out = load_model("dlmscope-tiny-dlm"), {}
     for steps, lr, params, preserve in FINETUNES:
         name = f"countdown-ft-{steps}-lr{lr:g}{diff_rspo._ft_tag(params, preserve)}"
         folder = diff_rspo.finetune_countdown(ROOT / "runs" / name, steps, lr, params, preserve)
-        out[name] = json.loads((folder / "finetune.json").read_text())
+        # evaluated again: fine-tunes cached before Sudoku joined the evaluation lack it in finetune.json
+        out[name] = json.loads((folder / "finetune.json").read_text()) | {
+            "eval": diff_rspo.finetune_eval(base, load_model(str(folder)))}
     return out
 
 
 def render(res: dict, out: Path) -> str:
-    lines = ["| fine-tune | weights trained | preservation weight | ELBO, prose: base -> fine-tune | "
-             "ELBO, Countdown: base -> fine-tune | activation change, prose | activation change, Countdown |",
-             "|" + "---|" * 7]
+    kinds = ("prose", "countdown", "sudoku")
+    lines = ["| fine-tune | weights trained | preservation weight | "
+             + " | ".join(f"ELBO, {k}: base -> fine-tune" for k in kinds) + " | "
+             + " | ".join(f"activation change, {k}" for k in kinds) + " |",
+             "|" + "---|" * 9]
     for name, f in res.items():
         e = f["eval"]
         lines.append(f"| {f['steps']} steps, lr {f['lr']:g} | {f['params']} ({f['n_trained']:,}) | {f['preserve']:g} | "
-                     f"{e['prose']['loss_base']:.3f} -> {e['prose']['loss_ft']:.3f} | "
-                     f"{e['countdown']['loss_base']:.3f} -> {e['countdown']['loss_ft']:.3f} | "
-                     f"{e['prose']['drift']:.4f} | {e['countdown']['drift']:.4f} |")
-    md = ("Countdown fine-tunes (AdamW, batch 16 x 64 tokens, Countdown problems only). ELBO: held-out masked-diffusion "
-          "loss, the same corruption for both checkpoints, 64 rows of built-in held-out prose and of Countdown test "
-          "problems. Activation change: sum |h_ft - h_base|^2 / sum |h_base|^2 of the layer-1 residual (the diffed "
-          "hook) on those corrupted rows, every position.\n\n" + "\n".join(lines) + "\n")
+                     + " | ".join(f"{e[k]['loss_base']:.3f} -> {e[k]['loss_ft']:.3f}" for k in kinds) + " | "
+                     + " | ".join(f"{e[k]['drift']:.4f}" for k in kinds) + " |")
+    md = ("Countdown fine-tunes (AdamW, batch 16 x 64 tokens, Countdown problems only). ELBO: held-out "
+          "masked-diffusion loss, the same corruption for both checkpoints, 64 rows each of built-in held-out prose, "
+          "Countdown and Sudoku test problems. Activation change: sum |h_ft - h_base|^2 / sum |h_base|^2 of the layer-1 "
+          "residual (the diffed hook) on those corrupted rows, every position.\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(out / "diff_control_finetunes.md", md)
     return md
 

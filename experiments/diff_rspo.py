@@ -37,6 +37,8 @@ PAIRS = {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0
 SAES = {"base_s0": (0, 0), "base_s1": (0, 1), "rspo_s2": (1, 2), "countdown_s3": (2, 3)}
 CC_SEEDS = (0, 1, 2)
 PAPER_RULE = 5 / 6  # Delta_norm > 0.9 of Minder, Dumas et al. in terms of the relative norm
+KINDS = ("countdown", "sudoku", "prose")  # the kinds of held-out document
+LEANING_N = 10  # latents per side in the threshold-free read
 
 
 HOOK = "blocks.1.hook_resid_post"
@@ -64,7 +66,7 @@ def _drift(h, h_base):
 
 
 def finetune_eval(base, ft, n_rows: int = 64, seed: int = 0) -> dict:
-    """Held-out ELBO loss of base and fine-tune on built-in prose and on Countdown test problems (the same
+    """Held-out ELBO loss of base and fine-tune on built-in prose and on Countdown and Sudoku test problems (the same
     corruption for both), and the relative change of the diffed activations on each (`_drift`, every position)."""
     import torch
 
@@ -73,8 +75,9 @@ def finetune_eval(base, ft, n_rows: int = 64, seed: int = 0) -> dict:
     from dlmscope.diffusion.noise import corrupt, sample_t
     from dlmscope.tasks import get_task
 
-    texts = {"prose": load_texts("builtin", "heldout"),
-             "countdown": [ex.prompt + ex.answer for ex in get_task("countdown").examples("test", 400, seed)]}
+    tasks = ("countdown", "sudoku")
+    texts = {"prose": load_texts("builtin", "heldout")} | {
+        t: [ex.prompt + ex.answer for ex in get_task(t).examples("test", 400, seed)] for t in tasks}
     out = {}
     with torch.no_grad():
         for kind, docs in texts.items():
@@ -283,25 +286,48 @@ def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 
     return ckpts, data, cfg, config
 
 
-def _paper_rule(cc, text, kinds: list[str]) -> dict:
-    """Latents specific under the paper's rule (alive on the held-out text), per side, with the kinds of document
-    their top-5 held-out examples lie in."""
+def _codes(cc, text):
+    """Latent activations on the held-out text and each latent's relative norm toward the later checkpoint."""
     import torch
 
     from dlmscope.analysis.diffing import decoder_stats
 
     with torch.no_grad():
-        f = cc.encode(text.acts)
-    rel = decoder_stats(cc)["relative_norm"][:, 0]
+        return cc.encode(text.acts), decoder_stats(cc)["relative_norm"][:, 0]
+
+
+def _example_kinds(f, latents: list[int], kinds: list[str]) -> dict[str, int]:
+    """How many of the top-5 held-out examples of `latents` lie in each kind of document."""
+    found = []
+    for j in latents:
+        col = f[:, j]
+        if (n := int((col > 0).sum())) > 0:
+            found += [kinds[i] for i in col.topk(min(5, n)).indices.tolist()]
+    return {k: found.count(k) for k in KINDS}
+
+
+def _paper_rule(cc, text, kinds: list[str]) -> dict:
+    """Latents specific under the paper's rule (alive on the held-out text), per side, with the kinds of document
+    their top-5 held-out examples lie in."""
+    f, rel = _codes(cc, text)
     out = {}
     for side, mask in (("later", rel > PAPER_RULE), ("base", rel < 1 - PAPER_RULE)):
-        found = []
-        for j in mask.nonzero().flatten().tolist():
-            col = f[:, j]
-            if (n := int((col > 0).sum())) > 0:
-                found += [kinds[i] for i in col.topk(min(5, n)).indices.tolist()]
         out[side] = int((mask & (f > 0).any(0)).sum())
-        out[f"examples_{side}"] = {k: found.count(k) for k in ("countdown", "sudoku", "prose")}
+        out[f"examples_{side}"] = _example_kinds(f, mask.nonzero().flatten().tolist(), kinds)
+    return out
+
+
+def _most_leaning(cc, text, kinds: list[str], n: int = LEANING_N) -> dict:
+    """A read without a threshold (added after the narrow control's rule count came back empty): the n alive
+    latents with the highest relative norm and the n with the lowest, their relative-norm range and the kinds of
+    document their top-5 held-out examples lie in; `all`: the same for every alive latent, the reference."""
+    f, rel = _codes(cc, text)
+    alive = (f > 0).any(0).nonzero().flatten()
+    order = alive[rel[alive].argsort()].tolist()
+    out = {"all": _example_kinds(f, order, kinds)}
+    for side, idx in (("later", order[-n:]), ("base", order[:n])):
+        out[side] = {"relative_norm": [rel[idx].min().item(), rel[idx].max().item()],
+                     "examples": _example_kinds(f, idx, kinds)}
     return out
 
 
@@ -340,7 +366,7 @@ def run(args) -> dict:
     kinds = [_is_task_text(heldout[int(i)]) or "prose" for i in owners.flatten()]
     d = lms[0].d_model
     res = {"config": {**config, "pairs": pairs, "n_seqs": args.n_seqs, "threshold": 0.9, "paper_rule": PAPER_RULE, "nu_max": 0.3,
-                      "heldout_token_kinds": {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}},
+                      "heldout_token_kinds": {k: kinds.count(k) for k in KINDS}},
            "crosscoders": {}, "final": {k: {m: v[m] for m in ("fvu", "l0", "dead_fraction")}
                                         for k, v in result.metrics.items()}}
     for key, folder in result.saes.items():
@@ -355,6 +381,7 @@ def run(args) -> dict:
                 for ex in lat["examples"]:
                     ex["doc_kind"] = kinds[ex["row"] * rows.shape[1] + ex["position"]]
         e["paper_rule"] = _paper_rule(cc, pair, kinds)
+        e["most_leaning"] = _most_leaning(cc, pair, kinds)
         res["crosscoders"][key] = {m: r[m] for m in ("fvu", "l0", "n_alive")} | {"per_checkpoint": r["per_checkpoint"]}
     return res
 
@@ -374,7 +401,7 @@ def _mean_ci(values: list[float], floor: float = float("-inf")) -> tuple[float, 
 def _kinds(es: list[dict], side: str) -> dict[str, int]:
     """How many top held-out examples of the latents specific to `side` (all seeds) lie in each kind of text."""
     kinds = [ex["doc_kind"] for e in es for lat in e[f"specific_{side}"]["latents"] for ex in lat["examples"]]
-    return {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}
+    return {k: kinds.count(k) for k in KINDS}
 
 
 def _ft_words(ft: dict) -> str:
@@ -387,11 +414,46 @@ def _ft_words(ft: dict) -> str:
                   f"against the base")
     if "eval" in ft:
         e = ft["eval"]
-        words += (f"; held-out ELBO base -> fine-tune: prose {e['prose']['loss_base']:.3f} -> {e['prose']['loss_ft']:.3f}, "
+        words += (f"; held-out ELBO base -> fine-tune: prose {e['prose']['loss_base']:.3f} -> "
+                  f"{e['prose']['loss_ft']:.3f}, "
                   f"Countdown {e['countdown']['loss_base']:.3f} -> {e['countdown']['loss_ft']:.3f}; relative squared "
                   f"change of the diffed activations: prose {e['prose']['drift']:.4f}, Countdown "
                   f"{e['countdown']['drift']:.4f}")
     return words
+
+
+def _render_leaning(res: dict, summary: dict) -> str:
+    """The threshold-free read (`_most_leaning`), summed over seeds, as a second table ('' for results without it)."""
+    lines = []
+    for pair in res["config"].get("pairs", PAIRS):
+        es = [r["per_checkpoint"][0] for k, r in res["crosscoders"].items() if k.startswith(f"cc-{pair}-")]
+        if not all("most_leaning" in e for e in es):
+            continue
+        ml = [e["most_leaning"] for e in es]
+        tot = lambda get: {k: sum(get(m)[k] for m in ml) for k in KINDS}  # noqa: E731
+        share = lambda c: c["countdown"] / max(1, sum(c.values()))  # noqa: E731
+        row = {"all": tot(lambda m: m["all"])}
+        for side in ("later", "base"):
+            row[side] = {"relative_norm": [min(m[side]["relative_norm"][0] for m in ml),
+                                           max(m[side]["relative_norm"][1] for m in ml)],
+                         "examples": tot(lambda m: m[side]["examples"])}
+        row["countdown_share"] = {"later": share(row["later"]["examples"]), "base": share(row["base"]["examples"]),
+                                  "all": share(row["all"])}
+        summary[pair]["most_leaning"] = row
+        cells = [f"{row[s]['relative_norm'][0]:.3f}-{row[s]['relative_norm'][1]:.3f} | "
+                 f"{' / '.join(str(v) for v in row[s]['examples'].values())} ({row['countdown_share'][s]:.0%})"
+                 for s in ("later", "base")]
+        lines.append(f"| {pair} | {cells[0]} | {cells[1]} | {' / '.join(str(v) for v in row['all'].values())} "
+                     f"({row['countdown_share']['all']:.0%}) |")
+    if not lines:
+        return ""
+    return (f"\nWithout a threshold (read added after the rule's count; not a test): per seed the {LEANING_N} alive "
+            f"latents with the highest relative norm (leaning to the later checkpoint) and the {LEANING_N} with the "
+            f"lowest; their relative-norm range over seeds and the kinds of document their top-5 held-out examples lie "
+            f"in, summed over seeds (Countdown / Sudoku / prose, Countdown share); the last column is the same for "
+            f"every alive latent, the reference.\n\n"
+            "| pair | most later-leaning: relative norm | their top examples | most base-leaning: relative norm | "
+            "their top examples | all alive latents' top examples |\n|" + "---|" * 6 + "\n" + "\n".join(lines) + "\n")
 
 
 def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
@@ -429,6 +491,7 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     c = res["config"]
     held = c["heldout_token_kinds"]
     summary["finetune"] = c["finetune"]
+    leaning = _render_leaning(res, summary)
     md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k={c['k']}, {c['total_tokens']:,} tokens, lr {c['lr']}, "
           f"seeds 0-2) at {c['hook']}, every position of DLM-Scope-corrupted rows (t ~ U[0.05, 0.5]); text: built-in "
           f"corpus + {c['task_share']:.0%} task tokens (half Countdown, half Sudoku). Countdown checkpoint: "
@@ -441,7 +504,7 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
           f"[95% t-interval]; relative-norm percentiles over alive latents, mean over seeds; min / max over all seeds. "
           f"Example columns: the top-5 held-out examples of every specific latent (all seeds; our rule, then the "
           f"paper's) by the kind of document they lie in (Countdown / Sudoku / prose). Held-out: {c['n_seqs']} rows x 128 tokens ({held['countdown']} Countdown, {held['sudoku']} "
-          f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n")
+          f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n" + leaning)
     atomic_write_json(out / f"{name}_summary.json", summary)
     atomic_write_text(out / f"{name}.md", md)
     return md
