@@ -18,9 +18,11 @@ import diff_rspo  # noqa: E402
 from _study import run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_text  # noqa: E402
 
-# (steps, lr, params, preserve): the first try, the second (diff_rspo's default) and the narrow one
-FINETUNES = [(120, 5e-4, "all", 0.0), (300, 2e-3, "all", 0.0),
-             (300, 2e-3, "model.layers.0.mlp,model.layers.1.mlp", 10.0)]
+# (steps, lr, params, preserve, preserve_on): the first try, the second (diff_rspo's default), the narrow one, and
+# the narrow one preserving Sudoku too
+NARROW = "model.layers.0.mlp,model.layers.1.mlp"
+FINETUNES = [(120, 5e-4, "all", 0.0, "prose"), (300, 2e-3, "all", 0.0, "prose"), (300, 2e-3, NARROW, 10.0, "prose"),
+             (300, 2e-3, NARROW, 10.0, "prose,sudoku")]
 
 
 def run(args) -> dict:
@@ -30,9 +32,9 @@ def run(args) -> dict:
 
     torch.set_num_threads(1)
     base, out = load_model("dlmscope-tiny-dlm"), {}
-    for steps, lr, params, preserve in FINETUNES:
-        name = f"countdown-ft-{steps}-lr{lr:g}{diff_rspo._ft_tag(params, preserve)}"
-        folder = diff_rspo.finetune_countdown(ROOT / "runs" / name, steps, lr, params, preserve)
+    for steps, lr, params, preserve, on in FINETUNES:
+        name = f"countdown-ft-{steps}-lr{lr:g}{diff_rspo._ft_tag(params, preserve, on)}"
+        folder = diff_rspo.finetune_countdown(ROOT / "runs" / name, steps, lr, params, preserve, on)
         # evaluated again: fine-tunes cached before Sudoku joined the evaluation lack it in finetune.json
         out[name] = json.loads((folder / "finetune.json").read_text()) | {
             "eval": diff_rspo.finetune_eval(base, load_model(str(folder)))}
@@ -41,13 +43,14 @@ def run(args) -> dict:
 
 def render(res: dict, out: Path) -> str:
     kinds = ("prose", "countdown", "sudoku")
-    lines = ["| fine-tune | weights trained | preservation weight | "
+    lines = ["| fine-tune | weights trained | preservation: weight, text | "
              + " | ".join(f"ELBO, {k}: base -> fine-tune" for k in kinds) + " | "
              + " | ".join(f"activation change, {k}" for k in kinds) + " |",
              "|" + "---|" * 9]
     for name, f in res.items():
         e = f["eval"]
-        lines.append(f"| {f['steps']} steps, lr {f['lr']:g} | {f['params']} ({f['n_trained']:,}) | {f['preserve']:g} | "
+        keep = f"{f['preserve']:g}, {f.get('preserve_on', 'prose')}" if f["preserve"] else "none"
+        lines.append(f"| {f['steps']} steps, lr {f['lr']:g} | {f['params']} ({f['n_trained']:,}) | {keep} | "
                      + " | ".join(f"{e[k]['loss_base']:.3f} -> {e[k]['loss_ft']:.3f}" for k in kinds) + " | "
                      + " | ".join(f"{e[k]['drift']:.4f}" for k in kinds) + " |")
     md = ("Countdown fine-tunes (AdamW, batch 16 x 64 tokens, Countdown problems only). ELBO: held-out "

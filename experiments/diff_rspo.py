@@ -44,10 +44,11 @@ LEANING_N = 10  # latents per side in the threshold-free read
 HOOK = "blocks.1.hook_resid_post"
 
 
-def _ft_tag(params: str, preserve: float) -> str:
+def _ft_tag(params: str, preserve: float, preserve_on: str = "prose") -> str:
     """Folder suffix of a narrow fine-tune ('' for the full, unconstrained one, so old folders keep their names)."""
     tag = "" if params == "all" else "-" + params.replace("model.layers.", "L").replace(",", "_")
-    return tag + (f"-keep{preserve:g}" if preserve else "")
+    on = "" if preserve_on == "prose" else "-" + preserve_on.replace(",", "_")
+    return tag + (f"-keep{preserve:g}{on}" if preserve else "")
 
 
 def _hook_acts(lm, ids):
@@ -91,13 +92,14 @@ def finetune_eval(base, ft, n_rows: int = 64, seed: int = 0) -> dict:
 
 
 def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", preserve: float = 0.0,
-                       batch: int = 16, seed: int = 0) -> Path:
+                       preserve_on: str = "prose", batch: int = 16, seed: int = 0) -> Path:
     """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA,
     with the mean training loss of its first and last 10 steps and `finetune_eval` in finetune.json.
 
     `params`: "all", or comma-separated parameter-name prefixes, the only weights trained (a narrow change).
     `preserve`: weight of a preservation term, `_drift` of the diffed activations on corrupted built-in prose
-    (a batch like the Countdown one each step) against the frozen base, so generic text keeps its activations."""
+    (a batch like the Countdown one each step) against the frozen base, so generic text keeps its activations;
+    `preserve_on` "prose,sudoku" makes half that batch Sudoku problems, the other task text of the study."""
     import torch
 
     from dlmscope.data import load_texts, pack
@@ -109,6 +111,8 @@ def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", pr
 
     if (out / "config.json").is_file():
         return out
+    if preserve_on not in ("prose", "prose,sudoku"):
+        raise SystemExit(f"--ft-preserve-on {preserve_on!r}; allowed: prose or prose,sudoku")
     torch.manual_seed(seed)
     lm, base = load_model("dlmscope-tiny-dlm"), load_model("dlmscope-tiny-dlm")
     prefixes = None if params == "all" else tuple(params.split(","))
@@ -119,9 +123,10 @@ def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", pr
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    texts = [ex.prompt + ex.answer for ex in get_task("countdown").examples("train", 2000, seed)]
-    rows = pack(lm.tokenizer, texts, 64).input_ids
-    prose = pack(lm.tokenizer, load_texts("builtin", "train"), 64).input_ids
+    problems = lambda task: [ex.prompt + ex.answer for ex in get_task(task).examples("train", 2000, seed)]  # noqa: E731
+    rows = pack(lm.tokenizer, problems("countdown"), 64).input_ids
+    keep = [pack(lm.tokenizer, load_texts("builtin", "train") if on == "prose" else problems(on), 64).input_ids
+            for on in preserve_on.split(",")]
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     lm.module.train()
@@ -131,7 +136,7 @@ def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", pr
         loss = diffusion_lm_loss(lm, x0, corrupt(x0, lm.mask_id, sample_t(batch, generator=gen), generator=gen))
         losses.append(loss.item())
         if preserve:
-            xp = prose[torch.randint(prose.shape[0], (batch,), generator=gen)]
+            xp = torch.cat([k[torch.randint(k.shape[0], (batch // len(keep),), generator=gen)] for k in keep])
             xt = corrupt(xp, lm.mask_id, sample_t(batch, generator=gen), generator=gen).xt
             with torch.no_grad():
                 h_base = _hook_acts(base, xt)
@@ -146,6 +151,7 @@ def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", pr
     last10 = lambda v: sum(v[-10:]) / len(v[-10:])  # noqa: E731
     atomic_write_json(out / "finetune.json", {"steps": steps, "lr": lr, "batch": batch, "rows": 64, "params": params,
                                               "n_trained": sum(p.numel() for p in trained), "preserve": preserve,
+                                              "preserve_on": preserve_on,
                                               "loss_first10": sum(losses[:10]) / len(losses[:10]),
                                               "loss_last10": last10(losses),
                                               "drift_last10": last10(drifts) if drifts else None,
@@ -250,6 +256,8 @@ def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: 
     p.add_argument("--ft-preserve", type=float, default=0.0,
                    help="weight of the fine-tune's preservation term: relative squared change of the diffed "
                         "activations on built-in prose against the base (0: none)")
+    p.add_argument("--ft-preserve-on", default="prose", choices=("prose", "prose,sudoku"),
+                   help="text of the preservation term: built-in prose, or half prose and half Sudoku problems")
     p.add_argument("--task-share", type=float, default=0.4,
                    help="share of the training/held-out tokens that is task text (half Countdown, half Sudoku)")
     p.add_argument("--total-tokens", type=int, default=total_tokens)
@@ -267,9 +275,9 @@ def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 
     if 1 in used and not (args.rspo / "config.json").is_file():
         raise SystemExit(f"missing RSPO checkpoint {args.rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
                          "--out runs/rl-rspo")
-    tag = _ft_tag(args.ft_params, args.ft_preserve)
+    tag = _ft_tag(args.ft_params, args.ft_preserve, args.ft_preserve_on)
     countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}{tag}", args.ft_steps,
-                                   args.ft_lr, args.ft_params, args.ft_preserve)
+                                   args.ft_lr, args.ft_params, args.ft_preserve, args.ft_preserve_on)
     data = mixed_text(work, args.task_share)
     ckpts = [c for i, c in enumerate(["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]) if i in used]
     name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}{tag}"
@@ -279,7 +287,7 @@ def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 
                          seed=0, batch_size=256, lr=args.lr, policy="all", expansion=args.expansion,
                          resume=(work / name / "checkpoint.json").is_file())
     config = {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
-              "ft_params": args.ft_params, "ft_preserve": args.ft_preserve,
+              "ft_params": args.ft_params, "ft_preserve": args.ft_preserve, "ft_preserve_on": args.ft_preserve_on,
               "finetune": json.loads((countdown / "finetune.json").read_text()), "task_share": args.task_share,
               "lr": args.lr, "batch_size": 256, "k": args.k, "n_latents": args.expansion * 256, "policy": "all",
               "hook": HOOK}
@@ -410,8 +418,9 @@ def _ft_words(ft: dict) -> str:
     if ft.get("params", "all") != "all":
         words += f", training only {ft['params']} ({ft['n_trained']:,} weights)"
     if ft.get("preserve"):
-        words += (f", plus {ft['preserve']:g} x the relative squared change of the layer-1 residual on built-in prose "
-                  f"against the base")
+        on = {"prose": "built-in prose", "prose,sudoku": "built-in prose and Sudoku problems (half each)"}
+        words += (f", plus {ft['preserve']:g} x the relative squared change of the layer-1 residual on "
+                  f"{on[ft.get('preserve_on', 'prose')]} against the base")
     if "eval" in ft:
         e = ft["eval"]
         words += (f"; held-out ELBO base -> fine-tune: prose {e['prose']['loss_base']:.3f} -> "

@@ -98,6 +98,7 @@ def test_pair_checkpoints_keeps_only_what_the_pairs_need():
 def test_ft_tag_leaves_the_full_finetune_folder_name_unchanged():
     assert diff_rspo._ft_tag("all", 0.0) == ""
     assert diff_rspo._ft_tag("model.layers.0.mlp,model.layers.1.mlp", 10.0) == "-L0.mlp_L1.mlp-keep10"
+    assert diff_rspo._ft_tag("model.layers.0.mlp", 10.0, "prose,sudoku") == "-L0.mlp-keep10-prose_sudoku"
 
 
 def test_drift_is_the_relative_squared_change():
@@ -113,14 +114,18 @@ def test_narrow_finetune_changes_only_the_named_weights_and_records_its_effect(t
 
     from dlmscope.models import load_model
 
-    out = diff_rspo.finetune_countdown(tmp_path / "ft", steps=2, lr=1e-2, params="model.layers.1.mlp", preserve=1.0)
+    out = diff_rspo.finetune_countdown(tmp_path / "ft", steps=2, lr=1e-2, params="model.layers.1.mlp", preserve=1.0,
+                                       preserve_on="prose,sudoku")
     base, ft = (dict(load_model(m).module.named_parameters()) for m in ("dlmscope-tiny-dlm", str(out)))
     changed = sorted(n for n in base if not torch.equal(base[n], ft[n]))
     assert changed == [f"model.layers.1.mlp.{w}_proj.weight" for w in ("down", "gate", "up")]
     info = json.loads((out / "finetune.json").read_text())
     assert info["n_trained"] == 3 * 768 * 256 and info["params"] == "model.layers.1.mlp" and info["drift_last10"] > 0
+    assert info["preserve_on"] == "prose,sudoku"
     for kind in ("prose", "countdown", "sudoku"):
         e = info["eval"][kind]
         assert e["rows"] == 64 and e["drift"] > 0 and e["loss_ft"] != e["loss_base"]
     with pytest.raises(SystemExit, match="names no parameter"):
         diff_rspo.finetune_countdown(tmp_path / "bad", steps=1, lr=1e-2, params="model.layers.9")
+    with pytest.raises(SystemExit, match="allowed: prose or prose,sudoku"):
+        diff_rspo.finetune_countdown(tmp_path / "bad", steps=1, lr=1e-2, preserve=1.0, preserve_on="sudoku")
