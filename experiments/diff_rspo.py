@@ -5,7 +5,8 @@ with DLM-Scope masking):
 - base: dlmscope-tiny-dlm;
 - rspo: `dlmscope rspo --algo rspo --task sudoku --steps 30 --out runs/rl-rspo` (its last checkpoint);
 - countdown (positive control): the base fine-tuned hard on Countdown problems only with the masked-diffusion
-  ELBO (`finetune_countdown` below);
+  ELBO (`finetune_countdown` below), or narrowly: only some weights (--ft-params), with a penalty on the change
+  of the diffed activations on other text (--ft-preserve, --ft-preserve-on);
 - base vs base (negative control): identical weights give identical activations, so the pair is the base's
   activations twice.
 One paired activation stream [base, rspo, countdown] (`CrossCoderRun`: every checkpoint on the identical
