@@ -5,7 +5,8 @@ with DLM-Scope masking):
 - base: dlmscope-tiny-dlm;
 - rspo: `dlmscope rspo --algo rspo --task sudoku --steps 30 --out runs/rl-rspo` (its last checkpoint);
 - countdown (positive control): the base fine-tuned hard on Countdown problems only with the masked-diffusion
-  ELBO (`finetune_countdown` below);
+  ELBO (`finetune_countdown` below), or narrowly: only some weights (--ft-params), with a penalty on the change
+  of the diffed activations on other text (--ft-preserve, --ft-preserve-on);
 - base vs base (negative control): identical weights give identical activations, so the pair is the base's
   activations twice.
 One paired activation stream [base, rspo, countdown] (`CrossCoderRun`: every checkpoint on the identical
@@ -37,14 +38,72 @@ PAIRS = {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0
 SAES = {"base_s0": (0, 0), "base_s1": (0, 1), "rspo_s2": (1, 2), "countdown_s3": (2, 3)}
 CC_SEEDS = (0, 1, 2)
 PAPER_RULE = 5 / 6  # Delta_norm > 0.9 of Minder, Dumas et al. in terms of the relative norm
+KINDS = ("countdown", "sudoku", "prose")  # the kinds of held-out document
+LEANING_N = 10  # latents per side in the threshold-free read
 
 
-def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: int = 0) -> Path:
-    """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA,
-    with the mean training loss of its first and last 10 steps in finetune.json."""
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _ft_tag(params: str, preserve: float, preserve_on: str = "prose") -> str:
+    """Folder suffix of a narrow fine-tune ('' for the full, unconstrained one, so old folders keep their names)."""
+    tag = "" if params == "all" else "-" + params.replace("model.layers.", "L").replace(",", "_")
+    on = "" if preserve_on == "prose" else "-" + preserve_on.replace(",", "_")
+    return tag + (f"-keep{preserve:g}{on}" if preserve else "")
+
+
+def _hook_acts(lm, ids):
+    """The diffed activations (layer 1 residual), with gradients when `lm` is being trained."""
+    from dlmscope.hooks import hooked
+
+    got = []
+    with hooked(lm, {HOOK: lambda act, ctx: got.append(act)}):
+        lm.forward(ids)
+    return got[0].float()
+
+
+def _drift(h, h_base):
+    """Relative squared change of the diffed activations: sum |h - h_base|^2 / sum |h_base|^2."""
+    return ((h - h_base) ** 2).sum() / (h_base ** 2).sum()
+
+
+def finetune_eval(base, ft, n_rows: int = 64, seed: int = 0) -> dict:
+    """Held-out ELBO loss of base and fine-tune on built-in prose and on Countdown and Sudoku test problems (the same
+    corruption for both), and the relative change of the diffed activations on each (`_drift`, every position)."""
     import torch
 
-    from dlmscope.data import pack
+    from dlmscope.data import load_texts, pack
+    from dlmscope.diffusion.loss import diffusion_lm_loss
+    from dlmscope.diffusion.noise import corrupt, sample_t
+    from dlmscope.tasks import get_task
+
+    tasks = ("countdown", "sudoku")
+    texts = {"prose": load_texts("builtin", "heldout")} | {
+        t: [ex.prompt + ex.answer for ex in get_task(t).examples("test", 400, seed)] for t in tasks}
+    out = {}
+    with torch.no_grad():
+        for kind, docs in texts.items():
+            x0 = pack(base.tokenizer, docs, 64).input_ids[:n_rows]
+            gen = torch.Generator().manual_seed(seed)
+            c = corrupt(x0, base.mask_id, sample_t(x0.shape[0], generator=gen), generator=gen)
+            out[kind] = {"rows": int(x0.shape[0]), "loss_base": diffusion_lm_loss(base, x0, c).item(),
+                         "loss_ft": diffusion_lm_loss(ft, x0, c).item(),
+                         "drift": _drift(_hook_acts(ft, c.xt), _hook_acts(base, c.xt)).item()}
+    return out
+
+
+def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", preserve: float = 0.0,
+                       preserve_on: str = "prose", batch: int = 16, seed: int = 0) -> Path:
+    """The base fine-tuned on Countdown problems (prompt + answer) with the masked-diffusion ELBO; saved as LLaDA,
+    with the mean training loss of its first and last 10 steps and `finetune_eval` in finetune.json.
+
+    `params`: "all", or comma-separated parameter-name prefixes, the only weights trained (a narrow change).
+    `preserve`: weight of a preservation term, `_drift` of the diffed activations on corrupted built-in prose
+    (a batch like the Countdown one each step) against the frozen base, so generic text keeps its activations;
+    `preserve_on` "prose,sudoku" makes half that batch Sudoku problems, the other task text of the study."""
+    import torch
+
+    from dlmscope.data import load_texts, pack
     from dlmscope.diffusion.loss import diffusion_lm_loss
     from dlmscope.diffusion.noise import corrupt, sample_t
     from dlmscope.models import load_model
@@ -53,26 +112,51 @@ def finetune_countdown(out: Path, steps: int, lr: float, batch: int = 16, seed: 
 
     if (out / "config.json").is_file():
         return out
+    if preserve_on not in ("prose", "prose,sudoku"):
+        raise SystemExit(f"--ft-preserve-on {preserve_on!r}; allowed: prose or prose,sudoku")
     torch.manual_seed(seed)
-    lm = load_model("dlmscope-tiny-dlm")
-    texts = [ex.prompt + ex.answer for ex in get_task("countdown").examples("train", 2000, seed)]
-    rows = pack(lm.tokenizer, texts, 64).input_ids
-    opt = torch.optim.AdamW(lm.module.parameters(), lr=lr, weight_decay=0.0)
+    lm, base = load_model("dlmscope-tiny-dlm"), load_model("dlmscope-tiny-dlm")
+    prefixes = None if params == "all" else tuple(params.split(","))
+    trained = [p for n, p in lm.module.named_parameters() if prefixes is None or n.startswith(prefixes)]
+    if not trained:
+        raise SystemExit(f"--ft-params {params!r} names no parameter of dlmscope-tiny-dlm")
+    for p in lm.module.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    problems = lambda task: [ex.prompt + ex.answer for ex in get_task(task).examples("train", 2000, seed)]  # noqa: E731
+    rows = pack(lm.tokenizer, problems("countdown"), 64).input_ids
+    keep = [pack(lm.tokenizer, load_texts("builtin", "train") if on == "prose" else problems(on), 64).input_ids
+            for on in preserve_on.split(",")]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     lm.module.train()
-    losses = []
+    losses, drifts = [], []
     for _ in range(steps):
         x0 = rows[torch.randint(rows.shape[0], (batch,), generator=gen)]
         loss = diffusion_lm_loss(lm, x0, corrupt(x0, lm.mask_id, sample_t(batch, generator=gen), generator=gen))
+        losses.append(loss.item())
+        if preserve:
+            xp = torch.cat([k[torch.randint(k.shape[0], (batch // len(keep),), generator=gen)] for k in keep])
+            xt = corrupt(xp, lm.mask_id, sample_t(batch, generator=gen), generator=gen).xt
+            with torch.no_grad():
+                h_base = _hook_acts(base, xt)
+            drift = _drift(_hook_acts(lm, xt), h_base)
+            drifts.append(drift.item())
+            loss = loss + preserve * drift
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
     lm.module.eval()
     save_llada(lm.module, out, mask_id=lm.mask_id, tokenizer=lm.tokenizer)
-    atomic_write_json(out / "finetune.json", {"steps": steps, "lr": lr, "batch": batch, "rows": 64,
+    last10 = lambda v: sum(v[-10:]) / len(v[-10:])  # noqa: E731
+    atomic_write_json(out / "finetune.json", {"steps": steps, "lr": lr, "batch": batch, "rows": 64, "params": params,
+                                              "n_trained": sum(p.numel() for p in trained), "preserve": preserve,
+                                              "preserve_on": preserve_on,
                                               "loss_first10": sum(losses[:10]) / len(losses[:10]),
-                                              "loss_last10": sum(losses[-10:]) / len(losses[-10:])})
+                                              "loss_last10": last10(losses),
+                                              "drift_last10": last10(drifts) if drifts else None,
+                                              "eval": finetune_eval(base, load_model(str(out)))})
     return out
 
 
@@ -167,6 +251,14 @@ def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: 
     p.add_argument("--rspo", type=Path, default=ROOT / "runs" / "rl-rspo" / "checkpoint-00030")
     p.add_argument("--ft-steps", type=int, default=300, help="Countdown fine-tune steps (batch 16 x 64 tokens)")
     p.add_argument("--ft-lr", type=float, default=2e-3, help="Countdown fine-tune learning rate (AdamW)")
+    p.add_argument("--ft-params", default="all",
+                   help="weights the Countdown fine-tune trains: all, or comma-separated parameter-name prefixes "
+                        "(e.g. model.layers.0.mlp,model.layers.1.mlp)")
+    p.add_argument("--ft-preserve", type=float, default=0.0,
+                   help="weight of the fine-tune's preservation term: relative squared change of the diffed "
+                        "activations on built-in prose against the base (0: none)")
+    p.add_argument("--ft-preserve-on", default="prose", choices=("prose", "prose,sudoku"),
+                   help="text of the preservation term: built-in prose, or half prose and half Sudoku problems")
     p.add_argument("--task-share", type=float, default=0.4,
                    help="share of the training/held-out tokens that is task text (half Countdown, half Sudoku)")
     p.add_argument("--total-tokens", type=int, default=total_tokens)
@@ -175,51 +267,84 @@ def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: 
     p.add_argument("--lr", type=float, default=3e-3, help="dictionary learning rate (short runs need a high one)")
 
 
-def study_setup(args, prefix: str, eval_every: int):
-    """The checkpoints [base, rspo, countdown fine-tune] (fine-tuning when missing), the mixed text and the run
-    config; the run folder name carries every setting, so an interrupted run resumes."""
+def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 1, 2)):
+    """The checkpoints `used` of [base, rspo, countdown fine-tune] (fine-tuning when missing), the mixed text and
+    the run config; the run folder name carries every setting, so an interrupted run resumes."""
     from dlmscope.training import TrainSAEConfig
 
     work = ROOT / "runs"
-    if not (args.rspo / "config.json").is_file():
+    if 1 in used and not (args.rspo / "config.json").is_file():
         raise SystemExit(f"missing RSPO checkpoint {args.rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
                          "--out runs/rl-rspo")
-    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}", args.ft_steps, args.ft_lr)
+    tag = _ft_tag(args.ft_params, args.ft_preserve, args.ft_preserve_on)
+    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}{tag}", args.ft_steps,
+                                   args.ft_lr, args.ft_params, args.ft_preserve, args.ft_preserve_on)
     data = mixed_text(work, args.task_share)
-    ckpts = ["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]
-    name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}"
+    ckpts = [c for i, c in enumerate(["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]) if i in used]
+    name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}{tag}"
             f"-task{args.task_share:g}")
     cfg = TrainSAEConfig(model=ckpts[0], layers="1", k=str(args.k), total_tokens=args.total_tokens, dataset=str(data),
                          out=str(work), name=name, eval_every=eval_every, checkpoint_every=eval_every, progress=False,
                          seed=0, batch_size=256, lr=args.lr, policy="all", expansion=args.expansion,
                          resume=(work / name / "checkpoint.json").is_file())
     config = {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
+              "ft_params": args.ft_params, "ft_preserve": args.ft_preserve, "ft_preserve_on": args.ft_preserve_on,
               "finetune": json.loads((countdown / "finetune.json").read_text()), "task_share": args.task_share,
               "lr": args.lr, "batch_size": 256, "k": args.k, "n_latents": args.expansion * 256, "policy": "all",
-              "hook": "blocks.1.hook_resid_post"}
+              "hook": HOOK}
     return ckpts, data, cfg, config
 
 
-def _paper_rule(cc, text, kinds: list[str]) -> dict:
-    """Latents specific under the paper's rule (alive on the held-out text), per side, with the kinds of document
-    their top-5 held-out examples lie in."""
+def _codes(cc, text):
+    """Latent activations on the held-out text and each latent's relative norm toward the later checkpoint."""
     import torch
 
     from dlmscope.analysis.diffing import decoder_stats
 
     with torch.no_grad():
-        f = cc.encode(text.acts)
-    rel = decoder_stats(cc)["relative_norm"][:, 0]
+        return cc.encode(text.acts), decoder_stats(cc)["relative_norm"][:, 0]
+
+
+def _example_kinds(f, latents: list[int], kinds: list[str]) -> dict[str, int]:
+    """How many of the top-5 held-out examples of `latents` lie in each kind of document."""
+    found = []
+    for j in latents:
+        col = f[:, j]
+        if (n := int((col > 0).sum())) > 0:
+            found += [kinds[i] for i in col.topk(min(5, n)).indices.tolist()]
+    return {k: found.count(k) for k in KINDS}
+
+
+def _paper_rule(cc, text, kinds: list[str]) -> dict:
+    """Latents specific under the paper's rule (alive on the held-out text), per side, with the kinds of document
+    their top-5 held-out examples lie in."""
+    f, rel = _codes(cc, text)
     out = {}
     for side, mask in (("later", rel > PAPER_RULE), ("base", rel < 1 - PAPER_RULE)):
-        found = []
-        for j in mask.nonzero().flatten().tolist():
-            col = f[:, j]
-            if (n := int((col > 0).sum())) > 0:
-                found += [kinds[i] for i in col.topk(min(5, n)).indices.tolist()]
         out[side] = int((mask & (f > 0).any(0)).sum())
-        out[f"examples_{side}"] = {k: found.count(k) for k in ("countdown", "sudoku", "prose")}
+        out[f"examples_{side}"] = _example_kinds(f, mask.nonzero().flatten().tolist(), kinds)
     return out
+
+
+def _most_leaning(cc, text, kinds: list[str], n: int = LEANING_N) -> dict:
+    """A read without a threshold (added after the narrow control's rule count came back empty): the n alive
+    latents with the highest relative norm and the n with the lowest, their relative-norm range and the kinds of
+    document their top-5 held-out examples lie in; `all`: the same for every alive latent, the reference."""
+    f, rel = _codes(cc, text)
+    alive = (f > 0).any(0).nonzero().flatten()
+    order = alive[rel[alive].argsort()].tolist()
+    out = {"all": _example_kinds(f, order, kinds)}
+    for side, idx in (("later", order[-n:]), ("base", order[:n])):
+        out[side] = {"relative_norm": [rel[idx].min().item(), rel[idx].max().item()],
+                     "examples": _example_kinds(f, idx, kinds)}
+    return out
+
+
+def pair_checkpoints(pairs: list[str]) -> tuple[tuple[int, ...], dict[str, tuple[int, int]]]:
+    """The checkpoints (indices into [base, rspo, countdown]) the pairs need, and each pair's indices into them;
+    a run without RSPO neither needs nor computes its activations."""
+    used = tuple(sorted({i for p in pairs for i in PAIRS[p]}))
+    return used, {p: (used.index(PAIRS[p][0]), used.index(PAIRS[p][1])) for p in pairs}
 
 
 def run(args) -> dict:
@@ -235,10 +360,11 @@ def run(args) -> dict:
     pairs = args.pairs.split(",")
     if unknown := set(pairs) - set(PAIRS):
         raise SystemExit(f"unknown pairs {sorted(unknown)}; allowed: {', '.join(PAIRS)}")
+    used, study_pairs = pair_checkpoints(pairs)
     ckpts, data, cfg, config = study_setup(args, "diff-cc" + ("" if len(pairs) == len(PAIRS) else "-" + "-".join(pairs)),
-                                           eval_every=200)
+                                           eval_every=200, used=used)
     study = _study_run_class()
-    study.saes, study.pairs = {}, {p: PAIRS[p] for p in pairs}
+    study.saes, study.pairs = {}, study_pairs
     study = study(cfg, ckpts)
     result = study.run()
     lms = [load_model(c) for c in ckpts]
@@ -249,7 +375,7 @@ def run(args) -> dict:
     kinds = [_is_task_text(heldout[int(i)]) or "prose" for i in owners.flatten()]
     d = lms[0].d_model
     res = {"config": {**config, "pairs": pairs, "n_seqs": args.n_seqs, "threshold": 0.9, "paper_rule": PAPER_RULE, "nu_max": 0.3,
-                      "heldout_token_kinds": {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}},
+                      "heldout_token_kinds": {k: kinds.count(k) for k in KINDS}},
            "crosscoders": {}, "final": {k: {m: v[m] for m in ("fvu", "l0", "dead_fraction")}
                                         for k, v in result.metrics.items()}}
     for key, folder in result.saes.items():
@@ -264,6 +390,7 @@ def run(args) -> dict:
                 for ex in lat["examples"]:
                     ex["doc_kind"] = kinds[ex["row"] * rows.shape[1] + ex["position"]]
         e["paper_rule"] = _paper_rule(cc, pair, kinds)
+        e["most_leaning"] = _most_leaning(cc, pair, kinds)
         res["crosscoders"][key] = {m: r[m] for m in ("fvu", "l0", "n_alive")} | {"per_checkpoint": r["per_checkpoint"]}
     return res
 
@@ -283,7 +410,60 @@ def _mean_ci(values: list[float], floor: float = float("-inf")) -> tuple[float, 
 def _kinds(es: list[dict], side: str) -> dict[str, int]:
     """How many top held-out examples of the latents specific to `side` (all seeds) lie in each kind of text."""
     kinds = [ex["doc_kind"] for e in es for lat in e[f"specific_{side}"]["latents"] for ex in lat["examples"]]
-    return {k: kinds.count(k) for k in ("countdown", "sudoku", "prose")}
+    return {k: kinds.count(k) for k in KINDS}
+
+
+def _ft_words(ft: dict) -> str:
+    """How the Countdown fine-tune was narrowed and what it changed (fine-tunes recorded before these fields: '')."""
+    words = ""
+    if ft.get("params", "all") != "all":
+        words += f", training only {ft['params']} ({ft['n_trained']:,} weights)"
+    if ft.get("preserve"):
+        on = {"prose": "built-in prose", "prose,sudoku": "built-in prose and Sudoku problems (half each)"}
+        words += (f", plus {ft['preserve']:g} x the relative squared change of the layer-1 residual on "
+                  f"{on[ft.get('preserve_on', 'prose')]} against the base")
+    if "eval" in ft:
+        e = ft["eval"]
+        words += (f"; held-out ELBO base -> fine-tune: prose {e['prose']['loss_base']:.3f} -> "
+                  f"{e['prose']['loss_ft']:.3f}, "
+                  f"Countdown {e['countdown']['loss_base']:.3f} -> {e['countdown']['loss_ft']:.3f}; relative squared "
+                  f"change of the diffed activations: prose {e['prose']['drift']:.4f}, Countdown "
+                  f"{e['countdown']['drift']:.4f}")
+    return words
+
+
+def _render_leaning(res: dict, summary: dict) -> str:
+    """The threshold-free read (`_most_leaning`), summed over seeds, as a second table ('' for results without it)."""
+    lines = []
+    for pair in res["config"].get("pairs", PAIRS):
+        es = [r["per_checkpoint"][0] for k, r in res["crosscoders"].items() if k.startswith(f"cc-{pair}-")]
+        if not all("most_leaning" in e for e in es):
+            continue
+        ml = [e["most_leaning"] for e in es]
+        tot = lambda get: {k: sum(get(m)[k] for m in ml) for k in KINDS}  # noqa: E731
+        share = lambda c: c["countdown"] / max(1, sum(c.values()))  # noqa: E731
+        row = {"all": tot(lambda m: m["all"])}
+        for side in ("later", "base"):
+            row[side] = {"relative_norm": [min(m[side]["relative_norm"][0] for m in ml),
+                                           max(m[side]["relative_norm"][1] for m in ml)],
+                         "examples": tot(lambda m: m[side]["examples"])}
+        row["countdown_share"] = {"later": share(row["later"]["examples"]), "base": share(row["base"]["examples"]),
+                                  "all": share(row["all"])}
+        summary[pair]["most_leaning"] = row
+        cells = [f"{row[s]['relative_norm'][0]:.3f}-{row[s]['relative_norm'][1]:.3f} | "
+                 f"{' / '.join(str(v) for v in row[s]['examples'].values())} ({row['countdown_share'][s]:.0%})"
+                 for s in ("later", "base")]
+        lines.append(f"| {pair} | {cells[0]} | {cells[1]} | {' / '.join(str(v) for v in row['all'].values())} "
+                     f"({row['countdown_share']['all']:.0%}) |")
+    if not lines:
+        return ""
+    return (f"\nWithout a threshold (read added after the rule's count; not a test): per seed the {LEANING_N} alive "
+            f"latents with the highest relative norm (leaning to the later checkpoint) and the {LEANING_N} with the "
+            f"lowest; their relative-norm range over seeds and the kinds of document their top-5 held-out examples lie "
+            f"in, summed over seeds (Countdown / Sudoku / prose, Countdown share); the last column is the same for "
+            f"every alive latent, the reference.\n\n"
+            "| pair | most later-leaning: relative norm | their top examples | most base-leaning: relative norm | "
+            "their top examples | all alive latents' top examples |\n|" + "---|" * 6 + "\n" + "\n".join(lines) + "\n")
 
 
 def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
@@ -320,18 +500,21 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
                          "paper_rule_examples_base": pb}
     c = res["config"]
     held = c["heldout_token_kinds"]
+    summary["finetune"] = c["finetune"]
+    leaning = _render_leaning(res, summary)
     md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k={c['k']}, {c['total_tokens']:,} tokens, lr {c['lr']}, "
           f"seeds 0-2) at {c['hook']}, every position of DLM-Scope-corrupted rows (t ~ U[0.05, 0.5]); text: built-in "
           f"corpus + {c['task_share']:.0%} task tokens (half Countdown, half Sudoku). Countdown checkpoint: "
           f"{c['ft_steps']} AdamW steps at lr {c['ft_lr']:g} on Countdown problems only (ELBO loss "
-          f"{c['finetune']['loss_first10']:.2f} -> {c['finetune']['loss_last10']:.2f}). A latent is specific to the "
+          f"{c['finetune']['loss_first10']:.2f} -> {c['finetune']['loss_last10']:.2f}){_ft_words(c['finetune'])}. "
+          f"A latent is specific to the "
           f"later checkpoint when its relative decoder norm exceeds {c['threshold']} (to the base: below "
           f"{1 - c['threshold']:.1f}); robust when both Latent Scaling ratios are below {c['nu_max']}; paper rule: "
           f"Minder, Dumas et al.'s Delta_norm > 0.9 (relative norm > {c['paper_rule']:.3f}). Counts: mean over 3 seeds "
           f"[95% t-interval]; relative-norm percentiles over alive latents, mean over seeds; min / max over all seeds. "
           f"Example columns: the top-5 held-out examples of every specific latent (all seeds; our rule, then the "
           f"paper's) by the kind of document they lie in (Countdown / Sudoku / prose). Held-out: {c['n_seqs']} rows x 128 tokens ({held['countdown']} Countdown, {held['sudoku']} "
-          f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n")
+          f"Sudoku, {held['prose']} prose tokens).\n\n" + "\n".join(lines) + "\n" + leaning)
     atomic_write_json(out / f"{name}_summary.json", summary)
     atomic_write_text(out / f"{name}.md", md)
     return md

@@ -1,5 +1,7 @@
-"""The diffing study's text mix holds the stated share of task tokens, half Countdown and half Sudoku."""
+"""The diffing study: its text mix holds the stated task share, the paper-rule count, the checkpoints a run needs,
+and the narrow Countdown fine-tune of the positive control."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,11 +32,10 @@ def test_mixed_text_has_the_stated_task_share(monkeypatch, tmp_path, share):
     assert sorted(d for d in docs if diff_rspo._is_task_text(d) is None) == sorted(p.replace("\n\n", "\n") for p in prose)
 
 
-def test_paper_rule_counts_alive_latents_and_the_kinds_of_their_top_examples():
+def _hand_built():
     """Latent 0 lives only in B (specific to it), latent 1 is shared, latent 2 only in A but never fires."""
     import torch
 
-    from dlmscope.analysis.diffing import PairedText
     from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig
 
     e, z = torch.eye(4), torch.zeros(4)
@@ -45,12 +46,86 @@ def test_paper_rule_counts_alive_latents_and_the_kinds_of_their_top_examples():
         cc.b_enc.zero_()
         cc.b_dec.zero_()
         cc.threshold.fill_(0.0)
+    return cc, e
+
+
+def _text(acts):
+    import torch
+
+    from dlmscope.analysis.diffing import PairedText
+
+    n = acts.shape[0]
+    return PairedText(torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.long),
+                      torch.zeros(1, n, dtype=torch.bool), acts)
+
+
+KINDS = ["prose"] * 3 + ["sudoku"] + ["countdown"] * 4
+
+
+def test_paper_rule_counts_alive_latents_and_the_kinds_of_their_top_examples():
+    import torch
+
+    cc, e = _hand_built()
     # 8 tokens: B's e0 strength grows along the sequence; e1 everywhere
     acts = torch.stack([torch.cat([e[1], (i / 8) * e[0] + e[1]]) for i in range(8)])
-    text = PairedText(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long),
-                      torch.zeros(1, 8, dtype=torch.bool), acts)
-    kinds = ["prose"] * 3 + ["sudoku"] + ["countdown"] * 4
-    out = diff_rspo._paper_rule(cc, text, kinds)
+    out = diff_rspo._paper_rule(cc, _text(acts), KINDS)
     assert out["later"] == 1 and out["base"] == 0
     assert out["examples_later"] == {"countdown": 4, "sudoku": 1, "prose": 0}
     assert out["examples_base"] == {"countdown": 0, "sudoku": 0, "prose": 0}
+
+
+def test_most_leaning_ranks_alive_latents_by_relative_norm():
+    """With one latent per side: the later side is latent 0 (B only), the base side the shared latent 1, since
+    latent 2 (A only) never fires; e1 fades along the sequence, so latent 1's top examples are the first five."""
+    import torch
+
+    cc, e = _hand_built()
+    acts = torch.stack([torch.cat([(1 - i / 8) * e[1], (i / 8) * e[0] + (1 - i / 8) * e[1]]) for i in range(8)])
+    out = diff_rspo._most_leaning(cc, _text(acts), KINDS, n=1)
+    assert out["later"]["relative_norm"] == [1.0, 1.0]
+    assert out["later"]["examples"] == {"countdown": 4, "sudoku": 1, "prose": 0}
+    assert out["base"]["relative_norm"] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert out["base"]["examples"] == {"countdown": 1, "sudoku": 1, "prose": 3}
+    assert out["all"] == {"countdown": 5, "sudoku": 2, "prose": 3}
+
+
+def test_pair_checkpoints_keeps_only_what_the_pairs_need():
+    assert diff_rspo.pair_checkpoints(list(diff_rspo.PAIRS)) == ((0, 1, 2), diff_rspo.PAIRS)
+    assert diff_rspo.pair_checkpoints(["base_vs_countdown"]) == ((0, 2), {"base_vs_countdown": (0, 1)})
+    assert diff_rspo.pair_checkpoints(["base_vs_base"]) == ((0,), {"base_vs_base": (0, 0)})
+
+
+def test_ft_tag_leaves_the_full_finetune_folder_name_unchanged():
+    assert diff_rspo._ft_tag("all", 0.0) == ""
+    assert diff_rspo._ft_tag("model.layers.0.mlp,model.layers.1.mlp", 10.0) == "-L0.mlp_L1.mlp-keep10"
+    assert diff_rspo._ft_tag("model.layers.0.mlp", 10.0, "prose,sudoku") == "-L0.mlp-keep10-prose_sudoku"
+
+
+def test_drift_is_the_relative_squared_change():
+    import torch
+
+    base = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert diff_rspo._drift(base, base).item() == 0.0
+    assert diff_rspo._drift(base + torch.tensor([[0.0, 0.0], [1.0, 2.0]]), base).item() == pytest.approx(5 / 25)
+
+
+def test_narrow_finetune_changes_only_the_named_weights_and_records_its_effect(tmp_path):
+    import torch
+
+    from dlmscope.models import load_model
+
+    out = diff_rspo.finetune_countdown(tmp_path / "ft", steps=2, lr=1e-2, params="model.layers.1.mlp", preserve=1.0,
+                                       preserve_on="prose,sudoku")
+    base, ft = (dict(load_model(m).module.named_parameters()) for m in ("dlmscope-tiny-dlm", str(out)))
+    changed = sorted(n for n in base if not torch.equal(base[n], ft[n]))
+    assert changed == [f"model.layers.1.mlp.{w}_proj.weight" for w in ("down", "gate", "up")]
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["n_trained"] == 3 * 768 * 256 and info["params"] == "model.layers.1.mlp" and info["drift_last10"] > 0
+    assert info["preserve_on"] == "prose,sudoku"
+    for kind in ("prose", "countdown", "sudoku"):
+        e = info["eval"][kind]
+        assert e["rows"] == 64 and e["drift"] > 0 and e["loss_ft"] != e["loss_base"]
+    with pytest.raises(SystemExit, match="names no parameter"):
+        diff_rspo.finetune_countdown(tmp_path / "bad", steps=1, lr=1e-2, params="model.layers.9")
+    with pytest.raises(SystemExit, match="allowed: prose or prose,sudoku"):
+        diff_rspo.finetune_countdown(tmp_path / "bad", steps=1, lr=1e-2, preserve=1.0, preserve_on="sudoku")
