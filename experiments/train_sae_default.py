@@ -4,7 +4,8 @@ Runs the real CLI in a child process (`--threads 1`, the README's advice on a sh
 folder under a temporary directory) and records wall time, the child's CPU time and peak RSS, the
 machine's load average, and the held-out FVU, cosine, L0 and dead fraction of both SAEs from the run's
 metrics.json. Wall time depends on what else the CPU runs; CPU time and peak RSS much less so.
-Writes experiments/results/train_sae_default.json.
+Writes experiments/results/train_sae_default.json; `--batch-size N` runs the same default with another batch
+size (the batch ablation) into train_sae_default_bN.json.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()
         t0 = time.time()
+        batch = ["--batch-size", str(args.batch_size)] if args.batch_size else []
         subprocess.run([sys.executable, "-m", "dlmscope", "train-sae", "--threads", "1", "--out", tmp,
-                        "--name", "default", "--no-progress"], check=True, cwd=ROOT)
+                        "--name", "default", "--no-progress", *batch], check=True, cwd=ROOT)
         wall = time.time() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         metrics = json.loads((Path(tmp) / "default" / "metrics.json").read_text())
@@ -51,7 +53,10 @@ def render(res: dict, out: Path) -> str:
 
 
 def main() -> None:
-    run_or_render(argparse.ArgumentParser(description=__doc__), "train_sae_default", run, render)
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch-size", type=int, default=0, help="another batch size than train-sae's default")
+    batch = p.parse_known_args()[0].batch_size
+    run_or_render(p, "train_sae_default" + (f"_b{batch}" if batch else ""), run, render)
 
 
 if __name__ == "__main__":
