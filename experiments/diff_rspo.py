@@ -4,12 +4,15 @@ Checkpoints (all read at layer 1, residual stream, every position -- masked and 
 with DLM-Scope masking):
 - base: dlmscope-tiny-dlm;
 - rspo: `dlmscope rspo --algo rspo --task sudoku --steps 30 --out runs/rl-rspo` (its last checkpoint);
+- spg, diffu_grpo (the other RL methods, same settings): `--algo spg ... --out runs/rl-spg` and
+  `--algo diffu-grpo ... --out runs/rl-diffu-grpo` (pairs base_vs_spg, base_vs_diffu_grpo; not in the default
+  `--pairs`, run them with `--pairs base_vs_spg,base_vs_diffu_grpo --name diff_rl_methods`);
 - countdown (positive control): the base fine-tuned hard on Countdown problems only with the masked-diffusion
   ELBO (`finetune_countdown` below), or narrowly: only some weights (--ft-params), with a penalty on the change
   of the diffed activations on other text (--ft-preserve, --ft-preserve-on);
 - base vs base (negative control): identical weights give identical activations, so the pair is the base's
   activations twice.
-One paired activation stream [base, rspo, countdown] (`CrossCoderRun`: every checkpoint on the identical
+One paired activation stream of the checkpoints the pairs need (`CrossCoderRun`: every checkpoint on the identical
 corrupted batch) trains BatchTopK crosscoders (expansion 4, k=32) for each pair with seeds 0, 1, 2.
 Text (`mixed_text`): the built-in corpus plus Countdown and Sudoku documents making up `--task-share` of its
 tokens (half each), shuffled, so training and held-out text contain the fine-tuned kinds of text.
@@ -34,7 +37,11 @@ sys.path.insert(0, str(ROOT))
 from _study import run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
-PAIRS = {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0, 2)}
+CHECKPOINTS = ("base", "rspo", "countdown", "spg", "diffu_grpo")  # what PAIRS index
+PAIRS = {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0, 2), "base_vs_spg": (0, 3),
+         "base_vs_diffu_grpo": (0, 4)}
+DEFAULT_PAIRS = ("base_vs_base", "base_vs_rspo", "base_vs_countdown")  # the study's first table
+RL_ALGOS = {1: "rspo", 3: "spg", 4: "diffu-grpo"}  # checkpoint index -> `dlmscope rspo --algo`
 SAES = {"base_s0": (0, 0), "base_s1": (0, 1), "rspo_s2": (1, 2), "countdown_s3": (2, 3)}
 CC_SEEDS = (0, 1, 2)
 PAPER_RULE = 5 / 6  # Delta_norm > 0.9 of Minder, Dumas et al. in terms of the relative norm
@@ -248,7 +255,9 @@ def _is_task_text(text: str) -> str | None:
 
 def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: int, k: int) -> None:
     """Options shared with experiments/diff_sae_matching.py (same checkpoints, text and dictionary settings)."""
-    p.add_argument("--rspo", type=Path, default=ROOT / "runs" / "rl-rspo" / "checkpoint-00030")
+    for algo in RL_ALGOS.values():
+        p.add_argument(f"--{algo}", type=Path, default=ROOT / "runs" / f"rl-{algo}" / "checkpoint-00030",
+                       help=f"the {algo} checkpoint (dlmscope rspo --algo {algo} --task sudoku --steps 30)")
     p.add_argument("--ft-steps", type=int, default=300, help="Countdown fine-tune steps (batch 16 x 64 tokens)")
     p.add_argument("--ft-lr", type=float, default=2e-3, help="Countdown fine-tune learning rate (AdamW)")
     p.add_argument("--ft-params", default="all",
@@ -268,19 +277,23 @@ def add_study_options(p: argparse.ArgumentParser, total_tokens: int, expansion: 
 
 
 def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 1, 2)):
-    """The checkpoints `used` of [base, rspo, countdown fine-tune] (fine-tuning when missing), the mixed text and
+    """The checkpoints `used` of CHECKPOINTS (the Countdown fine-tune made when missing and used), the mixed text and
     the run config; the run folder name carries every setting, so an interrupted run resumes."""
     from dlmscope.training import TrainSAEConfig
 
     work = ROOT / "runs"
-    if 1 in used and not (args.rspo / "config.json").is_file():
-        raise SystemExit(f"missing RSPO checkpoint {args.rspo}; run: dlmscope rspo --algo rspo --task sudoku --steps 30 "
-                         "--out runs/rl-rspo")
+    paths = {i: getattr(args, algo.replace("-", "_")) for i, algo in RL_ALGOS.items()}
+    for i in used:
+        if i in paths and not (paths[i] / "config.json").is_file():
+            raise SystemExit(f"missing {RL_ALGOS[i]} checkpoint {paths[i]}; run: dlmscope rspo --algo {RL_ALGOS[i]} "
+                             f"--task sudoku --steps 30 --out runs/rl-{RL_ALGOS[i]}")
     tag = _ft_tag(args.ft_params, args.ft_preserve, args.ft_preserve_on)
-    countdown = finetune_countdown(work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}{tag}", args.ft_steps,
-                                   args.ft_lr, args.ft_params, args.ft_preserve, args.ft_preserve_on)
+    countdown = work / f"countdown-ft-{args.ft_steps}-lr{args.ft_lr:g}{tag}"
+    if 2 in used:
+        finetune_countdown(countdown, args.ft_steps, args.ft_lr, args.ft_params, args.ft_preserve, args.ft_preserve_on)
     data = mixed_text(work, args.task_share)
-    ckpts = [c for i, c in enumerate(["dlmscope-tiny-dlm", str(args.rspo), str(countdown)]) if i in used]
+    paths |= {0: "dlmscope-tiny-dlm", 2: countdown}
+    ckpts = [str(paths[i]) for i in used]
     name = (f"{prefix}-{args.total_tokens}-e{args.expansion}-k{args.k}-ft{args.ft_steps}x{args.ft_lr:g}{tag}"
             f"-task{args.task_share:g}")
     cfg = TrainSAEConfig(model=ckpts[0], layers="1", k=str(args.k), total_tokens=args.total_tokens, dataset=str(data),
@@ -289,7 +302,8 @@ def study_setup(args, prefix: str, eval_every: int, used: tuple[int, ...] = (0, 
                          resume=(work / name / "checkpoint.json").is_file())
     config = {"checkpoints": ckpts, "total_tokens": args.total_tokens, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr,
               "ft_params": args.ft_params, "ft_preserve": args.ft_preserve, "ft_preserve_on": args.ft_preserve_on,
-              "finetune": json.loads((countdown / "finetune.json").read_text()), "task_share": args.task_share,
+              "finetune": json.loads((countdown / "finetune.json").read_text()) if 2 in used else None,
+              "task_share": args.task_share,
               "lr": args.lr, "batch_size": 256, "k": args.k, "n_latents": args.expansion * 256, "policy": "all",
               "hook": HOOK}
     return ckpts, data, cfg, config
@@ -341,8 +355,8 @@ def _most_leaning(cc, text, kinds: list[str], n: int = LEANING_N) -> dict:
 
 
 def pair_checkpoints(pairs: list[str]) -> tuple[tuple[int, ...], dict[str, tuple[int, int]]]:
-    """The checkpoints (indices into [base, rspo, countdown]) the pairs need, and each pair's indices into them;
-    a run without RSPO neither needs nor computes its activations."""
+    """The checkpoints (indices into CHECKPOINTS) the pairs need, and each pair's indices into them; a run without
+    a checkpoint neither needs nor computes its activations."""
     used = tuple(sorted({i for p in pairs for i in PAIRS[p]}))
     return used, {p: (used.index(PAIRS[p][0]), used.index(PAIRS[p][1])) for p in pairs}
 
@@ -361,7 +375,7 @@ def run(args) -> dict:
     if unknown := set(pairs) - set(PAIRS):
         raise SystemExit(f"unknown pairs {sorted(unknown)}; allowed: {', '.join(PAIRS)}")
     used, study_pairs = pair_checkpoints(pairs)
-    ckpts, data, cfg, config = study_setup(args, "diff-cc" + ("" if len(pairs) == len(PAIRS) else "-" + "-".join(pairs)),
+    ckpts, data, cfg, config = study_setup(args, "diff-cc" + ("" if pairs == list(DEFAULT_PAIRS) else "-" + "-".join(pairs)),
                                            eval_every=200, used=used)
     study = _study_run_class()
     study.saes, study.pairs = {}, study_pairs
@@ -435,7 +449,7 @@ def _ft_words(ft: dict) -> str:
 def _render_leaning(res: dict, summary: dict) -> str:
     """The threshold-free read (`_most_leaning`), summed over seeds, as a second table ('' for results without it)."""
     lines = []
-    for pair in res["config"].get("pairs", PAIRS):
+    for pair in res["config"].get("pairs", DEFAULT_PAIRS):
         es = [r["per_checkpoint"][0] for k, r in res["crosscoders"].items() if k.startswith(f"cc-{pair}-")]
         if not all("most_leaning" in e for e in es):
             continue
@@ -474,7 +488,7 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
              "|" + "---|" * 15]
     summary = {}
     fmt = lambda c: f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"  # noqa: E731
-    for pair in res["config"].get("pairs", PAIRS):
+    for pair in res["config"].get("pairs", DEFAULT_PAIRS):
         rs = [res["crosscoders"][k] for k in res["crosscoders"] if k.startswith(f"cc-{pair}-")]
         es = [r["per_checkpoint"][0] for r in rs]
         col = lambda f: _mean_ci([f(e) for e in es], floor=0.0)  # noqa: E731  (counts)
@@ -502,11 +516,14 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     held = c["heldout_token_kinds"]
     summary["finetune"] = c["finetune"]
     leaning = _render_leaning(res, summary)
+    ft = c["finetune"]
+    ckpt_words = (f"Countdown checkpoint: {c['ft_steps']} AdamW steps at lr {c['ft_lr']:g} on Countdown problems only "
+                  f"(ELBO loss {ft['loss_first10']:.2f} -> {ft['loss_last10']:.2f}){_ft_words(ft)}." if ft else
+                  "Checkpoints: " + ", ".join("/".join(Path(k).parts[-2:]) if "/" in k else k for k in c["checkpoints"])
+                  + " (RL: `dlmscope rspo --task sudoku --steps 30`, last checkpoint).")
     md = (f"Crosscoders (BatchTopK, {c['n_latents']} latents, k={c['k']}, {c['total_tokens']:,} tokens, lr {c['lr']}, "
           f"seeds 0-2) at {c['hook']}, every position of DLM-Scope-corrupted rows (t ~ U[0.05, 0.5]); text: built-in "
-          f"corpus + {c['task_share']:.0%} task tokens (half Countdown, half Sudoku). Countdown checkpoint: "
-          f"{c['ft_steps']} AdamW steps at lr {c['ft_lr']:g} on Countdown problems only (ELBO loss "
-          f"{c['finetune']['loss_first10']:.2f} -> {c['finetune']['loss_last10']:.2f}){_ft_words(c['finetune'])}. "
+          f"corpus + {c['task_share']:.0%} task tokens (half Countdown, half Sudoku). {ckpt_words} "
           f"A latent is specific to the "
           f"later checkpoint when its relative decoder norm exceeds {c['threshold']} (to the base: below "
           f"{1 - c['threshold']:.1f}); robust when both Latent Scaling ratios are below {c['nu_max']}; paper rule: "
@@ -524,7 +541,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_study_options(p, total_tokens=300_000, expansion=4, k=32)
     p.add_argument("--n-seqs", type=int, default=48)
-    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated subset of " + ", ".join(PAIRS))
+    p.add_argument("--pairs", default=",".join(DEFAULT_PAIRS), help="comma-separated subset of " + ", ".join(PAIRS))
     p.add_argument("--name", default="diff_rspo", help="results name: <out>/<name>.{json,md}, <name>_summary.json")
     name = p.parse_known_args()[0].name
     run_or_render(p, name, run, lambda res, out: render(res, out, name))

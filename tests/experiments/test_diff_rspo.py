@@ -90,9 +90,36 @@ def test_most_leaning_ranks_alive_latents_by_relative_norm():
 
 
 def test_pair_checkpoints_keeps_only_what_the_pairs_need():
-    assert diff_rspo.pair_checkpoints(list(diff_rspo.PAIRS)) == ((0, 1, 2), diff_rspo.PAIRS)
+    default = {p: diff_rspo.PAIRS[p] for p in diff_rspo.DEFAULT_PAIRS}
+    assert default == {"base_vs_base": (0, 0), "base_vs_rspo": (0, 1), "base_vs_countdown": (0, 2)}
+    assert diff_rspo.pair_checkpoints(list(diff_rspo.DEFAULT_PAIRS)) == ((0, 1, 2), default)
     assert diff_rspo.pair_checkpoints(["base_vs_countdown"]) == ((0, 2), {"base_vs_countdown": (0, 1)})
     assert diff_rspo.pair_checkpoints(["base_vs_base"]) == ((0,), {"base_vs_base": (0, 0)})
+    assert diff_rspo.pair_checkpoints(["base_vs_spg", "base_vs_diffu_grpo"]) == (
+        (0, 3, 4), {"base_vs_spg": (0, 1), "base_vs_diffu_grpo": (0, 2)})
+    assert [diff_rspo.CHECKPOINTS[i] for i in (3, 4)] == ["spg", "diffu_grpo"]
+
+
+def test_study_setup_takes_the_rl_checkpoints_it_is_given_and_no_countdown_finetune(monkeypatch, tmp_path):
+    """The other RL methods' pairs read --spg / --diffu-grpo, say which checkpoint is missing and how to make it,
+    and do not fine-tune the Countdown control they do not use."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    diff_rspo.add_study_options(p, total_tokens=1000, expansion=1, k=4)
+    spg, grpo = tmp_path / "spg", tmp_path / "grpo"
+    args = p.parse_args(["--spg", str(spg), "--diffu-grpo", str(grpo)])
+    assert args.rspo == diff_rspo.ROOT / "runs" / "rl-rspo" / "checkpoint-00030"
+    monkeypatch.setattr(diff_rspo, "ROOT", tmp_path)
+    monkeypatch.setattr(diff_rspo, "mixed_text", lambda folder, share: folder / "mixed.txt")
+    monkeypatch.setattr(diff_rspo, "finetune_countdown", lambda *a, **k: pytest.fail("fine-tuned an unused control"))
+    spg.mkdir()
+    (spg / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"missing diffu-grpo checkpoint {grpo}; run: dlmscope rspo --algo diffu-grpo"):
+        diff_rspo.study_setup(args, "t", eval_every=10, used=(0, 3, 4))
+    ckpts, data, cfg, config = diff_rspo.study_setup(args, "t", eval_every=10, used=(0, 3))
+    assert ckpts == config["checkpoints"] == ["dlmscope-tiny-dlm", str(spg)]
+    assert data == tmp_path / "runs" / "mixed.txt" and config["finetune"] is None and cfg.total_tokens == 1000
 
 
 def test_ft_tag_leaves_the_full_finetune_folder_name_unchanged():
