@@ -144,10 +144,22 @@ def effects(res: dict) -> dict:
         base = {**u["per_feature"][str(r["feature"])], "perplexity": u["perplexity"], "dlm_nll": u["dlm_nll"]}
         e = out.setdefault((r["model"], r["schedule"], r["strength"]), {k: [] for k in METRICS})
         for k in METRICS:
+            # A continuation with no tokens (strong steering can produce one) has no perplexity or NLL: such
+            # texts drop out of the fluency means (counted by `unjudged`).
+            pairs = [(a, b) for a, b in zip(r[k], base[k]) if math.isfinite(a) and math.isfinite(b)]
             if k == "perplexity":  # ratio of perplexities = exp(difference of per-text log perplexities)
-                e[k].append(math.exp(_mean([math.log(a) - math.log(b) for a, b in zip(r[k], base[k])])))
+                e[k].append(math.exp(_mean([math.log(a) - math.log(b) for a, b in pairs])))
             else:
-                e[k].append(_mean([a - b for a, b in zip(r[k], base[k])]))
+                e[k].append(_mean([a - b for a, b in pairs]))
+    return out
+
+
+def unjudged(res: dict) -> dict:
+    """{model/schedule/strength: number of steered texts without a perplexity (no continuation tokens)}."""
+    out: dict = {}
+    for r in res["runs"]:
+        key = f"{r['model']}/{r['schedule']}/{r['strength']:g}"
+        out[key] = out.get(key, 0) + sum(not math.isfinite(x) for x in r["perplexity"])
     return out
 
 
@@ -208,7 +220,7 @@ def summary(res: dict, unsteered: dict) -> dict:
     for (model, sched, s), e in effects(res).items():
         ppl = [math.exp(x) for x in t_interval([math.log(x) for x in e["perplexity"]])]
         eff[f"{model}/{sched}/{s:g}"] = {k: ppl if k == "perplexity" else t_interval(e[k]) for k in METRICS}
-    return {"effects": eff, "tests": dlm_vs_ar(res),
+    return {"effects": eff, "tests": dlm_vs_ar(res), "texts_without_perplexity": unjudged(res),
             "unsteered": {m: {"perplexity": p, "dlm_nll": n} for m, (p, n) in unsteered.items()}}
 
 
