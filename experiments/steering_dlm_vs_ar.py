@@ -67,13 +67,21 @@ def run(args) -> dict:
     from dlmscope.models import load_model
     from dlmscope.sae import load_sae
 
-    if args.combine:
-        parts = [json.loads((args.out / f"steering_{m}.partial.json").read_text()) for m, _ in MODELS]
-        merged = parts[0]
-        for part in parts[1:]:
-            for key in ("features", "unsteered"):
-                merged[key].update(part[key])
-            merged["runs"] += part["runs"]
+    if args.combine:  # both twins' partial files of --out, plus those of runs at other strengths (--merge)
+        merged: dict = {}
+        for folder in [args.out, *args.merge]:
+            for m, _ in MODELS:
+                part = json.loads((folder / f"steering_{m}.partial.json").read_text())
+                if not merged:
+                    merged = part
+                    continue
+                for key in ("features", "unsteered"):
+                    if merged[key].setdefault(m, part[key][m]) != part[key][m]:
+                        raise SystemExit(f"{folder}: {m}'s {key} differ from the first run's; only strengths may differ")
+                merged["runs"] += part["runs"] if part is not merged else []
+        order = [m for m, _ in MODELS]
+        merged["runs"].sort(key=lambda r: (order.index(r["model"]), r["strength"]))
+        merged["config"]["strengths"] = ",".join(f"{x:g}" for x in sorted({r["strength"] for r in merged["runs"]}))
         merged["config"]["features"] = min(len(v) for v in merged["features"].values())
         return merged
     torch.set_num_threads(1)
@@ -261,6 +269,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--twin", choices=[m for m, _ in MODELS], help="run one twin only (parallel processes)")
     p.add_argument("--combine", action="store_true", help="merge the two twins' partial files")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="with --combine: folders of runs at other strengths (same features, seeds and prompts)")
     run_or_render(p, "steering_dlm_vs_ar", run, render)
 
 
