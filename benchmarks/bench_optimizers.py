@@ -24,6 +24,11 @@ seed), the 300k-token ones run side by side, then the 1M-token ones:
         --out benchmarks/results/optimizers_b1024_1m.json
     python benchmarks/bench_optimizers.py --cells 4096:1000000 --configs adam,signum_sf \
         --out benchmarks/results/optimizers_b4096_1m.json
+
+and a second sweep with the half-lr `signum_sf` (one process per cell, two at a time), into
+`optimizers_b1024_lrhalf.json`, `optimizers_b4096_lrhalf.json` (`--configs "signum_sf,signum_sf lr/2"`, the
+300k cells), `optimizers_b1024_1m_lrhalf.json` (`--configs "adam,signum_sf lr/2"`) and
+`optimizers_b4096_1m_lrhalf.json` (`--configs "signum_sf,signum_sf lr/2"`).
 """
 
 from __future__ import annotations
