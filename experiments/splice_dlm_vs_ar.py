@@ -264,15 +264,16 @@ def verdict(results: dict) -> str:
     return text
 
 
-def headline(results: dict) -> dict:
-    """The numbers the README's prose quotes (written next to the .md as splice_dlm_vs_ar_summary.json)."""
-    s, mech = summary(results), mechanism_summary(results)
+def headline(results: dict, s: dict) -> dict:
+    """The numbers the README's prose quotes (written next to the .md as splice_dlm_vs_ar_summary.json);
+    `s` is `summary(results)`."""
+    mech = mechanism_summary(results)
     dlm = {key: v[:3] for key, v in s.items() if key[0] == MODELS[0]}
     ks, layers = sorted({key[2] for key in dlm}), sorted({key[1] for key in dlm})
-    fvu = {(e["layer"], e["k"]): [] for e in results["saes"] if e["model"] == MODELS[0]}
+    fvu: dict = {}
     for e in results["saes"]:
         if e["model"] == MODELS[0]:
-            fvu[(e["layer"], e["k"])].append(e["fvu"])
+            fvu.setdefault((e["layer"], e["k"]), []).append(e["fvu"])
     name = "L{1} k={2} t={3}".format
     return {
         "dlm_configurations": len(dlm),
@@ -292,8 +293,8 @@ def headline(results: dict) -> dict:
 def render(results: dict, out: Path) -> str:
     if len(results["clean_ce"]) < len(MODELS):
         return "one twin only: merge the partial files with --combine"
-    atomic_write_json(out / "splice_dlm_vs_ar_summary.json", headline(results))
     s = summary(results)
+    atomic_write_json(out / "splice_dlm_vs_ar_summary.json", headline(results, s))
     c = results["config"]
     ks = sorted({e["k"] for e in results["saes"]})
     layers = sorted({e["layer"] for e in results["saes"]})

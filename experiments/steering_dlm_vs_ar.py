@@ -9,7 +9,8 @@ Per generated text (prompts x seeds, temperature 0.5): the feature's mean activa
 continuation is re-encoded (the study's success metric), the concept-token rate, perplexity under the AR twin
 and the DLM's ELBO bound on NLL per token; steered minus unsteered on the same prompt and seed. A feature's
 effect is its mean over texts; intervals are 95% Student-t over features, and DLM vs AR is a Welch t-test
-over features (p also Holm-adjusted over the table's tests) (the twins' features are chosen separately, so the samples are independent).
+over features (the twins' features are chosen separately, so the samples are independent), its p-values also
+Holm-adjusted over all the table's tests.
 Writes experiments/results/steering_dlm_vs_ar.{json,md}.
 """
 
@@ -77,8 +78,9 @@ def run(args) -> dict:
                     continue
                 for key in ("features", "unsteered"):
                     if merged[key].setdefault(m, part[key][m]) != part[key][m]:
-                        raise SystemExit(f"{folder}: {m}'s {key} differ from the first run's; only strengths may differ")
-                merged["runs"] += part["runs"] if part is not merged else []
+                        raise SystemExit(f"{folder}: {m}'s {key} differ from the first run's; "
+                                         "only strengths may differ")
+                merged["runs"] += part["runs"]
         order = [m for m, _ in MODELS]
         merged["runs"].sort(key=lambda r: (order.index(r["model"]), r["strength"]))
         merged["config"]["strengths"] = ",".join(f"{x:g}" for x in sorted({r["strength"] for r in merged["runs"]}))
@@ -175,15 +177,21 @@ def _ci(v, fmt="+.4f") -> str:
     return f"{v[0]:{fmt}} [{v[1]:{fmt}}, {v[2]:{fmt}}]"
 
 
+def effect_intervals(res: dict) -> dict:
+    """{(model, schedule, strength): {metric: [mean, lo, hi]}} over features; perplexity as a ratio (the interval
+    taken on log ratios)."""
+    return {key: {k: [math.exp(x) for x in t_interval([math.log(y) for y in v])] if k == "perplexity" else t_interval(v)
+                  for k, v in e.items()} for key, e in effects(res).items()}
+
+
 def readme_table(res: dict) -> str:
     """Per twin and schedule: mean over features of steered - unsteered, 95% t-intervals over features."""
     lines = ["| model | schedule | strength | Δ feature activation | Δ concept rate | AR-perplexity ratio | Δ DLM NLL |",
              "|---|---|---|---|---|---|---|"]
-    for (model, sched, s), e in effects(res).items():
-        ppl = t_interval([math.log(x) for x in e["perplexity"]])
-        lines.append(f"| {model.replace('dlmscope-tiny-', '')} | {sched} | {s:g} | {_ci(t_interval(e['feature_activation']))} | "
-                     f"{_ci(t_interval(e['concept_rate']), '+.3f')} | {math.exp(ppl[0]):.2f} [{math.exp(ppl[1]):.2f}, "
-                     f"{math.exp(ppl[2]):.2f}] | {_ci(t_interval(e['dlm_nll']), '+.2f')} |")
+    for (model, sched, s), e in effect_intervals(res).items():
+        lines.append(f"| {model.replace('dlmscope-tiny-', '')} | {sched} | {s:g} | {_ci(e['feature_activation'])} | "
+                     f"{_ci(e['concept_rate'], '+.3f')} | {_ci(e['perplexity'], '.2f')} | "
+                     f"{_ci(e['dlm_nll'], '+.2f')} |")
     return "\n".join(lines)
 
 
@@ -224,10 +232,7 @@ def readme_test_table(res: dict) -> str:
 
 def summary(res: dict, unsteered: dict) -> dict:
     """The numbers the README's prose quotes: effects with intervals (perplexity as a ratio), tests, baselines."""
-    eff = {}
-    for (model, sched, s), e in effects(res).items():
-        ppl = [math.exp(x) for x in t_interval([math.log(x) for x in e["perplexity"]])]
-        eff[f"{model}/{sched}/{s:g}"] = {k: ppl if k == "perplexity" else t_interval(e[k]) for k in METRICS}
+    eff = {f"{model}/{sched}/{s:g}": e for (model, sched, s), e in effect_intervals(res).items()}
     return {"effects": eff, "tests": dlm_vs_ar(res), "texts_without_perplexity": unjudged(res),
             "unsteered": {m: {"perplexity": p, "dlm_nll": n} for m, (p, n) in unsteered.items()}}
 
