@@ -25,6 +25,10 @@ def integer(name: str, value: Any, minimum: int | None = None, maximum: int | No
     return value
 
 
+INT64_MAX = 2**63 - 1
+"""The largest value torch and numpy take as an integer (seeds, counts, indices)."""
+
+
 def positive(name: str, value: Any) -> int:
     """A count that must be at least one."""
     return integer(name, value, 1)
@@ -32,6 +36,23 @@ def positive(name: str, value: Any) -> int:
 
 def non_negative(name: str, value: Any) -> int:
     return integer(name, value, 0)
+
+
+def seed(name: str, value: Any) -> int:
+    """A random seed: torch's generators take [0, 2^63 - 1] without wrapping around."""
+    return integer(name, value, 0, INT64_MAX)
+
+
+def finite_values(values: dict[str, Any], flags: dict[str, str]) -> None:
+    """Refuse NaN / infinite floats and integers beyond 64 bits among parsed option `values` (lists included),
+    naming the option by its `flags` spelling: the CLI parses 'nan', 'inf' and 10**23 without complaint."""
+    for key, value in values.items():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise DLMScopeError(f"{flags.get(key, key)}={v!r} must be a finite number")
+            if _is_int(v) and abs(v) > INT64_MAX:
+                raise DLMScopeError(f"{flags.get(key, key)}={v!r} is out of range: integers must fit in 64 bits "
+                                    f"(|value| <= {INT64_MAX})")
 
 
 def number(name: str, value: Any, low: float | None = None, high: float | None = None,

@@ -77,9 +77,12 @@ def generate(
     dtype: str = DtypeOpt,
 ) -> None:
     """Generate text with the denoising sampler."""
+    from .diffusion.sampler import check_generate_options
     from .diffusion.sampler import generate as sample
     from .models import load_model
 
+    check_generate_options(gen_length, steps, block_length, seed, threshold, temperature=temperature,
+                           cfg_scale=cfg_scale, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps)
     lm = load_model(model, device=device, dtype=dtype)
     out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
                  remasking=remasking, cfg_scale=cfg_scale, schedule=schedule, top_p=top_p, top_k=top_k,
@@ -106,9 +109,10 @@ def generate_blocks_cmd(
     dtype: str = DtypeOpt,
 ) -> None:
     """Generate with LLaDA 2.x's block sampler (its own blocks, threshold decoding, cached finished blocks)."""
-    from .diffusion.blocks import generate_blocks
+    from .diffusion.blocks import check_block_options, generate_blocks
     from .models import load_model
 
+    check_block_options(max_new_tokens, steps_per_block, threshold, minimal_topk)
     lm = load_model(model, device=device, dtype=dtype)
     out = generate_blocks(lm, prompt, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block,
                           threshold=threshold, minimal_topk=minimal_topk)
@@ -296,10 +300,12 @@ def evaluate_cmd(
         if isinstance(e, DLMScopeError):
             raise
         raise DLMScopeError(f"t-bins={t_bins!r} and probe-k={probe_k!r} must be comma-separated numbers") from None
+    checks.positive("--context-length", context_length)
+    out_dir = checks.writable_folder("--out", out or f"eval-{Path(sae).name}")  # before the evaluation runs
     sae_obj = load_sae(sae, device=device)
     lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, device=device)
     result = evaluate_sae_suite(lm, sae_obj, heldout_rows(lm.tokenizer, context_length), cfg)
-    path = write_report(result, out or f"eval-{Path(sae).name}")
+    path = write_report(result, out_dir)
     typer.echo("| t | FVU masked | FVU visible | L0 masked | L0 visible | ΔCE (all positions) |\n|---|---|---|---|---|---|")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in summary_rows(result):
@@ -340,6 +346,7 @@ def cache_cmd(
     checks.non_negative("--batches", batches)
     checks.positive("--seqs-per-forward", seqs_per_forward)
     checks.positive("--context-length", context_length)
+    checks.seed("--seed", seed)
     store_dtype = resolve_dtype(dtype)
     lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts(dataset), context_length)
@@ -374,7 +381,7 @@ def steer(
 ) -> None:
     """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
     from .analysis.steering import SteeringSpec, compare, validate
-    from .diffusion.sampler import check_fast_options, get_schedule
+    from .diffusion.sampler import check_fast_options, check_threshold, get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
@@ -382,9 +389,12 @@ def steer(
 
     sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
         checks.int_list("--schedule", steps_schedule, 0)
-    seed_list = checks.int_list("--seeds", seeds)
+    seed_list = [checks.seed("--seeds", s_) for s_ in checks.int_list("--seeds", seeds)]
+    checks.non_negative("--feature", feature)
     checks.positive("--gen-length", gen_length)
     checks.positive("--steps", steps)
+    checks.number("--temperature", temperature, 0)
+    check_threshold(threshold)
     if out:
         checks.writable_file("--out", out)
     if sampler_schedule is not None:
@@ -431,7 +441,7 @@ def order(
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
     from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, strategy_names, task_accuracy
     from .data import heldout_rows
-    from .diffusion.sampler import check_fast_options, get_schedule
+    from .diffusion.sampler import check_fast_options, check_threshold, get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
@@ -445,6 +455,7 @@ def order(
     checks.positive("--gen-length", gen_length)
     budgets = checks.int_list("--steps", steps, 1, gen_length)
     checks.non_negative("--heldout", heldout)
+    check_threshold(threshold)
     if out:
         checks.writable_file("--out", out)
     if schedule is not None:
@@ -530,8 +541,13 @@ def experts(
 ) -> None:
     """Expert routing across denoising steps: usage on masked vs visible positions, change at unmasking."""
     from .analysis.experts import check_layer, expert_dynamics, write_expert_report
+    from .diffusion.sampler import check_generate_options
     from .models import load_model
 
+    check_generate_options(gen_length, steps, block_length, seed)
+    if layer is not None:
+        checks.non_negative("--layer", layer)
+    checks.writable_folder("--out", out)
     lm = load_model(model, device=device, dtype=dtype)
     check_layer(lm, layer)
     result = expert_dynamics(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, seed=seed)
@@ -616,6 +632,7 @@ def explore(
 
     from .analysis.features import FeatureStore, FeatureStoreConfig
 
+    checks.integer("--port", port, 1, 65535)
     if store is None:
         from .sae import load_sae
 
@@ -633,8 +650,34 @@ def explore(
     sys.exit(subprocess.call(cmd))
 
 
+def _guard_numbers(typer_app: typer.Typer) -> None:
+    """Wrap every command (sub-apps included) so NaN / inf floats and integers beyond 64 bits fail in one line
+    before the command body runs; each command's (or config's) own checks then judge the range."""
+    import functools
+    import inspect
+
+    for info in typer_app.registered_commands:
+        fn = info.callback
+        if fn is None or getattr(fn, "_numbers_guarded", False):
+            continue
+        flags = {name: next((d for d in getattr(p.default, "param_decls", ()) or () if d.startswith("--")),
+                            f"--{name.replace('_', '-')}").split("/")[0]
+                 for name, p in inspect.signature(fn).parameters.items()}
+
+        @functools.wraps(fn)
+        def guarded(*args, _fn=fn, _flags=flags, **kwargs):
+            checks.finite_values(kwargs, _flags)
+            return _fn(*args, **kwargs)
+
+        guarded._numbers_guarded = True
+        info.callback = guarded
+    for group in typer_app.registered_groups:
+        _guard_numbers(group.typer_instance)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
+    _guard_numbers(app)
     try:
         app(args=argv, standalone_mode=False)
     except DLMScopeError as e:

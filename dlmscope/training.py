@@ -127,8 +127,10 @@ class TrainSAEConfig:
                      "eval_tokens", "eval_every", "checkpoint_every"):
             checks.positive(name, getattr(self, name))
         checks.non_negative("threads", self.threads)
-        checks.integer("seed", self.seed)
+        checks.seed("seed", self.seed)
         checks.number("lr", self.lr, 0.0)
+        checks.number("l0_coef", self.l0_coef, 0.0)
+        checks.number("bandwidth", self.bandwidth, 0.0, low_open=True)
         checks.number("t_min", self.t_min, 0.0, 1.0)
         checks.number("t_max", self.t_max, self.t_min, 1.0)
         self.layer_list()

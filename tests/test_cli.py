@@ -40,7 +40,7 @@ def test_console_script_runs_as_a_module():
 @pytest.mark.parametrize("args,message", [
     (["info", "/no/such/model"], "neither a checkpoint folder"),
     (["info", "--dtype", "int3"], "unknown dtype"),
-    (["generate", "--block-length", "0", "--gen-length", "8"], "not divisible"),
+    (["generate", "--block-length", "0", "--gen-length", "8"], "block_length=0 must be an integer >= 1"),
     (["generate", "/no/such/model"], "neither a checkpoint folder"),
     (["generate", "--gen-length", "10", "--block-length", "4"], "not divisible"),
     (["generate", "--steps", "500", "--gen-length", "32"], "out of range"),
@@ -163,7 +163,7 @@ def test_rspo_command_both_algorithms_and_resume(tmp_path, capsys):
     (["--temperature", "inf"], "temperature=inf"),
     (["--temperature", "nan"], "temperature=nan"),
     (["--temperature", "-1"], "temperature=-1.0"),
-    (["--cfg-scale", "nan"], "cfg_scale=nan"),
+    (["--cfg-scale", "nan"], "--cfg-scale=nan"),
     (["--cfg-scale", "-2"], "cfg_scale=-2.0"),
     (["--top-p", "1.5"], "top_p=1.5"),
     (["--top-k", "-3"], "top_k=-3"),

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..diffusion.noise import corrupt
 from ..errors import DLMScopeError
 from ..hooks import run_with_cache
@@ -81,14 +82,17 @@ class DiffConfig(TrainSAEConfig):
     """Top examples per specific latent in the report."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.number("threshold", self.threshold, 0.5, 1, low_open=True, high_open=True)
+        checks.number("nu_max", self.nu_max, 0, low_open=True)
+        checks.positive("n_seqs", self.n_seqs)
+        checks.positive("n_examples", self.n_examples)
         names = self.checkpoint_list()
         if len(names) < 2:
             raise DLMScopeError(f"checkpoints={self.checkpoints!r}: model diffing needs at least two comma-separated "
                                 "checkpoints (base first)")
         if self.architecture != "batchtopk":
             raise DLMScopeError(f"architecture={self.architecture!r}; crosscoders allow only batchtopk")
-        if not 0.5 < self.threshold < 1:
-            raise DLMScopeError(f"threshold={self.threshold} must be in (0.5, 1)")
         self.model = names[0]
 
     def checkpoint_list(self) -> list[str]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..diffusion.noise import corrupt
+from .. import checks
 from ..errors import DLMScopeError
 from ..hooks import run_with_cache
 from ..models.base import LoadedModel
@@ -72,8 +73,13 @@ class EvaluateConfig:
             raise DLMScopeError(f"unknown label set {bad[0]!r}; allowed: {', '.join(LABEL_SETS)}")
         if not self.t_bins or any(not 0 < t < 1 for t in self.t_bins):
             raise DLMScopeError(f"t_bins={self.t_bins} must be mask ratios in (0, 1)")
-        if self.n_seqs < 1 or any(k < 1 for k in self.probe_k):
-            raise DLMScopeError("n_seqs and every probe k must be at least 1")
+        checks.positive("n_seqs", self.n_seqs)
+        for k in self.probe_k:
+            checks.positive("probe_k", k)
+        checks.non_negative("splice_seqs", self.splice_seqs)
+        checks.positive("probe_examples", self.probe_examples)
+        checks.positive("batch_size", self.batch_size)
+        checks.seed("seed", self.seed)
 
 
 class _Stats:
@@ -393,6 +399,10 @@ def evaluate_sae_suite(lm: LoadedModel, sae, rows: torch.Tensor, cfg: EvaluateCo
     check_sae_matches(lm, sae)
     if lm.causal:
         raise DLMScopeError(f"{lm.name} is autoregressive; the evaluation suite needs a diffusion model")
+    too_many = [k for k in cfg.probe_k if k > sae.cfg.n_latents] if cfg.probes else []
+    if too_many:
+        raise DLMScopeError(f"probe_k={too_many[0]} exceeds the SAE's {sae.cfg.n_latents} latents; allowed: "
+                            f"1..{sae.cfg.n_latents}")
     rows = rows[: cfg.n_seqs]
     if rows.shape[0] == 0:
         raise DLMScopeError("no held-out sequences to evaluate on")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..diffusion.noise import corrupt
 from ..errors import DLMScopeError
 from ..hooks import run_with_cache
@@ -65,6 +66,15 @@ class FeatureStoreConfig:
     """Activation histogram bins per feature (over [0, max activation])."""
     n_top_tokens: int = 5
     """Distinct tokens kept per feature from its top activations (the feature list searches them)."""
+
+    def __post_init__(self) -> None:
+        if self.n_seqs is not None:
+            checks.positive("n_seqs", self.n_seqs)
+        for name in ("context_length", "batch_size", "n_logits", "n_bins", "n_top_tokens"):
+            checks.positive(name, getattr(self, name))
+        checks.number("t_low", self.t_low, 0, 1)
+        checks.number("t_high", self.t_high, self.t_low, 1)
+        checks.seed("seed", self.seed)
 
 
 class _FVU:
@@ -179,10 +189,6 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
     t_start = time.perf_counter()
     out = check_store_target(out)
     hook = check_sae_matches(lm, sae)
-    if not 0 <= cfg.t_low <= cfg.t_high <= 1:
-        raise DLMScopeError(f"mask ratio range [{cfg.t_low}, {cfg.t_high}] must satisfy 0 <= low <= high <= 1")
-    if cfg.batch_size < 1 or cfg.n_bins < 1 or cfg.n_logits < 1 or cfg.n_top_tokens < 1:
-        raise DLMScopeError("batch_size, n_bins, n_logits and n_top_tokens must be at least 1")
     rows = rows[: cfg.n_seqs] if cfg.n_seqs is not None else rows
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
         raise DLMScopeError(f"no held-out tokens to build the feature store from (rows of shape {tuple(rows.shape)})")

@@ -48,6 +48,7 @@ class SpliceConfig:
         checks.choice("positions", self.positions, SPLICE_POSITIONS)
         checks.positive("n_seqs", self.n_seqs)
         checks.positive("batch_size", self.batch_size)
+        checks.seed("seed", self.seed)
 
 
 def check_sae_matches(lm: LoadedModel, sae, other_model_ok: bool = False) -> str:

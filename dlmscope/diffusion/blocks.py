@@ -58,6 +58,16 @@ class ThresholdQuota(Remasking):
         return score.double(), torch.where(enough[:, None], high, top_n_mask(score, n_transfer))
 
 
+def check_block_options(max_new_tokens: int, steps_per_block: int, threshold: float, minimal_topk: int) -> None:
+    """`generate_blocks`' counts and threshold, checked before any model loads."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("steps_per_block", steps_per_block),
+                        ("minimal_topk", minimal_topk)):
+        checks.positive(name, value)
+    checks.number("threshold", threshold, 0, 1)
+    if minimal_topk > max_new_tokens:
+        raise DLMScopeError(f"minimal_topk={minimal_topk} is invalid; allowed: 1..max_new_tokens ({max_new_tokens})")
+
+
 def generate_blocks(
     lm: LoadedModel,
     prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
@@ -81,12 +91,7 @@ def generate_blocks(
     """
     if not lm.block_size:
         raise DLMScopeError(f"{lm.name} ({lm.family}) is not a block-diffusion model; use generate()")
-    for name, value in (("max_new_tokens", max_new_tokens), ("steps_per_block", steps_per_block),
-                        ("minimal_topk", minimal_topk)):
-        checks.positive(name, value)
-    checks.number("threshold", threshold, 0, 1)
-    if minimal_topk > max_new_tokens:
-        raise DLMScopeError(f"minimal_topk={minimal_topk} is invalid; allowed: 1..max_new_tokens ({max_new_tokens})")
+    check_block_options(max_new_tokens, steps_per_block, threshold, minimal_topk)
     steps_per_block = min(steps_per_block, max_new_tokens // minimal_topk)
     width = _prepare_prompts(lm, prompts)[0].shape[1]
     n_blocks = len(block_bounds(width, max_new_tokens, lm.block_size, aligned=True))

@@ -419,6 +419,30 @@ def _check_options(temperature: float, cfg_scale: float, top_p: float | None, to
     checks.number("eps", eps, 0, 1, high_open=True)
 
 
+def check_generate_options(gen_length: int, steps: int, block_length: int | None = None, seed: int | None = None,
+                           threshold: float | None = None, *, temperature: float = 0.0, cfg_scale: float = 0.0,
+                           top_p: float | None = None, top_k: int | None = None, alg_temp: float | None = None,
+                           eps: float = 1e-3) -> None:
+    """The model-independent options of `generate`, checked before any model loads (`generate` re-checks what
+    depends on the model: divisibility, the context, the strategy)."""
+    checks.positive("gen_length", gen_length)
+    checks.positive("steps", steps)
+    if block_length is not None:
+        checks.positive("block_length", block_length)
+    if seed is not None:
+        checks.seed("seed", seed)
+    check_threshold(threshold)
+    _check_options(temperature, cfg_scale, top_p, top_k, alg_temp, eps)
+
+
+def check_context_length(lm: LoadedModel, length: int, name: str = "context_length") -> int:
+    """A sequence length the checkpoint was built for (past its positions the model is out of distribution)."""
+    limit = context_limit(lm)
+    if limit is not None and length > limit:
+        raise DLMScopeError(f"{name}={length} exceeds {lm.name}'s context of {limit} tokens")
+    return length
+
+
 def context_limit(lm: LoadedModel) -> int | None:
     """Longest sequence the checkpoint was built for (max_position_embeddings), if it says."""
     config = getattr(lm.module, "config", None)

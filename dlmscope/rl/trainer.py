@@ -149,8 +149,11 @@ def check_config(cfg: RLConfig) -> None:
         checks.positive(name, getattr(cfg, name))
     if cfg.schedule is not None:
         get_schedule(cfg.schedule)
-    for name in ("lora_r", "ref_refresh", "eval_every", "seed"):
+    for name in ("lora_r", "ref_refresh", "eval_every"):
         checks.non_negative(name, getattr(cfg, name))
+    checks.seed("seed", cfg.seed)
+    checks.integer("min_empty", cfg.min_empty, 1, 12)  # a 4x4 Sudoku has 16 cells; at most 12 empty
+    checks.integer("max_empty", cfg.max_empty, cfg.min_empty, 12)
     if cfg.group_size < 2:
         raise DLMScopeError(f"group_size={cfg.group_size}: group advantages need at least 2 completions per prompt")
     if cfg.prompts_per_step % cfg.grad_accum:
