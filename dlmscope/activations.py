@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .diffusion.noise import check_t_range, corrupt
+from . import checks
 from .errors import DLMScopeError
 from .hooks import run_with_cache
 from .io_utils import SAFETENSORS_DTYPES, atomic_save_safetensors, atomic_write_json, file_sha256
@@ -433,6 +434,7 @@ class CachedSource:
             info = {k: tensors[f"info.{k}"] for k in INFO_KEYS}
         except Exception as e:
             raise DLMScopeError(f"cache shard {str(file)!r} is corrupt: {e}") from None
+        checks.finite_tensors(f"cache shard {str(file)!r} is unusable (rebuild it with `dlmscope cache`)", acts)
         return ActivationBatch(acts, info)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,21 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
         raise DLMScopeError(f"{name}={value!r} must be a finite number in {interval}")
     return float(value)
+
+
+def non_finite(tensors: Mapping[str, Any]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf (with its count), or None when all are finite."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            return f"{name} ({int((~t.isfinite()).sum())} of {t.numel()} values NaN/inf)"
+    return None
+
+
+def finite_tensors(what: str, tensors: Mapping[str, Any]) -> None:
+    """Refuse NaN / inf in `tensors` in one line: `what` says what was being read or written (a file, a folder)."""
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise DLMScopeError(f"{what}: tensor {bad}; non-finite values are never saved or used")
 
 
 def choice(name: str, value: Any, allowed: Iterable[str]) -> str:

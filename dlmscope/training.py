@@ -27,8 +27,10 @@ from .errors import DLMScopeError
 from .io_utils import atomic_write_json, atomic_write_text
 from .models.zoo import DEFAULT_MODEL
 from .runtime import progress, torch_threads
-from .runstate import RunFolder, check_name, has_state, load_state, rng_state, save_state, set_rng_state
+from .runstate import (RunFolder, check_name, has_state, load_state, named_tensors, rng_state, save_state,
+                       set_rng_state)
 from .sae import SAEConfig, SAETrainer, TrainConfig, save_sae
+from .sae.train import NonFiniteError
 from .sae.metrics import log10_density_histogram
 
 
@@ -300,6 +302,8 @@ class DictionaryRun:
         self.routes: dict[str, str] = {}
         self.history: list[dict] = []
         self.steps_done = 0
+        self.last_checkpoint: int | None = None
+        """Step of the last resume state written or resumed (the one a non-finite step leaves in place)."""
         self.signal = 0
         self.prefetcher: Prefetcher | None = None
         self.wait_seconds = 0.0
@@ -397,6 +401,8 @@ class DictionaryRun:
             raise DLMScopeError(f"--resume given but {str(self.folder / (self.state_name + '.json'))!r} does not "
                                 f"exist{legacy}")
         state = load_state(self.folder, self.state_name)
+        checks.finite_tensors(f"resume state {str(self.folder / (self.state_name + '.json'))!r} is unusable",
+                              named_tensors(state["trainers"]))
         saved = state["config"]
         defaults = {f.name: f.default for f in fields(self.cfg)}  # options added since the checkpoint was written
         changed = [k for k, v in asdict(self.cfg).items()
@@ -417,6 +423,7 @@ class DictionaryRun:
         self.buffer.load_state_dict(mine["buffer"])
         set_rng_state(mine["rng"])
         self.steps_done, self.history = state["step"], state["history"]
+        self.last_checkpoint = self.steps_done
 
     def train(self) -> None:
         cfg = self.cfg
@@ -447,10 +454,32 @@ class DictionaryRun:
         batch = self.buffer.next()
         self.wait_seconds += time.perf_counter() - t
         reduce = self.dist.mean if self.dist.world > 1 else None
-        logs = {key: tr.step(self.inputs(key, batch.acts), reduce, **self.target_kwargs(key, batch.acts))
-                for key, tr in self.trainers.items()}
+        logs = {}
+        for key, tr in self.trainers.items():
+            try:
+                logs[key] = tr.step(self.inputs(key, batch.acts), reduce, **self.target_kwargs(key, batch.acts))
+            except NonFiniteError as e:
+                raise DLMScopeError(f"training stopped: {key}: {e}; {self._non_finite_source(tr, batch.acts)}; "
+                                    f"{self._kept()}") from None
         self.steps_done += 1
         return logs
+
+    def _non_finite_source(self, trainer, acts: dict[str, torch.Tensor]) -> str:
+        """Where NaN / inf came from: the activations (cache or model) or the optimisation (its options)."""
+        bad = checks.non_finite({h: a.float().pow(2).sum(-1) for h, a in acts.items()})
+        if bad is not None:
+            origin = f"cache {self.cfg.cache!r}" if self.cfg.cache else f"model {self.cfg.model!r} ({self.cfg.dtype})"
+            return f"the input activations from {origin} hold NaN/inf or overflow float32 (squared norms of {bad})"
+        options = f"lr={trainer.lr:g}"
+        if self.cfg.architecture == "jumprelu":
+            options += f", l0_coef={self.cfg.l0_coef:g}, bandwidth={self.cfg.bandwidth:g}"
+        return f"the inputs are finite, so the optimisation diverged ({options}): lower --lr"
+
+    def _kept(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint had been written and no SAE was saved"
+        return (f"the last good checkpoint (step {self.last_checkpoint}) is kept in {str(self.folder)!r}; "
+                "nothing non-finite was saved")
 
     def evaluate(self, logs: dict[str, dict]) -> None:
         entry = {"step": self.steps_done, "tokens": self.steps_done * self.cfg.batch_size,
@@ -470,10 +499,13 @@ class DictionaryRun:
             ranks = [None] * self.dist.world
             tdist.all_gather_object(ranks, mine)
         if self.dist.main:
+            checks.finite_tensors(f"refusing to checkpoint {str(self.folder)!r}",
+                                  {f"{k}.{n}": p for k, t in self.trainers.items() for n, p in t.sae.state_dict().items()})
             atomic_write_json(self.folder / "config.json", asdict(self.cfg))
             save_state(self.folder, self.state_name, {
                 "step": self.steps_done, "history": self.history, "config": asdict(self.cfg), "ranks": ranks,
                 "trainers": {k: t.state_dict() for k, t in self.trainers.items()}})
+        self.last_checkpoint = self.steps_done
 
     def finish(self) -> RunResult:
         outputs, final = {}, {}

@@ -411,3 +411,110 @@ def test_train_sae_family_bad_options_one_line(tiny_dirs, text, tmp_path, capsys
         main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and match in err and "\n" not in err
+
+
+@pytest.fixture
+def nan_cache(llada, text, tmp_path):
+    """A cache of 8 shards (7 training, 1 held out); `damage(i, value)` writes `value` into shard i's activations
+    and re-records its checksum, as a bug upstream of the cache would (the file is intact, the numbers are not)."""
+    from safetensors.torch import load_file, save_file
+
+    from dlmscope.activations import ActivationSource, write_cache
+    from dlmscope.data import load_texts, pack
+    from dlmscope.io_utils import file_sha256
+
+    rows = pack(llada.tokenizer, load_texts(str(text)), 32)
+    src = ActivationSource(llada, ["blocks.1.hook_resid_post"], rows.input_ids, rows.doc_ids, seqs_per_batch=8,
+                           policy="all")  # 256 tokens a shard: shard i enters the 2-shard buffer at step ~i
+    folder = write_cache(src, tmp_path / "cache", n_batches=8, progress=False)
+
+    def damage(i: int, value: float):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        shard = folder / manifest["shards"][i]["file"]
+        tensors = load_file(str(shard))
+        tensors["act.blocks.1.hook_resid_post"][::2] = value
+        save_file(tensors, str(shard))
+        manifest["shards"][i]["sha256"] = file_sha256(shard)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return shard
+
+    return folder, damage
+
+
+def _cli_fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, (out.out, err)
+    return err
+
+
+def _cache_run(folder, out, *extra):
+    return ["train-sae", "--cache", str(folder), "--layers", "1", "--k", "4", "--expansion", "2", "--batch-size", "256",
+            "--buffer-tokens", "512", "--total-tokens", str(256 * 6), "--eval-tokens", "256", "--threads", "1",
+            "--no-progress", "--out", str(out), "--name", "run", *extra]
+
+
+def test_nan_in_a_checksummed_cache_shard_stops_in_one_line(nan_cache, tmp_path, capsys):
+    folder, damage = nan_cache
+    shard = damage(1, float("nan"))
+    err = _cli_fails(_cache_run(folder, tmp_path / "runs"), capsys)
+    assert f"cache shard {str(shard)!r} is unusable" in err and "NaN/inf" in err
+    assert not (tmp_path / "runs" / "run" / "saes").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_saves_nothing(nan_cache, tmp_path, capsys):
+    """Finite but huge activations late in the stream overflow the loss after checkpoints were written: the run
+    stops naming the step and the kept checkpoint, which still loads, finite; no SAE is written."""
+    folder, damage = nan_cache
+    damage(3, 1e30)
+    err = _cli_fails(_cache_run(folder, tmp_path / "runs", "--checkpoint-every", "1"), capsys)
+    assert "training stopped: blocks.1.hook_resid_post-k4: non-finite" in err and "the last good checkpoint (step" in err
+    step = int(err.split("the last good checkpoint (step ")[1].split(")")[0])
+    state = load_state(tmp_path / "runs" / "run", "checkpoint")
+    assert state["step"] == step >= 1 and not (tmp_path / "runs" / "run" / "saes").exists()
+    assert all(torch.isfinite(t).all() for t in state["trainers"]["blocks.1.hook_resid_post-k4"]["sae"].values())
+
+
+def test_resume_state_holding_nan_is_refused_before_loading(nan_cache, tmp_path, capsys):
+    from dlmscope.runstate import save_state
+
+    folder, _ = nan_cache
+    main(_cache_run(folder, tmp_path / "runs"))
+    capsys.readouterr()
+    run = tmp_path / "runs" / "run"
+    state = load_state(run, "checkpoint")
+    state["trainers"]["blocks.1.hook_resid_post-k4"]["sae"]["W_enc"][0, 0] = float("nan")
+    save_state(run, "checkpoint", state)  # valid checksums around a NaN
+    err = _cli_fails(_cache_run(folder, tmp_path / "runs", "--resume"), capsys)
+    assert "resume state" in err and "is unusable: tensor blocks.1.hook_resid_post-k4.sae.W_enc (1 of" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--architecture", "jumprelu", "--l0-coef", "nan"], "--l0-coef=nan must be a finite number"),
+    (["--architecture", "jumprelu", "--bandwidth", "0"], "bandwidth=0.0 must be a finite number in (0, inf)"),
+    (["--total-tokens", "100000000000000000000000"], "--total-tokens=100000000000000000000000 is out of range"),
+    (["--seed", "100000000000000000000000"], "--seed=100000000000000000000000 is out of range"),
+])
+def test_train_sae_bad_numbers_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert message in _cli_fails(["train-sae", *argv], capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_functions_refuse_non_finite(tiny_sae, tmp_path):
+    from dlmscope.sae import save_sae
+    from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig, save_crosscoder
+
+    broken = load_sae(save_sae(tiny_sae, tmp_path / "ok"))
+    with torch.no_grad():
+        broken.W_dec[3, 1] = float("inf")
+    with pytest.raises(DLMScopeError, match=r"refusing to save the SAE .*tensor W_dec \(1 of"):
+        save_sae(broken, tmp_path / "bad")
+    cc = CrossCoder(CrossCoderConfig(8, 16, 2, ["a", "b"]))
+    with torch.no_grad():
+        cc.W_enc.fill_(float("nan"))
+    with pytest.raises(DLMScopeError, match="refusing to save the crosscoder"):
+        save_crosscoder(cc, tmp_path / "cc")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "cc").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..errors import DLMScopeError
 from .base import LoadedModel
 from .checkpoint import build_hf_module, iter_safetensors, load_tokenizer, read_config, wrap_decoder
@@ -138,6 +139,7 @@ def save_llada(module, folder: str | Path, *, mask_id: int, tokenizer=None, extr
         "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id, "bos_token_id": c.bos_token_id,
         **(extra_config or {}),
     }
+    checks.finite_tensors(f"refusing to save the checkpoint {str(folder)!r}", tensors)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
     atomic_write_json(folder / "config.json", config)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import checks
 from ..errors import DLMScopeError
 from ..io_utils import atomic_save_safetensors, atomic_write_json, file_sha256
 from .model import SAEOutput
@@ -232,6 +233,7 @@ class CrossCoderTrainer(SAETrainer):
         loss = mse + self.cfg.aux_coef * aux
         lr = self.backward(loss, reduce)
         self.opt.step()
+        self.check_finite(loss)
         with torch.no_grad():
             positive = out.values[out.values > 0]
             if positive.numel():
@@ -259,6 +261,7 @@ def save_crosscoder(cc: CrossCoder, folder: str | Path, density: torch.Tensor | 
     tensors = {n: getattr(cc, n).detach().float() for n in TENSORS}
     if density is not None:
         tensors["density"] = density.detach().float()
+    checks.finite_tensors(f"refusing to save the crosscoder {str(folder)!r}", tensors)
     digest = atomic_save_safetensors(folder / WEIGHTS, tensors)
     body = {"format": FORMAT, "format_version": 1, "d_in": cfg.d_in, "n_latents": cfg.n_latents, "k": cfg.k,
             "n_checkpoints": cfg.n_checkpoints, "checkpoints": list(cfg.checkpoints), "metadata": cfg.metadata,

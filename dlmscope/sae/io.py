@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..errors import DLMScopeError
 from .family import build_sae
 from .model import BATCH_SELECTED, SAEConfig, TopKSAE
@@ -75,6 +76,7 @@ def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = No
             meta["prefix_sizes"] = list(cfg.prefix_sizes)
         if cfg.architecture.endswith("transcoder"):
             cfg_json.update(d_out=cfg.d_in, apply_b_dec_to_input=False)
+    checks.finite_tensors(f"refusing to save the SAE {str(folder)!r}", weights)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         save_file(weights, str(tmp / "sae_weights.safetensors"))

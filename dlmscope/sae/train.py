@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..errors import DLMScopeError
 from .metrics import evaluate_sae
 from .family import build_sae
@@ -31,6 +32,10 @@ from .model import SAEConfig
 from .optim import OPTIMIZERS, averaged, default_lr, make_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NonFiniteError(DLMScopeError):
+    """A step produced NaN / inf (loss, gradients or weights): runs stop on it and keep their last good checkpoint."""
 
 
 @dataclass
@@ -154,6 +159,8 @@ class SAETrainer:
             mean_sq = (a ** 2).sum(-1).mean()
             if reduce is not None:
                 mean_sq = reduce(mean_sq)
+            if not bool(mean_sq.isfinite()):
+                raise NonFiniteError(f"the first batch's mean squared norm is {float(mean_sq)}, so no input scale")
             return float(1.0 / mean_sq.sqrt().clamp_min(1e-8))
 
         self.sae.input_scale.fill_(unit_scale(x))
@@ -199,6 +206,7 @@ class SAETrainer:
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()
+        self.check_finite(loss)
         with torch.no_grad():
             if out.indices is not None:  # a count per latent: cheaper than boolean-mask indexing
                 fired = torch.zeros(dead.shape, device=x.device).index_add_(
@@ -230,6 +238,16 @@ class SAETrainer:
             for p in self.sae.parameters():
                 p.grad = reduce(p.grad)
         return lr
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """After an update: NaN / inf in the loss or any weight stops training (one sync for all tensors); under
+        torchrun every process sees the same averaged gradients, so all stop at the same step."""
+        params = {**dict(self.sae.named_parameters()), **dict(self.sae.named_buffers())}
+        params = {n: p for n, p in params.items() if p.is_floating_point()}
+        if bool(torch.stack([loss.detach().isfinite().all(), *(p.detach().isfinite().all() for p in params.values())]).all()):
+            return
+        what = "loss" if not bool(loss.detach().isfinite()) else f"weight {checks.non_finite(params)}"
+        raise NonFiniteError(f"non-finite {what} after step {self.step_count + 1}")
 
     def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096, target: torch.Tensor | None = None) -> dict:
         """Held-out metrics of the current SAE (see `metrics.evaluate_sae`), with the weights `averaged()` gives."""
