@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from ..errors import DLMScopeError
 from ..io_utils import atomic_write_json, atomic_write_text
 from ..models.zoo import DEFAULT_MODEL
 from ..runtime import progress
-from ..runstate import RunFolder, has_state, load_state, rng_state, save_state, set_rng_state
+from ..io_utils import file_sha256
+from ..runstate import RunFolder, has_state, load_state, named_tensors, rng_state, save_state, set_rng_state
+from ..sae.train import NonFiniteError
 from . import lora
 from .losses import (SPG_ESTIMATES, elbo_draws, elbo_logp, grpo_loss, one_step_input, rspo_loss, spg_logp,
                      spg_loss, spg_masks, token_logp)
@@ -258,7 +261,10 @@ def _micro_batches(n: int, k: int) -> list[slice]:
 
 
 def _step(policy, opt) -> None:
-    torch.nn.utils.clip_grad_norm_([p for p in policy.module.parameters() if p.requires_grad], 1.0)
+    """Clip to norm 1 and step; a NaN / inf gradient (from a non-finite loss) stops before the weights change."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in policy.module.parameters() if p.requires_grad], 1.0)
+    if not bool(norm.isfinite()):
+        raise NonFiniteError(f"the policy's gradient norm is {float(norm)} (a NaN/inf loss or gradient)")
     opt.step()
 
 
@@ -305,7 +311,11 @@ class RLRun:
         self.eval_examples = self.task.examples("test", cfg.eval_n, seed=0)
         self.pool = self.task.examples("train", 2000, seed=cfg.seed)
         if cfg.resume:
-            self._restore(load_state(self.out, STATE))
+            state = load_state(self.out, STATE)
+            checks.finite_tensors(f"trainer state in {str(self.out)!r} is unusable",
+                                  named_tensors({k: state[k] for k in ("policy", "opt", "ref") if k in state}))
+            self._restore(state)
+            self._repair_checkpoint()
         else:
             self.log = {"config": asdict(cfg), "steps": [], "eval": []}
             self.log["before"] = self.evaluate(0)
@@ -334,6 +344,22 @@ class RLRun:
         self.rng.setstate(state["rng"]["run"])
         set_rng_state(state["rng"]["global"])
 
+    def _repair_checkpoint(self) -> None:
+        """On resume: the checkpoint written with the restored state must match the checksum recorded with it;
+        a damaged one (a kill mid-copy, a truncated file) is rewritten from the state, and said so in one line."""
+        recorded = self.log.get("checkpoints", {})
+        name = f"checkpoint-{self.start:05d}"
+        file = self.out / name / "model.safetensors"
+        if name in recorded and (not file.is_file() or file_sha256(file) != recorded[name]):
+            self.checkpoint(self.start)
+            print(f"repaired {str(file)!r}: it did not match its recorded checksum; rewritten from the trainer state",
+                  file=sys.stderr)
+        for other in sorted(set(recorded) - {name}):  # earlier checkpoints: their weights are not kept to repair
+            path = self.out / other / "model.safetensors"
+            if not path.is_file() or file_sha256(path) != recorded[other]:
+                print(f"warning: {str(path)!r} does not match its recorded checksum (damaged; it cannot be rewritten)",
+                      file=sys.stderr)
+
     def evaluate(self, step: int) -> dict:
         """Greedy exact accuracy and mean reward on the fixed test examples, appended to the log."""
         self.policy.module.eval()
@@ -354,7 +380,14 @@ class RLRun:
                              **self.fast)
         t1 = time.perf_counter()
         self.policy.module.train()
-        stats = UPDATES[cfg.algo](self.policy, self.ref, roll, self.opt, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        try:
+            stats = UPDATES[cfg.algo](self.policy, self.ref, roll, self.opt, cfg,
+                                      torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        except NonFiniteError as e:
+            last = self.log.get("checkpoints", {})
+            kept = f"the last good checkpoint {max(last)} is kept" if last else "no checkpoint had been written"
+            raise DLMScopeError(f"training stopped at rollout step {step + 1}: {e} (lr={cfg.lr:g}, "
+                                f"{cfg.algo}); {kept} in {str(self.out)!r}, nothing non-finite was saved") from None
         if self.ref is not None and cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
             self.ref.module.load_state_dict(lora.plain_state(self.policy.module, bool(cfg.lora_r)))
         flat = roll.rewards.view(-1, cfg.group_size)
@@ -378,6 +411,7 @@ class RLRun:
         folder = self.out / f"checkpoint-{step:05d}"
         p, cfg = self.policy, self.cfg
         save_llada(lora.merged(p.module) if cfg.lora_r else p.module, folder, mask_id=p.mask_id, tokenizer=p.tokenizer)
+        self.log.setdefault("checkpoints", {})[folder.name] = file_sha256(folder / "model.safetensors")
         if cfg.lora_r:
             lora.save_adapter(p.module, folder / "adapter", cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.model)
         save_state(self.out, STATE, self._state(step))

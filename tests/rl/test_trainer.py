@@ -155,3 +155,39 @@ def test_cli_bad_option_is_one_line_exit_2(args, message, capsys, tmp_path):
         main(["rspo", "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_non_finite_gradient_stops_and_keeps_the_last_checkpoint(tiny_dirs, count_task, tmp_path):
+    """A policy weight turned NaN (what a diverged update leaves) stops the next update in one line; the earlier
+    checkpoint stays and no non-finite checkpoint is written."""
+    from dlmscope.rl.trainer import RLRun
+
+    run = RLRun(RLConfig(model=str(tiny_dirs["llada"]), steps=2, checkpoint_every=1, prompts_per_step=1, group_size=2,
+                         gen_length=8, denoise_steps=4, eval_n=1, out=str(tmp_path)), task=count_task)
+    with run.folder:
+        run.setup()
+        run.step(0)
+        with torch.no_grad():
+            next(iter(run.policy.module.parameters())).view(-1)[:10] = float("nan")
+        with pytest.raises(DLMScopeError, match=r"stopped at rollout step 2: the policy's gradient norm is nan .*"
+                                                 r"the last good checkpoint checkpoint-00001 is kept"):
+            run.step(1)
+    assert load_model(tmp_path / "checkpoint-00001").module is not None and not (tmp_path / "checkpoint-00002").exists()
+
+
+def test_resume_repairs_a_truncated_checkpoint(tiny_dirs, tmp_path, capsys):
+    """`rspo --resume` checks the checkpoint written with its state against the recorded checksum and rewrites a
+    damaged one from the state, saying so in one line."""
+    from dlmscope.cli import main
+
+    argv = ["rspo", "--model", str(tiny_dirs["llada"]), "--task", "sudoku", "--group-size", "2", "--prompts-per-step",
+            "1", "--eval-n", "1", "--gen-length", "8", "--denoise-steps", "4", "--out", str(tmp_path)]
+    main([*argv, "--steps", "1"])
+    weights = tmp_path / "checkpoint-00001" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
+    main([*argv, "--steps", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert f"repaired {str(weights)!r}" in err and weights.read_bytes() == good
+    assert load_model(tmp_path / "checkpoint-00002").n_layers == 2
