@@ -45,6 +45,11 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def json_sha256(body: Any) -> str:
+    """The sha256 of a JSON value's canonical form (sorted keys, no spaces): a manifest's checksum of itself."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, read in 1 MiB chunks (checksum verification)."""
     h = hashlib.sha256()

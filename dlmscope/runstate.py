@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .errors import DLMScopeError
-from .io_utils import atomic_write, atomic_write_text
+from .io_utils import atomic_write, atomic_write_text, json_sha256
 
 LOCK = ".lock"
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -228,10 +228,6 @@ def named_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def _canonical(body: dict) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
 def has_state(folder: str | os.PathLike, name: str) -> bool:
     return (Path(folder) / f"{name}.json").is_file()
 
@@ -247,7 +243,7 @@ def save_state(folder: str | os.PathLike, name: str, state: Any) -> Path:
     data_file = folder / f"{name}.{digest[:16]}.safetensors"
     atomic_write(data_file, lambda tmp: Path(tmp).write_bytes(raw))
     body = {"format": FORMAT, "tensors": {"file": data_file.name, "sha256": digest}, "state": skeleton}
-    record = {**body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
+    record = {**body, "sha256": json_sha256(body)}
     path = atomic_write_text(folder / f"{name}.json", json.dumps(record) + "\n")
     for old in folder.glob(f"{name}.*.safetensors"):
         if old != data_file:
@@ -263,7 +259,7 @@ def load_state(folder: str | os.PathLike, name: str) -> Any:
     try:
         record = json.loads(path.read_text())
         body = {k: v for k, v in record.items() if k != "sha256"}
-        ok = record.get("format") == FORMAT and record["sha256"] == hashlib.sha256(_canonical(body)).hexdigest()
+        ok = record.get("format") == FORMAT and record["sha256"] == json_sha256(body)
         data_file = path.parent / check_name(body["tensors"]["file"], "tensors file")
     except FileNotFoundError:
         raise DLMScopeError(f"resume state {str(path)!r} does not exist") from None

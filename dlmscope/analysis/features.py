@@ -1,11 +1,17 @@
 """Per-feature statistics and examples for the explorer, precomputed into a compact store.
 
 The store is a folder: `manifest.json` (model, SAE, hook, counts, vocabulary strings, SAE summary)
-and `store.safetensors` (the evaluated tokens and mask flags; every non-zero latent activation,
+and `store.<digest>.safetensors` (the evaluated tokens and mask flags; every non-zero latent activation,
 grouped by feature and sorted by value within a feature, with offsets; per-feature statistics,
 activation histograms, top tokens and top/bottom logit tokens). Pages only slice these arrays, so
-they open in milliseconds even for thousands of latents. The folder is written next to its final
-place and renamed in, so a reader never sees half a store.
+they open in milliseconds even for thousands of latents.
+
+Verified on open: the manifest carries the arrays file's sha256 and a checksum of itself, and the arrays'
+shapes, offsets, positions, token ids and finiteness are checked, so a flipped bit or an edited value is one
+`DLMScopeError` line (the explorer shows it as a page error). A rebuild touches only the store's own files:
+the new arrays file (content-addressed, so it never overwrites the one the current manifest names) is moved
+in, then the manifest is replaced atomically, then the old arrays file is removed. A reader sees the old or
+the new store, and anything else in the folder (notes, a splice.json) stays.
 
 Activations come from held-out text corrupted like DLM-Scope's training data: t ~ U[0.05, 0.5] per
 sequence, each position masked with probability t, the first (BOS) token kept; the masked positions
@@ -23,6 +29,7 @@ over masked and visible positions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,8 +47,8 @@ from ..hooks import run_with_cache
 from ..models.base import LoadedModel
 from .splice import check_sae_matches
 
-STORE_VERSION = 2
-MANIFEST, ARRAYS = "manifest.json", "store.safetensors"
+STORE_VERSION = 3
+MANIFEST, LEGACY_ARRAYS = "manifest.json", "store.safetensors"
 
 
 @dataclass
@@ -117,15 +124,24 @@ def _vocab_strings(lm: LoadedModel) -> list[str]:
     return out
 
 
+def _old_manifest(folder: Path) -> dict | None:
+    """The manifest of the feature store (any version) in `folder`, or None when it holds none."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("version"), int) else None
+
+
 def check_store_target(out: str | Path) -> Path:
     """Refuse, before any work, an `out` that is not absent, an empty folder or an existing feature store
-    (which is then replaced whole), or whose parent folder cannot be written."""
+    (whose own files are then replaced; nothing else in it is touched), or whose parent cannot be written."""
     out = Path(out).expanduser()
     allowed = "give a folder that is absent, empty or an existing feature store"
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise DLMScopeError(f"feature store folder {str(out)!r} exists and is not a folder; {allowed}")
-        if any(out.iterdir()) and not ((out / MANIFEST).is_file() and (out / ARRAYS).is_file()):
+        if any(out.iterdir()) and _old_manifest(out) is None:
             raise DLMScopeError(f"feature store folder {str(out)!r} is a non-empty folder that is not a feature "
                                 f"store; {allowed}")
     try:
@@ -136,28 +152,43 @@ def check_store_target(out: str | Path) -> Path:
     return out
 
 
+def _old_arrays(folder: Path, manifest: dict | None) -> list[Path]:
+    """The arrays files an existing store's manifest names (ours to replace); nothing else in the folder."""
+    if manifest is None:
+        return []
+    if manifest.get("version", 0) < 3:
+        return [folder / LEGACY_ARRAYS]
+    name = (manifest.get("arrays") or {}).get("file")
+    return [folder / name] if isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors") else []
+
+
 def _write_folder(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
-    """Write into a sibling temp folder, then swap it in (the old store is removed afterwards)."""
-    from safetensors.torch import save_file
+    """Write the arrays in a fresh temporary folder beside `out`, then swap the store's own files in (module
+    docstring): a new store is renamed into place whole; an existing one keeps every file it did not write."""
+    from safetensors.torch import save as to_bytes
+
+    from ..io_utils import atomic_write_text, json_sha256
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    old = None
+    raw = to_bytes({k: v.contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(raw).hexdigest()
+    arrays = f"store.{digest[:16]}.safetensors"
+    body = {**manifest, "arrays": {"file": arrays, "sha256": digest}}
+    text = json.dumps({**body, "sha256": json_sha256(body)})
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ARRAYS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "store")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old / "store", out)
-        raise
+        (tmp / arrays).write_bytes(raw)
+        if not out.exists():
+            (tmp / MANIFEST).write_text(text)
+            os.replace(tmp, out)
+            return out
+        stale = [p for p in _old_arrays(out, _old_manifest(out)) if p.name != arrays]
+        os.replace(tmp / arrays, out / arrays)
+        atomic_write_text(out / MANIFEST, text)
+        for p in stale:
+            p.unlink(missing_ok=True)
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -270,6 +301,39 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
     return _write_folder(out, tensors, manifest)
 
 
+ARRAY_SHAPES = {"tokens": ("S", "L"), "masked": ("S", "L"), "feature_offsets": ("n+1",), "values": ("nnz",),
+                "positions": ("nnz",), "hist": ("n", None), "top_tokens": ("n", None), "top_logit_ids": ("n", None),
+                "top_logit_values": ("n", None), "bottom_logit_ids": ("n", None), "bottom_logit_values": ("n", None),
+                **{f"stat.{k}": ("n",) for k in ("count", "density", "max_act", "mean_act", "masked_rate",
+                                                  "visible_rate")}}
+"""The arrays a store holds and their shapes (S sequences of L tokens, n latents, nnz non-zero activations)."""
+
+
+def _check_arrays(manifest: dict, t: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError / KeyError unless the arrays agree with the manifest and each other: what every page
+    slices (offsets, positions, token and vocabulary ids) stays in range, and every float is finite."""
+    sizes = {"S": int(manifest["n_seqs"]), "L": int(manifest["context_length"]), "n": int(manifest["n_latents"]),
+             "n+1": int(manifest["n_latents"]) + 1, "nnz": t["values"].numel(), None: None}
+    for name, dims in ARRAY_SHAPES.items():
+        want = [sizes[d] for d in dims]
+        got = list(t[name].shape)
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise ValueError(f"array {name} has shape {got}; expected {[w if w is not None else '*' for w in want]}")
+    offsets, vocab = t["feature_offsets"], len(manifest["vocab"])
+    if int(offsets[0]) != 0 or int(offsets[-1]) != sizes["nnz"] or bool((offsets.diff() < 0).any()):
+        raise ValueError("feature_offsets are not non-decreasing from 0 to the number of activations")
+    if sizes["nnz"] and not 0 <= int(t["positions"].min()) <= int(t["positions"].max()) < sizes["S"] * sizes["L"]:
+        raise ValueError("an activation position lies outside the encoded tokens")
+    for name in ("tokens", "top_logit_ids", "bottom_logit_ids", "top_tokens"):
+        ids = t[name]
+        low = -1 if name == "top_tokens" else 0  # -1 pads a feature's top tokens
+        if ids.numel() and not low <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise ValueError(f"array {name} holds ids outside the stored vocabulary of {vocab}")
+    bad = checks.non_finite(t)
+    if bad is not None:
+        raise ValueError(f"array {bad}")
+
+
 @dataclass
 class FeatureStore:
     """Read side of the store: cheap slices per feature."""
@@ -279,19 +343,39 @@ class FeatureStore:
 
     @classmethod
     def open(cls, folder: str | Path) -> "FeatureStore":
-        from safetensors.torch import load_file
+        """Read and verify a store (module docstring): damage of any kind is one line naming the folder."""
+        from safetensors.torch import load as load_bytes
+
+        from ..io_utils import json_sha256
 
         folder = Path(folder)
-        if not (folder / MANIFEST).is_file() or not (folder / ARRAYS).is_file():
+        if not (folder / MANIFEST).is_file():
             raise DLMScopeError(f"{str(folder)!r} is not a feature store (build one with `dlmscope features build`)")
+        rebuild = "rebuild it with `dlmscope features build`"
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
-            arrays = load_file(str(folder / ARRAYS))
-        except Exception as e:  # any parse failure means the same thing to the user
-            raise DLMScopeError(f"feature store {str(folder)!r} is unreadable: {e}") from None
-        if manifest.get("version") != STORE_VERSION:
-            raise DLMScopeError(f"feature store {str(folder)!r} has version {manifest.get('version')}; this dlmscope "
-                                f"reads version {STORE_VERSION} (rebuild it with `dlmscope features build`)")
+            version = manifest.get("version")
+        except (OSError, ValueError, AttributeError) as e:
+            raise DLMScopeError(f"feature store {str(folder)!r} is unreadable ({e}); {rebuild}") from None
+        if version != STORE_VERSION:
+            raise DLMScopeError(f"feature store {str(folder)!r} has version {version}; this dlmscope reads version "
+                                f"{STORE_VERSION} ({rebuild})")
+        body = {k: v for k, v in manifest.items() if k != "sha256"}
+        files = _old_arrays(folder, manifest)
+        if manifest.get("sha256") != json_sha256(body) or not files:
+            raise DLMScopeError(f"feature store {str(folder / MANIFEST)!r} is damaged (checksum mismatch); {rebuild}")
+        try:
+            raw = files[0].read_bytes()
+        except OSError as e:
+            raise DLMScopeError(f"feature store {str(files[0])!r} is unreadable: {e.strerror or e}; {rebuild}") from None
+        if hashlib.sha256(raw).hexdigest() != manifest["arrays"].get("sha256"):
+            raise DLMScopeError(f"feature store {str(files[0])!r} is damaged (checksum mismatch); {rebuild}")
+        try:
+            arrays = load_bytes(raw)
+            _check_arrays(manifest, arrays)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DLMScopeError(f"feature store {str(folder)!r} is inconsistent: {str(e).splitlines()[0]}; "
+                                f"{rebuild}") from None
         return cls(manifest, arrays)
 
     @property

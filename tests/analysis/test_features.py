@@ -1,6 +1,7 @@
 """The explorer's feature store: statistics against a brute-force recomputation, layout, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,88 @@ def test_build_out_refuses_what_is_not_a_store(llada, tiny_dirs, tiny_sae, rows,
     assert FeatureStore.open(tmp_path / "empty").manifest["n_seqs"] == 2
     with pytest.raises(DLMScopeError, match="not a feature store"):
         build_feature_store(llada, tiny_sae, rows, notes, FeatureStoreConfig(n_seqs=2))
+
+
+def _reseal(folder, arrays=None, **manifest_changes):
+    """Rewrite a store the way a buggy writer (or a careful vandal) would: its checksums re-recorded, so only the
+    structural checks can tell."""
+    import hashlib
+
+    from safetensors.torch import save as to_bytes
+
+    from dlmscope.io_utils import json_sha256
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if arrays is not None:
+        raw = to_bytes(arrays)
+        (folder / manifest["arrays"]["file"]).write_bytes(raw)
+        manifest["arrays"]["sha256"] = hashlib.sha256(raw).hexdigest()
+    manifest.update(manifest_changes)
+    manifest.pop("sha256")
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "sha256": json_sha256(manifest)}))
+
+
+def _arrays(folder):
+    from safetensors.torch import load_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return dict(load_file(str(folder / manifest["arrays"]["file"])))
+
+
+@pytest.fixture
+def store_copy(llada, tiny_sae, rows, tmp_path):
+    return build_feature_store(llada, tiny_sae, rows, tmp_path / "store", FeatureStoreConfig(n_seqs=6))
+
+
+def test_store_damage_is_one_line_on_open(store_copy):
+    """Checksums catch accidental damage; structural checks catch consistent-looking nonsense."""
+    folder = store_copy
+    manifest = json.loads((folder / "manifest.json").read_text())
+    arrays_file = folder / manifest["arrays"]["file"]
+    good = arrays_file.read_bytes()
+    raw = bytearray(good)
+    raw[-5] ^= 0x10  # a flipped bit in `values` (or whatever lies last)
+    arrays_file.write_bytes(bytes(raw))
+    with pytest.raises(DLMScopeError, match=r"store\.[0-9a-f]{16}\.safetensors' is damaged \(checksum mismatch\)"):
+        FeatureStore.open(folder)
+    arrays_file.write_bytes(good)
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "vocab": manifest["vocab"][:10]}))
+    with pytest.raises(DLMScopeError, match=r"manifest.json' is damaged \(checksum mismatch\)"):
+        FeatureStore.open(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    FeatureStore.open(folder)
+    pristine = {k: v.clone() for k, v in _arrays(folder).items()}  # load_file maps the file we rewrite
+    cases = [("values", float("nan"), r"array values \(1 of \d+ values NaN/inf\)"),
+             ("feature_offsets", 10**9, "feature_offsets are not non-decreasing"),
+             ("positions", 10**9, "an activation position lies outside the encoded tokens")]
+    for name, value, message in cases:
+        arrays = {k: v.clone() for k, v in pristine.items()}
+        arrays[name][5] = value
+        _reseal(folder, arrays)
+        with pytest.raises(DLMScopeError, match=f"is inconsistent: {message}"):
+            FeatureStore.open(folder)
+    _reseal(folder, pristine, vocab=manifest["vocab"][:10])
+    with pytest.raises(DLMScopeError, match="holds ids outside the stored vocabulary of 10"):
+        FeatureStore.open(folder)
+
+
+def test_rebuild_touches_only_the_store_files(llada, tiny_dirs, tiny_sae, rows, tmp_path, capsys):
+    """`features build --out STORE` over an existing store: the user's files in it stay, byte for byte; the old
+    arrays file goes, the new store opens."""
+    from dlmscope.cli import main
+    from dlmscope.sae import save_sae
+
+    sae_dir = save_sae(tiny_sae, tmp_path / "sae")
+    out = tmp_path / "store"
+    argv = ["features", "build", "--sae", str(sae_dir), "--model", str(tiny_dirs["llada"]), "--out", str(out),
+            "--context-length", "16", "--batch-size", "4"]
+    main([*argv, "--n-seqs", "3"])
+    old_arrays = {p.name for p in out.glob("store.*.safetensors")}
+    mine = {"mynotes.txt": b"keep me", "store.pt": b"\x80\x04not ours", "splice.json": b"{}"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    main([*argv, "--n-seqs", "5"])
+    assert "written to" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    assert FeatureStore.open(out).manifest["n_seqs"] == 5 and not old_arrays & {p.name for p in out.glob("store.*")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "store"]  # no temporaries left beside it

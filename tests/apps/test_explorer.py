@@ -377,3 +377,18 @@ def test_diff_page_lists_specific_latents_with_examples(llada, tokenizer, tmp_pa
     monkeypatch.setenv("DLMSCOPE_DIFF", str(tmp_path / "nope.json"))
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert "cannot read diff report" in at.error[0].value
+
+
+def test_damaged_store_is_a_page_error(env, monkeypatch, tmp_path):
+    """A flipped bit in the store's arrays (or an edited manifest) is an error on the page, never a traceback."""
+    store = Path(shutil.copytree(env["DLMSCOPE_STORE"], tmp_path / "store"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    arrays = store / manifest["arrays"]["file"]
+    raw = bytearray(arrays.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    arrays.write_bytes(bytes(raw))
+    at = _app(env, monkeypatch, {"DLMSCOPE_STORE": store}, page="feature", feature="3")
+    assert not at.exception and "is damaged (checksum mismatch)" in at.error[0].value
+    (store / "manifest.json").write_text(json.dumps({**manifest, "vocab": manifest["vocab"][:5]}))
+    at = _app(env, monkeypatch, {"DLMSCOPE_STORE": store}, page="list")
+    assert not at.exception and "manifest.json' is damaged" in at.error[0].value
