@@ -3,6 +3,7 @@ one-line `DLMScopeError` naming the bad value and what is allowed, before any ex
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -180,6 +181,21 @@ def writable_file(name: str, path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise DLMScopeError(f"{name}={str(path)!r} is a folder; give a file path")
     _probe_folder(name, path.parent, path)
+    return path
+
+
+def result_file(name: str, path: str | os.PathLike, keys: Iterable[str]) -> Path:
+    """A JSON result file a command may write: `writable_file`, and when it exists, a result of that command (a JSON
+    object holding all `keys`): a user's file that happens to have the name is never overwritten."""
+    path = writable_file(name, path)
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not (isinstance(data, dict) and set(keys) <= data.keys()):
+            raise DLMScopeError(f"{name}={str(path)!r} exists and is not a result this command wrote; it is not "
+                                "overwritten: remove it or give another path")
     return path
 
 

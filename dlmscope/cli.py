@@ -260,7 +260,7 @@ def eval_splice(
                        n_seqs, seed=seed)
     checks.positive("--context-length", context_length)
     if out:
-        checks.writable_file("--out", out)
+        checks.result_file("--out", out, ("hook", "config", "bins"))
     lm = load_model(model, device=device)
     result = splice_eval(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length), cfg)
     typer.echo(splice_table(result))
@@ -396,7 +396,7 @@ def steer(
     checks.number("--temperature", temperature, 0)
     check_threshold(threshold)
     if out:
-        checks.writable_file("--out", out)
+        checks.result_file("--out", out, ("feature", "steered", "unsteered"))
     if sampler_schedule is not None:
         get_schedule(sampler_schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)
@@ -457,7 +457,7 @@ def order(
     checks.non_negative("--heldout", heldout)
     check_threshold(threshold)
     if out:
-        checks.writable_file("--out", out)
+        checks.result_file("--out", out, ("dynamics", "task", "heldout_nll"))
     if schedule is not None:
         get_schedule(schedule)  # bad names fail before anything loads
     lm = load_model(model, device=device)

@@ -111,7 +111,12 @@ BAD_INPUT = {  # class of input -> (args, substring of the one error line); {fil
                     (["eval-splice", *SAE, "--out", "{file}/s.json"], "is a file, not a folder"),
                     (["order", *SAE, "--out", "{dir}"], "is a folder"),
                     (["steer", *SAE, "--feature", "1", "--out", "{dir}"], "is a folder"),
-                    (["stability", *SAE, "--checkpoints", "a,b", "--out", "{file}"], "--out='{file}' is a file")],
+                    (["stability", *SAE, "--checkpoints", "a,b", "--out", "{file}"], "--out='{file}' is a file"),
+                    (["eval-splice", *SAE, "--out", "{file}"], "--out='{file}' exists and is not a result this command"),
+                    (["steer", *SAE, "--feature", "1", "--out", "{file}"], "exists and is not a result this command"),
+                    (["order", *SAE, "--out", "{file}"], "exists and is not a result this command"),
+                    (["evaluate", "tiny-dlm-L3-k32", "--out", "{file}"], "--out='{file}' is a file"),
+                    (["experts", "/no/such/moe", "--out", "{file}"], "--out='{file}' is a file")],
     "config file": [(["train-sae", "--config", "{tmp}/broken.yaml"], "is not valid YAML/JSON at line 2"),
                     (["train-sae", "--config", "{tmp}/typed.yaml"], "lr='fast' must be a finite number"),
                     (["train-sae", "--config", "{tmp}/list.yaml"], "must hold a mapping"),
@@ -240,3 +245,18 @@ def test_generate_blocks_command(tmp_path, tokenizer, capsys):
         main(["generate-blocks", str(dense)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "not a block-diffusion model" in err and len(err.splitlines()) == 1
+
+
+def test_eval_splice_out_replaces_only_its_own_result(tmp_path, capsys):
+    """`eval-splice --out notes.txt` never overwrites a user's file; its own earlier result it replaces."""
+    notes, result = tmp_path / "notes.txt", tmp_path / "splice.json"
+    notes.write_text("my notes")
+    argv = ["eval-splice", "--sae", "tiny-dlm-L1-k32", "--t-bins", "0.5", "--n-seqs", "2", "--context-length", "16"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(notes)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "exists and is not a result this command wrote" in err and len(err.splitlines()) == 1
+    assert notes.read_text() == "my notes"
+    main([*argv, "--out", str(result)])
+    main([*argv, "--seed", "1", "--out", str(result)])
+    assert json.loads(result.read_text())["config"]["seed"] == 1
