@@ -9,6 +9,7 @@ import torch
 from ..errors import DLMScopeError
 from .base import FAMILIES, ForwardState, LoadedModel, Site
 from .checkpoint import read_config, resolve_dtype
+from .verify import check_model_type, check_weight_files
 from .zoo import BUILTIN, DEFAULT_AR_MODEL, DEFAULT_MODEL, builtin_path
 
 BACKENDS = ("native", "remote")
@@ -71,6 +72,8 @@ def load_model(
         )
     config = read_config(folder)
     family = family or detect_family(config)
+    check_weight_files(folder)
+    check_model_type(config, family, folder)
     display = name if name in BUILTIN else folder.name
     if backend == "remote":
         from .remote import load_remote
@@ -104,6 +107,25 @@ def load_model(
         return load_causal(folder, device, torch_dtype, display, device_map=device_map)
     raise DLMScopeError(f"family {family!r} cannot be loaded from a folder; pass the HookedTransformer object itself")
 
+
+def _verified(load):
+    """`load_model` refusing, in one line, a model whose mask id lies outside its vocabulary or whose weights hold
+    NaN/inf (`models.verify.check_loaded`); a LoadedModel passed through is not checked again."""
+    import functools
+
+    from .verify import check_loaded
+
+    @functools.wraps(load)
+    def verified(path_or_name, *args, **kwargs) -> LoadedModel:
+        lm = load(path_or_name, *args, **kwargs)
+        if lm is not path_or_name:
+            check_loaded(lm)
+        return lm
+
+    return verified
+
+
+load_model = _verified(load_model)
 
 __all__ = ["load_model", "LoadedModel", "ForwardState", "Site", "FAMILIES", "BUILTIN", "DEFAULT_MODEL",
            "DEFAULT_AR_MODEL", "detect_family"]

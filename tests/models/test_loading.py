@@ -369,3 +369,64 @@ def test_truncated_tokenizer_and_bad_head_counts_are_one_line(tiny_dirs, tmp_pat
         cfg = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
         _one_line_error(lambda: load_model(folder), message)
+
+
+def _copy(folder, to):
+    import shutil
+
+    return shutil.copytree(folder, to)
+
+
+def _info_fails(folder, capsys) -> str:
+    from dlmscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(folder), "--gen-length", "4", "--steps", "4"])
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and not out.out, (out.out, err)
+    return err
+
+
+def test_pickled_only_causal_folder_is_refused_unread(tiny_dirs, tmp_path, capsys):
+    """A causal folder with only pytorch_model.bin: one line, and the pickle is never opened (it would run code)."""
+    import pickle
+
+    folder = _copy(tiny_dirs["causal"], tmp_path / "pickled")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    assert "holds only pickled weights (pytorch_model.bin)" in _info_fails(folder, capsys)
+    assert not marker.exists()
+
+
+def test_unknown_model_type_is_one_line(tiny_dirs, tmp_path, capsys):
+    folder = _copy(tiny_dirs["causal"], tmp_path / "odd")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "no_such_arch"}))
+    assert "model_type='no_such_arch', which neither dlmscope" in _info_fails(folder, capsys)
+
+
+def test_mask_id_past_the_vocabulary_is_refused_at_load(tiny_dirs, tmp_path, capsys):
+    folder = _copy(tiny_dirs["llada"], tmp_path / "mask")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mask_token_id": config["vocab_size"] + 7}))
+    assert f"mask_token_id={config['vocab_size'] + 7} lies outside its vocabulary" in _info_fails(folder, capsys)
+
+
+def test_nan_weight_is_refused_at_load(tiny_dirs, tmp_path, capsys):
+    """A checkpoint holding one NaN used to generate an empty continuation with exit code 0."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tiny_dirs["llada"], tmp_path / "nan")
+    weights = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("ff_out.weight") or k.endswith("wte.weight"))
+    weights[key][3, 2] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"))
+    err = _info_fails(folder, capsys)
+    assert "is unusable: tensor" in err and "(1 of" in err
