@@ -89,8 +89,8 @@ def finite_tensors(what: str, tensors: Mapping[str, Any]) -> None:
 
 def choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     allowed = list(allowed)
-    if value not in allowed:
-        raise DLMScopeError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+    if value not in allowed:  # an empty choice means "the default": say so instead of listing nothing
+        raise DLMScopeError(f"{name}={value!r}; allowed: {', '.join(a or repr(a) + ' (the default)' for a in allowed)}")
     return value
 
 

@@ -250,8 +250,9 @@ def eval_splice(
     device: str = DeviceOpt,
 ) -> None:
     """Cross-entropy impact of splicing an SAE into the model (DLM: per mask-ratio bin)."""
-    from .analysis.splice import SpliceConfig, splice_eval, splice_table
+    from .analysis.splice import SpliceConfig, check_sae_model, splice_eval, splice_table
     from .data import heldout_rows
+    from .diffusion.sampler import check_context_length
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
@@ -261,8 +262,11 @@ def eval_splice(
     checks.positive("--context-length", context_length)
     if out:
         checks.result_file("--out", out, ("hook", "config", "bins"))
+    the_sae = load_sae(sae, device=device)
+    check_sae_model(the_sae, model)  # before the model loads
     lm = load_model(model, device=device)
-    result = splice_eval(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length), cfg)
+    check_context_length(lm, context_length, "--context-length")
+    result = splice_eval(lm, the_sae, heldout_rows(lm.tokenizer, context_length), cfg)
     typer.echo(splice_table(result))
     if out:
         atomic_write_json(out, result)
@@ -288,6 +292,7 @@ def evaluate_cmd(
 
     from .analysis.evaluate import EvaluateConfig, evaluate_sae_suite, summary_rows, write_report
     from .data import heldout_rows
+    from .diffusion.sampler import check_context_length
     from .models import load_model
     from .sae import load_sae
 
@@ -304,6 +309,7 @@ def evaluate_cmd(
     out_dir = checks.writable_folder("--out", out or f"eval-{Path(sae).name}")  # before the evaluation runs
     sae_obj = load_sae(sae, device=device)
     lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, device=device)
+    check_context_length(lm, context_length, "--context-length")
     result = evaluate_sae_suite(lm, sae_obj, heldout_rows(lm.tokenizer, context_length), cfg)
     path = write_report(result, out_dir)
     typer.echo("| t | FVU masked | FVU visible | L0 masked | L0 visible | ΔCE (all positions) |\n|---|---|---|---|---|---|")
@@ -333,6 +339,7 @@ def cache_cmd(
     """Write activations to sharded safetensors with a checksummed manifest."""
     from .activations import POLICIES, ActivationSource, read_manifest, write_cache
     from .data import load_texts, pack
+    from .diffusion.sampler import check_context_length
     from .models import load_model
     from .models.checkpoint import resolve_dtype
 
@@ -348,8 +355,10 @@ def cache_cmd(
     checks.positive("--context-length", context_length)
     checks.seed("--seed", seed)
     store_dtype = resolve_dtype(dtype)
+    texts = load_texts(dataset)  # a bad dataset fails before the model loads
     lm = load_model(model, device=device)
-    rows = pack(lm.tokenizer, load_texts(dataset), context_length)
+    check_context_length(lm, context_length, "--context-length")
+    rows = pack(lm.tokenizer, texts, context_length)
     src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy or None, t_range=(t_min, t_max),
                            seqs_per_batch=seqs_per_forward, seed=seed)
     folder = write_cache(src, out, batches or None, dtype=store_dtype)
@@ -578,6 +587,7 @@ def _build_store(sae_name: str, model: Optional[str], out: Optional[str], cfg, d
 
     from .analysis.features import build_feature_store, check_store_target
     from .data import heldout_rows
+    from .diffusion.sampler import check_context_length
     from .models import load_model
     from .sae import load_sae
 
@@ -586,6 +596,7 @@ def _build_store(sae_name: str, model: Optional[str], out: Optional[str], cfg, d
     sae = load_sae(sae_name, device=device)
     model = model or sae.cfg.model_name or DEFAULT_MODEL
     lm = load_model(model, device=device)
+    check_context_length(lm, cfg.context_length)
     ref = lambda name: str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name  # noqa: E731
     t0 = time.perf_counter()
     folder = build_feature_store(lm, sae, heldout_rows(lm.tokenizer, cfg.context_length),

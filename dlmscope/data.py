@@ -212,7 +212,7 @@ def load_texts(source: str = "builtin", split: str = "train", column: str = "tex
         if suffix in TEXT_SUFFIXES and not path.is_file():
             raise DLMScopeError(f"text file {source!r} does not exist")
         if suffix == ".txt":
-            texts = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
+            texts = [p.strip() for p in re.split(r"\n\s*\n", _utf8_text(path)) if p.strip()]
         elif suffix in TEXT_SUFFIXES or path.is_dir() or not path.suffix or not path.exists():
             texts = _dataset_texts(path, source, split, column)
         else:
@@ -221,6 +221,14 @@ def load_texts(source: str = "builtin", split: str = "train", column: str = "tex
     if not texts:
         raise DLMScopeError(f"text source {source!r} (split {split!r}) has no non-empty texts")
     return texts[:limit]
+
+
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DLMScopeError(f"text file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start}); give a .txt, .jsonl or .parquet file of text") from None
 
 
 def _offline() -> ExitStack:
@@ -232,6 +240,9 @@ def _offline() -> ExitStack:
     stack.enter_context(mock.patch.dict(os.environ, {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}))
     stack.enter_context(mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True))
     stack.enter_context(mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True))
+    if datasets.is_progress_bar_enabled():  # "Generating train split" bars are noise before a possible one-line error
+        datasets.disable_progress_bars()
+        stack.callback(datasets.enable_progress_bars)
     return stack
 
 

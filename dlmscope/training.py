@@ -353,6 +353,7 @@ class DictionaryRun:
 
     def setup(self) -> None:
         from .data import pack
+        from .diffusion.sampler import check_context_length
         from .models import load_model
 
         cfg, dist = self.cfg, self.dist
@@ -368,12 +369,13 @@ class DictionaryRun:
             train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
             model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
         else:
+            train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)  # a bad dataset fails before the model
             lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
             for h in self.hooks:
                 lm.site(h)
             if lm.tokenizer is None:
                 raise DLMScopeError(f"model {cfg.model!r} has no tokenizer; train from a cache (--cache) instead")
-            train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)
+            check_context_length(lm, cfg.context_length)
             train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
             eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
             common = dict(policy=cfg.policy or None, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)

@@ -336,6 +336,13 @@ def diff(cfg: DiffConfig) -> dict:
     from ..sae.crosscoder import load_crosscoder
     from ..training import split_texts
 
+    if not cfg.cache:  # checkpoints of different families fail before any of them loads
+        from ..models.verify import peek_family
+
+        families = {c: peek_family(c) for c in cfg.checkpoint_list()}
+        if len(set(families.values())) > 1:
+            raise DLMScopeError(f"checkpoints differ in family: {', '.join(f'{c} ({f})' for c, f in families.items())}"
+                                "; model diffing compares checkpoints of one architecture")
     run = DiffRun(cfg)
     result = run.run()
     if result.interrupted:

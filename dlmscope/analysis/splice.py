@@ -11,6 +11,7 @@ mean ablation uses the hook's mean activation on the same bin's corrupted inputs
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,6 +68,17 @@ def check_sae_matches(lm: LoadedModel, sae, other_model_ok: bool = False) -> str
     if not other_model_ok and recorded and recorded != lm.name and not str(lm.name).endswith(str(recorded)):
         raise DLMScopeError(f"SAE was trained on model {recorded!r}, not {lm.name!r} (hook {hook})")
     return hook
+
+
+def check_sae_model(sae, model: str) -> None:
+    """Before `model` (a built-in name or folder) loads: the SAE was trained on it (`check_sae_matches` repeats the
+    check on the loaded model, with its hook and width)."""
+    from ..models.zoo import BUILTIN
+
+    name = model if model in BUILTIN else Path(model).expanduser().name
+    recorded = sae.cfg.model_name
+    if recorded and recorded != name and not name.endswith(str(recorded)):
+        raise DLMScopeError(f"SAE was trained on model {recorded!r}, not {name!r} (hook {sae.cfg.hook_name})")
 
 
 def draw_masks(lm: LoadedModel, x0: torch.Tensor, t: float | None, seed: int, bin_index: int, start: int):

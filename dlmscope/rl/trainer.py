@@ -286,10 +286,13 @@ class RLRun:
         """Load policy (LoRA-wrapped if asked) and reference, the optimiser and prompts; restore state on --resume."""
         from ..analysis.stability import check_compatible
         from ..models import load_model
+        from ..models.verify import peek_family
 
         cfg = self.cfg
         if cfg.resume and not has_state(self.out, STATE):
             raise DLMScopeError(f"--resume given but {str(self.out)!r} holds no trainer state ({STATE}.json)")
+        if peek_family(cfg.model) != "llada":  # before anything loads
+            raise DLMScopeError(f"RL writes LLaDA-format checkpoints; {cfg.model} is a {peek_family(cfg.model)} model")
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
         self.policy = load_model(cfg.model, device=cfg.device)
         if self.policy.family != "llada":
