@@ -88,6 +88,7 @@ class RunFolder:
         self.path = Path(path)
         self.resume = resume
         self.created = False
+        self.parents_created: list[Path] = []
         self._fd: int | None = None
 
     def __enter__(self) -> RunFolder:
@@ -100,6 +101,7 @@ class RunFolder:
     def acquire(self) -> None:
         try:
             self.created = not self.path.exists()
+            self.parents_created = [p for p in self.path.parents if not p.exists()]  # e.g. runs/, removed with it
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
         except OSError as e:
@@ -162,6 +164,11 @@ class RunFolder:
         self._fd = None
         if remove:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.parents_created:  # innermost first; one that gained other contents stays
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 # ------------------------------------------------------------------------------------ resume state

@@ -367,6 +367,10 @@ class DictionaryRun:
                 raise DLMScopeError(f"cache {cfg.cache!r} has {n_shards} shard(s); training needs at least "
                                     f"{1 + dist.world} (one held out, one per process)")
             train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
+            tokens = sum(s["tokens"] for s in train_src.shards)
+            if tokens < cfg.batch_size // dist.world:
+                raise DLMScopeError(f"cache {cfg.cache!r} holds {tokens} training vectors (the last shard is held out), "
+                                    f"fewer than one batch of {cfg.batch_size}; lower --batch-size or cache more batches")
             model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
         else:
             train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)  # a bad dataset fails before the model
