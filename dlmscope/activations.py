@@ -133,8 +133,8 @@ class ShuffleBuffer:
             self.epoch, self.index = self.epoch + 1, 0
             self._refill()
         if self._size() < self.batch_size:
-            raise DLMScopeError(f"the activation source yields {self._size()} vectors per pass, fewer than one batch of "
-                                f"{self.batch_size}; lower the batch size or give more data")
+            raise DLMScopeError(f"the activation source yields {self._size()} vectors per pass, fewer than one "
+                                f"batch of {self.batch_size}; lower the batch size or give more data")
         n, b = self._size(), self.batch_size
         take = torch.randperm(n, generator=self.gen)[:b]
         out = ActivationBatch({h: a[take] for h, a in self.acts.items()}, {k: v[take] for k, v in self.info.items()})

@@ -369,8 +369,9 @@ class DictionaryRun:
             train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
             tokens = sum(s["tokens"] for s in train_src.shards)
             if tokens < cfg.batch_size // dist.world:
-                raise DLMScopeError(f"cache {cfg.cache!r} holds {tokens} training vectors (the last shard is held out), "
-                                    f"fewer than one batch of {cfg.batch_size}; lower --batch-size or cache more batches")
+                raise DLMScopeError(f"cache {cfg.cache!r} holds {tokens} training vectors (the last shard is held "
+                                    f"out), fewer than one batch of {cfg.batch_size}; lower --batch-size or cache "
+                                    "more batches")
             model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
         else:
             train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)  # a bad dataset fails before the model
@@ -505,8 +506,8 @@ class DictionaryRun:
             ranks = [None] * self.dist.world
             tdist.all_gather_object(ranks, mine)
         if self.dist.main:
-            checks.finite_tensors(f"refusing to checkpoint {str(self.folder)!r}",
-                                  {f"{k}.{n}": p for k, t in self.trainers.items() for n, p in t.sae.state_dict().items()})
+            weights = {f"{k}.{n}": p for k, t in self.trainers.items() for n, p in t.sae.state_dict().items()}
+            checks.finite_tensors(f"refusing to checkpoint {str(self.folder)!r}", weights)
             atomic_write_json(self.folder / "config.json", asdict(self.cfg))
             save_state(self.folder, self.state_name, {
                 "step": self.steps_done, "history": self.history, "config": asdict(self.cfg), "ranks": ranks,

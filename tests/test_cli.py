@@ -112,7 +112,7 @@ BAD_INPUT = {  # class of input -> (args, substring of the one error line); {fil
                     (["order", *SAE, "--out", "{dir}"], "is a folder"),
                     (["steer", *SAE, "--feature", "1", "--out", "{dir}"], "is a folder"),
                     (["stability", *SAE, "--checkpoints", "a,b", "--out", "{file}"], "--out='{file}' is a file"),
-                    (["eval-splice", *SAE, "--out", "{file}"], "--out='{file}' exists and is not a result this command"),
+                    (["eval-splice", *SAE, "--out", "{file}"], "--out='{file}' exists and is not a result"),
                     (["steer", *SAE, "--feature", "1", "--out", "{file}"], "exists and is not a result this command"),
                     (["order", *SAE, "--out", "{file}"], "exists and is not a result this command"),
                     (["evaluate", "tiny-dlm-L3-k32", "--out", "{file}"], "--out='{file}' is a file"),

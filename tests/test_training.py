@@ -470,7 +470,8 @@ def test_divergence_keeps_the_last_good_checkpoint_and_saves_nothing(nan_cache, 
     folder, damage = nan_cache
     damage(3, 1e30)
     err = _cli_fails(_cache_run(folder, tmp_path / "runs", "--checkpoint-every", "1"), capsys)
-    assert "training stopped: blocks.1.hook_resid_post-k4: non-finite" in err and "the last good checkpoint (step" in err
+    assert "training stopped: blocks.1.hook_resid_post-k4: non-finite" in err
+    assert "the last good checkpoint (step" in err
     step = int(err.split("the last good checkpoint (step ")[1].split(")")[0])
     state = load_state(tmp_path / "runs" / "run", "checkpoint")
     assert state["step"] == step >= 1 and not (tmp_path / "runs" / "run" / "saes").exists()

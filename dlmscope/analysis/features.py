@@ -159,7 +159,8 @@ def _old_arrays(folder: Path, manifest: dict | None) -> list[Path]:
     if manifest.get("version", 0) < 3:
         return [folder / LEGACY_ARRAYS]
     name = (manifest.get("arrays") or {}).get("file")
-    return [folder / name] if isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors") else []
+    ours = isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors")  # no paths
+    return [folder / name] if ours else []
 
 
 def _write_folder(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
@@ -367,7 +368,8 @@ class FeatureStore:
         try:
             raw = files[0].read_bytes()
         except OSError as e:
-            raise DLMScopeError(f"feature store {str(files[0])!r} is unreadable: {e.strerror or e}; {rebuild}") from None
+            raise DLMScopeError(f"feature store {str(files[0])!r} is unreadable: {e.strerror or e}; "
+                                f"{rebuild}") from None
         if hashlib.sha256(raw).hexdigest() != manifest["arrays"].get("sha256"):
             raise DLMScopeError(f"feature store {str(files[0])!r} is damaged (checksum mismatch); {rebuild}")
         try:

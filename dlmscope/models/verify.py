@@ -60,5 +60,6 @@ def peek_family(name: str) -> str:
 
     folder = builtin_path(name) if name in BUILTIN else Path(name).expanduser()
     if not folder.is_dir():
-        raise DLMScopeError(f"model {name!r} is neither a checkpoint folder nor a built-in model ({', '.join(BUILTIN)})")
+        raise DLMScopeError(f"model {name!r} is neither a checkpoint folder nor a built-in model "
+                            f"({', '.join(BUILTIN)})")
     return detect_family(read_config(folder))

@@ -244,7 +244,8 @@ class SAETrainer:
         torchrun every process sees the same averaged gradients, so all stop at the same step."""
         params = {**dict(self.sae.named_parameters()), **dict(self.sae.named_buffers())}
         params = {n: p for n, p in params.items() if p.is_floating_point()}
-        if bool(torch.stack([loss.detach().isfinite().all(), *(p.detach().isfinite().all() for p in params.values())]).all()):
+        flags = [loss.detach().isfinite().all(), *(p.detach().isfinite().all() for p in params.values())]
+        if bool(torch.stack(flags).all()):
             return
         what = "loss" if not bool(loss.detach().isfinite()) else f"weight {checks.non_finite(params)}"
         raise NonFiniteError(f"non-finite {what} after step {self.step_count + 1}")

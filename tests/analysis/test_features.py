@@ -1,7 +1,6 @@
 """The explorer's feature store: statistics against a brute-force recomputation, layout, errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
