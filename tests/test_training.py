@@ -130,16 +130,16 @@ def test_train_from_cache(llada, tiny_dirs, text, tmp_path):
     rows = pack(llada.tokenizer, load_texts(str(text)), 32)
     src = ActivationSource(llada, ["blocks.1.hook_resid_post"], rows.input_ids, rows.doc_ids, seqs_per_batch=8)
     write_cache(src, tmp_path / "cache", n_batches=6, progress=False)
-    result = train_sae(_cfg(tiny_dirs, text, tmp_path, cache=str(tmp_path / "cache"), layers="1", k="4",
+    result = train_sae(_cfg(tiny_dirs, text, tmp_path, activation_cache=str(tmp_path / "cache"), layers="1", k="4",
                             total_tokens=256 * 4))
     sae = load_sae(next(iter(result.saes.values())))
     assert sae.cfg.metadata["model_name"] == llada.name and sae.cfg.metadata["masking_policy"] == "mask"
     with pytest.raises(DLMScopeError, match="lacks hooks"):
-        train_sae(_cfg(tiny_dirs, text, tmp_path, cache=str(tmp_path / "cache"), layers="0", name="x"))
+        train_sae(_cfg(tiny_dirs, text, tmp_path, activation_cache=str(tmp_path / "cache"), layers="0", name="x"))
     shard = tmp_path / "cache" / "shard-00002.safetensors"
     shard.write_bytes(b"garbage" + shard.read_bytes()[7:])
     with pytest.raises(DLMScopeError, match="missing or corrupt"):
-        train_sae(_cfg(tiny_dirs, text, tmp_path, cache=str(tmp_path / "cache"), layers="1", name="y"))
+        train_sae(_cfg(tiny_dirs, text, tmp_path, activation_cache=str(tmp_path / "cache"), layers="1", name="y"))
 
 
 def _digest(folder) -> dict:
