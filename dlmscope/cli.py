@@ -32,6 +32,23 @@ SamplerScheduleOpt = typer.Option(None, help="Sampler schedule (tokens revealed 
                                   "(Dream's 1 - s/t).", show_default="the model family's own")
 PromptOpt = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch.")
 ModelArg = typer.Argument(None, hidden=True, help="Deprecated: use --model.")
+def _policy_choices():
+    """The activation policies as a CLI choice type (the list lives in `dlmscope.activations`)."""
+    from typing import Literal
+
+    from .options import policy_names
+
+    return Literal.__getitem__(policy_names())
+
+
+def _task_choices():
+    from typing import Literal
+
+    from .tasks import TASKS
+
+    return Literal.__getitem__((*TASKS, "none"))
+
+
 SAMPLING_ALIASES = {"--cache": "--kv-cache", "--schedule": "--sampler-schedule"}
 """Spellings of older releases, read with a warning for one release."""
 
@@ -85,7 +102,7 @@ def generate(
                                              show_default="off"),
     eps: float = typer.Option(1e-3, help="Dream schedule's final time: t runs linspace(1, eps, steps + 1)."),
     seed: int = typer.Option(0, help="Random seed."),
-    history: bool = typer.Option(False, "--history", help="Print the sequence after every step."),
+    history: bool = typer.Option(False, help="Print the sequence after every step."),
     threshold: Optional[float] = ThresholdOpt,
     kv_cache: Optional[str] = KVCacheOpt,
     device: str = DeviceOpt,
@@ -226,7 +243,7 @@ def eval_splice(
     with_error: bool = typer.Option(False, help="Add the reconstruction error back."),
     n_seqs: int = typer.Option(64, help="Held-out sequences per bin."),
     context_length: int = typer.Option(128, help="Tokens per sequence."),
-    out: Optional[str] = typer.Option(None, help="Write the result JSON here.", show_default="not written"),
+    out: Optional[str] = typer.Option(None, help="Output JSON file of the result.", show_default="not written"),
     seed: int = typer.Option(0, help="Mask seed."),
     device: str = DeviceOpt,
 ) -> None:
@@ -255,7 +272,7 @@ def evaluate_cmd(
     sae_arg: Optional[str] = typer.Argument(None, hidden=True, help="Deprecated: use --sae."),
     sae: Optional[str] = typer.Option(None, help="SAE: a registry name or a folder.", show_default="required"),
     model: Optional[str] = SaeModelOpt,
-    out: Optional[str] = typer.Option(None, help="Folder for evaluation.json / .html.",
+    out: Optional[str] = typer.Option(None, help="Output folder for evaluation.json / .html.",
                                       show_default="eval-<SAE name>"),
     n_seqs: int = typer.Option(64, help="Held-out sequences for core metrics and t-curves."),
     t_bins: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated mask ratios."),
@@ -302,11 +319,11 @@ def evaluate_cmd(
 @app.command("cache", cls=alias_command({"--dtype": "--store-dtype"}))
 def cache_cmd(
     out_arg: Optional[str] = typer.Argument(None, hidden=True, help="Deprecated: use --out."),
-    out: Optional[str] = typer.Option(None, help="Cache folder (resumable: complete shards are kept).",
+    out: Optional[str] = typer.Option(None, help="Output folder of the cache (resumable: complete shards are kept).",
                                       show_default="required"),
     model: str = ModelOpt,
     layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
-    policy: Optional[str] = typer.Option(None, help="Positions whose activations are cached: mask, unmask, all or "
+    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, unmask, all or "
                                          "clean.", show_default="mask for DLMs, clean for causal models"),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
     t_max: float = typer.Option(0.5, help="Highest mask ratio."),
@@ -359,7 +376,7 @@ def steer(
     scale: str = typer.Option("max", help="max or fixed."),
     steer_steps: str = typer.Option("all", help="Denoising steps that are steered: all, first:FRACTION, or "
                                     "comma-separated steps (formerly --schedule, deprecated)."),
-    positions: str = typer.Option("all", help="all, masked, generated or top:N."),
+    positions: str = typer.Option("all", help="Positions that are steered: all, masked, generated or top:N."),
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (DLMs)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
@@ -369,7 +386,7 @@ def steer(
                                  "judge's ELBO."),
     ar_judge: str = typer.Option(DEFAULT_AR_MODEL, help="Autoregressive model whose perplexity scores fluency."),
     dlm_judge: str = typer.Option(DEFAULT_MODEL, help="Diffusion model whose ELBO (NLL per token) scores the texts."),
-    out: Optional[str] = typer.Option(None, help="Write the comparison JSON here.", show_default="not written"),
+    out: Optional[str] = typer.Option(None, help="Output JSON file of the comparison.", show_default="not written"),
     threshold: Optional[float] = ThresholdOpt,
     kv_cache: Optional[str] = KVCacheOpt,
     device: str = DeviceOpt,
@@ -412,19 +429,19 @@ def steer(
 
 @app.command(cls=alias_command({"--steps": "--step-budgets", **SAMPLING_ALIASES}))
 def order(
-    sae: str = typer.Option(..., help="SAE name(s) or folder(s), comma-separated (one per layer)."),
+    sae: str = typer.Option(..., help="SAEs: registry names or folders, comma-separated (one per layer)."),
     model: Optional[str] = SaeModelOpt,
     prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p",
                                      help="Prompt text; repeat for a batch."),
     strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
-    task: str = typer.Option("sudoku", help="Task for accuracy (sudoku or countdown; empty to skip)."),
+    task: _task_choices() = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
     n: int = typer.Option(50, help="Task examples."),
     step_budgets: str = typer.Option("4,8,16", help="Comma-separated denoising-step budgets for the task and "
                                      "held-out likelihood."),
     gen_length: int = typer.Option(16, help="Tokens to generate."),
     heldout: int = typer.Option(32, help="Held-out rows for the order-following likelihood (0 to skip)."),
     sampler_schedule: Optional[str] = SamplerScheduleOpt,
-    out: Optional[str] = typer.Option(None, help="Write the result JSON here.", show_default="not written"),
+    out: Optional[str] = typer.Option(None, help="Output JSON file of the result.", show_default="not written"),
     threshold: Optional[float] = ThresholdOpt,
     kv_cache: Optional[str] = KVCacheOpt,
     device: str = DeviceOpt,
@@ -436,12 +453,11 @@ def order(
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
-    from .tasks import TASKS
 
     sae_names = checks.names("--sae", sae)
     names = [checks.choice("--strategies", s, strategy_names()) for s in checks.names("--strategies", strategies)]
+    task = None if task == "none" else task
     if task:
-        checks.choice("--task", task, TASKS)
         checks.positive("--n", n)
     checks.positive("--gen-length", gen_length)
     budgets = checks.int_list("--step-budgets", step_budgets, 1, gen_length)
@@ -455,7 +471,7 @@ def order(
     check_fast_options(lm, threshold, kv_cache)
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
     typer.echo(order_header(lm, [s.cfg.hook_name for s in saes], task, budgets, bool(heldout)))
-    result = order_study(lm, saes, prompt, names, task or None, n, budgets, gen_length, rows, sampler_schedule,
+    result = order_study(lm, saes, prompt, names, task, n, budgets, gen_length, rows, sampler_schedule,
                          threshold, kv_cache, on_row=lambda name, row: typer.echo(row))
     if out:
         atomic_write_json(out, result)
@@ -463,12 +479,14 @@ def order(
 
 @app.command()
 def stability(
-    sae: str = typer.Option(..., help="SAE trained on the first checkpoint (name or folder)."),
+    sae: str = typer.Option(..., help="SAE trained on the first checkpoint: a registry name or a folder."),
     checkpoints: str = typer.Option(..., help="Comma-separated checkpoints; the first is the SAE's own."),
-    saes: str = typer.Option("", help="Optional comma-separated SAEs, one per checkpoint, for decoder matching."),
-    control_sae: str = typer.Option("", help="Second SAE on the first checkpoint (other seed): the matching floor."),
+    saes: Optional[str] = typer.Option(None, help="Comma-separated SAEs, one per checkpoint, for decoder matching.",
+                                       show_default="none"),
+    control_sae: Optional[str] = typer.Option(None, help="Second SAE on the first checkpoint (other seed): the "
+                                              "matching floor.", show_default="none"),
     n_seqs: int = typer.Option(32, help="Held-out sequences."),
-    out: str = typer.Option("stability", help="Folder for report.json and report.html."),
+    out: str = typer.Option("stability", help="Output folder for report.json and report.html."),
     device: str = DeviceOpt,
 ) -> None:
     """How stable an SAE's features are across checkpoints (e.g. before and after RL)."""
@@ -484,7 +502,7 @@ def stability(
     if len(ckpt_names) < 2:
         raise DLMScopeError(f"--checkpoints={checkpoints!r} names {len(ckpt_names)} checkpoint; give at least two: "
                             "the SAE's own and a later one")
-    sae_names = checks.names("--saes", saes) if saes.strip() else []
+    sae_names = checks.names("--saes", saes) if saes and saes.strip() else []
     if sae_names and len(sae_names) != len(ckpt_names):
         raise DLMScopeError(f"--saes lists {len(sae_names)} SAEs for {len(ckpt_names)} checkpoints; give one per "
                             "checkpoint or none")
@@ -502,14 +520,17 @@ def stability(
 
 @app.command()
 def experts(
-    model: str = typer.Argument(..., help="MoE checkpoint folder (LLaDA-MoE or LLaDA 2.x)."),
-    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    model_arg: Optional[str] = ModelArg,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: an MoE checkpoint folder (LLaDA-MoE or "
+                                        "LLaDA 2.x).", show_default="required"),
+    prompt: list[str] = PromptOpt,
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps."),
-    block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length (default: one block)."),
-    layer: Optional[int] = typer.Option(None, help="MoE layer to plot (default: the first)."),
+    block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length.",
+                                               show_default="one block"),
+    layer: Optional[int] = typer.Option(None, help="MoE layer to plot.", show_default="the first"),
     seed: int = typer.Option(0, help="Random seed."),
-    out: str = typer.Option("experts", help="Folder for experts.json and experts.html."),
+    out: str = typer.Option("experts", help="Output folder for experts.json and experts.html."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -517,7 +538,7 @@ def experts(
     from .analysis.experts import check_layer, expert_dynamics, write_expert_report
     from .models import load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(_required_model(model_arg, model), device=device, dtype=dtype)
     check_layer(lm, layer)
     result = expert_dynamics(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, seed=seed)
     json_path, html = write_expert_report(result, out, layer)
@@ -564,14 +585,16 @@ def _build_store(sae_name: str, model: Optional[str], out: Optional[str], cfg, d
     return folder
 
 
-@features_app.command("build", cls=alias_command({"--t-low": "--t-min", "--t-high": "--t-max"}))
+@features_app.command("build", cls=alias_command({"--t-low": "--t-min", "--t-high": "--t-max",
+                                                  "--batch-size": "--seqs-per-forward"}))
 def features_build(
-    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
-    out: Optional[str] = typer.Option(None, help="Store folder (default: ~/.cache/dlmscope/stores/<model>__<sae>)."),
-    n_seqs: Optional[int] = typer.Option(None, help="Held-out sequences to encode (default: all)."),
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE: a registry name or a folder."),
+    model: Optional[str] = SaeModelOpt,
+    out: Optional[str] = typer.Option(None, help="Output folder of the feature store.",
+                                      show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
+    n_seqs: Optional[int] = typer.Option(None, help="Held-out sequences to encode.", show_default="all"),
     context_length: int = typer.Option(128, help="Tokens per sequence."),
-    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
+    seqs_per_forward: int = typer.Option(16, help="Rows per model forward."),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
     t_max: float = typer.Option(0.5, help="Highest mask ratio."),
     seed: int = typer.Option(0, help="Seed of the mask draws."),
@@ -580,17 +603,19 @@ def features_build(
     """Precompute per-feature statistics, examples, histograms and logit effects into a store."""
     from .analysis.features import FeatureStoreConfig
 
-    cfg = FeatureStoreConfig(n_seqs=n_seqs, context_length=context_length, batch_size=batch_size, t_low=t_min,
+    cfg = FeatureStoreConfig(n_seqs=n_seqs, context_length=context_length, batch_size=seqs_per_forward, t_low=t_min,
                              t_high=t_max, seed=seed)
     _build_store(sae, model, out, cfg, device)
 
 
 @app.command()
 def explore(
-    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
-    store: Optional[str] = typer.Option(None, help="Feature store folder (built on first launch if missing)."),
-    splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page (default: <store>/splice.json)."),
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE: a registry name or a folder."),
+    model: Optional[str] = SaeModelOpt,
+    store: Optional[str] = typer.Option(None, help="Feature store folder (built on first launch if missing).",
+                                        show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
+    splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page.",
+                                         show_default="<store>/splice.json"),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
     address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     device: str = DeviceOpt,

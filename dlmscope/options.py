@@ -139,7 +139,7 @@ def load_config_file(path: str | Path, cls: type) -> dict:
 @dataclass
 class ModelPart(Options):
     model: str = DEFAULT_MODEL
-    """Built-in model name or local checkpoint folder."""
+    """Model: a built-in name or a checkpoint folder."""
 
 
 @dataclass
@@ -160,7 +160,7 @@ class SitePart(Options):
         return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
 
 
-def _policies() -> tuple[str, ...]:
+def policy_names() -> tuple[str, ...]:
     from .activations import POLICIES
 
     return POLICIES
@@ -178,7 +178,7 @@ class DataPart(Options):
     """Tokens per packed row."""
     seqs_per_forward: int = 32
     """Rows per model forward."""
-    policy: str | None = field(default=None, metadata=choices(_policies, "mask for DLMs, clean for causal models"))
+    policy: str | None = field(default=None, metadata=choices(policy_names, "mask for DLMs, clean for causal models"))
     """Positions whose activations are used: mask, unmask, all or clean."""
     t_min: float = 0.05
     """Lowest mask ratio drawn per batch."""
@@ -213,7 +213,7 @@ class DictionaryPart(Options):
         return checks.int_list("k", self.k, 1)
 
 
-def _architectures() -> tuple[str, ...]:
+def architecture_names() -> tuple[str, ...]:
     from .sae.model import ARCHITECTURES
 
     return tuple(ARCHITECTURES)
@@ -221,7 +221,7 @@ def _architectures() -> tuple[str, ...]:
 
 @dataclass
 class SAEPart(Options):
-    architecture: str = field(default="topk", metadata=choices(_architectures))
+    architecture: str = field(default="topk", metadata=choices(architecture_names))
     """SAE architecture (transcoders also need --target-site)."""
     target_site: str | None = field(default=None, metadata=choices(lambda: SITES, "none (not a transcoder)"))
     """Transcoders: the site they predict in the same layer (e.g. --site mlp_in --target-site mlp_out)."""
@@ -250,7 +250,7 @@ class RunPart(Options):
     checkpoint_every: int = 100
     """Steps between checkpoints."""
     out: str = "runs"
-    """Folder holding runs."""
+    """Output folder holding the runs (each in OUT/NAME)."""
     name: str | None = field(default=None, metadata=unset("model, layers and k"))
     """Run name (a name, not a path)."""
     resume: bool = False

@@ -240,3 +240,166 @@ def test_generate_blocks_command(tmp_path, tokenizer, capsys):
         main(["generate-blocks", "--model", str(dense)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "not a block-diffusion model" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ the CLI surface as a whole
+
+def _commands():
+    """(command words, click command) for every command and subcommand, help texts as written."""
+    import typer
+
+    from dlmscope.cli import app
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _kind(param) -> str:
+    """What a flag takes on the command line: int, float, bool, str, list or choice."""
+    shown = param.display_type(None) if hasattr(param, "display_type") else param.type.name
+    shown = {"integer": "int", "text": "str", "boolean": "bool"}.get(shown, shown).strip("<>")
+    return "choice" if "|" in shown else "list" if shown.startswith("list") or param.multiple else shown
+
+
+def _visible_options():
+    for path, cmd in _commands():
+        for p in cmd.params:
+            if not p.hidden and p.opts and p.opts[0].startswith("-"):
+                yield path, p
+
+
+def test_every_flag_has_help_a_shown_default_and_its_real_type(capsys, monkeypatch):
+    from dlmscope.options import allowed_values, split_optional, type_hints
+    from dlmscope.rl import RLConfig
+    from dlmscope.training import DiffConfig, TrainSAEConfig
+
+    for path, p in _visible_options():
+        where = f"{' '.join(path)} {p.opts[0]}"
+        assert p.help and p.help.strip(), f"{where} has no help"
+        assert p.required or isinstance(p.show_default, str) or (p.default is not None and p.show_default), \
+            f"{where} shows no default"
+        default = p.default
+        if isinstance(default, bool):
+            assert _kind(p) == "bool", where
+        elif isinstance(default, (int, float)):
+            assert _kind(p) == type(default).__name__, f"{where}: default {default!r} but type {_kind(p)}"
+    kinds = {int: "int", float: "float", bool: "bool", str: "str"}
+    for name, cls in (("train-sae", TrainSAEConfig), ("diff", DiffConfig), ("rspo", RLConfig)):
+        params = {p.name: p for path, p in _visible_options() if path == [name]}
+        hints = type_hints(cls)
+        for f in __import__("dataclasses").fields(cls):
+            want = "choice" if allowed_values(f, hints[f.name]) else kinds[split_optional(hints[f.name])[0]]
+            assert _kind(params[f.name]) == want, f"{name} --{f.name}: {_kind(params[f.name])}, field is {want}"
+        assert set(params) == {f.name for f in __import__("dataclasses").fields(cls)} | {"config"}
+    assert split_optional(type_hints(RLConfig)["threshold"]) == (float, True)  # unset, not "0 = off"
+    assert split_optional(type_hints(TrainSAEConfig)["lr"]) == (float, True)  # unset, not "0 = default"
+    # the rendered help keeps every text and default (no Rich markup swallowed)
+    monkeypatch.setenv("COLUMNS", "400")
+    for path, cmd in _commands():
+        try:
+            main([*path, "--help"])
+        except SystemExit as e:
+            assert e.code == 0
+        out = capsys.readouterr().out
+        for p in cmd.params:
+            if p.hidden or not p.opts[0].startswith("-"):
+                continue
+            line = next(line for line in out.splitlines() if f" {p.opts[0]} " in line)
+            assert "[default:" in line or "[required]" in line, f"{path} {p.opts[0]}: {line}"
+            assert " ".join(p.help.split()) in " ".join(line.split()), f"{path} {p.opts[0]}: {line}"
+        if path == ["steer"]:
+            assert "(add W_dec[f])" in out
+
+
+GLOSSARY = {  # a flag several commands share -> what every one of its help texts says (its one meaning)
+    "--model": "Model", "-m": "Model", "--sae": "SAE", "--device": "Torch device", "--dtype": "Model dtype",
+    "--out": "Output", "--seed": "eed", "--steps": "Denoising steps", "--threshold": "confidence",
+    "--lr": "earning rate", "--n-seqs": "Held-out sequences", "--context-length": "Tokens per",
+    "--layers": "ayer", "--batch-size": "ctivation vectors per", "--checkpoint-every": "between checkpoints",
+    "--eval-every": "valuat", "--resume": "Continue", "--gen-length": "Tokens to generate",
+    "--temperature": "emperature", "--t-min": "Lowest mask ratio", "--t-max": "Highest mask ratio",
+    "--dataset": "Text source", "--checkpoints": "Comma-separated checkpoints", "--positions": "ositions",
+    "--block-length": "block length", "--total-tokens": "Training tokens per", "--seqs-per-forward": "Rows per",
+    "--policy": "Positions whose activations", "--task": "Verifiable task", "--kv-cache": "KV cache",
+    "--sampler-schedule": "Sampler schedule",
+}
+
+
+def test_a_flag_has_one_type_and_one_meaning_across_commands():
+    uses: dict[str, list] = {}
+    for path, p in _visible_options():
+        for opt in p.opts:
+            uses.setdefault(opt, []).append((" ".join(path), _kind(p), " ".join(p.help.split())))
+    for opt, found in uses.items():
+        assert len({kind for _, kind, _ in found}) == 1, f"{opt} takes different types: {found}"
+        if len({text for _, _, text in found}) > 1:
+            assert opt in GLOSSARY, f"{opt} has different help texts in {[c for c, _, _ in found]}: give it one " \
+                                    "meaning and add it to GLOSSARY"
+            assert all(GLOSSARY[opt] in text for _, _, text in found), f"{opt}: {found}"
+    for old in ("--cache", "--schedule", "--t-low", "--t-high"):
+        assert old not in uses, f"{old} is still a visible flag"
+    commands_with_model = {c for c, _, _ in uses["--model"]}
+    assert {"info", "generate", "generate-blocks", "experts"} <= commands_with_model  # no positional MODEL
+
+
+@pytest.mark.parametrize("old,new,message", [
+    (["rspo", "--steps", "0"], ["rspo", "--rl-steps", "0"], "rl_steps=0 must be an integer >= 1"),
+    (["rspo", "--schedule", "cosine"], ["rspo", "--sampler-schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["rspo", "--cache", "full"], ["rspo", "--kv-cache", "full"], "cache='full'"),
+    (["diff", "--checkpoints", "a,b", "--threshold", "0.2"], ["diff", "--checkpoints", "a,b", "--specific-threshold", "0.2"],
+     "specific_threshold=0.2"),
+    (["train-sae", "--cache", "x", "--total-tokens", "0"], ["train-sae", "--activation-cache", "x", "--total-tokens", "0"],
+     "total_tokens=0"),
+    (["order", "--sae", "tiny-dlm-L3-k32", "--steps", "4,32"], ["order", "--sae", "tiny-dlm-L3-k32", "--step-budgets", "4,32"],
+     "--step-budgets=32 must be"),
+    (["order", "--sae", "tiny-dlm-L3-k32", "--schedule", "cosine"],
+     ["order", "--sae", "tiny-dlm-L3-k32", "--sampler-schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["cache", "{tmp}/c", "--dtype", "int3"], ["cache", "--out", "{tmp}/c", "--store-dtype", "int3"], "unknown dtype"),
+    (["evaluate", "nope"], ["evaluate", "--sae", "nope"], "unknown SAE"),
+    (["info", "/no/such/model"], ["info", "--model", "/no/such/model"], "neither a checkpoint folder"),
+    (["generate", "--cache", "full"], ["generate", "--kv-cache", "full"], "cache='full'"),
+    (["steer", "--sae", "tiny-dlm-L3-k32", "--feature", "1", "--schedule", "100", "--steps", "8", "--gen-length", "8"],
+     ["steer", "--sae", "tiny-dlm-L3-k32", "--feature", "1", "--steer-steps", "100", "--steps", "8", "--gen-length", "8"],
+     "steps=[100]: the run has steps 0..7"),
+])
+def test_deprecated_spellings_warn_and_work(old, new, message, tmp_path, capsys):
+    """An old spelling means what it meant (the same error as its new spelling) after one warning line."""
+    errors = []
+    for args in (new, old):
+        with pytest.raises(SystemExit) as e:
+            main([a.format(tmp=tmp_path) for a in args])
+        assert e.value.code == 2
+        errors.append(capsys.readouterr().err.strip().splitlines())
+    fresh, deprecated = errors
+    assert len(fresh) == 1 and message in fresh[0]
+    assert len(deprecated) == 2 and deprecated[0].startswith("warning: ") and "deprecated" in deprecated[0]
+    assert deprecated[1] == fresh[0]
+
+
+def test_deprecated_spellings_run_like_the_new_ones(capsys):
+    main(["generate", "--gen-length", "8", "--steps", "4", "--sampler-schedule", "linear", "--kv-cache", "prefix"])
+    fresh = capsys.readouterr()
+    main(["generate", "--gen-length", "8", "--steps", "4", "--schedule", "linear", "--cache", "prefix"])
+    old = capsys.readouterr()
+    assert old.out == fresh.out and fresh.err == "" and old.err.count("warning:") == 2
+
+
+def test_config_file_keys_of_older_releases_are_read(tmp_path, capsys):
+    (tmp_path / "old.yaml").write_text("cache: somewhere\ntotal_tokens: 0\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train-sae", "--config", str(tmp_path / "old.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "config key 'cache' is deprecated; it is now 'activation_cache'" in err[0]
+    assert "total_tokens=0" in err[1]
+
+
+def test_sae_commands_default_to_the_model_the_sae_records(capsys):
+    """The AR SAE runs on the AR model without --model (it used to fall back to the tiny DLM)."""
+    main(["eval-splice", "--sae", "tiny-ar-L1-k32", "--t-bins", "0.5", "--n-seqs", "2"])
+    assert "| 0.5 |" in capsys.readouterr().out

@@ -168,7 +168,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
                           (["--dataset", str(tmp_path / "none.txt")], "does not exist"),
                           (["--dataset", str(empty)], "no non-empty texts"),
                           (["--dataset", str(short)], "fewer than one row"),
-                          (["--cache", str(tmp_path)], "not an activation cache"),
+                          (["--activation-cache", str(tmp_path)], "not an activation cache"),
                           (["--name", "cli"], "already exists; pass --resume"),
                           (["--name", "../../escape"], "is not a name"),
                           (["--name", "ghost", "--resume"], "checkpoint.json' does not exist"),
@@ -198,7 +198,7 @@ def test_help_lists_every_option(capsys):
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out
-    for flag in ("--config", "--layers", "--k", "--policy", "--t-min", "--cache", "--resume", "--sae-devices",
+    for flag in ("--config", "--layers", "--k", "--policy", "--t-min", "--activation-cache", "--resume", "--sae-devices",
                  "--threads", "--total-tokens"):
         assert flag in out
     assert "Highest mask ratio" in out

@@ -52,9 +52,9 @@ class RLConfig(Options):
     renamed: ClassVar[dict[str, str]] = {"steps": "rl_steps", "schedule": "sampler_schedule", "cache": "kv_cache"}
 
     model: str = DEFAULT_MODEL
-    """Starting checkpoint (LLaDA-format folder or built-in name)."""
-    ref: str = ""
-    """Reference checkpoint for rspo/diffu-grpo (empty: a frozen copy of --model); same architecture and tokenizer."""
+    """Model to train: a built-in name or a LLaDA-format checkpoint folder."""
+    ref: str | None = field(default=None, metadata=unset("a frozen copy of --model"))
+    """Reference checkpoint for rspo/diffu-grpo; same architecture and tokenizer."""
     algo: str = field(default="rspo", metadata=choices(lambda: ALGORITHMS))
     """RL algorithm: rspo, diffu-grpo or spg."""
     task: str = field(default="sudoku", metadata=choices(_tasks))
@@ -104,7 +104,7 @@ class RLConfig(Options):
     temperature: float = 1.0
     """Rollout sampling temperature (> 0, or groups collapse to one completion)."""
     gen_length: int = 16
-    """Completion length in tokens (one block)."""
+    """Tokens to generate per completion (one block)."""
     denoise_steps: int = 16
     """Denoising steps per rollout and evaluation."""
     sampler_schedule: str | None = field(default=None, metadata=unset("the model family's own"))
