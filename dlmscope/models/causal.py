@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import DLMScopeError
+from .attention import hook_hf_attention
 from .base import LoadedModel, Site, hf_sites
 
 _LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
@@ -44,6 +45,7 @@ def load_causal(folder: Path, device: str | torch.device, dtype: torch.dtype, na
         module.to(device)
     module.eval()
     layers = find_layers(module)
+    hook_hf_attention(layers)
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
