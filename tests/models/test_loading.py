@@ -122,7 +122,8 @@ def test_transformer_lens_model_wraps():
     assert lm.causal and lm.family == "transformer_lens" and lm.n_layers == 2 and lm.d_model == 32
     assert lm.mask_id is None and lm.vocab_size == 50
     names = [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "mid", "post")]
-    assert lm.hook_names == names
+    assert set(names) | {"blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out"} <= set(lm.hook_names)
+    assert "blocks.0.attn.hook_rot_q" not in lm.hook_names  # learned positions: no rotary sites
     ids = torch.randint(0, 50, (1, 6))
     acts = run_with_cache(lm, ids, names, stop_early=False)
     logits, cache = ht.run_with_cache(ids)
