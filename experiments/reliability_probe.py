@@ -76,7 +76,7 @@ def nan_cache(cwd: Path, value: float = float("nan")) -> Path:
 
     from dlmscope.io_utils import file_sha256
 
-    dlmscope(["cache", "cache", "--layers", "1", "--batches", "4", "--seqs-per-forward", "2", "--context-length", "64",
+    dlmscope(["cache", "--out", "cache", "--layers", "1", "--batches", "4", "--seqs-per-forward", "2", "--context-length", "64",
               "--policy", "all"], cwd)
     folder = cwd / "cache"
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -94,9 +94,9 @@ def nan_cache(cwd: Path, value: float = float("nan")) -> Path:
 def case_nan_resume(cwd: Path) -> dict:
     from dlmscope.runstate import load_state, save_state
 
-    dlmscope(["cache", "cache", "--layers", "1", "--batches", "4", "--seqs-per-forward", "2", "--context-length", "64",
+    dlmscope(["cache", "--out", "cache", "--layers", "1", "--batches", "4", "--seqs-per-forward", "2", "--context-length", "64",
               "--policy", "all"], cwd)
-    run = ["train-sae", "--cache", "cache", "--layers", "1", "--k", "8", *T, "--total-tokens", "512", "--name", "r"]
+    run = ["train-sae", "--activation-cache", "cache", "--layers", "1", "--k", "8", *T, "--total-tokens", "512", "--name", "r"]
     dlmscope(run, cwd)
     state = load_state(cwd / "runs" / "r", "checkpoint")
     key = next(iter(state["trainers"]))
@@ -157,9 +157,9 @@ def case_splice_out(cwd: Path) -> dict:
 
 
 def case_small_cache(cwd: Path) -> dict:
-    dlmscope(["cache", "small", "--layers", "1", "--batches", "2", "--seqs-per-forward", "1", "--context-length", "120",
+    dlmscope(["cache", "--out", "small", "--layers", "1", "--batches", "2", "--seqs-per-forward", "1", "--context-length", "120",
               "--policy", "all"], cwd)
-    return one_line(dlmscope(["train-sae", "--cache", "small", "--layers", "1", "--batch-size", "256", "--eval-tokens",
+    return one_line(dlmscope(["train-sae", "--activation-cache", "small", "--layers", "1", "--batch-size", "256", "--eval-tokens",
                               "256", "--total-tokens", "1024", "--buffer-tokens", "512", "--no-progress"], cwd))
 
 
@@ -171,7 +171,7 @@ def case_pickled(cwd: Path, folders: dict) -> dict:
     folder = Path(shutil.copytree(folders["causal"], cwd / "pickled"))
     (folder / "model.safetensors").unlink()
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
-    return one_line(dlmscope(["generate", str(folder)], cwd))
+    return one_line(dlmscope(["generate", "--model", str(folder)], cwd))
 
 
 def copy_with(folders: dict, family: str, to: Path, **config) -> Path:
@@ -192,7 +192,7 @@ def case_nan_weights(cwd: Path, folders: dict) -> dict:
     key = sorted(weights)[0]
     weights[key].view(-1)[7] = float("nan")
     save_file(weights, str(folder / "model.safetensors"))
-    return one_line(dlmscope(["generate", str(folder), "--gen-length", "8", "--steps", "8"], cwd))
+    return one_line(dlmscope(["generate", "--model", str(folder), "--gen-length", "8", "--steps", "8"], cwd))
 
 
 def case_long_prompt(cwd: Path) -> dict:
@@ -203,7 +203,7 @@ def case_long_prompt(cwd: Path) -> dict:
     tok = load_tokenizer(builtin_path("dlmscope-tiny-dlm"))
     folder = write_tiny_llada2(cwd / "l2", vocab_size=len(tok), tokenizer=tok, mask_id=tok.mask_token_id)
     edit_json(folder / "config.json", max_position_embeddings=4096)
-    return one_line(dlmscope(["generate-blocks", str(folder), "-p", "the list type " * 3000, "--max-new-tokens", "4"],
+    return one_line(dlmscope(["generate-blocks", "--model", str(folder), "-p", "the list type " * 3000, "--max-new-tokens", "4"],
                              cwd))
 
 
@@ -216,11 +216,11 @@ def case_policy_list(cwd: Path) -> dict:
 def case_truncated_rl_checkpoint(cwd: Path) -> dict:
     rl = ["rspo", "--task", "sudoku", "--group-size", "2", "--prompts-per-step", "1", "--eval-n", "1", "--gen-length",
           "8", "--denoise-steps", "4", "--out", "rl"]
-    dlmscope([*rl, "--steps", "1"], cwd)
+    dlmscope([*rl, "--rl-steps", "1"], cwd)
     weights = cwd / "rl" / "checkpoint-00001" / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
-    done = dlmscope([*rl, "--steps", "2", "--resume"], cwd)
+    done = dlmscope([*rl, "--rl-steps", "2", "--resume"], cwd)
     repaired = weights.read_bytes() == good and "repaired" in done.stderr
     return {"ok": done.returncode == 0 and repaired, "exit": done.returncode, "repaired": repaired,
             "stderr": [line for line in done.stderr.splitlines() if "repaired" in line or "error" in line][-2:]}
@@ -236,7 +236,7 @@ def cases(folders: dict) -> list[tuple[int, str, object]]:
         (1, "train-sae --architecture jumprelu --l0-coef nan", cli("train-sae", *T, "--architecture", "jumprelu",
                                                                    "--l0-coef", "nan")),
         (1, "cache shard holding NaN, valid checksum", lambda cwd: one_line(dlmscope(
-            ["train-sae", "--cache", str(nan_cache(cwd)), "--layers", "1", "--k", "8", *T, "--total-tokens", "512"],
+            ["train-sae", "--activation-cache", str(nan_cache(cwd)), "--layers", "1", "--k", "8", *T, "--total-tokens", "512"],
             cwd))),
         (1, "resume state holding NaN, valid checksums", case_nan_resume),
         (1, "diff --lr nan", cli("diff", "--checkpoints", "dlmscope-tiny-dlm,dlmscope-tiny-dlm", "--lr", "nan")),
@@ -256,19 +256,19 @@ def cases(folders: dict) -> list[tuple[int, str, object]]:
         (5, "train-sae --dataset <binary file>", lambda cwd: (cwd / bin_file).write_bytes(os.urandom(4096))
          and one_line(dlmscope(["train-sae", "--dataset", bin_file, *T], cwd))),
         (5, "cache --dataset <binary file>", lambda cwd: (cwd / bin_file).write_bytes(os.urandom(4096))
-         and one_line(dlmscope(["cache", "c", "--dataset", bin_file], cwd))),
+         and one_line(dlmscope(["cache", "--out", "c", "--dataset", bin_file], cwd))),
         (5, "generate --seed 10^23", cli("generate", "--seed", str(10**23))),
         (5, "evaluate --out <a file>", lambda cwd: (cwd / "f").write_text("x")
-         and one_line(dlmscope(["evaluate", "tiny-dlm-L1-k32", "--out", "f"], cwd))),
-        (5, "evaluate --out <unwritable>", cli("evaluate", "tiny-dlm-L1-k32", "--out", "/proc/dlmscope/eval")),
+         and one_line(dlmscope(["evaluate", "--sae", "tiny-dlm-L1-k32", "--out", "f"], cwd))),
+        (5, "evaluate --out <unwritable>", cli("evaluate", "--sae", "tiny-dlm-L1-k32", "--out", "/proc/dlmscope/eval")),
         (5, "experts --out <a file>", lambda cwd: (cwd / "f").write_text("x")
-         and one_line(dlmscope(["experts", str(folders["moe"]), "--out", "f"], cwd))),
+         and one_line(dlmscope(["experts", "--model", str(folders["moe"]), "--out", "f"], cwd))),
         (5, "240-token cache, --batch-size 256 --eval-tokens 256", case_small_cache),
         (5, "causal folder with only pytorch_model.bin", lambda cwd: case_pickled(cwd, folders)),
         (5, "config.json with an unknown model_type", lambda cwd: one_line(dlmscope(
-            ["generate", str(copy_with(folders, "causal", cwd / "odd", model_type="no_such_arch"))], cwd))),
+            ["generate", "--model", str(copy_with(folders, "causal", cwd / "odd", model_type="no_such_arch"))], cwd))),
         (5, "mask_token_id past the vocabulary", lambda cwd: one_line(dlmscope(
-            ["generate", str(copy_with(folders, "llada", cwd / "mask", mask_token_id=10**6))], cwd))),
+            ["generate", "--model", str(copy_with(folders, "llada", cwd / "mask", mask_token_id=10**6))], cwd))),
         (6, "generate-blocks, 9,000-token prompt, 4,096 context", case_long_prompt),
         (6, "eval-splice --context-length 5000", cli("eval-splice", "--sae", "tiny-dlm-L1-k32", "--context-length",
                                                      "5000")),
@@ -276,7 +276,7 @@ def cases(folders: dict) -> list[tuple[int, str, object]]:
         (6, "diff --nu-max nan", cli("diff", "--checkpoints", "dlmscope-tiny-dlm,dlmscope-tiny-dlm", "--nu-max",
                                      "nan")),
         (6, "train-sae --bandwidth -1", cli("train-sae", "--architecture", "jumprelu", "--bandwidth", "-1")),
-        (6, "evaluate --probe-k 99999", cli("evaluate", "tiny-dlm-L1-k32", "--probe-k", "99999", "--n-seqs", "2")),
+        (6, "evaluate --probe-k 99999", cli("evaluate", "--sae", "tiny-dlm-L1-k32", "--probe-k", "99999", "--n-seqs", "2")),
         (6, "a model whose weights hold a NaN", lambda cwd: case_nan_weights(cwd, folders)),
         (7, "train-sae --dataset wrong.jsonl", lambda cwd: (cwd / "wrong.jsonl").write_text(
             '{"text": "a"}\n{"other": 1}\n')

@@ -20,7 +20,7 @@ UNBOUNDED = {"-1": False, "1e30": True}
 """Positive floats without an upper bound (learning rates, temperatures, scales) take 1e30 and refuse -1."""
 ACCEPTED = {  # (command, flag) -> values that are legitimately allowed (they reach the model / SAE loading)
     **{(cmd, flag): {"1e30"} for cmd, flags in {
-        "train-sae": ("--lr",), "diff": ("--lr", "--l0-coef", "--bandwidth", "--nu-max"),
+        "train-sae": ("--lr", "--aux-coef"), "diff": ("--lr", "--aux-coef", "--nu-max"),
         "rspo": ("--lr", "--lam", "--lora-alpha", "--temperature"),
         "generate": ("--temperature", "--cfg-scale", "--alg-temp"), "steer": ("--temperature",)}.items()
        for flag in flags},
@@ -54,7 +54,7 @@ def _cases():
         for name, p in params.items():
             is_argument = type(p.default).__name__ == "ArgumentInfo"
             required = getattr(p.default, "default", None) is ...
-            if name in ("model", "sae", "checkpoints") or required:
+            if name in ("model", "sae", "checkpoints", "out") or required:
                 value = {"checkpoints": f"{MISSING}-a,{MISSING}-b", "out": "{tmp}/out"}.get(name, MISSING)
                 value = "0" if _numeric(p.annotation) else value
                 base += [value] if is_argument else [_flag(name, p.default), value]
