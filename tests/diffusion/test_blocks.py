@@ -55,8 +55,8 @@ def test_cached_steps_capture_their_window(lm):
     # step 0 computes [0, 8): masked 6, 7; block 1's refresh computes [4, 12) on the kept keys/values of
     # [0, 4): masked 8..11; its second step computes [8, 12): the 2 still masked
     assert [a.shape[0] for a in cache.acts[name]] == [2, 4, 2]
-    with pytest.raises(DLMScopeError, match="block_length=8 is invalid"):
-        generate(lm, [[1, 2]], gen_length=8, steps=8, block_length=8)
+    with pytest.raises(DLMScopeError, match="block_length=0 must be an integer >= 1"):
+        generate(lm, [[1, 2]], gen_length=8, steps=8, block_length=0)
     with pytest.raises(DLMScopeError, match="cache='prefix' approximates"):
         generate(lm, [[1, 2]], gen_length=8, steps=8, cache="prefix")
     with pytest.raises(DLMScopeError, match="minimal_topk=9"):
