@@ -48,7 +48,8 @@ def generate_editing(
     right-padded generations (attention 0 where a row is shorter).
     """
     if not lm.block_size:
-        raise DLMScopeError(f"{lm.name} ({lm.family}) is not a block-diffusion model; the editing sampler is LLaDA 2.1's")
+        raise DLMScopeError(f"{lm.name} ({lm.family}) is not a block-diffusion model; the editing sampler is "
+                            "LLaDA 2.1's")
     checks.positive("max_new_tokens", max_new_tokens)
     checks.integer("max_post_steps", max_post_steps, 0)
     checks.positive("num_to_transfer", num_to_transfer)

@@ -119,6 +119,11 @@ def family_sampler(lm: LoadedModel, remasking: str | Remasking | None, schedule:
     return get_remasking("low_confidence" if remasking is None else remasking), sched, threshold
 
 
+def one_block(lm: LoadedModel, gen_length: int) -> int | None:
+    """The whole generation as one block (LLaDA-style), or None for a block-diffusion model: its own blocks."""
+    return None if lm.block_size else gen_length
+
+
 def get_schedule(schedule: str | Schedule, eps: float = 1e-3) -> Schedule:
     if isinstance(schedule, Schedule):
         return schedule
@@ -284,7 +289,7 @@ class LowConfidence(Remasking):
         return torch.exp(torch.gather(logits, -1, s.x0[..., None]).squeeze(-1) - torch.logsumexp(logits, -1))
 
     def threshold_scores(self, s: StepInput) -> torch.Tensor:
-        """Fast-dLLM's confidence: a float64 softmax (near the threshold or a tie the precision decides), candidates only."""
+        """Fast-dLLM's confidence, a float64 softmax (precision decides near the threshold); candidates only."""
         out = torch.full(s.x.shape, float("-inf"), dtype=torch.float64, device=s.x.device)
         if s.candidates.any():
             probs = F.softmax(s.logits[s.candidates].double(), dim=-1)
@@ -559,9 +564,9 @@ def generate(
     `low_confidence` reproduces upstream LLaDA `generate`, `dream` (with `eps`) Dream's `diffusion_generate`,
     and a block-diffusion model (LLaDA 2.x) runs its own block sampler (`diffusion.blocks`; `threshold` is
     then that sampler's, 0.95 by default, `block_length` the model's block length for this run, default
-    its `block_size`, and `steps` the total over the prompt's last block and the blocks after it). `block_length` None fits the
-    generation (the schedule's `default_block_length`: one block for `dream`, else 32 when it divides
-    `gen_length`). Steps are split evenly over blocks; each step reveals the schedule's count of the
+    its `block_size`, and `steps` the total over the prompt's last block and the blocks after it).
+    Otherwise `block_length` None fits the generation (the schedule's `default_block_length`: one block
+    for `dream`, else 32 when it divides `gen_length`). Steps are split evenly over blocks; each step reveals the schedule's count of the
     positions `remasking` scores best (drawn from softmax(score / alg_temp) when `alg_temp` > 0),
     never remasking. `top_p` / `top_k` filter the token distribution as Dream does.
 

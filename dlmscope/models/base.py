@@ -156,7 +156,8 @@ class LoadedModel:
 
     __call__ = forward
 
-    def forward_bidirectional(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_bidirectional(self, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits with full bidirectional attention, for block models too (one block spanning the input).
 
         Not what a block model was trained on; the same as `forward` for every other family.

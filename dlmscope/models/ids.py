@@ -44,7 +44,7 @@ def _declared(config: dict, tokenizer: Any, kind: str) -> int | None:
 
 def resolve_ids(lm: LoadedModel, config: dict, mask_id: int | None = None, pad_id: int | None = None,
                 eos_id: int | None = None) -> LoadedModel:
-    """Fill `lm.mask_id`, `pad_id` and `eos_id`; overrides win, then what the folder declares, then the family default."""
+    """Fill `lm.mask_id`, `pad_id` and `eos_id`: overrides, else what the folder declares, else the family default."""
     for name, value in (("mask_id", mask_id), ("pad_id", pad_id), ("eos_id", eos_id)):
         if value is not None:
             checks.integer(name, value, 0, lm.vocab_size - 1)

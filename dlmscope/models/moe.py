@@ -199,7 +199,8 @@ def check_choice(cfg: dict, family: str, name: str, allowed: tuple[Any, ...]) ->
 
 def wrap_moe(module: MoEDecoder, *, family: str, name: str, tokenizer, mask_id: int | None, d_model: int,
              vocab_size: int, n_experts: int, n_active: int, block_size: int | None, context_length: int | None,
-             mask_fn: Callable[[torch.Tensor | None, int, torch.device, int | None], torch.Tensor | None]) -> LoadedModel:
+             mask_fn: Callable[[torch.Tensor | None, int, torch.device, int | None], torch.Tensor | None],
+             ) -> LoadedModel:
     """LoadedModel around a `MoEDecoder`; `mask_fn(padding mask or None, L, device, block size)` builds the attention
     mask, reading the model's `block_size` at each call (a block model's block length may change after loading)."""
     layers = list(module.model.layers)

@@ -1,4 +1,6 @@
-"""LLaDA 2.1's editing sampler, token for token against dllm's `LLaDA21Sampler` (tests/fixtures/llada2_tiny/generate21.json)."""
+"""LLaDA 2.1's editing sampler, token for token against dllm's `LLaDA21Sampler`.
+
+Golden runs: tests/fixtures/llada2_tiny/generate21.json (see tests/fixtures/README.md)."""
 
 import json
 from pathlib import Path

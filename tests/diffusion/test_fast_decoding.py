@@ -48,7 +48,7 @@ def test_matches_upstream_fast_dllm(llada_fixture, confident_llada, run, one_thr
 
 
 def test_fixture_covers_blocks_filled_by_one_forward(confident_llada, one_thread):
-    """The confident runs include cached ones where a block fills in its first forward (upstream then counts one more)."""
+    """The confident runs include cached ones where a block fills in its first forward (upstream counts one more)."""
     runs = [r for r in _runs() if r["settings"].get("head_scale") and r["settings"]["cache"]]
     filled = 0
     for run in runs:
