@@ -568,7 +568,8 @@ def generate(
     Otherwise `block_length` None fits the generation (the schedule's `default_block_length`: one block
     for `dream`, else 32 when it divides `gen_length`). Steps are split evenly over blocks; each step
     reveals the schedule's count of the positions `remasking` scores best (drawn from
-    softmax(score / alg_temp) when `alg_temp` > 0), never remasking. `top_p` / `top_k` filter the token distribution as Dream does.
+    softmax(score / alg_temp) when `alg_temp` > 0), never remasking. `top_p` / `top_k` filter the token
+    distribution as Dream does.
 
     Fast decoding (Fast-dLLM, arXiv 2505.22618): `threshold` reveals, in the current block, every
     masked position whose confidence (the strategy's score) is >= threshold, at least the best one
