@@ -83,7 +83,8 @@ def info(model_arg: Optional[str] = ModelArg, model: Optional[str] = typer.Optio
     kinds = [k for k in SITE_ORDER if k not in ROUTER_SITES and any(n.endswith(f".hook_{k}") for n in lm.hook_names)]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
-        "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
+        "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "pad_id": lm.pad_id,
+        "eos_id": lm.eos_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
         "hook_names": f"blocks.{{0..{layers - 1}}}.hook_{{{','.join(kinds)}}}",
     }

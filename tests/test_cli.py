@@ -253,6 +253,9 @@ def test_block_models_sample_with_their_own_sampler_from_the_cli(tmp_path, token
     folder = write_tiny_llada2(tmp_path / "l2", vocab_size=len(tokenizer), tokenizer=tokenizer,
                                mask_id=tokenizer.mask_token_id)
     lm = dlmscope.load_model(folder)
+    main(["info", "--model", str(folder)])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["mask_id"], info["pad_id"], info["eos_id"], info["block_size"]) == (lm.mask_id, lm.pad_id, lm.eos_id, 4)
     main(["generate", "--model", str(folder), "-p", "def f", "--gen-length", "8", "--steps", "12"])  # 3 blocks of 4, 4 steps each
     expected = generate_blocks(lm, ["def f"], max_new_tokens=8, steps_per_block=4, cache=None).texts[0]
     assert capsys.readouterr().out.strip() == f"def f{expected}"
