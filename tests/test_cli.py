@@ -255,13 +255,15 @@ def test_block_models_sample_with_their_own_sampler_from_the_cli(tmp_path, token
     lm = dlmscope.load_model(folder)
     main(["info", "--model", str(folder)])
     info = json.loads(capsys.readouterr().out)
-    assert (info["mask_id"], info["pad_id"], info["eos_id"], info["block_size"]) == (lm.mask_id, lm.pad_id, lm.eos_id, 4)
-    main(["generate", "--model", str(folder), "-p", "def f", "--gen-length", "8", "--steps", "12"])  # 3 blocks of 4, 4 steps each
+    assert (info["mask_id"], info["pad_id"], info["eos_id"]) == (lm.mask_id, lm.pad_id, lm.eos_id)
+    assert info["block_size"] == 4
+    # 3 blocks of 4 (the prompt's last and two more), 4 steps each
+    main(["generate", "--model", str(folder), "-p", "def f", "--gen-length", "8", "--steps", "12"])
     expected = generate_blocks(lm, ["def f"], max_new_tokens=8, steps_per_block=4, cache=None).texts[0]
     assert capsys.readouterr().out.strip() == f"def f{expected}"
     assert dlmscope.generate(lm, ["def f"], gen_length=8, steps=12).texts[0] == expected
-    main(["generate-blocks", "--model", str(folder), "-p", "def f", "--max-new-tokens", "6", "--editing-threshold", "0.5",
-          "--block-length", "8", "--eos-early-stop"])
+    main(["generate-blocks", "--model", str(folder), "-p", "def f", "--max-new-tokens", "6", "--editing-threshold",
+          "0.5", "--block-length", "8", "--eos-early-stop"])
     lines = capsys.readouterr().out.strip().splitlines()
     edited = generate_editing(lm, ["def f"], max_new_tokens=6, editing_threshold=0.5, block_length=8,
                               eos_early_stop=True)
@@ -270,7 +272,8 @@ def test_block_models_sample_with_their_own_sampler_from_the_cli(tmp_path, token
 
 @pytest.mark.parametrize("args,message", [
     (["generate", "--mask-id", "-1"], "mask_id=-1 must be an integer >= 0"),
-    (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--editing-threshold", "2"], "--editing-threshold=2.0"),
+    (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--editing-threshold", "2"],
+     "--editing-threshold=2.0"),
     (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--block-length", "0"], "--block-length=0"),
     (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--max-post-steps", "-1"], "--max-post-steps=-1"),
     (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--threshold", "1.5"], "--threshold=1.5"),
