@@ -47,8 +47,8 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     backend: str = "native",
     device_map: str | dict | None = None,
-    *,
     mask_id: int | None = None,
+    *,
     pad_id: int | None = None,
     eos_id: int | None = None,
     block_size: int | None = None,
@@ -60,13 +60,15 @@ def load_model(
     for causal and remote loads and to accelerate for the native MoE loaders (big checkpoints over several devices).
     `mask_id`, `pad_id`, `eos_id` override the ids the folder declares (else the family's upstream defaults,
     `models.ids`); `block_size` is a block-diffusion model's block length (LLaDA 2.x: 32 unless the config says).
+    A bidirectional `HookedTransformer` (`to_hooked_transformer`) comes back as a diffusion model with
+    `mask_id` (default: its tokenizer's mask token).
     """
     if isinstance(path_or_name, LoadedModel):
         return path_or_name
     if type(path_or_name).__name__ == "HookedTransformer":
-        from .causal import wrap_transformer_lens
+        from .lens import wrap_transformer_lens
 
-        return wrap_transformer_lens(path_or_name)
+        return wrap_transformer_lens(path_or_name, mask_id=mask_id)
     if family is not None and family not in FAMILIES:
         raise DLMScopeError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     if backend not in BACKENDS:
