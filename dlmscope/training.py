@@ -41,7 +41,7 @@ class TrainSAEConfig:
     layers: str = "1,3"
     """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
     site: str = "post"
-    """Site the SAE reads: pre, mid or post (residual stream), mlp_in or mlp_out."""
+    """Site the SAE reads: pre, mid or post (residual stream), mlp_in, mlp_out or attn_out (what attention adds)."""
     k: str = "32"
     """Comma-separated k values; one SAE per layer and k."""
     expansion: int = 8
@@ -155,7 +155,7 @@ class TrainSAEConfig:
         return checks.int_list("k", self.k, 1)
 
     def hook(self, layer: int, site: str) -> str:
-        return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
+        return f"blocks.{layer}.hook_{site if site.startswith(('mlp', 'attn')) else 'resid_' + site}"
 
     def prefix_list(self) -> tuple[int, ...]:
         return tuple(checks.int_list("prefix_sizes", self.prefix_sizes)) if self.prefix_sizes.strip() else ()
@@ -192,7 +192,7 @@ def load_config_file(path: str | Path, cls: type = TrainSAEConfig) -> dict:
     return data
 
 
-SITES = ("pre", "mid", "post", "mlp_in", "mlp_out")
+SITES = ("pre", "mid", "post", "mlp_in", "mlp_out", "attn_out")
 """Hook sites an SAE can read (and a transcoder predict)."""
 
 RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads", "prefetch")

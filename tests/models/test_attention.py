@@ -183,10 +183,9 @@ def test_block_model_clean_context_pass(models, one_thread):
     assert float(pattern[0][:, ~allowed].abs().max()) == 0.0 and float(pattern[0, :, 4:, :4].sum()) > 0
 
 
-def test_models_without_attention_internals_say_so(tiny_dirs):
+def test_bad_site_names(tiny_dirs):
     lm = load_model(tiny_dirs["llada"])
-    lm.sites = {k: v for k, v in lm.sites.items() if ".attn." not in k and "attn_out" not in k}
-    with pytest.raises(DLMScopeError, match="exposes no attention internals"):
-        lm.site("blocks.0.attn.hook_pattern")
     with pytest.raises(DLMScopeError, match="out of range"):
-        load_model(tiny_dirs["llada"]).site("blocks.7.attn.hook_z")
+        lm.site("blocks.7.attn.hook_z")
+    with pytest.raises(DLMScopeError, match=r"unknown hook 'blocks.0.attn.hook_scores'; allowed: .*attn\.hook_pattern"):
+        lm.site("blocks.0.attn.hook_scores")  # remote-code models: tests/models/test_loading.py (no internals)

@@ -149,8 +149,9 @@ def test_train_sae_runs_on_the_hooked_transformer(pairs, tmp_path, one_thread):
     lm, _, back = pairs["llada"]
     runs = {}
     for key, model in (("native", lm), ("lens", back)):
-        cfg = TrainSAEConfig(model=lm.name, dataset=str(text), layers="1", k="4", expansion=2, total_tokens=256 * 4,
+        cfg = TrainSAEConfig(model=lm.name, dataset=str(text), layers="1", site="attn_out", k="4", expansion=2,
+                             total_tokens=256 * 4,
                              batch_size=256, buffer_tokens=512, seqs_per_forward=4, context_length=32, eval_tokens=128,
                              eval_every=4, checkpoint_every=4, out=str(tmp_path / key), name="run", progress=False)
-        runs[key] = train_sae(cfg, lm=model).metrics["blocks.1.hook_resid_post-k4"]
+        runs[key] = train_sae(cfg, lm=model).metrics["blocks.1.hook_attn_out-k4"]
     assert runs["lens"]["fvu"] == pytest.approx(runs["native"]["fvu"], abs=1e-3) and runs["lens"]["fvu"] < 1.5
