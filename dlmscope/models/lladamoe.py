@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DLMScopeError
+from .attention import AttentionHooks, attention
 from .base import LoadedModel, bidirectional_mask
 from .checkpoint import iter_safetensors, load_tokenizer, read_config
-from .moe import (MoEDecoder, RMSNorm, RouterHooks, SwiGLU, apply_rotary, attend, check_choice, load_state,
+from .moe import (MoEDecoder, RMSNorm, RouterHooks, SwiGLU, check_choice, load_state,
                   mix_experts, require, rotary_inv_freq, wrap_moe)
 
 FAMILY = "lladamoe"
@@ -37,6 +38,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-5))
             self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-5))
         self.clip = cfg.get("clip_qkv")
+        self.hooks = AttentionHooks()
 
     def forward(self, x, mask, cos, sin, kv=None):
         b, n, _ = x.shape
@@ -47,8 +49,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return self.o_proj(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask, kv))
+        z = attention(self.hooks, q, k, v, cos=cos[:, None], sin=sin[:, None], mask=mask, kv=kv,
+                      scale=self.head_dim ** -0.5)
+        return self.o_proj(z)
 
 
 class SparseMoE(nn.Module):
@@ -139,7 +142,8 @@ def wrap(module: MoEDecoder, cfg: dict, name: str, tokenizer=None) -> LoadedMode
         mask_id = tokenizer.mask_token_id
     return wrap_moe(module, family=FAMILY, name=name, tokenizer=tokenizer, mask_id=mask_id, d_model=cfg["hidden_size"],
                     vocab_size=cfg["vocab_size"], n_experts=cfg["num_experts"], n_active=cfg["num_experts_per_tok"],
-                    block_size=None, mask_fn=lambda m, n, device: None if m is None else bidirectional_mask(m))
+                    block_size=None, context_length=cfg.get("max_position_embeddings"),
+                    mask_fn=lambda m, n, device, block: None if m is None else bidirectional_mask(m))
 
 
 def load_lladamoe(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
