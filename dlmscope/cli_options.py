@@ -108,7 +108,8 @@ def dataclass_command(app: typer.Typer, cls: type, run: Callable[[Any], None], n
     fields = dataclasses.fields(cls)
     for f in fields:
         formerly = [old for old, new in aliases.items() if new == flag(f.name)]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(f, hints[f.name]),
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=_annotation(f, hints[f.name]),
                                         default=_option(f, hints[f.name], docs.get(f.name, ""), formerly)))
 
     def command(ctx: typer.Context, **kwargs) -> None:
@@ -142,7 +143,8 @@ def escape_markup(command) -> None:
         escape_markup(sub)
 
 
-def positional_or_option(positional: str | None, option: str | None, name: str, default: str | None = None) -> str | None:
+def positional_or_option(positional: str | None, option: str | None, name: str,
+                         default: str | None = None) -> str | None:
     """The value of `--name`, or of the deprecated positional argument (with a warning); not both."""
     if positional is not None:
         if option is not None:

@@ -399,7 +399,7 @@ def _evaluation(st, sae: str, store: str) -> None:
     st.subheader("Evaluation (dlmscope evaluate)")
     path = find_evaluation(sae, store)
     if path is None:
-        st.caption(f"No evaluation found: run `dlmscope evaluate {sae} --out {store}`.")
+        st.caption(f"No evaluation found: run `dlmscope evaluate --sae {sae} --out {store}`.")
         return
     result = json.loads(path.read_text())
     st.caption(f"from {path}: reconstruction per mask ratio on masked vs visible positions (a DLM SAE trained on "

@@ -9,7 +9,7 @@ Adding a README block? It runs as written, so usually nothing is needed here. Wh
 cannot run on this machine, add to the tables below (each entry must match something in the README, so
 stale entries fail too):
 - REWRITES: (regex, replacement) applied in order to every shell line: small budgets, e.g.
-  (r"--steps 30\b", "--steps 1"). Keep the command itself; shrink only sizes.
+  (r"--rl-steps 30\b", "--rl-steps 1"). Keep the command itself; shrink only sizes.
 - SKIP: {substring: reason}: shell lines and Python statements containing it are not run.
 - SERVE: substrings of shell lines that start a server until stopped: run in the background with $PORT
   set to a free port, checked until /_stcore/health answers "ok", then stopped.
@@ -40,10 +40,10 @@ REWRITES = [
     (r"python -m pip install torch==2\.13\.0 -e \. && ", ""),  # installed already: the tests import it
     (r" --total-tokens \d+", ""),  # every train-sae gets TRAIN_BUDGET instead
     (r"dlmscope train-sae(?! --help)", f"dlmscope train-sae {TRAIN_BUDGET}"),
-    (r"dlmscope cache (\S+)", r"dlmscope cache \1 --batches 3 --seqs-per-forward 8"),
+    (r"dlmscope cache --out (\S+)", r"dlmscope cache --out \1 --batches 3 --seqs-per-forward 8"),
     (r"dlmscope eval-splice", "dlmscope eval-splice --n-seqs 4 --t-bins 0.5"),
     (r"dlmscope steer", "dlmscope steer --gen-length 8 --steps 8"),
-    (r"--steps 4,8,16", "--steps 4"),
+    (r"--step-budgets 4,8,16", "--step-budgets 4"),
     (r"dlmscope order", "dlmscope order --n 2 --heldout 2"),
     (r"dlmscope stability", "dlmscope stability --n-seqs 2"),
     (r"dlmscope features build", "dlmscope features build --n-seqs 8"),

@@ -257,8 +257,8 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
 
 
 def order_study(lm: LoadedModel, saes, prompts: Sequence[str], strategies: Sequence[str], task: str | None = None,
-                n: int = 50, budgets: Sequence[int] = (4, 8, 16), gen_length: int = 16, rows: torch.Tensor | None = None,
-                schedule: str | None = None, threshold: float | None = None, cache: str | None = None,
+                n: int = 50, budgets: Sequence[int] = (4, 8, 16), gen_length: int = 16,
+                rows: torch.Tensor | None = None, schedule: str | None = None, threshold: float | None = None, cache: str | None = None,
                 on_row=None) -> dict:
     """The `dlmscope order` study: per remasking order (the SAE-informed ones use the last SAE), the feature
     dynamics of every SAE over `prompts` (one token per step), the task's accuracy (`task`, unless None) and
