@@ -31,7 +31,7 @@ from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_f
 from dlmscope.data import heldout_rows
 from dlmscope.io_utils import atomic_write_json
 from dlmscope.models import load_model
-from dlmscope.sae import SAEConfig, TopKSAE, load_sae, save_sae
+from dlmscope.sae import SAEConfig, SAE, load_sae, save_sae
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
 SAE = "tiny-dlm-L3-k32"
@@ -93,7 +93,7 @@ def main() -> dict:
     cfg = FeatureStoreConfig(n_seqs=32 if quick else None)
     rows = rows[: cfg.n_seqs] if cfg.n_seqs else rows
     shipped = load_sae(SAE, device=device)
-    big = TopKSAE(SAEConfig(lm.d_model, 4096, 32, metadata=dict(shipped.cfg.metadata)), seed=1).to(device)
+    big = SAE(SAEConfig(lm.d_model, 4096, 32, metadata=dict(shipped.cfg.metadata)), seed=1).to(device)
     res = {"machine": f"{platform.node()} · {os.cpu_count()} CPUs · torch threads {torch.get_num_threads()} · "
                       f"load average {os.getloadavg()[0]:.1f} at start", "device": device,
            "tokens": int(rows.numel()), "stores": {}}

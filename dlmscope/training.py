@@ -136,11 +136,11 @@ class TrainSAEConfig:
         checks.choice("site", self.site, SITES)
         if self.target_site:
             checks.choice("target_site", self.target_site, SITES)
-        if self.architecture.endswith("transcoder") != bool(self.target_site) or self.target_site == self.site:
+        checks.choice("architecture", self.architecture, ARCHITECTURES)
+        if ARCHITECTURES[self.architecture].transcodes != bool(self.target_site) or self.target_site == self.site:
             raise DLMScopeError(f"target_site={self.target_site!r} with site={self.site!r}: transcoders (and only they) "
                                 "need a target site other than the site they read")
         self.prefix_list()
-        checks.choice("architecture", self.architecture, ARCHITECTURES)
         checks.choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         checks.choice("policy", self.policy, ("", *POLICIES))
         checks.device("device", self.device)

@@ -17,6 +17,7 @@ from ..errors import DLMScopeError
 from .base import LoadedModel, bidirectional_mask, hf_sites
 from .causal import _mid_attr, find_layers
 from .checkpoint import load_tokenizer
+from .families import FAMILIES
 from .llada2 import DEFAULT_BLOCK_SIZE, block_mask
 
 _AUTO_KEYS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
@@ -107,7 +108,7 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    allowed = ("llada", "dream", "masked_lm", "causal", "lladamoe", "llada2")
+    allowed = [f.name for f in FAMILIES.values() if f.remote]
     if family not in allowed:
         raise DLMScopeError(f"the remote backend cannot load family {family!r}; allowed: {', '.join(allowed)}")
     with _compat():

@@ -170,21 +170,21 @@ def test_bad_input_shows_errors(env, monkeypatch, tmp_path, tiny_dirs):
     from dlmscope.analysis.features import FeatureStoreConfig, build_feature_store
     from dlmscope.data import heldout_rows
     from dlmscope.models import load_model
-    from dlmscope.sae import SAEConfig, TopKSAE, save_sae
+    from dlmscope.sae import SAEConfig, SAE, save_sae
 
     at = _app({"DLMSCOPE_STORE": str(tmp_path)}, monkeypatch)
     assert not at.exception and "not a feature store" in at.error[0].value
     # an SAE trained on another model
-    other = save_sae(TopKSAE(SAEConfig(64, 256, 8, metadata={"model_name": "other", "hook_name": HOOK})), tmp_path / "o")
+    other = save_sae(SAE(SAEConfig(64, 256, 8, metadata={"model_name": "other", "hook_name": HOOK})), tmp_path / "o")
     at = _app(env, monkeypatch, {"DLMSCOPE_SAE": other}, page="denoise", run="1")
     assert not at.exception and "trained on model 'other'" in at.error[0].value
     # an SAE for this model that the store was not built for
-    small = save_sae(TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK})), tmp_path / "s")
+    small = save_sae(SAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK})), tmp_path / "s")
     at = _app(env, monkeypatch, {"DLMSCOPE_SAE": small}, page="steer", run="1")
     assert not at.exception and "rebuild it for this SAE" in at.error[0].value
     # an empty store: nothing fired
     lm = load_model(tiny_dirs["llada"])
-    dead = TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK}))
+    dead = SAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK}))
     with torch.no_grad():
         dead.b_enc.fill_(-1e4)
     store = build_feature_store(lm, dead, heldout_rows(lm.tokenizer, 16, n=2), tmp_path / "empty", FeatureStoreConfig())
