@@ -12,9 +12,10 @@ from .matryoshka import MatryoshkaSAE
 from .metrics import evaluate_sae, explained_variance, fvu
 from .model import ARCHITECTURES, SAE, SAEConfig, SAEOutput
 from .registry import load_sae, registry
+from .saelens import from_sae_lens, to_sae_lens
 from .train import SAETrainer, TrainConfig
 from .transcoder import SkipTranscoder, Transcoder
 
 __all__ = ["SAEConfig", "SAEOutput", "SAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaSAE", "Transcoder",
            "SkipTranscoder", "ARCHITECTURES", "build_sae", "SAETrainer", "TrainConfig", "save_sae", "load_sae",
-           "load_sae_dir", "registry", "evaluate_sae", "fvu", "explained_variance"]
+           "load_sae_dir", "registry", "to_sae_lens", "from_sae_lens", "evaluate_sae", "fvu", "explained_variance"]
