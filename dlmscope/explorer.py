@@ -305,7 +305,7 @@ def _denoising_view(st, store, feature, args) -> None:
         st.session_state["denoise"] = {  # activations, not latents: any feature is one small encode away
             "acts": torch.stack([a[0] for a in cache.acts[hook]]).float(), "P": out.prompt_length,
             "rows": [strings(rec.x[0]) for rec in out.history], "final": strings(out.sequences[0]),
-            "text": out.texts[0], "prompt": prompt}
+            "text": (out.texts or [""])[0], "prompt": prompt}
         st.session_state["denoise_key"] = key
     run_ = st.session_state.get("denoise")
     if run_ is None:
@@ -481,9 +481,9 @@ def _diff_page(st, path: str) -> None:
     st.caption(f"{r['hook']}: {r['n_latents']} latents (k={r['k']}), {r['n_alive']} alive on {r['n_tokens']:,} held-out "
                f"tokens, FVU {r['fvu']:.3f}; specific = relative decoder norm beyond {r['threshold']}, robust = both "
                f"Latent Scaling ratios below {r['nu_max']}")
-    for e in r["per_checkpoint"]:
-        for side, owner in (("later", e["checkpoint"]), ("base", report["checkpoints"][0])):
-            s = e[f"specific_{side}"]
+    for entry in r["per_checkpoint"]:
+        for side, owner in (("later", entry["checkpoint"]), ("base", report["checkpoints"][0])):
+            s = entry[f"specific_{side}"]
             st.subheader(f"Specific to {owner}: {s['count']} latents ({s['robust']} robust)")
             for lat in s["latents"]:
                 with st.expander(f"latent {lat['latent']}: relative norm {lat['relative_norm']:.3f}, nu_error "

@@ -49,8 +49,10 @@ def position_mask(positions: Positions, state: ForwardState, shape: tuple[int, i
         return None
     if state.window is not None:
         start, end = state.window
+        assert state.mask is not None  # a cached step always knows the masked positions
         full = position_mask(positions, ForwardState(**{**vars(state), "window": None}),
                              (shape[0], state.mask.shape[1]), device)
+        assert full is not None
         return full[:, start:end]
     if isinstance(positions, str):
         if positions not in POSITION_KINDS:
@@ -120,7 +122,7 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], *, steps: Steps = None,
         def edit(act: torch.Tensor) -> torch.Tensor | None:
             if lm.state.context or not wanted(lm.state.step):
                 return None
-            pos = position_mask(positions, lm.state, tuple(act.shape[:2]), act.device)
+            pos = position_mask(positions, lm.state, (act.shape[0], act.shape[1]), act.device)
             new = fn(act, HookContext(name, layer, lm.state, pos))
             if new is None or pos is None:
                 return new

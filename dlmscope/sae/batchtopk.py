@@ -15,10 +15,10 @@ from ..errors import DLMScopeError
 from .model import SAE, SAEConfig, SAEOutput, register_architecture
 
 
-def jumprelu_fields(sae: SAE, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+def jumprelu_fields(sae: SAE, threshold: torch.Tensor, meta: dict, weights: dict[str, torch.Tensor]) -> None:
     """What SAELens' "jumprelu" files hold beyond the base weights: a threshold per latent (and our k)."""
     meta.update(dlmscope_architecture=sae.cfg.architecture, k=sae.cfg.k)
-    weights["threshold"] = torch.broadcast_to(sae.threshold.detach().float(), (sae.cfg.n_latents,)).contiguous()
+    weights["threshold"] = torch.broadcast_to(threshold.detach().float(), (sae.cfg.n_latents,)).contiguous()
 
 
 def file_threshold(weights: dict[str, torch.Tensor], where: str) -> torch.Tensor:
@@ -33,13 +33,14 @@ class BatchTopKSAE(SAE):
     """BatchTopK in training, one threshold at inference."""
 
     sparse_training = False
+    threshold: torch.Tensor
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__(cfg, seed)
         self.register_buffer("threshold", torch.zeros(()))
 
     def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
-        jumprelu_fields(self, meta, weights)
+        jumprelu_fields(self, self.threshold, meta, weights)
 
     def load_saelens_fields(self, weights: dict[str, torch.Tensor], where: str) -> None:
         t = file_threshold(weights, where)

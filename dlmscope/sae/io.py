@@ -122,20 +122,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise DLMScopeError(f"cannot read SAE weights {str(path)!r}: {_first_line(e)}") from None
 
 
-def _get(d: dict, key: str, path: Path):
+def _get(d: dict, key: str, path: Path | str):
     if key not in d:
         raise DLMScopeError(f"{str(path)!r} lacks {key!r}")
     return d[key]
 
 
-def _matrix(d: dict, key: str, path: Path) -> torch.Tensor:
+def _matrix(d: dict, key: str, path: Path | str) -> torch.Tensor:
     value = _get(d, key, path)
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         raise DLMScopeError(f"{str(path)!r}: {key} must be a matrix, not {getattr(value, 'shape', type(value).__name__)}")
     return value
 
 
-def _int(value, key: str, path: Path) -> int:
+def _int(value, key: str, path: Path | str) -> int:
     """A config integer: a JSON int (or a one-element integer tensor in a state dict), nothing else."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value)
@@ -144,7 +144,7 @@ def _int(value, key: str, path: Path) -> int:
     return value
 
 
-def _dict(value, key: str, path: Path) -> dict:
+def _dict(value, key: str, path: Path | str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):

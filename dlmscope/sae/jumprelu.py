@@ -74,6 +74,7 @@ class JumpReLUSAE(SAE):
     """A JumpReLU SAE; `cfg.k` is the target L0 (and the width of `encode_topk` views)."""
 
     sparse_training = False
+    l0_coef: torch.Tensor
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__(cfg, seed)
@@ -87,7 +88,7 @@ class JumpReLUSAE(SAE):
         return min(32, d_sae - 1)
 
     def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
-        jumprelu_fields(self, meta, weights)
+        jumprelu_fields(self, self.threshold, meta, weights)
 
     def load_saelens_fields(self, weights: dict[str, torch.Tensor], where: str) -> None:
         t = file_threshold(weights, where)
@@ -124,6 +125,7 @@ class JumpReLUSAE(SAE):
 
     def extra_loss(self, out: SAEOutput, step_: int, cfg) -> tuple[torch.Tensor, dict]:
         """lambda * mean over tokens of the L0 (straight-through in theta), lambda warmed up."""
+        assert out.pre is not None  # this class's forward always records it
         l0 = step(out.pre, self.threshold, self.bandwidth).sum(-1).mean()
         warm = min(1.0, (step_ + 1) / max(1.0, cfg.l0_warmup * cfg.steps))
         if self._target(cfg) == 0 or step_ == 0:

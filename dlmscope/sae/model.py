@@ -224,6 +224,7 @@ class SAE(nn.Module):
     """Reads one hook and predicts another (`metadata.hook_name_out`)."""
     sparse_training: ClassVar[bool] = True
     """Per-token top-k selection, so the CPU's sparse training route applies (module docstring)."""
+    input_scale: torch.Tensor  # buffers, declared for type checkers (nn.Module.__getattr__ is untyped)
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
@@ -352,8 +353,10 @@ class SAE(nn.Module):
             # A reused (N, n_latents) buffer: a fresh one costs page faults and a broadcast bias copy into new memory
             # on every step (about 12% of a CPU step at d_in 256).
             buf = self._pre_buffer(xc)
-            pre = torch.addmm(self.b_enc, xc, self.W_enc, **({} if buf is None else {"out": buf}))
-            selections = [pre.topk(self.cfg.k, dim=-1, sorted=False)]
+            pre = torch.addmm(self.b_enc, xc, self.W_enc) if buf is None else torch.addmm(self.b_enc, xc, self.W_enc,
+                                                                                           out=buf)
+            top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            selections = [(top_values, top_ids)]
             if dead_ids is not None:
                 aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
                 selections.append((aux_values, dead_ids[local]))

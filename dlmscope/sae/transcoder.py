@@ -25,6 +25,7 @@ class Transcoder(BatchTopKSAE):
 
     applies_b_dec_to_input = False  # b_dec lives in the output space
     transcodes = True
+    out_scale: torch.Tensor
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__(cfg, seed)

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dlmscope.diffusion.blocks import generate_blocks
 from dlmscope.diffusion.sampler import block_bounds, generate
