@@ -12,10 +12,12 @@ from .diffusion.sampler import DenoiseStep, GenerateOutput, Remasking, generate
 from .errors import DLMScopeError
 from .hooks import capture, hooked, run_with_cache
 from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models.lens import to_hooked_transformer
 from .sae import from_sae_lens, load_sae, to_sae_lens
 
 __all__ = [
-    "load_model", "load_sae", "to_sae_lens", "from_sae_lens", "LoadedModel", "DEFAULT_MODEL", "generate", "GenerateOutput", "DenoiseStep", "Remasking",
-    "capture", "hooked", "run_with_cache", "DLMScopeError",
+    "load_model", "load_sae", "to_sae_lens", "from_sae_lens", "LoadedModel", "DEFAULT_MODEL", "generate",
+    "GenerateOutput", "DenoiseStep", "Remasking", "capture", "hooked", "run_with_cache", "DLMScopeError",
+    "to_hooked_transformer",
 ]
 __version__ = "0.1.0"
