@@ -32,6 +32,20 @@ class Family:
     """Whether the loader spreads a model over devices (`device_map=`)."""
     remote: bool = True
     """Whether `backend="remote"` (the checkpoint's own code) can load it."""
+    schedule: str = "linear"
+    """The sampler schedule its upstream uses (`diffusion.sampler.SCHEDULES`)."""
+    shift: bool = False
+    """Logits shifted like an AR model's (position i-1 predicts token i: Dream)."""
+    causal: bool = False
+    """An autoregressive model (no mask token, no denoising)."""
+    moe: bool = False
+    """Mixture-of-experts layers (expert counts read from the config)."""
+    remote_mask: str = "2d"
+    """The attention mask its remote code takes: "2d" as given, "bidirectional" (a 4-D boolean mask: Dream) or
+    "block" (the block-diffusion structure, with the config's block_size: LLaDA 2.x)."""
+    remote_auto_class: str = "AutoModelForCausalLM"
+    """transformers' auto class for folders without remote code (masked LMs: AutoModelForMaskedLM, which takes
+    no `use_cache`)."""
 
     def load(self, folder: Path, device: Any, dtype: Any, name: str, device_map: str | dict | None = None):
         if self.loader is None:
@@ -74,9 +88,13 @@ def detect_family(config: dict) -> str:
 
 
 register_family("llada", ".llada:load_llada", model_types=("llada",))
-register_family("dream", ".dream:load_dream", model_types=("dream",))
-register_family("masked_lm", ".causal:load_masked_lm", architecture_suffixes=("ForMaskedLM",), device_map=False)
-register_family("causal", ".causal:load_causal")
+register_family("dream", ".dream:load_dream", model_types=("dream",), schedule="dream", shift=True,
+                remote_mask="bidirectional")
+register_family("masked_lm", ".causal:load_masked_lm", architecture_suffixes=("ForMaskedLM",), device_map=False,
+                remote_auto_class="AutoModelForMaskedLM")
+register_family("causal", ".causal:load_causal", causal=True)
 register_family("transformer_lens", None, remote=False)
-register_family("lladamoe", ".lladamoe:load_lladamoe", model_types=("lladamoe",), architectures=("LLaDAMoEModelLM",))
-register_family("llada2", ".llada2:load_llada2", model_types=("llada2_moe",), architectures=("LLaDA2MoeModelLM",))
+register_family("lladamoe", ".lladamoe:load_lladamoe", model_types=("lladamoe",), architectures=("LLaDAMoEModelLM",),
+                moe=True)
+register_family("llada2", ".llada2:load_llada2", model_types=("llada2_moe",), architectures=("LLaDA2MoeModelLM",),
+                moe=True, remote_mask="block")
