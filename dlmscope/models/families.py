@@ -7,7 +7,7 @@ so importing dlmscope stays light. A new family is a loader module plus one call
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,13 @@ class Family:
     """An autoregressive model (no mask token, no denoising)."""
     moe: bool = False
     """Mixture-of-experts layers (expert counts read from the config)."""
+    blocks: bool = False
+    """A block-diffusion model: causal across blocks of `block_size` tokens (LLaDA 2.x)."""
     remote_mask: str = "2d"
-    """The attention mask its remote code takes: "2d" as given, "bidirectional" (a 4-D boolean mask: Dream) or
-    "block" (the block-diffusion structure, with the config's block_size: LLaDA 2.x)."""
+    """The attention mask its remote code takes: "2d" as given or "bidirectional" (a 4-D boolean mask: Dream);
+    block models get their block structure."""
+    released_ids: dict[str, int] = field(default_factory=dict)
+    """Upstream default "mask" / "eos" ids for folders that declare none (`models.ids.resolve_ids`)."""
     remote_auto_class: str = "AutoModelForCausalLM"
     """transformers' auto class for folders without remote code (masked LMs: AutoModelForMaskedLM, which takes
     no `use_cache`)."""
@@ -87,6 +91,11 @@ def detect_family(config: dict) -> str:
     return FALLBACK
 
 
+RELEASED_MOE_IDS = {"mask": 156895, "eos": 156892}
+"""LLaDA 2.0 / 2.1: `LLaDA2MoeModelLM.generate(..., eos_id=156892, mask_id=156895)` (inclusionAI's modelling code,
+vendored by dllm); LLaDA-MoE shares the tokenizer: inclusionAI/dInfer decodes it with the same ids (README
+"Released checkpoints")."""
+
 register_family("llada", ".llada:load_llada", model_types=("llada",))
 register_family("dream", ".dream:load_dream", model_types=("dream",), schedule="dream", shift=True,
                 remote_mask="bidirectional")
@@ -95,6 +104,6 @@ register_family("masked_lm", ".causal:load_masked_lm", architecture_suffixes=("F
 register_family("causal", ".causal:load_causal", causal=True)
 register_family("transformer_lens", None, remote=False)
 register_family("lladamoe", ".lladamoe:load_lladamoe", model_types=("lladamoe",), architectures=("LLaDAMoEModelLM",),
-                moe=True)
+                moe=True, released_ids=RELEASED_MOE_IDS)
 register_family("llada2", ".llada2:load_llada2", model_types=("llada2_moe",), architectures=("LLaDA2MoeModelLM",),
-                moe=True, remote_mask="block")
+                moe=True, blocks=True, released_ids=RELEASED_MOE_IDS)

@@ -135,12 +135,12 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     module.eval()
     layers = find_layers(module)
     shift, causal = fam.shift, fam.causal
-    block_size = getattr(config, "block_size", DEFAULT_BLOCK_SIZE) if fam.remote_mask == "block" else None
+    block_size = getattr(config, "block_size", DEFAULT_BLOCK_SIZE) if fam.blocks else None
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is not None and fam.remote_mask == "bidirectional":  # Dream takes only a 4-D boolean mask
             attention_mask = bidirectional_mask(attention_mask)
-        if fam.remote_mask == "block":  # upstream makes a 2-D mask token-causal: the block structure is ours to pass
+        if fam.blocks:  # upstream makes a 2-D mask token-causal: the block structure is ours to pass
             attention_mask = block_mask(attention_mask, input_ids.shape[1], block_size, input_ids.device)
         kwargs = {} if fam.remote_auto_class == "AutoModelForMaskedLM" else {"use_cache": False}
         out = module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
