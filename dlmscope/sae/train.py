@@ -267,7 +267,8 @@ class SAETrainer:
         loss.backward()
         if reduce is not None:
             for p in self.sae.parameters():
-                p.grad = reduce(p.grad)
+                if p.grad is not None:
+                    p.grad = reduce(p.grad)
         return lr
 
     def check_finite(self, loss: torch.Tensor) -> None:
