@@ -489,7 +489,7 @@ def test_resume_state_holding_nan_is_refused_before_loading(nan_cache, tmp_path,
     state["trainers"]["blocks.1.hook_resid_post-k4"]["sae"]["W_enc"][0, 0] = float("nan")
     save_state(run, "checkpoint", state)  # valid checksums around a NaN
     err = _cli_fails(_cache_run(folder, tmp_path / "runs", "--resume"), capsys)
-    assert "resume state" in err and "is unusable: tensor blocks.1.hook_resid_post-k4.sae.W_enc (1 of" in err
+    assert "resume state" in err and "is unusable: tensor trainers.blocks.1.hook_resid_post-k4.sae.W_enc (1 of" in err
 
 
 @pytest.mark.parametrize("argv,message", [
