@@ -190,6 +190,7 @@ def generate_blocks_cmd(
     from .diffusion.editing import generate_editing
     from .models import load_model
 
+    checks.number("--threshold", threshold, 0, 1)
     check_block_options(max_new_tokens, steps_per_block, threshold, minimal_topk)
     if editing_threshold is not None:
         checks.number("--editing-threshold", editing_threshold, 0, 1)

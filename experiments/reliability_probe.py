@@ -291,15 +291,23 @@ def cases(folders: dict) -> list[tuple[int, str, object]]:
 
 
 def run(args) -> dict:
+    """Every case, or with --rerun I,J,... only those (by position), replacing them in the saved JSON (marked
+    `rerun`): for cases whose first run was disturbed, e.g. by the code changing under it."""
+    only = {int(i) for i in args.rerun.split(",")} if args.rerun else None
+    rows = json.loads((args.out / "reliability_probe.json").read_text())["cases"] if only else []
     with tempfile.TemporaryDirectory() as tmp:
         folders = tiny_folders(Path(tmp) / "models")
-        rows = []
         for i, (category, name, fn) in enumerate(cases(folders)):
+            if only is not None and i not in only:
+                continue
             cwd = Path(tmp) / f"case{i:02d}"
             cwd.mkdir()
-            result = fn(cwd)
-            rows.append({"category": category, "case": name, **result})
-            print(f"[{'ok' if result['ok'] else 'FAIL'}] {category} {name}: {result.get('stderr', [''])[-1:]}",
+            result = {"category": category, "case": name, **fn(cwd), **({"rerun": True} if only else {})}
+            if only:
+                rows[i] = result
+            else:
+                rows.append(result)
+            print(f"[{'ok' if result['ok'] else 'FAIL'}] {i} {category} {name}: {result.get('stderr', [''])[-1:]}",
                   flush=True)
     return {"cases": rows, "note": "ok = exit 2 with one `error:` line and nothing else printed (data-loss and "
                                    "repair cases: files kept / rewritten)"}
@@ -320,4 +328,6 @@ def readme_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_or_render(argparse.ArgumentParser(description=__doc__.splitlines()[0]), "reliability_probe", run, render)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rerun", default="", help="comma-separated case positions to run again (see run)")
+    run_or_render(parser, "reliability_probe", run, render)
