@@ -22,6 +22,7 @@ import torch
 from ..errors import DLMScopeError
 from ..hooks import capture, hooked
 from ..models.base import ForwardState, LoadedModel
+from ..models.zoo import DEFAULT_MODEL
 
 MODES = ("forward", "sampler")
 METRICS = ("logit_diff", "logprob")
@@ -361,6 +362,9 @@ class Patcher:
                 raise DLMScopeError("sweep='step_layer' needs mode='sampler' (a single forward has one step)")
             cols = layers
             layers = list(range(s.steps)) if steps is None else list(steps)
+            bad = [st for st in layers if not 0 <= st < s.steps]
+            if bad:
+                raise DLMScopeError(f"step {bad[0]} is past the trajectory: sampler mode has steps 0..{s.steps - 1}")
             pos = None if positions is None else tuple(positions)
             grid = [[Patch(f"blocks.{i}.hook_{site}", positions=pos, steps=tuple(range(st, s.steps))) for i in cols]
                     for st in layers]
@@ -464,3 +468,183 @@ def sweep_figure(result: SweepResult | dict, title: str = ""):
                       f"({r['forwards']} forwards, {r['sequences']} sequences)", height=450)
     return fig
 
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class PatchConfig:
+    """A `dlmscope patch` run: one sweep (or a list of single patches) of clean activations into a corrupted input."""
+
+    model: str = DEFAULT_MODEL
+    """Built-in model name or checkpoint folder (a diffusion model)."""
+    clean: str = ""
+    """Clean prompt text."""
+    corrupted: str = ""
+    """Corrupted prompt text, the same number of tokens as the clean one (or give --change)."""
+    change: str = ""
+    """Corrupt by changing one token of the clean prompt instead: INDEX=TEXT (token position, one token's text)."""
+    target: int = -1
+    """Where the answer is read: a position of prompt + generated region (negative: from the end)."""
+    answer: str = ""
+    """The clean answer at the target: one token's text, or #ID for a token id."""
+    wrong: str = ""
+    """The corrupted answer token (text or #ID); needed by the logit_diff metric."""
+    metric: str = "logit_diff"
+    """logit_diff (answer minus wrong logit) or logprob (the answer's log-probability)."""
+    mode: str = "forward"
+    """forward (one denoising forward of prompt + gen-length masks) or sampler (the whole denoising run; the
+    metric is read at the step that reveals the target)."""
+    gen_length: int = 16
+    """Masked positions after the prompt."""
+    steps: int = 16
+    """Sampler steps (mode sampler)."""
+    sweep: str = "layer_position"
+    """layer_position, layer_head (on attn.hook_z), step_layer (clean from step s onward; sampler), or none (the
+    patches given by --hooks)."""
+    site: str = "resid_pre"
+    """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_mid, resid_post,
+    mlp_in, mlp_out, attn_out ...)."""
+    hooks: str = ""
+    """With --sweep none: comma-separated hook names, each patched in its own run (restricted by --positions,
+    --heads, --patch-steps, --feature)."""
+    layers: str = ""
+    """Comma-separated layers the sweep covers (default all)."""
+    positions: str = ""
+    """Comma-separated positions (default all; a layer_position sweep's columns)."""
+    heads: str = ""
+    """Comma-separated heads (a layer_head sweep's columns, default all; with --sweep none: one run per head)."""
+    patch_steps: str = ""
+    """With --sweep none: the sampler steps patched (default all); step_layer: the steps s swept."""
+    sae: str = ""
+    """SAE name or folder; with --feature, patch only that latent's contribution at the SAE's hook."""
+    feature: int = -1
+    """SAE latent to patch (with --sae and --sweep none; -1 = none)."""
+    attribution: bool = False
+    """Also estimate the sweep by attribution patching (gradient x activation difference; mode forward) and
+    report its agreement with exact patching."""
+    batch_size: int = 32
+    """Patched runs per batched forward."""
+    out: str = ""
+    """Folder for patch.json and patch.html (a plotly heatmap); default: print only."""
+    device: str = "cpu"
+    """Torch device."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        from .. import checks
+
+        checks.text("clean", self.clean)
+        if not self.clean:
+            raise DLMScopeError("clean='' : give the clean prompt (--clean TEXT)")
+        if bool(self.corrupted) == bool(self.change):
+            raise DLMScopeError("give exactly one of --corrupted TEXT and --change INDEX=TEXT")
+        if self.change and not re.fullmatch(r"-?\d+=.+", self.change, flags=re.S):
+            raise DLMScopeError(f"change={self.change!r} must be INDEX=TEXT, e.g. 5=7")
+        if not self.answer:
+            raise DLMScopeError("answer='' : give the clean answer token (--answer TEXT or #ID)")
+        checks.choice("metric", self.metric, METRICS)
+        checks.choice("mode", self.mode, MODES)
+        checks.choice("sweep", self.sweep, (*SWEEPS, "none"))
+        checks.integer("target", self.target)
+        checks.positive("gen_length", self.gen_length)
+        checks.positive("steps", self.steps)
+        checks.positive("batch_size", self.batch_size)
+        if self.metric == "logit_diff" and not self.wrong:
+            raise DLMScopeError("metric='logit_diff' needs --wrong (the corrupted answer token); or --metric logprob")
+        if self.sweep == "none" and not self.hooks:
+            raise DLMScopeError("sweep='none' needs --hooks (comma-separated hook names to patch)")
+        if self.sweep == "step_layer" and self.mode != "sampler":
+            raise DLMScopeError("sweep='step_layer' needs --mode sampler (a single forward has one step)")
+        if self.attribution and (self.mode != "forward" or self.sweep in ("none", "step_layer")):
+            raise DLMScopeError("--attribution estimates a layer_position or layer_head sweep in mode forward")
+        if (self.feature >= 0) != bool(self.sae):
+            raise DLMScopeError("--feature and --sae go together (an SAE latent to patch)")
+        if self.feature >= 0 and self.sweep != "none":
+            raise DLMScopeError("--feature patches one SAE latent: use it with --sweep none --hooks <the SAE's hook>")
+        for name in ("layers", "positions", "heads", "patch_steps"):
+            value = getattr(self, name)
+            if value:
+                checks.int_list(name, value, minimum=None if name == "positions" else 0)
+        if self.out:
+            checks.writable_folder("out", self.out)
+        checks.device("device", self.device)
+        checks.choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+    def ints(self, name: str) -> list[int] | None:
+        value = getattr(self, name)
+        return [int(v) for v in value.split(",") if v.strip()] if value else None
+
+
+def _token(lm: LoadedModel, name: str, text: str) -> int:
+    """One token id from `#ID` or a text that the tokenizer makes a single token of."""
+    if text.startswith("#") and text[1:].isdigit():
+        return int(text[1:])
+    ids = lm.to_tokens(text, add_bos=False)[0]
+    if len(ids) != 1:
+        raise DLMScopeError(f"{name}={text!r} is {len(ids)} tokens; give one token's text or #ID")
+    return ids[0]
+
+
+def patch(cfg: PatchConfig) -> dict:
+    """Run `dlmscope patch`: load the model, build the inputs, run the sweep; write patch.json / patch.html."""
+    from ..io_utils import atomic_write_json, atomic_write_text
+    from ..models import load_model
+
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    clean = lm.to_tokens(cfg.clean)[0]
+    if cfg.change:
+        index, text = cfg.change.split("=", 1)
+        corrupted = list(clean)
+        i = int(index)
+        if not -len(clean) <= i < len(clean):
+            raise DLMScopeError(f"change index {i} is outside the clean prompt's {len(clean)} tokens")
+        corrupted[i] = _token(lm, "change", text)
+    else:
+        corrupted = lm.to_tokens(cfg.corrupted)[0]
+    setup = PatchSetup(clean, corrupted, cfg.target, _token(lm, "answer", cfg.answer),
+                       _token(lm, "wrong", cfg.wrong) if cfg.wrong else None, cfg.metric, cfg.mode, cfg.gen_length,
+                       cfg.steps, batch_size=cfg.batch_size)
+    sae = None
+    if cfg.sae:
+        from ..sae import load_sae
+        from .splice import check_sae_matches
+
+        sae = load_sae(cfg.sae, device=cfg.device)
+        check_sae_matches(lm, sae)
+    patcher = Patcher(lm, setup, sae)
+    report = {"model": lm.name, "clean": cfg.clean, "corrupted_tokens": corrupted, "clean_tokens": clean,
+              "tokens": [lm.to_text([t], skip_special=False) for t in clean] + ["<mask>"] * cfg.gen_length,
+              "target": setup.target, "answer": setup.answer, "wrong": setup.wrong, "metric": cfg.metric,
+              "mode": cfg.mode, "steps": setup.n_steps}
+    if cfg.sweep == "none":
+        positions, steps = cfg.ints("positions"), cfg.ints("patch_steps")
+        patches = [Patch(h.strip(), tuple(positions) if positions else None, head, tuple(steps) if steps else None,
+                         cfg.feature if cfg.feature >= 0 else None)
+                   for h in cfg.hooks.split(",") if h.strip() for head in (cfg.ints("heads") or [None])]
+        result = patcher.run(patches)
+        clean_m, corrupted_m = patcher.baseline("clean").metric.item(), patcher.baseline("corrupted").metric.item()
+        gap = clean_m - corrupted_m
+        report["patches"] = [{"patch": p.label(), "metric": float(m),
+                              "normalised": float((m - corrupted_m) / gap) if abs(gap) > 1e-9 else None}
+                             for p, m in zip(patches, result.metric)]
+        report |= {"clean_metric": clean_m, "corrupted_metric": corrupted_m, "forwards": patcher.forwards}
+    else:
+        sweep = patcher.sweep(cfg.sweep, site=cfg.site, layers=cfg.ints("layers"), positions=cfg.ints("positions"),
+                              heads=cfg.ints("heads"), steps=cfg.ints("patch_steps"), attribution=cfg.attribution)
+        report["sweep"] = sweep.to_dict()
+    if cfg.out:
+        from pathlib import Path
+
+        folder = Path(cfg.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "patch.json", report)
+        report["files"] = [str(folder / "patch.json")]
+        if "sweep" in report:
+            html = sweep_figure(report["sweep"], title=f"{lm.name}: {cfg.sweep} patching, {cfg.metric} at position "
+                                f"{setup.target}").to_html(include_plotlyjs="cdn")
+            atomic_write_text(folder / "patch.html", html)
+            report["files"].append(str(folder / "patch.html"))
+    return report

@@ -161,3 +161,65 @@ def test_bad_setups_are_one_line(planted):
         Patcher(planted, setup()).sweep("step_layer")
     with pytest.raises(DLMScopeError, match="attribution patching needs mode='forward'"):
         Patcher(planted, setup(mode="sampler", steps=1)).sweep("layer_position", attribution=True)
+
+
+SUDOKU = "Sudoku: 3204402310402400\nSolution: "  # 24 tokens; token 4 is the first given (3), cell 2's answer is 1
+
+
+def test_cli_patch_sweep_writes_json_and_heatmap(tmp_path, capsys, one_thread):
+    import json
+
+    from dlmscope.cli import main
+
+    main(["patch", "--clean", SUDOKU, "--change", "4=1", "--target", "-14", "--answer", "1", "--wrong", "2",
+          "--layers", "0,5", "--positions", "4,20,24,26", "--attribution", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "layer_position sweep, logit_diff at position 26" in out and "attribution patching vs exact" in out
+    report = json.loads((tmp_path / "patch.json").read_text())
+    s = report["sweep"]
+    assert s["rows"] == [0, 5] and s["cols"] == [4, 20, 24, 26] and len(s["attribution"]) == 2
+    # layer 0: only the changed token differs between the runs, and patching it back restores the clean run
+    assert s["normalised"][0] == pytest.approx([1.0, 0.0, 0.0, 0.0], abs=1e-4)
+    assert s["forwards"] == 2 + 1 + 1 and s["sequences"] == 2 + 8 + 1
+    assert "plotly" in (tmp_path / "patch.html").read_text()
+
+
+def test_cli_patch_single_patches_under_the_sampler(capsys, one_thread):
+    from dlmscope.cli import main
+
+    main(["patch", "--clean", SUDOKU, "--corrupted", SUDOKU.replace("3204", "3104"), "--target", "26",
+          "--answer", "1", "--metric", "logprob", "--mode", "sampler", "--steps", "4", "--sweep", "none",
+          "--hooks", "blocks.0.hook_resid_pre,blocks.2.hook_mlp_out", "--patch-steps", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("logprob at position 26: clean")
+    assert "blocks.0.hook_resid_pre | steps 0..0: " in lines[1] and "(restored +1.000)" in lines[1]
+    assert lines[2].startswith("  blocks.2.hook_mlp_out | steps 0..0: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"--hooks": "blocks.0.hook_nowhere", "--sweep": "none"}, "unknown hook 'blocks.0.hook_nowhere'"),
+    ({"--hooks": "blocks.0.attn.hook_z", "--sweep": "none"}, "unknown hook 'blocks.0.attn.hook_z'"),
+    ({"--hooks": "blocks.0.hook_resid_pre", "--sweep": "none", "--heads": "0"}, "head=0 needs an attention site"),
+    ({"--hooks": "blocks.0.hook_resid_pre", "--sweep": "none", "--patch-steps": "1"}, "step 1 is past the trajectory"),
+    ({"--mode": "sampler", "--steps": "4", "--sweep": "step_layer", "--patch-steps": "4"},
+     "step 4 is past the trajectory"),
+    ({"--layers": "6"}, "layer 6 is out of range"),
+    ({"--change": None, "--corrupted": "Sudoku: 3204402310402400\nSolution:"}, "differ in length"),
+    ({"--change": "3=12"}, "change='12' is 2 tokens"),
+    ({"--change": "x"}, "must be INDEX=TEXT"),
+    ({"--target": "3"}, "target=3 is a prompt position"),
+    ({"--target": "99"}, "target=99 is outside the sequence"),
+    ({"--metric": "nats"}, "metric='nats'; allowed"),
+    ({"--sweep": "step_layer"}, "needs --mode sampler"),
+    ({"--wrong": None}, "needs --wrong"),
+    ({"--feature": "3"}, "--feature and --sae go together"),
+    ({"--model": "/no/such/model"}, "neither a checkpoint folder"),
+])
+def test_cli_patch_bad_input_one_line_exit_2(args, message, capsys):
+    from dlmscope.cli import main
+
+    options = {"--clean": SUDOKU, "--change": "4=1", "--answer": "1", "--wrong": "2", "--target": "-14"} | args
+    with pytest.raises(SystemExit) as e:
+        main(["patch"] + [x for k, v in options.items() if v is not None for x in (k, v)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
