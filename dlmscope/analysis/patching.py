@@ -136,6 +136,7 @@ class SweepResult:
     sequences: int
     attribution: torch.Tensor | None = None  # approximated patched metric - corrupted metric
     agreement: dict = field(default_factory=dict)
+    tokens: torch.Tensor | None = None  # sampler: the token each patched run put at the target
 
     @property
     def normalised(self) -> torch.Tensor:
@@ -149,6 +150,8 @@ class SweepResult:
                "sequences": self.sequences}
         if self.attribution is not None:
             out |= {"attribution": self.attribution.tolist(), "agreement": self.agreement}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.tolist()
         return out
 
 
@@ -381,7 +384,8 @@ class Patcher:
         approx = self.attribute(grid) if attribution else None
         return SweepResult(kind, names[0], names[1], list(layers), list(cols), effect, clean, corrupted,
                            self.forwards - before[0], self.sequences - before[1], approx,
-                           agreement(approx, effect - corrupted) if attribution else {})
+                           agreement(approx, effect - corrupted) if attribution else {},
+                           None if result.token is None else result.token.view(effect.shape))
 
     def attribute(self, grid: list[list[Patch]]) -> torch.Tensor:
         """Attribution patching: gradient of the corrupted run's metric times (clean - corrupted) activation,
