@@ -29,17 +29,21 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
          device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
     """Family, size, mask id and hook names of a model."""
     from .models import load_model
-    from .models.base import ROUTER_SITES, SITE_ORDER
+    from .models.base import ROUTER_SITES, SITE_ORDER, parse_hook
 
     lm = load_model(model, device=device, dtype=dtype)
     layers = lm.n_layers
-    kinds = [k for k in SITE_ORDER if k not in ROUTER_SITES and any(n.endswith(f".hook_{k}") for n in lm.hook_names)]
+    present = {parse_hook(n)[1] for n in lm.hook_names}
+    kinds = [k for k in SITE_ORDER if k in present and k not in ROUTER_SITES and not k.startswith("attn.")]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
         "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
         "hook_names": f"blocks.{{0..{layers - 1}}}.hook_{{{','.join(kinds)}}}",
     }
+    attn = [k[5:] for k in SITE_ORDER if k in present and k.startswith("attn.")]
+    if attn:
+        summary["attention_hook_names"] = f"blocks.{{0..{layers - 1}}}.attn.hook_{{{','.join(attn)}}}"
     if lm.n_experts:
         moe_layers = sorted({lm.layer_of(n) for n in lm.hook_names if n.endswith(".hook_router_logits")})
         summary.update({"experts": lm.n_experts, "active_experts": lm.n_active_experts, "moe_layers": moe_layers,

@@ -18,7 +18,8 @@ def test_info_and_generate_on_checkpoint_folders(tiny_dirs, capsys):
     main(["info", str(tiny_dirs["dream"])])
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "dream" and info["shifted_logits"] and info["n_layers"] == 2 and info["d_model"] == 64
-    assert info["hook_names"] == "blocks.{0..1}.hook_{resid_pre,resid_mid,mlp_in,mlp_out,resid_post}" and info["parameters"] > 0
+    assert info["hook_names"] == "blocks.{0..1}.hook_{resid_pre,attn_out,resid_mid,mlp_in,mlp_out,resid_post}" and info["parameters"] > 0
+    assert info["attention_hook_names"] == "blocks.{0..1}.attn.hook_{q,k,v,rot_q,rot_k,pattern,z}"
     main(["info", str(tiny_dirs["causal"]), "--dtype", "bfloat16"])
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "causal" and not info["diffusion"] and info["mask_id"] is None
@@ -213,7 +214,7 @@ def test_info_on_moe_and_block_models(tmp_path, capsys):
     main(["info", str(write_tiny_llada2(tmp_path / "l2"))])
     info = json.loads(capsys.readouterr().out)
     assert (info["family"], info["experts"], info["active_experts"], info["block_size"]) == ("llada2", 8, 2, 4)
-    assert info["moe_layers"] == [1, 2] and info["hook_names"] == "blocks.{0..2}.hook_{resid_pre,resid_mid,mlp_in,mlp_out,resid_post}"
+    assert info["moe_layers"] == [1, 2] and info["hook_names"] == "blocks.{0..2}.hook_{resid_pre,attn_out,resid_mid,mlp_in,mlp_out,resid_post}"
     folder = write_tiny_lladamoe(tmp_path / "lm")
     main(["info", str(folder)])
     info = json.loads(capsys.readouterr().out)
