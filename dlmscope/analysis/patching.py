@@ -21,7 +21,8 @@ import torch
 
 from ..errors import DLMScopeError
 from ..hooks import capture, hooked
-from ..models.base import ForwardState, LoadedModel
+from ..models import BACKENDS
+from ..models.base import FAMILIES, ForwardState, LoadedModel
 from ..models.zoo import DEFAULT_MODEL
 
 MODES = ("forward", "sampler")
@@ -532,6 +533,10 @@ class PatchConfig:
     """Patched runs per batched forward."""
     out: str = ""
     """Folder for patch.json and patch.html (a plotly heatmap); default: print only."""
+    backend: str = "native"
+    """native (our loaders, every hook site) or remote (the checkpoint's own code: residual sites only)."""
+    family: str = ""
+    """Checkpoint family when it cannot be detected (llada, dream, ...); default: from config.json."""
     device: str = "cpu"
     """Torch device."""
     dtype: str = "float32"
@@ -574,6 +579,9 @@ class PatchConfig:
                 checks.int_list(name, value, minimum=None if name == "positions" else 0)
         if self.out:
             checks.writable_folder("out", self.out)
+        checks.choice("backend", self.backend, BACKENDS)
+        if self.family:
+            checks.choice("family", self.family, FAMILIES)
         checks.device("device", self.device)
         checks.choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
@@ -597,7 +605,7 @@ def patch(cfg: PatchConfig) -> dict:
     from ..io_utils import atomic_write_json, atomic_write_text
     from ..models import load_model
 
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    lm = load_model(cfg.model, family=cfg.family or None, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend)
     clean = lm.to_tokens(cfg.clean)[0]
     if cfg.change:
         index, text = cfg.change.split("=", 1)

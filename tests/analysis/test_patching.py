@@ -41,7 +41,7 @@ def planted(tmp_path_factory):
                 rows = slice(16 * h, 16 * h + 16)
                 for w in (attn.q_proj, attn.k_proj, attn.v_proj):
                     w.weight[rows, :V] = torch.randn(16, V, generator=gen)
-                attn.o_proj.weight[48:64, rows] = 0.05 * torch.randn(16, 16, generator=gen)
+                attn.o_proj.weight[48:64, rows] = 0.01 * torch.randn(16, 16, generator=gen)
             if i == 0:
                 attn.q_proj.weight[7, MASK] = 3.0
                 attn.k_proj.weight[7, list(COPY)] = 3.0
@@ -76,6 +76,38 @@ def test_planted_copy_head_and_position_are_found_and_nothing_else(planted, one_
     attr = r.attribution / (clean - corrupted)
     assert attr[0, SRC] > 0.3 and attr[1, 5] > 0.3  # a linear estimate through the norms: not exact
     assert set(attr.flatten().abs().topk(2).indices.tolist()) == {SRC, 6 + 5}
+
+
+def test_planted_head_is_the_only_head_that_matters(planted, one_thread):
+    from dlmscope.hooks import run_with_cache
+
+    p = Patcher(planted, setup(batch_size=8))
+    r = p.sweep("layer_head", attribution=True)
+    assert r.rows == [0, 1] and r.cols == [0, 1, 2, 3] and (r.forwards, r.sequences) == (2 + 1 + 1, 2 + 8 + 1)
+    n = r.normalised
+    assert n[0, 0] == pytest.approx(1.0, abs=0.01)  # the distractors still read the corrupted token
+    others = n.clone()
+    others[0, 0] = 0
+    assert others.abs().max() < 0.01
+    assert int(r.attribution.abs().argmax()) == 0 and r.agreement["pearson"] > 0.9
+    # head 0 at the source position only does nothing: its output at the target is what carries the answer
+    only = p.run([Patch("blocks.0.attn.hook_z", positions=(SRC,), head=0),
+                  Patch("blocks.0.attn.hook_z", positions=(-1,), head=0)]).metric
+    assert only[0] == pytest.approx(r.corrupted, abs=1e-4) and only[1] == pytest.approx(r.effect[0, 0].item(), abs=1e-4)
+    # and its pattern: the masked target attends to the copied token
+    ids = p._ids(PROMPT, 1)
+    pattern = run_with_cache(planted, ids, ["blocks.0.attn.hook_pattern"])["blocks.0.attn.hook_pattern"]
+    assert pattern[0, 0, -1, SRC] > 0.99
+
+
+def test_a_model_without_attention_internals_is_one_line(tiny_dirs, capsys):
+    from dlmscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["patch", "--model", str(tiny_dirs["causal"]), "--backend", "remote", "--family", "llada", "--clean", "a b c", "--change",
+              "1=#7", "--answer", "#5", "--metric", "logprob", "--gen-length", "2", "--sweep", "layer_head"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
+    assert e.value.code == 2 and err.startswith("error: hook 'blocks.0.attn.hook_z'") and "no attention internals" in err
 
 
 def test_mlp_and_single_patches_find_nothing_where_nothing_is(planted):
@@ -198,7 +230,8 @@ def test_cli_patch_single_patches_under_the_sampler(capsys, one_thread):
 
 @pytest.mark.parametrize("args, message", [
     ({"--hooks": "blocks.0.hook_nowhere", "--sweep": "none"}, "unknown hook 'blocks.0.hook_nowhere'"),
-    ({"--hooks": "blocks.0.attn.hook_z", "--sweep": "none"}, "unknown hook 'blocks.0.attn.hook_z'"),
+    ({"--hooks": "blocks.0.attn.hook_z", "--sweep": "none", "--heads": "4"}, "head=4 is out of range"),
+    ({"--site": "resid_sideways"}, "unknown hook 'blocks.0.hook_resid_sideways'"),
     ({"--hooks": "blocks.0.hook_resid_pre", "--sweep": "none", "--heads": "0"}, "head=0 needs an attention site"),
     ({"--hooks": "blocks.0.hook_resid_pre", "--sweep": "none", "--patch-steps": "1"}, "step 1 is past the trajectory"),
     ({"--mode": "sampler", "--steps": "4", "--sweep": "step_layer", "--patch-steps": "4"},
