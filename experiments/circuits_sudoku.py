@@ -126,7 +126,19 @@ def run_item(lm, item: dict, task: str, args, digit_ids: dict, keep_patterns: bo
                         "layers": sl.cols, "forwards": sl.forwards}}
     if keep_patterns and "blocks.0.attn.hook_pattern" in lm.sites:
         out["patterns"] = target_patterns(lm, clean, target)
-    return out
+        out["tokens"] = [lm.to_text([t], skip_special=False) for t in clean] + ["_"] * GEN
+    return rounded(out)
+
+
+def rounded(x):
+    """Floats to 4 decimals, through lists and dicts (keeps the committed JSON small)."""
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v) for v in x]
+    return x
 
 
 def target_patterns(lm, prompt: list[int], target: int) -> list:
@@ -140,7 +152,7 @@ def target_patterns(lm, prompt: list[int], target: int) -> list:
     with capture(lm, names) as cache, torch.no_grad():
         generate(lm, torch.tensor([prompt]), gen_length=GEN, steps=GEN)
     steps = len(cache.acts[names[0]])
-    return [[[[round(float(v), 4) for v in cache.acts[n][s][0, h, target]] for h in range(cache.acts[n][s].shape[1])]
+    return [[[[float(v) for v in cache.acts[n][s][0, h, target]] for h in range(cache.acts[n][s].shape[1])]
              for n in names] for s in range(steps)]
 
 
@@ -289,9 +301,9 @@ def render(res: dict, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=20, help="Sudoku test puzzles")
-    p.add_argument("--n-control", type=int, default=20, help="random-digit control grids")
-    p.add_argument("--n-patterns", type=int, default=3, help="items whose attention patterns are kept")
+    p.add_argument("--n", type=int, default=16, help="Sudoku test puzzles")
+    p.add_argument("--n-control", type=int, default=16, help="random-digit control grids")
+    p.add_argument("--n-patterns", type=int, default=2, help="items whose attention patterns are kept")
     p.add_argument("--step-layers", dest="step_layers_text", default="0,2", help="layers of the step sweep")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
