@@ -79,7 +79,8 @@ def main() -> None:
     print(rows["forward, batch 32 + attribution"])
     for mode in ("forward", "sampler"):
         one, many = rows[f"{mode}, batch 1"], rows[f"{mode}, batch 32"]
-        rows[f"{mode}: batched speed-up"] = {"wall": one["wall_s"] / many["wall_s"], "cpu": one["cpu_s"] / many["cpu_s"]}
+        rows[f"{mode}: batched speed-up"] = {"wall": one["wall_s"] / many["wall_s"],
+                                             "cpu": one["cpu_s"] / many["cpu_s"]}
     atomic_write_json(args.out, {"model": lm.name, "n_layers": lm.n_layers, "sweep": "layer_head", "threads": 1,
                                  "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
                                  "rows": rows})

@@ -56,7 +56,8 @@ def items(task: str, n: int, seed: int) -> list[dict]:
         for ex in Sudoku().examples("test", n, seed):
             puzzle, grid = ex.meta["puzzle"], ex.meta["solution"]
             cell = rng.choice([i for i, ch in enumerate(puzzle) if ch == "0"])
-            out.append({"puzzle": puzzle, "grid": grid, "cell": cell, "b": rng.choice([d for d in "1234" if d != grid[cell]])})
+            b = rng.choice([d for d in "1234" if d != grid[cell]])
+            out.append({"puzzle": puzzle, "grid": grid, "cell": cell, "b": b})
     else:
         while len(out) < n:
             grid = "".join(rng.choice("1234") for _ in range(16))
@@ -108,10 +109,10 @@ def run_item(lm, item: dict, task: str, args, digit_ids: dict, keep_patterns: bo
     pos_roles[target] = "target"
     out = {"task": task, "puzzle": item["puzzle"], "grid": item["grid"], "cell": item["cell"], "a": a, "b": b,
            "clean": lp.clean, "corrupted": lp.corrupted, "positions": positions,
-           "roles": [pos_roles.get(p, "other masked") for p in positions], "changed": [p in range(offset, offset + 16)
-                                                                                     and item["puzzle"][p - offset] in (a, b)
-                                                                                     for p in positions],
-           "layer_position": lp.normalised.tolist(), "attribution": (lp.attribution / (lp.clean - lp.corrupted)).tolist(),
+           "roles": [pos_roles.get(p, "other masked") for p in positions],
+           "changed": [offset <= p < offset + 16 and item["puzzle"][p - offset] in (a, b) for p in positions],
+           "layer_position": lp.normalised.tolist(),
+           "attribution": (lp.attribution / (lp.clean - lp.corrupted)).tolist(),
            "agreement": lp.agreement, "forwards": {"layer_position": lp.forwards}}
     if "blocks.0.attn.hook_z" in lm.sites:
         lh = fwd.sweep("layer_head")
@@ -249,8 +250,8 @@ def summary(res: dict) -> dict:
             "restored": [[grid_bootstrap([float(it["sampler"]["restored"][s][j]) for it in solved], sg)
                           for j in range(len(step_layers))] for s in range(GEN)],
             "reveal_step": grid_bootstrap([float(it["sampler"]["corrupted_reveal"]) for it in solved], sg),
-            "decided_step": {str(layer): grid_bootstrap([decided_step(it["sampler"]["restored"], j) for it in solved], sg)
-                             for j, layer in enumerate(step_layers)},
+            "decided_step": {str(layer): grid_bootstrap([decided_step(it["sampler"]["restored"], j)
+                                                         for it in solved], sg) for j, layer in enumerate(step_layers)},
             "carries": {str(layer): grid_bootstrap([float(not math.isnan(decided_step(it["sampler"]["restored"], j)))
                                                     for it in solved], sg) for j, layer in enumerate(step_layers)},
             "steps_decided_before_reveal": {str(layer): grid_bootstrap(
@@ -278,13 +279,13 @@ def readme_table(s: dict) -> str:
 
 def step_table(s: dict) -> str:
     """When the answer is decided, per patched layer (Sudoku vs control)."""
-    lines = ["| task | items (answer flipped) | corrupted run reveals the cell at step | patched layer | decided at step | "
-             "steps decided before the reveal |", "|---|---|---|---|---|---|"]
+    lines = ["| task | items (answer flipped) | corrupted run reveals the cell at step | patched layer | "
+             "decided at step | steps decided before the reveal |", "|---|---|---|---|---|---|"]
     for task, e in s["tasks"].items():
         smp = e["sampler"]
         for layer in smp["layers"]:
-            lines.append(f"| {task} | {e['items']} ({smp['items_flipped']}) | {_fmt(smp['reveal_step'], 1)} | {layer} | "
-                         f"{_fmt(smp['decided_step'][str(layer)], 1)} | "
+            lines.append(f"| {task} | {e['items']} ({smp['items_flipped']}) | {_fmt(smp['reveal_step'], 1)} | "
+                         f"{layer} | {_fmt(smp['decided_step'][str(layer)], 1)} | "
                          f"{_fmt(smp['steps_decided_before_reveal'][str(layer)], 1)} |")
     return "\n".join(lines)
 

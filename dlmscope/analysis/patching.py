@@ -90,7 +90,7 @@ class PatchSetup:
         checks.positive("batch_size", self.batch_size)
         if len(self.clean) != len(self.corrupted):
             raise DLMScopeError(f"clean and corrupted inputs differ in length ({len(self.clean)} vs "
-                                f"{len(self.corrupted)} tokens); patching needs position-aligned inputs of equal length")
+                                f"{len(self.corrupted)} tokens); patching needs position-aligned inputs")
         if self.metric == "logit_diff" and self.wrong is None:
             raise DLMScopeError("metric='logit_diff' needs the corrupted answer token (wrong); or use metric='logprob'")
         length = self.length
@@ -161,7 +161,7 @@ class Patcher:
 
     def __init__(self, lm: LoadedModel, setup: PatchSetup, sae=None):
         if lm.causal:
-            raise DLMScopeError(f"{lm.name} is autoregressive; patching here reads a masked position of a diffusion model")
+            raise DLMScopeError(f"{lm.name} is autoregressive; patching reads a masked position of a diffusion model")
         vocab = lm.vocab_size
         for name, tok in (("answer", setup.answer), ("wrong", setup.wrong)):
             if tok is not None and not 0 <= tok < vocab:
@@ -394,7 +394,7 @@ class Patcher:
         lm, s = self.lm, self.setup
         flat = [self.check(p) for row in grid for p in row]
         if any(p.steps is not None or p.feature is not None for p in flat):
-            raise DLMScopeError("attribution patching covers whole-site patches in forward mode (no steps, no features)")
+            raise DLMScopeError("attribution patching covers whole-site patches in forward mode (no steps or features)")
         hooks = list(dict.fromkeys(p.hook for p in flat))
         self.prefetch(hooks)
         acts: dict[str, torch.Tensor] = {}

@@ -104,10 +104,10 @@ def test_a_model_without_attention_internals_is_one_line(tiny_dirs, capsys):
     from dlmscope.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["patch", "--model", str(tiny_dirs["causal"]), "--backend", "remote", "--family", "llada", "--clean", "a b c", "--change",
-              "1=#7", "--answer", "#5", "--metric", "logprob", "--gen-length", "2", "--sweep", "layer_head"])
+        main(["patch", "--model", str(tiny_dirs["causal"]), "--backend", "remote", "--family", "llada",
+              "--clean", "a b c", "--change", "1=#7", "--answer", "#5", "--metric", "logprob", "--gen-length", "2", "--sweep", "layer_head"])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
-    assert e.value.code == 2 and err.startswith("error: hook 'blocks.0.attn.hook_z'") and "no attention internals" in err
+    assert e.value.code == 2 and err.startswith("error: hook 'blocks.0.attn.hook_z'") and "no attention" in err
 
 
 def test_mlp_and_single_patches_find_nothing_where_nothing_is(planted):
