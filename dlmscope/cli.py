@@ -646,6 +646,8 @@ def explore(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
     store: Optional[str] = typer.Option(None, help="Feature store folder (built on first launch if missing)."),
     splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page (default: <store>/splice.json)."),
+    circuits: Optional[str] = typer.Option(None, help="Patching result for the Circuits page: `dlmscope patch --out`'s "
+                                           "patch.json or experiments/results/circuits_sudoku.json."),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
     address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     device: str = DeviceOpt,
@@ -669,7 +671,8 @@ def explore(
     app_file = Path(__file__).with_name("explorer.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port), "--server.address",
            address, "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--store", store,
-           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else [])
+           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else []) \
+        + (["--circuits", circuits] if circuits else [])
     sys.exit(subprocess.call(cmd))
 
 

@@ -266,14 +266,27 @@ def _fmt(ci: list[float], digits: int = 2) -> str:
 
 
 def readme_table(s: dict) -> str:
-    """Per layer: restored fraction per constraint given, per other given, their difference (Sudoku vs control)."""
-    lines = ["| layer | Sudoku: constraint given | Sudoku: other given | Sudoku: difference | control: difference | "
-             "Sudoku: other masked cells in the target's units |", "|---|---|---|---|---|---|"]
+    """Per layer: restored fraction per constraint given and per other given, their difference over all givens and
+    over the givens the corruption changed (Sudoku vs control), and at the target cell itself."""
+    lines = ["| layer | Sudoku: constraint given | Sudoku: other given | difference: Sudoku | difference: control | "
+             "changed givens only: Sudoku | changed givens only: control | Sudoku: the target cell |",
+             "|---|---|---|---|---|---|---|---|"]
     su, co = s["tasks"]["sudoku"]["layers"], s["tasks"]["control"]["layers"]
+    diff, changed = "constraint - other givens", "changed: constraint - other givens"
     for i, (a, b) in enumerate(zip(su, co)):
-        lines.append(f"| {i} | {_fmt(a['constraint givens'], 3)} | {_fmt(a['other givens'], 3)} | "
-                     f"{_fmt(a['constraint - other givens'], 3)} | {_fmt(b['constraint - other givens'], 3)} | "
-                     f"{_fmt(a['constraint masked'], 3)} |")
+        cells = [a["constraint givens"], a["other givens"], a[diff], b[diff], a[changed], b[changed], a["target"]]
+        lines.append(f"| {i} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def head_table(s: dict) -> str:
+    """Restored fraction per head (its attn.hook_z at every position), Sudoku and control."""
+    su, co = s["tasks"]["sudoku"]["layer_head"], s["tasks"]["control"]["layer_head"]
+    heads = len(su[0])
+    lines = ["| layer | " + " | ".join(f"head {h}: Sudoku | head {h}: control" for h in range(heads)) + " |",
+             "|---|" + "---|" * (2 * heads)]
+    for i, (a, b) in enumerate(zip(su, co)):
+        lines.append(f"| {i} | " + " | ".join(f"{_fmt(a[h])} | {_fmt(b[h])}" for h in range(heads)) + " |")
     return "\n".join(lines)
 
 
@@ -295,7 +308,7 @@ def render(res: dict, out: Path) -> str:
 
     s = summary(res)
     atomic_write_json(out / "circuits_sudoku_summary.json", s)
-    md = readme_table(s) + "\n\n" + step_table(s) + "\n"
+    md = readme_table(s) + "\n\n" + head_table(s) + "\n\n" + step_table(s) + "\n"
     atomic_write_text(out / "circuits_sudoku.md", md)
     return md
 

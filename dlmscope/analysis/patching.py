@@ -509,8 +509,8 @@ class PatchConfig:
     """layer_position, layer_head (on attn.hook_z), step_layer (clean from step s onward; sampler), or none (the
     patches given by --hooks)."""
     site: str = "resid_pre"
-    """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_mid, resid_post,
-    mlp_in, mlp_out, attn_out ...)."""
+    """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_post, attn_out,
+    mlp_in, mlp_out; resid_mid is the MLP norm's input, so a patch there reaches only the MLP, not the residual)."""
     hooks: str = ""
     """With --sweep none: comma-separated hook names, each patched in its own run (restricted by --positions,
     --heads, --patch-steps, --feature)."""
