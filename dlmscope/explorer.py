@@ -35,7 +35,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON (`dlmscope eval-splice --out`)")
     p.add_argument("--experts", default=env("DLMSCOPE_EXPERTS"), help="experts.json (`dlmscope experts --out`)")
     p.add_argument("--circuits", default=env("DLMSCOPE_CIRCUITS"),
-                   help="patching result: experiments/results/circuits_sudoku.json or `dlmscope patch --out`'s patch.json")
+                   help="patching result: circuits_sudoku.json or `dlmscope patch --out`'s patch.json")
 
 
     p.add_argument("--diff", default=env("DLMSCOPE_DIFF"), help="model-diffing report (`dlmscope diff`: diff.json)")
@@ -495,7 +495,8 @@ def _circuits(st, store, feature, args) -> None:
         return
     items = result.get("items") if isinstance(result, dict) else None
     if not items or "layer_position" not in items[0]:
-        raise DLMScopeError(f"circuits JSON {str(path)!r} holds neither a `dlmscope patch` sweep nor circuit-study items")
+        raise DLMScopeError(f"circuits JSON {str(path)!r} holds neither a `dlmscope patch` sweep nor circuit-study "
+                            "items")
     task = st.selectbox("task", sorted({it["task"] for it in items}))
     its = [it for it in items if it["task"] == task]
     roles = list(dict.fromkeys(r for it in its for r in it["roles"]))

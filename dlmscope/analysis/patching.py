@@ -23,7 +23,7 @@ from ..errors import DLMScopeError
 from ..hooks import capture, hooked
 from ..models import BACKENDS
 from ..models.base import FAMILIES, ForwardState, LoadedModel
-from ..models.zoo import DEFAULT_MODEL
+from ..options import ModelPart, choices, unset
 
 MODES = ("forward", "sampler")
 METRICS = ("logit_diff", "logprob")
@@ -478,90 +478,87 @@ def sweep_figure(result: SweepResult | dict, title: str = ""):
 # ------------------------------------------------------------------------------------------- the command
 
 
+def _dtypes() -> tuple[str, ...]:
+    return ("float32", "bfloat16", "float16")
+
+
 @dataclass
-class PatchConfig:
+class PatchConfig(ModelPart):
     """A `dlmscope patch` run: one sweep (or a list of single patches) of clean activations into a corrupted input."""
 
-    model: str = DEFAULT_MODEL
-    """Built-in model name or checkpoint folder (a diffusion model)."""
     clean: str = ""
     """Clean prompt text."""
-    corrupted: str = ""
+    corrupted: str | None = field(default=None, metadata=unset("given by --change"))
     """Corrupted prompt text, the same number of tokens as the clean one (or give --change)."""
-    change: str = ""
+    change: str | None = field(default=None, metadata=unset("given by --corrupted"))
     """Corrupt by changing one token of the clean prompt instead: INDEX=TEXT (token position, one token's text)."""
     target: int = -1
     """Where the answer is read: a position of prompt + generated region (negative: from the end)."""
     answer: str = ""
     """The clean answer at the target: one token's text, or #ID for a token id."""
-    wrong: str = ""
+    wrong: str | None = field(default=None, metadata=unset("none"))
     """The corrupted answer token (text or #ID); needed by the logit_diff metric."""
-    metric: str = "logit_diff"
+    metric: str = field(default="logit_diff", metadata=choices(lambda: METRICS))
     """logit_diff (answer minus wrong logit) or logprob (the answer's log-probability)."""
-    mode: str = "forward"
+    mode: str = field(default="forward", metadata=choices(lambda: MODES))
     """forward (one denoising forward of prompt + gen-length masks) or sampler (the whole denoising run; the
     metric is read at the step that reveals the target)."""
     gen_length: int = 16
     """Masked positions after the prompt."""
     steps: int = 16
     """Sampler steps (mode sampler)."""
-    sweep: str = "layer_position"
+    sweep: str = field(default="layer_position", metadata=choices(lambda: (*SWEEPS, "none")))
     """layer_position, layer_head (on attn.hook_z), step_layer (clean from step s onward; sampler), or none (the
     patches given by --hooks)."""
     site: str = "resid_pre"
     """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_post, attn_out,
     mlp_in, mlp_out; resid_mid is the MLP norm's input, so a patch there reaches only the MLP, not the residual)."""
-    hooks: str = ""
+    hooks: str | None = field(default=None, metadata=unset("none (a sweep)"))
     """With --sweep none: comma-separated hook names, each patched in its own run (restricted by --positions,
     --heads, --patch-steps, --feature)."""
-    layers: str = ""
-    """Comma-separated layers the sweep covers (default all)."""
-    positions: str = ""
-    """Comma-separated positions (default all; a layer_position sweep's columns)."""
-    heads: str = ""
-    """Comma-separated heads (a layer_head sweep's columns, default all; with --sweep none: one run per head)."""
-    patch_steps: str = ""
-    """With --sweep none: the sampler steps patched (default all); step_layer: the steps s swept."""
-    sae: str = ""
+    layers: str | None = field(default=None, metadata=unset("all"))
+    """Comma-separated layers the sweep covers."""
+    positions: str | None = field(default=None, metadata=unset("all"))
+    """Comma-separated positions (a layer_position sweep's columns)."""
+    heads: str | None = field(default=None, metadata=unset("all"))
+    """Comma-separated heads (a layer_head sweep's columns; with --sweep none: one run per head)."""
+    patch_steps: str | None = field(default=None, metadata=unset("all"))
+    """With --sweep none: the sampler steps patched; step_layer: the steps s swept."""
+    sae: str | None = field(default=None, metadata=unset("none"))
     """SAE name or folder; with --feature, patch only that latent's contribution at the SAE's hook."""
-    feature: int = -1
-    """SAE latent to patch (with --sae and --sweep none; -1 = none)."""
+    feature: int | None = field(default=None, metadata=unset("none"))
+    """SAE latent to patch (with --sae and --sweep none)."""
     attribution: bool = False
     """Also estimate the sweep by attribution patching (gradient x activation difference; mode forward) and
     report its agreement with exact patching."""
     batch_size: int = 32
     """Patched runs per batched forward."""
-    out: str = ""
-    """Folder for patch.json and patch.html (a plotly heatmap); default: print only."""
-    backend: str = "native"
+    out: str | None = field(default=None, metadata=unset("print only"))
+    """Folder for patch.json and patch.html (a plotly heatmap)."""
+    backend: str = field(default="native", metadata=choices(lambda: BACKENDS))
     """native (our loaders, every hook site) or remote (the checkpoint's own code: residual sites only)."""
-    family: str = ""
-    """Checkpoint family when it cannot be detected (llada, dream, ...); default: from config.json."""
+    family: str | None = field(default=None, metadata=choices(lambda: FAMILIES, "from config.json"))
+    """Checkpoint family when it cannot be detected."""
     device: str = "cpu"
     """Torch device."""
-    dtype: str = "float32"
-    """float32, bfloat16 or float16."""
+    dtype: str = field(default="float32", metadata=choices(_dtypes))
+    """Model dtype."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         from .. import checks
 
-        checks.text("clean", self.clean)
         if not self.clean:
             raise DLMScopeError("clean='' : give the clean prompt (--clean TEXT)")
-        if bool(self.corrupted) == bool(self.change):
+        if (self.corrupted is None) == (self.change is None):
             raise DLMScopeError("give exactly one of --corrupted TEXT and --change INDEX=TEXT")
-        if self.change and not re.fullmatch(r"-?\d+=.+", self.change, flags=re.S):
+        if self.change is not None and not re.fullmatch(r"-?\d+=.+", self.change, flags=re.S):
             raise DLMScopeError(f"change={self.change!r} must be INDEX=TEXT, e.g. 5=7")
         if not self.answer:
             raise DLMScopeError("answer='' : give the clean answer token (--answer TEXT or #ID)")
-        checks.choice("metric", self.metric, METRICS)
-        checks.choice("mode", self.mode, MODES)
-        checks.choice("sweep", self.sweep, (*SWEEPS, "none"))
-        checks.integer("target", self.target)
         checks.positive("gen_length", self.gen_length)
         checks.positive("steps", self.steps)
         checks.positive("batch_size", self.batch_size)
-        if self.metric == "logit_diff" and not self.wrong:
+        if self.metric == "logit_diff" and self.wrong is None:
             raise DLMScopeError("metric='logit_diff' needs --wrong (the corrupted answer token); or --metric logprob")
         if self.sweep == "none" and not self.hooks:
             raise DLMScopeError("sweep='none' needs --hooks (comma-separated hook names to patch)")
@@ -569,21 +566,16 @@ class PatchConfig:
             raise DLMScopeError("sweep='step_layer' needs --mode sampler (a single forward has one step)")
         if self.attribution and (self.mode != "forward" or self.sweep in ("none", "step_layer")):
             raise DLMScopeError("--attribution estimates a layer_position or layer_head sweep in mode forward")
-        if (self.feature >= 0) != bool(self.sae):
+        if (self.feature is not None) != (self.sae is not None):
             raise DLMScopeError("--feature and --sae go together (an SAE latent to patch)")
-        if self.feature >= 0 and self.sweep != "none":
+        if self.feature is not None and self.sweep != "none":
             raise DLMScopeError("--feature patches one SAE latent: use it with --sweep none --hooks <the SAE's hook>")
         for name in ("layers", "positions", "heads", "patch_steps"):
-            value = getattr(self, name)
-            if value:
-                checks.int_list(name, value, minimum=None if name == "positions" else 0)
-        if self.out:
+            if getattr(self, name) is not None:
+                checks.int_list(name, getattr(self, name), minimum=None if name == "positions" else 0)
+        if self.out is not None:
             checks.writable_folder("out", self.out)
-        checks.choice("backend", self.backend, BACKENDS)
-        if self.family:
-            checks.choice("family", self.family, FAMILIES)
         checks.device("device", self.device)
-        checks.choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
     def ints(self, name: str) -> list[int] | None:
         value = getattr(self, name)
@@ -605,9 +597,9 @@ def patch(cfg: PatchConfig) -> dict:
     from ..io_utils import atomic_write_json, atomic_write_text
     from ..models import load_model
 
-    lm = load_model(cfg.model, family=cfg.family or None, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend)
+    lm = load_model(cfg.model, family=cfg.family, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend)
     clean = lm.to_tokens(cfg.clean)[0]
-    if cfg.change:
+    if cfg.change is not None:
         index, text = cfg.change.split("=", 1)
         corrupted = list(clean)
         i = int(index)
@@ -616,11 +608,11 @@ def patch(cfg: PatchConfig) -> dict:
         corrupted[i] = _token(lm, "change", text)
     else:
         corrupted = lm.to_tokens(cfg.corrupted)[0]
-    setup = PatchSetup(clean, corrupted, cfg.target, _token(lm, "answer", cfg.answer),
-                       _token(lm, "wrong", cfg.wrong) if cfg.wrong else None, cfg.metric, cfg.mode, cfg.gen_length,
-                       cfg.steps, batch_size=cfg.batch_size)
+    wrong = _token(lm, "wrong", cfg.wrong) if cfg.wrong is not None else None
+    setup = PatchSetup(clean, corrupted, cfg.target, _token(lm, "answer", cfg.answer), wrong, cfg.metric, cfg.mode,
+                       cfg.gen_length, cfg.steps, batch_size=cfg.batch_size)
     sae = None
-    if cfg.sae:
+    if cfg.sae is not None:
         from ..sae import load_sae
         from .splice import check_sae_matches
 
@@ -634,7 +626,7 @@ def patch(cfg: PatchConfig) -> dict:
     if cfg.sweep == "none":
         positions, steps = cfg.ints("positions"), cfg.ints("patch_steps")
         patches = [Patch(h.strip(), tuple(positions) if positions else None, head, tuple(steps) if steps else None,
-                         cfg.feature if cfg.feature >= 0 else None)
+                         cfg.feature)
                    for h in cfg.hooks.split(",") if h.strip() for head in (cfg.ints("heads") or [None])]
         result = patcher.run(patches)
         clean_m, corrupted_m = patcher.baseline("clean").metric.item(), patcher.baseline("corrupted").metric.item()
@@ -647,7 +639,7 @@ def patch(cfg: PatchConfig) -> dict:
         sweep = patcher.sweep(cfg.sweep, site=cfg.site, layers=cfg.ints("layers"), positions=cfg.ints("positions"),
                               heads=cfg.ints("heads"), steps=cfg.ints("patch_steps"), attribution=cfg.attribution)
         report["sweep"] = sweep.to_dict()
-    if cfg.out:
+    if cfg.out is not None:
         from pathlib import Path
 
         folder = Path(cfg.out)
