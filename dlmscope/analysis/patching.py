@@ -478,15 +478,11 @@ def sweep_figure(result: SweepResult | dict, title: str = ""):
 # ------------------------------------------------------------------------------------------- the command
 
 
-def _dtypes() -> tuple[str, ...]:
-    return ("float32", "bfloat16", "float16")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class PatchConfig(ModelPart):
     """A `dlmscope patch` run: one sweep (or a list of single patches) of clean activations into a corrupted input."""
 
-    clean: str = ""
+    clean: str
     """Clean prompt text."""
     corrupted: str | None = field(default=None, metadata=unset("given by --change"))
     """Corrupted prompt text, the same number of tokens as the clean one (or give --change)."""
@@ -494,23 +490,24 @@ class PatchConfig(ModelPart):
     """Corrupt by changing one token of the clean prompt instead: INDEX=TEXT (token position, one token's text)."""
     target: int = -1
     """Where the answer is read: a position of prompt + generated region (negative: from the end)."""
-    answer: str = ""
+    answer: str
     """The clean answer at the target: one token's text, or #ID for a token id."""
     wrong: str | None = field(default=None, metadata=unset("none"))
     """The corrupted answer token (text or #ID); needed by the logit_diff metric."""
     metric: str = field(default="logit_diff", metadata=choices(lambda: METRICS))
     """logit_diff (answer minus wrong logit) or logprob (the answer's log-probability)."""
-    mode: str = field(default="forward", metadata=choices(lambda: MODES))
-    """forward (one denoising forward of prompt + gen-length masks) or sampler (the whole denoising run; the
-    metric is read at the step that reveals the target)."""
+    through: str = field(default="forward", metadata=choices(lambda: MODES))
+    """What the inputs run through: forward (one denoising forward of prompt + gen-length masks) or sampler
+    (the whole denoising run; the metric is read at the step that reveals the target)."""
     gen_length: int = 16
-    """Masked positions after the prompt."""
+    """Tokens to generate after the prompt: the masked positions (--through forward: the masks of its one
+    forward)."""
     steps: int = 16
-    """Sampler steps (mode sampler)."""
+    """Denoising steps (--through sampler)."""
     sweep: str = field(default="layer_position", metadata=choices(lambda: (*SWEEPS, "none")))
-    """layer_position, layer_head (on attn.hook_z), step_layer (clean from step s onward; sampler), or none (the
-    patches given by --hooks)."""
-    site: str = "resid_pre"
+    """layer_position, layer_head (on attn.hook_z), step_layer (clean from step s onward; --through sampler),
+    or none (the patches given by --hooks)."""
+    sweep_site: str = "resid_pre"
     """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_post, attn_out,
     mlp_in, mlp_out; resid_mid is the MLP norm's input, so a patch there reaches only the MLP, not the residual)."""
     hooks: str | None = field(default=None, metadata=unset("none (a sweep)"))
@@ -527,22 +524,22 @@ class PatchConfig(ModelPart):
     sae: str | None = field(default=None, metadata=unset("none"))
     """SAE name or folder; with --feature, patch only that latent's contribution at the SAE's hook."""
     feature: int | None = field(default=None, metadata=unset("none"))
-    """SAE latent to patch (with --sae and --sweep none)."""
+    """Latent index to patch (with --sae and --sweep none): only its decoded contribution moves."""
     attribution: bool = False
-    """Also estimate the sweep by attribution patching (gradient x activation difference; mode forward) and
+    """Also estimate the sweep by attribution patching (gradient x activation difference; --through forward) and
     report its agreement with exact patching."""
-    batch_size: int = 32
-    """Patched runs per batched forward."""
+    seqs_per_forward: int = 32
+    """Rows per forward: how many patched runs are batched together."""
     out: str | None = field(default=None, metadata=unset("print only"))
-    """Folder for patch.json and patch.html (a plotly heatmap)."""
+    """Output folder for patch.json and patch.html (a plotly heatmap)."""
     backend: str = field(default="native", metadata=choices(lambda: BACKENDS))
     """native (our loaders, every hook site) or remote (the checkpoint's own code: residual sites only)."""
     family: str | None = field(default=None, metadata=choices(lambda: FAMILIES, "from config.json"))
     """Checkpoint family when it cannot be detected."""
     device: str = "cpu"
-    """Torch device."""
-    dtype: str = field(default="float32", metadata=choices(_dtypes))
-    """Model dtype."""
+    """Torch device, e.g. cpu or cuda."""
+    dtype: str = "float32"
+    """Model dtype: float32, bfloat16 or float16."""
 
     def check(self) -> None:
         from .. import checks
@@ -557,15 +554,15 @@ class PatchConfig(ModelPart):
             raise DLMScopeError("answer='' : give the clean answer token (--answer TEXT or #ID)")
         checks.positive("gen_length", self.gen_length)
         checks.positive("steps", self.steps)
-        checks.positive("batch_size", self.batch_size)
+        checks.positive("seqs_per_forward", self.seqs_per_forward)
         if self.metric == "logit_diff" and self.wrong is None:
             raise DLMScopeError("metric='logit_diff' needs --wrong (the corrupted answer token); or --metric logprob")
         if self.sweep == "none" and not self.hooks:
             raise DLMScopeError("sweep='none' needs --hooks (comma-separated hook names to patch)")
-        if self.sweep == "step_layer" and self.mode != "sampler":
-            raise DLMScopeError("sweep='step_layer' needs --mode sampler (a single forward has one step)")
-        if self.attribution and (self.mode != "forward" or self.sweep in ("none", "step_layer")):
-            raise DLMScopeError("--attribution estimates a layer_position or layer_head sweep in mode forward")
+        if self.sweep == "step_layer" and self.through != "sampler":
+            raise DLMScopeError("sweep='step_layer' needs --through sampler (a single forward has one step)")
+        if self.attribution and (self.through != "forward" or self.sweep in ("none", "step_layer")):
+            raise DLMScopeError("--attribution estimates a layer_position or layer_head sweep with --through forward")
         if (self.feature is not None) != (self.sae is not None):
             raise DLMScopeError("--feature and --sae go together (an SAE latent to patch)")
         if self.feature is not None and self.sweep != "none":
@@ -576,6 +573,7 @@ class PatchConfig(ModelPart):
         if self.out is not None:
             checks.writable_folder("out", self.out)
         checks.device("device", self.device)
+        checks.choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
     def ints(self, name: str) -> list[int] | None:
         value = getattr(self, name)
@@ -609,8 +607,8 @@ def patch(cfg: PatchConfig) -> dict:
     else:
         corrupted = lm.to_tokens(cfg.corrupted)[0]
     wrong = _token(lm, "wrong", cfg.wrong) if cfg.wrong is not None else None
-    setup = PatchSetup(clean, corrupted, cfg.target, _token(lm, "answer", cfg.answer), wrong, cfg.metric, cfg.mode,
-                       cfg.gen_length, cfg.steps, batch_size=cfg.batch_size)
+    setup = PatchSetup(clean, corrupted, cfg.target, _token(lm, "answer", cfg.answer), wrong, cfg.metric, cfg.through,
+                       cfg.gen_length, cfg.steps, batch_size=cfg.seqs_per_forward)
     sae = None
     if cfg.sae is not None:
         from ..sae import load_sae
@@ -622,7 +620,7 @@ def patch(cfg: PatchConfig) -> dict:
     report = {"model": lm.name, "clean": cfg.clean, "corrupted_tokens": corrupted, "clean_tokens": clean,
               "tokens": [lm.to_text([t], skip_special=False) for t in clean] + ["<mask>"] * cfg.gen_length,
               "target": setup.target, "answer": setup.answer, "wrong": setup.wrong, "metric": cfg.metric,
-              "mode": cfg.mode, "steps": setup.n_steps}
+              "mode": cfg.through, "steps": setup.n_steps}
     if cfg.sweep == "none":
         positions, steps = cfg.ints("positions"), cfg.ints("patch_steps")
         patches = [Patch(h.strip(), tuple(positions) if positions else None, head, tuple(steps) if steps else None,
@@ -636,7 +634,8 @@ def patch(cfg: PatchConfig) -> dict:
                              for p, m in zip(patches, result.metric)]
         report |= {"clean_metric": clean_m, "corrupted_metric": corrupted_m, "forwards": patcher.forwards}
     else:
-        sweep = patcher.sweep(cfg.sweep, site=cfg.site, layers=cfg.ints("layers"), positions=cfg.ints("positions"),
+        sweep = patcher.sweep(cfg.sweep, site=cfg.sweep_site, layers=cfg.ints("layers"),
+                              positions=cfg.ints("positions"),
                               heads=cfg.ints("heads"), steps=cfg.ints("patch_steps"), attribution=cfg.attribution)
         report["sweep"] = sweep.to_dict()
     if cfg.out is not None:

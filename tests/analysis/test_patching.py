@@ -220,7 +220,7 @@ def test_cli_patch_single_patches_under_the_sampler(capsys, one_thread):
     from dlmscope.cli import main
 
     main(["patch", "--clean", SUDOKU, "--corrupted", SUDOKU.replace("3204", "3104"), "--target", "26",
-          "--answer", "1", "--metric", "logprob", "--mode", "sampler", "--steps", "4", "--sweep", "none",
+          "--answer", "1", "--metric", "logprob", "--through", "sampler", "--steps", "4", "--sweep", "none",
           "--hooks", "blocks.0.hook_resid_pre,blocks.2.hook_mlp_out", "--patch-steps", "0"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("logprob at position 26: clean")
@@ -231,10 +231,10 @@ def test_cli_patch_single_patches_under_the_sampler(capsys, one_thread):
 @pytest.mark.parametrize("args, message", [
     ({"--hooks": "blocks.0.hook_nowhere", "--sweep": "none"}, "unknown hook 'blocks.0.hook_nowhere'"),
     ({"--hooks": "blocks.0.attn.hook_z", "--sweep": "none", "--heads": "4"}, "head=4 is out of range"),
-    ({"--site": "resid_sideways"}, "unknown hook 'blocks.0.hook_resid_sideways'"),
+    ({"--sweep-site": "resid_sideways"}, "unknown hook 'blocks.0.hook_resid_sideways'"),
     ({"--hooks": "blocks.0.hook_resid_pre", "--sweep": "none", "--heads": "0"}, "head=0 needs an attention site"),
     ({"--hooks": "blocks.0.hook_resid_pre", "--sweep": "none", "--patch-steps": "1"}, "step 1 is past the trajectory"),
-    ({"--mode": "sampler", "--steps": "4", "--sweep": "step_layer", "--patch-steps": "4"},
+    ({"--through": "sampler", "--steps": "4", "--sweep": "step_layer", "--patch-steps": "4"},
      "step 4 is past the trajectory"),
     ({"--layers": "6"}, "layer 6 is out of range"),
     ({"--change": None, "--corrupted": "Sudoku: 3204402310402400\nSolution:"}, "differ in length"),
@@ -242,8 +242,8 @@ def test_cli_patch_single_patches_under_the_sampler(capsys, one_thread):
     ({"--change": "x"}, "must be INDEX=TEXT"),
     ({"--target": "3"}, "target=3 is a prompt position"),
     ({"--target": "99"}, "target=99 is outside the sequence"),
-    ({"--metric": "nats"}, "metric='nats'; allowed"),
-    ({"--sweep": "step_layer"}, "needs --mode sampler"),
+    ({"--metric": "nats"}, "'nats' is not one of 'logit_diff', 'logprob'"),
+    ({"--sweep": "step_layer"}, "needs --through sampler"),
     ({"--wrong": None}, "needs --wrong"),
     ({"--feature": "3"}, "--feature and --sae go together"),
     ({"--model": "/no/such/model"}, "neither a checkpoint folder"),
