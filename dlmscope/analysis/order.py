@@ -17,7 +17,7 @@ from ..checks import positive
 from ..diffusion.loss import token_ce
 from ..diffusion.sampler import (
     REMASKING, LowConfidence, Remasking, StepForward, StepInput, check_threshold, default_schedule, generate,
-    get_remasking, get_schedule,
+    get_remasking, get_schedule, one_block,
 )
 from ..errors import DLMScopeError
 from ..hooks import hooked
@@ -90,7 +90,8 @@ def feature_dynamics(lm: LoadedModel, saes, prompts: Sequence[str], remasking, g
         return grab
 
     with hooked(lm, {h: make_grab(h, sae) for h, sae in zip(hooks, saes)}):
-        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
+        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps,
+                         block_length=one_block(lm, gen_length),
                        remasking=remasking, return_history=True, seed=seed, schedule=schedule, threshold=threshold,
                        cache=cache)
     P = out.prompt_length
@@ -189,7 +190,8 @@ def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps:
         def count(rec) -> None:
             busy.add_(rec.mask.cpu().any(1).long())
 
-        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
+        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps,
+                         block_length=one_block(lm, gen_length),
                          remasking=strategy, seed=seed, schedule=schedule, threshold=threshold, cache=cache,
                          callback=count).texts
         rewards += [task.reward(e, t) for e, t in zip(chunk, texts)]

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..errors import DLMScopeError
 from .base import FAMILIES, ForwardState, LoadedModel, Site
 from .checkpoint import read_config, resolve_dtype
+from .ids import check_overrides, resolve_ids
 from .zoo import BUILTIN, DEFAULT_AR_MODEL, DEFAULT_MODEL, builtin_path
 
 BACKENDS = ("native", "remote")
@@ -46,12 +48,18 @@ def load_model(
     backend: str = "native",
     device_map: str | dict | None = None,
     mask_id: int | None = None,
+    *,
+    pad_id: int | None = None,
+    eos_id: int | None = None,
+    block_size: int | None = None,
 ) -> LoadedModel:
     """Load a built-in name, a local checkpoint folder, or a `HookedTransformer` as a `LoadedModel`.
 
     Nothing is downloaded: folders must hold config.json and safetensors weights. `backend="remote"`
     runs the folder's own modelling code (`trust_remote_code`); `device_map` is passed to transformers
     for causal and remote loads and to accelerate for the native MoE loaders (big checkpoints over several devices).
+    `mask_id`, `pad_id`, `eos_id` override the ids the folder declares (else the family's upstream defaults,
+    `models.ids`); `block_size` is a block-diffusion model's block length (LLaDA 2.x: 32 unless the config says).
     A bidirectional `HookedTransformer` (`to_hooked_transformer`) comes back as a diffusion model with
     `mask_id` (default: its tokenizer's mask token).
     """
@@ -61,13 +69,14 @@ def load_model(
         from .lens import wrap_transformer_lens
 
         return wrap_transformer_lens(path_or_name, mask_id=mask_id)
-    if mask_id is not None:
-        raise DLMScopeError("mask_id= is for a HookedTransformer; a checkpoint folder's mask id comes from its config")
     if family is not None and family not in FAMILIES:
         raise DLMScopeError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     if backend not in BACKENDS:
         raise DLMScopeError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     torch_dtype = resolve_dtype(dtype)
+    check_overrides(mask_id=mask_id, pad_id=pad_id, eos_id=eos_id)
+    if block_size is not None:
+        checks.integer("block_size", block_size, 1)
     name = str(path_or_name)
     folder = builtin_path(name) if name in BUILTIN else Path(name).expanduser()
     if not folder.is_dir():
@@ -76,7 +85,18 @@ def load_model(
         )
     config = read_config(folder)
     family = family or detect_family(config)
-    display = name if name in BUILTIN else folder.name
+    if block_size is not None and family != "llada2":
+        raise DLMScopeError(f"block_size={block_size} is invalid for a {family} checkpoint: only block-diffusion "
+                            "models (llada2) have a block length")
+    lm = _load_family(folder, config, family, device, torch_dtype, name if name in BUILTIN else folder.name,
+                      backend, device_map)
+    if block_size is not None:
+        lm.block_size = block_size
+    return resolve_ids(lm, config, mask_id, pad_id, eos_id)
+
+
+def _load_family(folder: Path, config: dict, family: str, device, torch_dtype, display: str, backend: str,
+                 device_map) -> LoadedModel:
     if backend == "remote":
         from .remote import load_remote
 
