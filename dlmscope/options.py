@@ -23,7 +23,7 @@ from . import checks
 from .errors import DLMScopeError
 from .models.zoo import DEFAULT_MODEL
 
-SITES = ("pre", "mid", "post", "mlp_in", "mlp_out")
+SITES = ("pre", "mid", "post", "mlp_in", "mlp_out", "attn_out")
 """Hook sites an SAE can read (and a transcoder predict)."""
 
 
@@ -147,7 +147,8 @@ class SitePart(Options):
     layers: str = "1,3"
     """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
     site: str = field(default="post", metadata=choices(lambda: SITES))
-    """Site the dictionary reads: pre, mid or post (residual stream), mlp_in or mlp_out."""
+    """Site the dictionary reads: pre, mid or post (residual stream), mlp_in, mlp_out or attn_out (what attention
+    adds)."""
 
     def check(self) -> None:
         self.layer_list()
@@ -157,7 +158,7 @@ class SitePart(Options):
 
     @staticmethod
     def hook(layer: int, site: str) -> str:
-        return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
+        return f"blocks.{layer}.hook_{site if site.startswith(('mlp', 'attn')) else 'resid_' + site}"
 
 
 def policy_names() -> tuple[str, ...]:
