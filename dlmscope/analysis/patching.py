@@ -157,7 +157,8 @@ class SweepResult:
 
 
 class Patcher:
-    """Runs the clean input once (caching every site a patch may read) and batches patched corrupted runs."""
+    """Caches the clean run's activations at the sites patches read (one clean run per new set of sites) and
+    batches patched corrupted runs; `forwards` / `sequences` count the model calls and rows so far."""
 
     def __init__(self, lm: LoadedModel, setup: PatchSetup, sae=None):
         if lm.causal:
@@ -261,12 +262,7 @@ class Patcher:
 
     def source(self, hook: str) -> list[torch.Tensor]:
         """The clean run's activation at `hook`, one (1, ...) tensor per step (captured on first use)."""
-        if hook not in self._cache:
-            self.lm.site(hook)
-            with capture(self.lm, [hook]) as cache:
-                result = self._run(self.setup.clean, 1, {})
-            self._cache[hook] = cache.acts[hook]
-            self._baseline.setdefault("clean", result)
+        self.prefetch([hook])
         return self._cache[hook]
 
     def prefetch(self, hooks: Sequence[str]) -> None:
