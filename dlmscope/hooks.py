@@ -55,8 +55,10 @@ def position_mask(positions: Positions, state: ForwardState, shape: tuple[int, i
         return None
     if state.window is not None:
         start, end = state.window
+        assert state.mask is not None  # a cached step always knows the masked positions
         full = position_mask(positions, ForwardState(**{**vars(state), "window": None}),
                              (shape[0], state.mask.shape[1]), device)
+        assert full is not None
         return full[:, start:end]
     if isinstance(positions, str):
         if positions not in POSITION_KINDS:

@@ -11,7 +11,6 @@ the CLI shows them as choices. `renamed` maps old config-file keys to the fields
 
 from __future__ import annotations
 
-import functools
 import re
 import types
 import typing
@@ -38,10 +37,14 @@ def unset(meaning: str) -> dict:
     return {"unset": meaning}
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def type_hints(cls: type) -> dict[str, Any]:
-    """The resolved type hint of every field of `cls` (string annotations included, along the MRO)."""
-    return typing.get_type_hints(cls)
+    """The resolved type hint of every field of `cls` (string annotations included, along the MRO), cached."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def split_optional(hint: Any) -> tuple[Any, bool]:
@@ -230,7 +233,9 @@ class SAEPart(Options):
     """Matryoshka: comma-separated nested prefix sizes (the full width is added)."""
 
     def check(self) -> None:
-        transcoder = self.architecture.endswith("transcoder")
+        from .sae.model import ARCHITECTURES
+
+        transcoder = getattr(ARCHITECTURES.get(self.architecture), "transcodes", False)
         if transcoder != (self.target_site is not None) or self.target_site == getattr(self, "site", None):
             raise DLMScopeError(f"target_site={self.target_site!r} with site={getattr(self, 'site', None)!r}: "
                                 "transcoders (and only they) need a target site other than the site they read")

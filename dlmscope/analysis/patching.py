@@ -21,8 +21,8 @@ import torch
 
 from ..errors import DLMScopeError
 from ..hooks import capture, hooked
-from ..models import BACKENDS
-from ..models.base import FAMILIES, ForwardState, LoadedModel
+from ..models import BACKENDS, FAMILIES
+from ..models.base import ForwardState, LoadedModel
 from ..options import ModelPart, choices, unset
 
 MODES = ("forward", "sampler")
@@ -530,7 +530,7 @@ class PatchConfig(ModelPart):
     """Output folder for patch.json and patch.html (a plotly heatmap)."""
     backend: str = field(default="native", metadata=choices(lambda: BACKENDS))
     """native (our loaders, every hook site) or remote (the checkpoint's own code: residual sites only)."""
-    family: str | None = field(default=None, metadata=choices(lambda: FAMILIES, "from config.json"))
+    family: str | None = field(default=None, metadata=choices(lambda: tuple(FAMILIES), "from config.json"))
     """Checkpoint family when it cannot be detected."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
