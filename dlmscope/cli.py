@@ -287,6 +287,42 @@ def _register_diff() -> None:
 _register_diff()
 
 
+def _patch(cfg) -> None:
+    from .analysis.patching import patch
+
+    report = patch(cfg)
+    if "sweep" in report:
+        r = report["sweep"]
+        typer.echo(f"{r['kind']} sweep, {report['metric']} at position {report['target']}: clean {r['clean']:.4f}, "
+                   f"corrupted {r['corrupted']:.4f}; {r['forwards']} forwards, {r['sequences']} sequences")
+        cells = sorted(((abs(v), v, a, b) for a, row in zip(r["rows"], r["normalised"]) for b, v in zip(r["cols"], row)
+                        if v == v), reverse=True)[:5]
+        for _, v, a, b in cells:
+            typer.echo(f"  {r['row_name']} {a}, {r['col_name']} {b}: restored {v:+.3f}")
+        if r.get("agreement"):
+            g = r["agreement"]
+            typer.echo(f"attribution patching vs exact: pearson {g['pearson']:.3f}, sign agreement "
+                       f"{g['sign_agreement']:.3f}, top-{g['top']} overlap {g['top_overlap']:.2f}")
+    else:
+        typer.echo(f"{report['metric']} at position {report['target']}: clean {report['clean_metric']:.4f}, "
+                   f"corrupted {report['corrupted_metric']:.4f}")
+        for p in report["patches"]:
+            restored = "n/a" if p["normalised"] is None else f"{p['normalised']:+.3f}"
+            typer.echo(f"  {p['patch']}: {p['metric']:.4f} (restored {restored})")
+    for f in report.get("files", []):
+        typer.echo(f"wrote {f}")
+
+
+def _register_patch() -> None:
+    from .analysis.patching import PatchConfig
+
+    dataclass_command(app, PatchConfig, _patch, "patch", "Activation patching: clean activations into a corrupted "
+                      "input across layers, positions, heads and denoising steps (one forward or the sampler).")
+
+
+_register_patch()
+
+
 SaeOpt = typer.Option(..., help="SAE: a registry name or a folder.")
 
 
@@ -673,6 +709,9 @@ def explore(
                                         show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
     splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page.",
                                          show_default="<store>/splice.json"),
+    circuits: Optional[str] = typer.Option(None, help="Patching result for the Circuits page: `dlmscope patch --out`'s "
+                                           "patch.json or experiments/results/circuits_sudoku.json.",
+                                           show_default="<store>/circuits.json"),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
     address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     device: str = DeviceOpt,
@@ -696,7 +735,8 @@ def explore(
     app_file = Path(__file__).with_name("explorer.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port), "--server.address",
            address, "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--store", store,
-           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else [])
+           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else []) \
+        + (["--circuits", circuits] if circuits else [])
     sys.exit(subprocess.call(cmd))
 
 
