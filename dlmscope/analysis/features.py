@@ -159,8 +159,9 @@ def _old_arrays(folder: Path, manifest: dict | None) -> list[Path]:
     if manifest.get("version", 0) < 3:
         return [folder / LEGACY_ARRAYS]
     name = (manifest.get("arrays") or {}).get("file")
-    ours = isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors")  # no paths
-    return [folder / name] if ours else []
+    if isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors"):  # a name, no path
+        return [folder / name]
+    return []
 
 
 def _write_folder(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
@@ -314,8 +315,10 @@ ARRAY_SHAPES = {"tokens": ("S", "L"), "masked": ("S", "L"), "feature_offsets": (
 def _check_arrays(manifest: dict, t: dict[str, torch.Tensor]) -> None:
     """Raise ValueError / KeyError unless the arrays agree with the manifest and each other: what every page
     slices (offsets, positions, token and vocabulary ids) stays in range, and every float is finite."""
-    sizes = {"S": int(manifest["n_seqs"]), "L": int(manifest["context_length"]), "n": int(manifest["n_latents"]),
-             "n+1": int(manifest["n_latents"]) + 1, "nnz": t["values"].numel(), None: None}
+    sizes: dict[str | None, int | None] = {
+        "S": int(manifest["n_seqs"]), "L": int(manifest["context_length"]), "n": int(manifest["n_latents"]),
+        "n+1": int(manifest["n_latents"]) + 1, "nnz": t["values"].numel(), None: None}
+    n_tokens = int(manifest["n_seqs"]) * int(manifest["context_length"])
     for name, dims in ARRAY_SHAPES.items():
         want = [sizes[d] for d in dims]
         got = list(t[name].shape)
@@ -324,7 +327,7 @@ def _check_arrays(manifest: dict, t: dict[str, torch.Tensor]) -> None:
     offsets, vocab = t["feature_offsets"], len(manifest["vocab"])
     if int(offsets[0]) != 0 or int(offsets[-1]) != sizes["nnz"] or bool((offsets.diff() < 0).any()):
         raise ValueError("feature_offsets are not non-decreasing from 0 to the number of activations")
-    if sizes["nnz"] and not 0 <= int(t["positions"].min()) <= int(t["positions"].max()) < sizes["S"] * sizes["L"]:
+    if t["values"].numel() and not 0 <= int(t["positions"].min()) <= int(t["positions"].max()) < n_tokens:
         raise ValueError("an activation position lies outside the encoded tokens")
     for name in ("tokens", "top_logit_ids", "bottom_logit_ids", "top_tokens"):
         ids = t[name]
