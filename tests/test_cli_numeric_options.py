@@ -18,6 +18,11 @@ BAD = {float: ["nan", "inf", "-inf", "-1", "1e30"], int: ["-1", f"-{10**23}", st
 
 UNBOUNDED = {"-1": False, "1e30": True}
 """Positive floats without an upper bound (learning rates, temperatures, scales) take 1e30 and refuse -1."""
+CONSISTENT = {"patch": ["--clean", "a b c", "--answer", "d", "--change", "1=x", "--metric", "logprob", "--feature", "0",
+                       "--sweep", "none", "--hooks", "blocks.0.hook_resid_pre"]}
+"""Options a command needs (its required ones the generator does not mark, and those needed together) before it
+reaches its counts' checks."""
+
 ACCEPTED = {  # (command, flag) -> values that are legitimately allowed (they reach the model / SAE loading)
     **{(cmd, flag): {"1e30"} for cmd, flags in {
         "train-sae": ("--lr", "--aux-coef"), "diff": ("--lr", "--aux-coef", "--nu-max"),
@@ -25,6 +30,7 @@ ACCEPTED = {  # (command, flag) -> values that are legitimately allowed (they re
         "generate": ("--temperature", "--cfg-scale", "--alg-temp"), "steer": ("--temperature",)}.items()
        for flag in flags},
     ("train-sae", "--l0-coef"): {"1e30"}, ("train-sae", "--bandwidth"): {"1e30"},
+    ("patch", "--target"): {"-1"},  # a position counted from the end
     ("steer", "--strength"): {"-1", "1e30"},  # negative steering pushes a feature down; the size is the user's call
 }
 
@@ -58,6 +64,7 @@ def _cases():
                 value = {"checkpoints": f"{MISSING}-a,{MISSING}-b", "out": "{tmp}/out"}.get(name, MISSING)
                 value = "0" if _numeric(p.annotation) else value
                 base += [value] if is_argument else [_flag(name, p.default), value]
+        base += CONSISTENT.get(" ".join(path), [])
         for name, p in params.items():
             kind = _numeric(p.annotation)
             if kind is None or type(p.default).__name__ == "ArgumentInfo":

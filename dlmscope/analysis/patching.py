@@ -550,6 +550,8 @@ class PatchConfig(ModelPart):
         checks.positive("gen_length", self.gen_length)
         checks.positive("steps", self.steps)
         checks.positive("seqs_per_forward", self.seqs_per_forward)
+        if self.feature is not None:
+            checks.non_negative("feature", self.feature)
         if self.metric == "logit_diff" and self.wrong is None:
             raise DLMScopeError("metric='logit_diff' needs --wrong (the corrupted answer token); or --metric logprob")
         if self.sweep == "none" and not self.hooks:
