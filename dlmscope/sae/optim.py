@@ -34,6 +34,9 @@ class SignScheduleFree(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """The docstring's three updates in one closed form on y (four in-place passes, no allocations):
+        substituting x = (y - (1 - beta) z) / beta into y' = beta x' + (1 - beta) z' gives
+        y' = y + c (z - y) - (1 - beta (1 - c)) lr sign(g), with the z before its step z' = z - lr sign(g)."""
         for group in self.param_groups:
             lr, beta = group["lr"], group["beta"]
             for p in group["params"]:
@@ -45,12 +48,21 @@ class SignScheduleFree(torch.optim.Optimizer):
                     st["weight_sum"] = 0.0  # a float: Optimizer.load_state_dict casts tensors to the parameter dtype
                 if lr == 0:
                     continue
-                z = st["z"]
-                x = self._average(p, z, beta)
+                z, sign = st["z"], self._scratch(p)
                 st["weight_sum"] += lr * lr
-                z.add_(p.grad.sign(), alpha=-lr)
-                x.lerp_(z, lr * lr / st["weight_sum"])
-                p.copy_(x.mul_(beta).add_(z, alpha=1 - beta))
+                c = lr * lr / st["weight_sum"]
+                torch.sign(p.grad, out=sign)
+                p.lerp_(z, c).sub_(sign, alpha=(1 - beta * (1 - c)) * lr)
+                z.sub_(sign, alpha=lr)
+
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
+        """A reused buffer for sign(grad) (kept out of the state: never saved): a fresh (n_latents, d_in) tensor
+        per step costs page faults on CPU."""
+        scratch = self.__dict__.setdefault("_sign_buffers", {})
+        buf = scratch.get(id(p))
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = scratch[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf
 
     @staticmethod
     def _average(p: torch.Tensor, z: torch.Tensor, beta: float) -> torch.Tensor:
