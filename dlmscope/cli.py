@@ -163,8 +163,10 @@ def generate_blocks_cmd(
                                         "(LLaDA 2.x).", show_default="required"),
     prompt: list[str] = PromptOpt,
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (the last block is filled completely)."),
-    steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // minimal-topk)."),
-    threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the step's quota."),
+    steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // "
+                                        "minimal-topk)."),
+    threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the "
+                                    "step's quota."),
     minimal_topk: int = typer.Option(1, help="Caps steps per block at max-new-tokens // minimal-topk."),
     block_length: Optional[int] = typer.Option(None, help="The model's block length for this run (attention follows "
                                                "it).", show_default="the model's block_size, 32 for released folders"),
@@ -378,8 +380,9 @@ def cache_cmd(
                                       show_default="required"),
     model: str = ModelOpt,
     layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
-    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, unmask, all or "
-                                         "clean.", show_default="mask for DLMs, clean for causal models"),
+    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, "
+                                                      "unmask, all or clean.",
+                                                      show_default="mask for DLMs, clean for causal models"),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
     t_max: float = typer.Option(0.5, help="Highest mask ratio."),
     batches: int = typer.Option(0, help="Forward batches to cache (0 = one pass over the data)."),

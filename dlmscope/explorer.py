@@ -6,7 +6,9 @@ in the package so `dlmscope explore` works from any install: Streamlit runs this
 (`__main__`, no parent package), so every import here is absolute. `apps/explorer.py` is the same app.
 Query parameters open a page directly: `?page=feature&feature=12`, `?page=denoise&feature=12&run=1`.
 Bad input (a missing or empty store, an SAE that does not match the model or the store, a feature
-out of range) is shown with `st.error`, never as a traceback.
+out of range) is shown with `st.error`, never as a traceback. Corpus text goes out through `st.html`
+(HTML-escaped, never through Markdown), so no `_`, `*`, backtick, `$` or tag in a token changes the page.
+Chart titles sit above the charts as text, where plotly's toolbar cannot cover them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ PAGES = {"list": "Feature list", "feature": "Feature", "denoise": "Denoising vie
          "summary": "SAE summary", "experts": "Expert routing"}
 SPLICE_FILE = "splice.json"
 EXPERTS_FILE = "experts.json"
+COLD_START = "Loading (the first page after a start imports torch and reads the store)"
 
 
 def _args() -> argparse.Namespace:
@@ -50,7 +53,8 @@ def _int_param(value, default: int = 0) -> int:
 
 
 def colour_tokens(ex: dict, scale: float) -> str:
-    """Tokens as HTML spans: orange by activation, masked positions with a dashed blue underline."""
+    """Tokens as HTML spans: orange by activation, masked positions with a dashed blue underline. For `st.html`
+    only: the text is HTML-escaped, not Markdown-escaped."""
     spans = []
     for i, (tok, act, masked) in enumerate(zip(ex["tokens"], ex["acts"], ex["masked"])):
         alpha = min(1.0, max(0.0, act / scale)) if scale > 0 else 0.0
@@ -63,6 +67,14 @@ def colour_tokens(ex: dict, scale: float) -> str:
         text = html.escape(tok).replace(" ", "&nbsp;").replace("\n", "⏎")
         spans.append(f'<span class="tok{" masked" if masked else ""}" title="{title}" style="{style}">{text}</span>')
     return "<span style='font-family:monospace'>" + "".join(spans) + "</span>"
+
+
+def _chart(container, fig, title: str) -> None:
+    """A plotly chart with its title as bold text above it, so the toolbar (top right) never covers the title
+    (escaped HTML: titles name models and tokens)."""
+    fig.update_layout(title=None, margin=dict(fig.layout.margin.to_plotly_json(), t=30))
+    container.html(f'<b class="chart-title">{html.escape(title)}</b>')
+    container.plotly_chart(fig)
 
 
 def _splice_rows(result: dict) -> list[dict]:
@@ -79,15 +91,17 @@ def _splice_rows(result: dict) -> list[dict]:
 def main() -> None:
     import streamlit as st
 
-    from dlmscope.errors import DLMScopeError
-
     st.set_page_config(page_title="dlmscope explorer", layout="wide")
-    try:
-        _run(st)
-    except DLMScopeError as e:
-        st.error(str(e))
-    except Exception as e:  # the page shows a message, never a traceback
-        st.error(f"unexpected error: {type(e).__name__}: {e}")
+    # The spinner comes first: the first page after a start imports dlmscope (torch) and opens the store.
+    with st.spinner(COLD_START, show_time=True):
+        from dlmscope.errors import DLMScopeError
+
+        try:
+            _run(st)
+        except DLMScopeError as e:
+            st.error(str(e))
+        except Exception as e:  # the page shows a message, never a traceback
+            st.error(f"unexpected error: {type(e).__name__}: {e}")
 
 
 def _run(st) -> None:
@@ -230,24 +244,24 @@ def _feature_page(st, store, feature, args) -> None:
     st.subheader("Top activating examples")
     st.caption("Orange: activation (hover for the value); dashed blue underline: masked position (the original token "
                "is shown); boxed: the example's centre.")
-    st.markdown("<br>".join(f"<small>{ex['value']:.3f}</small>&nbsp; " + colour_tokens(ex, scale)
-                            for ex in store.top_examples(f, 10)), unsafe_allow_html=True)
+    st.html("<br>".join(f"<small>{ex['value']:.3f}</small>&nbsp; " + colour_tokens(ex, scale)
+                        for ex in store.top_examples(f, 10)))
     left, mid, right = st.columns([2, 1, 2])
     centres, counts = store.histogram(f)
     fig = go.Figure(go.Bar(x=centres, y=counts, marker_color="#ff7800"))
-    fig.update_layout(title=f"Activation histogram (density {density:.2e})", xaxis_title="activation",
-                      yaxis_title="count", height=320, margin=dict(t=50, b=40, l=40, r=10), bargap=0.05)
-    left.plotly_chart(fig)
+    fig.update_layout(xaxis_title="activation", yaxis_title="count", height=320, margin=dict(b=40, l=40, r=10),
+                      bargap=0.05)
+    _chart(left, fig, f"Activation histogram (density {density:.2e})")
     fig = go.Figure(go.Bar(x=["masked", "visible"], y=[float(stats["masked_rate"][f]), float(stats["visible_rate"][f])],
                            marker_color=["#3366cc", "#999999"]))
-    fig.update_layout(title="Firing rate: masked vs visible", height=320, margin=dict(t=50, b=40, l=40, r=10))
-    mid.plotly_chart(fig)
+    fig.update_layout(height=320, margin=dict(b=40, l=40, r=10))
+    _chart(mid, fig, "Firing rate: masked vs visible")
     with right:
         _logit_table(st, store, f)
     st.subheader("Quantile groups")
     for g in store.quantile_groups(f):
         with st.expander(f"activations {g['low']:.3f} – {g['high']:.3f} ({g['count']} tokens)"):
-            st.markdown("<br>".join(colour_tokens(ex, scale) for ex in g["examples"]), unsafe_allow_html=True)
+            st.html("<br>".join(colour_tokens(ex, scale) for ex in g["examples"]))
 
 
 def _logit_table(st, store, f: int) -> None:
@@ -291,7 +305,7 @@ def _denoising_view(st, store, feature, args) -> None:
         st.session_state["denoise"] = {  # activations, not latents: any feature is one small encode away
             "acts": torch.stack([a[0] for a in cache.acts[hook]]).float(), "P": out.prompt_length,
             "rows": [strings(rec.x[0]) for rec in out.history], "final": strings(out.sequences[0]),
-            "text": out.texts[0], "prompt": prompt}
+            "text": (out.texts or [""])[0], "prompt": prompt}
         st.session_state["denoise_key"] = key
     run_ = st.session_state.get("denoise")
     if run_ is None:
@@ -309,10 +323,10 @@ def _denoising_view(st, store, feature, args) -> None:
                                colorscale="Oranges", text=rows, texttemplate="%{text}", textfont={"size": 9},
                                hovertemplate="step %{y}, position %{x}: %{text}<br>activation %{z:.3f}<extra></extra>",
                                colorbar={"title": "act"}))
-    fig.update_layout(title=f"Feature {f} across denoising steps (rows: steps, columns: positions)",
-                      xaxis_title="position" + ("" if start == 0 else f" (generation starts at {start})"), yaxis_title="step", yaxis_autorange="reversed",
-                      height=max(360, 18 * n_steps + 120), margin=dict(t=50, b=40, l=50, r=10))
-    left.plotly_chart(fig)
+    fig.update_layout(xaxis_title="position" + ("" if start == 0 else f" (generation starts at {start})"),
+                      yaxis_title="step", yaxis_autorange="reversed", height=max(360, 18 * n_steps + 120),
+                      margin=dict(b=40, l=50, r=10))
+    _chart(left, fig, f"Feature {f} across denoising steps (rows: steps, columns: positions)")
     right.subheader("Text as it unmasks")
     lines = [f"step {s:2d}: " + "".join(row) for s, row in enumerate(rows)] + ["final  : " + "".join(run_["final"][start:])]
     right.code("\n".join(lines), language=None)
@@ -371,9 +385,8 @@ def _summary(st, store, feature, args) -> None:
     dens = store.stats()["density"]
     live = dens[dens > 0]
     fig = go.Figure(go.Histogram(x=torch.log10(live).tolist(), nbinsx=40, marker_color="#ff7800"))
-    fig.update_layout(title=f"log10 feature density ({int((dens == 0).sum())} dead latents not shown)",
-                      xaxis_title="log10 density", yaxis_title="latents", height=320)
-    st.plotly_chart(fig)
+    fig.update_layout(xaxis_title="log10 density", yaxis_title="latents", height=320)
+    _chart(st, fig, f"log10 feature density ({int((dens == 0).sum())} dead latents not shown)")
     path = Path(args.splice) if args.splice else Path(args.store) / SPLICE_FILE
     st.subheader("Splice ΔCE")
     if path.is_file():
@@ -399,7 +412,7 @@ def _evaluation(st, sae: str, store: str) -> None:
     st.subheader("Evaluation (dlmscope evaluate)")
     path = find_evaluation(sae, store)
     if path is None:
-        st.caption(f"No evaluation found: run `dlmscope evaluate {sae} --out {store}`.")
+        st.caption(f"No evaluation found: run `dlmscope evaluate --sae {sae} --out {store}`.")
         return
     result = json.loads(path.read_text())
     st.caption(f"from {path}: reconstruction per mask ratio on masked vs visible positions (a DLM SAE trained on "
@@ -446,7 +459,8 @@ def _experts(st, store, feature, args) -> None:
                    "overlap across unmasking": round(d["unmask_overlap"], 4)} for i, d in layers.items()],
                  hide_index=True)
     layer = st.selectbox("layer", list(layers))
-    st.plotly_chart(expert_figure(result, layer))
+    fig = expert_figure(result, layer)
+    _chart(st, fig, fig.layout.title.text)
 
 
 def _diff_page(st, path: str) -> None:
@@ -467,9 +481,9 @@ def _diff_page(st, path: str) -> None:
     st.caption(f"{r['hook']}: {r['n_latents']} latents (k={r['k']}), {r['n_alive']} alive on {r['n_tokens']:,} held-out "
                f"tokens, FVU {r['fvu']:.3f}; specific = relative decoder norm beyond {r['threshold']}, robust = both "
                f"Latent Scaling ratios below {r['nu_max']}")
-    for e in r["per_checkpoint"]:
-        for side, owner in (("later", e["checkpoint"]), ("base", report["checkpoints"][0])):
-            s = e[f"specific_{side}"]
+    for entry in r["per_checkpoint"]:
+        for side, owner in (("later", entry["checkpoint"]), ("base", report["checkpoints"][0])):
+            s = entry[f"specific_{side}"]
             st.subheader(f"Specific to {owner}: {s['count']} latents ({s['robust']} robust)")
             for lat in s["latents"]:
                 with st.expander(f"latent {lat['latent']}: relative norm {lat['relative_norm']:.3f}, nu_error "

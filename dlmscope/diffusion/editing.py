@@ -135,15 +135,17 @@ class _EditRule:
                 if not active.any() and not edit.any():
                     break
             done = x[0, P:hi]
-            if eos_early_stop and not (done == self.mask_id).any() and (done == self.lm.eos_id).any():
-                break
+            if eos_early_stop:
+                assert self.lm.eos_id is not None  # checked before sampling
+                if not (done == self.mask_id).any() and (done == self.lm.eos_id).any():
+                    break
         return x[0, P:].cpu()
 
 
 def _assemble(lm: LoadedModel, rows: list[list[int]], outs: list[torch.Tensor], width: int,
               n_forwards: int) -> GenerateOutput:
     """Left-padded prompts (`width` wide) + right-padded generations, with the attention mask and texts."""
-    pad = lm.pad_id if lm.pad_id is not None else lm.mask_id
+    pad = lm.pad_id if lm.pad_id is not None else lm.require_mask_id()
     G = max(len(o) for o in outs)
     seq = torch.full((len(rows), width + G), pad, dtype=torch.long)
     attn = torch.zeros_like(seq)

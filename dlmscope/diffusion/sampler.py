@@ -96,8 +96,11 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {"linear": LinearSchedule, "drea
 
 
 def default_schedule(lm: LoadedModel) -> str:
-    """Each family samples as its own upstream does: Dream checkpoints `dream`, everything else `linear`."""
-    return "dream" if lm.family == "dream" else "linear"
+    """Each family samples as its own upstream does (its registration's `schedule`: Dream `dream`, others `linear`)."""
+    from ..models.families import FAMILIES
+
+    family = FAMILIES.get(lm.family)
+    return family.schedule if family is not None else "linear"
 
 
 def family_sampler(lm: LoadedModel, remasking: str | Remasking | None, schedule: str | Schedule | None, eps: float,

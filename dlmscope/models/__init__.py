@@ -8,36 +8,14 @@ import torch
 
 from .. import checks
 from ..errors import DLMScopeError
-from .base import FAMILIES, ForwardState, LoadedModel, Site
+from .base import ForwardState, LoadedModel, Site
 from .checkpoint import read_config, resolve_dtype
+from .families import FAMILIES, detect_family, register_family
 from .ids import check_overrides, resolve_ids
 from .zoo import BUILTIN, DEFAULT_AR_MODEL, DEFAULT_MODEL, builtin_path
 
 BACKENDS = ("native", "remote")
 """native: our loaders (no remote code); remote: the checkpoint's own code with transformers-5 shims."""
-
-
-_MOE_FAMILIES = {"lladamoe": "lladamoe", "LLaDAMoEModelLM": "lladamoe", "llada2_moe": "llada2",
-                 "LLaDA2MoeModelLM": "llada2"}
-"""model_type or architecture -> MoE family; the released LLaDA-MoE config says model_type "llada"."""
-
-
-def detect_family(config: dict) -> str:
-    """Family from a config.json: MoE DLMs by architecture or model_type, LLaDA and Dream by model_type,
-    masked LMs by architecture, else causal."""
-    model_type = str(config.get("model_type", "")).lower()
-    for key in [*(config.get("architectures") or []), model_type]:
-        if key in _MOE_FAMILIES:
-            return _MOE_FAMILIES[key]
-    if model_type == "llada":
-        return "llada"
-    if model_type == "dream":
-        return "dream"
-    if any(a.endswith("ForMaskedLM") for a in config.get("architectures") or []):
-        return "masked_lm"
-    if not model_type:
-        raise DLMScopeError("config.json has no model_type; pass family= one of " + ", ".join(FAMILIES))
-    return "causal"
 
 
 def load_model(
@@ -85,9 +63,10 @@ def load_model(
         )
     config = read_config(folder)
     family = family or detect_family(config)
-    if block_size is not None and family != "llada2":
+    if block_size is not None and not FAMILIES[family].blocks:
+        blocky = ", ".join(f.name for f in FAMILIES.values() if f.blocks)
         raise DLMScopeError(f"block_size={block_size} is invalid for a {family} checkpoint: only block-diffusion "
-                            "models (llada2) have a block length")
+                            f"models ({blocky}) have a block length")
     lm = _load_family(folder, config, family, device, torch_dtype, name if name in BUILTIN else folder.name,
                       backend, device_map)
     if block_size is not None:
@@ -101,34 +80,8 @@ def _load_family(folder: Path, config: dict, family: str, device, torch_dtype, d
         from .remote import load_remote
 
         return load_remote(folder, family, device, torch_dtype, display, device_map=device_map)
-    if family == "llada":
-        from .llada import load_llada
-
-        return load_llada(folder, device, torch_dtype, display, device_map=device_map)
-    if family == "lladamoe":
-        from .lladamoe import load_lladamoe
-
-        return load_lladamoe(folder, device, torch_dtype, display, device_map=device_map)
-    if family == "llada2":
-        from .llada2 import load_llada2
-
-        return load_llada2(folder, device, torch_dtype, display, device_map=device_map)
-    if family == "dream":
-        from .dream import load_dream
-
-        return load_dream(folder, device, torch_dtype, display, device_map=device_map)
-    if family == "masked_lm":
-        if device_map is not None:
-            raise DLMScopeError("device_map is not supported for masked_lm models; load them on one device")
-        from .causal import load_masked_lm
-
-        return load_masked_lm(folder, device, torch_dtype, display)
-    if family == "causal":
-        from .causal import load_causal
-
-        return load_causal(folder, device, torch_dtype, display, device_map=device_map)
-    raise DLMScopeError(f"family {family!r} cannot be loaded from a folder; pass the HookedTransformer object itself")
+    return FAMILIES[family].load(folder, device, torch_dtype, display, device_map=device_map)
 
 
 __all__ = ["load_model", "LoadedModel", "ForwardState", "Site", "FAMILIES", "BUILTIN", "DEFAULT_MODEL",
-           "DEFAULT_AR_MODEL", "detect_family"]
+           "DEFAULT_AR_MODEL", "detect_family", "register_family"]

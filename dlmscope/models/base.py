@@ -11,9 +11,6 @@ from torch import nn
 
 from ..errors import DLMScopeError
 
-FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens", "lladamoe", "llada2")
-"""Checkpoint families `load_model` understands."""
-
 SITE_ORDER = ("resid_pre", "attn.q", "attn.k", "attn.v", "attn.rot_q", "attn.rot_k", "attn.pattern", "attn.z",
               "attn_out", "resid_mid", "mlp_in", "router_logits", "expert_weights", "expert_indices", "mlp_out",
               "resid_post")

@@ -3,7 +3,8 @@
 The released LLaDA-MoE and LLaDA 2.x folders declare no mask id in config.json, and their tokenizers may
 not declare a mask token either: upstream code passes the ids itself. Each id comes from, in order: the
 caller (`load_model(..., mask_id=, pad_id=, eos_id=)`), config.json (mask) or the tokenizer (pad, EOS),
-the other of the two, then the family's documented upstream default below. Pad falls back to EOS.
+the other of the two, then the family's documented upstream default (its registration's `released_ids`,
+`models.families`). Pad falls back to EOS.
 """
 
 from __future__ import annotations
@@ -12,14 +13,8 @@ from typing import Any
 
 from .. import checks
 from .base import LoadedModel
+from .families import FAMILIES
 
-RELEASED_IDS: dict[str, dict[str, int]] = {
-    # LLaDA 2.0 / 2.1: `LLaDA2MoeModelLM.generate(..., eos_id=156892, mask_id=156895)` (inclusionAI's modelling
-    # code, vendored by dllm); LLaDA-MoE shares the tokenizer: inclusionAI/dInfer decodes it with the same ids.
-    "llada2": {"mask": 156895, "eos": 156892},
-    "lladamoe": {"mask": 156895, "eos": 156892},
-}
-"""family -> upstream default ids for folders that declare none (README "Released checkpoints")."""
 
 _CONFIG_KEYS = {"pad": "pad_token_id", "eos": "eos_token_id"}
 
@@ -48,7 +43,8 @@ def resolve_ids(lm: LoadedModel, config: dict, mask_id: int | None = None, pad_i
     for name, value in (("mask_id", mask_id), ("pad_id", pad_id), ("eos_id", eos_id)):
         if value is not None:
             checks.integer(name, value, 0, lm.vocab_size - 1)
-    defaults = {k: v for k, v in RELEASED_IDS.get(lm.family, {}).items() if v < lm.vocab_size}  # never past the vocab
+    released = FAMILIES[lm.family].released_ids if lm.family in FAMILIES else {}
+    defaults = {k: v for k, v in released.items() if v < lm.vocab_size}  # never past the vocab
     if not lm.causal:
         lm.mask_id = mask_id if mask_id is not None else (
             lm.mask_id if lm.mask_id is not None else defaults.get("mask"))

@@ -87,11 +87,12 @@ def write_tiny_dream(folder: str | Path, *, d_model: int = 64, n_layers: int = 2
 def _released(config: dict, family: str) -> dict:
     """config.json as the released folders ship it: no mask id, no block size, pad = EOS = the released EOS id."""
     from ..errors import DLMScopeError
-    from .ids import RELEASED_IDS
+    from .families import FAMILIES
 
-    eos = RELEASED_IDS[family]["eos"]
-    if config["vocab_size"] <= RELEASED_IDS[family]["mask"]:
-        raise DLMScopeError(f"released=True needs vocab_size > {RELEASED_IDS[family]['mask']} (the released mask id); "
+    ids = FAMILIES[family].released_ids
+    eos = ids["eos"]
+    if config["vocab_size"] <= ids["mask"]:
+        raise DLMScopeError(f"released=True needs vocab_size > {ids['mask']} (the released mask id); "
                             f"got {config['vocab_size']}")
     config = {k: v for k, v in config.items() if k not in ("mask_token_id", "block_size")}
     return {**config, "pad_token_id": eos, "eos_token_id": eos}
