@@ -44,7 +44,7 @@ SAELENS_READERS: dict[str, str] = {}
 """SAELens architecture name -> ours, for files that do not name one of ours (`metadata.dlmscope_architecture`)."""
 
 S = TypeVar("S", bound="type[SAE]")
-DENSE_COLUMNS = 8
+DENSE_COLUMNS = 4
 """AuxK's decode and backward go dense over the dead latents when there are at most this many of them per entry
 it selects for a token (`_LatentPattern`)."""
 
@@ -141,7 +141,7 @@ class _LatentPattern:
         # AuxK picks its entries among few latents (the dead ones, `columns`; `local` indexes into them): from 1 in
         # DENSE_COLUMNS of those per token up, dense matmuls over just those columns beat the sparse kernels, whose
         # cost grows with the entries per latent (measured at d_in 256, 1,024 tokens, 128 dead latents all selected:
-        # about 7.5 ms sparse against under 1 ms dense for the encoder's gradient).
+        # about 7.5 ms sparse against under 1 ms dense for the encoder's gradient; about even at 500 dead, k_aux 128).
         self.columns = columns if columns is not None and columns.numel() <= DENSE_COLUMNS * indices.shape[1] else None
         self.local = local
 
