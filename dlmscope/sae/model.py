@@ -151,8 +151,9 @@ class _LatentPattern:
 
     def decode(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(N, d): sum_j values[:, j] * rows[indices[:, j]]."""
-        if self.columns is not None:
-            return self._dense(values) @ rows.index_select(0, self.columns)
+        if self.columns is not None:  # in the rows' dtype under autocast too, as embedding_bag's output is
+            with torch.autocast(rows.device.type, enabled=False):
+                return self._dense(values.to(rows.dtype)) @ rows.index_select(0, self.columns)
         return F.embedding_bag(self.indices, rows, per_sample_weights=values, mode="sum")
 
     @functools.cached_property
@@ -182,7 +183,7 @@ class _LatentPattern:
     def gather_dots(self, rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """(N, m): rows[indices[t, j]] . dense[t], one dot product per entry (a sampled matmul)."""
         if self.columns is not None:
-            return (dense @ rows.index_select(0, self.columns).t()).gather(1, self.local)
+            return (dense.to(rows.dtype) @ rows.index_select(0, self.columns).t()).gather(1, self.local)
         order = self._csr[2]  # zeros, not empty: beta=0 still multiplies them, and 0 * NaN garbage is NaN
         dots = torch.sparse.sampled_addmm(self._matrix(dense.new_zeros(self.indices.shape)), rows, dense.t(),
                                           beta=0.0).values()
