@@ -295,7 +295,9 @@ class Patcher:
             fns = {h: self._patch_fn([(r, p) for r, p in enumerate(chunk) if p.hook == h])
                    for h in dict.fromkeys(p.hook for p in chunk)}
             parts.append(self._run(self.setup.corrupted, len(chunk), fns))
-        cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)
+        def cat(xs):
+            return torch.cat(xs) if xs[0] is not None else None
+
         return RunResult(torch.cat([p.metric for p in parts]), cat([p.reveal_step for p in parts]),
                          cat([p.token for p in parts]))
 
