@@ -295,8 +295,11 @@ class Patcher:
             fns = {h: self._patch_fn([(r, p) for r, p in enumerate(chunk) if p.hook == h])
                    for h in dict.fromkeys(p.hook for p in chunk)}
             parts.append(self._run(self.setup.corrupted, len(chunk), fns))
-        return RunResult(torch.cat([p.metric for p in parts]), _cat_or_none([p.reveal_step for p in parts]),
-                         _cat_or_none([p.token for p in parts]))
+        def cat(xs):
+            return torch.cat(xs) if xs[0] is not None else None
+
+        return RunResult(torch.cat([p.metric for p in parts]), cat([p.reveal_step for p in parts]),
+                         cat([p.token for p in parts]))
 
     def _patch_fn(self, rows: list[tuple[int, Patch]]):
         """Hook function that writes the clean activation into the given rows where each patch selects."""
@@ -646,8 +649,3 @@ def patch(cfg: PatchConfig) -> dict:
             atomic_write_text(folder / "patch.html", html)
             report["files"].append(str(folder / "patch.html"))
     return report
-
-
-def _cat_or_none(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Batches' optional per-row results joined (None when the runs record none)."""
-    return torch.cat(parts) if parts[0] is not None else None  # type: ignore[arg-type]
