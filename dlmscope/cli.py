@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeAlias
 
 import typer
 
@@ -49,21 +49,20 @@ def _check_ids(**ids: Optional[int]) -> dict:
     return ids
 
 
-def _policy_choices():
-    """The activation policies as a CLI choice type (the list lives in `dlmscope.activations`)."""
-    from typing import Literal
+def _choices(names: tuple[str, ...]) -> Any:
+    """A CLI choice type over names a registry lists (typer shows and checks a Literal's values)."""
+    return Literal.__getitem__(names)
 
+
+if TYPE_CHECKING:  # the registries' names are known at run time only
+    PolicyChoice: TypeAlias = str
+    TaskChoice: TypeAlias = str
+else:
     from .options import policy_names
-
-    return Literal.__getitem__(policy_names())
-
-
-def _task_choices():
-    from typing import Literal
-
     from .tasks import TASKS
 
-    return Literal.__getitem__((*TASKS, "none"))
+    PolicyChoice = _choices(policy_names())
+    TaskChoice = _choices((*TASKS, "none"))
 
 
 SAMPLING_ALIASES = {"--cache": "--kv-cache", "--schedule": "--sampler-schedule"}
@@ -80,7 +79,7 @@ def info(model_arg: Optional[str] = ModelArg, model: Optional[str] = typer.Optio
 
     lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype)
     layers = lm.n_layers
-    present = {parse_hook(n)[1] for n in lm.hook_names}
+    present = {parsed[1] for parsed in map(parse_hook, lm.hook_names) if parsed is not None}
     kinds = [k for k in SITE_ORDER if k in present and k not in ROUTER_SITES and not k.startswith("attn.")]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
@@ -288,6 +287,42 @@ def _register_diff() -> None:
 _register_diff()
 
 
+def _patch(cfg) -> None:
+    from .analysis.patching import patch
+
+    report = patch(cfg)
+    if "sweep" in report:
+        r = report["sweep"]
+        typer.echo(f"{r['kind']} sweep, {report['metric']} at position {report['target']}: clean {r['clean']:.4f}, "
+                   f"corrupted {r['corrupted']:.4f}; {r['forwards']} forwards, {r['sequences']} sequences")
+        cells = sorted(((abs(v), v, a, b) for a, row in zip(r["rows"], r["normalised"]) for b, v in zip(r["cols"], row)
+                        if v == v), reverse=True)[:5]
+        for _, v, a, b in cells:
+            typer.echo(f"  {r['row_name']} {a}, {r['col_name']} {b}: restored {v:+.3f}")
+        if r.get("agreement"):
+            g = r["agreement"]
+            typer.echo(f"attribution patching vs exact: pearson {g['pearson']:.3f}, sign agreement "
+                       f"{g['sign_agreement']:.3f}, top-{g['top']} overlap {g['top_overlap']:.2f}")
+    else:
+        typer.echo(f"{report['metric']} at position {report['target']}: clean {report['clean_metric']:.4f}, "
+                   f"corrupted {report['corrupted_metric']:.4f}")
+        for p in report["patches"]:
+            restored = "n/a" if p["normalised"] is None else f"{p['normalised']:+.3f}"
+            typer.echo(f"  {p['patch']}: {p['metric']:.4f} (restored {restored})")
+    for f in report.get("files", []):
+        typer.echo(f"wrote {f}")
+
+
+def _register_patch() -> None:
+    from .analysis.patching import PatchConfig
+
+    dataclass_command(app, PatchConfig, _patch, "patch", "Activation patching: clean activations into a corrupted "
+                      "input across layers, positions, heads and denoising steps (one forward or the sampler).")
+
+
+_register_patch()
+
+
 SaeOpt = typer.Option(..., help="SAE: a registry name or a folder.")
 
 
@@ -380,7 +415,7 @@ def cache_cmd(
                                       show_default="required"),
     model: str = ModelOpt,
     layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
-    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, "
+    policy: Optional[PolicyChoice] = typer.Option(None, help="Positions whose activations are cached: mask, "
                                                       "unmask, all or clean.",
                                                       show_default="mask for DLMs, clean for causal models"),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
@@ -398,7 +433,7 @@ def cache_cmd(
     from .activations import POLICIES, ActivationSource, read_manifest, write_cache
     from .data import load_texts, pack
     from .models import load_model
-    from .models.checkpoint import resolve_dtype
+    from .models.checkpoint import DTYPES, resolve_dtype
 
     out = positional_or_option(out_arg, out, "out")
     if out is None:
@@ -414,12 +449,12 @@ def cache_cmd(
     checks.non_negative("--batches", batches)
     checks.positive("--seqs-per-forward", seqs_per_forward)
     checks.positive("--context-length", context_length)
-    stored = resolve_dtype(store_dtype)
+    resolve_dtype(store_dtype)  # one line for an unknown name
     lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts(dataset), context_length)
     src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy, t_range=(t_min, t_max),
                            seqs_per_batch=seqs_per_forward, seed=seed)
-    folder = write_cache(src, out, batches or None, dtype=stored)
+    folder = write_cache(src, out, batches or None, dtype=DTYPES[store_dtype])
     typer.echo(f"cache written to {folder}")
 
 
@@ -492,7 +527,7 @@ def order(
     prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p",
                                      help="Prompt text; repeat for a batch."),
     strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
-    task: _task_choices() = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
+    task: TaskChoice = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
     n: int = typer.Option(50, help="Task examples."),
     step_budgets: str = typer.Option("4,8,16", help="Comma-separated denoising-step budgets for the task and "
                                      "held-out likelihood."),
@@ -514,8 +549,8 @@ def order(
 
     sae_names = checks.names("--sae", sae)
     names = [checks.choice("--strategies", s, strategy_names()) for s in checks.names("--strategies", strategies)]
-    task = None if task == "none" else task
-    if task:
+    task_name = None if task == "none" else task
+    if task_name:
         checks.positive("--n", n)
     checks.positive("--gen-length", gen_length)
     budgets = checks.int_list("--step-budgets", step_budgets, 1, gen_length)
@@ -528,8 +563,8 @@ def order(
     lm = load_model(model or saes[-1].cfg.model_name or DEFAULT_MODEL, device=device)
     check_fast_options(lm, threshold, kv_cache)
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
-    typer.echo(order_header(lm, [s.cfg.hook_name for s in saes], task, budgets, bool(heldout)))
-    result = order_study(lm, saes, prompt, names, task, n, budgets, gen_length, rows, sampler_schedule,
+    typer.echo(order_header(lm, saes, task_name, budgets, bool(heldout)))
+    result = order_study(lm, saes, prompt, names, task_name, n, budgets, gen_length, rows, sampler_schedule,
                          threshold, kv_cache, on_row=lambda name, row: typer.echo(row))
     if out:
         atomic_write_json(out, result)
@@ -674,6 +709,9 @@ def explore(
                                         show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
     splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page.",
                                          show_default="<store>/splice.json"),
+    circuits: Optional[str] = typer.Option(None, help="Patching result for the Circuits page: `dlmscope patch --out`'s "
+                                           "patch.json or experiments/results/circuits_sudoku.json.",
+                                           show_default="<store>/circuits.json"),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
     address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     device: str = DeviceOpt,
@@ -697,7 +735,8 @@ def explore(
     app_file = Path(__file__).with_name("explorer.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port), "--server.address",
            address, "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--store", store,
-           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else [])
+           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else []) \
+        + (["--circuits", circuits] if circuits else [])
     sys.exit(subprocess.call(cmd))
 
 
@@ -721,9 +760,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:
-        if not isinstance(e, _usage_errors()):
+        message = getattr(e, "format_message", None)
+        if not isinstance(e, _usage_errors()) or message is None:
             raise
-        typer.echo(f"error: {e.format_message()} (see --help)", err=True)
+        typer.echo(f"error: {message()} (see --help)", err=True)
         sys.exit(2)
 
 

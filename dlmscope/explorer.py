@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 PAGES = {"list": "Feature list", "feature": "Feature", "denoise": "Denoising view", "steer": "Steering playground",
-         "summary": "SAE summary", "experts": "Expert routing"}
+         "summary": "SAE summary", "experts": "Expert routing", "circuits": "Circuits"}
 SPLICE_FILE = "splice.json"
 EXPERTS_FILE = "experts.json"
+CIRCUITS_FILE = "circuits.json"
 COLD_START = "Loading (the first page after a start imports torch and reads the store)"
 
 
@@ -36,6 +37,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--sae", default=env("DLMSCOPE_SAE"), help="SAE name or folder (default: the store's)")
     p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON (`dlmscope eval-splice --out`)")
     p.add_argument("--experts", default=env("DLMSCOPE_EXPERTS"), help="experts.json (`dlmscope experts --out`)")
+    p.add_argument("--circuits", default=env("DLMSCOPE_CIRCUITS"),
+                   help="patching result: circuits_sudoku.json or `dlmscope patch --out`'s patch.json")
 
 
     p.add_argument("--diff", default=env("DLMSCOPE_DIFF"), help="model-diffing report (`dlmscope diff`: diff.json)")
@@ -135,7 +138,7 @@ def _run(st) -> None:
         del q["run"]  # `run=1` in an address starts the sampler on the page it was written for only
     q["page"], q["feature"] = page, str(feature)
     {"list": _feature_list, "feature": _feature_page, "denoise": _denoising_view, "steer": _steering,
-     "summary": _summary, "experts": _experts}[page](st, store, feature, args)
+     "summary": _summary, "experts": _experts, "circuits": _circuits}[page](st, store, feature, args)
 
 
 def _model_and_sae(st, store, args):
@@ -461,6 +464,100 @@ def _experts(st, store, feature, args) -> None:
     layer = st.selectbox("layer", list(layers))
     fig = expert_figure(result, layer)
     _chart(st, fig, fig.layout.title.text)
+
+
+def _heatmap(z, x, y, x_title: str, y_title: str, title: str, zmid: float | None = 0.0):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in x], y=[str(v) for v in y], zmid=zmid, colorscale="RdBu",
+                               reversescale=zmid is not None))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=380)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def _plot(st, fig) -> None:
+    _chart(st, fig, fig.layout.title.text)
+
+
+def _mean(rows: list[list[float]]) -> list[float | None]:
+    """Column means, NaNs skipped (None where a column has no value)."""
+    cols = list(zip(*rows))
+    return [sum(v for v in c if v == v) / n if (n := sum(1 for v in c if v == v)) else None for c in cols]
+
+
+def _circuits(st, store, feature, args) -> None:
+    """Activation patching results: a `dlmscope patch --out` sweep, or the Sudoku circuit study's items (mean
+    restored fraction by layer and position role, by layer and head, by denoising step and layer; one cell's
+    attention pattern across the steps)."""
+    from dlmscope.errors import DLMScopeError
+
+    st.header("Circuits")
+    path = Path(args.circuits) if args.circuits else Path(args.store) / CIRCUITS_FILE
+    if not path.is_file():
+        if args.circuits:
+            raise DLMScopeError(f"circuits JSON {args.circuits!r} does not exist")
+        st.caption(f"No patching result: run `dlmscope patch ... --out DIR` and pass --circuits DIR/patch.json, pass "
+                   f"--circuits experiments/results/circuits_sudoku.json (`python experiments/circuits_sudoku.py`), or "
+                   f"put one at {path}.")
+        return
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DLMScopeError(f"cannot read circuits JSON {str(path)!r}: {e}") from None
+    if "sweep" in result:
+        from dlmscope.analysis.patching import sweep_figure
+
+        st.caption(f"{result['model']}: {result['metric']} at position {result['target']} ({result['mode']} mode)")
+        _plot(st, sweep_figure(result["sweep"]))
+        return
+    items = result.get("items") if isinstance(result, dict) else None
+    if not items or "layer_position" not in items[0]:
+        raise DLMScopeError(f"circuits JSON {str(path)!r} holds neither a `dlmscope patch` sweep nor circuit-study "
+                            "items")
+    task = st.selectbox("task", sorted({it["task"] for it in items}))
+    its = [it for it in items if it["task"] == task]
+    roles = list(dict.fromkeys(r for it in its for r in it["roles"]))
+    per_role = [[_role_mean(its, layer, role) for role in roles] for layer in range(len(its[0]["layer_position"]))]
+    st.caption(f"{len(its)} items; restored fraction of logit(a) - logit(b) at the masked cell, clean into corrupted "
+               "(1 = fully restored), mean over items")
+    _plot(st, _heatmap(per_role, roles, range(len(per_role)), "position role", "layer",
+                             "resid_pre per position, by role (one denoising forward)"))
+    if "layer_head" in its[0]:
+        heads = [_mean([it["layer_head"][i] for it in its]) for i in range(len(its[0]["layer_head"]))]
+        _plot(st, _heatmap(heads, range(len(heads[0])), range(len(heads)), "head", "layer",
+                                 "attn.hook_z per head (all positions)"))
+    flipped = [it for it in its if it["sampler"]["clean_token"] != it["sampler"]["corrupted_token"]]
+    if flipped:
+        layers = flipped[0]["sampler"]["layers"]
+        steps = [_mean([[float(v) for v in it["sampler"]["restored"][s]] for it in flipped])
+                 for s in range(len(flipped[0]["sampler"]["restored"]))]
+        _plot(st, _heatmap(steps, layers, range(len(steps)), "layer patched", "patched from step",
+                                 f"sampler: the clean puzzle's residual stream from step s on ({len(flipped)} items); "
+                                 "share that ends with the clean digit", zmid=None))
+    shown = [k for k, it in enumerate(its) if "patterns" in it]
+    if not shown:
+        return
+    k = st.selectbox("cell", shown, format_func=lambda k: f"puzzle {its[k]['puzzle']}, cell {its[k]['cell']} "
+                     f"(answer {its[k]['a']}, corrupted {its[k]['b']})")
+    it = its[k]
+    pattern = it["patterns"]
+    layer = st.selectbox("layer", range(len(pattern[0])))
+    head = st.selectbox("head", range(len(pattern[0][layer])))
+    z = [step[layer][head] for step in pattern]
+    _plot(st, _heatmap(z, [f"{i}:{t}" for i, t in enumerate(it["tokens"])], range(len(z)), "key position",
+                             "denoising step", f"attention of cell {it['cell']} (query) across steps, layer {layer} "
+                             f"head {head}", zmid=None))
+
+
+def _role_mean(items: list[dict], layer: int, role: str) -> float | None:
+    """Mean restored fraction over the positions of `role` at `layer`, averaged per item first."""
+    per_item = []
+    for it in items:
+        vals = [v for v, r in zip(it["layer_position"][layer], it["roles"]) if r == role]
+        if vals:
+            per_item.append(sum(vals) / len(vals))
+    return sum(per_item) / len(per_item) if per_item else None
 
 
 def _diff_page(st, path: str) -> None:

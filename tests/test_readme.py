@@ -58,6 +58,7 @@ REWRITES = [
     (r"dlmscope stability", "dlmscope stability --n-seqs 2"),
     (r"dlmscope features build", "dlmscope features build --n-seqs 8"),
     (r"dlmscope explore", "dlmscope explore --port $PORT"),
+    (r"--through sampler --steps 16", "--through sampler --steps 4"),
 ]
 SKIP = {
     "python -m pytest": "the test suite itself (.ci/run runs this block verbatim in a fresh environment)",

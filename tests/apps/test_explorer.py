@@ -38,7 +38,7 @@ def env(tiny_dirs, llada, tiny_sae, tokenizer, tmp_path_factory):
 def _app(env, monkeypatch, extra_env=None, **query):
     from streamlit.testing.v1 import AppTest
 
-    for k in ("DLMSCOPE_STORE", "DLMSCOPE_MODEL", "DLMSCOPE_SAE", "DLMSCOPE_SPLICE", "DLMSCOPE_EXPERTS"):
+    for k in ("DLMSCOPE_STORE", "DLMSCOPE_MODEL", "DLMSCOPE_SAE", "DLMSCOPE_SPLICE", "DLMSCOPE_EXPERTS", "DLMSCOPE_CIRCUITS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("DLMSCOPE_STORE", env["DLMSCOPE_STORE"])
     for k, v in (extra_env or {}).items():
@@ -146,6 +146,29 @@ def test_expert_routing_page(env, monkeypatch, tmp_path, tokenizer):
     assert list(at.dataframe[0].value["layer"]) == [0, 1] and len(_charts(at)) == 1
     at = _app(env, monkeypatch, {"DLMSCOPE_EXPERTS": tmp_path / "nope.json"}, page="experts")
     assert "does not exist" in at.error[0].value
+
+
+def test_circuits_page(env, monkeypatch, tmp_path, tiny_dirs):
+    """The study's committed result (heatmaps, one cell's attention across steps) and a `dlmscope patch` sweep."""
+    from dlmscope.cli import main
+
+    at = _app(env, monkeypatch, page="circuits")
+    assert not at.exception and not at.error and "No patching result" in at.caption[0].value
+    study = Path(__file__).resolve().parents[2] / "experiments" / "results" / "circuits_sudoku.json"
+    at = _app(env, monkeypatch, {"DLMSCOPE_CIRCUITS": study}, page="circuits")
+    assert not at.exception and not at.error
+    assert [s.label for s in at.selectbox] == ["task", "cell", "layer", "head"]
+    assert len(_charts(at)) == 4  # roles x layers, heads x layers, steps x layers, the cell's pattern
+    at.selectbox[0].select("control").run()
+    assert not at.exception and not at.error and len(_charts(at)) >= 3
+    main(["patch", "--model", str(tiny_dirs["llada"]), "--clean", "a b c d", "--change", "1=#7", "--answer", "#5",
+          "--metric", "logprob", "--gen-length", "2", "--out", str(tmp_path)])
+    at = _app(env, monkeypatch, {"DLMSCOPE_CIRCUITS": tmp_path / "patch.json"}, page="circuits")
+    assert not at.exception and not at.error and len(_charts(at)) == 1 and "logprob at position" in at.caption[0].value
+    (tmp_path / "other.json").write_text('{"items": []}')
+    for bad, message in (("other.json", "holds neither"), ("nope.json", "does not exist")):
+        at = _app(env, monkeypatch, {"DLMSCOPE_CIRCUITS": tmp_path / bad}, page="circuits")
+        assert not at.exception and message in at.error[0].value
 
 
 def test_summary_shows_the_evaluation(env, monkeypatch, tmp_path, llada, tiny_sae):
