@@ -250,10 +250,13 @@ class LoadedModel:
 def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
     """TransformerLens-style hook names for a list of decoder layers.
 
-    resid_pre reads a layer's input, resid_post its output, resid_mid the input of the layer's
-    second norm (the residual stream after attention, before the MLP). mlp_in and mlp_out are the
-    input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP reads
-    (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
+    resid_pre reads a layer's input, resid_post its output, resid_mid the residual stream after attention,
+    before the MLP: editing it changes the residual stream itself (resid_post, later layers) and what the MLP
+    reads, as in TransformerLens. Native layers carry an identity `hook_resid_mid` for it (own-code layers in
+    the layer, transformers layers in their `HFAttention`); other layers (remote code) fall back to the input
+    of their second norm `mid_attr`, where reading is right but an edit reaches only the MLP. mlp_in and
+    mlp_out are the input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP
+    reads (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
     our resid_mid), mlp_out is what the MLP adds to the residual stream (as in TransformerLens).
     Layers whose attention carries `AttentionHooks` also get `attn.hook_*` and hook_attn_out (what
     attention adds to the residual stream: resid_pre + attn_out = resid_mid).
@@ -268,8 +271,11 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
             for kind in ATTN_SITES:
                 sites[f"blocks.{i}.attn.hook_{kind}"] = Site(getattr(attn.hooks, f"hook_{kind}"), "output",
                                                               pos_dim=2 if kind == "pattern" else 1)
-            sites[f"blocks.{i}.hook_attn_out"] = Site(attn, "output")
-        if mid_attr is not None and hasattr(layer, mid_attr):
+            sites[f"blocks.{i}.hook_attn_out"] = Site(getattr(attn, "hook_attn_out", attn), "output")
+        mid = getattr(layer, "hook_resid_mid", None) or getattr(attn, "hook_resid_mid", None)
+        if mid is not None:
+            sites[f"blocks.{i}.hook_resid_mid"] = Site(mid, "output")
+        elif mid_attr is not None and hasattr(layer, mid_attr):
             sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
         if isinstance(getattr(layer, "mlp", None), nn.Module):
             sites[f"blocks.{i}.hook_mlp_in"] = Site(layer.mlp, "input")
