@@ -151,6 +151,11 @@ class HFAttention(nn.Module):
         new = self.hook_resid_mid(mid)
         return out if new is mid else new - resid_pre
 
+    def keep_resid_pre(self, norm: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on the layer's first norm (a bound method, so a deep copy keeps its own)."""
+        if self.hook_resid_mid._forward_hooks:
+            self.resid_pre = args[0]
+
 
 _HF_ATTENTION = ("LlamaAttention", "Qwen2Attention")
 
@@ -158,22 +163,14 @@ _HF_ATTENTION = ("LlamaAttention", "Qwen2Attention")
 def hook_hf_attention(layers: list[nn.Module]) -> None:
     """Swap each layer's transformers Llama / Qwen2 `self_attn` for an `HFAttention`; other types stay as they are.
 
-    The first norm's input is the layer's residual after any resid_pre edit: `HFAttention` keeps it (only while
-    its `hook_resid_mid` is hooked) to form resid_mid.
+    The first norm's input is the layer's residual after any resid_pre edit: a permanent pre-hook there keeps
+    it (only while `hook_resid_mid` is hooked) for `HFAttention.through_resid_mid`.
     """
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
         if type(attn).__name__ in _HF_ATTENTION and getattr(attn, "sliding_window", None) is None:
             layer.self_attn = HFAttention(attn)
-            layer.input_layernorm.register_forward_pre_hook(_keep_resid_pre(layer.self_attn))
-
-
-def _keep_resid_pre(attn: HFAttention):
-    def pre_hook(module: nn.Module, args: tuple) -> None:
-        if attn.hook_resid_mid._forward_hooks:
-            attn.resid_pre = args[0]
-
-    return pre_hook
+            layer.input_layernorm.register_forward_pre_hook(layer.self_attn.keep_resid_pre)
 
 
 def attention_module(layer: nn.Module) -> nn.Module | None:

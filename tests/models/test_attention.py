@@ -144,6 +144,22 @@ def test_editing_resid_mid_edits_the_residual_stream(models, family, one_thread)
 
 
 @torch.no_grad()
+def test_resid_mid_edits_follow_resid_pre_edits_and_deep_copies(models, one_thread):
+    """resid_mid is formed from the residual after a resid_pre edit; a deep copy's layers keep their own resid_pre."""
+    import copy
+
+    lm = models["llada"]
+    ids = torch.randint(5, lm.vocab_size, (1, 6))
+    both = {"blocks.0.hook_resid_pre": lambda a, c: a * 2, "blocks.0.hook_resid_mid": lambda a, c: a + 1.0}
+    with hooked(lm, both):
+        got = run_with_cache(lm, ids, ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_resid_mid"])
+    torch.testing.assert_close(got["blocks.0.hook_resid_mid"],
+                               got["blocks.0.hook_resid_pre"] + got["blocks.0.hook_attn_out"] + 1.0)
+    twin = copy.deepcopy(lm.module).model.layers[0]
+    assert [h.__self__ for h in twin.input_layernorm._forward_pre_hooks.values()] == [twin.self_attn]
+
+
+@torch.no_grad()
 def test_edits_at_positions_and_pre_rotary_keys_reach_the_output(models, one_thread):
     lm = models["llada"]
     ids = torch.randint(5, lm.vocab_size, (2, 8))
