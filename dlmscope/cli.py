@@ -395,17 +395,18 @@ def steer(
     the_sae = load_sae(sae, device=device)
     validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
-    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
+    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else {},
                 judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature, sampler_schedule,
                 threshold, cache)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
-        typer.echo("| | feature act. | concept rate | AR perplexity | DLM NLL/token |\n|---|---|---|---|---|")
+        typer.echo("| | feature act. | concept rate (output) | concept rate (logit) | AR perplexity | DLM NLL/token |\n"
+                   "|---|---|---|---|---|---|")
         for label in ("unsteered", "steered"):
             m = r[label]
-            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']:.3f} | {m['perplexity']:.1f} | "
-                       f"{m['dlm_nll']:.3f} |")
+            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']['output']:.3f} | "
+                       f"{m['concept_rate']['logit']:.3f} | {m['perplexity']:.1f} | {m['dlm_nll']:.3f} |")
     if out:
         atomic_write_json(out, r)
 

@@ -46,12 +46,10 @@ PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptio
 
 def interval(values) -> list[float]:
     """[mean, low, high]: Student-t 95% interval, NaNs dropped."""
-    import torch
+    from dlmscope.stats import t_interval
 
-    from dlmscope.analysis.splice import _interval
-
-    v = torch.tensor([float(x) for x in values if x == x], dtype=torch.float64)
-    return list(_interval(v)) if len(v) else [float("nan")] * 3
+    v = [float(x) for x in values if x == x]
+    return t_interval(v) if v else [float("nan")] * 3
 
 
 def paired(a, b) -> list[float]:
