@@ -271,6 +271,7 @@ def evaluate_cmd(
     out: Optional[str] = typer.Option(None, help="Folder for evaluation.json / .html (default: eval-<SAE name>)."),
     n_seqs: int = typer.Option(64, help="Held-out sequences for core metrics and t-curves."),
     t_bins: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated mask ratios."),
+    n_draws: int = typer.Option(3, help="Independent mask draws per bin (FVU per draw with a t-interval)."),
     splice_seqs: int = typer.Option(32, help="Sequences per bin for ΔCE / ΔELBO (0 skips splicing)."),
     probes: str = typer.Option("token_class,sudoku_digit,countdown_op", help="Label sets for sparse probing ('' skips)."),
     probe_k: str = typer.Option("1,2,5,20", help="Comma-separated latents per sparse probe."),
@@ -291,7 +292,7 @@ def evaluate_cmd(
         cfg = EvaluateConfig(n_seqs=n_seqs, t_bins=tuple(float(v) for v in t_bins.split(",") if v.strip()),
                              splice_seqs=splice_seqs, probes=tuple(p.strip() for p in probes.split(",") if p.strip()),
                              probe_k=tuple(int(v) for v in probe_k.split(",") if v.strip()), absorption=absorption,
-                             seed=seed)
+                             seed=seed, n_draws=n_draws)
     except ValueError as e:
         if isinstance(e, DLMScopeError):
             raise
