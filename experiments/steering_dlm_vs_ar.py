@@ -94,8 +94,7 @@ def run(args) -> dict:
         order = [m for m, _ in MODELS]
         merged["runs"].sort(key=lambda r: (order.index(r["model"]), r["strength"]))
         merged["config"]["strengths"] = ",".join(f"{x:g}" for x in sorted({r["strength"] for r in merged["runs"]}))
-        merged["config"]["features"] = min(len(v) for v in merged["features"].values())
-        return merged
+        return first_complete(merged)
     torch.set_num_threads(1)
     strengths = [float(s) for s in args.strengths.split(",")]
     seeds = list(range(args.seeds))
@@ -149,6 +148,25 @@ def run(args) -> dict:
             print(model, f, f"{time.time() - t0:.0f}s", flush=True)
             if args.twin:
                 atomic_write_json(args.out / f"steering_{model}.partial.json", res)
+    return res
+
+
+def first_complete(res: dict) -> dict:
+    """Keep the first N features of each twin's ranking, N the most both twins finished every run of (a run cut
+    short saves its features in ranking order), so the twins are compared on equally many top-ranked features."""
+    cells = {(r["schedule"], r["strength"]) for r in res["runs"]}
+    done = {m: {r["feature"] for r in res["runs"] if r["model"] == m} for m in res["features"]}
+    n = min(next((i for i, f in enumerate(ranked) if int(f) not in done[m] or sum(
+        r["model"] == m and r["feature"] == int(f) for r in res["runs"]) < len(cells)), len(ranked))
+            for m, ranked in res["features"].items())
+    keep = {m: [int(f) for f in list(ranked)[:n]] for m, ranked in res["features"].items()}
+    res["ranking"] = {m: [int(f) for f in ranked] for m, ranked in res["features"].items()}
+    res["runs"] = [r for r in res["runs"] if r["feature"] in keep[r["model"]]]
+    for key in ("features", "dla_overlap"):
+        res[key] = {m: {f: v for f, v in per.items() if int(f) in keep[m]} for m, per in res[key].items()}
+    for m, u in res["unsteered"].items():
+        u["per_feature"] = {f: v for f, v in u["per_feature"].items() if int(f) in keep[m]}
+    res["config"]["features"] = n
     return res
 
 
@@ -252,8 +270,9 @@ def summary(res: dict, unsteered: dict) -> dict:
 def dla_share(res: dict) -> dict:
     """Per twin and concept definition: mean over features of the share of its 20 concept tokens among the top 50
     tokens its decoder direction promotes (direct logit attribution). A definition that reads a model where it
-    does not predict shares little with what the feature writes."""
-    return {m: {c: _mean([v[c] for v in per.values()]) for c in CONCEPT_NAMES} for m, per in res["dla_overlap"].items()}
+    does not predict shares little with what the feature writes (the logit concept is the DLA's own top 20)."""
+    return {m: {c: _mean([v[c] for v in per.values()]) for c in ("output", "input")}
+            for m, per in res["dla_overlap"].items()}
 
 
 def render(res: dict, out: Path) -> str:
