@@ -198,7 +198,8 @@ def markdown(s: dict) -> str:
                                      "revealed in each order, teacher forced)", 3)
     return ("dlmscope-tiny-dlm; Jaccard of the k=32 feature sets of the shipped SAEs; exact solve with Wilson "
             "intervals, its differences with Newcombe's interval and an exact McNemar test, other differences paired "
-            f"t; bold = Holm-adjusted p < 0.05 over all {s['family']['tests']} comparisons of these tables. Threshold rows (Fast-dLLM, {c['threshold']}) take as many steps as they need; "
+            f"t; bold = Holm-adjusted p < 0.05 over all {s['family']['tests']} comparisons of these tables. "
+            f"Threshold rows (Fast-dLLM, {c['threshold']}) take as many steps as they need; "
             "cache rows keep positions a cached step does not recompute at their last computed features.\n\n"
             + "\n".join(lines) + "\n")
 

@@ -5,7 +5,8 @@ next blank line): every decimal number in the block (it has a '.'; other integer
 equal, at its printed precision, a number in one of the JSON files; a number followed by % may also match
 a fraction (k, M, B: thousands, millions, billions); the count N of "N of M" must be a number of the files.
 Decimal numbers outside every marked block fail, except the settings and citations ALLOWED names and, for now,
-the unbound lines PENDING counts per section. `<!-- result:PATH render=SCRIPT:FUNCTION -->` is exact: FUNCTION(json) from SCRIPT must return
+the unbound lines PENDING counts per section.
+`<!-- result:PATH render=SCRIPT:FUNCTION -->` is exact: FUNCTION(json) from SCRIPT must return
 the block verbatim. Every README table needs a marker, except in the sections listed in UNMARKED.
 """
 

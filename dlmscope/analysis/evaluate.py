@@ -322,7 +322,8 @@ def sparse_probing(X, Z, Y, M, names, cfg: EvaluateConfig, groups: torch.Tensor 
         y_tr = torch.cat([torch.ones(cut), torch.zeros(cut)])
         y_te = torch.cat([torch.ones(n_test), torch.zeros(n_test)])
         w, b = fit_logistic(X[train], y_tr)
-        entry = {"n_train": 2 * cut, "n_test": 2 * n_test, "residual": _accuracy(X[test], y_te, w, b, M[test]), "sae": {}}
+        entry = {"n_train": 2 * cut, "n_test": 2 * n_test, "residual": _accuracy(X[test], y_te, w, b, M[test]),
+                 "sae": {}}
         for k in cfg.probe_k:
             idx = top_mean_diff(Z[train], y_tr, k)
             w, b = fit_logistic(Z[train][:, idx], y_tr)
