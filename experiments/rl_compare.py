@@ -92,7 +92,8 @@ def render(res: dict, out: Path) -> str:
              "s/step sampling | s/step update |", "|---|---|---|---|---|---|---|---|"]
     m, lo, hi = _bootstrap([base], grids)
     lines.append(f"| no RL | {m:.3f} | [{lo:.3f}, {hi:.3f}] | - | - | {logs['rspo-s0']['before']['reward']:.3f} | - | - |")
-    summary = {"no RL": {"exact": m, "ci": [lo, hi]}, "test_grids": len(set(grids))}
+    summary = {"no RL": {"exact": m, "ci": [lo, hi], "cell_accuracy": logs["rspo-s0"]["before"]["reward"]},
+               "test_grids": len(set(grids))}
     for algo in ALGOS:
         runs = [logs[f"{algo}-s{s}"] for s in seeds]
         rows = [r["after"]["correct"] for r in runs]
@@ -105,7 +106,8 @@ def render(res: dict, out: Path) -> str:
         lines.append(f"| {name} | {m:.3f} | [{lo:.3f}, {hi:.3f}] | {d:+.3f} | [{dlo:+.3f}, {dhi:+.3f}] | "
                      f"{np.mean([r['after']['reward'] for r in runs]):.3f} | {sample:.2f} | {update:.2f} |")
         summary[algo] = {"exact": m, "ci": [lo, hi], "vs_no_rl": d, "vs_ci": [dlo, dhi], "significant": sig,
-                         "per_seed": [r["after"]["accuracy"] for r in runs], "sample_s": sample, "update_s": update}
+                         "per_seed": [r["after"]["accuracy"] for r in runs], "sample_s": sample, "update_s": update,
+                         "cell_accuracy": float(np.mean([r["after"]["reward"] for r in runs]))}
     c = logs["rspo-s0"]["config"]
     md = (f"Sudoku 4x4 ({c['min_empty']}-{c['max_empty']} empty cells), tiny DLM, {c['denoise_steps']}-step decoding; "
           f"{st['seeds']} seeds x {c.get('rl_steps', c.get('steps'))} steps x {c['prompts_per_step']} prompts x {c['group_size']} completions, "
@@ -118,6 +120,25 @@ def render(res: dict, out: Path) -> str:
     atomic_write_json(out / "rl_compare_summary.json", summary)
     _figure(logs, st, out)
     return md
+
+
+NAMES = {"rspo": "RSPO", "spg": "SPG", "diffu-grpo": "diffu-GRPO"}
+
+
+def readme_table(summary: dict, res: dict) -> str:
+    """The README's table, from the summary `render` writes (and the run's seed count)."""
+    lines = [f"| method | exact solve (mean of {res['settings']['seeds']} seeds) | 95% interval | vs no RL | "
+             "95% interval | cell accuracy | s/step sampling | s/step update |", "|---|---|---|---|---|---|---|---|"]
+    s = summary["no RL"]
+    lines.append(f"| no RL | {s['exact']:.3f} | [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | - | - | {s['cell_accuracy']:.3f} | "
+                 "- | - |")
+    for algo in ALGOS:
+        s = summary[algo]
+        name = f"**{NAMES[algo]}**" if s["significant"] and s["vs_no_rl"] > 0 else NAMES[algo]
+        lines.append(f"| {name} | {s['exact']:.3f} | [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | {s['vs_no_rl']:+.3f} | "
+                     f"[{s['vs_ci'][0]:+.3f}, {s['vs_ci'][1]:+.3f}] | {s['cell_accuracy']:.3f} | {s['sample_s']:.2f} | "
+                     f"{s['update_s']:.2f} |")
+    return "\n".join(lines)
 
 
 def _figure(logs: dict, st: dict, out: Path) -> None:
