@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,10 +86,10 @@ class ActivationSource:
             gen = self._generator(epoch, index)
             lo, hi = self.t_range
             t = torch.full((B,), lo + (hi - lo) * float(torch.rand(1, generator=gen)))
-            c = corrupt(x0, self.lm.mask_id, t, eps=0.0, keep_first=True, generator=gen)
+            c = corrupt(x0, self.lm.require_mask_id(), t, eps=0.0, keep_first=True, generator=gen)
             xt, masked = c.xt, c.mask
-        keep = {"mask": masked, "unmask": ~masked, "all": torch.ones_like(masked), "clean": torch.ones_like(masked)}
-        keep = keep[self.policy]
+        keep = {"mask": masked, "unmask": ~masked, "all": torch.ones_like(masked),
+                "clean": torch.ones_like(masked)}[self.policy]
         acts = run_with_cache(self.lm, xt, self.hooks, positions=keep.to(self.lm.device), clean=x0)
         info = {"token": x0[keep], "position": torch.arange(L).expand(B, L)[keep], "doc": docs[keep],
                 "t": t[:, None].expand(B, L)[keep], "masked": masked[keep]}
@@ -119,7 +120,7 @@ class ShuffleBuffer:
             self.index += 1
         if not new:
             return False
-        old = [] if self.info is None else [ActivationBatch(self.acts, self.info)]
+        old = [] if self.info is None or self.acts is None else [ActivationBatch(self.acts, self.info)]
         parts = old + new
         self.acts = {h: torch.cat([p.acts[h] for p in parts]) for h in parts[0].acts}
         self.info = {k: torch.cat([p.info[k] for p in parts]) for k in parts[0].info}
@@ -132,6 +133,7 @@ class ShuffleBuffer:
             self.epoch, self.index = self.epoch + 1, 0
             self._refill()
         n, b = self._size(), self.batch_size
+        assert self.acts is not None and self.info is not None  # _size() >= batch_size: refilled
         take = torch.randperm(n, generator=self.gen)[:b]
         out = ActivationBatch({h: a[take] for h, a in self.acts.items()}, {k: v[take] for k, v in self.info.items()})
         # Remove the drawn rows by moving the undrawn rows of the last b slots into the holes the draw left
@@ -238,6 +240,7 @@ class Prefetcher:
         if isinstance(item, Exception):
             self._thread, self._next = None, None
             raise item
+        assert isinstance(item, ActivationBatch)
         return item
 
     def close(self) -> None:
@@ -279,6 +282,7 @@ def trajectory_activations(lm: LoadedModel, prompts, hooks: Sequence[str], *, at
         generate(lm, prompts, callback=remember, **generate_kwargs)
     out = []
     for i, step in enumerate(cache.steps[hooks[0]]):
+        assert step is not None  # captured inside the sampler, which numbers its steps
         x, masked, t = seen[step]
         B, L = x.shape
         keep = {"all": torch.ones_like(masked), "masked": masked, "unmasked": ~masked}[positions]
@@ -357,14 +361,14 @@ def _write_cache(source: ActivationSource, folder: Path, n_batches: int | None, 
     header = {"model": source.lm.name, "hooks": source.hooks, "policy": source.policy,
               "t_range": list(source.t_range), "dtype": str(dtype).replace("torch.", ""), "seed": source.seed,
               "seqs_per_batch": source.seqs_per_batch}
-    manifest = read_manifest(manifest_path) if manifest_path.is_file() else {**header, "shards": []}
+    manifest: dict[str, Any] = read_manifest(manifest_path) if manifest_path.is_file() else {**header, "shards": []}
     if {k: manifest.get(k) for k in header} != header:
         raise DLMScopeError(f"cache folder {str(folder)!r} holds a different configuration; use another folder")
     done = {s["file"]: s for s in manifest["shards"]}
     iterator, saved = range(n), time.monotonic()
     if progress:
-        from .runtime import progress
-        iterator = progress(iterator, desc="caching activations", unit="batch")
+        from .runtime import progress as bar
+        iterator = bar(iterator, desc="caching activations", unit="batch")
     for i in iterator:
         name = f"shard-{i:05d}.safetensors"
         if name in done and (folder / name).is_file() and file_sha256(folder / name) == done[name]["sha256"]:

@@ -175,10 +175,10 @@ def flatten(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
             key = str(len(tensors))
             # Keep the memory layout (a transposed weight stays transposed): fused optimizers pair a
             # parameter with its state element by element in memory order.
-            perm = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-            dense = x.permute(perm)
-            if not dense.is_contiguous() or perm == list(range(x.dim())):
-                dense, perm = x, None
+            order = sorted(range(x.dim()), key=lambda d: -x.stride()[d])
+            dense, perm = x.permute(order), order
+            if not dense.is_contiguous() or order == list(range(x.dim())):
+                dense, perm = x, []
             tensors[key] = dense.detach().cpu().clone().contiguous()
             return {"__tensor__": key, "perm": perm} if perm else {"__tensor__": key}
         if isinstance(x, dict):

@@ -135,7 +135,9 @@ class DictionaryRun(Run):
 
     resumable = RESUMABLE_CHANGES
 
-    def __init__(self, cfg: TrainSAEConfig):
+    def __init__(self, cfg: TrainSAEConfig, lm=None):
+        self.lm = lm
+        """A model already in memory (e.g. `load_model(hooked_transformer, mask_id=...)`); None loads `cfg.model`."""
         self.dist = _Dist(cfg.device)
         super().__init__(cfg, Path(cfg.out) / check_name(cfg.run_name()), self.dist.main)
         self.hooks = [cfg.hook(i, cfg.site) for i in cfg.layer_list()]
@@ -212,7 +214,7 @@ class DictionaryRun(Run):
             train_src = CachedSource(cfg.activation_cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
             model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
         else:
-            lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
+            lm = self.lm if self.lm is not None else load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
             for h in self.hooks:
                 lm.site(h)
             if lm.tokenizer is None:
@@ -338,8 +340,8 @@ class DictionaryRun(Run):
 class SAERun(DictionaryRun):
     """SAEs of any architecture (transcoders included), one per (layer, k)."""
 
-    def __init__(self, cfg: TrainSAEConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainSAEConfig, lm=None):
+        super().__init__(cfg, lm)
         if not cfg.k_list():
             raise DLMScopeError("give at least one k")
         self.reads = list(self.hooks)
@@ -501,9 +503,13 @@ class DiffRun(CrossCoderRun):
         return super().save_output(key, trainer, density)
 
 
-def train_sae(cfg: TrainSAEConfig) -> RunResult:
-    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring."""
-    return SAERun(cfg).run()
+def train_sae(cfg: TrainSAEConfig, lm=None) -> RunResult:
+    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring.
+
+    `lm`: a `LoadedModel` already in memory to train on instead of loading `cfg.model` (a converted
+    `HookedTransformer`, say); the SAEs then record its name.
+    """
+    return SAERun(cfg, lm).run()
 
 
 def write_report(folder: Path, final: dict, history: list) -> Path:

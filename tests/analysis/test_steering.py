@@ -209,3 +209,15 @@ def test_direct_logits_match_the_models_own_readout(llada):
     dla = llada.direct_logits(h)
     scale = h.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
     torch.testing.assert_close(dla * scale, logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_block_models_steer_with_their_own_sampler(tmp_path, tokenizer, one_thread):
+    """On a LLaDA 2.x model the steering comparison samples with its block sampler over its own blocks (as
+    `generate` does by default), not with one LLaDA block over the generation."""
+    from dlmscope.diffusion.blocks import generate_blocks
+    from dlmscope.models.tiny import write_tiny_llada2
+
+    lm = load_model(write_tiny_llada2(tmp_path / "l2", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                                      mask_id=tokenizer.mask_token_id))
+    texts = steered_generate(lm, None, None, ["def f", "x ="], gen_length=8, steps=12)
+    assert texts == generate_blocks(lm, ["def f", "x ="], max_new_tokens=8, steps_per_block=4, cache=None).texts
