@@ -37,7 +37,10 @@ ALLOWED = [re.compile(p) for p in (
     r"Python \d+\.\d+", r"arXiv \d{4}\.\d{4,5}", r"LLaDA 2\.\d( / 2\.\d)?", r"\bt ?[=~] ?U?\[?\d?\.\d+(, \d?\.\d+\])?",
     r"U\[\d?\.\d+, \d?\.\d+\]", r"(threshold|above|below|exceeds|[<>]=?) \d?\.\d+", r"(lambda|beta|masked at) \d?\.\d+",
     r"\(0\.05-0\.5\)", r"\(1\.0 / 0\.1 / 0\.0", r"mean\[0\.5 lambda",  # defaults, reward levels, a formula
-    r"Fast-dLLM reports [^(]*")]  # a paper's own figures, cited as such
+    r"Fast-dLLM reports [^(]*",  # a paper's own figures, cited as such
+    r"\d+\.\d+\.\d+", r"[<>]=?\d+\.\d+", r"transformers \d+\.\d+",  # package versions and bounds
+    r"\d+\.0 removed", r"(?:LLaDA|Released) 2\.\d( and 2\.\d)?", r"\b2\.\d's",  # model and package releases
+    r"\w+=\d?\.\d+", r"\d?\.\d+ by default")]  # settings
 # Sections with unmarked numeric lines still to bind to their files, and how many such lines each may keep;
 # shrink these counts, never grow them (a new number goes under a marker).
 PENDING = {"moe": 1, "data": 2, "sae-family": 7, "explorer": 5, "benchmarks": 13}
