@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeAlias
 
 import typer
 
@@ -49,21 +49,20 @@ def _check_ids(**ids: Optional[int]) -> dict:
     return ids
 
 
-def _policy_choices():
-    """The activation policies as a CLI choice type (the list lives in `dlmscope.activations`)."""
-    from typing import Literal
+def _choices(names: tuple[str, ...]) -> Any:
+    """A CLI choice type over names a registry lists (typer shows and checks a Literal's values)."""
+    return Literal.__getitem__(names)
 
+
+if TYPE_CHECKING:  # the registries' names are known at run time only
+    PolicyChoice: TypeAlias = str
+    TaskChoice: TypeAlias = str
+else:
     from .options import policy_names
-
-    return Literal.__getitem__(policy_names())
-
-
-def _task_choices():
-    from typing import Literal
-
     from .tasks import TASKS
 
-    return Literal.__getitem__((*TASKS, "none"))
+    PolicyChoice = _choices(policy_names())
+    TaskChoice = _choices((*TASKS, "none"))
 
 
 SAMPLING_ALIASES = {"--cache": "--kv-cache", "--schedule": "--sampler-schedule"}
@@ -80,7 +79,7 @@ def info(model_arg: Optional[str] = ModelArg, model: Optional[str] = typer.Optio
 
     lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype)
     layers = lm.n_layers
-    present = {parse_hook(n)[1] for n in lm.hook_names}
+    present = {parsed[1] for parsed in map(parse_hook, lm.hook_names) if parsed is not None}
     kinds = [k for k in SITE_ORDER if k in present and k not in ROUTER_SITES and not k.startswith("attn.")]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
@@ -417,7 +416,7 @@ def cache_cmd(
                                       show_default="required"),
     model: str = ModelOpt,
     layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
-    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, "
+    policy: Optional[PolicyChoice] = typer.Option(None, help="Positions whose activations are cached: mask, "
                                                       "unmask, all or clean.",
                                                       show_default="mask for DLMs, clean for causal models"),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
@@ -435,7 +434,7 @@ def cache_cmd(
     from .activations import POLICIES, ActivationSource, read_manifest, write_cache
     from .data import load_texts, pack
     from .models import load_model
-    from .models.checkpoint import resolve_dtype
+    from .models.checkpoint import DTYPES, resolve_dtype
 
     out = positional_or_option(out_arg, out, "out")
     if out is None:
@@ -451,12 +450,12 @@ def cache_cmd(
     checks.non_negative("--batches", batches)
     checks.positive("--seqs-per-forward", seqs_per_forward)
     checks.positive("--context-length", context_length)
-    stored = resolve_dtype(store_dtype)
+    resolve_dtype(store_dtype)  # one line for an unknown name
     lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts(dataset), context_length)
     src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy, t_range=(t_min, t_max),
                            seqs_per_batch=seqs_per_forward, seed=seed)
-    folder = write_cache(src, out, batches or None, dtype=stored)
+    folder = write_cache(src, out, batches or None, dtype=DTYPES[store_dtype])
     typer.echo(f"cache written to {folder}")
 
 
@@ -530,7 +529,7 @@ def order(
     prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p",
                                      help="Prompt text; repeat for a batch."),
     strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
-    task: _task_choices() = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
+    task: TaskChoice = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
     n: int = typer.Option(50, help="Task examples."),
     step_budgets: str = typer.Option("4,8,16", help="Comma-separated denoising-step budgets for the task and "
                                      "held-out likelihood."),
@@ -552,8 +551,8 @@ def order(
 
     sae_names = checks.names("--sae", sae)
     names = [checks.choice("--strategies", s, strategy_names()) for s in checks.names("--strategies", strategies)]
-    task = None if task == "none" else task
-    if task:
+    task_name = None if task == "none" else task
+    if task_name:
         checks.positive("--n", n)
     checks.positive("--gen-length", gen_length)
     budgets = checks.int_list("--step-budgets", step_budgets, 1, gen_length)
@@ -566,8 +565,8 @@ def order(
     lm = load_model(model or saes[-1].cfg.model_name or DEFAULT_MODEL, device=device)
     check_fast_options(lm, threshold, kv_cache)
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
-    typer.echo(order_header(lm, [s.cfg.hook_name for s in saes], task, budgets, bool(heldout)))
-    result = order_study(lm, saes, prompt, names, task, n, budgets, gen_length, rows, sampler_schedule,
+    typer.echo(order_header(lm, saes, task_name, budgets, bool(heldout)))
+    result = order_study(lm, saes, prompt, names, task_name, n, budgets, gen_length, rows, sampler_schedule,
                          threshold, kv_cache, on_row=lambda name, row: typer.echo(row))
     if out:
         atomic_write_json(out, result)
@@ -763,9 +762,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:
-        if not isinstance(e, _usage_errors()):
+        message = getattr(e, "format_message", None)
+        if not isinstance(e, _usage_errors()) or message is None:
             raise
-        typer.echo(f"error: {e.format_message()} (see --help)", err=True)
+        typer.echo(f"error: {message()} (see --help)", err=True)
         sys.exit(2)
 
 

@@ -480,7 +480,7 @@ def _plot(st, fig) -> None:
     _chart(st, fig, fig.layout.title.text)
 
 
-def _mean(rows: list[list[float]]) -> list[float]:
+def _mean(rows: list[list[float]]) -> list[float | None]:
     """Column means, NaNs skipped (None where a column has no value)."""
     cols = list(zip(*rows))
     return [sum(v for v in c if v == v) / n if (n := sum(1 for v in c if v == v)) else None for c in cols]

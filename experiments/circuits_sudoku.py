@@ -69,7 +69,7 @@ def items(task: str, n: int, seed: int) -> list[dict]:
 
 def roles(item: dict, offset: int) -> dict[int, str]:
     """Sequence position -> role, for the 16 puzzle digits (at `offset`) and the 16 answer cells after the prompt."""
-    cell, near, puzzle = item["cell"], units(item["cell"]), item["puzzle"]
+    near, puzzle = units(item["cell"]), item["puzzle"]
     out = {}
     for i, ch in enumerate(puzzle):
         if ch != "0":

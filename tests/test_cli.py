@@ -406,6 +406,8 @@ def test_a_flag_has_one_type_and_one_meaning_across_commands():
      ["order", "--sae", "tiny-dlm-L3-k32", "--sampler-schedule", "cosine"], "unknown schedule 'cosine'"),
     (["cache", "{tmp}/c", "--dtype", "int3"], ["cache", "--out", "{tmp}/c", "--store-dtype", "int3"], "unknown dtype"),
     (["evaluate", "nope"], ["evaluate", "--sae", "nope"], "unknown SAE"),
+    (["features", "build", "--t-low", "0.6", "--t-high", "0.5", "--out", "{tmp}/s"],
+     ["features", "build", "--t-min", "0.6", "--t-max", "0.5", "--out", "{tmp}/s"], "0.6"),
     (["info", "/no/such/model"], ["info", "--model", "/no/such/model"], "neither a checkpoint folder"),
     (["generate", "--cache", "full"], ["generate", "--kv-cache", "full"], "cache='full'"),
     (["steer", "--sae", "tiny-dlm-L3-k32", "--feature", "1", "--schedule", "100", "--steps", "8", "--gen-length", "8"],

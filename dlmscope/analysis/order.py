@@ -286,9 +286,9 @@ def order_study(lm: LoadedModel, saes, prompts: Sequence[str], strategies: Seque
     return result
 
 
-def order_header(lm: LoadedModel, hooks: Sequence[str], task: str | None, budgets: Sequence[int],
-                 heldout: bool) -> str:
-    """The Markdown header (two lines) of `order_study`'s table."""
+def order_header(lm: LoadedModel, saes, task: str | None, budgets: Sequence[int], heldout: bool) -> str:
+    """The Markdown header (two lines) of `order_study`'s table (one stability and drift column per SAE)."""
+    hooks = [s.cfg.hook_name for s in saes]
     head = "".join(f" L{lm.layer_of(h)} stability | L{lm.layer_of(h)} drift |" for h in hooks)
     head += "".join(f" {task} @{b} |" for b in budgets if task) + "".join(f" NLL @{b} |" for b in budgets if heldout)
     return f"| order |{head}\n|---|" + "---|" * head.count("|")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -38,6 +39,14 @@ def site_axes(hook: str) -> tuple[int, int | None]:
     """(position axis, head axis or None) of a hook site's activation."""
     m = _ATTN_RE.match(hook)
     return HEAD_AXES.get(m.group(1), (1, None)) if m else (1, None)
+
+
+def head_axis(hook: str) -> int:
+    """The heads' axis of an attention site's activation; one line for a site without heads."""
+    axis = site_axes(hook)[1]
+    if axis is None:
+        raise DLMScopeError(f"hook {hook!r} has no heads; heads are an axis of blocks.{{i}}.attn.hook_{{q,k,v,z,...}}")
+    return axis
 
 
 @dataclass(frozen=True)
@@ -210,7 +219,7 @@ class Patcher:
 
     def n_heads(self, hook: str) -> int:
         """Heads at an attention site, read from the clean run's cached activation."""
-        return int(self.source(hook)[0].shape[site_axes(hook)[1]])
+        return int(self.source(hook)[0].shape[head_axis(hook)])
 
     # ------------------------------------------------------------------------------------------- runs
 
@@ -233,7 +242,7 @@ class Patcher:
         ids = self._ids(prompt, n)
         self.sequences += n
         if s.mode == "forward":
-            lm.state = ForwardState(step=0, n_steps=1, mask=ids == lm.mask_id, t=1.0)
+            lm.state = ForwardState(step=0, n_steps=1, mask=ids.eq(lm.require_mask_id()), t=1.0)
             try:
                 with hooked(lm, fns), torch.no_grad():
                     logits = lm.denoise_logits(ids)
@@ -295,14 +304,16 @@ class Patcher:
             fns = {h: self._patch_fn([(r, p) for r, p in enumerate(chunk) if p.hook == h])
                    for h in dict.fromkeys(p.hook for p in chunk)}
             parts.append(self._run(self.setup.corrupted, len(chunk), fns))
-        cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)
+        def cat(xs):
+            return torch.cat(xs) if xs[0] is not None else None
+
         return RunResult(torch.cat([p.metric for p in parts]), cat([p.reveal_step for p in parts]),
                          cat([p.token for p in parts]))
 
     def _patch_fn(self, rows: list[tuple[int, Patch]]):
         """Hook function that writes the clean activation into the given rows where each patch selects."""
         hook = rows[0][1].hook
-        pos_axis, head_axis = site_axes(hook)
+        pos_axis = site_axes(hook)[0]
         source = self._cache[hook]
         sae = self.sae
 
@@ -320,9 +331,10 @@ class Patcher:
                     keep[list(p.positions)] = True
                     where &= keep.view([-1 if a == pos_axis else 1 for a in range(1, act.dim())])
                 if p.head is not None:
-                    keep = torch.zeros(act.shape[head_axis], dtype=torch.bool, device=act.device)
+                    heads = head_axis(p.hook)
+                    keep = torch.zeros(act.shape[heads], dtype=torch.bool, device=act.device)
                     keep[p.head] = True
-                    where &= keep.view([-1 if a == head_axis else 1 for a in range(1, act.dim())])
+                    where &= keep.view([-1 if a == heads else 1 for a in range(1, act.dim())])
                 if p.feature is None:
                     out[r] = torch.where(where, clean[0], act[r])
                 else:
@@ -381,7 +393,7 @@ class Patcher:
         approx = self.attribute(grid) if attribution else None
         return SweepResult(kind, names[0], names[1], list(layers), list(cols), effect, clean, corrupted,
                            self.forwards - before[0], self.sequences - before[1], approx,
-                           agreement(approx, effect - corrupted) if attribution else {},
+                           agreement(approx, effect - corrupted) if approx is not None else {},
                            None if result.token is None else result.token.view(effect.shape))
 
     def attribute(self, grid: list[list[Patch]]) -> torch.Tensor:
@@ -393,7 +405,7 @@ class Patcher:
             raise DLMScopeError("attribution patching covers whole-site patches in forward mode (no steps or features)")
         hooks = list(dict.fromkeys(p.hook for p in flat))
         self.prefetch(hooks)
-        acts: dict[str, torch.Tensor] = {}
+        acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def make(h: str):
             def fn(act: torch.Tensor, ctx) -> torch.Tensor:
@@ -403,7 +415,7 @@ class Patcher:
             return fn
 
         ids = self._ids(s.corrupted, 1)
-        lm.state = ForwardState(step=0, n_steps=1, mask=ids == lm.mask_id, t=1.0)
+        lm.state = ForwardState(step=0, n_steps=1, mask=ids.eq(lm.require_mask_id()), t=1.0)
         try:
             with hooked(lm, {h: make(h) for h in hooks}), torch.enable_grad():
                 metric = self._score(lm.denoise_logits(ids)[:, s.target]).sum()
@@ -416,11 +428,11 @@ class Patcher:
         values = []
         for p in flat:
             c = contrib[p.hook]
-            pos_axis, head_axis = site_axes(p.hook)  # axes of the batched activation; c has no batch axis
+            pos_axis = site_axes(p.hook)[0]  # axes of the batched activation; c has no batch axis
             if p.positions is not None:
                 c = c.index_select(pos_axis - 1, torch.tensor(p.positions))
             if p.head is not None:
-                c = c.index_select(head_axis - 1, torch.tensor([p.head]))
+                c = c.index_select(head_axis(p.hook) - 1, torch.tensor([p.head]))
             values.append(float(c.sum()))
         return torch.tensor(values).view(len(grid), len(grid[0]))
 
@@ -601,7 +613,7 @@ def patch(cfg: PatchConfig) -> dict:
             raise DLMScopeError(f"change index {i} is outside the clean prompt's {len(clean)} tokens")
         corrupted[i] = _token(lm, "change", text)
     else:
-        corrupted = lm.to_tokens(cfg.corrupted)[0]
+        corrupted = lm.to_tokens(_required(cfg.corrupted, "--corrupted or --change"))[0]
     wrong = _token(lm, "wrong", cfg.wrong) if cfg.wrong is not None else None
     setup = PatchSetup(clean, corrupted, cfg.target, _token(lm, "answer", cfg.answer), wrong, cfg.metric, cfg.through,
                        cfg.gen_length, cfg.steps, batch_size=cfg.seqs_per_forward)
@@ -613,15 +625,18 @@ def patch(cfg: PatchConfig) -> dict:
         sae = load_sae(cfg.sae, device=cfg.device)
         check_sae_matches(lm, sae)
     patcher = Patcher(lm, setup, sae)
-    report = {"model": lm.name, "clean": cfg.clean, "corrupted_tokens": corrupted, "clean_tokens": clean,
+    report: dict[str, Any] = {"model": lm.name, "clean": cfg.clean, "corrupted_tokens": corrupted, "clean_tokens": clean,
               "tokens": [lm.to_text([t], skip_special=False) for t in clean] + ["<mask>"] * cfg.gen_length,
               "target": setup.target, "answer": setup.answer, "wrong": setup.wrong, "metric": cfg.metric,
               "mode": cfg.through, "steps": setup.n_steps}
     if cfg.sweep == "none":
         positions, steps = cfg.ints("positions"), cfg.ints("patch_steps")
+        given = cfg.ints("heads")
+        heads: list[int | None] = list(given) if given else [None]
         patches = [Patch(h.strip(), tuple(positions) if positions else None, head, tuple(steps) if steps else None,
                          cfg.feature)
-                   for h in cfg.hooks.split(",") if h.strip() for head in (cfg.ints("heads") or [None])]
+                   for h in _required(cfg.hooks, "--hooks").split(",") if h.strip()
+                   for head in heads]
         result = patcher.run(patches)
         clean_m, corrupted_m = patcher.baseline("clean").metric.item(), patcher.baseline("corrupted").metric.item()
         gap = clean_m - corrupted_m
@@ -647,3 +662,10 @@ def patch(cfg: PatchConfig) -> dict:
             atomic_write_text(folder / "patch.html", html)
             report["files"].append(str(folder / "patch.html"))
     return report
+
+
+def _required(value: str | None, flag: str) -> str:
+    """A setting the config's checks require for this mode (narrowed here for the type checker)."""
+    if value is None:
+        raise DLMScopeError(f"{flag} is required here")
+    return value
