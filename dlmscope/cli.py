@@ -368,6 +368,7 @@ def evaluate_cmd(
                                       show_default="eval-<SAE name>"),
     n_seqs: int = typer.Option(64, help="Held-out sequences for core metrics and t-curves."),
     t_bins: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated mask ratios."),
+    n_draws: int = typer.Option(3, help="Independent mask draws per bin (FVU per draw with a t-interval)."),
     splice_seqs: int = typer.Option(32, help="Sequences per bin for ΔCE / ΔELBO (0 skips splicing)."),
     probes: str = typer.Option("token_class,sudoku_digit,countdown_op", help="Label sets for sparse probing ('' skips)."),
     probe_k: str = typer.Option("1,2,5,20", help="Comma-separated latents per sparse probe."),
@@ -388,7 +389,7 @@ def evaluate_cmd(
         cfg = EvaluateConfig(n_seqs=n_seqs, t_bins=tuple(float(v) for v in t_bins.split(",") if v.strip()),
                              splice_seqs=splice_seqs, probes=tuple(p.strip() for p in probes.split(",") if p.strip()),
                              probe_k=tuple(int(v) for v in probe_k.split(",") if v.strip()), absorption=absorption,
-                             seed=seed)
+                             seed=seed, n_draws=n_draws)
     except ValueError as e:
         if isinstance(e, DLMScopeError):
             raise
@@ -506,16 +507,17 @@ def steer(
     check_fast_options(lm, threshold, kv_cache)
     validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
-    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [], judge(ar_judge), judge(dlm_judge),
+    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else {}, judge(ar_judge), judge(dlm_judge),
                 gen_length, steps, temperature, sampler_schedule, threshold, kv_cache)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
-        typer.echo("| | feature act. | concept rate | AR perplexity | DLM NLL/token |\n|---|---|---|---|---|")
+        typer.echo("| | feature act. | concept rate (output) | concept rate (logit) | AR perplexity | DLM NLL/token |\n"
+                   "|---|---|---|---|---|---|")
         for label in ("unsteered", "steered"):
             m = r[label]
-            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']:.3f} | {m['perplexity']:.1f} | "
-                       f"{m['dlm_nll']:.3f} |")
+            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']['output']:.3f} | "
+                       f"{m['concept_rate']['logit']:.3f} | {m['perplexity']:.1f} | {m['dlm_nll']:.3f} |")
     if out:
         atomic_write_json(out, r)
 

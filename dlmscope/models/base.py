@@ -134,8 +134,36 @@ class LoadedModel:
     def is_diffusion(self) -> bool:
         return not self.causal
 
+    @property
+    def readout_offset(self) -> int:
+        """Which token the residual at position i is read out as: i + 0 for masked LMs, i + 1 for causal and
+        shifted (Dream-style) models, whose raw logits at i predict the next token."""
+        return int(self.causal or self.shift)
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+    def final_norm_weight(self) -> torch.Tensor | None:
+        """The final RMSNorm's weight of HF-style decoders (`model.norm`), or None when there is none."""
+        weight = getattr(getattr(getattr(self.module, "model", None), "norm", None), "weight", None)
+        return weight.detach() if isinstance(weight, torch.Tensor) else None
+
+    def direct_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """Direct logit attribution of residual directions (..., d_model) -> (..., vocab), float, on their device.
+
+        Through the final norm's weight with its input-dependent scale frozen (a positive factor per position, so
+        no ranking of tokens depends on it), then the unembedding.
+        """
+        out = getattr(self.module, "get_output_embeddings", lambda: None)()
+        if out is None:
+            raise DLMScopeError(f"{self.name} exposes no output embedding (get_output_embeddings); "
+                                "no logit attribution")
+        w_u = out.weight.detach().float()
+        d = directions.detach().float().to(w_u.device)
+        norm = self.final_norm_weight()
+        if norm is not None:
+            d = d * norm.float().to(w_u.device)
+        return (d @ w_u.t()).to(directions.device)
 
     def site(self, hook_name: str) -> Site:
         if hook_name not in self.sites:
