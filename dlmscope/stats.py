@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import DLMScopeError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _z(level: float) -> float:
@@ -24,7 +28,7 @@ def _z(level: float) -> float:
     return float(norm.ppf(0.5 + level / 2))
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
+def t_interval(values: Sequence[float] | np.ndarray | torch.Tensor, level: float = 0.95) -> list[float]:
     """Mean with a Student-t interval (a single value gets a zero-width one)."""
     from scipy.stats import t as student_t
 
