@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,6 +105,15 @@ class LoadedModel:
         if name == "block_size" and "block_size" in self.__dict__:
             value = self._checked_block_size(value)
         object.__setattr__(self, name, value)
+
+    def __deepcopy__(self, memo: dict) -> LoadedModel:
+        """A copy that runs its own weights (e.g. the RL reference model). `call` and `kv_call` are closures over
+        the module; a plain deepcopy would share them, so the copy would still run the original module."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            object.__setattr__(new, name, _deepcopy_value(value, memo))
+        return new
 
     def _checked_block_size(self, value: Any) -> int:
         """A block model may change its block length (attention, samplers and caches read it at call time);
@@ -273,6 +284,18 @@ class LoadedModel:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+
+def _deepcopy_value(value: Any, memo: dict) -> Any:
+    """deepcopy, except that a closure is rebuilt over copies of its cells (with the same memo, so the module it
+    closes over becomes the copied module)."""
+    if not isinstance(value, types.FunctionType) or not value.__closure__:
+        return copy.deepcopy(value, memo)
+    if id(value) not in memo:
+        cells = tuple(types.CellType(_deepcopy_value(c.cell_contents, memo)) for c in value.__closure__)
+        memo[id(value)] = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__,
+                                             cells)
+    return memo[id(value)]
 
 
 def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
