@@ -1,0 +1,402 @@
+"""Attribution graphs for diffusion LMs: a transcoder replacement model frozen at one denoising step.
+
+The method is Ameisen et al. 2025 ("Circuit Tracing"): at one forward pass, freeze every attention pattern
+and every RMSNorm denominator, and replace each MLP by its transcoder plus an error node (the MLP's real
+output minus the transcoder's). The residual stream is then linear in its inputs: token embeddings
+(visible tokens and mask tokens alike: a DLM reads both), active transcoder features (their decoder
+vectors scaled by their activations), error nodes and biases. An edge s -> t is the direct effect of s on
+t's input through those frozen linear paths (attention's OV circuits, skip transcoders' linear path, the
+residual stream): for a feature target its encoder pre-activation, for the logit target the target
+token's logit (or the difference of two tokens' logits) at the target position. Rows are computed by
+batched backward passes through the frozen model, written out by hand (`FrozenStep.backward`): one pass per
+batch of targets, `1 + sum over layers of ceil(n_l / batch)` passes for n_l active features at layer l.
+
+Only decoders shaped like Llama / Qwen2 (LLaDA, Dream, their AR twins) are traced: attention is recomputed
+from the layer's own q/k projections and rotary embedding, and the frozen model is checked against the
+real logits. Pruning follows the paper: influence on the target through the row-normalised |adjacency|,
+keep the nodes carrying `node_threshold` of it and the edges carrying `edge_threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DLMScopeError
+from ..hooks import run_with_cache
+from ..models.base import LoadedModel
+
+# Node kinds in circuit-tracer's JSON schema (its viewer keys on these strings).
+FEATURE_TYPE = "cross layer transcoder"
+ERROR_TYPE = "mlp reconstruction error"
+TOKEN_TYPE = "embedding"
+LOGIT_TYPE = "logit"
+
+
+# ------------------------------------------------------------------------------------------ transcoders
+def load_transcoders(lm: LoadedModel, spec: str | Path | list) -> list:
+    """One transcoder per layer, in layer order, checked against `lm`.
+
+    `spec`: a folder of transcoder folders (a train-sae run's `saes/`), a registered prefix (`tiny-dlm-tc` loads
+    `tiny-dlm-tc-L0` ...), a comma-separated list of registered names / folders, or a list of loaded transcoders.
+    """
+    from ..sae.registry import load_sae, registry
+
+    if isinstance(spec, list):
+        tcs = spec
+    else:
+        text = str(spec)
+        folder = Path(text).expanduser()
+        named = sorted((n for n in registry() if n.startswith(f"{text}-L") and n[len(text) + 2:].isdigit()),
+                       key=lambda n: int(n[len(text) + 2:]))
+        if folder.is_dir() and not (folder / "cfg.json").is_file():
+            subs = sorted(p for p in folder.iterdir() if (p / "cfg.json").is_file())
+            if not subs:
+                raise DLMScopeError(f"transcoders={text!r}: the folder holds no transcoder folders (cfg.json)")
+            tcs = [load_sae(p) for p in subs]
+        elif named:
+            tcs = [load_sae(n) for n in named]
+        else:
+            tcs = [load_sae(p.strip()) for p in text.split(",") if p.strip()]
+    return check_transcoders(lm, tcs)
+
+
+def check_transcoders(lm: LoadedModel, tcs: list) -> list:
+    """Transcoders sorted by layer; one line if they do not read mlp_in and write mlp_out of every layer of `lm`."""
+    from .splice import check_sae_matches
+
+    by_layer = {}
+    for tc in tcs:
+        if not tc.cfg.architecture.endswith("transcoder"):
+            raise DLMScopeError(f"{tc.cfg.hook_name}: architecture {tc.cfg.architecture!r} is not a transcoder "
+                                "(allowed: transcoder, skip_transcoder)")
+        check_sae_matches(lm, tc)
+        layer = lm.layer_of(tc.cfg.hook_name)
+        if tc.cfg.hook_name != f"blocks.{layer}.hook_mlp_in" or tc.cfg.hook_name_out != f"blocks.{layer}.hook_mlp_out":
+            raise DLMScopeError(f"transcoder {tc.cfg.hook_name} -> {tc.cfg.hook_name_out} must read "
+                                f"blocks.{layer}.hook_mlp_in and write blocks.{layer}.hook_mlp_out")
+        if layer in by_layer:
+            raise DLMScopeError(f"two transcoders for layer {layer}")
+        by_layer[layer] = tc
+    missing = sorted(set(range(lm.n_layers)) - set(by_layer))
+    if missing:
+        raise DLMScopeError(f"transcoders cover layers {sorted(by_layer)}; {lm.name} has layers "
+                            f"0..{lm.n_layers - 1} (missing {missing})")
+    return [by_layer[i].to(lm.device).eval() for i in range(lm.n_layers)]
+
+
+# ------------------------------------------------------------------------------------------ the frozen model
+@dataclass
+class Target:
+    """What the graph explains: the logit of `token` at sequence position `position` (minus `contrast`'s)."""
+
+    position: int
+    token: int
+    contrast: int | None = None
+
+
+def read_position(lm: LoadedModel, position: int) -> int:
+    """The raw logit row that predicts `position` (the previous one for AR and Dream-style shifted models)."""
+    return position - 1 if (lm.shift or lm.causal) else position
+
+
+def check_target(lm: LoadedModel, ids: torch.Tensor, target: Target, masked: torch.Tensor | None) -> None:
+    """One line for a position outside the input, a token outside the vocabulary, or (DLMs) a visible position."""
+    L = ids.shape[-1]
+    low = 1 if (lm.shift or lm.causal) else 0
+    if not low <= target.position < L + (1 if lm.causal else 0):
+        raise DLMScopeError(f"target position {target.position} is outside the input (allowed {low}..{L - 1})")
+    for name, tok in (("token", target.token), ("contrast", target.contrast)):
+        if tok is not None and not 0 <= tok < lm.vocab_size:
+            raise DLMScopeError(f"{name} {tok} is outside the vocabulary (allowed 0..{lm.vocab_size - 1})")
+    if masked is not None and not bool(masked[target.position]):
+        raise DLMScopeError(f"target position {target.position} is not masked in this input; a DLM's graph explains "
+                            "a masked position (pick a step before its reveal)")
+
+
+def _attention_parts(lm: LoadedModel):
+    module = lm.module
+    for layer in lm.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+                or hasattr(attn, "q_norm") or not hasattr(layer, "input_layernorm") \
+                or not hasattr(layer, "post_attention_layernorm"):
+            raise DLMScopeError(f"{lm.name} ({lm.family}): attribution graphs need Llama/Qwen2-shaped decoder layers "
+                                "(q/k/v/o projections, input and post-attention RMSNorms)")
+    if not hasattr(getattr(module, "model", None), "rotary_emb") or not hasattr(module, "lm_head"):
+        raise DLMScopeError(f"{lm.name} ({lm.family}): attribution graphs need a rotary decoder with an lm_head")
+    return module
+
+
+class FrozenStep:
+    """The model at one input with attention patterns and norm denominators frozen, MLPs replaced by transcoders.
+
+    Built from one real forward (`ids` (L,) one sequence). `linear_logits` runs the frozen replacement model
+    forward (it reproduces the real logits exactly, errors included); `backward` runs its transpose for a
+    batch of targets and returns the direct effects of every source node on each.
+    """
+
+    def __init__(self, lm: LoadedModel, transcoders: list, ids: torch.Tensor):
+        module = _attention_parts(lm)
+        self.lm, self.tcs = lm, transcoders
+        dev = lm.device
+        self.ids = ids.to(dev).reshape(-1)
+        L, n = self.ids.numel(), lm.n_layers
+        names = [f"blocks.{i}.hook_{s}" for i in range(n) for s in ("resid_pre", "resid_mid", "mlp_in", "mlp_out")]
+        names.append(f"blocks.{n - 1}.hook_resid_post")
+        with torch.no_grad():
+            acts = {k: v[0].float() for k, v in run_with_cache(lm, self.ids[None], names, stop_early=False).items()}
+            self.logits = lm.forward(self.ids[None])[0].float()
+            pos = torch.arange(L, device=dev)[None]
+            cos, sin = module.model.rotary_emb(acts["blocks.0.hook_resid_pre"][None].to(lm.dtype), pos)
+            rope = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
+            self.layers = []
+            for i, layer in enumerate(lm.layers):
+                attn = layer.self_attn
+                r, mid = acts[f"blocks.{i}.hook_resid_pre"], acts[f"blocks.{i}.hook_resid_mid"]
+                h = layer.input_layernorm(r[None].to(lm.dtype))
+                dh = attn.head_dim
+                q = attn.q_proj(h).view(1, L, -1, dh).transpose(1, 2)
+                k = attn.k_proj(h).view(1, L, -1, dh).transpose(1, 2)
+                q, k = rope(q, k, cos, sin)
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                scores = (q.float() @ k.float().transpose(-1, -2))[0] * attn.scaling
+                if lm.causal:
+                    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=dev).triu(1), -math.inf)
+                tc = transcoders[i]
+                self.layers.append(dict(
+                    pattern=scores.softmax(-1),  # (H, L, L)
+                    a1=_inv_rms(r, layer.input_layernorm), w1=layer.input_layernorm.weight.float(),
+                    a2=_inv_rms(mid, layer.post_attention_layernorm), w2=layer.post_attention_layernorm.weight.float(),
+                    Wv=attn.v_proj.weight.float(), bv=_bias(attn.v_proj), Wo=attn.o_proj.weight.float(),
+                    bo=_bias(attn.o_proj), n_kv=attn.v_proj.weight.shape[0] // dh, dh=dh,
+                    mlp_in=acts[f"blocks.{i}.hook_mlp_in"], mlp_out=acts[f"blocks.{i}.hook_mlp_out"],
+                    s_in=float(tc.input_scale), s_out=float(tc.output_scale),
+                    skip=(tc.W_skip.float() * float(tc.input_scale / tc.output_scale)
+                          if tc.cfg.architecture == "skip_transcoder" else None)))
+            norm = module.model.norm
+            last = acts[f"blocks.{n - 1}.hook_resid_post"]
+            self.af, self.wf = _inv_rms(last, norm), norm.weight.float()
+            self.W_U, self.b_U = module.lm_head.weight.float(), _bias(module.lm_head)
+            self.embed = module.model.embed_tokens.weight[self.ids].float()
+            self._features()
+
+    def _features(self) -> None:
+        """Active features (layer, position, latent), their activations and pre-activations; error vectors."""
+        feats, acts, pres = [], [], []
+        for i, (tc, lay) in enumerate(zip(self.tcs, self.layers)):
+            pre = tc.pre_acts(lay["mlp_in"]).float()
+            act = tc.encode(lay["mlp_in"]).float()
+            p, f = act.nonzero(as_tuple=True)
+            feats.append(torch.stack([torch.full_like(p, i), p, f], 1))
+            acts.append(act[p, f])
+            pres.append(pre[p, f])
+            lay["feat_out"] = (act @ tc.W_dec.float() + tc.b_dec.float()) / lay["s_out"]
+            skip = lay["mlp_in"] @ lay["skip"].t() if lay["skip"] is not None else 0.0
+            lay["error"] = lay["mlp_out"] - lay["feat_out"] - skip
+        self.features = torch.cat(feats).cpu()  # (n_f, 3) layer, position, latent
+        self.activations = torch.cat(acts)
+        self.preacts = torch.cat(pres)
+
+    @property
+    def n_pos(self) -> int:
+        return self.ids.numel()
+
+    # --------------------------------------------------------------------------------------- forward
+    def linear_logits(self, activations: torch.Tensor | None = None) -> torch.Tensor:
+        """(L, V) logits of the frozen replacement model; `activations` (n_f,) overrides the features' values
+        (every other input, errors included, stays at the traced forward)."""
+        act = self.activations if activations is None else activations
+        r = self.embed
+        for i, (tc, lay) in enumerate(zip(self.tcs, self.layers)):
+            sel = self.features[:, 0] == i
+            r = r + self._attn(r * lay["a1"][:, None] * lay["w1"], lay)
+            m = r * lay["a2"][:, None] * lay["w2"]
+            dense = torch.zeros(self.n_pos, tc.cfg.n_latents, device=r.device)
+            dense[self.features[sel, 1], self.features[sel, 2]] = act[sel]
+            out = (dense @ tc.W_dec.float() + tc.b_dec.float()) / lay["s_out"] + lay["error"]
+            r = r + out + (m @ lay["skip"].t() if lay["skip"] is not None else 0.0)
+        return (r * self.af[:, None] * self.wf) @ self.W_U.t() + (self.b_U if self.b_U is not None else 0.0)
+
+    def linear_preacts(self, activations: torch.Tensor) -> torch.Tensor:
+        """(n_f,) feature pre-activations in the frozen model with the features' values set to `activations`."""
+        r, out = self.embed, []
+        for i, (tc, lay) in enumerate(zip(self.tcs, self.layers)):
+            sel = self.features[:, 0] == i
+            r = r + self._attn(r * lay["a1"][:, None] * lay["w1"], lay)
+            m = r * lay["a2"][:, None] * lay["w2"]
+            out.append(((m[self.features[sel, 1]] * lay["s_in"]) * tc.W_enc.float()[:, self.features[sel, 2]].t()).sum(1)
+                       + tc.b_enc.float()[self.features[sel, 2]])
+            dense = torch.zeros(self.n_pos, tc.cfg.n_latents, device=r.device)
+            dense[self.features[sel, 1], self.features[sel, 2]] = activations[sel]
+            r = r + (dense @ tc.W_dec.float() + tc.b_dec.float()) / lay["s_out"] + lay["error"]
+            r = r + (m @ lay["skip"].t() if lay["skip"] is not None else 0.0)
+        return torch.cat(out)
+
+    @staticmethod
+    def _attn(h: torch.Tensor, lay: dict) -> torch.Tensor:
+        L, H = h.shape[0], lay["pattern"].shape[0]
+        v = h @ lay["Wv"].t() + (lay["bv"] if lay["bv"] is not None else 0.0)
+        v = v.view(L, lay["n_kv"], lay["dh"]).transpose(0, 1).repeat_interleave(H // lay["n_kv"], dim=0)
+        z = (lay["pattern"] @ v).transpose(0, 1).reshape(L, -1)
+        return z @ lay["Wo"].t() + (lay["bo"] if lay["bo"] is not None else 0.0)
+
+    # --------------------------------------------------------------------------------------- backward
+    def backward(self, seed_final: torch.Tensor | None, seed_mid: dict[int, torch.Tensor], top: int):
+        """Transpose of the frozen model for a batch of B targets.
+
+        `seed_final` (B, L, d): each target's gradient at the final residual (logit targets); `seed_mid`
+        {layer: (B, L, d)}: gradients injected at that layer's mlp_in (feature targets). Returns
+        ({layer: (B, L, d) gradient at the layer's MLP output}, (B, L, d) gradient at the embeddings,
+        (B,) the biases' total contribution).
+        """
+        ref = seed_final if seed_final is not None else next(iter(seed_mid.values()))
+        g = seed_final.clone() if seed_final is not None else torch.zeros_like(ref)
+        bias = torch.zeros(ref.shape[0], device=ref.device)
+        at_out = {}
+        for i in range(top, -1, -1):
+            lay, tc = self.layers[i], self.tcs[i]
+            at_out[i] = g
+            bias += g.sum(1) @ (tc.b_dec.float() / lay["s_out"])
+            gm = g @ lay["skip"] if lay["skip"] is not None else torch.zeros_like(g)
+            if i in seed_mid:
+                gm = gm + seed_mid[i]
+            g = g + gm * (lay["a2"][:, None] * lay["w2"])
+            if lay["bo"] is not None:
+                bias += g.sum(1) @ lay["bo"]
+            B, L, H = g.shape[0], self.n_pos, lay["pattern"].shape[0]
+            gz = (g @ lay["Wo"]).view(B, L, H, lay["dh"]).transpose(1, 2)  # (B, H, L, dh)
+            gv = lay["pattern"].transpose(-1, -2) @ gz  # (B, H, L, dh)
+            gv = gv.view(B, lay["n_kv"], H // lay["n_kv"], L, lay["dh"]).sum(2).transpose(1, 2).reshape(B, L, -1)
+            if lay["bv"] is not None:
+                bias += gv.sum(1) @ lay["bv"]
+            g = g + (gv @ lay["Wv"]) * (lay["a1"][:, None] * lay["w1"])
+        return at_out, g, bias
+
+
+def _inv_rms(x: torch.Tensor, norm) -> torch.Tensor:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+
+
+def _bias(linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.float()
+
+
+# ------------------------------------------------------------------------------------------ the graph
+@dataclass
+class AttributionGraph:
+    """Direct effects between the nodes of one step's replacement model.
+
+    Node order (as circuit-tracer's): active features (sorted by layer, position, latent), error nodes (layer-
+    major: layer * n_pos + position), token nodes (one per position), the target logit. `adjacency[t, s]` is
+    the direct effect of source s on target t (rows of features and of the logit are filled); `bias[t]` the
+    biases' share, so each filled row sums, with its bias, to `value[t]` (completeness).
+    """
+
+    tokens: list[int]
+    masked: list[bool]
+    target: Target
+    features: torch.Tensor  # (n_f, 3) layer, position, latent
+    activations: torch.Tensor  # (n_f,)
+    adjacency: torch.Tensor  # (n, n)
+    bias: torch.Tensor  # (n,)
+    value: torch.Tensor  # (n,) feature pre-activations and the target logit (difference)
+    n_layers: int
+    probability: float  # the target token's probability under the real model
+    step: int | None = None
+    n_steps: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    def error_index(self, layer: int, position: int) -> int:
+        return self.n_features + layer * self.n_pos + position
+
+    def token_index(self, position: int) -> int:
+        return self.n_features + self.n_layers * self.n_pos + position
+
+    @property
+    def logit_index(self) -> int:
+        return self.adjacency.shape[0] - 1
+
+
+def attribute(lm: LoadedModel, transcoders: list, ids: torch.Tensor, target: Target, *,
+              masked: torch.Tensor | None = None, batch_size: int = 256, step: int | None = None,
+              n_steps: int | None = None) -> AttributionGraph:
+    """The attribution graph of `target` at input `ids` (L,), MLPs replaced by `transcoders` (one per layer).
+
+    `masked` (L,) bool marks the positions that are mask tokens in this x_t (DLMs: the target must be one;
+    default: where ids == mask_id). `batch_size` targets share one backward pass.
+    """
+    ids = torch.as_tensor(ids).reshape(-1)
+    if masked is None and lm.is_diffusion:
+        masked = ids == lm.require_mask_id()
+    check_target(lm, ids, target, masked)
+    with torch.no_grad():
+        fs = FrozenStep(lm, transcoders, ids)
+        return _graph(fs, target, masked, batch_size, step, n_steps)
+
+
+def _graph(fs: FrozenStep, target: Target, masked, batch_size: int, step, n_steps) -> AttributionGraph:
+    lm, L, n_layers = fs.lm, fs.n_pos, fs.lm.n_layers
+    d = lm.d_model
+    n_f = fs.features.shape[0]
+    n = n_f + n_layers * L + L + 1
+    dev = fs.embed.device
+    A = torch.zeros(n, n)
+    bias = torch.zeros(n)
+    value = torch.zeros(n)
+    feats = fs.features.to(dev)
+    per_layer = [(feats[:, 0] == i).nonzero().squeeze(1) for i in range(n_layers)]
+    dec = [fs.activations[idx, None] * fs.tcs[i].W_dec.float()[feats[idx, 2]] / fs.layers[i]["s_out"]
+           for i, idx in enumerate(per_layer)]
+
+    def fill(rows: torch.Tensor, at_out: dict, g_emb: torch.Tensor, b: torch.Tensor) -> None:
+        for i, g in at_out.items():
+            idx = per_layer[i]
+            A[rows[:, None], idx.cpu()[None]] = (g[:, feats[idx, 1]] * dec[i]).sum(-1).cpu()
+            cols = n_f + i * L + torch.arange(L)
+            A[rows[:, None], cols[None]] = (g * fs.layers[i]["error"]).sum(-1).cpu()
+        A[rows[:, None], (n_f + n_layers * L + torch.arange(L))[None]] = (g_emb * fs.embed).sum(-1).cpu()
+        bias[rows] = b.cpu()
+
+    # the logit row: one backward pass from the final residual
+    p = read_position(lm, target.position)
+    w = fs.W_U[target.token] - (fs.W_U[target.contrast] if target.contrast is not None else 0.0)
+    seed = torch.zeros(1, L, d, device=dev)
+    seed[0, p] = w * fs.af[p] * fs.wf
+    at_out, g_emb, b = fs.backward(seed, {}, n_layers - 1)
+    if fs.b_U is not None:
+        b = b + fs.b_U[target.token] - (fs.b_U[target.contrast] if target.contrast is not None else 0.0)
+    fill(torch.tensor([n - 1]), at_out, g_emb, b)
+    logits = fs.logits[p]
+    value[n - 1] = float(logits[target.token] - (logits[target.contrast] if target.contrast is not None else 0.0))
+    n_passes = 1
+    # feature rows: batches of features of one layer, each seeded at its layer's mlp_in
+    for i, idx in enumerate(per_layer):
+        tc, s_in = fs.tcs[i], fs.layers[i]["s_in"]
+        for start in range(0, idx.numel(), batch_size):
+            chunk = idx[start:start + batch_size]
+            seed = torch.zeros(chunk.numel(), L, d, device=dev)
+            seed[torch.arange(chunk.numel()), feats[chunk, 1]] = s_in * tc.W_enc.float()[:, feats[chunk, 2]].t()
+            at_out, g_emb, b = fs.backward(None, {i: seed}, i)
+            del at_out[i]  # a layer's features do not read its own output
+            fill(chunk.cpu(), at_out, g_emb, b + tc.b_enc.float()[feats[chunk, 2]])
+            n_passes += 1
+    value[:n_f] = fs.preacts.cpu()
+    probs = fs.logits[p].softmax(-1)
+    return AttributionGraph(tokens=fs.ids.tolist(), masked=(masked.tolist() if masked is not None else [False] * L),
+                            target=target, features=fs.features, activations=fs.activations.cpu(), adjacency=A,
+                            bias=bias, value=value, n_layers=n_layers, probability=float(probs[target.token]),
+                            step=step, n_steps=n_steps, info={"backward_passes": n_passes, "batch_size": batch_size})

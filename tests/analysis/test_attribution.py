@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from dlmscope import DLMScopeError
+from dlmscope.analysis import attribution as at
+from dlmscope.models import load_model
+from dlmscope.sae import SAEConfig, build_sae
+
+
+def _transcoders(lm, n_latents=96, seed=0, architecture="skip_transcoder"):
+    """Random (skip) transcoders for every layer, with non-zero biases, scales and skip weights (every linear
+    path of the replacement model carries something)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(lm.n_layers):
+        meta = {"model_name": lm.name, "hook_name": f"blocks.{i}.hook_mlp_in", "hook_name_out": f"blocks.{i}.hook_mlp_out"}
+        tc = build_sae(SAEConfig(lm.d_model, n_latents, 8, architecture, meta))
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(tc.W_enc.shape, generator=gen) / lm.d_model ** 0.5)
+            tc.W_dec.copy_(torch.randn(tc.W_dec.shape, generator=gen) * 0.1)
+            tc.b_enc.copy_(torch.randn(n_latents, generator=gen) * 0.1)
+            tc.b_dec.copy_(torch.randn(lm.d_model, generator=gen) * 0.1)
+            tc.threshold.fill_(0.05)
+            tc.input_scale.fill_(1.3)
+            tc.out_scale.fill_(0.7)
+            if architecture == "skip_transcoder":
+                tc.W_skip.copy_(torch.randn(tc.W_skip.shape, generator=gen) * 0.05)
+        out.append(tc.eval())
+    return out
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def setup(request, tiny_dirs):
+    lm = load_model(tiny_dirs[request.param])
+    ids = torch.randint(4, 200, (12,), generator=torch.Generator().manual_seed(1))
+    ids[[3, 7, 8]] = lm.mask_id
+    return lm, _transcoders(lm), ids
+
+
+def test_frozen_model_reproduces_logits(setup, one_thread):
+    lm, tcs, ids = setup
+    fs = at.FrozenStep(lm, tcs, ids)
+    with torch.no_grad():
+        real = lm.forward(ids[None])[0].float()
+    assert torch.allclose(fs.linear_logits(), real, atol=1e-4)
+    assert len(fs.features) > 0 and (fs.activations > 0).all()
+    # the replacement model's features are the transcoders' own on the real MLP inputs
+    assert torch.allclose(fs.linear_preacts(fs.activations), fs.preacts, atol=1e-4)
+
+
+def test_completeness_every_row(setup, one_thread):
+    lm, tcs, ids = setup
+    g = at.attribute(lm, tcs, ids, at.Target(7, 42, contrast=5), batch_size=17)
+    rows = list(range(g.n_features)) + [g.logit_index]
+    total = g.adjacency[rows].sum(1) + g.bias[rows]
+    assert torch.allclose(total, g.value[rows], atol=1e-3, rtol=1e-4)
+    with torch.no_grad():
+        real = lm.forward(ids[None])[0, at.read_position(lm, 7)]
+    assert abs(float(g.value[-1]) - float(real[42] - real[5])) < 1e-4
+    # error and token rows are leaves; a layer's features never feed its own layer
+    assert not g.adjacency[g.n_features:-1].any()
+    f = g.features
+    same = f[:, 0][:, None] <= f[:, 0][None]
+    assert not g.adjacency[:g.n_features, :g.n_features][same].any()
+    n_layer = torch.bincount(f[:, 0], minlength=lm.n_layers)
+    assert g.info["backward_passes"] == 1 + sum(-(-int(c) // 17) for c in n_layer)
+
+
+def test_edge_is_the_finite_difference_of_the_frozen_model(setup, one_thread):
+    """Edge s -> t = act_s * d(pre_t)/d(act_s) in the frozen model, from its forward (not the backward)."""
+    lm, tcs, ids = setup
+    g = at.attribute(lm, tcs, ids, at.Target(3, 11))
+    fs = at.FrozenStep(lm, tcs, ids)
+    t = int((g.features[:, 0] == lm.n_layers - 1).nonzero()[0])
+    cols = g.adjacency[t, :g.n_features].abs().topk(3).indices
+    for s in cols.tolist():
+        eps = 1e-2
+        up, down = fs.activations.clone(), fs.activations.clone()
+        up[s] += eps
+        down[s] -= eps
+        fd = (fs.linear_preacts(up)[t] - fs.linear_preacts(down)[t]) / (2 * eps) * fs.activations[s]
+        assert abs(float(fd) - float(g.adjacency[t, s])) < 1e-3 * max(1.0, abs(float(fd)))
+    s = int(g.adjacency[-1, :g.n_features].abs().argmax())
+    up = fs.activations.clone()
+    up[s] *= 1.01
+    p = at.read_position(lm, 3)
+    fd = (fs.linear_logits(up)[p, 11] - fs.linear_logits()[p, 11]) / 0.01
+    assert abs(float(fd) - float(g.adjacency[-1, s])) < 1e-3 * max(1.0, abs(float(fd)))
+
+
+def test_plain_transcoders_and_causal_model(tiny_dirs, one_thread):
+    lm = load_model(tiny_dirs["causal"])
+    tcs = _transcoders(lm, architecture="transcoder")
+    ids = torch.randint(4, 200, (10,), generator=torch.Generator().manual_seed(2))
+    g = at.attribute(lm, tcs, ids, at.Target(9, 17))
+    rows = list(range(g.n_features)) + [g.logit_index]
+    assert torch.allclose(g.adjacency[rows].sum(1) + g.bias[rows], g.value[rows], atol=1e-3)
+    # causal attention: the token at the target position (after the read position) cannot reach the logit
+    assert not g.adjacency[-1, g.token_index(9)]
+
+
+def test_bad_inputs(setup, tiny_dirs):
+    lm, tcs, ids = setup
+    with pytest.raises(DLMScopeError, match="not masked"):
+        at.attribute(lm, tcs, ids, at.Target(4, 11))
+    with pytest.raises(DLMScopeError, match="outside the vocabulary"):
+        at.attribute(lm, tcs, ids, at.Target(3, lm.vocab_size))
+    with pytest.raises(DLMScopeError, match="outside the input"):
+        at.attribute(lm, tcs, ids, at.Target(40, 11))
+    with pytest.raises(DLMScopeError, match="missing \\[1\\]"):
+        at.check_transcoders(lm, tcs[:1])
+    other = load_model(tiny_dirs["causal"])
+    wide = _transcoders(other)
+    with pytest.raises(DLMScopeError, match="d_in"):
+        wide[0].cfg.d_in = 32
+        at.check_transcoders(lm, [wide[0]])
