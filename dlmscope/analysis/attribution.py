@@ -207,6 +207,7 @@ class FrozenStep:
         return self.ids.numel()
 
     # --------------------------------------------------------------------------------------- forward
+    @torch.no_grad()
     def linear_logits(self, activations: torch.Tensor | None = None) -> torch.Tensor:
         """(L, V) logits of the frozen replacement model; `activations` (n_f,) overrides the features' values
         (every other input, errors included, stays at the traced forward)."""
@@ -222,6 +223,7 @@ class FrozenStep:
             r = r + out + (m @ lay["skip"].t() if lay["skip"] is not None else 0.0)
         return (r * self.af[:, None] * self.wf) @ self.W_U.t() + (self.b_U if self.b_U is not None else 0.0)
 
+    @torch.no_grad()
     def linear_preacts(self, activations: torch.Tensor) -> torch.Tensor:
         """(n_f,) feature pre-activations in the frozen model with the features' values set to `activations`."""
         r, out = self.embed, []
@@ -400,3 +402,251 @@ def _graph(fs: FrozenStep, target: Target, masked, batch_size: int, step, n_step
                             target=target, features=fs.features, activations=fs.activations.cpu(), adjacency=A,
                             bias=bias, value=value, n_layers=n_layers, probability=float(probs[target.token]),
                             step=step, n_steps=n_steps, info={"backward_passes": n_passes, "batch_size": batch_size})
+
+
+# ------------------------------------------------------------------------------------------ pruning
+@dataclass
+class Pruned:
+    """What pruning keeps: node and edge masks, and each node's influence on the target (raw and cumulative)."""
+
+    node_mask: torch.Tensor  # (n,) bool
+    edge_mask: torch.Tensor  # (n, n) bool, [target, source]
+    influence: torch.Tensor  # (n,) indirect influence on the target through the normalised graph
+    cumulative: torch.Tensor  # (n,) share of all influence carried by nodes at least this influential
+
+
+def _normalised(A: torch.Tensor) -> torch.Tensor:
+    a = A.abs()
+    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+
+
+def _through(N: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w N + w N^2 + ...: the graph is a DAG, so the series ends after at most n_layers + 2 terms."""
+    cur = w @ N
+    total = cur.clone()
+    for _ in range(N.shape[0]):
+        if not cur.any():
+            return total
+        cur = cur @ N
+        total += cur
+    raise DLMScopeError("the attribution graph has a cycle; influence does not converge")
+
+
+def _cutoff(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """The smallest score among the top scores that together carry `share` of the total."""
+    s = scores.flatten().sort(descending=True).values
+    cum = s.cumsum(0) / s.sum().clamp(min=1e-30)
+    return s[min(int(torch.searchsorted(cum, torch.tensor(share))), s.numel() - 1)]
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+    """Keep the nodes carrying `node_threshold` of the influence on the target and the edges carrying
+    `edge_threshold` (token and logit nodes always stay); drop features and errors left without an outgoing
+    kept edge and features without an incoming one, until nothing changes. One line if nothing is left."""
+    from .. import checks
+
+    checks.number("node_threshold", node_threshold, 0.0, 1.0)
+    checks.number("edge_threshold", edge_threshold, 0.0, 1.0)
+    A, n, n_f = graph.adjacency, graph.adjacency.shape[0], graph.n_features
+    leaves = graph.token_index(0)
+    w = torch.zeros(n)
+    w[-1] = 1.0
+    influence = _through(_normalised(A), w)
+    nodes = influence >= _cutoff(influence, node_threshold)
+    nodes[leaves:] = True
+    kept = A.clone()
+    kept[~nodes] = 0
+    kept[:, ~nodes] = 0
+    N = _normalised(kept)
+    edge_scores = N * (_through(N, w) + w)[:, None]
+    edges = (edge_scores >= _cutoff(edge_scores, edge_threshold)) & (edge_scores > 0)
+    while True:
+        before = nodes.clone()
+        edges[~nodes] = False
+        edges[:, ~nodes] = False
+        nodes[:leaves] &= edges[:, :leaves].any(0)
+        nodes[:n_f] &= edges[:n_f].any(1)
+        if torch.equal(before, nodes):
+            break
+    if not edges[-1].any():
+        raise DLMScopeError(f"the graph is empty after pruning (node_threshold={node_threshold}, edge_threshold="
+                            f"{edge_threshold}): no edge into the target logit survives; raise the thresholds")
+    order = influence.argsort(descending=True)
+    cumulative = torch.zeros(n)
+    cumulative[order] = influence[order].cumsum(0) / influence.sum().clamp(min=1e-30)
+    return Pruned(nodes, edges, influence, cumulative)
+
+
+def total_effects(graph: AttributionGraph) -> torch.Tensor:
+    """(n_f,) each feature's total effect on the target in the frozen replacement model when it is switched off:
+    minus its activation times the sum over all paths of the per-unit-activation edge weights."""
+    A, n_f = graph.adjacency, graph.n_features
+    C = A.clone()
+    C[:, :n_f] /= graph.activations.clamp(min=1e-12)[None]
+    w = torch.zeros(A.shape[0])
+    w[-1] = 1.0
+    return -graph.activations * _through(C, w)[:n_f]
+
+
+def ablate_in_model(lm: LoadedModel, transcoders: list, graph: AttributionGraph, features: list[int]) -> torch.Tensor:
+    """(len(features),) change of the target in the real model (attention, norms and every MLP live) when each
+    feature's decoder contribution is removed from its layer's MLP output at its position (one forward each)."""
+    from ..hooks import hooked
+
+    ids = torch.tensor(graph.tokens, device=lm.device)
+    k = len(features)
+    tgt = graph.target
+    p = read_position(lm, tgt.position)
+
+    def value(logits):
+        return logits[:, p, tgt.token] - (logits[:, p, tgt.contrast] if tgt.contrast is not None else 0.0)
+
+    edits: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+    for row, f in enumerate(features):
+        layer, pos, latent = graph.features[f].tolist()
+        tc = transcoders[layer]
+        vec = graph.activations[f] * tc.W_dec[latent].float() / float(tc.output_scale)
+        edits.setdefault(layer, []).append((row, pos, vec))
+
+    def edit(layer):
+        def fn(act, ctx):
+            act = act.clone()
+            for row, pos, vec in edits[layer]:
+                act[row, pos] -= vec.to(act)
+            return act
+        return fn
+
+    with torch.no_grad():
+        base = value(lm.forward(ids[None]).float())
+        with hooked(lm, {f"blocks.{i}.hook_mlp_out": edit(i) for i in edits}):
+            out = value(lm.forward(ids[None].expand(k, -1)).float())
+    return (out - base).cpu()
+
+
+# ------------------------------------------------------------------------------------------ JSON and figure
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _token_text(tokenizer, tok: int) -> str:
+    return tokenizer.decode([tok]) if tokenizer is not None else str(tok)
+
+
+def graph_json(graph: AttributionGraph, pruned: Pruned, tokenizer=None, *, slug: str = "graph", scan: str = "",
+               transcoder_list: list[str] | None = None, node_threshold: float = 0.8,
+               edge_threshold: float = 0.98, model: str = "") -> dict:
+    """The pruned graph in circuit-tracer's JSON schema (metadata, qParams, nodes, links; its viewer opens it).
+
+    DLM additions: metadata `step`, `n_steps`, `target_position`, `masked` (per position: a mask token in this
+    x_t), `model`, `edge_threshold`; every node `step` and `masked` (its position's); the target logit sits at
+    the target position (circuit-tracer's is always the last one).
+    """
+    n_f, L, n_layers = graph.n_features, graph.n_pos, graph.n_layers
+    tgt = graph.target
+    nodes: dict[int, dict] = {}
+
+    def node(idx: int, **fields) -> None:
+        pos = fields["ctx_idx"]
+        fields.setdefault("jsNodeId", fields["node_id"])
+        nodes[idx] = {"feature_type": "", "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
+                      "reverse_ctx_idx": 0, "clerp": "", "influence": float(pruned.cumulative[idx]),
+                      "activation": None, **fields, "step": graph.step, "masked": bool(graph.masked[pos])}
+
+    for idx in pruned.node_mask.nonzero().squeeze(1).tolist():
+        if idx < n_f:
+            layer, pos, latent = graph.features[idx].tolist()
+            node(idx, node_id=f"{layer}_{latent}_{pos}", feature=_cantor(layer, latent), layer=str(layer), ctx_idx=pos,
+                 feature_type=FEATURE_TYPE, jsNodeId=f"{layer}_{latent}-0", activation=float(graph.activations[idx]))
+        elif idx < graph.token_index(0):
+            layer, pos = divmod(idx - n_f, L)
+            node(idx, node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer), ctx_idx=pos, feature_type=ERROR_TYPE,
+                 jsNodeId=f"{layer}_-1-{pos}")
+        elif idx < graph.logit_index:
+            pos = idx - graph.token_index(0)
+            tok = graph.tokens[pos]
+            node(idx, node_id=f"E_{tok}_{pos}", feature=pos, layer="E", ctx_idx=pos, feature_type=TOKEN_TYPE,
+                 jsNodeId=f"E_{tok}-{pos}", clerp=_token_text(tokenizer, tok))
+        else:
+            layer = str(n_layers + 1)
+            text = _token_text(tokenizer, tgt.token)
+            if tgt.contrast is not None:
+                text += f'" - "{_token_text(tokenizer, tgt.contrast)}'
+            node(idx, node_id=f"{layer}_{tgt.token}_{tgt.position}", feature=tgt.token, layer=layer,
+                 ctx_idx=tgt.position, feature_type=LOGIT_TYPE, token_prob=graph.probability, is_target_logit=True,
+                 jsNodeId=f"L_{tgt.token}-{tgt.position}", clerp=f'Output "{text}" (p={graph.probability:.3f})')
+    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
+    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
+             for t, s in zip(dst.tolist(), src.tolist()) if s in nodes and t in nodes]
+    used = {x for link in links for x in (link["source"], link["target"])}
+    kept = [v for v in nodes.values() if v["node_id"] in used or v["feature_type"] in (TOKEN_TYPE, LOGIT_TYPE)]
+    prompt_tokens = [_token_text(tokenizer, t) for t in graph.tokens]
+    return {
+        "metadata": {"slug": slug, "scan": scan, "transcoder_list": transcoder_list or [],
+                     "prompt_tokens": prompt_tokens, "prompt": "".join(prompt_tokens),
+                     "node_threshold": node_threshold, "schema_version": 1, "edge_threshold": edge_threshold,
+                     "model": model, "step": graph.step, "n_steps": graph.n_steps,
+                     "target_position": tgt.position, "masked": list(map(bool, graph.masked)),
+                     "target_value": float(graph.value[-1]), **graph.info},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": kept,
+        "links": links,
+    }
+
+
+def node_xy(data: dict) -> dict[str, tuple[float, int]]:
+    """node_id -> (x, y) in a layer x position layout: y = 0 for tokens, layer + 1 for features and errors, the
+    top row for the logit; nodes sharing a cell spread across it."""
+    cells: dict[tuple[int, int], list[str]] = {}
+    for v in data["nodes"]:
+        y = 0 if v["layer"] == "E" else int(v["layer"]) + (0 if v["feature_type"] == LOGIT_TYPE else 1)
+        cells.setdefault((v["ctx_idx"], y), []).append(v["node_id"])
+    out = {}
+    for (x, y), ids in cells.items():
+        for j, nid in enumerate(sorted(ids)):
+            out[nid] = (x + (j + 1) / (len(ids) + 1) - 0.5, y)
+    return out
+
+
+def graph_figure(graphs: dict | list[dict], hover: dict[str, str] | None = None):
+    """A plotly figure of one graph JSON or of several (one column per step, cross-step links drawn between
+    them); `hover` adds text (e.g. a feature's top examples) to the node ids it names."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    graphs = [graphs] if isinstance(graphs, dict) else graphs
+    titles = [f"step {g['metadata'].get('step')}, position {g['metadata'].get('target_position')}" for g in graphs]
+    fig = make_subplots(rows=1, cols=len(graphs), shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03)
+    colours = {FEATURE_TYPE: "#4c78a8", ERROR_TYPE: "#9d9d9d", TOKEN_TYPE: "#54a24b", LOGIT_TYPE: "#e45756"}
+    for col, g in enumerate(graphs, start=1):
+        xy = node_xy(g)
+        top = max((abs(link["weight"]) for link in g["links"]), default=1.0) or 1.0
+        for sign, colour in ((1, "rgba(76,120,168,0.45)"), (-1, "rgba(228,87,86,0.45)")):
+            xs, ys = [], []
+            for link in g["links"]:
+                if (link["weight"] >= 0) == (sign > 0) and abs(link["weight"]) >= 0.02 * top:
+                    (x0, y0), (x1, y1) = xy[link["source"]], xy[link["target"]]
+                    xs += [x0, x1, None]
+                    ys += [y0, y1, None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 1},
+                                     hoverinfo="skip", showlegend=False), row=1, col=col)
+        for kind, colour in colours.items():
+            vs = [v for v in g["nodes"] if v["feature_type"] == kind]
+            text = [f"{v['node_id']} ({kind})<br>{v['clerp']}<br>position {v['ctx_idx']}"
+                    f"{' (masked)' if v.get('masked') else ''}<br>activation {v['activation']}<br>"
+                    f"influence {v['influence']:.3f}" + (f"<br>{hover[v['node_id']]}" if hover and v['node_id'] in hover
+                                                          else "") for v in vs]
+            fig.add_trace(go.Scatter(x=[xy[v["node_id"]][0] for v in vs], y=[xy[v["node_id"]][1] for v in vs],
+                                     mode="markers", name=kind, legendgroup=kind, showlegend=col == 1,
+                                     marker={"color": colour, "size": 9,
+                                             "symbol": ["square" if v.get("masked") else "circle" for v in vs]},
+                                     text=text, hoverinfo="text", customdata=[v["node_id"] for v in vs]),
+                          row=1, col=col)
+        tokens = g["metadata"]["prompt_tokens"]
+        masked = g["metadata"].get("masked") or [False] * len(tokens)
+        fig.update_xaxes(tickvals=list(range(len(tokens))), row=1, col=col, tickangle=-90,
+                         ticktext=[("[M]" if m else t.replace("\n", "\\n")) for t, m in zip(tokens, masked)])
+    n_layers = max(int(v["layer"]) for g in graphs for v in g["nodes"] if v["feature_type"] == LOGIT_TYPE) - 1
+    fig.update_yaxes(tickvals=list(range(n_layers + 2)), ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"],
+                     row=1, col=1)
+    fig.update_layout(height=520, width=max(700, 600 * len(graphs)), title="Attribution graph", hovermode="closest")
+    return fig

@@ -114,3 +114,60 @@ def test_bad_inputs(setup, tiny_dirs):
     with pytest.raises(DLMScopeError, match="d_in"):
         wide[0].cfg.d_in = 32
         at.check_transcoders(lm, [wide[0]])
+
+
+def test_prune_json_and_figure(setup, tokenizer, one_thread):
+    lm, tcs, ids = setup
+    g = at.attribute(lm, tcs, ids, at.Target(8, 30))
+    full = at.prune(g, 1.0, 1.0)
+    tight = at.prune(g, 0.5, 0.9)
+    assert tight.node_mask.sum() < full.node_mask.sum() <= g.adjacency.shape[0]
+    assert tight.node_mask[g.token_index(0):].all()  # tokens and the logit always stay
+    assert not (tight.edge_mask & ~tight.node_mask[None]).any() and not (tight.edge_mask & ~tight.node_mask[:, None]).any()
+    # influence: the logit's direct inputs share one unit; a node's influence sums its paths
+    direct = at._normalised(g.adjacency)[-1]
+    assert torch.all(tight.influence >= direct - 1e-6)
+    data = at.graph_json(g, full, tokenizer, slug="t", scan="random", node_threshold=1.0, edge_threshold=1.0)
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    assert data["metadata"]["masked"] == (ids == lm.mask_id).tolist() and data["metadata"]["target_position"] == 8
+    kinds = {v["feature_type"] for v in data["nodes"]}
+    assert {at.FEATURE_TYPE, at.TOKEN_TYPE, at.LOGIT_TYPE} <= kinds
+    ids_ = {v["node_id"] for v in data["nodes"]}
+    assert len(ids_) == len(data["nodes"]) and all(x["source"] in ids_ and x["target"] in ids_ for x in data["links"])
+    logit = [v for v in data["nodes"] if v["is_target_logit"]]
+    assert len(logit) == 1 and logit[0]["node_id"] == f"{lm.n_layers + 1}_30_8" and logit[0]["masked"]
+    weights = {(x["source"], x["target"]): x["weight"] for x in data["links"]}
+    f = next(v for v in data["nodes"] if v["feature_type"] == at.FEATURE_TYPE and (v["node_id"], logit[0]["node_id"]) in weights)
+    layer, latent, pos = map(int, f["node_id"].split("_"))
+    row = next(i for i, r in enumerate(g.features.tolist()) if r == [layer, pos, latent])
+    assert weights[(f["node_id"], logit[0]["node_id"])] == pytest.approx(float(g.adjacency[-1, row]))
+    fig = at.graph_figure([data, data], hover={f["node_id"]: "top examples here"})
+    assert any("top examples here" in t for tr in fig.data if tr.text for t in tr.text)
+    with pytest.raises(DLMScopeError, match="node_threshold"):
+        at.prune(g, 1.5)
+    empty = at.AttributionGraph(**{**g.__dict__, "adjacency": torch.zeros_like(g.adjacency)})
+    with pytest.raises(DLMScopeError, match="empty after pruning"):
+        at.prune(empty)
+
+
+def test_total_effects_match_the_frozen_model(setup, one_thread):
+    """Switching a feature off in the frozen model with its downstream features following their pre-activations
+    (the linearisation the graph describes) changes the logit by the predicted total effect."""
+    lm, tcs, ids = setup
+    g = at.attribute(lm, tcs, ids, at.Target(7, 12))
+    fs = at.FrozenStep(lm, tcs, ids)
+    pred = at.total_effects(g)
+    p = at.read_position(lm, 7)
+    s = int((g.features[:, 0] == 0).nonzero()[0])
+    # solve the linearised model layer by layer: later features move with their pre-activations
+    act = fs.activations.clone()
+    act[s] = 0
+    for _ in range(lm.n_layers):
+        pre = fs.linear_preacts(act)
+        later = g.features[:, 0] > 0
+        act[later] = pre[later]
+    act[s] = 0
+    real = fs.linear_logits(act)[p, 12] - fs.linear_logits()[p, 12]
+    assert float(pred[s]) == pytest.approx(float(real), rel=1e-3, abs=1e-4)
+    moved = at.ablate_in_model(lm, tcs, g, [s])
+    assert moved.shape == (1,) and torch.isfinite(moved).all()
