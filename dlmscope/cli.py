@@ -547,6 +547,41 @@ app.add_typer(features_app, name="features")
 DEFAULT_SAE = "tiny-dlm-L3-k32"
 
 
+def _register_attribute() -> None:
+    """`dlmscope attribute MODEL -p PROMPT --position P`: flags from `AttributeConfig` (its field docs are the help)."""
+    from .analysis.attribution import AttributeConfig, attribute_run
+
+    doc = field_docs(AttributeConfig)
+    d = AttributeConfig.__dataclass_fields__
+
+    def opt(name: str, *decls: str):
+        return typer.Option(d[name].default, *decls, help=doc[name])
+
+    @app.command("attribute", help=AttributeConfig.__doc__)
+    def attribute_cmd(
+        model: str = typer.Argument(d["model"].default, help=doc["model"]),
+        transcoders: str = opt("transcoders"), prompt: str = opt("prompt", "--prompt", "-p"),
+        position: int = opt("position"), step: int = opt("step"),
+        reveal_step: bool = opt("reveal_step", "--reveal-step"), token: int = opt("token"),
+        contrast: int = opt("contrast"), links: int = opt("links"), gen_length: int = opt("gen_length"),
+        steps: int = opt("steps"), block_length: int = opt("block_length"), remasking: str = opt("remasking"),
+        node_threshold: float = opt("node_threshold"), edge_threshold: float = opt("edge_threshold"),
+        batch_size: int = opt("batch_size"), out: str = opt("out"), device: str = opt("device"),
+        threads: int = opt("threads"),
+    ) -> None:
+        cfg = AttributeConfig(**{k: v for k, v in locals().items() if k in d})
+        res = attribute_run(cfg)
+        for g in res["graphs"]:
+            m = g["metadata"]
+            n_feat = sum(v["feature_type"] == "cross layer transcoder" for v in g["nodes"])
+            typer.echo(f"step {m['step']} position {m['target_position']}: {len(g['nodes'])} nodes ({n_feat} features), "
+                       f"{len(g['links'])} edges, target {m['target_value']:.3f}, {m['backward_passes']} backward passes")
+        typer.echo(f"text: {res['text']!r}\nwrote {cfg.out}/attribution.json, attribution.html")
+
+
+_register_attribute()
+
+
 def _default_store(model: str, sae: str):
     from pathlib import Path
 

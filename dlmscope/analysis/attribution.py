@@ -650,3 +650,141 @@ def graph_figure(graphs: dict | list[dict], hover: dict[str, str] | None = None)
                      row=1, col=1)
     fig.update_layout(height=520, width=max(700, 600 * len(graphs)), title="Attribution graph", hovermode="closest")
     return fig
+
+
+# ------------------------------------------------------------------------------------------ across steps
+@dataclass
+class AttributeConfig:
+    """A `dlmscope attribute` run: generate with the sampler, then the graph of one generated position at the step
+    that committed its final token (or at --step), and optionally linked graphs at the reveal steps of the
+    generated tokens that graph depends on most."""
+
+    model: str = "dlmscope-tiny-dlm"
+    """Built-in model name or local checkpoint folder (a diffusion model with Llama/Qwen2-shaped layers)."""
+    transcoders: str = "tiny-dlm-tc"
+    """Transcoders, one per layer: a registered prefix (tiny-dlm-tc = tiny-dlm-tc-L0..L5), a folder of transcoder
+    folders (a train-sae run's saes/), or comma-separated names / folders."""
+    prompt: str = "Sudoku: 3204402310402400\nSolution: "
+    """Prompt text."""
+    position: int = 0
+    """The generated token to explain: its index among the generated tokens (0 = the first)."""
+    step: int = -1
+    """Denoising step of the graph (0-based; the position must still be masked then); -1 = its reveal step."""
+    reveal_step: bool = False
+    """Graph at the step that committed the position's final token (what an unset --step means too)."""
+    token: int = -1
+    """Target token id (-1 = the token the sampler committed there)."""
+    contrast: int = -1
+    """Explain the logit difference token - contrast (a token id; -1 = the logit alone)."""
+    links: int = 0
+    """Also trace this many generated tokens the graph depends on most, each at its own reveal step."""
+    gen_length: int = 16
+    """Tokens to generate."""
+    steps: int = 16
+    """Denoising steps."""
+    block_length: int = 0
+    """Semi-autoregressive block length (0 = the sampler's default)."""
+    remasking: str = "low_confidence"
+    """Remasking strategy of the sampler."""
+    node_threshold: float = 0.8
+    """Pruning: keep the nodes that carry this share of the influence on the target."""
+    edge_threshold: float = 0.98
+    """Pruning: keep the edges that carry this share of the influence."""
+    batch_size: int = 256
+    """Targets (features) per batched backward pass."""
+    out: str = "attribution"
+    """Output folder: attribution.json (every graph, cross-step links), graph_step{S}.json, attribution.html."""
+    device: str = "cpu"
+    """Torch device."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        from .. import checks
+
+        for name in ("model", "transcoders", "prompt", "remasking", "out"):
+            checks.text(name, getattr(self, name))
+        checks.non_negative("position", self.position)
+        checks.integer("step", self.step, -1)
+        checks.integer("token", self.token, -1)
+        checks.integer("contrast", self.contrast, -1)
+        checks.non_negative("links", self.links)
+        for name in ("gen_length", "steps", "batch_size"):
+            checks.positive(name, getattr(self, name))
+        checks.non_negative("block_length", self.block_length)
+        checks.number("node_threshold", self.node_threshold, 0.0, 1.0)
+        checks.number("edge_threshold", self.edge_threshold, 0.0, 1.0)
+        checks.device("device", self.device)
+        checks.non_negative("threads", self.threads)
+        if self.position >= self.gen_length:
+            raise DLMScopeError(f"position={self.position} is not a generated token (allowed 0..{self.gen_length - 1})")
+        if self.step >= 0 and self.reveal_step:
+            raise DLMScopeError(f"step={self.step} and reveal_step: give one of them")
+        if self.step >= self.steps:
+            raise DLMScopeError(f"step={self.step} is beyond the run (allowed 0..{self.steps - 1}, or -1 = reveal step)")
+        checks.writable_folder("out", self.out)
+
+
+def _graph_at(lm, tcs, rec, position: int, token: int, contrast: int | None, cfg: AttributeConfig, slug: str,
+              tokenizer) -> tuple[AttributionGraph, Pruned, dict]:
+    x = rec.x[0]
+    g = attribute(lm, tcs, x, Target(position, token, contrast), masked=rec.mask[0], batch_size=cfg.batch_size,
+                  step=rec.step, n_steps=rec.n_steps)
+    pruned = prune(g, cfg.node_threshold, cfg.edge_threshold)
+    names = [str(tc.cfg.metadata.get("name") or tc.cfg.hook_name) for tc in tcs]
+    data = graph_json(g, pruned, tokenizer, slug=slug, scan=cfg.transcoders, transcoder_list=names,
+                      node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold, model=lm.name)
+    return g, pruned, data
+
+
+def attribute_run(cfg: AttributeConfig) -> dict:
+    """Run the sampler, trace the chosen position (and `links` tokens it depends on), write the outputs."""
+    from ..diffusion.sampler import generate
+    from ..io_utils import atomic_write_json, atomic_write_text
+    from ..models import load_model
+    from ..runtime import torch_threads
+
+    with torch_threads(cfg.threads or torch.get_num_threads()):
+        lm = load_model(cfg.model, device=cfg.device)
+        if not lm.is_diffusion:
+            raise DLMScopeError(f"{lm.name} is autoregressive: `attribute` traces denoising steps; call "
+                                "dlmscope.analysis.attribution.attribute on a token sequence instead")
+        for name in ("token", "contrast"):
+            if getattr(cfg, name) >= lm.vocab_size:
+                raise DLMScopeError(f"{name}={getattr(cfg, name)} is outside the vocabulary (allowed 0..{lm.vocab_size - 1})")
+        tcs = load_transcoders(lm, cfg.transcoders)
+        out = generate(lm, [cfg.prompt], gen_length=cfg.gen_length, steps=cfg.steps,
+                       block_length=cfg.block_length or None, remasking=cfg.remasking, return_history=True)
+        P = out.prompt_length
+        final = out.sequences[0]
+        reveal = {int(q): rec.step for rec in out.history for q in rec.transfer[0].nonzero().squeeze(1).tolist()}
+        pos = P + cfg.position
+        step = reveal[pos] if cfg.step < 0 else cfg.step
+        rec = out.history[step]
+        if not bool(rec.mask[0, pos]):
+            raise DLMScopeError(f"generated position {cfg.position} is not masked at step {step} (its token was "
+                                f"committed at step {reveal[pos]}); pick a step <= {reveal[pos]}")
+        token = int(final[pos]) if cfg.token < 0 else cfg.token
+        contrast = None if cfg.contrast < 0 else cfg.contrast
+        folder = Path(cfg.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        g, pruned, data = _graph_at(lm, tcs, rec, pos, token, contrast, cfg, f"step{step}-pos{pos}", lm.tokenizer)
+        graphs, cross = [data], []
+        visible = [q for q in range(P, final.numel()) if q != pos and not bool(rec.mask[0, q])]
+        ranked = sorted(visible, key=lambda q: -float(pruned.influence[g.token_index(q)]))
+        for q in [q for q in ranked if float(pruned.influence[g.token_index(q)]) > 0][:cfg.links]:
+            s = reveal[q]
+            _, _, linked = _graph_at(lm, tcs, out.history[s], q, int(final[q]), None, cfg, f"step{s}-pos{q}",
+                                     lm.tokenizer)
+            graphs.append(linked)
+            cross.append({"source": f"E_{int(final[q])}_{q}", "source_step": step,
+                          "target": next(v["node_id"] for v in linked["nodes"] if v["is_target_logit"]),
+                          "target_step": s, "weight": float(pruned.influence[g.token_index(q)])})
+        for gr in graphs:
+            atomic_write_json(folder / f"graph_step{gr['metadata']['step']}_pos{gr['metadata']['target_position']}.json", gr)
+        result = {"model": lm.name, "transcoders": cfg.transcoders, "prompt": cfg.prompt, "prompt_length": P,
+                  "text": out.texts[0], "tokens": final.tolist(), "reveal_step": {str(k): v for k, v in reveal.items()},
+                  "graphs": graphs, "cross_links": cross}
+        atomic_write_json(folder / "attribution.json", result)
+        atomic_write_text(folder / "attribution.html", graph_figure(graphs).to_html(include_plotlyjs=True))
+    return result

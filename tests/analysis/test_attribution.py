@@ -171,3 +171,82 @@ def test_total_effects_match_the_frozen_model(setup, one_thread):
     assert float(pred[s]) == pytest.approx(float(real), rel=1e-3, abs=1e-4)
     moved = at.ablate_in_model(lm, tcs, g, [s])
     assert moved.shape == (1,) and torch.isfinite(moved).all()
+
+
+@pytest.fixture(scope="module")
+def tc_dir(tiny_dirs, tmp_path_factory):
+    from dlmscope.sae import save_sae
+
+    lm = load_model(tiny_dirs["llada"])
+    root = tmp_path_factory.mktemp("tcs")
+    for i, tc in enumerate(_transcoders(lm, n_latents=64)):
+        save_sae(tc, root / f"layer{i}")
+    return root
+
+
+def test_cli_attribute_across_steps(tiny_dirs, tc_dir, tmp_path, capsys, one_thread):
+    import json
+
+    from dlmscope.cli import main
+
+    out = tmp_path / "attr"
+    main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
+          "--gen-length", "6", "--steps", "6", "--links", "2", "--node-threshold", "0.9", "--out", str(out)])
+    printed = capsys.readouterr().out
+    res = json.loads((out / "attribution.json").read_text())
+    first = res["graphs"][0]["metadata"]
+    pos = res["prompt_length"] + 3
+    assert first["target_position"] == pos and first["step"] == res["reveal_step"][str(pos)]
+    assert first["masked"][pos] and sum(first["masked"]) == 6 - first["step"]  # one token per step
+    assert 1 <= len(res["graphs"]) <= 3 and len(res["cross_links"]) == len(res["graphs"]) - 1
+    for link, g in zip(res["cross_links"], res["graphs"][1:]):
+        q = g["metadata"]["target_position"]
+        assert g["metadata"]["step"] == res["reveal_step"][str(q)] < first["step"]  # committed before the traced step
+        assert link["source"] in {v["node_id"] for v in res["graphs"][0]["nodes"]}
+        assert link["target"] in {v["node_id"] for v in g["nodes"]}
+    assert (out / "attribution.html").stat().st_size > 1000
+    assert len(list(out.glob("graph_step*_pos*.json"))) == len(res["graphs"])
+    assert printed.count("backward passes") == len(res["graphs"])
+    # --step: an earlier step (still masked there) works; a later one is one line, exit 2
+    main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
+          "--gen-length", "6", "--steps", "6", "--step", "0", "--out", str(out)])
+    assert json.loads((out / "attribution.json").read_text())["graphs"][0]["metadata"]["step"] == 0
+    capsys.readouterr()
+    if first["step"] < 5:
+        with pytest.raises(SystemExit) as e:
+            main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
+                  "--gen-length", "6", "--steps", "6", "--step", "5", "--out", str(out)])
+        assert e.value.code == 2 and "not masked at step 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--token", "99999"], "outside the vocabulary"),
+    (["--position", "9"], "not a generated token"),
+    (["--step", "2", "--reveal-step"], "give one of them"),
+    (["--node-threshold", "0.0", "--edge-threshold", "0.0"], None),
+    (["--transcoders", "NONE"], "unknown SAE"),
+])
+def test_cli_attribute_bad_input(args, message, tiny_dirs, tc_dir, tmp_path, capsys):
+    from dlmscope.cli import main
+
+    base = ["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a", "--gen-length", "4",
+            "--steps", "4", "--out", str(tmp_path / "o")]
+    if message is None:  # thresholds of 0 keep the single strongest node and edge: still a graph
+        main(base + args)
+        assert "edges" in capsys.readouterr().out
+        return
+    with pytest.raises(SystemExit) as e:
+        main(base + args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_cli_attribute_transcoders_that_do_not_fit(tiny_dirs, tmp_path, capsys):
+    from dlmscope.cli import main
+    from dlmscope.sae import save_sae
+
+    lm = load_model(tiny_dirs["llada"])
+    save_sae(_transcoders(lm)[0], tmp_path / "only0" / "l0")
+    with pytest.raises(SystemExit) as e:
+        main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tmp_path / "only0"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "missing [1]" in capsys.readouterr().err
