@@ -566,7 +566,8 @@ def _register_attribute() -> None:
         contrast: int = opt("contrast"), links: int = opt("links"), gen_length: int = opt("gen_length"),
         steps: int = opt("steps"), block_length: int = opt("block_length"), remasking: str = opt("remasking"),
         node_threshold: float = opt("node_threshold"), edge_threshold: float = opt("edge_threshold"),
-        batch_size: int = opt("batch_size"), out: str = opt("out"), device: str = opt("device"),
+        batch_size: int = opt("batch_size"), max_feature_nodes: int = opt("max_feature_nodes"),
+        out: str = opt("out"), device: str = opt("device"),
         threads: int = opt("threads"),
     ) -> None:
         cfg = AttributeConfig(**{k: v for k, v in locals().items() if k in d})

@@ -248,15 +248,18 @@ class FrozenStep:
         return z @ lay["Wo"].t() + (lay["bo"] if lay["bo"] is not None else 0.0)
 
     # --------------------------------------------------------------------------------------- backward
-    def backward(self, seed_final: torch.Tensor | None, seed_mid: dict[int, torch.Tensor], top: int):
+    def backward(self, seed_final: torch.Tensor | None, seed_mid: torch.Tensor | None = None,
+                 seed_layer: torch.Tensor | None = None, top: int | None = None):
         """Transpose of the frozen model for a batch of B targets.
 
         `seed_final` (B, L, d): each target's gradient at the final residual (logit targets); `seed_mid`
-        {layer: (B, L, d)}: gradients injected at that layer's mlp_in (feature targets). Returns
-        ({layer: (B, L, d) gradient at the layer's MLP output}, (B, L, d) gradient at the embeddings,
-        (B,) the biases' total contribution).
+        (B, L, d) with `seed_layer` (B,): a gradient injected at that layer's mlp_in (feature targets; a
+        layer's features then see nothing of its own MLP output). `top`: the highest layer to walk (default
+        the last). Returns ({layer: (B, L, d) gradient at the layer's MLP output}, (B, L, d) gradient at the
+        embeddings, (B,) the biases' total contribution).
         """
-        ref = seed_final if seed_final is not None else next(iter(seed_mid.values()))
+        top = self.lm.n_layers - 1 if top is None else top
+        ref = seed_final if seed_final is not None else seed_mid
         g = seed_final.clone() if seed_final is not None else torch.zeros_like(ref)
         bias = torch.zeros(ref.shape[0], device=ref.device)
         at_out = {}
@@ -265,8 +268,8 @@ class FrozenStep:
             at_out[i] = g
             bias += g.sum(1) @ (tc.b_dec.float() / lay["s_out"])
             gm = g @ lay["skip"] if lay["skip"] is not None else torch.zeros_like(g)
-            if i in seed_mid:
-                gm = gm + seed_mid[i]
+            if seed_mid is not None:
+                gm = gm + seed_mid * (seed_layer == i).to(seed_mid)[:, None, None]
             g = g + gm * (lay["a2"][:, None] * lay["w2"])
             if lay["bo"] is not None:
                 bias += g.sum(1) @ lay["bo"]
@@ -313,6 +316,7 @@ class AttributionGraph:
     step: int | None = None
     n_steps: int | None = None
     info: dict = field(default_factory=dict)
+    computed: torch.Tensor | None = None  # (n_f,) bool: features whose incoming edges were computed
 
     @property
     def n_features(self) -> int:
@@ -335,11 +339,14 @@ class AttributionGraph:
 
 def attribute(lm: LoadedModel, transcoders: list, ids: torch.Tensor, target: Target, *,
               masked: torch.Tensor | None = None, batch_size: int = 256, step: int | None = None,
-              n_steps: int | None = None) -> AttributionGraph:
+              n_steps: int | None = None, max_feature_nodes: int | None = None) -> AttributionGraph:
     """The attribution graph of `target` at input `ids` (L,), MLPs replaced by `transcoders` (one per layer).
 
     `masked` (L,) bool marks the positions that are mask tokens in this x_t (DLMs: the target must be one;
-    default: where ids == mask_id). `batch_size` targets share one backward pass.
+    default: where ids == mask_id). `batch_size` targets share one backward pass. `max_feature_nodes` caps the
+    features whose incoming edges are computed (circuit-tracer's budget): after the logit's row, batches of the
+    features most influential under the rows so far; the rest keep empty rows (their influence is reported as
+    `info["uncomputed_influence"]` by `prune`). None computes every row.
     """
     ids = torch.as_tensor(ids).reshape(-1)
     if masked is None and lm.is_diffusion:
@@ -347,10 +354,11 @@ def attribute(lm: LoadedModel, transcoders: list, ids: torch.Tensor, target: Tar
     check_target(lm, ids, target, masked)
     with torch.no_grad():
         fs = FrozenStep(lm, transcoders, ids)
-        return _graph(fs, target, masked, batch_size, step, n_steps)
+        return _graph(fs, target, masked, batch_size, step, n_steps, max_feature_nodes)
 
 
-def _graph(fs: FrozenStep, target: Target, masked, batch_size: int, step, n_steps) -> AttributionGraph:
+def _graph(fs: FrozenStep, target: Target, masked, batch_size: int, step, n_steps,
+           max_feature_nodes: int | None) -> AttributionGraph:
     lm, L, n_layers = fs.lm, fs.n_pos, fs.lm.n_layers
     d = lm.d_model
     n_f = fs.features.shape[0]
@@ -378,30 +386,55 @@ def _graph(fs: FrozenStep, target: Target, masked, batch_size: int, step, n_step
     w = fs.W_U[target.token] - (fs.W_U[target.contrast] if target.contrast is not None else 0.0)
     seed = torch.zeros(1, L, d, device=dev)
     seed[0, p] = w * fs.af[p] * fs.wf
-    at_out, g_emb, b = fs.backward(seed, {}, n_layers - 1)
+    at_out, g_emb, b = fs.backward(seed)
     if fs.b_U is not None:
         b = b + fs.b_U[target.token] - (fs.b_U[target.contrast] if target.contrast is not None else 0.0)
     fill(torch.tensor([n - 1]), at_out, g_emb, b)
     logits = fs.logits[p]
     value[n - 1] = float(logits[target.token] - (logits[target.contrast] if target.contrast is not None else 0.0))
     n_passes = 1
-    # feature rows: batches of features of one layer, each seeded at its layer's mlp_in
-    for i, idx in enumerate(per_layer):
-        tc, s_in = fs.tcs[i], fs.layers[i]["s_in"]
-        for start in range(0, idx.numel(), batch_size):
-            chunk = idx[start:start + batch_size]
-            seed = torch.zeros(chunk.numel(), L, d, device=dev)
-            seed[torch.arange(chunk.numel()), feats[chunk, 1]] = s_in * tc.W_enc.float()[:, feats[chunk, 2]].t()
-            at_out, g_emb, b = fs.backward(None, {i: seed}, i)
-            del at_out[i]  # a layer's features do not read its own output
-            fill(chunk.cpu(), at_out, g_emb, b + tc.b_enc.float()[feats[chunk, 2]])
+    W_in = [fs.layers[i]["s_in"] * tc.W_enc.float() for i, tc in enumerate(fs.tcs)]
+    b_enc = torch.cat([fs.tcs[i].b_enc.float()[feats[idx, 2]] for i, idx in enumerate(per_layer)])  # features' order
+
+    def feature_rows(chunk: torch.Tensor) -> None:
+        """One backward pass for a batch of features (any layers), each seeded at its layer's mlp_in."""
+        layer, pos, latent = feats[chunk, 0], feats[chunk, 1], feats[chunk, 2]
+        seed = torch.zeros(chunk.numel(), L, d, device=dev)
+        for i in layer.unique().tolist():
+            sel = (layer == i).nonzero().squeeze(1)
+            seed[sel, pos[sel]] = W_in[i][:, latent[sel]].t()
+        at_out, g_emb, b = fs.backward(None, seed, layer, int(layer.max()))
+        fill(chunk.cpu(), at_out, g_emb, b + b_enc[chunk])
+
+    n_passes = 1
+    if max_feature_nodes is None:  # every feature, batched within a layer (the walk stops at that layer)
+        for idx in per_layer:
+            for start in range(0, idx.numel(), batch_size):
+                feature_rows(idx[start:start + batch_size])
+                n_passes += 1
+        done = torch.ones(n_f, dtype=torch.bool)
+    else:  # circuit-tracer's budget: rows of the features most influential so far, a batch at a time
+        done = torch.zeros(n_f, dtype=torch.bool)
+        w = torch.zeros(n)
+        w[-1] = 1.0
+        while int(done.sum()) < min(max_feature_nodes, n_f):
+            inf = _through(_normalised(A), w)[:n_f].masked_fill(done, -1.0)
+            take = min(batch_size, min(max_feature_nodes, n_f) - int(done.sum()))
+            chunk = inf.topk(take).indices
+            chunk = chunk[inf[chunk] > 0]
+            if chunk.numel() == 0:
+                break
+            feature_rows(chunk.to(dev))
+            done[chunk] = True
             n_passes += 1
     value[:n_f] = fs.preacts.cpu()
     probs = fs.logits[p].softmax(-1)
     return AttributionGraph(tokens=fs.ids.tolist(), masked=(masked.tolist() if masked is not None else [False] * L),
                             target=target, features=fs.features, activations=fs.activations.cpu(), adjacency=A,
                             bias=bias, value=value, n_layers=n_layers, probability=float(probs[target.token]),
-                            step=step, n_steps=n_steps, info={"backward_passes": n_passes, "batch_size": batch_size})
+                            step=step, n_steps=n_steps, info={"backward_passes": n_passes, "batch_size": batch_size,
+                                                              "computed_features": int(done.sum())},
+                            computed=done)
 
 
 # ------------------------------------------------------------------------------------------ pruning
@@ -692,6 +725,8 @@ class AttributeConfig:
     """Pruning: keep the edges that carry this share of the influence."""
     batch_size: int = 256
     """Targets (features) per batched backward pass."""
+    max_feature_nodes: int = 0
+    """Compute incoming edges for at most this many features, the most influential first (0 = every feature)."""
     out: str = "attribution"
     """Output folder: attribution.json (every graph, cross-step links), graph_step{S}.json, attribution.html."""
     device: str = "cpu"
@@ -712,6 +747,7 @@ class AttributeConfig:
         for name in ("gen_length", "steps", "batch_size"):
             checks.positive(name, getattr(self, name))
         checks.non_negative("block_length", self.block_length)
+        checks.non_negative("max_feature_nodes", self.max_feature_nodes)
         checks.number("node_threshold", self.node_threshold, 0.0, 1.0)
         checks.number("edge_threshold", self.edge_threshold, 0.0, 1.0)
         checks.device("device", self.device)
@@ -729,7 +765,7 @@ def _graph_at(lm, tcs, rec, position: int, token: int, contrast: int | None, cfg
               tokenizer) -> tuple[AttributionGraph, Pruned, dict]:
     x = rec.x[0]
     g = attribute(lm, tcs, x, Target(position, token, contrast), masked=rec.mask[0], batch_size=cfg.batch_size,
-                  step=rec.step, n_steps=rec.n_steps)
+                  step=rec.step, n_steps=rec.n_steps, max_feature_nodes=cfg.max_feature_nodes or None)
     pruned = prune(g, cfg.node_threshold, cfg.edge_threshold)
     names = [str(tc.cfg.metadata.get("name") or tc.cfg.hook_name) for tc in tcs]
     data = graph_json(g, pruned, tokenizer, slug=slug, scan=cfg.transcoders, transcoder_list=names,

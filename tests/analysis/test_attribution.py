@@ -209,8 +209,9 @@ def test_cli_attribute_across_steps(tiny_dirs, tc_dir, tmp_path, capsys, one_thr
     assert printed.count("backward passes") == len(res["graphs"])
     # --step: an earlier step (still masked there) works; a later one is one line, exit 2
     main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
-          "--gen-length", "6", "--steps", "6", "--step", "0", "--out", str(out)])
-    assert json.loads((out / "attribution.json").read_text())["graphs"][0]["metadata"]["step"] == 0
+          "--gen-length", "6", "--steps", "6", "--step", "0", "--max-feature-nodes", "20", "--out", str(out)])
+    m = json.loads((out / "attribution.json").read_text())["graphs"][0]["metadata"]
+    assert m["step"] == 0 and m["computed_features"] == 20
     capsys.readouterr()
     if first["step"] < 5:
         with pytest.raises(SystemExit) as e:
@@ -274,3 +275,22 @@ def test_shipped_transcoders_predict_real_ablations(one_thread):
         rank = lambda v: v.argsort().argsort().float()  # noqa: E731
         rhos.append(float(torch.corrcoef(torch.stack([rank(pred), rank(real)]))[0, 1]))
     assert agree / n >= 0.75 and sum(rhos) / len(rhos) > 0.2, (agree, n, rhos)
+
+
+def test_feature_budget_computes_the_most_influential_rows(setup, one_thread):
+    lm, tcs, ids = setup
+    full = at.attribute(lm, tcs, ids, at.Target(7, 12), batch_size=64)
+    every = at.attribute(lm, tcs, ids, at.Target(7, 12), batch_size=64, max_feature_nodes=10**6)
+    rows = every.computed.nonzero().squeeze(1)
+    assert torch.allclose(every.adjacency[rows], full.adjacency[rows], atol=1e-5)  # mixed-layer batches, same rows
+    # it stops when the features left cannot reach the target (e.g. last-layer features off the target position)
+    left = ~every.computed
+    assert left.any() and not at.prune(full, 1.0, 1.0).influence[:full.n_features][left].any()
+    some = at.attribute(lm, tcs, ids, at.Target(7, 12), batch_size=16, max_feature_nodes=40)
+    rows = some.computed.nonzero().squeeze(1)
+    assert some.info["computed_features"] == 40 == rows.numel() and some.info["backward_passes"] == 1 + 3
+    assert torch.allclose(some.adjacency[rows], full.adjacency[rows], atol=1e-5)
+    assert not some.adjacency[:some.n_features][~some.computed].any()
+    # the first batch is the features with the largest direct effect on the logit
+    direct = at._normalised(full.adjacency)[-1, :full.n_features]
+    assert set(direct.topk(16).indices.tolist()) <= set(rows.tolist())
