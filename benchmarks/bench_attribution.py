@@ -47,13 +47,47 @@ def _fit(xs, ys) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
+LLADA_8B = {"d_model": 4096, "n_layers": 32, "d_head": 128}
+
+
+def project(res: dict, l0: int = 64, budget: int = 8192, batch: int = 256, lengths=(64, 256)) -> dict:
+    """LLaDA-8B's graph cost from the measured per-pass constant: passes = 1 + ceil(budget / batch) (the row
+    budget, as circuit-tracer's 8B graphs use), a pass walks half the layers on average at
+    B L (3 d^2 + L d) multiply-adds per layer; memory: the adjacency's computed rows (budget x all nodes, fp32)
+    and one (B, L, d) gradient per layer kept for the edge reads. `l0` active features per position and layer is
+    an assumption (our tiny transcoders have about 15-20)."""
+    d, n = LLADA_8B["d_model"], LLADA_8B["n_layers"]
+    out = {"assumed_l0": l0, "budget": budget, "batch": batch, "by_length": {}}
+    for L in lengths:
+        features = L * n * l0
+        nodes = features + n * L + L + 1
+        passes = 1 + -(-min(budget, features) // batch)
+        gmac = passes * batch * L * (3 * d * d + L * d) * n / 2 / 1e9
+        out["by_length"][str(L)] = {
+            "active_features": features, "backward_passes": passes, "tmac": gmac / 1e3,
+            "adjacency_gib": (min(budget, features) + 1) * nodes * 4 / 2**30,
+            "gradients_gib": n * batch * L * d * 4 / 2**30,
+            "seconds_at_100_tflops": 2 * gmac / 1e5,  # an H100's dense bf16 rate, well below its peak
+            "cpu_hours_at_measured_rate": gmac * res["cpu_s_per_gmac"] / 3600}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", default="16,32,64,128")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--project", action="store_true", help="only recompute the 8B projection of the saved result")
     args = p.parse_args()
+    if args.project:
+        import json
+
+        res = json.loads(args.out.read_text())
+        res["projection_llada_8b"] = project(res)
+        atomic_write_json(args.out, res)
+        print(res["projection_llada_8b"])
+        return
     torch.set_num_threads(1)
     lm = load_model("dlmscope-tiny-dlm")
     tcs = load_transcoders(lm, "tiny-dlm-tc")
@@ -86,6 +120,7 @@ def main() -> None:
     work = [r["backward_passes"] * args.batch_size * r["length"] * (3 * d * d + r["length"] * d) * lm.n_layers / 2
             for r in runs]
     res["cpu_s_per_gmac"] = statistics.median(x / (w / 1e9) for x, w in zip(t, work))
+    res["projection_llada_8b"] = project(res)
     atomic_write_json(args.out, res)
     print(res)
 

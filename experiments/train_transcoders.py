@@ -94,6 +94,10 @@ def run(args) -> dict:
 
 
 def render(res: dict, out: Path) -> str:
+    return readme_table(res)
+
+
+def readme_table(res: dict) -> str:
     lines = ["| transcoder | held-out FVU of mlp_out | cosine | L0 | dead |", "|---|---|---|---|---|"]
     for m in res["models"].values():
         lines += [f"| {k} | {v['fvu']:.3f} | {v['cosine']:.3f} | {v['l0']:.1f} | {100 * v['dead_fraction']:.1f}% |"
