@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def one_run(out: Path, name: str, tokens: int, threads: int, prefetch: bool, cache: str = "") -> dict:
     from dlmscope.training import TrainSAEConfig, train_sae
 
-    cfg = TrainSAEConfig(total_tokens=tokens, threads=threads, prefetch=prefetch, cache=cache, out=str(out),
+    cfg = TrainSAEConfig(total_tokens=tokens, threads=threads, prefetch=prefetch, activation_cache=cache, out=str(out),
                          name=name, progress=False, checkpoint_every=10**6)
     result = train_sae(cfg)
     m = json.loads((result.folder / "metrics.json").read_text())

@@ -11,10 +11,11 @@ from .diffusion.sampler import DenoiseStep, GenerateOutput, Remasking, generate
 from .errors import DLMScopeError
 from .hooks import capture, hooked, run_with_cache
 from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models.lens import to_hooked_transformer
 from .sae import load_sae
 
 __all__ = [
     "load_model", "load_sae", "LoadedModel", "DEFAULT_MODEL", "generate", "GenerateOutput", "DenoiseStep", "Remasking",
-    "capture", "hooked", "run_with_cache", "DLMScopeError",
+    "capture", "hooked", "run_with_cache", "DLMScopeError", "to_hooked_transformer",
 ]
 __version__ = "0.1.0"

@@ -9,37 +9,71 @@ from typing import Optional
 import typer
 
 from . import checks
+from .cli_options import alias_command, dataclass_command, escape_markup, positional_or_option
 from .errors import DLMScopeError
-from .models.zoo import DEFAULT_MODEL
+from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mechanistic interpretability for diffusion language models.")
 
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Built-in model name or local checkpoint folder.")
+# Options several commands share: one flag name, one meaning, one type (tests/test_cli.py checks it).
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model: a built-in name or a checkpoint folder.")
+SaeModelOpt = typer.Option(None, "--model", "-m", help="Model: a built-in name or a checkpoint folder.",
+                           show_default="the model the SAE records")
 DeviceOpt = typer.Option("cpu", help="Torch device, e.g. cpu or cuda.",
                          callback=lambda value: checks.device("--device", value))
-DtypeOpt = typer.Option("float32", help="float32, bfloat16 or float16.")
+DtypeOpt = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16.")
 ThresholdOpt = typer.Option(None, help="Fast-dLLM parallel decoding: reveal every masked position of the block with "
-                                       "confidence >= this (0 < t <= 1; at least one per step; steps then unused).")
-CacheOpt = typer.Option(None, help="Fast-dLLM block KV cache: prefix or dual (native LLaDA / Dream only).")
+                                       "confidence >= this (0 < t <= 1; at least one per step; steps then unused).",
+                            show_default="off")
+KVCacheOpt = typer.Option(None, help="Fast-dLLM block KV cache: prefix or dual (native LLaDA / Dream only).",
+                          show_default="off")
+SamplerScheduleOpt = typer.Option(None, help="Sampler schedule (tokens revealed per step): linear (LLaDA) or dream "
+                                  "(Dream's 1 - s/t).", show_default="the model family's own")
+PromptOpt = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch.")
+ModelArg = typer.Argument(None, hidden=True, help="Deprecated: use --model.")
+def _policy_choices():
+    """The activation policies as a CLI choice type (the list lives in `dlmscope.activations`)."""
+    from typing import Literal
+
+    from .options import policy_names
+
+    return Literal.__getitem__(policy_names())
+
+
+def _task_choices():
+    from typing import Literal
+
+    from .tasks import TASKS
+
+    return Literal.__getitem__((*TASKS, "none"))
+
+
+SAMPLING_ALIASES = {"--cache": "--kv-cache", "--schedule": "--sampler-schedule"}
+"""Spellings of older releases, read with a warning for one release."""
 
 
 @app.command()
-def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or checkpoint folder."),
+def info(model_arg: Optional[str] = ModelArg, model: Optional[str] = typer.Option(None, "--model", "-m",
+         help="Model: a built-in name or a checkpoint folder.", show_default=DEFAULT_MODEL),
          device: str = DeviceOpt, dtype: str = DtypeOpt) -> None:
     """Family, size, mask id and hook names of a model."""
     from .models import load_model
-    from .models.base import ROUTER_SITES, SITE_ORDER
+    from .models.base import ROUTER_SITES, SITE_ORDER, parse_hook
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype)
     layers = lm.n_layers
-    kinds = [k for k in SITE_ORDER if k not in ROUTER_SITES and any(n.endswith(f".hook_{k}") for n in lm.hook_names)]
+    present = {parse_hook(n)[1] for n in lm.hook_names}
+    kinds = [k for k in SITE_ORDER if k in present and k not in ROUTER_SITES and not k.startswith("attn.")]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
         "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
         "hook_names": f"blocks.{{0..{layers - 1}}}.hook_{{{','.join(kinds)}}}",
     }
+    attn = [k[5:] for k in SITE_ORDER if k in present and k.startswith("attn.")]
+    if attn:
+        summary["attention_hook_names"] = f"blocks.{{0..{layers - 1}}}.attn.hook_{{{','.join(attn)}}}"
     if lm.n_experts:
         moe_layers = sorted({lm.layer_of(n) for n in lm.hook_names if n.endswith(".hook_router_logits")})
         summary.update({"experts": lm.n_experts, "active_experts": lm.n_active_experts, "moe_layers": moe_layers,
@@ -49,30 +83,32 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command()
+@app.command(cls=alias_command(SAMPLING_ALIASES))
 def generate(
-    model: str = typer.Argument(DEFAULT_MODEL, help="Built-in model name or checkpoint folder."),
-    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    model_arg: Optional[str] = ModelArg,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a built-in name or a checkpoint folder.",
+                                        show_default=DEFAULT_MODEL),
+    prompt: list[str] = PromptOpt,
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (a multiple of the number of blocks)."),
     block_length: Optional[int] = typer.Option(
-        None, help="Semi-autoregressive block length (divides gen-length); default fits the generation: 32 when it "
-        "divides gen-length, else gen-length (one block under the dream schedule)."),
+        None, help="Semi-autoregressive block length (divides gen-length).",
+        show_default="32 when it divides gen-length, else gen-length (one block under the dream schedule)"),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
     remasking: str = typer.Option("low_confidence", help="low_confidence, random (LLaDA); maskgit_plus, topk_margin, "
                                   "entropy, origin (Dream)."),
     cfg_scale: float = typer.Option(0.0, help="Classifier-free guidance scale (0 = off)."),
-    schedule: Optional[str] = typer.Option(None, help="Tokens revealed per step: linear (LLaDA) or dream "
-                                           "(Dream's 1 - s/t); default: the checkpoint family's own."),
-    top_p: Optional[float] = typer.Option(None, help="Dream's nucleus filter in (0, 1] (off by default)."),
-    top_k: Optional[int] = typer.Option(None, help="Dream's top-k filter (0 or unset = off)."),
+    sampler_schedule: Optional[str] = SamplerScheduleOpt,
+    top_p: Optional[float] = typer.Option(None, help="Dream's nucleus filter in (0, 1].", show_default="off"),
+    top_k: Optional[int] = typer.Option(None, help="Dream's top-k filter (0 = off).", show_default="off"),
     alg_temp: Optional[float] = typer.Option(None, help="Dream's alg_temp: draw positions from softmax(confidence / "
-                                             "alg_temp) instead of taking the most confident (0 or unset = off)."),
+                                             "alg_temp) instead of taking the most confident (0 = off).",
+                                             show_default="off"),
     eps: float = typer.Option(1e-3, help="Dream schedule's final time: t runs linspace(1, eps, steps + 1)."),
     seed: int = typer.Option(0, help="Random seed."),
-    history: bool = typer.Option(False, "--history", help="Print the sequence after every step."),
+    history: bool = typer.Option(False, help="Print the sequence after every step."),
     threshold: Optional[float] = ThresholdOpt,
-    cache: Optional[str] = CacheOpt,
+    kv_cache: Optional[str] = KVCacheOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -80,10 +116,10 @@ def generate(
     from .diffusion.sampler import generate as sample
     from .models import load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype)
     out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
-                 remasking=remasking, cfg_scale=cfg_scale, schedule=schedule, top_p=top_p, top_k=top_k,
-                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history, threshold=threshold, cache=cache)
+                 remasking=remasking, cfg_scale=cfg_scale, schedule=sampler_schedule, top_p=top_p, top_k=top_k,
+                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history, threshold=threshold, cache=kv_cache)
     if history:
         for rec in out.history:
             for b in range(rec.x.shape[0]):
@@ -96,8 +132,10 @@ def generate(
 
 @app.command("generate-blocks")
 def generate_blocks_cmd(
-    model: str = typer.Argument(..., help="Block-diffusion checkpoint folder (LLaDA 2.x)."),
-    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    model_arg: Optional[str] = ModelArg,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: a block-diffusion checkpoint folder "
+                                        "(LLaDA 2.x).", show_default="required"),
+    prompt: list[str] = PromptOpt,
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (the last block is filled completely)."),
     steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // minimal-topk)."),
     threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the step's quota."),
@@ -109,7 +147,7 @@ def generate_blocks_cmd(
     from .diffusion.blocks import generate_blocks
     from .models import load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(_required_model(model_arg, model), device=device, dtype=dtype)
     out = generate_blocks(lm, prompt, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block,
                           threshold=threshold, minimal_topk=minimal_topk)
     for p, text in zip(prompt, out.texts or [str(r.tolist()) for r in out.generated]):
@@ -117,52 +155,11 @@ def generate_blocks_cmd(
     typer.echo(f"[{out.n_forwards} forwards, {out.generated.shape[1]} positions]")
 
 
-def field_docs(cls) -> dict[str, str]:
-    """Docstrings written under dataclass fields (they become --help)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def dataclass_command(cls, run, name: str, help: str) -> None:
-    """Register `dlmscope NAME` with one flag per dataclass field plus --config FILE (YAML/JSON).
-
-    Precedence: explicit flags > config file > dataclass defaults.
-    """
-    import dataclasses
-    import inspect
-
-    docs = field_docs(cls)
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                                default=typer.Option(None, help="YAML or JSON file with any of these options."))]
-    for f in dataclasses.fields(cls):
-        annotation = {"bool": Optional[bool], "int": Optional[int], "float": Optional[float]}.get(
-            getattr(f.type, "__name__", str(f.type)), Optional[str])
-        flag = f"--{f.name.replace('_', '-')}"
-        decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if annotation is Optional[bool] else [flag]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(None, *decls, help=f"{docs.get(f.name, '')} [default: {f.default}]",
-                                                             show_default=False)))
-
-    def command(**kwargs):
-        from .training import load_config_file
-
-        config = kwargs.pop("config")
-        values = load_config_file(config, cls) if config else {}
-        values.update({k: v for k, v in kwargs.items() if v is not None})
-        run(cls(**values))
-
-    command.__signature__ = inspect.Signature(params)
-    command.__doc__ = help
-    app.command(name=name, help=help)(command)
+def _required_model(positional: Optional[str], option: Optional[str]) -> str:
+    model = positional_or_option(positional, option, "model")
+    if model is None:
+        raise DLMScopeError("give the model: --model CHECKPOINT")
+    return model
 
 
 def _train_sae(cfg) -> None:
@@ -181,8 +178,10 @@ def _train_sae(cfg) -> None:
 def _register_train_sae() -> None:
     from .training import TrainSAEConfig
 
-    dataclass_command(TrainSAEConfig, _train_sae, "train-sae",
-                      "Train Top-K SAEs (one per layer and k) on a model's residual stream.")
+    dataclass_command(app, TrainSAEConfig, _train_sae, "train-sae",
+                      "Train SAEs or transcoders (any registered architecture; one per layer and k) on a model's "
+                      "residual stream or MLP sites, from the model or an activation cache.",
+                      aliases={"--cache": "--activation-cache"})
 
 
 _register_train_sae()
@@ -192,6 +191,8 @@ def _rspo(cfg) -> None:
     from .rl import train_rl
 
     log = train_rl(cfg)
+    if log.get("interrupted"):
+        sys.exit(128 + log["signal"])
     typer.echo(f"{cfg.algo} on {cfg.task}: test accuracy {log['before']['accuracy']:.3f} -> {log['after']['accuracy']:.3f}, "
                f"reward {log['before']['reward']:.3f} -> {log['after']['reward']:.3f}; checkpoints in {cfg.out}")
 
@@ -199,7 +200,8 @@ def _rspo(cfg) -> None:
 def _register_rspo() -> None:
     from .rl import RLConfig
 
-    dataclass_command(RLConfig, _rspo, "rspo", "RL post-training of a DLM on a verifiable task (RSPO, SPG or diffu-GRPO; optional LoRA).")
+    dataclass_command(app, RLConfig, _rspo, "rspo", "RL post-training of a DLM on a verifiable task (RSPO, SPG or "
+                      "diffu-GRPO; optional LoRA).", aliases={"--steps": "--rl-steps", **SAMPLING_ALIASES})
 
 
 _register_rspo()
@@ -223,25 +225,29 @@ def _diff(cfg) -> None:
 
 
 def _register_diff() -> None:
-    from .analysis.diffing import DiffConfig
+    from .training import DiffConfig
 
-    dataclass_command(DiffConfig, _diff, "diff", "Model diffing: a BatchTopK crosscoder over paired activations of "
-                      "checkpoints (relative decoder norms, Latent Scaling), optionally a diff-SAE.")
+    dataclass_command(app, DiffConfig, _diff, "diff", "Model diffing: a BatchTopK crosscoder over paired activations "
+                      "of checkpoints (relative decoder norms, Latent Scaling), optionally a diff-SAE.",
+                      aliases={"--cache": "--activation-cache", "--threshold": "--specific-threshold"})
 
 
 _register_diff()
 
 
+SaeOpt = typer.Option(..., help="SAE: a registry name or a folder.")
+
+
 @app.command("eval-splice")
 def eval_splice(
-    sae: str = typer.Option(..., help="SAE name (registry) or folder."),
-    model: str = ModelOpt,
+    sae: str = SaeOpt,
+    model: Optional[str] = SaeModelOpt,
     t_bins: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="Comma-separated mask ratios."),
     positions: str = typer.Option("all", help="Splice at all, masked or visible positions."),
     with_error: bool = typer.Option(False, help="Add the reconstruction error back."),
     n_seqs: int = typer.Option(64, help="Held-out sequences per bin."),
     context_length: int = typer.Option(128, help="Tokens per sequence."),
-    out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
+    out: Optional[str] = typer.Option(None, help="Output JSON file of the result.", show_default="not written"),
     seed: int = typer.Option(0, help="Mask seed."),
     device: str = DeviceOpt,
 ) -> None:
@@ -257,8 +263,9 @@ def eval_splice(
     checks.positive("--context-length", context_length)
     if out:
         checks.writable_file("--out", out)
-    lm = load_model(model, device=device)
-    result = splice_eval(lm, load_sae(sae, device=device), heldout_rows(lm.tokenizer, context_length), cfg)
+    the_sae = load_sae(sae, device=device)
+    lm = load_model(model or the_sae.cfg.model_name or DEFAULT_MODEL, device=device)
+    result = splice_eval(lm, the_sae, heldout_rows(lm.tokenizer, context_length), cfg)
     typer.echo(splice_table(result))
     if out:
         atomic_write_json(out, result)
@@ -266,9 +273,11 @@ def eval_splice(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    sae: str = typer.Argument(..., help="SAE name (registry) or folder."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
-    out: Optional[str] = typer.Option(None, help="Folder for evaluation.json / .html (default: eval-<SAE name>)."),
+    sae_arg: Optional[str] = typer.Argument(None, hidden=True, help="Deprecated: use --sae."),
+    sae: Optional[str] = typer.Option(None, help="SAE: a registry name or a folder.", show_default="required"),
+    model: Optional[str] = SaeModelOpt,
+    out: Optional[str] = typer.Option(None, help="Output folder for evaluation.json / .html.",
+                                      show_default="eval-<SAE name>"),
     n_seqs: int = typer.Option(64, help="Held-out sequences for core metrics and t-curves."),
     t_bins: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated mask ratios."),
     splice_seqs: int = typer.Option(32, help="Sequences per bin for ΔCE / ΔELBO (0 skips splicing)."),
@@ -296,6 +305,9 @@ def evaluate_cmd(
         if isinstance(e, DLMScopeError):
             raise
         raise DLMScopeError(f"t-bins={t_bins!r} and probe-k={probe_k!r} must be comma-separated numbers") from None
+    sae = positional_or_option(sae_arg, sae, "sae")
+    if sae is None:
+        raise DLMScopeError("give the SAE: --sae NAME_OR_FOLDER")
     sae_obj = load_sae(sae, device=device)
     lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, device=device)
     result = evaluate_sae_suite(lm, sae_obj, heldout_rows(lm.tokenizer, context_length), cfg)
@@ -308,19 +320,23 @@ def evaluate_cmd(
     typer.echo(f"written {path} and {path.with_suffix('.html')}")
 
 
-@app.command("cache")
+@app.command("cache", cls=alias_command({"--dtype": "--store-dtype"}))
 def cache_cmd(
-    out: str = typer.Argument(..., help="Cache folder (resumable: complete shards are kept)."),
+    out_arg: Optional[str] = typer.Argument(None, hidden=True, help="Deprecated: use --out."),
+    out: Optional[str] = typer.Option(None, help="Output folder of the cache (resumable: complete shards are kept).",
+                                      show_default="required"),
     model: str = ModelOpt,
     layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
-    policy: str = typer.Option("", help="mask, unmask, all or clean (default by model type)."),
+    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, unmask, all or "
+                                         "clean.", show_default="mask for DLMs, clean for causal models"),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
     t_max: float = typer.Option(0.5, help="Highest mask ratio."),
     batches: int = typer.Option(0, help="Forward batches to cache (0 = one pass over the data)."),
     seqs_per_forward: int = typer.Option(32, help="Rows per forward."),
     context_length: int = typer.Option(128, help="Tokens per row."),
     dataset: str = typer.Option("builtin", help="Text source."),
-    dtype: str = typer.Option("float32", help="Stored dtype: float32, bfloat16 or float16."),
+    store_dtype: str = typer.Option("float32", help="Dtype the activations are stored in: float32, bfloat16 or "
+                                    "float16 (the model runs in float32)."),
     seed: int = typer.Option(0, help="Seed for order and masks."),
     device: str = DeviceOpt,
 ) -> None:
@@ -330,46 +346,53 @@ def cache_cmd(
     from .models import load_model
     from .models.checkpoint import resolve_dtype
 
-    manifest = checks.writable_folder("OUT", out) / "manifest.json"
+    out = positional_or_option(out_arg, out, "out")
+    if out is None:
+        raise DLMScopeError("give the cache folder: --out FOLDER")
+    manifest = checks.writable_folder("--out", out) / "manifest.json"
     if manifest.is_file():
         read_manifest(manifest)  # resuming: a damaged manifest fails before the model loads
     hooks = [f"blocks.{i}.hook_resid_post" for i in checks.int_list("--layers", layers, 0)]
-    checks.choice("--policy", policy, ("", *POLICIES))
+    if policy is not None:
+        checks.choice("--policy", policy, POLICIES)
     checks.number("--t-min", t_min, 0.0, 1.0)
     checks.number("--t-max", t_max, t_min, 1.0)
     checks.non_negative("--batches", batches)
     checks.positive("--seqs-per-forward", seqs_per_forward)
     checks.positive("--context-length", context_length)
-    store_dtype = resolve_dtype(dtype)
+    stored = resolve_dtype(store_dtype)
     lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts(dataset), context_length)
-    src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy or None, t_range=(t_min, t_max),
+    src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy, t_range=(t_min, t_max),
                            seqs_per_batch=seqs_per_forward, seed=seed)
-    folder = write_cache(src, out, batches or None, dtype=store_dtype)
+    folder = write_cache(src, out, batches or None, dtype=stored)
     typer.echo(f"cache written to {folder}")
 
 
-@app.command()
+@app.command(cls=alias_command({"--schedule": "--steer-steps", "--cache": "--kv-cache"}))
 def steer(
-    sae: str = typer.Option(..., help="SAE name (registry) or folder."),
+    sae: str = SaeOpt,
     feature: int = typer.Option(..., help="Latent index to push."),
-    model: str = ModelOpt,
-    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt; repeat for several."),
+    model: Optional[str] = SaeModelOpt,
+    prompt: list[str] = PromptOpt,
     strength: float = typer.Option(2.0, help="Added strength * max(A) (scale max) or strength (scale fixed)."),
     mode: str = typer.Option("sae", help="sae (edit latent, keep error) or direction (add W_dec[f])."),
     scale: str = typer.Option("max", help="max or fixed."),
-    steps_schedule: str = typer.Option("all", "--schedule", help="all, first:FRACTION, or comma-separated steps."),
-    positions: str = typer.Option("all", help="all, masked, generated or top:N."),
+    steer_steps: str = typer.Option("all", help="Denoising steps that are steered: all, first:FRACTION, or "
+                                    "comma-separated steps (formerly --schedule, deprecated)."),
+    positions: str = typer.Option("all", help="Positions that are steered: all, masked, generated or top:N."),
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps (DLMs)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
-    sampler_schedule: Optional[str] = typer.Option(None, help="Sampler schedule (DLMs): linear or dream; default: "
-                                                   "the model family's own (--schedule picks the steered steps)."),
+    sampler_schedule: Optional[str] = SamplerScheduleOpt,
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
-    metrics: bool = typer.Option(True, help="Score both with the feature, AR-twin perplexity and DLM ELBO."),
-    out: Optional[str] = typer.Option(None, help="Write the comparison JSON here."),
+    metrics: bool = typer.Option(True, help="Score both with the feature, the AR judge's perplexity and the DLM "
+                                 "judge's ELBO."),
+    ar_judge: str = typer.Option(DEFAULT_AR_MODEL, help="Autoregressive model whose perplexity scores fluency."),
+    dlm_judge: str = typer.Option(DEFAULT_MODEL, help="Diffusion model whose ELBO (NLL per token) scores the texts."),
+    out: Optional[str] = typer.Option(None, help="Output JSON file of the comparison.", show_default="not written"),
     threshold: Optional[float] = ThresholdOpt,
-    cache: Optional[str] = CacheOpt,
+    kv_cache: Optional[str] = KVCacheOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
@@ -377,11 +400,10 @@ def steer(
     from .diffusion.sampler import check_fast_options, get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
-    from .models.zoo import DEFAULT_AR_MODEL, DEFAULT_MODEL
     from .sae import load_sae
 
-    sched = steps_schedule if steps_schedule == "all" or steps_schedule.startswith("first:") else \
-        checks.int_list("--schedule", steps_schedule, 0)
+    sched = steer_steps if steer_steps == "all" or steer_steps.startswith("first:") else \
+        checks.int_list("--steer-steps", steer_steps, 0)
     seed_list = checks.int_list("--seeds", seeds)
     checks.positive("--gen-length", gen_length)
     checks.positive("--steps", steps)
@@ -389,15 +411,14 @@ def steer(
         checks.writable_file("--out", out)
     if sampler_schedule is not None:
         get_schedule(sampler_schedule)  # bad names fail before anything loads
-    lm = load_model(model, device=device)
-    spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
-    check_fast_options(lm, threshold, cache)
     the_sae = load_sae(sae, device=device)
+    lm = load_model(model or the_sae.cfg.model_name or DEFAULT_MODEL, device=device)
+    spec = SteeringSpec(feature, strength, mode, scale, sched, positions)
+    check_fast_options(lm, threshold, kv_cache)
     validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
-    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [],
-                judge(DEFAULT_AR_MODEL), judge(DEFAULT_MODEL), gen_length, steps, temperature, sampler_schedule,
-                threshold, cache)
+    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [], judge(ar_judge), judge(dlm_judge),
+                gen_length, steps, temperature, sampler_schedule, threshold, kv_cache)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
@@ -410,80 +431,66 @@ def steer(
         atomic_write_json(out, r)
 
 
-@app.command()
+@app.command(cls=alias_command({"--steps": "--step-budgets", **SAMPLING_ALIASES}))
 def order(
-    sae: str = typer.Option(..., help="SAE name(s) or folder(s), comma-separated (one per layer)."),
-    model: str = ModelOpt,
-    prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p", help="Prompts."),
+    sae: str = typer.Option(..., help="SAEs: registry names or folders, comma-separated (one per layer)."),
+    model: Optional[str] = SaeModelOpt,
+    prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p",
+                                     help="Prompt text; repeat for a batch."),
     strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
-    task: str = typer.Option("sudoku", help="Task for accuracy (sudoku or countdown; empty to skip)."),
+    task: _task_choices() = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
     n: int = typer.Option(50, help="Task examples."),
-    steps: str = typer.Option("4,8,16", help="Comma-separated step budgets for the task and held-out likelihood."),
+    step_budgets: str = typer.Option("4,8,16", help="Comma-separated denoising-step budgets for the task and "
+                                     "held-out likelihood."),
     gen_length: int = typer.Option(16, help="Tokens to generate."),
     heldout: int = typer.Option(32, help="Held-out rows for the order-following likelihood (0 to skip)."),
-    schedule: Optional[str] = typer.Option(None, help="Sampler schedule: linear or dream; default: the model "
-                                           "family's own."),
-    out: Optional[str] = typer.Option(None, help="Write the result JSON here."),
+    sampler_schedule: Optional[str] = SamplerScheduleOpt,
+    out: Optional[str] = typer.Option(None, help="Output JSON file of the result.", show_default="not written"),
     threshold: Optional[float] = ThresholdOpt,
-    cache: Optional[str] = CacheOpt,
+    kv_cache: Optional[str] = KVCacheOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
-    from .analysis.order import feature_dynamics, make_strategy, order_log_likelihood, strategy_names, task_accuracy
+    from .analysis.order import order_header, order_study, strategy_names
     from .data import heldout_rows
     from .diffusion.sampler import check_fast_options, get_schedule
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
-    from .tasks import TASKS
 
     sae_names = checks.names("--sae", sae)
     names = [checks.choice("--strategies", s, strategy_names()) for s in checks.names("--strategies", strategies)]
+    task = None if task == "none" else task
     if task:
-        checks.choice("--task", task, TASKS)
         checks.positive("--n", n)
     checks.positive("--gen-length", gen_length)
-    budgets = checks.int_list("--steps", steps, 1, gen_length)
+    budgets = checks.int_list("--step-budgets", step_budgets, 1, gen_length)
     checks.non_negative("--heldout", heldout)
     if out:
         checks.writable_file("--out", out)
-    if schedule is not None:
-        get_schedule(schedule)  # bad names fail before anything loads
-    lm = load_model(model, device=device)
-    fast = {"threshold": threshold, "cache": cache}
-    check_fast_options(lm, threshold, cache)
+    if sampler_schedule is not None:
+        get_schedule(sampler_schedule)  # bad names fail before anything loads
     saes = [load_sae(s, device=device) for s in sae_names]
+    lm = load_model(model or saes[-1].cfg.model_name or DEFAULT_MODEL, device=device)
+    check_fast_options(lm, threshold, kv_cache)
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
-    result = {"dynamics": {}, "task": {}, "heldout_nll": {}}
-    hooks = [s.cfg.hook_name for s in saes]
-    head = "".join(f" L{lm.layer_of(h)} stability | L{lm.layer_of(h)} drift |" for h in hooks)
-    head += "".join(f" {task} @{b} |" for b in budgets if task) + "".join(f" NLL @{b} |" for b in budgets if heldout)
-    typer.echo(f"| order |{head}")
-    typer.echo("|---|" + "---|" * head.count("|"))
-    for name in names:
-        dyn = feature_dynamics(lm, saes, prompt, make_strategy(name, saes[-1]), gen_length=gen_length, steps=gen_length,
-                               schedule=schedule, **fast)
-        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length,
-                                schedule=schedule, **fast) for b in budgets} if task else {}
-        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b,
-                                             schedule=schedule, **fast).mean()) for b in budgets} if heldout else {}
-        result["dynamics"][name], result["task"][name], result["heldout_nll"][name] = dyn["layers"], acc, nll
-        cells = "".join(f" {dyn['layers'][h]['pre_mask_stability']:.3f} | {dyn['layers'][h]['post_decode_drift']:.3f} |"
-                        for h in hooks)
-        typer.echo(f"| {name} |{cells}" + "".join(f" {acc[b]['accuracy']:.2f} |" for b in acc)
-                   + "".join(f" {nll[b]:.3f} |" for b in nll))
+    typer.echo(order_header(lm, [s.cfg.hook_name for s in saes], task, budgets, bool(heldout)))
+    result = order_study(lm, saes, prompt, names, task, n, budgets, gen_length, rows, sampler_schedule,
+                         threshold, kv_cache, on_row=lambda name, row: typer.echo(row))
     if out:
         atomic_write_json(out, result)
 
 
 @app.command()
 def stability(
-    sae: str = typer.Option(..., help="SAE trained on the first checkpoint (name or folder)."),
+    sae: str = typer.Option(..., help="SAE trained on the first checkpoint: a registry name or a folder."),
     checkpoints: str = typer.Option(..., help="Comma-separated checkpoints; the first is the SAE's own."),
-    saes: str = typer.Option("", help="Optional comma-separated SAEs, one per checkpoint, for decoder matching."),
-    control_sae: str = typer.Option("", help="Second SAE on the first checkpoint (other seed): the matching floor."),
+    saes: Optional[str] = typer.Option(None, help="Comma-separated SAEs, one per checkpoint, for decoder matching.",
+                                       show_default="none"),
+    control_sae: Optional[str] = typer.Option(None, help="Second SAE on the first checkpoint (other seed): the "
+                                              "matching floor.", show_default="none"),
     n_seqs: int = typer.Option(32, help="Held-out sequences."),
-    out: str = typer.Option("stability", help="Folder for report.json and report.html."),
+    out: str = typer.Option("stability", help="Output folder for report.json and report.html."),
     device: str = DeviceOpt,
 ) -> None:
     """How stable an SAE's features are across checkpoints (e.g. before and after RL)."""
@@ -499,7 +506,7 @@ def stability(
     if len(ckpt_names) < 2:
         raise DLMScopeError(f"--checkpoints={checkpoints!r} names {len(ckpt_names)} checkpoint; give at least two: "
                             "the SAE's own and a later one")
-    sae_names = checks.names("--saes", saes) if saes.strip() else []
+    sae_names = checks.names("--saes", saes) if saes and saes.strip() else []
     if sae_names and len(sae_names) != len(ckpt_names):
         raise DLMScopeError(f"--saes lists {len(sae_names)} SAEs for {len(ckpt_names)} checkpoints; give one per "
                             "checkpoint or none")
@@ -517,14 +524,17 @@ def stability(
 
 @app.command()
 def experts(
-    model: str = typer.Argument(..., help="MoE checkpoint folder (LLaDA-MoE or LLaDA 2.x)."),
-    prompt: list[str] = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch."),
+    model_arg: Optional[str] = ModelArg,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: an MoE checkpoint folder (LLaDA-MoE or "
+                                        "LLaDA 2.x).", show_default="required"),
+    prompt: list[str] = PromptOpt,
     gen_length: int = typer.Option(32, help="Tokens to generate."),
     steps: int = typer.Option(32, help="Denoising steps."),
-    block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length (default: one block)."),
-    layer: Optional[int] = typer.Option(None, help="MoE layer to plot (default: the first)."),
+    block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length.",
+                                               show_default="one block"),
+    layer: Optional[int] = typer.Option(None, help="MoE layer to plot.", show_default="the first"),
     seed: int = typer.Option(0, help="Random seed."),
-    out: str = typer.Option("experts", help="Folder for experts.json and experts.html."),
+    out: str = typer.Option("experts", help="Output folder for experts.json and experts.html."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
@@ -532,7 +542,7 @@ def experts(
     from .analysis.experts import check_layer, expert_dynamics, write_expert_report
     from .models import load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(_required_model(model_arg, model), device=device, dtype=dtype)
     check_layer(lm, layer)
     result = expert_dynamics(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, seed=seed)
     json_path, html = write_expert_report(result, out, layer)
@@ -615,33 +625,37 @@ def _build_store(sae_name: str, model: Optional[str], out: Optional[str], cfg, d
     return folder
 
 
-@features_app.command("build")
+@features_app.command("build", cls=alias_command({"--t-low": "--t-min", "--t-high": "--t-max",
+                                                  "--batch-size": "--seqs-per-forward"}))
 def features_build(
-    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
-    out: Optional[str] = typer.Option(None, help="Store folder (default: ~/.cache/dlmscope/stores/<model>__<sae>)."),
-    n_seqs: Optional[int] = typer.Option(None, help="Held-out sequences to encode (default: all)."),
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE: a registry name or a folder."),
+    model: Optional[str] = SaeModelOpt,
+    out: Optional[str] = typer.Option(None, help="Output folder of the feature store.",
+                                      show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
+    n_seqs: Optional[int] = typer.Option(None, help="Held-out sequences to encode.", show_default="all"),
     context_length: int = typer.Option(128, help="Tokens per sequence."),
-    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
-    t_low: float = typer.Option(0.05, help="Lowest mask ratio."),
-    t_high: float = typer.Option(0.5, help="Highest mask ratio."),
+    seqs_per_forward: int = typer.Option(16, help="Rows per model forward."),
+    t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
+    t_max: float = typer.Option(0.5, help="Highest mask ratio."),
     seed: int = typer.Option(0, help="Seed of the mask draws."),
     device: str = DeviceOpt,
 ) -> None:
     """Precompute per-feature statistics, examples, histograms and logit effects into a store."""
     from .analysis.features import FeatureStoreConfig
 
-    cfg = FeatureStoreConfig(n_seqs=n_seqs, context_length=context_length, batch_size=batch_size, t_low=t_low,
-                             t_high=t_high, seed=seed)
+    cfg = FeatureStoreConfig(n_seqs=n_seqs, context_length=context_length, batch_size=seqs_per_forward, t_low=t_min,
+                             t_high=t_max, seed=seed)
     _build_store(sae, model, out, cfg, device)
 
 
 @app.command()
 def explore(
-    sae: str = typer.Option(DEFAULT_SAE, help="SAE name or folder."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the SAE records)."),
-    store: Optional[str] = typer.Option(None, help="Feature store folder (built on first launch if missing)."),
-    splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page (default: <store>/splice.json)."),
+    sae: str = typer.Option(DEFAULT_SAE, help="SAE: a registry name or a folder."),
+    model: Optional[str] = SaeModelOpt,
+    store: Optional[str] = typer.Option(None, help="Feature store folder (built on first launch if missing).",
+                                        show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
+    splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page.",
+                                         show_default="<store>/splice.json"),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
     address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     device: str = DeviceOpt,
@@ -669,10 +683,17 @@ def explore(
     sys.exit(subprocess.call(cmd))
 
 
+def command():
+    """The click command tree of `app`, its help texts escaped for Rich (they are plain text)."""
+    cmd = typer.main.get_command(app)
+    escape_markup(cmd)
+    return cmd
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        command().main(args=argv, standalone_mode=False, prog_name="dlmscope")
     except DLMScopeError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

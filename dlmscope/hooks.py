@@ -30,6 +30,11 @@ class HookContext:
     layer: int
     state: ForwardState
     positions: torch.Tensor | None  # (B, L) bool of the positions this hook is restricted to, None = all
+    pos_dim: int = 1  # the activation's axis of positions (2 for hook_pattern: its queries)
+
+    def select(self, act: torch.Tensor) -> torch.Tensor:
+        """The activation at `positions`: (N, ...) rows, the position axis first after the batch gathered."""
+        return act if self.positions is None else act.movedim(self.pos_dim, 1)[self.positions]
 
 
 HookFn = Callable[[torch.Tensor, HookContext], torch.Tensor | None]
@@ -115,16 +120,18 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], *, steps: Steps = None,
     handles = []
 
     def make_edit(name: str, fn: HookFn):
-        layer = lm.layer_of(name)
+        layer, dim = lm.layer_of(name), lm.site(name).pos_dim
 
         def edit(act: torch.Tensor) -> torch.Tensor | None:
             if lm.state.context or not wanted(lm.state.step):
                 return None
-            pos = position_mask(positions, lm.state, tuple(act.shape[:2]), act.device)
-            new = fn(act, HookContext(name, layer, lm.state, pos))
+            pos = position_mask(positions, lm.state, (act.shape[0], act.shape[dim]), act.device)
+            new = fn(act, HookContext(name, layer, lm.state, pos, dim))
             if new is None or pos is None:
                 return new
-            return torch.where(pos[..., None], new.to(act.dtype), act)
+            shape = [act.shape[0]] + [1] * (act.dim() - 1)
+            shape[dim] = act.shape[dim]
+            return torch.where(pos.view(shape), new.to(act.dtype), act)
 
         return edit
 
@@ -159,7 +166,7 @@ class ActivationCache:
 @contextmanager
 def capture(lm: LoadedModel, names: Sequence[str], *, steps: Steps = None, positions: Positions = None,
             to_cpu: bool = False, stop_early: bool = False) -> Iterator[ActivationCache]:
-    """Record activations at `names`. With `positions`, each entry is the (N, d) rows at those positions.
+    """Record activations at `names`. With `positions`, each entry is the (N, ...) rows at those positions.
 
     `stop_early` aborts the forward after the deepest site, for activation-only passes
     (use `run_with_cache`, which catches the abort).
@@ -173,9 +180,7 @@ def capture(lm: LoadedModel, names: Sequence[str], *, steps: Steps = None, posit
 
     def make_fn(name: str) -> HookFn:
         def fn(act: torch.Tensor, ctx: HookContext) -> None:
-            value = act.detach()
-            if ctx.positions is not None:
-                value = value[ctx.positions]
+            value = ctx.select(act.detach())
             cache.acts[name].append(value.cpu() if to_cpu else value)
             cache.steps[name].append(ctx.state.step)
             if stop_early and name == deepest:

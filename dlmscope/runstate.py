@@ -294,3 +294,98 @@ def set_rng_state(state: dict) -> None:
     np_state = {**state["numpy"], "state": {**state["numpy"]["state"]}}
     np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
     np.random.set_state(np_state)
+
+
+# ------------------------------------------------------------------------------------- the run base
+
+class Run:
+    """The lifecycle every run shares (`training.DictionaryRun` for SAEs and crosscoders, `rl.RLRun`):
+
+    - `lock()`: the locked run folder (`RunFolder`; a no-op context on torchrun ranks other than 0);
+    - `signals()`: while inside, SIGINT/SIGTERM only set `self.signal`; the loop calls `stop_requested()`
+      after each step, writes a checkpoint and returns, and the CLI exits 128 + signal;
+    - `save(state)` / `load()`: the atomic, checksummed resume state `state_name` (`save_state`);
+    - `check_resume(saved_config)`: refuse `--resume` when an option that changes the result differs
+      from the one the checkpoint was written with (`resumable` lists the ones that may change);
+    - `progress(...)`: the run's progress bar (`runtime.progress`), off when `cfg.progress` is false.
+    """
+
+    state_name = "checkpoint"
+    resumable: tuple[str, ...] = ("resume", "progress", "device", "threads", "checkpoint_every")
+
+    def __init__(self, cfg, folder: str | os.PathLike, main: bool = True):
+        self.cfg = cfg
+        self.folder = Path(folder)
+        self.main = main
+        self.signal = 0
+
+    def lock(self):
+        from contextlib import nullcontext
+
+        return RunFolder(self.folder, self.cfg.resume) if self.main else nullcontext()
+
+    def signals(self):
+        import signal
+        from contextlib import contextmanager
+
+        @contextmanager
+        def handling():
+            def on_signal(signum, frame):  # finish the step, checkpoint, stop
+                self.signal = signum
+
+            old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+        return handling()
+
+    def stop_requested(self) -> bool:
+        return bool(self.signal)
+
+    def has_saved(self) -> bool:
+        return has_state(self.folder, self.state_name)
+
+    def save(self, state: dict) -> Path:
+        return save_state(self.folder, self.state_name, state)
+
+    def load(self) -> dict:
+        """The verified resume state; one line when `--resume` finds none."""
+        if not self.has_saved():
+            legacy = " (checkpoint.pt files of older versions are not loaded: they are pickles)" \
+                if (self.folder / "checkpoint.pt").exists() else ""
+            raise DLMScopeError(f"--resume given but {str(self.folder / (self.state_name + '.json'))!r} does not "
+                                f"exist{legacy}")
+        return load_state(self.folder, self.state_name)
+
+    def check_resume(self, saved: dict) -> None:
+        """Refuse a resume whose result-changing options differ from the checkpoint's (`saved`: its config)."""
+        from dataclasses import asdict, fields
+
+        from .options import check_value, field_default, type_hints
+
+        cls = type(self.cfg)
+        saved = {getattr(cls, "renamed", {}).get(k, k): v for k, v in saved.items()}
+        hints, now = type_hints(cls), asdict(self.cfg)
+        was = {}
+        for f in fields(cls):
+            if f.name in self.resumable:
+                continue
+            old = saved.get(f.name, field_default(f))  # options added since the checkpoint was written
+            try:
+                old = check_value(f, hints[f.name], old)
+            except DLMScopeError:
+                pass
+            if old != now[f.name]:
+                was[f.name] = saved.get(f.name)
+        if was:
+            raise DLMScopeError(f"--resume with changed options {sorted(was)}; the checkpoint was written with {was}")
+
+    def progress(self, iterable=None, **kwargs):
+        """A progress bar over `iterable` (or one updated by hand); without one (`cfg.progress` false, or not
+        rank 0): the iterable itself, or None."""
+        from .runtime import progress
+
+        return progress(iterable, **kwargs) if getattr(self.cfg, "progress", True) and self.main else iterable

@@ -12,11 +12,10 @@ averaged across processes; rank 0 writes the outputs.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -25,175 +24,24 @@ from . import checks
 from .activations import ActivationSource, CachedSource, Prefetcher, ShuffleBuffer
 from .errors import DLMScopeError
 from .io_utils import atomic_write_json, atomic_write_text
-from .models.zoo import DEFAULT_MODEL
-from .runtime import progress, torch_threads
-from .runstate import RunFolder, check_name, has_state, load_state, rng_state, save_state, set_rng_state
+from .runtime import torch_threads
+from .runstate import Run, check_name, rng_state, set_rng_state
+from .options import DataPart, DictionaryPart, ModelPart, Options, RunPart, SAEPart, SitePart, safe_name, unset
 from .sae import SAEConfig, SAETrainer, TrainConfig, save_sae
+from .sae.train import JumpReLUConfig, OptimiserConfig
 from .sae.metrics import log10_density_histogram
 
 
 @dataclass
-class TrainSAEConfig:
-    """Everything a train-sae run needs; every field is a CLI flag and a config-file key."""
+class TrainSAEConfig(RunPart, OptimiserConfig, JumpReLUConfig, SAEPart, DictionaryPart, DataPart, SitePart, ModelPart):
+    """Everything a train-sae run needs, composed of parts (`dlmscope.options`); every field is a CLI flag
+    and a config-file key, and every value is checked here, before any model loads."""
 
-    model: str = DEFAULT_MODEL
-    """Built-in model name or local checkpoint folder."""
-    layers: str = "1,3"
-    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
-    site: str = "post"
-    """Site the SAE reads: pre, mid or post (residual stream), mlp_in or mlp_out."""
-    k: str = "32"
-    """Comma-separated k values; one SAE per layer and k."""
-    expansion: int = 8
-    """Latents per input dimension (n_latents = expansion * d_model)."""
-    architecture: str = "topk"
-    """topk, batchtopk, jumprelu, matryoshka, transcoder or skip_transcoder."""
-    target_site: str = ""
-    """Transcoders: the site they predict in the same layer (e.g. --site mlp_in --target-site mlp_out)."""
-    prefix_sizes: str = ""
-    """Matryoshka: comma-separated nested prefix sizes (default n_latents/16, n_latents/4; the width is added)."""
-    l0_coef: float = 1e-3
-    """JumpReLU: initial L0 penalty coefficient (steered so the L0 tracks k)."""
-    bandwidth: float = 0.05
-    """JumpReLU: rectangle-kernel bandwidth of the straight-through threshold gradient."""
-    policy: str = ""
-    """Position policy: mask, unmask, all or clean (default: mask for DLMs, clean for causal models)."""
-    t_min: float = 0.05
-    """Lowest mask ratio drawn per batch."""
-    t_max: float = 0.5
-    """Highest mask ratio drawn per batch."""
-    dataset: str = "builtin"
-    """Text source: builtin, a .txt/.jsonl/.parquet file or a local datasets name."""
-    column: str = "text"
-    """Text column for jsonl/parquet/datasets sources."""
-    cache: str = ""
-    """Train from an activation cache folder written by `dlmscope cache` instead of running the model."""
-    context_length: int = 128
-    """Tokens per packed row."""
-    seqs_per_forward: int = 32
-    """Rows per model forward."""
-    total_tokens: int = 600_000
-    """Training tokens per SAE (the default finishes in about 4-5 minutes on a 2-core CPU)."""
-    batch_size: int = 1024
-    """Activation vectors per SAE step."""
-    buffer_tokens: int = 65536
-    """Shuffle-buffer capacity in tokens."""
-    prefetch: bool = True
-    """Make activations in a background thread while the SAEs train (same batches, same order as without)."""
-    lr: float = 0.0
-    """Learning rate (0 = the optimiser's default: adam 2e-4, signum_sf 5e-3, over sqrt(n_latents / 2^14))."""
-    optimizer: str = "adam"
-    """adam (warm-up, linear decay) or signum_sf (sign descent with schedule-free averaging)."""
-    eval_tokens: int = 8192
-    """Held-out activation vectors used for metrics."""
-    eval_every: int = 50
-    """Steps between held-out evaluations."""
-    checkpoint_every: int = 100
-    """Steps between checkpoints."""
-    out: str = "runs"
-    """Folder holding runs."""
-    name: str = ""
-    """Run name (default: model and layers)."""
-    resume: bool = False
-    """Continue the run's checkpoint."""
-    device: str = "cpu"
-    """Torch device (cuda for GPUs; torchrun sets one per process)."""
-    sae_devices: str = ""
-    """Comma-separated devices the SAEs are spread over round-robin (e.g. cuda:1,cuda:2); default: --device."""
-    dtype: str = "float32"
-    """Model dtype: float32, bfloat16 or float16."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch's default; 1 is fastest on a machine busy with other work)."""
-    seed: int = 0
-    """Seed for data order, masks and SAE initialisation."""
-    progress: bool = True
-    """Show a progress bar."""
-
-    def __post_init__(self) -> None:
-        """Every value checked here, before any model loads (config files, flags and Python alike)."""
-        from .activations import POLICIES
-        from .models.checkpoint import resolve_dtype
-        from .sae.model import ARCHITECTURES
-        from .sae.optim import OPTIMIZERS
-
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            if kind == "str":
-                setattr(self, f.name, checks.text(f.name, value))
-            elif kind == "bool" and not isinstance(value, bool):
-                raise DLMScopeError(f"{f.name}={value!r} must be true or false")
-        for name in ("expansion", "context_length", "seqs_per_forward", "total_tokens", "batch_size", "buffer_tokens",
-                     "eval_tokens", "eval_every", "checkpoint_every"):
-            checks.positive(name, getattr(self, name))
-        checks.non_negative("threads", self.threads)
-        checks.integer("seed", self.seed)
-        checks.number("lr", self.lr, 0.0)
-        checks.number("t_min", self.t_min, 0.0, 1.0)
-        checks.number("t_max", self.t_max, self.t_min, 1.0)
-        self.layer_list()
-        self.k_list()
-        checks.choice("site", self.site, SITES)
-        if self.target_site:
-            checks.choice("target_site", self.target_site, SITES)
-        if self.architecture.endswith("transcoder") != bool(self.target_site) or self.target_site == self.site:
-            raise DLMScopeError(f"target_site={self.target_site!r} with site={self.site!r}: transcoders (and only they) "
-                                "need a target site other than the site they read")
-        self.prefix_list()
-        checks.choice("architecture", self.architecture, ARCHITECTURES)
-        checks.choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
-        checks.choice("policy", self.policy, ("", *POLICIES))
-        checks.device("device", self.device)
-        for d in self.sae_device_list(self.device):
-            checks.device("sae_devices", d)
-        resolve_dtype(self.dtype)
-
-    def layer_list(self) -> list[int]:
-        return checks.int_list("layers", self.layers, 0)
-
-    def k_list(self) -> list[int]:
-        return checks.int_list("k", self.k, 1)
-
-    def hook(self, layer: int, site: str) -> str:
-        return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
-
-    def prefix_list(self) -> tuple[int, ...]:
-        return tuple(checks.int_list("prefix_sizes", self.prefix_sizes)) if self.prefix_sizes.strip() else ()
-
-    def sae_device_list(self, default: str) -> list[str]:
-        return [d.strip() for d in self.sae_devices.split(",") if d.strip()] or [default]
+    renamed: ClassVar[dict[str, str]] = {"cache": "activation_cache"}
 
     def run_name(self) -> str:
-        if self.name:
-            return self.name
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{Path(self.model).name}-L{self.layers}-k{self.k}".replace(",", "_"))
+        return self.name or safe_name(f"{Path(self.model).name}-L{self.layers}-k{self.k}")
 
-
-def load_config_file(path: str | Path, cls: type = TrainSAEConfig) -> dict:
-    """Read a YAML or JSON config whose keys are fields of the dataclass `cls` (its values are checked by `cls`)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise DLMScopeError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise DLMScopeError(f"config file {str(path)!r} is not valid YAML/JSON{at}") from None
-    if not isinstance(data, dict):
-        raise DLMScopeError(f"config file {str(path)!r} must hold a mapping of option: value, "
-                            f"not a {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(str(key) for key in set(data) - known)
-    if unknown:
-        raise DLMScopeError(f"unknown config keys {unknown} in {str(path)!r}; allowed: {', '.join(sorted(known))}")
-    return data
-
-
-SITES = ("pre", "mid", "post", "mlp_in", "mlp_out")
-"""Hook sites an SAE can read (and a transcoder predict)."""
 
 RESUMABLE_CHANGES = ("resume", "progress", "device", "sae_devices", "checkpoint_every", "threads", "prefetch")
 """Options that may differ between a run and its --resume (they do not change the result)."""
@@ -266,7 +114,7 @@ def _eval_set(source, n_tokens: int) -> dict[str, torch.Tensor]:
     return {h: torch.cat(a)[:n_tokens] for h, a in acts.items()}
 
 
-class DictionaryRun:
+class DictionaryRun(Run):
     """One run training several dictionaries on a shared activation stream, in steps other dictionary types
     (crosscoders, other SAE architectures) reuse by subclassing:
 
@@ -285,12 +133,11 @@ class DictionaryRun:
     (`runstate.RunFolder`); SIGINT/SIGTERM finish the step, checkpoint and stop (`RunResult.signal`).
     """
 
-    state_name = "checkpoint"
+    resumable = RESUMABLE_CHANGES
 
     def __init__(self, cfg: TrainSAEConfig):
-        self.cfg = cfg
         self.dist = _Dist(cfg.device)
-        self.folder = Path(cfg.out) / check_name(cfg.run_name())
+        super().__init__(cfg, Path(cfg.out) / check_name(cfg.run_name()), self.dist.main)
         self.hooks = [cfg.hook(i, cfg.site) for i in cfg.layer_list()]
         self.targets: dict[str, str] = {}
         """Input hook -> the hook a trainer predicts, where that differs (transcoders)."""
@@ -298,7 +145,6 @@ class DictionaryRun:
         self.routes: dict[str, str] = {}
         self.history: list[dict] = []
         self.steps_done = 0
-        self.signal = 0
         self.prefetcher: Prefetcher | None = None
         self.wait_seconds = 0.0
         """Wall time the steps spent waiting for their batch (activations not ready yet)."""
@@ -318,6 +164,11 @@ class DictionaryRun:
         out = self.targets.get(self.routes[key])
         return {"target": acts[out]} if out else {}
 
+    def device_for(self, i: int) -> str:
+        """The device of the i-th dictionary: --sae-devices round-robin, else this process's device."""
+        devices = self.cfg.sae_device_list(self.dist.device)
+        return devices[i % len(devices)]
+
     def activation_source(self, lm, rows: torch.Tensor, doc_ids: torch.Tensor, **kwargs):
         """The source of training (and held-out) batches when running the model; crosscoders pair checkpoints."""
         return ActivationSource(lm, self.hooks, rows, doc_ids, **kwargs)
@@ -325,14 +176,13 @@ class DictionaryRun:
     # ------------------------------------------------------------------------------------------ steps
     def run(self) -> RunResult:
         """The whole run; `cfg.threads` holds for the run only (the caller's thread count is restored)."""
-        lock = RunFolder(self.folder, self.cfg.resume) if self.dist.main else nullcontext()
-        with torch_threads(self.cfg.threads), lock:
+        with torch_threads(self.cfg.threads), self.lock():
             saved = self.read_checkpoint() if self.cfg.resume else None  # before the expensive setup
             try:
                 self.setup()
                 if saved is not None:
                     self.resume(saved)
-                with self._signals():
+                with self.signals():
                     self.train()
             finally:
                 if self.prefetcher is not None:
@@ -350,27 +200,27 @@ class DictionaryRun:
         from .models import load_model
 
         cfg, dist = self.cfg, self.dist
-        if cfg.cache:  # the last shard is held out for metrics; the others are split across processes
-            eval_src = CachedSource(cfg.cache, shards=slice(-1, None))
+        if cfg.activation_cache:  # the last shard is held out for metrics; the others are split across processes
+            eval_src = CachedSource(cfg.activation_cache, shards=slice(-1, None))
             missing = [h for h in self.hooks if h not in eval_src.hooks]
             if missing:
-                raise DLMScopeError(f"cache {cfg.cache!r} lacks hooks {missing}; it has {eval_src.hooks}")
+                raise DLMScopeError(f"cache {cfg.activation_cache!r} lacks hooks {missing}; it has {eval_src.hooks}")
             n_shards = len(eval_src.manifest["shards"])
             if n_shards < 1 + dist.world:
-                raise DLMScopeError(f"cache {cfg.cache!r} has {n_shards} shard(s); training needs at least "
+                raise DLMScopeError(f"cache {cfg.activation_cache!r} has {n_shards} shard(s); training needs at least "
                                     f"{1 + dist.world} (one held out, one per process)")
-            train_src = CachedSource(cfg.cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
+            train_src = CachedSource(cfg.activation_cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
             model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
         else:
             lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
             for h in self.hooks:
                 lm.site(h)
             if lm.tokenizer is None:
-                raise DLMScopeError(f"model {cfg.model!r} has no tokenizer; train from a cache (--cache) instead")
+                raise DLMScopeError(f"model {cfg.model!r} has no tokenizer; train from a cache (--activation-cache) instead")
             train_texts, heldout_texts = split_texts(cfg.dataset, cfg.column)
             train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
             eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
-            common = dict(policy=cfg.policy or None, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
+            common = dict(policy=cfg.policy, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
             train_src = self.activation_source(lm, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
                                                rank=dist.rank, world=dist.world, **common)
             eval_src = self.activation_source(lm, eval_rows.input_ids, eval_rows.doc_ids, seed=cfg.seed + 1,
@@ -389,19 +239,8 @@ class DictionaryRun:
 
     def read_checkpoint(self) -> dict:
         """The verified resume state, with the options it was written with checked against ours."""
-        if not has_state(self.folder, self.state_name):
-            legacy = " (checkpoint.pt files of older versions are not loaded: they are pickles)" \
-                if (self.folder / "checkpoint.pt").exists() else ""
-            raise DLMScopeError(f"--resume given but {str(self.folder / (self.state_name + '.json'))!r} does not "
-                                f"exist{legacy}")
-        state = load_state(self.folder, self.state_name)
-        saved = state["config"]
-        defaults = {f.name: f.default for f in fields(self.cfg)}  # options added since the checkpoint was written
-        changed = [k for k, v in asdict(self.cfg).items()
-                   if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
-        if changed:
-            raise DLMScopeError(f"--resume with changed options {changed}; the checkpoint was written with "
-                                f"{ {k: saved.get(k) for k in changed} }")
+        state = self.load()
+        self.check_resume(state["config"])
         if len(state["ranks"]) != self.dist.world:
             raise DLMScopeError(f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with "
                                 f"the same number, not {self.dist.world}")
@@ -418,10 +257,8 @@ class DictionaryRun:
 
     def train(self) -> None:
         cfg = self.cfg
-        bar = None
-        if cfg.progress and self.dist.main:
-            bar = progress(total=self.total_steps * cfg.batch_size, initial=self.steps_done * cfg.batch_size, unit="tok",
-                       unit_scale=True, desc=f"train-sae {len(self.trainers)} SAE(s)")
+        bar = self.progress(total=self.total_steps * cfg.batch_size, initial=self.steps_done * cfg.batch_size,
+                            unit="tok", unit_scale=True, desc=f"train-sae {len(self.trainers)} SAE(s)")
         self.t0 = time.time()
         try:
             while self.steps_done < self.total_steps:
@@ -432,7 +269,7 @@ class DictionaryRun:
                     bar.update(cfg.batch_size)
                     first = logs[next(iter(logs))]
                     bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.2f}")
-                if self._stop_requested():
+                if self.stop_requested():
                     return
                 if self.steps_done % cfg.checkpoint_every == 0 and self.steps_done < self.total_steps:
                     self.checkpoint()
@@ -469,7 +306,7 @@ class DictionaryRun:
             tdist.all_gather_object(ranks, mine)
         if self.dist.main:
             atomic_write_json(self.folder / "config.json", asdict(self.cfg))
-            save_state(self.folder, self.state_name, {
+            self.save({
                 "step": self.steps_done, "history": self.history, "config": asdict(self.cfg), "ranks": ranks,
                 "trainers": {k: t.state_dict() for k, t in self.trainers.items()}})
 
@@ -489,19 +326,7 @@ class DictionaryRun:
         return RunResult(self.folder, outputs, final, False, self.history)
 
     # ---------------------------------------------------------------------------------------- helpers
-    @contextmanager
-    def _signals(self):
-        def on_signal(signum, frame):  # finish the step, checkpoint, stop
-            self.signal = signum
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
         """Whether any process got a signal (agreed across torchrun processes, so all stop at the same step)."""
         if self.dist.world == 1:
             return bool(self.signal)
@@ -511,7 +336,7 @@ class DictionaryRun:
 
 
 class SAERun(DictionaryRun):
-    """Top-K / BatchTopK SAEs, one per (layer, k)."""
+    """SAEs of any architecture (transcoders included), one per (layer, k)."""
 
     def __init__(self, cfg: TrainSAEConfig):
         super().__init__(cfg)
@@ -524,17 +349,14 @@ class SAERun(DictionaryRun):
 
     def build_trainers(self, d_in: int, meta: dict) -> None:
         cfg = self.cfg
-        tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed,
-                           optimizer=cfg.optimizer, l0_coef=cfg.l0_coef, bandwidth=cfg.bandwidth,
-                           autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
-        devices = cfg.sae_device_list(self.dist.device)
+        tcfg = TrainConfig.of(cfg, autocast_bf16=cfg.device.startswith("cuda") and cfg.dtype != "float32")
         for h in self.reads:
             out = {"hook_name_out": self.targets[h]} if h in self.targets else {}
             for k in cfg.k_list():
                 key = f"{h}-k{k}"
                 self.trainers[key] = SAETrainer(SAEConfig(d_in, cfg.expansion * d_in, k, cfg.architecture,
                                                           {**meta, "hook_name": h, **out}, cfg.prefix_list()),
-                                                tcfg, devices[len(self.routes) % len(devices)])
+                                                tcfg, self.device_for(len(self.routes)))
                 self.routes[key] = h
 
     def save_output(self, key: str, trainer: SAETrainer, density: torch.Tensor) -> Path:
@@ -574,18 +396,109 @@ class CrossCoderRun(DictionaryRun):
         if width % n:
             raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
         d = width // n
-        tcfg = TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr or None, seed=cfg.seed)
+        tcfg = TrainConfig.of(cfg)
         for h in self.hooks:
             for k in cfg.k_list():
                 key = f"{h}-k{k}"
                 self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, self.checkpoints,
-                                                                        {**meta, "hook_name": h}), tcfg, self.dist.device)
+                                                                        {**meta, "hook_name": h}), tcfg,
+                                                       self.device_for(len(self.routes)))
                 self.routes[key] = h
 
     def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
         from .sae.crosscoder import save_crosscoder
 
-        return save_crosscoder(trainer.sae, self.folder / "crosscoders" / key.replace(".", "_"), density=density)
+        with trainer.averaged():
+            return save_crosscoder(trainer.sae, self.folder / "crosscoders" / key.replace(".", "_"), density=density)
+
+
+@dataclass
+class DiffPart(Options):
+    checkpoints: str
+    """Comma-separated checkpoints (built-in names or folders), the base first; at least two."""
+    specific_threshold: float = 0.9
+    """Relative decoder norm above which a latent is specific to the later checkpoint (below 1 - it: to the base)."""
+    nu_max: float = 0.3
+    """Latent Scaling: a specific latent is robust when both ratios nu_error and nu_reconstruction are below this."""
+    diff_sae: bool = False
+    """Also train a diff-SAE (Top-K) on the activation differences (last checkpoint minus the base)."""
+    n_seqs: int = 64
+    """Held-out sequences the report reads (scaling, top examples)."""
+    n_examples: int = 6
+    """Top examples per specific latent in the report."""
+
+    def check(self) -> None:
+        if len(self.checkpoint_list()) < 2:
+            raise DLMScopeError(f"checkpoints={self.checkpoints!r}: model diffing needs at least two comma-separated "
+                                "checkpoints (base first)")
+        checks.number("specific_threshold", self.specific_threshold, 0.5, 1.0, low_open=True, high_open=True)
+        checks.number("nu_max", self.nu_max, 0.0, low_open=True)
+        checks.positive("n_seqs", self.n_seqs)
+        checks.positive("n_examples", self.n_examples)
+
+    def checkpoint_list(self) -> list[str]:
+        return [c.strip() for c in self.checkpoints.split(",") if c.strip()]
+
+
+@dataclass
+class DiffConfig(RunPart, OptimiserConfig, DictionaryPart, DataPart, SitePart, DiffPart):
+    """A `dlmscope diff` run: a BatchTopK crosscoder per (layer, k) over the checkpoints (the first is the base
+    and supplies the tokenizer), then the diffing report (`analysis.diffing`). Composed of the checkpoints,
+    site, data, dictionary, optimiser and run parts."""
+
+    renamed: ClassVar[dict[str, str]] = {"cache": "activation_cache", "threshold": "specific_threshold"}
+    layers: str = "1"
+    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
+    total_tokens: int = 100_000
+    """Training tokens per crosscoder."""
+    batch_size: int = 256
+    """Paired activation vectors per crosscoder step."""
+    lr: float | None = field(default=3e-3, metadata=unset("the optimiser's default, which barely moves the decoders "
+                                                          "in a short run"))
+    """Learning rate."""
+
+    @property
+    def model(self) -> str:
+        """The base checkpoint (activations are paired with it; its tokenizer packs the text)."""
+        return self.checkpoint_list()[0]
+
+    def run_name(self) -> str:
+        tag = "_vs_".join(Path(c).name for c in self.checkpoint_list())
+        return self.name or safe_name(f"diff-{tag}-L{self.layers}-k{self.k}")[:120]
+
+
+class DiffRun(CrossCoderRun):
+    """The crosscoders, plus (with --diff-sae) one Top-K SAE per (layer, k) on last-minus-base differences."""
+
+    def __init__(self, cfg: DiffConfig):
+        super().__init__(cfg, cfg.checkpoint_list())
+
+    def build_trainers(self, d_in: int, meta: dict) -> None:
+        super().build_trainers(d_in, meta)
+        if not self.cfg.diff_sae:
+            return
+        d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
+        tcfg = TrainConfig.of(self.cfg)
+        for h in self.hooks:
+            for k in self.cfg.k_list():
+                key = f"{h}-k{k}-diffsae"
+                self.trainers[key] = SAETrainer(SAEConfig(d, self.cfg.expansion * d, k, "topk",
+                                                          {**meta, "hook_name": h, "diff_of": self.checkpoints}),
+                                                tcfg, self.device_for(len(self.routes)))
+                self.routes[key] = h
+
+    def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = acts[self.routes[key]]
+        if not key.endswith("-diffsae"):
+            return x
+        d = x.shape[1] // len(self.checkpoints)
+        return x[:, -d:] - x[:, :d]
+
+    def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
+        if key.endswith("-diffsae"):
+            with trainer.averaged():
+                return save_sae(trainer.sae, self.folder / "diffsaes" / key.replace(".", "_"), density=density)
+        return super().save_output(key, trainer, density)
 
 
 def train_sae(cfg: TrainSAEConfig) -> RunResult:

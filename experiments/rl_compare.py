@@ -34,7 +34,7 @@ def run(args) -> dict:
     from dlmscope.rl import RLConfig, train_rl
     from dlmscope.runstate import has_state
 
-    base = RLConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=6, lr=args.lr, denoise_steps=2,
+    base = RLConfig(rl_steps=args.steps, prompts_per_step=args.prompts, group_size=6, lr=args.lr, denoise_steps=2,
                     eval_n=args.eval_n, eval_every=max(1, args.steps // 4), checkpoint_every=args.steps)
     per_algo = {"rspo": {}, "spg": {"spg_beta": 1.0, "spg_block_length": 8}, "diffu-grpo": {}}
     logs = {}
@@ -99,7 +99,7 @@ def render(res: dict, out: Path) -> str:
                          "per_seed": [r["after"]["accuracy"] for r in runs], "sample_s": sample, "update_s": update}
     c = logs["rspo-s0"]["config"]
     md = (f"Sudoku 4x4 ({c['min_empty']}-{c['max_empty']} empty cells), tiny DLM, {c['denoise_steps']}-step decoding; "
-          f"{st['seeds']} seeds x {c['steps']} steps x {c['prompts_per_step']} prompts x {c['group_size']} completions, "
+          f"{st['seeds']} seeds x {c.get('rl_steps', c.get('steps'))} steps x {c['prompts_per_step']} prompts x {c['group_size']} completions, "
           f"lr {c['lr']}, 1 optimiser step per rollout, rollouts at temperature {c['temperature']}; "
           f"{c['eval_n']} test puzzles, greedy. Bold: interval vs no RL excludes 0.\n\n"
           "Starting point, greedy exact solve by decoding steps: "

@@ -27,7 +27,7 @@ def _rspo_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         from dlmscope.rl import RLConfig, train_rl
 
-        train_rl(RLConfig(algo="rspo", steps=30, checkpoint_every=15, out=str(path.parent)))
+        train_rl(RLConfig(algo="rspo", rl_steps=30, checkpoint_every=15, out=str(path.parent)))
     return path
 
 

@@ -204,7 +204,7 @@ def test_cache_bfloat16_and_cli(llada, tiny_dirs, tmp_path):
     torch.testing.assert_close(got, src.batch(0, 0).acts[HOOK], atol=0.05, rtol=0.02)
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"document {i} says {' '.join(['words'] * 20)}" for i in range(40)))
-    main(["cache", str(tmp_path / "cli"), "--model", str(tiny_dirs["llada"]), "--layers", "0,1", "--batches", "2",
+    main(["cache", "--out", str(tmp_path / "cli"), "--model", str(tiny_dirs["llada"]), "--layers", "0,1", "--batches", "2",
           "--seqs-per-forward", "4", "--context-length", "16", "--dataset", str(text)])
     assert len(CachedSource(tmp_path / "cli")) == 2
 

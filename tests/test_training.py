@@ -130,16 +130,16 @@ def test_train_from_cache(llada, tiny_dirs, text, tmp_path):
     rows = pack(llada.tokenizer, load_texts(str(text)), 32)
     src = ActivationSource(llada, ["blocks.1.hook_resid_post"], rows.input_ids, rows.doc_ids, seqs_per_batch=8)
     write_cache(src, tmp_path / "cache", n_batches=6, progress=False)
-    result = train_sae(_cfg(tiny_dirs, text, tmp_path, cache=str(tmp_path / "cache"), layers="1", k="4",
+    result = train_sae(_cfg(tiny_dirs, text, tmp_path, activation_cache=str(tmp_path / "cache"), layers="1", k="4",
                             total_tokens=256 * 4))
     sae = load_sae(next(iter(result.saes.values())))
     assert sae.cfg.metadata["model_name"] == llada.name and sae.cfg.metadata["masking_policy"] == "mask"
     with pytest.raises(DLMScopeError, match="lacks hooks"):
-        train_sae(_cfg(tiny_dirs, text, tmp_path, cache=str(tmp_path / "cache"), layers="0", name="x"))
+        train_sae(_cfg(tiny_dirs, text, tmp_path, activation_cache=str(tmp_path / "cache"), layers="0", name="x"))
     shard = tmp_path / "cache" / "shard-00002.safetensors"
     shard.write_bytes(b"garbage" + shard.read_bytes()[7:])
     with pytest.raises(DLMScopeError, match="missing or corrupt"):
-        train_sae(_cfg(tiny_dirs, text, tmp_path, cache=str(tmp_path / "cache"), layers="1", name="y"))
+        train_sae(_cfg(tiny_dirs, text, tmp_path, activation_cache=str(tmp_path / "cache"), layers="1", name="y"))
 
 
 def _digest(folder) -> dict:
@@ -168,7 +168,7 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
                           (["--dataset", str(tmp_path / "none.txt")], "does not exist"),
                           (["--dataset", str(empty)], "no non-empty texts"),
                           (["--dataset", str(short)], "fewer than one row"),
-                          (["--cache", str(tmp_path)], "not an activation cache"),
+                          (["--activation-cache", str(tmp_path)], "not an activation cache"),
                           (["--name", "cli"], "already exists; pass --resume"),
                           (["--name", "../../escape"], "is not a name"),
                           (["--name", "ghost", "--resume"], "checkpoint.json' does not exist"),
@@ -198,7 +198,7 @@ def test_help_lists_every_option(capsys):
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out
-    for flag in ("--config", "--layers", "--k", "--policy", "--t-min", "--cache", "--resume", "--sae-devices",
+    for flag in ("--config", "--layers", "--k", "--policy", "--t-min", "--activation-cache", "--resume", "--sae-devices",
                  "--threads", "--total-tokens"):
         assert flag in out
     assert "Highest mask ratio" in out

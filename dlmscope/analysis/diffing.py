@@ -38,105 +38,16 @@ a plotly page, and an explorer page (`dlmscope explore --diff REPORT.json`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..diffusion.noise import corrupt
-from ..errors import DLMScopeError
 from ..hooks import run_with_cache
 from ..io_utils import atomic_write_json, atomic_write_text
 from ..models.base import LoadedModel
-from ..training import CrossCoderRun, TrainSAEConfig
-
-
-@dataclass
-class DiffConfig(TrainSAEConfig):
-    """A `dlmscope diff` run: a crosscoder per (layer, k) over the checkpoints, then the diffing report.
-    The crosscoder training options are train-sae's; --model is ignored (the first checkpoint is the base)."""
-
-    checkpoints: str = ""
-    """Comma-separated checkpoints (built-in names or folders), the base first; at least two."""
-    architecture: str = "batchtopk"
-    """Crosscoders are BatchTopK (the only allowed value)."""
-    layers: str = "1"
-    """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site})."""
-    total_tokens: int = 100_000
-    """Training tokens per crosscoder."""
-    batch_size: int = 256
-    """Paired activation vectors per crosscoder step."""
-    lr: float = 3e-3
-    """Adam learning rate (0 = 2e-4 / sqrt(n_latents / 2^14), which barely moves the decoders in a short run)."""
-    threshold: float = 0.9
-    """Relative decoder norm above which a latent is specific to the later checkpoint (below 1 - it: to the base)."""
-    nu_max: float = 0.3
-    """Latent Scaling: a specific latent is robust when both ratios nu_error and nu_reconstruction are below this."""
-    diff_sae: bool = False
-    """Also train a diff-SAE on the activation differences (last checkpoint minus the base)."""
-    n_seqs: int = 64
-    """Held-out sequences the report reads (scaling, top examples)."""
-    n_examples: int = 6
-    """Top examples per specific latent in the report."""
-
-    def __post_init__(self) -> None:
-        names = self.checkpoint_list()
-        if len(names) < 2:
-            raise DLMScopeError(f"checkpoints={self.checkpoints!r}: model diffing needs at least two comma-separated "
-                                "checkpoints (base first)")
-        if self.architecture != "batchtopk":
-            raise DLMScopeError(f"architecture={self.architecture!r}; crosscoders allow only batchtopk")
-        if not 0.5 < self.threshold < 1:
-            raise DLMScopeError(f"threshold={self.threshold} must be in (0.5, 1)")
-        self.model = names[0]
-
-    def checkpoint_list(self) -> list[str]:
-        return [c.strip() for c in self.checkpoints.split(",") if c.strip()]
-
-    def run_name(self) -> str:
-        if self.name:
-            return self.name
-        tag = "_vs_".join(Path(c).name for c in self.checkpoint_list())
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"diff-{tag}-L{self.layers}-k{self.k}".replace(",", "_"))[:120]
-
-
-class DiffRun(CrossCoderRun):
-    """The crosscoders, plus (with --diff-sae) one Top-K SAE per (layer, k) on last-minus-base differences."""
-
-    def __init__(self, cfg: DiffConfig):
-        super().__init__(cfg, cfg.checkpoint_list())
-
-    def build_trainers(self, d_in: int, meta: dict) -> None:
-        from ..sae import SAEConfig, SAETrainer, TrainConfig
-
-        super().build_trainers(d_in, meta)
-        if not self.cfg.diff_sae:
-            return
-        d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
-        tcfg = TrainConfig(total_tokens=self.cfg.total_tokens, batch_size=self.cfg.batch_size, lr=self.cfg.lr or None,
-                           seed=self.cfg.seed)
-        for h in self.hooks:
-            for k in self.cfg.k_list():
-                key = f"{h}-k{k}-diffsae"
-                self.trainers[key] = SAETrainer(SAEConfig(d, self.cfg.expansion * d, k, "topk",
-                                                          {**meta, "hook_name": h, "diff_of": self.checkpoints}),
-                                                tcfg, self.dist.device)
-                self.routes[key] = h
-
-    def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = acts[self.routes[key]]
-        if not key.endswith("-diffsae"):
-            return x
-        d = x.shape[1] // len(self.checkpoints)
-        return x[:, -d:] - x[:, :d]
-
-    def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
-        from ..sae import save_sae
-
-        if key.endswith("-diffsae"):
-            return save_sae(trainer.sae, self.folder / "diffsaes" / key.replace(".", "_"), density=density)
-        return super().save_output(key, trainer, density)
+from ..training import DiffConfig, DiffRun
 
 
 # ------------------------------------------------------------------------------------------ the statistics
@@ -349,7 +260,7 @@ def diff(cfg: DiffConfig) -> dict:
             report["diff_saes"][key] = diff_sae_report(load_sae(str(folder)), texts[hook], len(lms))
         else:
             report["crosscoders"][key] = {"folder": str(folder), **crosscoder_report(
-                load_crosscoder(folder), texts[hook], lms[0], threshold=cfg.threshold, nu_max=cfg.nu_max,
+                load_crosscoder(folder), texts[hook], lms[0], threshold=cfg.specific_threshold, nu_max=cfg.nu_max,
                 n_examples=cfg.n_examples)}
     atomic_write_json(run.folder / "diff.json", report)
     write_report_html(report, run.folder / "diff.html")

@@ -252,3 +252,43 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
         strategy.end()
         lm.state = ForwardState()
     return (nll.cpu() / n, busy.cpu()) if return_forwards else nll.cpu() / n
+
+
+def order_study(lm: LoadedModel, saes, prompts: Sequence[str], strategies: Sequence[str], task: str | None = None,
+                n: int = 50, budgets: Sequence[int] = (4, 8, 16), gen_length: int = 16, rows: torch.Tensor | None = None,
+                schedule: str | None = None, threshold: float | None = None, cache: str | None = None,
+                on_row=None) -> dict:
+    """The `dlmscope order` study: per remasking order (the SAE-informed ones use the last SAE), the feature
+    dynamics of every SAE over `prompts` (one token per step), the task's accuracy (`task`, unless None) and
+    the held-out NLL of `rows` (unless None) at each step budget. `on_row(name, table_row)` sees each order's
+    row of `order_table` as soon as it is done."""
+    fast = {"threshold": threshold, "cache": cache}
+    result: dict = {"dynamics": {}, "task": {}, "heldout_nll": {}}
+    hooks = [s.cfg.hook_name for s in saes]
+    for name in strategies:
+        dyn = feature_dynamics(lm, saes, prompts, make_strategy(name, saes[-1]), gen_length=gen_length,
+                               steps=gen_length, schedule=schedule, **fast)
+        acc = {b: task_accuracy(lm, task, make_strategy(name, saes[-1]), n=n, steps=b, gen_length=gen_length,
+                                schedule=schedule, **fast) for b in budgets} if task else {}
+        nll = {b: float(order_log_likelihood(lm, rows, gen_length, make_strategy(name, saes[-1]), b,
+                                             schedule=schedule, **fast).mean()) for b in budgets} \
+            if rows is not None else {}
+        result["dynamics"][name], result["task"][name], result["heldout_nll"][name] = dyn["layers"], acc, nll
+        if on_row is not None:
+            on_row(name, _order_row(result, name, hooks))
+    return result
+
+
+def order_header(lm: LoadedModel, hooks: Sequence[str], task: str | None, budgets: Sequence[int],
+                 heldout: bool) -> str:
+    """The Markdown header (two lines) of `order_study`'s table."""
+    head = "".join(f" L{lm.layer_of(h)} stability | L{lm.layer_of(h)} drift |" for h in hooks)
+    head += "".join(f" {task} @{b} |" for b in budgets if task) + "".join(f" NLL @{b} |" for b in budgets if heldout)
+    return f"| order |{head}\n|---|" + "---|" * head.count("|")
+
+
+def _order_row(result: dict, name: str, hooks: Sequence[str]) -> str:
+    layers, acc, nll = result["dynamics"][name], result["task"][name], result["heldout_nll"][name]
+    cells = "".join(f" {layers[h]['pre_mask_stability']:.3f} | {layers[h]['post_decode_drift']:.3f} |" for h in hooks)
+    return (f"| {name} |{cells}" + "".join(f" {acc[b]['accuracy']:.2f} |" for b in acc)
+            + "".join(f" {nll[b]:.3f} |" for b in nll))

@@ -45,19 +45,24 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     backend: str = "native",
     device_map: str | dict | None = None,
+    mask_id: int | None = None,
 ) -> LoadedModel:
     """Load a built-in name, a local checkpoint folder, or a `HookedTransformer` as a `LoadedModel`.
 
     Nothing is downloaded: folders must hold config.json and safetensors weights. `backend="remote"`
     runs the folder's own modelling code (`trust_remote_code`); `device_map` is passed to transformers
     for causal and remote loads and to accelerate for the native MoE loaders (big checkpoints over several devices).
+    A bidirectional `HookedTransformer` (`to_hooked_transformer`) comes back as a diffusion model with
+    `mask_id` (default: its tokenizer's mask token).
     """
     if isinstance(path_or_name, LoadedModel):
         return path_or_name
     if type(path_or_name).__name__ == "HookedTransformer":
-        from .causal import wrap_transformer_lens
+        from .lens import wrap_transformer_lens
 
-        return wrap_transformer_lens(path_or_name)
+        return wrap_transformer_lens(path_or_name, mask_id=mask_id)
+    if mask_id is not None:
+        raise DLMScopeError("mask_id= is for a HookedTransformer; a checkpoint folder's mask id comes from its config")
     if family is not None and family not in FAMILIES:
         raise DLMScopeError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     if backend not in BACKENDS:

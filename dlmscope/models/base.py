@@ -14,11 +14,35 @@ from ..errors import DLMScopeError
 FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens", "lladamoe", "llada2")
 """Checkpoint families `load_model` understands."""
 
-SITE_ORDER = ("resid_pre", "resid_mid", "mlp_in", "router_logits", "expert_weights", "expert_indices", "mlp_out",
+SITE_ORDER = ("resid_pre", "attn.q", "attn.k", "attn.v", "attn.rot_q", "attn.rot_k", "attn.pattern", "attn.z",
+              "attn_out", "resid_mid", "mlp_in", "router_logits", "expert_weights", "expert_indices", "mlp_out",
               "resid_post")
-"""Per-layer hook sites in the order a forward pass reaches them (router sites exist on MoE layers only)."""
+"""Per-layer hook sites in the order a forward pass reaches them (router sites exist on MoE layers only;
+`attn.*` sites and attn_out on models whose attention carries `models.attention.AttentionHooks`)."""
 ROUTER_SITES = ("router_logits", "expert_weights", "expert_indices")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(SITE_ORDER) + r")$")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(attn\.)?hook_(\w+)$")
+
+
+def hook_name(layer: int, kind: str) -> str:
+    """`blocks.{layer}.hook_{kind}`, or `blocks.{layer}.attn.hook_{site}` for a kind `attn.{site}`."""
+    if kind.startswith("attn."):
+        return f"blocks.{layer}.attn.hook_{kind[5:]}"
+    return f"blocks.{layer}.hook_{kind}"
+
+
+def parse_hook(name: str) -> tuple[int, str] | None:
+    """(layer, kind) of a well-formed hook name (kind one of `SITE_ORDER`), else None."""
+    m = _HOOK_RE.match(name)
+    if m is None:
+        return None
+    kind = (m.group(2) or "") + m.group(3)
+    return (int(m.group(1)), kind) if kind in SITE_ORDER else None
+
+
+def site_key(name: str) -> tuple[int, int]:
+    """(layer, index in `SITE_ORDER`) of a well-formed hook name: sorts names in forward order."""
+    layer, kind = parse_hook(name)
+    return layer, SITE_ORDER.index(kind)
 
 
 @dataclass
@@ -43,6 +67,7 @@ class Site:
 
     module: nn.Module
     where: str  # "input" | "output"
+    pos_dim: int = 1  # the axis of sequence positions (the queries' axis, 2, for hook_pattern)
 
 
 @dataclass
@@ -99,27 +124,32 @@ class LoadedModel:
 
     def site(self, hook_name: str) -> Site:
         if hook_name not in self.sites:
-            m = _HOOK_RE.match(hook_name)
-            if m and int(m.group(1)) >= self.n_layers:
+            parsed = parse_hook(hook_name)
+            if parsed and parsed[0] >= self.n_layers:
                 raise DLMScopeError(
                     f"hook {hook_name!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
                 )
-            kinds = [k for k in SITE_ORDER if any(n.endswith(f".hook_{k}") for n in self.sites)]
+            kinds = [k for k in SITE_ORDER if any(parse_hook(n)[1] == k for n in self.sites)]
+            if parsed and parsed[1].startswith("attn") and "attn.q" not in kinds:
+                raise DLMScopeError(
+                    f"hook {hook_name!r}: {self.name} ({self.family}) exposes no attention internals; they need a "
+                    "native LLaDA, Dream, LLaDA-MoE, LLaDA 2.x or Llama/Qwen2 causal model, or to_hooked_transformer"
+                )
+            names = "|".join(hook_name_pattern(k) for k in kinds)
             raise DLMScopeError(
-                f"unknown hook {hook_name!r}; allowed: blocks.{{0..{self.n_layers - 1}}}.hook_{{{'|'.join(kinds)}}}"
+                f"unknown hook {hook_name!r}; allowed: blocks.{{0..{self.n_layers - 1}}}.{{{names}}}"
                 + (" (router sites on MoE layers only)" if self.n_experts else "")
             )
         return self.sites[hook_name]
 
     def layer_of(self, hook_name: str) -> int:
         self.site(hook_name)
-        return int(_HOOK_RE.match(hook_name).group(1))
+        return parse_hook(hook_name)[0]
 
     def site_order(self, hook_name: str) -> tuple[int, int]:
         """(layer, position within the layer): sorts hook names in the order a forward pass reaches them."""
         self.site(hook_name)
-        m = _HOOK_RE.match(hook_name)
-        return int(m.group(1)), SITE_ORDER.index(m.group(2))
+        return site_key(hook_name)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits (B, L, V) for `input_ids` (B, L); `attention_mask` is 1 for real tokens."""
@@ -189,10 +219,20 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
     input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP reads
     (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
     our resid_mid), mlp_out is what the MLP adds to the residual stream (as in TransformerLens).
+    Layers whose attention carries `AttentionHooks` also get `attn.hook_*` and hook_attn_out (what
+    attention adds to the residual stream: resid_pre + attn_out = resid_mid).
     """
+    from .attention import ATTN_SITES, attention_module
+
     sites: dict[str, Site] = {}
     for i, layer in enumerate(layers):
         sites[f"blocks.{i}.hook_resid_pre"] = Site(layer, "input")
+        attn = attention_module(layer)
+        if attn is not None:
+            for kind in ATTN_SITES:
+                sites[f"blocks.{i}.attn.hook_{kind}"] = Site(getattr(attn.hooks, f"hook_{kind}"), "output",
+                                                              pos_dim=2 if kind == "pattern" else 1)
+            sites[f"blocks.{i}.hook_attn_out"] = Site(attn, "output")
         if mid_attr is not None and hasattr(layer, mid_attr):
             sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
         if isinstance(getattr(layer, "mlp", None), nn.Module):
@@ -200,6 +240,11 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
             sites[f"blocks.{i}.hook_mlp_out"] = Site(layer.mlp, "output")
         sites[f"blocks.{i}.hook_resid_post"] = Site(layer, "output")
     return sites
+
+
+def hook_name_pattern(kind: str) -> str:
+    """The part of a hook name after `blocks.{i}.` for a kind of `SITE_ORDER`."""
+    return hook_name(0, kind)[len("blocks.0."):]
 
 
 def bidirectional_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Models transformers or TransformerLens already run: autoregressive baselines and BERT-style masked LMs."""
+"""Models transformers already runs: autoregressive baselines and BERT-style masked LMs (TransformerLens: `lens`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import DLMScopeError
-from .base import LoadedModel, Site, hf_sites
+from .attention import hook_hf_attention
+from .base import LoadedModel, hf_sites
 
 _LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                 "bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer", "encoder.layer",
@@ -44,6 +45,7 @@ def load_causal(folder: Path, device: str | torch.device, dtype: torch.dtype, na
         module.to(device)
     module.eval()
     layers = find_layers(module)
+    hook_hf_attention(layers)
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -73,22 +75,3 @@ def load_masked_lm(folder: Path, device: str | torch.device, dtype: torch.dtype,
                        causal=False, layers=layers, d_model=module.config.hidden_size,
                        vocab_size=module.get_output_embeddings().weight.shape[0], name=name or folder.name,
                        sites=hf_sites(layers, None), call=call)
-
-
-def wrap_transformer_lens(model, name: str | None = None) -> LoadedModel:
-    """A `transformer_lens.HookedTransformer` as an autoregressive baseline; its hook points keep their names."""
-    layers = list(model.blocks)
-    sites: dict[str, Site] = {}
-    for i, block in enumerate(layers):
-        for kind in ("pre", "mid", "post"):
-            point = getattr(block, f"hook_resid_{kind}", None)
-            if point is not None:
-                sites[f"blocks.{i}.hook_resid_{kind}"] = Site(point, "output")
-
-    def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return model(input_ids, return_type="logits", attention_mask=attention_mask)
-
-    return LoadedModel(module=model, tokenizer=model.tokenizer, family="transformer_lens", mask_id=None, shift=False,
-                       causal=True, layers=layers, d_model=model.cfg.d_model, vocab_size=model.cfg.d_vocab,
-                       name=name or model.cfg.model_name, sites=sites, call=call)
-

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import DLMScopeError
+from .attention import hook_hf_attention
 from .base import LoadedModel, bidirectional_mask, hf_sites
 
 log = logging.getLogger("dlmscope")
@@ -155,6 +156,7 @@ def wrap_decoder(module: nn.Module, *, family: str, name: str, tokenizer, mask_i
                  shift: bool, causal: bool) -> LoadedModel:
     """LoadedModel around a transformers decoder-only LM (Llama, Qwen2, ...)."""
     layers = list(module.model.layers)
+    hook_hf_attention(layers)
     if not causal:
         for layer in layers:
             layer.self_attn.is_causal = False

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DLMScopeError
+from .attention import AttentionHooks, attention
 from .base import LoadedModel
 from .checkpoint import iter_safetensors, load_tokenizer, read_config
-from .moe import (MoEDecoder, RMSNorm, RouterHooks, SwiGLU, apply_rotary, attend, block_causal_mask, check_choice,
+from .moe import (MoEDecoder, RMSNorm, RouterHooks, SwiGLU, block_causal_mask, check_choice,
                   load_state, mix_experts, require, rotary_inv_freq, wrap_moe)
 
 FAMILY = "llada2"
@@ -47,14 +48,17 @@ class Attention(nn.Module):
             self.query_layernorm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
             self.key_layernorm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
         self.dense = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg["use_bias"])
+        self.hooks = AttentionHooks()
 
     def forward(self, x, mask, cos, sin, kv=None):
         b, n, _ = x.shape
-        qkv = self.query_key_value(x).view(b, n, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        qkv = self.query_key_value(x).view(b, n, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=2)
         if hasattr(self, "query_layernorm"):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
-        return self.dense(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask, kv))
+        z = attention(self.hooks, q, k, v, cos=cos[:, None], sin=sin[:, None], mask=mask, kv=kv,
+                      scale=self.head_dim ** -0.5)
+        return self.dense(z)
 
 
 class Gate(nn.Module):

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DLMScopeError
+from .attention import AttentionHooks, attention
 from .base import LoadedModel, bidirectional_mask
 from .checkpoint import iter_safetensors, load_tokenizer, read_config
-from .moe import (MoEDecoder, RMSNorm, RouterHooks, SwiGLU, apply_rotary, attend, check_choice, load_state,
+from .moe import (MoEDecoder, RMSNorm, RouterHooks, SwiGLU, check_choice, load_state,
                   mix_experts, require, rotary_inv_freq, wrap_moe)
 
 FAMILY = "lladamoe"
@@ -37,6 +38,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-5))
             self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-5))
         self.clip = cfg.get("clip_qkv")
+        self.hooks = AttentionHooks()
 
     def forward(self, x, mask, cos, sin, kv=None):
         b, n, _ = x.shape
@@ -47,8 +49,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return self.o_proj(attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask, kv))
+        z = attention(self.hooks, q, k, v, cos=cos[:, None], sin=sin[:, None], mask=mask, kv=kv,
+                      scale=self.head_dim ** -0.5)
+        return self.o_proj(z)
 
 
 class SparseMoE(nn.Module):

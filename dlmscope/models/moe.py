@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DLMScopeError
-from .base import SITE_ORDER, LoadedModel, Site, hf_sites
+from .base import LoadedModel, Site, hf_sites, site_key
 from .checkpoint import place
 
 ROUTER_SITES = ("router_logits", "expert_weights", "expert_indices")
@@ -86,29 +86,6 @@ def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch
     freqs = positions.float()[:, None] * inv_freq.to(positions.device, torch.float32)[None]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first rotary_dim channels of x (B, H, L, D); the rest pass through."""
-    r = cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    half = r // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, kv=None) -> torch.Tensor:
-    """SDPA over (B, H, L, D) with grouped key/value heads; mask (B, 1, L, keys) bool, True = may attend.
-
-    `kv(k, v) -> (k, v)` sees this layer's keys/values first (a KV cache prepends kept ones or records them).
-    """
-    if kv is not None:
-        k, v = kv(k, v)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
-    return out.transpose(1, 2).flatten(2)
 
 
 class MoEDecoder(nn.Module):
@@ -208,8 +185,7 @@ def wrap_moe(module: MoEDecoder, *, family: str, name: str, tokenizer, mask_id: 
         if hooks is not None:
             for site in ROUTER_SITES:
                 sites[f"blocks.{i}.hook_{site}"] = Site(getattr(hooks, site), "output")
-    sites = dict(sorted(sites.items(), key=lambda kv: (int(kv[0].split(".")[1]),
-                                                      SITE_ORDER.index(kv[0].split(".hook_")[1]))))
+    sites = dict(sorted(sites.items(), key=lambda kv: site_key(kv[0])))
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return module(input_ids, mask_fn(attention_mask, input_ids.shape[1], input_ids.device))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from ..models.kvcache import check_cache
 from ..errors import DLMScopeError
 from ..io_utils import atomic_write_json, atomic_write_text
 from ..models.zoo import DEFAULT_MODEL
-from ..runtime import progress
-from ..runstate import RunFolder, has_state, load_state, rng_state, save_state, set_rng_state
+from ..options import Options, choices, unset
+from ..runstate import Run, rng_state, set_rng_state
 from . import lora
 from .losses import (SPG_ESTIMATES, elbo_draws, elbo_logp, grpo_loss, one_step_input, rspo_loss, spg_logp,
                      spg_loss, spg_masks, token_logp)
@@ -38,24 +39,32 @@ ALGORITHMS = ("rspo", "diffu-grpo", "spg")
 STATE = "trainer_state"
 
 
+def _tasks() -> tuple[str, ...]:
+    from ..tasks import TASKS
+
+    return tuple(TASKS)
+
+
 @dataclass
-class RLConfig:
-    """An RL run; every field is a `dlmscope rspo` flag."""
+class RLConfig(Options):
+    """An RL run; every field is a `dlmscope rspo` flag and a config-file key."""
+
+    renamed: ClassVar[dict[str, str]] = {"steps": "rl_steps", "schedule": "sampler_schedule", "cache": "kv_cache"}
 
     model: str = DEFAULT_MODEL
-    """Starting checkpoint (LLaDA-format folder or built-in name)."""
-    ref: str = ""
-    """Reference checkpoint for rspo/diffu-grpo (empty: a frozen copy of --model); same architecture and tokenizer."""
-    algo: str = "rspo"
-    """rspo, diffu-grpo or spg."""
-    task: str = "sudoku"
-    """Verifiable task: sudoku or countdown."""
+    """Model to train: a built-in name or a LLaDA-format checkpoint folder."""
+    ref: str | None = field(default=None, metadata=unset("a frozen copy of --model"))
+    """Reference checkpoint for rspo/diffu-grpo; same architecture and tokenizer."""
+    algo: str = field(default="rspo", metadata=choices(lambda: ALGORITHMS))
+    """RL algorithm: rspo, diffu-grpo or spg."""
+    task: str = field(default="sudoku", metadata=choices(_tasks))
+    """Verifiable task."""
     min_empty: int = 10
     """Sudoku: fewest empty cells (the tiny DLM solves easier puzzles already)."""
     max_empty: int = 12
     """Sudoku: most empty cells (12 is the most a uniquely solvable 4x4 puzzle allows)."""
-    steps: int = 30
-    """Rollout steps (each takes inner_iters optimiser steps)."""
+    rl_steps: int = 30
+    """RL rollout steps (each takes inner_iters optimiser steps)."""
     prompts_per_step: int = 4
     """Prompts per rollout step."""
     group_size: int = 6
@@ -78,7 +87,7 @@ class RLConfig:
     """diffu-GRPO k3-KL coefficient."""
     prompt_mask_p: float = 0.15
     """diffu-GRPO and SPG: probability of masking each prompt token (SPG: each token before the masked block)."""
-    spg_estimate: str = "eubo"
+    spg_estimate: str = field(default="eubo", metadata=choices(lambda: SPG_ESTIMATES))
     """SPG bound for completions with advantage <= 0: eubo, mix (w EUBO + (1-w) ELBO) or elbo."""
     spg_beta: float = 1.0
     """SPG EUBO beta > 0 (published: 1.0 Sudoku, 1.5 GSM8K/MATH/Countdown)."""
@@ -95,15 +104,16 @@ class RLConfig:
     temperature: float = 1.0
     """Rollout sampling temperature (> 0, or groups collapse to one completion)."""
     gen_length: int = 16
-    """Completion length in tokens (one block)."""
+    """Tokens to generate per completion (one block)."""
     denoise_steps: int = 16
-    """Sampler steps per rollout and evaluation."""
-    schedule: str | None = None
-    """Sampler schedule of rollouts and evaluation: linear or dream (unset: the model family's own)."""
-    threshold: float = 0.0
-    """Fast-dLLM threshold decoding for rollouts and evaluation, in (0, 1] (0 = off)."""
-    cache: str | None = None
-    """Fast-dLLM block KV cache for rollouts and evaluation: prefix or dual (unset = off)."""
+    """Denoising steps per rollout and evaluation."""
+    sampler_schedule: str | None = field(default=None, metadata=unset("the model family's own"))
+    """Sampler schedule of rollouts and evaluation: linear or dream."""
+    threshold: float | None = field(default=None, metadata=unset("off"))
+    """Fast-dLLM parallel decoding for rollouts and evaluation: reveal every masked position with confidence >=
+    this (0 < t <= 1)."""
+    kv_cache: str | None = field(default=None, metadata=unset("off"))
+    """Fast-dLLM block KV cache for rollouts and evaluation: prefix or dual."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N rollout steps (0 = frozen)."""
     eval_n: int = 50
@@ -121,13 +131,16 @@ class RLConfig:
     device: str = "cpu"
     """Torch device."""
 
+    def check(self) -> None:
+        check_config(self)
+
 
 # options that only one algorithm reads: setting them for another is a mistake worth one line
 _OPTION_ALGOS = {"ref": ("rspo", "diffu-grpo"), "ref_refresh": ("rspo", "diffu-grpo"), "lam": ("rspo",),
                  "clip": ("diffu-grpo",), "beta": ("diffu-grpo",), "mc_draws": ("rspo", "spg"),
                  "prompt_mask_p": ("diffu-grpo", "spg"), "spg_estimate": ("spg",), "spg_beta": ("spg",),
                  "spg_mix_weight": ("spg",), "spg_block_length": ("spg",)}
-_POSITIVE_INTS = ("steps", "prompts_per_step", "inner_iters", "grad_accum", "mc_draws", "gen_length", "denoise_steps",
+_POSITIVE_INTS = ("rl_steps", "prompts_per_step", "inner_iters", "grad_accum", "mc_draws", "gen_length", "denoise_steps",
                   "checkpoint_every", "eval_n", "spg_block_length")
 _FLOAT_RANGES = {  # name -> (low, high, low_open, high_open) for checks.number
     "lr": (0, None, True, False), "lam": (0, None, True, False), "temperature": (0, None, True, False),
@@ -136,32 +149,29 @@ _FLOAT_RANGES = {  # name -> (low, high, low_open, high_open) for checks.number
 
 
 def check_config(cfg: RLConfig) -> None:
-    """One-line errors for values the run cannot use, before anything is loaded or written."""
-    if cfg.algo not in ALGORITHMS:
-        raise DLMScopeError(f"unknown algo {cfg.algo!r}; allowed: {', '.join(ALGORITHMS)}")
-    defaults = RLConfig()
+    """One-line errors for values the run cannot use, before anything is loaded or written (`RLConfig` runs it
+    when built)."""
+    defaults = {f.name: f.default for f in fields(RLConfig)}
     for name, algos in _OPTION_ALGOS.items():
-        if cfg.algo not in algos and getattr(cfg, name) != getattr(defaults, name):
+        if cfg.algo not in algos and getattr(cfg, name) != defaults[name]:
             raise DLMScopeError(f"--{name.replace('_', '-')} is an option of {' and '.join(algos)}, not of {cfg.algo}")
     for name, bounds in _FLOAT_RANGES.items():
         checks.number(name, getattr(cfg, name), *bounds)
     for name in _POSITIVE_INTS:
         checks.positive(name, getattr(cfg, name))
-    if cfg.schedule is not None:
-        get_schedule(cfg.schedule)
+    if cfg.sampler_schedule is not None:
+        get_schedule(cfg.sampler_schedule)
     for name in ("lora_r", "ref_refresh", "eval_every", "seed"):
         checks.non_negative(name, getattr(cfg, name))
     if cfg.group_size < 2:
         raise DLMScopeError(f"group_size={cfg.group_size}: group advantages need at least 2 completions per prompt")
     if cfg.prompts_per_step % cfg.grad_accum:
         raise DLMScopeError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by grad_accum={cfg.grad_accum}")
-    if cfg.spg_estimate not in SPG_ESTIMATES:
-        raise DLMScopeError(f"unknown spg_estimate {cfg.spg_estimate!r}; allowed: {', '.join(SPG_ESTIMATES)}")
     if cfg.algo == "spg" and (cfg.gen_length % cfg.spg_block_length or cfg.gen_length // cfg.spg_block_length < cfg.mc_draws):
         raise DLMScopeError(f"spg_block_length={cfg.spg_block_length} must divide gen_length={cfg.gen_length} into at "
                             f"least mc_draws={cfg.mc_draws} blocks")
-    check_threshold(cfg.threshold or None)
-    check_cache(None, cfg.cache)
+    check_threshold(cfg.threshold)
+    check_cache(None, cfg.kv_cache)
 
 
 def make_task(cfg: RLConfig):
@@ -259,18 +269,20 @@ def _step(policy, opt) -> None:
     opt.step()
 
 
-class RLRun:
+class RLRun(Run):
     """One RL run: `setup()` once, `step(i)` per rollout step (it evaluates and checkpoints on schedule), `finish()`.
 
-    Call inside `with run.folder:` (the locked output folder); `train_rl` does all of this.
+    The lifecycle is `runstate.Run`'s (lock, signals, checksummed state, resume checks, progress); `run()` does
+    all of it: inside the locked folder, a SIGINT/SIGTERM finishes the step, checkpoints and stops.
     """
 
+    state_name = STATE
+    resumable = ("resume", "device", "rl_steps", "checkpoint_every", "eval_every")
+    """Options a --resume may change: continuing for more steps is how a run is extended."""
+
     def __init__(self, cfg: RLConfig, task=None):
-        check_config(cfg)
-        self.cfg = cfg
+        super().__init__(cfg, cfg.out)
         self.task = task if task is not None else make_task(cfg)
-        self.out = Path(cfg.out)
-        self.folder = RunFolder(self.out, resume=cfg.resume)
         self.start = 0
 
     def setup(self) -> None:
@@ -279,14 +291,16 @@ class RLRun:
         from ..models import load_model
 
         cfg = self.cfg
-        if cfg.resume and not has_state(self.out, STATE):
-            raise DLMScopeError(f"--resume given but {str(self.out)!r} holds no trainer state ({STATE}.json)")
+        saved = None
+        if cfg.resume:  # before any model loads
+            saved = self.load()
+            self.check_resume(saved["log"]["config"])
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
         self.policy = load_model(cfg.model, device=cfg.device)
         if self.policy.family != "llada":
             raise DLMScopeError(f"RL writes LLaDA-format checkpoints; {self.policy.name} is a {self.policy.family} model")
         self.policy.require_mask_id()
-        self.fast = {"threshold": cfg.threshold or None, "cache": cfg.cache}
+        self.fast = {"threshold": cfg.threshold, "cache": cfg.kv_cache}
         check_fast_options(self.policy, **self.fast)
         self.ref = None
         if cfg.algo != "spg":  # SPG has no reference; the reference never carries adapters
@@ -301,8 +315,8 @@ class RLRun:
         self.rng = random.Random(cfg.seed)
         self.eval_examples = self.task.examples("test", cfg.eval_n, seed=0)
         self.pool = self.task.examples("train", 2000, seed=cfg.seed)
-        if cfg.resume:
-            self._restore(load_state(self.out, STATE))
+        if saved is not None:
+            self._restore(saved)
         else:
             self.log = {"config": asdict(cfg), "steps": [], "eval": []}
             self.log["before"] = self.evaluate(0)
@@ -325,7 +339,7 @@ class RLRun:
                 self.ref.module.load_state_dict(state["ref"])
             self.opt.load_state_dict(state["opt"])
         except (RuntimeError, KeyError, ValueError):
-            raise DLMScopeError(f"trainer state in {str(self.out)!r} was written for another model or options than "
+            raise DLMScopeError(f"trainer state in {str(self.folder)!r} was written for another model or options than "
                                 f"{self.cfg.model!r} (lora_r={self.cfg.lora_r})") from None
         self.log, self.start = state["log"], state["step"]
         self.rng.setstate(state["rng"]["run"])
@@ -335,7 +349,7 @@ class RLRun:
         """Greedy exact accuracy and mean reward on the fixed test examples, appended to the log."""
         self.policy.module.eval()
         r = {"step": step, **evaluate(self.policy, self.task, self.eval_examples, gen_length=self.cfg.gen_length,
-                                      steps=self.cfg.denoise_steps, schedule=self.cfg.schedule,
+                                      steps=self.cfg.denoise_steps, schedule=self.cfg.sampler_schedule,
                                       **self.fast)}
         self.log["eval"].append(r)
         return r
@@ -347,7 +361,7 @@ class RLRun:
         self.policy.module.eval()
         roll = sample_groups(self.policy, self.task, self.rng.sample(self.pool, cfg.prompts_per_step), cfg.group_size,
                              gen_length=cfg.gen_length, steps=cfg.denoise_steps, temperature=cfg.temperature,
-                             seed=self.rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.schedule,
+                             seed=self.rng.randrange(2**31), normalise=cfg.normalise_adv, schedule=cfg.sampler_schedule,
                              **self.fast)
         t1 = time.perf_counter()
         self.policy.module.train()
@@ -359,7 +373,7 @@ class RLRun:
                "constant_groups": float((flat.max(1).values == flat.min(1).values).float().mean()),
                **stats, "sample_s": t1 - t0, "update_s": time.perf_counter() - t1}
         self.log["steps"].append(row)
-        done = step + 1 == cfg.steps
+        done = step + 1 == cfg.rl_steps
         if done:
             self.log["after"] = self.evaluate(step + 1)
         elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -372,18 +386,18 @@ class RLRun:
         """checkpoint-NNNNN/ (merged LLaDA folder, `adapter/` under LoRA), then the trainer state, log and curves."""
         from ..models.llada import save_llada
 
-        folder = self.out / f"checkpoint-{step:05d}"
+        folder = self.folder / f"checkpoint-{step:05d}"
         p, cfg = self.policy, self.cfg
         save_llada(lora.merged(p.module) if cfg.lora_r else p.module, folder, mask_id=p.mask_id, tokenizer=p.tokenizer)
         if cfg.lora_r:
             lora.save_adapter(p.module, folder / "adapter", cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.model)
-        save_state(self.out, STATE, self._state(step))
+        self.save(self._state(step))
         self._write_log()
         return folder
 
     def _write_log(self) -> None:
-        atomic_write_json(self.out / "log.json", self.log)
-        write_curves(self.out, self.log)
+        atomic_write_json(self.folder / "log.json", self.log)
+        write_curves(self.folder, self.log)
 
     def finish(self) -> dict:
         """The log (also in `out/log.json`); a resumed finished run reports its last evaluation."""
@@ -394,15 +408,28 @@ class RLRun:
         return self.log
 
 
+    def run(self) -> dict:
+        """The whole run in the locked folder; the log, or on SIGINT/SIGTERM the log so far with `interrupted`
+        and `signal` set (the state is checkpointed: continue with --resume)."""
+        cfg = self.cfg
+        with self.lock():
+            self.setup()
+            with self.signals():
+                for step in self.progress(range(self.start, cfg.rl_steps), initial=self.start, total=cfg.rl_steps,
+                                          desc=f"{cfg.algo} on {getattr(self.task, 'name', 'task')}"):
+                    self.step(step)
+                    if self.stop_requested() and step + 1 < cfg.rl_steps:
+                        if (step + 1) % cfg.checkpoint_every:
+                            self.checkpoint(step + 1)
+                        print(f"interrupted at step {step + 1}/{cfg.rl_steps}; checkpoint written, continue with "
+                              "--resume")
+                        return {**self.log, "interrupted": True, "signal": self.signal}
+            return self.finish()
+
+
 def train_rl(cfg: RLConfig, task=None) -> dict:
     """Run RSPO, diffu-GRPO or SPG; returns the log (also in `out/log.json`). `task` overrides `cfg.task`."""
-    run = RLRun(cfg, task)
-    with run.folder:
-        run.setup()
-        for step in progress(range(run.start, cfg.steps), desc=f"{cfg.algo} on {getattr(run.task, 'name', 'task')}",
-                         initial=run.start, total=cfg.steps):
-            run.step(step)
-        return run.finish()
+    return RLRun(cfg, task).run()
 
 
 def write_curves(out: Path, log: dict) -> Path:

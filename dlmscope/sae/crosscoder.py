@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import DLMScopeError
 from ..io_utils import atomic_save_safetensors, atomic_write_json, file_sha256
 from .model import SAEOutput
+from .optim import default_lr, make_optimizer
 from .train import Reduce, SAETrainer, TrainConfig, aux_loss, geometric_median
 
 FORMAT = "dlmscope-crosscoder"
@@ -181,10 +182,10 @@ class CrossCoderTrainer(SAETrainer):
     def __init__(self, cfg: CrossCoderConfig, train: TrainConfig, device: str | torch.device = "cpu"):
         self.cfg = train
         self.sae = CrossCoder(cfg, seed=train.seed).to(device)
-        self.lr = train.lr if train.lr is not None else 2e-4 / math.sqrt(cfg.n_latents / 2**14)
+        self.lr = train.lr if train.lr is not None else default_lr(train.optimizer, cfg.n_latents)
         self.k_aux = train.k_aux or max(1, cfg.d_in // 2)
         self.dead_tokens = train.dead_tokens or max(train.batch_size, min(10_000_000, train.total_tokens // 5))
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        self.opt = make_optimizer(train.optimizer, self.sae.parameters(), self.lr, device)
         self.step_count = 0
         self.tokens = 0
         self.since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)

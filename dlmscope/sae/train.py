@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..errors import DLMScopeError
+from ..options import Options, choices, unset
 from .metrics import evaluate_sae
 from .family import build_sae
 from .model import SAEConfig
@@ -34,52 +37,81 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation of one SAE."""
+class OptimiserConfig(Options):
+    """The optimiser and its schedule, the AuxK loss and b_dec's initialisation (any dictionary)."""
 
-    total_tokens: int = 1_000_000
-    """Tokens the SAE trains on (steps = total_tokens // batch_size)."""
-    batch_size: int = 1024
-    """Activation vectors per optimiser step."""
-    lr: float | None = None
-    """Learning rate; default per optimiser (adam: 2e-4, signum_sf: 5e-3) / sqrt(n_latents / 2^14)."""
-    optimizer: str = "adam"
-    """adam (with lr decay) or signum_sf (sign descent, schedule-free averaging; see `sae.optim`)."""
+    lr: float | None = field(default=None, metadata=unset("adam 2e-4, signum_sf 5e-3, over sqrt(n_latents / 2^14)"))
+    """Learning rate."""
+    optimizer: str = field(default="adam", metadata=choices(lambda: tuple(OPTIMIZERS)))
+    """adam (warm-up, linear decay) or signum_sf (sign descent with schedule-free averaging; see `sae.optim`)."""
     warmup_steps: int = 50
     """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
     decay_fraction: float = 0.2
     """The final fraction of steps over which the learning rate decays linearly to zero (adam only)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (0 turns AuxK off)."""
-    k_aux: int | None = None
-    """Dead latents per token in the AuxK prediction; default d_in // 2."""
-    dead_tokens: int | None = None
-    """Tokens without firing before a latent counts as dead; default min(10M, total_tokens // 5):
-    10M is the published window, scaled down so short runs can still see and revive dead latents."""
-    b_dec_init: str = "geometric_median"
+    k_aux: int | None = field(default=None, metadata=unset("d_in // 2"))
+    """Dead latents per token in the AuxK prediction."""
+    dead_tokens: int | None = field(default=None, metadata=unset("min(10M, total_tokens // 5)"))
+    """Tokens without firing before a latent counts as dead (10M is the published window, scaled down so
+    short runs can still see and revive dead latents)."""
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     """Initial b_dec from the first batch: geometric_median (Weiszfeld iterations) or mean."""
-    autocast_bf16: bool = False
-    """bfloat16 autocast for the encoder matmul and top-k (GPU; parameters and Adam stay float32)."""
-    seed: int = 0
-    """Seed of the SAE's initial weights."""
+
+    def check(self) -> None:
+        if self.lr is not None:
+            checks.number("lr", self.lr, 0.0, low_open=True)
+        checks.non_negative("warmup_steps", self.warmup_steps)
+        checks.number("decay_fraction", self.decay_fraction, 0.0, 1.0)
+        checks.number("aux_coef", self.aux_coef, 0.0)
+        for name in ("k_aux", "dead_tokens"):
+            if getattr(self, name) is not None:
+                checks.positive(name, getattr(self, name))
+
+
+@dataclass
+class JumpReLUConfig(Options):
+    """JumpReLU's L0 penalty and threshold gradient (read by JumpReLU SAEs only)."""
+
     l0_coef: float = 1e-3
     """JumpReLU: initial L0 penalty coefficient lambda (in the unit-mean-squared-norm space)."""
     l0_warmup: float = 0.1
     """JumpReLU: fraction of steps over which lambda warms up linearly from 0."""
-    target_l0: int | None = None
-    """JumpReLU: L0 that lambda is steered towards (default: the SAE's k; 0 keeps lambda fixed)."""
+    target_l0: int | None = field(default=None, metadata=unset("the SAE's k"))
+    """JumpReLU: L0 that lambda is steered towards (0 keeps lambda fixed)."""
     bandwidth: float = 0.05
     """JumpReLU: width of the rectangle kernel of the straight-through threshold gradient."""
 
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise DLMScopeError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        if self.b_dec_init not in ("geometric_median", "mean"):
-            raise DLMScopeError(f"b_dec_init={self.b_dec_init!r}; allowed: geometric_median, mean")
+    def check(self) -> None:
+        checks.number("l0_coef", self.l0_coef, 0.0)
+        checks.number("l0_warmup", self.l0_warmup, 0.0, 1.0)
+        checks.number("bandwidth", self.bandwidth, 0.0, low_open=True)
+        if self.target_l0 is not None:
+            checks.non_negative("target_l0", self.target_l0)
+
+
+@dataclass
+class TrainConfig(JumpReLUConfig, OptimiserConfig):
+    """Optimisation of one SAE: the optimiser and JumpReLU parts plus its token budget."""
+
+    total_tokens: int = 1_000_000
+    """Tokens the SAE trains on (steps = total_tokens // batch_size)."""
+    batch_size: int = 1024
+    """Activation vectors per optimiser step."""
+    autocast_bf16: bool = False
+    """bfloat16 autocast for the encoder matmul and top-k (GPU; parameters and Adam stay float32)."""
+    seed: int = 0
+    """Seed of the SAE's initial weights."""
+
+    def check(self) -> None:
         if self.batch_size < 1 or self.total_tokens < self.batch_size:
             raise DLMScopeError(f"total_tokens={self.total_tokens} must hold at least one batch of {self.batch_size}")
-        if not 0 <= self.decay_fraction <= 1:
-            raise DLMScopeError(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
+
+    @classmethod
+    def of(cls, cfg, **overrides) -> TrainConfig:
+        """The TrainConfig of a run config composed of these parts (every field it shares, then `overrides`)."""
+        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        return cls(**{**shared, **overrides})
 
     @property
     def steps(self) -> int:

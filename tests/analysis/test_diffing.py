@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError
-from dlmscope.analysis.diffing import DiffConfig, decoder_stats, latent_scaling, scaling_ratios
+from dlmscope.analysis.diffing import decoder_stats, latent_scaling, scaling_ratios
 from dlmscope.cli import main
 from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig, load_crosscoder
 
@@ -138,7 +138,7 @@ def test_diff_identical_checkpoints_end_to_end(tiny_dirs, text, tmp_path, capsys
 
 def test_diff_resume_equals_uninterrupted(tiny_dirs, text, tmp_path):
     import dlmscope.sae.crosscoder as crosscoder
-    from dlmscope.analysis.diffing import DiffRun
+    from dlmscope.training import DiffConfig, DiffRun
 
     def cfg(name, **kw):
         return DiffConfig(checkpoints=f"{tiny_dirs['llada']},{tiny_dirs['llada']}", dataset=str(text), layers="1",

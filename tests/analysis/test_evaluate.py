@@ -118,7 +118,7 @@ def test_report_files_and_cli_errors(suite, tmp_path, capsys):
     assert json.loads(path.read_text())["sae"]["architecture"] == "topk"
     assert "plotly" in (tmp_path / "ev" / "evaluation.html").read_text()[:200_000].lower()
     with pytest.raises(SystemExit) as e:
-        main(["evaluate", "tiny-dlm-L3-k32", "--probes", "token_class,colour"])
+        main(["evaluate", "--sae", "tiny-dlm-L3-k32", "--probes", "token_class,colour"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "unknown label set 'colour'" in err and "\n" not in err
 

@@ -61,13 +61,13 @@ def test_expert_dynamics_and_cli(moe_dirs, tmp_path, capsys):
     visible = torch.tensor(layer["usage"]["visible"])
     assert visible.shape == (4, 8) and torch.allclose(visible.sum(-1), torch.ones(4))
     assert 0 <= layer["masked_vs_visible_tv"] <= 1 and 0 <= layer["unmask_overlap"] <= 1
-    main(["experts", str(moe_dirs["llada2"]), "-p", "def f", "--gen-length", "8", "--steps", "4",
+    main(["experts", "--model", str(moe_dirs["llada2"]), "-p", "def f", "--gen-length", "8", "--steps", "4",
           "--out", str(tmp_path / "rep")])
     saved = json.loads((tmp_path / "rep" / "experts.json").read_text())
     assert sorted(saved["layers"]) == ["1", "2"] and "plotly" in (tmp_path / "rep" / "experts.html").read_text()
     assert "layer 1: TV(masked, visible)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["experts", str(moe_dirs["llada2"]), "--layer", "0"])
+        main(["experts", "--model", str(moe_dirs["llada2"]), "--layer", "0"])
     assert "layer 0 has no router; MoE layers: 1, 2" in capsys.readouterr().err
     with pytest.raises(DLMScopeError, match="has no experts"):
         expert_dynamics(load_model("dlmscope-tiny-dlm"), ["a"], gen_length=4, steps=4)

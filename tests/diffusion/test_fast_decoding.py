@@ -116,20 +116,20 @@ def test_bad_fast_options(llada, tiny_dirs):
 def test_cli_fast_options(tiny_dirs, capsys):
     from dlmscope.cli import main
 
-    main(["generate", str(tiny_dirs["llada"]), "--gen-length", "16", "--steps", "16", "--block-length", "8",
-          "--threshold", "0.5", "--cache", "dual"])
+    main(["generate", "--model", str(tiny_dirs["llada"]), "--gen-length", "16", "--steps", "16", "--block-length", "8",
+          "--threshold", "0.5", "--kv-cache", "dual"])
     assert capsys.readouterr().out.strip()
-    for args, message in ((["generate", str(tiny_dirs["llada"]), "--threshold", "2"], "threshold=2.0 must be a finite number in (0, 1]"),
-                          (["generate", str(tiny_dirs["llada"]), "--cache", "full"], "cache='full'"),
+    for args, message in ((["generate", "--model", str(tiny_dirs["llada"]), "--threshold", "2"], "threshold=2.0 must be a finite number in (0, 1]"),
+                          (["generate", "--model", str(tiny_dirs["llada"]), "--kv-cache", "full"], "cache='full'"),
                           (["rspo", "--threshold", "2"], "threshold=2.0 must be a finite number in (0, 1]"),
-                          (["rspo", "--cache", "full"], "cache='full'")):
+                          (["rspo", "--kv-cache", "full"], "cache='full'")):
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
-    for cmd in (["generate", str(tiny_dirs["causal"])],
+    for cmd in (["generate", "--model", str(tiny_dirs["causal"])],
                 ["steer", "--sae", "tiny-ar-L3-k32", "--feature", "1", "--model", "dlmscope-tiny-ar"]):
         with pytest.raises(SystemExit) as e:
-            main([*cmd, "--cache", "prefix"])
+            main([*cmd, "--kv-cache", "prefix"])
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar of the causal model
         assert e.value.code == 2 and err.startswith("error:") and "autoregressive" in err

@@ -12,8 +12,9 @@ def test_families_load(tiny_dirs, family, shift, causal):
     lm = load_model(tiny_dirs[family])
     assert lm.family == family and lm.shift == shift and lm.causal == causal and lm.is_diffusion == (not causal)
     assert lm.n_layers == 2 and lm.d_model == 64 and lm.n_params() > 0
-    assert lm.hook_names == [f"blocks.{i}.hook_{k}" for i in range(2)
-                             for k in ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")]
+    attn = [f"attn.hook_{k}" for k in ("q", "k", "v", "rot_q", "rot_k", "pattern", "z")] + ["hook_attn_out"]
+    kinds = ["hook_resid_pre", *attn, "hook_resid_mid", "hook_mlp_in", "hook_mlp_out", "hook_resid_post"]
+    assert lm.hook_names == [f"blocks.{i}.{k}" for i in range(2) for k in kinds]
     assert (lm.mask_id is not None) == (not causal)
     assert lm.forward(torch.randint(0, 100, (2, 7))).shape == (2, 7, lm.vocab_size)
     assert lm.layer_of("blocks.1.hook_resid_mid") == 1
@@ -121,7 +122,8 @@ def test_transformer_lens_model_wraps():
     assert lm.causal and lm.family == "transformer_lens" and lm.n_layers == 2 and lm.d_model == 32
     assert lm.mask_id is None and lm.vocab_size == 50
     names = [f"blocks.{i}.hook_resid_{k}" for i in range(2) for k in ("pre", "mid", "post")]
-    assert lm.hook_names == names
+    assert set(names) | {"blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out"} <= set(lm.hook_names)
+    assert "blocks.0.attn.hook_rot_q" not in lm.hook_names  # learned positions: no rotary sites
     ids = torch.randint(0, 50, (1, 6))
     acts = run_with_cache(lm, ids, names, stop_early=False)
     logits, cache = ht.run_with_cache(ids)
@@ -186,7 +188,9 @@ def test_bad_inputs(tmp_path, tiny_dirs):
     _one_line_error(lambda: load_model(bad), "not valid JSON")
     lm = load_model(tiny_dirs["llada"])
     _one_line_error(lambda: lm.site("blocks.9.hook_resid_post"), r"out of range: .* layers 0\.\.1")
-    _one_line_error(lambda: lm.site("blocks.0.hook_attn_out"), "unknown hook")
+    _one_line_error(lambda: lm.site("blocks.0.hook_attn_z"),
+                    r"unknown hook .*allowed: blocks\.\{0\.\.1\}\.\{hook_resid_pre\|attn\.hook_q")
+    _one_line_error(lambda: lm.site("blocks.0.attn.hook_zz"), "unknown hook")
     causal = load_model(tiny_dirs["causal"])
     _one_line_error(causal.require_mask_id, "no mask token")
     _one_line_error(lambda: causal.denoise_logits(torch.tensor([[1, 2]])), "autoregressive")

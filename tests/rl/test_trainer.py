@@ -35,7 +35,7 @@ def test_policy_and_reference_see_the_same_masks(tiny_dirs, count_task, update):
 def test_rspo_raises_reward_checkpoints_reload_and_resume(tiny_dirs, count_task, tmp_path):
     kw = dict(model=str(tiny_dirs["llada"]), prompts_per_step=2, group_size=4, lr=3e-3, lam=0.05, gen_length=8,
               denoise_steps=4, eval_n=4, temperature=1.0)
-    log = train_rl(RLConfig(steps=12, checkpoint_every=6, out=str(tmp_path / "a"), **kw), task=count_task)
+    log = train_rl(RLConfig(rl_steps=12, checkpoint_every=6, out=str(tmp_path / "a"), **kw), task=count_task)
     assert log["after"]["reward"] > log["before"]["reward"] + 0.2
     rollout = [s["reward"] for s in log["steps"]]
     assert sum(rollout[-3:]) > sum(rollout[:3])
@@ -43,9 +43,9 @@ def test_rspo_raises_reward_checkpoints_reload_and_resume(tiny_dirs, count_task,
     lm = load_model(tmp_path / "a" / "checkpoint-00012")
     assert lm.family == "llada" and lm.n_layers == 2 and lm.tokenizer is not None
     # an interrupted run (state saved at step 6) resumed to step 12 ends where the straight run ended
-    interrupted = train_rl(RLConfig(steps=6, checkpoint_every=6, out=str(tmp_path / "b"), **kw), task=count_task)
+    interrupted = train_rl(RLConfig(rl_steps=6, checkpoint_every=6, out=str(tmp_path / "b"), **kw), task=count_task)
     assert [s["reward"] for s in interrupted["steps"]] == rollout[:6]
-    resumed = train_rl(RLConfig(steps=12, checkpoint_every=6, out=str(tmp_path / "b"), resume=True, **kw), task=count_task)
+    resumed = train_rl(RLConfig(rl_steps=12, checkpoint_every=6, out=str(tmp_path / "b"), resume=True, **kw), task=count_task)
     assert [s["reward"] for s in resumed["steps"]] == rollout
     a, b = (load_model(tmp_path / x / "checkpoint-00012").module.state_dict() for x in "ab")
     for k in a:
@@ -53,14 +53,14 @@ def test_rspo_raises_reward_checkpoints_reload_and_resume(tiny_dirs, count_task,
 
 
 def test_diffu_grpo_runs_and_writes_curves(tiny_dirs, count_task, tmp_path):
-    log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo="diffu-grpo", steps=2, prompts_per_step=2, group_size=2,
+    log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo="diffu-grpo", rl_steps=2, prompts_per_step=2, group_size=2,
                             inner_iters=2, grad_accum=2, gen_length=8, denoise_steps=4, eval_n=2, out=str(tmp_path)),
                    task=count_task)
     assert len(log["steps"]) == 2 and (tmp_path / "curves.html").is_file() and (tmp_path / "checkpoint-00002").is_dir()
 
 
 def test_spg_raises_reward(tiny_dirs, count_task, tmp_path):
-    log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo="spg", steps=12, prompts_per_step=2, group_size=4,
+    log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo="spg", rl_steps=12, prompts_per_step=2, group_size=4,
                             lr=3e-3, gen_length=8, denoise_steps=4, eval_n=4, spg_block_length=4, out=str(tmp_path)),
                    task=count_task)
     assert log["after"]["reward"] > log["before"]["reward"] + 0.2
@@ -75,7 +75,7 @@ def test_lora_checkpoint_merged_equals_adapters(tiny_dirs, count_task, tmp_path)
 
     from dlmscope.rl.trainer import RLRun
 
-    cfg = RLConfig(model=str(tiny_dirs["llada"]), algo="diffu-grpo", lora_r=4, lora_alpha=8.0, steps=2, lr=1e-2,
+    cfg = RLConfig(model=str(tiny_dirs["llada"]), algo="diffu-grpo", lora_r=4, lora_alpha=8.0, rl_steps=2, lr=1e-2,
                    prompts_per_step=2, group_size=2, gen_length=8, denoise_steps=4, eval_n=2, out=str(tmp_path / "r"))
     run = RLRun(cfg, task=count_task)
     with run.folder:
@@ -96,12 +96,12 @@ def test_lora_checkpoint_merged_equals_adapters(tiny_dirs, count_task, tmp_path)
         peft = PeftModel.from_pretrained(plain.module, tmp_path / "r" / "checkpoint-00002" / "adapter")
         torch.testing.assert_close(peft(input_ids=ids).logits, live, atol=1e-5, rtol=0)
     # resume continues from the adapter-only state
-    resumed = train_rl(RLConfig(**{**cfg.__dict__, "steps": 3, "resume": True}), task=count_task)
+    resumed = train_rl(RLConfig(**{**cfg.__dict__, "rl_steps": 3, "resume": True}), task=count_task)
     assert len(resumed["steps"]) == 3
 
 
 def test_out_folder_guard(tiny_dirs, count_task, tmp_path):
-    kw = dict(model=str(tiny_dirs["llada"]), steps=1, prompts_per_step=2, group_size=2, gen_length=8, denoise_steps=4,
+    kw = dict(model=str(tiny_dirs["llada"]), rl_steps=1, prompts_per_step=2, group_size=2, gen_length=8, denoise_steps=4,
               eval_n=2, task="sudoku")
     out = tmp_path / "done"
     train_rl(RLConfig(out=str(out), **kw), task=count_task)
@@ -119,22 +119,22 @@ def test_rl_bad_inputs(tiny_dirs, tmp_path, tokenizer):
     from dlmscope.models.tiny import write_tiny_llada
 
     base = dict(model=str(tiny_dirs["llada"]), out=str(tmp_path / "out"))
-    for kw, match in [(dict(group_size=1), "at least 2 completions"), (dict(algo="ppo"), "unknown algo"),
+    for kw, match in [(dict(group_size=1), "at least 2 completions"), (dict(algo="ppo"), "algo='ppo'; allowed: rspo, diffu-grpo, spg"),
                       (dict(lam=float("nan")), "lam=nan must be a finite number"), (dict(lr=float("inf")), "lr=inf"),
                       (dict(lr=-1.0), r"lr=-1.0 must be a finite number in \(0, inf\)"), (dict(algo="diffu-grpo", clip=1.5), "clip=1.5"),
                       (dict(algo="spg", spg_beta=0.0), "spg_beta=0.0"), (dict(algo="spg", spg_beta=-1.0), "spg_beta"),
                       (dict(spg_beta=1.5), "--spg-beta is an option of spg, not of rspo"),
                       (dict(algo="diffu-grpo", spg_estimate="mix"), "--spg-estimate is an option of spg"),
                       (dict(algo="spg", lam=0.5), "--lam is an option of rspo, not of spg"),
-                      (dict(algo="spg", spg_estimate="cubo"), "unknown spg_estimate"),
+                      (dict(algo="spg", spg_estimate="cubo"), "spg_estimate='cubo'; allowed"),
                       (dict(algo="spg", spg_block_length=16), "into at least mc_draws=2 blocks"),
-                      (dict(steps=0), "steps=0 must be an integer >= 1"), (dict(lora_r=-1), "lora_r=-1")]:
+                      (dict(rl_steps=0), "steps=0 must be an integer >= 1"), (dict(lora_r=-1), "lora_r=-1")]:
         with pytest.raises(DLMScopeError, match=match):
             train_rl(RLConfig(**base, **kw))
     assert not (tmp_path / "out").exists()  # option errors come before the folder is made
-    with pytest.raises(DLMScopeError, match="unknown task 'go'"):
+    with pytest.raises(DLMScopeError, match="task='go'; allowed: sudoku, countdown"):
         train_rl(RLConfig(task="go", **base))
-    with pytest.raises(DLMScopeError, match="holds no trainer state"):
+    with pytest.raises(DLMScopeError, match="--resume given but .*trainer_state.json' does not exist"):
         train_rl(RLConfig(resume=True, **base))
     with pytest.raises(DLMScopeError, match=r"LoRA targets \['qq_proj'\] match no linear layer; allowed: .*q_proj"):
         train_rl(RLConfig(lora_r=2, lora_targets="q_proj,qq_proj", **base))
