@@ -558,8 +558,10 @@ DEFAULT_SAE = "tiny-dlm-L3-k32"
 
 
 def _register_attribute() -> None:
-    """`dlmscope attribute MODEL -p PROMPT --position P`: flags from `AttributeConfig` (its field docs are the help)."""
+    """`dlmscope attribute --model M -p PROMPT --position P`: flags from `AttributeConfig` (its field docs are the
+    help; --model, --prompt/-p and --device as every other command spells them)."""
     from .analysis.attribution import AttributeConfig, attribute_run
+    from .cli_options import field_docs
 
     doc = field_docs(AttributeConfig)
     d = AttributeConfig.__dataclass_fields__
@@ -569,18 +571,20 @@ def _register_attribute() -> None:
 
     @app.command("attribute", help=AttributeConfig.__doc__)
     def attribute_cmd(
-        model: str = typer.Argument(d["model"].default, help=doc["model"]),
-        transcoders: str = opt("transcoders"), prompt: str = opt("prompt", "--prompt", "-p"),
+        model: str = ModelOpt, transcoders: str = opt("transcoders"),
+        prompt: list[str] = typer.Option([d["prompt"].default], "--prompt", "-p", help=doc["prompt"]),
         position: int = opt("position"), step: int = opt("step"),
-        reveal_step: bool = opt("reveal_step", "--reveal-step"), token: int = opt("token"),
+        reveal_step: bool = opt("reveal_step", "--reveal-step/--no-reveal-step"), token: int = opt("token"),
         contrast: int = opt("contrast"), links: int = opt("links"), gen_length: int = opt("gen_length"),
         steps: int = opt("steps"), block_length: int = opt("block_length"), remasking: str = opt("remasking"),
         node_threshold: float = opt("node_threshold"), edge_threshold: float = opt("edge_threshold"),
-        batch_size: int = opt("batch_size"), max_feature_nodes: int = opt("max_feature_nodes"),
-        out: str = opt("out"), device: str = opt("device"),
-        threads: int = opt("threads"),
+        backward_batch: int = opt("backward_batch"), max_feature_nodes: int = opt("max_feature_nodes"),
+        out: str = opt("out"), device: str = DeviceOpt,
     ) -> None:
-        cfg = AttributeConfig(**{k: v for k, v in locals().items() if k in d})
+        if len(prompt) != 1:
+            raise DLMScopeError(f"attribute traces one prompt; got {len(prompt)} (give -p once)")
+        values = {k: v for k, v in locals().items() if k in d}
+        cfg = AttributeConfig(**{**values, "prompt": prompt[0]})
         res = attribute_run(cfg)
         for g in res["graphs"]:
             m = g["metadata"]

@@ -26,6 +26,7 @@ Writes experiments/results/attribution_sudoku.json.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -147,10 +148,12 @@ def run(args) -> dict:
     rng = random.Random(args.seed)
     rows = []
     t0 = time.process_time()
-    for ex in examples:
+    for i, ex in enumerate(examples):
         puzzle, solution = ex.meta["puzzle"], ex.meta["solution"]
-        empty = [i for i, c in enumerate(puzzle) if c == "0"]
-        chosen = sorted(rng.sample(empty, min(args.cells, len(empty))))
+        empty = [j for j, c in enumerate(puzzle) if c == "0"]
+        chosen = sorted(rng.sample(empty, min(args.cells, len(empty))))  # drawn for every puzzle: shards agree
+        if i % args.shards != args.shard:
+            continue
         out = generate(dlm, [ex.prompt], gen_length=16, steps=16, block_length=16, return_history=True)
         P = out.prompt_length
         reveal = {int(q): r.step for r in out.history for q in r.transfer[0].nonzero().squeeze(1).tolist()}
@@ -165,11 +168,11 @@ def run(args) -> dict:
             g = attribute(dlm, tcs["dlm"], rec.x[0], Target(pos, digit[0]), masked=rec.mask[0], step=rec.step,
                           max_feature_nodes=args.max_feature_nodes)
             pr = prune(g, args.node_threshold, args.edge_threshold)
-            row = {"grid": solution, "puzzle": puzzle, "cell": c, "step": rec.step,
+            row = {"order": i, "grid": solution, "puzzle": puzzle, "cell": c, "step": rec.step,
                    "correct": int(out.sequences[0, pos]) == digit[0],
                    "dlm": {**shares(g, pr, cells_dlm, c, dlm.n_layers), "target": float(g.value[-1]),
                            "probability": g.probability}}
-            if len(rows) < args.interventions:
+            if i < args.interventions:
                 row["dlm"]["intervention"] = intervention(dlm, tcs["dlm"], g, pr)
             # the AR twin: puzzle + solution written left to right up to the cell, the digit as the next token
             ids = torch.tensor(prompt_ids + [t for ch in solution[:c] for t in ar.to_tokens(ch, add_bos=False)[0]])
@@ -177,14 +180,28 @@ def run(args) -> dict:
             pa = prune(ga, args.node_threshold, args.edge_threshold)
             row["ar"] = {**shares(ga, pa, cell_map(ar, ex.prompt, len(prompt_ids)), c, ar.n_layers),
                          "target": float(ga.value[-1]), "probability": ga.probability}
-            if len(rows) < args.interventions:
+            if i < args.interventions:
                 row["ar"]["intervention"] = intervention(ar, tcs["ar"], ga, pa)
             rows.append(row)
             print(len(rows), c, rec.step, {k: round(v, 3) for k, v in row["dlm"]["tokens"].items()},
                   "err", round(row["dlm"]["errors"], 3), "| ar", round(row["ar"]["errors"], 3), flush=True)
     return {"config": {k: getattr(args, k) for k in ("puzzles", "cells", "seed", "node_threshold", "edge_threshold",
-                                                      "max_feature_nodes", "interventions", "boot")},
-            "cpu_s": round(time.process_time() - t0, 1), "rows": rows, "summary": summarise(rows, args.boot)}
+                                                      "max_feature_nodes", "interventions", "boot", "shards")},
+            "cpu_s": round(time.process_time() - t0, 1), "rows": rows}
+
+
+def run_all(args) -> dict:
+    """The study (or one shard of its puzzles, `--shard K --shards N`), or `--merge`: the shards' rows joined and
+    summarised."""
+    if args.merge:
+        parts = [json.loads((args.out / f"attribution_sudoku.shard{k}.json").read_text()) for k in range(args.shards)]
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["order"], r["cell"]))
+        return {"config": parts[0]["config"], "cpu_s": round(sum(p["cpu_s"] for p in parts), 1), "rows": rows,
+                "summary": summarise(rows, args.boot)}
+    res = run(args)
+    if args.shards == 1:
+        res["summary"] = summarise(res["rows"], args.boot)
+    return res
 
 
 def _boot(rows: list[dict], stat, n: int, seed: int = 0) -> list[float]:
@@ -288,6 +305,8 @@ def layer_table(res: dict) -> str:
 
 
 def render(res: dict, out: Path) -> str:
+    if "summary" not in res:
+        return f"shard: {len(res['rows'])} graphs, CPU {res['cpu_s']} s"
     s = res["summary"]
     return (f"{s['graphs']} graphs on {s['grids']} solution grids ({s['dlm_correct']} DLM answers correct), "
             f"CPU {res['cpu_s']} s\n\n" + readme_table(res) + "\n\n" + layer_table(res))
@@ -295,16 +314,21 @@ def render(res: dict, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--puzzles", type=int, default=24)
+    p.add_argument("--puzzles", type=int, default=20)
     p.add_argument("--cells", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--node-threshold", type=float, default=0.8)
     p.add_argument("--edge-threshold", type=float, default=0.98)
-    p.add_argument("--max-feature-nodes", type=int, default=1024, help="row budget per graph (see attribute)")
+    p.add_argument("--max-feature-nodes", type=int, default=512, help="row budget per graph (see attribute)")
     p.add_argument("--interventions", type=int, default=24, help="graphs (per model) with the ablation check")
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
-    run_or_render(p, "attribution_sudoku", run, render)
+    p.add_argument("--shards", type=int, default=1, help="split the puzzles over this many processes")
+    p.add_argument("--shard", type=int, default=0, help="which shard this process runs (0-based)")
+    p.add_argument("--merge", action="store_true", help="join the shards' results and summarise")
+    args = p.parse_known_args()[0]
+    name = "attribution_sudoku" + (f".shard{args.shard}" if args.shards > 1 and not args.merge else "")
+    run_or_render(p, name, run_all, render)
 
 
 if __name__ == "__main__":

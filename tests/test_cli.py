@@ -328,7 +328,7 @@ GLOSSARY = {  # a flag several commands share -> what every one of its help text
     "--dataset": "Text source", "--checkpoints": "Comma-separated checkpoints", "--positions": "ositions",
     "--block-length": "block length", "--total-tokens": "Training tokens per", "--seqs-per-forward": "Rows per",
     "--policy": "Positions whose activations", "--task": "Verifiable task", "--kv-cache": "KV cache",
-    "--sampler-schedule": "Sampler schedule",
+    "--sampler-schedule": "Sampler schedule", "--prompt": "Prompt text", "-p": "Prompt text",
 }
 
 

@@ -11,16 +11,14 @@ token's logit (or the difference of two tokens' logits) at the target position. 
 batched backward passes through the frozen model, written out by hand (`FrozenStep.backward`): one pass per
 batch of targets, `1 + sum over layers of ceil(n_l / batch)` passes for n_l active features at layer l.
 
-Only decoders shaped like Llama / Qwen2 (LLaDA, Dream, their AR twins) are traced: attention is recomputed
-from the layer's own q/k projections and rotary embedding, and the frozen model is checked against the
-real logits. Pruning follows the paper: influence on the target through the row-normalised |adjacency|,
+Only decoders shaped like Llama / Qwen2 (LLaDA, Dream, their AR twins) are traced: the frozen patterns are the
+model's own (`blocks.{i}.attn.hook_pattern`), the norm denominators are recomputed from the residual sites, and
+the frozen model is checked against the real logits. Pruning follows the paper: influence on the target through the row-normalised |adjacency|,
 keep the nodes carrying `node_threshold` of it and the edges carrying `edge_threshold`.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,16 +117,17 @@ def check_target(lm: LoadedModel, ids: torch.Tensor, target: Target, masked: tor
 
 
 def _attention_parts(lm: LoadedModel):
+    """The decoder module, when its layers are Llama/Qwen2-shaped with attention pattern sites (else one line)."""
     module = lm.module
-    for layer in lm.layers:
+    for i, layer in enumerate(lm.layers):
         attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
-                or hasattr(attn, "q_norm") or not hasattr(layer, "input_layernorm") \
-                or not hasattr(layer, "post_attention_layernorm"):
+        if f"blocks.{i}.attn.hook_pattern" not in lm.sites or not all(
+                hasattr(attn, n) for n in ("v_proj", "o_proj", "head_dim")) \
+                or not hasattr(layer, "input_layernorm") or not hasattr(layer, "post_attention_layernorm"):
             raise DLMScopeError(f"{lm.name} ({lm.family}): attribution graphs need Llama/Qwen2-shaped decoder layers "
-                                "(q/k/v/o projections, input and post-attention RMSNorms)")
-    if not hasattr(getattr(module, "model", None), "rotary_emb") or not hasattr(module, "lm_head"):
-        raise DLMScopeError(f"{lm.name} ({lm.family}): attribution graphs need a rotary decoder with an lm_head")
+                                "(attention pattern sites, v/o projections, input and post-attention RMSNorms)")
+    if not hasattr(getattr(module, "model", None), "norm") or not hasattr(module, "lm_head"):
+        raise DLMScopeError(f"{lm.name} ({lm.family}): attribution graphs need a final norm and an lm_head")
     return module
 
 
@@ -147,31 +146,20 @@ class FrozenStep:
         self.ids = ids.to(dev).reshape(-1)
         L, n = self.ids.numel(), lm.n_layers
         names = [f"blocks.{i}.hook_{s}" for i in range(n) for s in ("resid_pre", "resid_mid", "mlp_in", "mlp_out")]
-        names.append(f"blocks.{n - 1}.hook_resid_post")
+        names += [f"blocks.{i}.attn.hook_pattern" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
         with torch.no_grad():
             acts = {k: v[0].float() for k, v in run_with_cache(lm, self.ids[None], names, stop_early=False).items()}
             self.logits = lm.forward(self.ids[None])[0].float()
-            pos = torch.arange(L, device=dev)[None]
-            cos, sin = module.model.rotary_emb(acts["blocks.0.hook_resid_pre"][None].to(lm.dtype), pos)
-            rope = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
             self.layers = []
             for i, layer in enumerate(lm.layers):
-                attn = layer.self_attn
-                r, mid = acts[f"blocks.{i}.hook_resid_pre"], acts[f"blocks.{i}.hook_resid_mid"]
-                h = layer.input_layernorm(r[None].to(lm.dtype))
+                attn, tc = layer.self_attn, transcoders[i]
                 dh = attn.head_dim
-                q = attn.q_proj(h).view(1, L, -1, dh).transpose(1, 2)
-                k = attn.k_proj(h).view(1, L, -1, dh).transpose(1, 2)
-                q, k = rope(q, k, cos, sin)
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-                scores = (q.float() @ k.float().transpose(-1, -2))[0] * attn.scaling
-                if lm.causal:
-                    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=dev).triu(1), -math.inf)
-                tc = transcoders[i]
                 self.layers.append(dict(
-                    pattern=scores.softmax(-1),  # (H, L, L)
-                    a1=_inv_rms(r, layer.input_layernorm), w1=layer.input_layernorm.weight.float(),
-                    a2=_inv_rms(mid, layer.post_attention_layernorm), w2=layer.post_attention_layernorm.weight.float(),
+                    pattern=acts[f"blocks.{i}.attn.hook_pattern"],  # (H, L, L), the model's own
+                    a1=_inv_rms(acts[f"blocks.{i}.hook_resid_pre"], layer.input_layernorm),
+                    w1=layer.input_layernorm.weight.float(),
+                    a2=_inv_rms(acts[f"blocks.{i}.hook_resid_mid"], layer.post_attention_layernorm),
+                    w2=layer.post_attention_layernorm.weight.float(),
                     Wv=attn.v_proj.weight.float(), bv=_bias(attn.v_proj), Wo=attn.o_proj.weight.float(),
                     bo=_bias(attn.o_proj), n_kv=attn.v_proj.weight.shape[0] // dh, dh=dh,
                     mlp_in=acts[f"blocks.{i}.hook_mlp_in"], mlp_out=acts[f"blocks.{i}.hook_mlp_out"],
@@ -467,7 +455,10 @@ def _through(N: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _cutoff(scores: torch.Tensor, share: float) -> torch.Tensor:
     """The smallest score among the top scores that together carry `share` of the total."""
-    s = scores.flatten().sort(descending=True).values
+    s = scores.flatten()
+    s = s[s > 0].sort(descending=True).values  # zeros never count towards the share (most edges are absent)
+    if s.numel() == 0:
+        return scores.new_tensor(float("inf"))
     cum = s.cumsum(0) / s.sum().clamp(min=1e-30)
     return s[min(int(torch.searchsorted(cum, torch.tensor(share))), s.numel() - 1)]
 
@@ -693,12 +684,12 @@ class AttributeConfig:
     generated tokens that graph depends on most."""
 
     model: str = "dlmscope-tiny-dlm"
-    """Built-in model name or local checkpoint folder (a diffusion model with Llama/Qwen2-shaped layers)."""
+    """Model: a built-in name or a checkpoint folder."""
     transcoders: str = "tiny-dlm-tc"
     """Transcoders, one per layer: a registered prefix (tiny-dlm-tc = tiny-dlm-tc-L0..L5), a folder of transcoder
     folders (a train-sae run's saes/), or comma-separated names / folders."""
     prompt: str = "Sudoku: 3204402310402400\nSolution: "
-    """Prompt text."""
+    """Prompt text (one: its generation is traced)."""
     position: int = 0
     """The generated token to explain: its index among the generated tokens (0 = the first)."""
     step: int = -1
@@ -718,21 +709,19 @@ class AttributeConfig:
     block_length: int = 0
     """Semi-autoregressive block length (0 = the sampler's default)."""
     remasking: str = "low_confidence"
-    """Remasking strategy of the sampler."""
+    """low_confidence, random (LLaDA); maskgit_plus, topk_margin, entropy, origin (Dream)."""
     node_threshold: float = 0.8
     """Pruning: keep the nodes that carry this share of the influence on the target."""
     edge_threshold: float = 0.98
     """Pruning: keep the edges that carry this share of the influence."""
-    batch_size: int = 256
+    backward_batch: int = 256
     """Targets (features) per batched backward pass."""
     max_feature_nodes: int = 0
     """Compute incoming edges for at most this many features, the most influential first (0 = every feature)."""
     out: str = "attribution"
     """Output folder: attribution.json (every graph, cross-step links), graph_step{S}.json, attribution.html."""
     device: str = "cpu"
-    """Torch device."""
-    threads: int = 0
-    """CPU threads for torch (0 = torch's default)."""
+    """Torch device, e.g. cpu or cuda."""
 
     def __post_init__(self) -> None:
         from .. import checks
@@ -744,14 +733,13 @@ class AttributeConfig:
         checks.integer("token", self.token, -1)
         checks.integer("contrast", self.contrast, -1)
         checks.non_negative("links", self.links)
-        for name in ("gen_length", "steps", "batch_size"):
+        for name in ("gen_length", "steps", "backward_batch"):
             checks.positive(name, getattr(self, name))
         checks.non_negative("block_length", self.block_length)
         checks.non_negative("max_feature_nodes", self.max_feature_nodes)
         checks.number("node_threshold", self.node_threshold, 0.0, 1.0)
         checks.number("edge_threshold", self.edge_threshold, 0.0, 1.0)
         checks.device("device", self.device)
-        checks.non_negative("threads", self.threads)
         if self.position >= self.gen_length:
             raise DLMScopeError(f"position={self.position} is not a generated token (allowed 0..{self.gen_length - 1})")
         if self.step >= 0 and self.reveal_step:
@@ -764,7 +752,7 @@ class AttributeConfig:
 def _graph_at(lm, tcs, rec, position: int, token: int, contrast: int | None, cfg: AttributeConfig, slug: str,
               tokenizer) -> tuple[AttributionGraph, Pruned, dict]:
     x = rec.x[0]
-    g = attribute(lm, tcs, x, Target(position, token, contrast), masked=rec.mask[0], batch_size=cfg.batch_size,
+    g = attribute(lm, tcs, x, Target(position, token, contrast), masked=rec.mask[0], batch_size=cfg.backward_batch,
                   step=rec.step, n_steps=rec.n_steps, max_feature_nodes=cfg.max_feature_nodes or None)
     pruned = prune(g, cfg.node_threshold, cfg.edge_threshold)
     names = [str(tc.cfg.metadata.get("name") or tc.cfg.hook_name) for tc in tcs]
@@ -778,49 +766,47 @@ def attribute_run(cfg: AttributeConfig) -> dict:
     from ..diffusion.sampler import generate
     from ..io_utils import atomic_write_json, atomic_write_text
     from ..models import load_model
-    from ..runtime import torch_threads
 
-    with torch_threads(cfg.threads or torch.get_num_threads()):
-        lm = load_model(cfg.model, device=cfg.device)
-        if not lm.is_diffusion:
-            raise DLMScopeError(f"{lm.name} is autoregressive: `attribute` traces denoising steps; call "
-                                "dlmscope.analysis.attribution.attribute on a token sequence instead")
-        for name in ("token", "contrast"):
-            if getattr(cfg, name) >= lm.vocab_size:
-                raise DLMScopeError(f"{name}={getattr(cfg, name)} is outside the vocabulary (allowed 0..{lm.vocab_size - 1})")
-        tcs = load_transcoders(lm, cfg.transcoders)
-        out = generate(lm, [cfg.prompt], gen_length=cfg.gen_length, steps=cfg.steps,
-                       block_length=cfg.block_length or None, remasking=cfg.remasking, return_history=True)
-        P = out.prompt_length
-        final = out.sequences[0]
-        reveal = {int(q): rec.step for rec in out.history for q in rec.transfer[0].nonzero().squeeze(1).tolist()}
-        pos = P + cfg.position
-        step = reveal[pos] if cfg.step < 0 else cfg.step
-        rec = out.history[step]
-        if not bool(rec.mask[0, pos]):
-            raise DLMScopeError(f"generated position {cfg.position} is not masked at step {step} (its token was "
-                                f"committed at step {reveal[pos]}); pick a step <= {reveal[pos]}")
-        token = int(final[pos]) if cfg.token < 0 else cfg.token
-        contrast = None if cfg.contrast < 0 else cfg.contrast
-        folder = Path(cfg.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        g, pruned, data = _graph_at(lm, tcs, rec, pos, token, contrast, cfg, f"step{step}-pos{pos}", lm.tokenizer)
-        graphs, cross = [data], []
-        visible = [q for q in range(P, final.numel()) if q != pos and not bool(rec.mask[0, q])]
-        ranked = sorted(visible, key=lambda q: -float(pruned.influence[g.token_index(q)]))
-        for q in [q for q in ranked if float(pruned.influence[g.token_index(q)]) > 0][:cfg.links]:
-            s = reveal[q]
-            _, _, linked = _graph_at(lm, tcs, out.history[s], q, int(final[q]), None, cfg, f"step{s}-pos{q}",
-                                     lm.tokenizer)
-            graphs.append(linked)
-            cross.append({"source": f"E_{int(final[q])}_{q}", "source_step": step,
-                          "target": next(v["node_id"] for v in linked["nodes"] if v["is_target_logit"]),
-                          "target_step": s, "weight": float(pruned.influence[g.token_index(q)])})
-        for gr in graphs:
-            atomic_write_json(folder / f"graph_step{gr['metadata']['step']}_pos{gr['metadata']['target_position']}.json", gr)
-        result = {"model": lm.name, "transcoders": cfg.transcoders, "prompt": cfg.prompt, "prompt_length": P,
-                  "text": out.texts[0], "tokens": final.tolist(), "reveal_step": {str(k): v for k, v in reveal.items()},
-                  "graphs": graphs, "cross_links": cross}
-        atomic_write_json(folder / "attribution.json", result)
-        atomic_write_text(folder / "attribution.html", graph_figure(graphs).to_html(include_plotlyjs=True))
+    lm = load_model(cfg.model, device=cfg.device)
+    if not lm.is_diffusion:
+        raise DLMScopeError(f"{lm.name} is autoregressive: `attribute` traces denoising steps; call "
+                            "dlmscope.analysis.attribution.attribute on a token sequence instead")
+    for name in ("token", "contrast"):
+        if getattr(cfg, name) >= lm.vocab_size:
+            raise DLMScopeError(f"{name}={getattr(cfg, name)} is outside the vocabulary (allowed 0..{lm.vocab_size - 1})")
+    tcs = load_transcoders(lm, cfg.transcoders)
+    out = generate(lm, [cfg.prompt], gen_length=cfg.gen_length, steps=cfg.steps,
+                   block_length=cfg.block_length or None, remasking=cfg.remasking, return_history=True)
+    P = out.prompt_length
+    final = out.sequences[0]
+    reveal = {int(q): rec.step for rec in out.history for q in rec.transfer[0].nonzero().squeeze(1).tolist()}
+    pos = P + cfg.position
+    step = reveal[pos] if cfg.step < 0 else cfg.step
+    rec = out.history[step]
+    if not bool(rec.mask[0, pos]):
+        raise DLMScopeError(f"generated position {cfg.position} is not masked at step {step} (its token was "
+                            f"committed at step {reveal[pos]}); pick a step <= {reveal[pos]}")
+    token = int(final[pos]) if cfg.token < 0 else cfg.token
+    contrast = None if cfg.contrast < 0 else cfg.contrast
+    folder = Path(cfg.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    g, pruned, data = _graph_at(lm, tcs, rec, pos, token, contrast, cfg, f"step{step}-pos{pos}", lm.tokenizer)
+    graphs, cross = [data], []
+    visible = [q for q in range(P, final.numel()) if q != pos and not bool(rec.mask[0, q])]
+    ranked = sorted(visible, key=lambda q: -float(pruned.influence[g.token_index(q)]))
+    for q in [q for q in ranked if float(pruned.influence[g.token_index(q)]) > 0][:cfg.links]:
+        s = reveal[q]
+        _, _, linked = _graph_at(lm, tcs, out.history[s], q, int(final[q]), None, cfg, f"step{s}-pos{q}",
+                                 lm.tokenizer)
+        graphs.append(linked)
+        cross.append({"source": f"E_{int(final[q])}_{q}", "source_step": step,
+                      "target": next(v["node_id"] for v in linked["nodes"] if v["is_target_logit"]),
+                      "target_step": s, "weight": float(pruned.influence[g.token_index(q)])})
+    for gr in graphs:
+        atomic_write_json(folder / f"graph_step{gr['metadata']['step']}_pos{gr['metadata']['target_position']}.json", gr)
+    result = {"model": lm.name, "transcoders": cfg.transcoders, "prompt": cfg.prompt, "prompt_length": P,
+              "text": out.texts[0], "tokens": final.tolist(), "reveal_step": {str(k): v for k, v in reveal.items()},
+              "graphs": graphs, "cross_links": cross}
+    atomic_write_json(folder / "attribution.json", result)
+    atomic_write_text(folder / "attribution.html", graph_figure(graphs).to_html(include_plotlyjs=True))
     return result

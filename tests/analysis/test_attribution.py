@@ -190,7 +190,7 @@ def test_cli_attribute_across_steps(tiny_dirs, tc_dir, tmp_path, capsys, one_thr
     from dlmscope.cli import main
 
     out = tmp_path / "attr"
-    main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
+    main(["attribute", "--model", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
           "--gen-length", "6", "--steps", "6", "--links", "2", "--node-threshold", "0.9", "--out", str(out)])
     printed = capsys.readouterr().out
     res = json.loads((out / "attribution.json").read_text())
@@ -208,14 +208,14 @@ def test_cli_attribute_across_steps(tiny_dirs, tc_dir, tmp_path, capsys, one_thr
     assert len(list(out.glob("graph_step*_pos*.json"))) == len(res["graphs"])
     assert printed.count("backward passes") == len(res["graphs"])
     # --step: an earlier step (still masked there) works; a later one is one line, exit 2
-    main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
+    main(["attribute", "--model", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
           "--gen-length", "6", "--steps", "6", "--step", "0", "--max-feature-nodes", "20", "--out", str(out)])
     m = json.loads((out / "attribution.json").read_text())["graphs"][0]["metadata"]
     assert m["step"] == 0 and m["computed_features"] == 20
     capsys.readouterr()
     if first["step"] < 5:
         with pytest.raises(SystemExit) as e:
-            main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
+            main(["attribute", "--model", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a b c", "--position", "3",
                   "--gen-length", "6", "--steps", "6", "--step", "5", "--out", str(out)])
         assert e.value.code == 2 and "not masked at step 5" in capsys.readouterr().err
 
@@ -226,11 +226,12 @@ def test_cli_attribute_across_steps(tiny_dirs, tc_dir, tmp_path, capsys, one_thr
     (["--step", "2", "--reveal-step"], "give one of them"),
     (["--node-threshold", "0.0", "--edge-threshold", "0.0"], None),
     (["--transcoders", "NONE"], "unknown SAE"),
+    (["-p", "b"], "one prompt"),
 ])
 def test_cli_attribute_bad_input(args, message, tiny_dirs, tc_dir, tmp_path, capsys):
     from dlmscope.cli import main
 
-    base = ["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a", "--gen-length", "4",
+    base = ["attribute", "--model", str(tiny_dirs["llada"]), "--transcoders", str(tc_dir), "-p", "a", "--gen-length", "4",
             "--steps", "4", "--out", str(tmp_path / "o")]
     if message is None:  # thresholds of 0 keep the single strongest node and edge: still a graph
         main(base + args)
@@ -249,7 +250,7 @@ def test_cli_attribute_transcoders_that_do_not_fit(tiny_dirs, tmp_path, capsys):
     lm = load_model(tiny_dirs["llada"])
     save_sae(_transcoders(lm)[0], tmp_path / "only0" / "l0")
     with pytest.raises(SystemExit) as e:
-        main(["attribute", str(tiny_dirs["llada"]), "--transcoders", str(tmp_path / "only0"), "--out", str(tmp_path / "o")])
+        main(["attribute", "--model", str(tiny_dirs["llada"]), "--transcoders", str(tmp_path / "only0"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "missing [1]" in capsys.readouterr().err
 
 
