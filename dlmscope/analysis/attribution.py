@@ -13,8 +13,9 @@ batch of targets, `1 + sum over layers of ceil(n_l / batch)` passes for n_l acti
 
 Only decoders shaped like Llama / Qwen2 (LLaDA, Dream, their AR twins) are traced: the frozen patterns are the
 model's own (`blocks.{i}.attn.hook_pattern`), the norm denominators are recomputed from the residual sites, and
-the frozen model is checked against the real logits. Pruning follows the paper: influence on the target through the row-normalised |adjacency|,
-keep the nodes carrying `node_threshold` of it and the edges carrying `edge_threshold`.
+the frozen model is checked against the real logits. Pruning follows the paper: influence on the target
+through the row-normalised |adjacency|; keep the nodes carrying `node_threshold` of it and the edges carrying
+`edge_threshold`. `max_feature_nodes` bounds the rows computed (the most influential features first).
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class FrozenStep:
             sel = self.features[:, 0] == i
             r = r + self._attn(r * lay["a1"][:, None] * lay["w1"], lay)
             m = r * lay["a2"][:, None] * lay["w2"]
-            out.append(((m[self.features[sel, 1]] * lay["s_in"]) * tc.W_enc.float()[:, self.features[sel, 2]].t()).sum(1)
+            enc = tc.W_enc.float()[:, self.features[sel, 2]].t()
+            out.append(((m[self.features[sel, 1]] * lay["s_in"]) * enc).sum(1)
                        + tc.b_enc.float()[self.features[sel, 2]])
             dense = torch.zeros(self.n_pos, tc.cfg.n_latents, device=r.device)
             dense[self.features[sel, 1], self.features[sel, 2]] = activations[sel]
@@ -670,7 +672,8 @@ def graph_figure(graphs: dict | list[dict], hover: dict[str, str] | None = None)
         fig.update_xaxes(tickvals=list(range(len(tokens))), row=1, col=col, tickangle=-90,
                          ticktext=[("[M]" if m else t.replace("\n", "\\n")) for t, m in zip(tokens, masked)])
     n_layers = max(int(v["layer"]) for g in graphs for v in g["nodes"] if v["feature_type"] == LOGIT_TYPE) - 1
-    fig.update_yaxes(tickvals=list(range(n_layers + 2)), ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"],
+    fig.update_yaxes(tickvals=list(range(n_layers + 2)),
+                     ticktext=["emb"] + [f"L{i}" for i in range(n_layers)] + ["logit"],
                      row=1, col=1)
     fig.update_layout(height=520, width=max(700, 600 * len(graphs)), title="Attribution graph", hovermode="closest")
     return fig
@@ -745,7 +748,8 @@ class AttributeConfig:
         if self.step >= 0 and self.reveal_step:
             raise DLMScopeError(f"step={self.step} and reveal_step: give one of them")
         if self.step >= self.steps:
-            raise DLMScopeError(f"step={self.step} is beyond the run (allowed 0..{self.steps - 1}, or -1 = reveal step)")
+            raise DLMScopeError(f"step={self.step} is beyond the run (allowed 0..{self.steps - 1}, "
+                                "or -1 = reveal step)")
         checks.writable_folder("out", self.out)
 
 
@@ -773,7 +777,8 @@ def attribute_run(cfg: AttributeConfig) -> dict:
                             "dlmscope.analysis.attribution.attribute on a token sequence instead")
     for name in ("token", "contrast"):
         if getattr(cfg, name) >= lm.vocab_size:
-            raise DLMScopeError(f"{name}={getattr(cfg, name)} is outside the vocabulary (allowed 0..{lm.vocab_size - 1})")
+            raise DLMScopeError(f"{name}={getattr(cfg, name)} is outside the vocabulary "
+                                f"(allowed 0..{lm.vocab_size - 1})")
     tcs = load_transcoders(lm, cfg.transcoders)
     out = generate(lm, [cfg.prompt], gen_length=cfg.gen_length, steps=cfg.steps,
                    block_length=cfg.block_length or None, remasking=cfg.remasking, return_history=True)
@@ -803,7 +808,8 @@ def attribute_run(cfg: AttributeConfig) -> dict:
                       "target": next(v["node_id"] for v in linked["nodes"] if v["is_target_logit"]),
                       "target_step": s, "weight": float(pruned.influence[g.token_index(q)])})
     for gr in graphs:
-        atomic_write_json(folder / f"graph_step{gr['metadata']['step']}_pos{gr['metadata']['target_position']}.json", gr)
+        meta = gr["metadata"]
+        atomic_write_json(folder / f"graph_step{meta['step']}_pos{meta['target_position']}.json", gr)
     result = {"model": lm.name, "transcoders": cfg.transcoders, "prompt": cfg.prompt, "prompt_length": P,
               "text": out.texts[0], "tokens": final.tolist(), "reveal_step": {str(k): v for k, v in reveal.items()},
               "graphs": graphs, "cross_links": cross}
