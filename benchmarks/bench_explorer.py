@@ -31,10 +31,10 @@ from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_f
 from dlmscope.data import heldout_rows
 from dlmscope.io_utils import atomic_write_json
 from dlmscope.models import load_model
-from dlmscope.sae import SAEConfig, TopKSAE, load_sae, save_sae
+from dlmscope.sae import SAE, SAEConfig, load_sae, save_sae
 
 APP = str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py")
-SAE = "tiny-dlm-L3-k32"
+SHIPPED = "tiny-dlm-L3-k32"
 
 
 def median_time(fn, reps: int) -> float:
@@ -92,14 +92,14 @@ def main() -> dict:
     rows = heldout_rows(lm.tokenizer, 128)
     cfg = FeatureStoreConfig(n_seqs=32 if quick else None)
     rows = rows[: cfg.n_seqs] if cfg.n_seqs else rows
-    shipped = load_sae(SAE, device=device)
-    big = TopKSAE(SAEConfig(lm.d_model, 4096, 32, metadata=dict(shipped.cfg.metadata)), seed=1).to(device)
+    shipped = load_sae(SHIPPED, device=device)
+    big = SAE(SAEConfig(lm.d_model, 4096, 32, metadata=dict(shipped.cfg.metadata)), seed=1).to(device)
     res = {"machine": f"{platform.node()} · {os.cpu_count()} CPUs · torch threads {torch.get_num_threads()} · "
                       f"load average {os.getloadavg()[0]:.1f} at start", "device": device,
            "tokens": int(rows.numel()), "stores": {}}
     tmp = Path(tempfile.mkdtemp(prefix="bench_explorer."))
-    for name, sae in ((f"{SAE} (2048 latents)", shipped), ("random 4096-latent SAE", big)):
-        sae_ref = SAE if sae is shipped else str(save_sae(sae.cpu(), tmp / "sae4096"))
+    for name, sae in ((f"{SHIPPED} (2048 latents)", shipped), ("random 4096-latent SAE", big)):
+        sae_ref = SHIPPED if sae is shipped else str(save_sae(sae.cpu(), tmp / "sae4096"))
         sae = sae.to(device)
         out = tmp / f"store{sae.cfg.n_latents}"
         bare = median_time(lambda: bare_pass(lm, sae, rows, cfg), 1 if quick else 3)

@@ -32,22 +32,32 @@ SIZE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=16, n_ac
 T_975 = {19: 2.093, 39: 2.023, 59: 2.001}  # Student t quantiles by degrees of freedom
 
 
-def seconds(fn) -> float:
-    t = time.perf_counter()
+def seconds(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call: with one thread, CPU time is steadier on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _ratio(bare: list[float], measured: list[float]) -> tuple[float, list[float]]:
+    ratios = [m / b for b, m in zip(bare, measured)]
+    mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
+    half = T_975.get(len(ratios) - 1, 1.96) * sd / len(ratios) ** 0.5
+    return mean, [mean - half, mean + half]
 
 
 def paired(bare, measured, reps: int) -> dict:
-    ratios, tb, tm = [], [], []
+    """Interleaved repetitions; per-repetition time ratios (mean, 95% t-interval), wall clock and CPU time."""
+    tb, tm = [], []
     for _ in range(reps):
         tb.append(seconds(bare))
         tm.append(seconds(measured))
-        ratios.append(tm[-1] / tb[-1])
-    mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
-    half = T_975.get(reps - 1, 1.96) * sd / reps ** 0.5
-    return {"bare_median_s": statistics.median(tb), "capture_median_s": statistics.median(tm),
-            "ratio_of_medians": statistics.median(tm) / statistics.median(tb), "ratio_mean": mean, "ratio_ci95": [mean - half, mean + half], "reps": reps}
+    (wb, cb), (wm, cm) = zip(*tb), zip(*tm)
+    mean, ci = _ratio(wb, wm)
+    cpu_mean, cpu_ci = _ratio(cb, cm)
+    return {"bare_median_s": statistics.median(wb), "capture_median_s": statistics.median(wm),
+            "ratio_of_medians": statistics.median(wm) / statistics.median(wb), "ratio_mean": mean, "ratio_ci95": ci,
+            "cpu_ratio_mean": cpu_mean, "cpu_ratio_ci95": cpu_ci, "reps": reps}
 
 
 @torch.no_grad()

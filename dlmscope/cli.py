@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeAlias
 
 import typer
 
@@ -32,21 +32,37 @@ SamplerScheduleOpt = typer.Option(None, help="Sampler schedule (tokens revealed 
                                   "(Dream's 1 - s/t).", show_default="the model family's own")
 PromptOpt = typer.Option(["The list type"], "--prompt", "-p", help="Prompt text; repeat for a batch.")
 ModelArg = typer.Argument(None, hidden=True, help="Deprecated: use --model.")
-def _policy_choices():
-    """The activation policies as a CLI choice type (the list lives in `dlmscope.activations`)."""
-    from typing import Literal
+MaskIdOpt = typer.Option(None, help="Mask token id.", show_default="the folder's, else the family's released id")
+PadIdOpt = typer.Option(None, help="Pad token id for left-padded prompts.",
+                        show_default="the folder's, else the EOS id")
+EosIdOpt = typer.Option(None, help="End-of-sequence id: texts end there.",
+                        show_default="the folder's, else the family's released id")
+EosStopOpt = typer.Option(False, help="Stop after the first block that leaves every generation free of masks and "
+                          "holding an EOS (LLaDA 2.x's early stop).")
 
+
+def _check_ids(**ids: Optional[int]) -> dict:
+    """Token-id options, checked before any model loads."""
+    from .models.ids import check_overrides
+
+    check_overrides(**ids)
+    return ids
+
+
+def _choices(names: tuple[str, ...]) -> Any:
+    """A CLI choice type over names a registry lists (typer shows and checks a Literal's values)."""
+    return Literal.__getitem__(names)
+
+
+if TYPE_CHECKING:  # the registries' names are known at run time only
+    PolicyChoice: TypeAlias = str
+    TaskChoice: TypeAlias = str
+else:
     from .options import policy_names
-
-    return Literal.__getitem__(policy_names())
-
-
-def _task_choices():
-    from typing import Literal
-
     from .tasks import TASKS
 
-    return Literal.__getitem__((*TASKS, "none"))
+    PolicyChoice = _choices(policy_names())
+    TaskChoice = _choices((*TASKS, "none"))
 
 
 SAMPLING_ALIASES = {"--cache": "--kv-cache", "--schedule": "--sampler-schedule"}
@@ -63,11 +79,12 @@ def info(model_arg: Optional[str] = ModelArg, model: Optional[str] = typer.Optio
 
     lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype)
     layers = lm.n_layers
-    present = {parse_hook(n)[1] for n in lm.hook_names}
+    present = {parsed[1] for parsed in map(parse_hook, lm.hook_names) if parsed is not None}
     kinds = [k for k in SITE_ORDER if k in present and k not in ROUTER_SITES and not k.startswith("attn.")]
     summary = {
         "name": lm.name, "family": lm.family, "diffusion": lm.is_diffusion, "n_layers": layers,
-        "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "shifted_logits": lm.shift,
+        "d_model": lm.d_model, "vocab_size": lm.vocab_size, "mask_id": lm.mask_id, "pad_id": lm.pad_id,
+        "eos_id": lm.eos_id, "shifted_logits": lm.shift,
         "parameters": lm.n_params(),
         "hook_names": f"blocks.{{0..{layers - 1}}}.hook_{{{','.join(kinds)}}}",
     }
@@ -95,8 +112,10 @@ def generate(
         None, help="Semi-autoregressive block length (divides gen-length).",
         show_default="32 when it divides gen-length, else gen-length (one block under the dream schedule)"),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
-    remasking: str = typer.Option("low_confidence", help="low_confidence, random (LLaDA); maskgit_plus, topk_margin, "
-                                  "entropy, origin (Dream)."),
+    remasking: Optional[str] = typer.Option(None, help="low_confidence, random (LLaDA); maskgit_plus, topk_margin, "
+                                            "entropy, origin (Dream).",
+                                            show_default="the family's own: low_confidence; LLaDA 2.x its block "
+                                            "sampler, its threshold 0.95 unless given"),
     cfg_scale: float = typer.Option(0.0, help="Classifier-free guidance scale (0 = off)."),
     sampler_schedule: Optional[str] = SamplerScheduleOpt,
     top_p: Optional[float] = typer.Option(None, help="Dream's nucleus filter in (0, 1].", show_default="off"),
@@ -109,17 +128,23 @@ def generate(
     history: bool = typer.Option(False, help="Print the sequence after every step."),
     threshold: Optional[float] = ThresholdOpt,
     kv_cache: Optional[str] = KVCacheOpt,
+    eos_early_stop: bool = EosStopOpt,
+    mask_id: Optional[int] = MaskIdOpt,
+    pad_id: Optional[int] = PadIdOpt,
+    eos_id: Optional[int] = EosIdOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
-    """Generate text with the denoising sampler."""
+    """Generate text with the denoising sampler (each checkpoint family's own by default)."""
     from .diffusion.sampler import generate as sample
     from .models import load_model
 
-    lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype)
+    lm = load_model(positional_or_option(model_arg, model, "model", DEFAULT_MODEL), device=device, dtype=dtype,
+                    **_check_ids(mask_id=mask_id, pad_id=pad_id, eos_id=eos_id))
     out = sample(lm, prompt, gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
                  remasking=remasking, cfg_scale=cfg_scale, schedule=sampler_schedule, top_p=top_p, top_k=top_k,
-                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history, threshold=threshold, cache=kv_cache)
+                 alg_temp=alg_temp, eps=eps, seed=seed, return_history=history, threshold=threshold, cache=kv_cache,
+                 eos_early_stop=eos_early_stop)
     if history:
         for rec in out.history:
             for b in range(rec.x.shape[0]):
@@ -137,19 +162,46 @@ def generate_blocks_cmd(
                                         "(LLaDA 2.x).", show_default="required"),
     prompt: list[str] = PromptOpt,
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (the last block is filled completely)."),
-    steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // minimal-topk)."),
-    threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the step's quota."),
+    steps_per_block: int = typer.Option(32, help="Most denoising steps per block (capped at max-new-tokens // "
+                                        "minimal-topk)."),
+    threshold: float = typer.Option(0.95, help="Reveal every position above this confidence when they fill the "
+                                    "step's quota."),
     minimal_topk: int = typer.Option(1, help="Caps steps per block at max-new-tokens // minimal-topk."),
+    block_length: Optional[int] = typer.Option(None, help="The model's block length for this run (attention follows "
+                                               "it).", show_default="the model's block_size, 32 for released folders"),
+    editing_threshold: Optional[float] = typer.Option(
+        None, help="LLaDA 2.1's editing sampler: also rewrite placed tokens predicted otherwise with probability above "
+        "this (steps-per-block and minimal-topk then unused; one new token per step below the threshold).",
+        show_default="off: LLaDA 2.0's sampler"),
+    max_post_steps: int = typer.Option(16, help="Editing sampler: most steps on a full block (they may still edit)."),
+    eos_early_stop: bool = EosStopOpt,
+    mask_id: Optional[int] = MaskIdOpt,
+    eos_id: Optional[int] = EosIdOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
-    """Generate with LLaDA 2.x's block sampler (its own blocks, threshold decoding, cached finished blocks)."""
+    """Generate with LLaDA 2.x's block sampler (its own blocks, threshold decoding, cached finished blocks), or
+    LLaDA 2.1's editing sampler with --editing-threshold."""
     from .diffusion.blocks import generate_blocks
+    from .diffusion.editing import generate_editing
     from .models import load_model
 
-    lm = load_model(_required_model(model_arg, model), device=device, dtype=dtype)
-    out = generate_blocks(lm, prompt, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block,
-                          threshold=threshold, minimal_topk=minimal_topk)
+    checks.number("--threshold", threshold, 0, 1)
+    if editing_threshold is not None:
+        checks.number("--editing-threshold", editing_threshold, 0, 1)
+    checks.integer("--max-post-steps", max_post_steps, 0)
+    if block_length is not None:
+        checks.positive("--block-length", block_length)
+    lm = load_model(_required_model(model_arg, model), device=device, dtype=dtype,
+                    **_check_ids(mask_id=mask_id, eos_id=eos_id))
+    if editing_threshold is None:
+        out = generate_blocks(lm, prompt, max_new_tokens=max_new_tokens, steps_per_block=steps_per_block,
+                              threshold=threshold, minimal_topk=minimal_topk, block_length=block_length,
+                              eos_early_stop=eos_early_stop)
+    else:
+        out = generate_editing(lm, prompt, max_new_tokens=max_new_tokens, block_length=block_length,
+                               threshold=threshold, editing_threshold=editing_threshold,
+                               max_post_steps=max_post_steps, eos_early_stop=eos_early_stop)
     for p, text in zip(prompt, out.texts or [str(r.tolist()) for r in out.generated]):
         typer.echo(f"{p}{text}" if out.texts else f"{p} -> {text}")
     typer.echo(f"[{out.n_forwards} forwards, {out.generated.shape[1]} positions]")
@@ -233,6 +285,42 @@ def _register_diff() -> None:
 
 
 _register_diff()
+
+
+def _patch(cfg) -> None:
+    from .analysis.patching import patch
+
+    report = patch(cfg)
+    if "sweep" in report:
+        r = report["sweep"]
+        typer.echo(f"{r['kind']} sweep, {report['metric']} at position {report['target']}: clean {r['clean']:.4f}, "
+                   f"corrupted {r['corrupted']:.4f}; {r['forwards']} forwards, {r['sequences']} sequences")
+        cells = sorted(((abs(v), v, a, b) for a, row in zip(r["rows"], r["normalised"]) for b, v in zip(r["cols"], row)
+                        if v == v), reverse=True)[:5]
+        for _, v, a, b in cells:
+            typer.echo(f"  {r['row_name']} {a}, {r['col_name']} {b}: restored {v:+.3f}")
+        if r.get("agreement"):
+            g = r["agreement"]
+            typer.echo(f"attribution patching vs exact: pearson {g['pearson']:.3f}, sign agreement "
+                       f"{g['sign_agreement']:.3f}, top-{g['top']} overlap {g['top_overlap']:.2f}")
+    else:
+        typer.echo(f"{report['metric']} at position {report['target']}: clean {report['clean_metric']:.4f}, "
+                   f"corrupted {report['corrupted_metric']:.4f}")
+        for p in report["patches"]:
+            restored = "n/a" if p["normalised"] is None else f"{p['normalised']:+.3f}"
+            typer.echo(f"  {p['patch']}: {p['metric']:.4f} (restored {restored})")
+    for f in report.get("files", []):
+        typer.echo(f"wrote {f}")
+
+
+def _register_patch() -> None:
+    from .analysis.patching import PatchConfig
+
+    dataclass_command(app, PatchConfig, _patch, "patch", "Activation patching: clean activations into a corrupted "
+                      "input across layers, positions, heads and denoising steps (one forward or the sampler).")
+
+
+_register_patch()
 
 
 SaeOpt = typer.Option(..., help="SAE: a registry name or a folder.")
@@ -327,8 +415,9 @@ def cache_cmd(
                                       show_default="required"),
     model: str = ModelOpt,
     layers: str = typer.Option("1,3", help="Comma-separated layers (resid_post)."),
-    policy: Optional[_policy_choices()] = typer.Option(None, help="Positions whose activations are cached: mask, unmask, all or "
-                                         "clean.", show_default="mask for DLMs, clean for causal models"),
+    policy: Optional[PolicyChoice] = typer.Option(None, help="Positions whose activations are cached: mask, "
+                                                      "unmask, all or clean.",
+                                                      show_default="mask for DLMs, clean for causal models"),
     t_min: float = typer.Option(0.05, help="Lowest mask ratio."),
     t_max: float = typer.Option(0.5, help="Highest mask ratio."),
     batches: int = typer.Option(0, help="Forward batches to cache (0 = one pass over the data)."),
@@ -344,7 +433,7 @@ def cache_cmd(
     from .activations import POLICIES, ActivationSource, read_manifest, write_cache
     from .data import load_texts, pack
     from .models import load_model
-    from .models.checkpoint import resolve_dtype
+    from .models.checkpoint import DTYPES, resolve_dtype
 
     out = positional_or_option(out_arg, out, "out")
     if out is None:
@@ -360,12 +449,12 @@ def cache_cmd(
     checks.non_negative("--batches", batches)
     checks.positive("--seqs-per-forward", seqs_per_forward)
     checks.positive("--context-length", context_length)
-    stored = resolve_dtype(store_dtype)
+    resolve_dtype(store_dtype)  # one line for an unknown name
     lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts(dataset), context_length)
     src = ActivationSource(lm, hooks, rows.input_ids, rows.doc_ids, policy=policy, t_range=(t_min, t_max),
                            seqs_per_batch=seqs_per_forward, seed=seed)
-    folder = write_cache(src, out, batches or None, dtype=stored)
+    folder = write_cache(src, out, batches or None, dtype=DTYPES[store_dtype])
     typer.echo(f"cache written to {folder}")
 
 
@@ -438,7 +527,7 @@ def order(
     prompt: list[str] = typer.Option(["The list type", "A dictionary is"], "--prompt", "-p",
                                      help="Prompt text; repeat for a batch."),
     strategies: str = typer.Option("origin,low_confidence,topk_margin,entropy,sae_stability", help="Remasking orders."),
-    task: _task_choices() = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
+    task: TaskChoice = typer.Option("sudoku", help="Verifiable task whose accuracy is measured (none skips it)."),
     n: int = typer.Option(50, help="Task examples."),
     step_budgets: str = typer.Option("4,8,16", help="Comma-separated denoising-step budgets for the task and "
                                      "held-out likelihood."),
@@ -460,8 +549,8 @@ def order(
 
     sae_names = checks.names("--sae", sae)
     names = [checks.choice("--strategies", s, strategy_names()) for s in checks.names("--strategies", strategies)]
-    task = None if task == "none" else task
-    if task:
+    task_name = None if task == "none" else task
+    if task_name:
         checks.positive("--n", n)
     checks.positive("--gen-length", gen_length)
     budgets = checks.int_list("--step-budgets", step_budgets, 1, gen_length)
@@ -474,8 +563,8 @@ def order(
     lm = load_model(model or saes[-1].cfg.model_name or DEFAULT_MODEL, device=device)
     check_fast_options(lm, threshold, kv_cache)
     rows = heldout_rows(lm.tokenizer, 2 * gen_length, heldout) if heldout else None
-    typer.echo(order_header(lm, [s.cfg.hook_name for s in saes], task, budgets, bool(heldout)))
-    result = order_study(lm, saes, prompt, names, task, n, budgets, gen_length, rows, sampler_schedule,
+    typer.echo(order_header(lm, saes, task_name, budgets, bool(heldout)))
+    result = order_study(lm, saes, prompt, names, task_name, n, budgets, gen_length, rows, sampler_schedule,
                          threshold, kv_cache, on_row=lambda name, row: typer.echo(row))
     if out:
         atomic_write_json(out, result)
@@ -660,6 +749,9 @@ def explore(
                                         show_default="~/.cache/dlmscope/stores/<model>__<sae>"),
     splice: Optional[str] = typer.Option(None, help="Splice JSON for the summary page.",
                                          show_default="<store>/splice.json"),
+    circuits: Optional[str] = typer.Option(None, help="Patching result for the Circuits page: `dlmscope patch --out`'s "
+                                           "patch.json or experiments/results/circuits_sudoku.json.",
+                                           show_default="<store>/circuits.json"),
     port: int = typer.Option(8501, help="Port for the Streamlit server."),
     address: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     device: str = DeviceOpt,
@@ -683,7 +775,8 @@ def explore(
     app_file = Path(__file__).with_name("explorer.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(port), "--server.address",
            address, "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--store", store,
-           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else [])
+           "--sae", sae] + (["--model", model] if model else []) + (["--splice", splice] if splice else []) \
+        + (["--circuits", circuits] if circuits else [])
     sys.exit(subprocess.call(cmd))
 
 
@@ -707,9 +800,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:
-        if not isinstance(e, _usage_errors()):
+        message = getattr(e, "format_message", None)
+        if not isinstance(e, _usage_errors()) or message is None:
             raise
-        typer.echo(f"error: {e.format_message()} (see --help)", err=True)
+        typer.echo(f"error: {message()} (see --help)", err=True)
         sys.exit(2)
 
 

@@ -36,9 +36,12 @@ def field_docs(cls: type) -> dict[str, str]:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError):
             continue
-        body = tree.body[0].body
+        klass_node = tree.body[0]
+        assert isinstance(klass_node, ast.ClassDef)  # getsource of a class
+        body = klass_node.body
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant):
                 docs.setdefault(node.target.id, " ".join(str(nxt.value.value).split()))
     return docs
 
@@ -108,7 +111,8 @@ def dataclass_command(app: typer.Typer, cls: type, run: Callable[[Any], None], n
     fields = dataclasses.fields(cls)
     for f in fields:
         formerly = [old for old, new in aliases.items() if new == flag(f.name)]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(f, hints[f.name]),
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=_annotation(f, hints[f.name]),
                                         default=_option(f, hints[f.name], docs.get(f.name, ""), formerly)))
 
     def command(ctx: typer.Context, **kwargs) -> None:
@@ -123,7 +127,7 @@ def dataclass_command(app: typer.Typer, cls: type, run: Callable[[Any], None], n
             raise DLMScopeError(f"{', '.join(missing)} is required (as a flag or a --config key)")
         run(cls(**values))
 
-    command.__signature__ = inspect.Signature(params)
+    setattr(command, "__signature__", inspect.Signature(params))  # what typer reads the options from
     command.__doc__ = help
     app.command(name=name, help=help, cls=alias_command(aliases) if aliases else None)(command)
 
@@ -142,7 +146,8 @@ def escape_markup(command) -> None:
         escape_markup(sub)
 
 
-def positional_or_option(positional: str | None, option: str | None, name: str, default: str | None = None) -> str | None:
+def positional_or_option(positional: str | None, option: str | None, name: str,
+                         default: str | None = None) -> str | None:
     """The value of `--name`, or of the deprecated positional argument (with a warning); not both."""
     if positional is not None:
         if option is not None:

@@ -6,7 +6,9 @@ in the package so `dlmscope explore` works from any install: Streamlit runs this
 (`__main__`, no parent package), so every import here is absolute. `apps/explorer.py` is the same app.
 Query parameters open a page directly: `?page=feature&feature=12`, `?page=denoise&feature=12&run=1`.
 Bad input (a missing or empty store, an SAE that does not match the model or the store, a feature
-out of range) is shown with `st.error`, never as a traceback.
+out of range) is shown with `st.error`, never as a traceback. Corpus text goes out through `st.html`
+(HTML-escaped, never through Markdown), so no `_`, `*`, backtick, `$` or tag in a token changes the page.
+Chart titles sit above the charts as text, where plotly's toolbar cannot cover them.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import sys
 from pathlib import Path
 
 PAGES = {"list": "Feature list", "feature": "Feature", "denoise": "Denoising view", "steer": "Steering playground",
-         "summary": "SAE summary", "experts": "Expert routing", "attribution": "Attribution graph"}
+         "summary": "SAE summary", "experts": "Expert routing", "circuits": "Circuits",
+         "attribution": "Attribution graph"}
 SPLICE_FILE = "splice.json"
 EXPERTS_FILE = "experts.json"
+CIRCUITS_FILE = "circuits.json"
 ATTRIBUTION_FILE = "attribution.json"
+COLD_START = "Loading (the first page after a start imports torch and reads the store)"
 
 
 def _args() -> argparse.Namespace:
@@ -34,6 +39,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--sae", default=env("DLMSCOPE_SAE"), help="SAE name or folder (default: the store's)")
     p.add_argument("--splice", default=env("DLMSCOPE_SPLICE"), help="splice JSON (`dlmscope eval-splice --out`)")
     p.add_argument("--experts", default=env("DLMSCOPE_EXPERTS"), help="experts.json (`dlmscope experts --out`)")
+    p.add_argument("--circuits", default=env("DLMSCOPE_CIRCUITS"),
+                   help="patching result: circuits_sudoku.json or `dlmscope patch --out`'s patch.json")
     p.add_argument("--attribution", default=env("DLMSCOPE_ATTRIBUTION"),
                    help="attribution.json (`dlmscope attribute --out`)")
     p.add_argument("--attribution-stores", default=env("DLMSCOPE_ATTRIBUTION_STORES"),
@@ -55,7 +62,8 @@ def _int_param(value, default: int = 0) -> int:
 
 
 def colour_tokens(ex: dict, scale: float) -> str:
-    """Tokens as HTML spans: orange by activation, masked positions with a dashed blue underline."""
+    """Tokens as HTML spans: orange by activation, masked positions with a dashed blue underline. For `st.html`
+    only: the text is HTML-escaped, not Markdown-escaped."""
     spans = []
     for i, (tok, act, masked) in enumerate(zip(ex["tokens"], ex["acts"], ex["masked"])):
         alpha = min(1.0, max(0.0, act / scale)) if scale > 0 else 0.0
@@ -68,6 +76,14 @@ def colour_tokens(ex: dict, scale: float) -> str:
         text = html.escape(tok).replace(" ", "&nbsp;").replace("\n", "⏎")
         spans.append(f'<span class="tok{" masked" if masked else ""}" title="{title}" style="{style}">{text}</span>')
     return "<span style='font-family:monospace'>" + "".join(spans) + "</span>"
+
+
+def _chart(container, fig, title: str) -> None:
+    """A plotly chart with its title as bold text above it, so the toolbar (top right) never covers the title
+    (escaped HTML: titles name models and tokens)."""
+    fig.update_layout(title=None, margin=dict(fig.layout.margin.to_plotly_json(), t=30))
+    container.html(f'<b class="chart-title">{html.escape(title)}</b>')
+    container.plotly_chart(fig)
 
 
 def _splice_rows(result: dict) -> list[dict]:
@@ -84,15 +100,17 @@ def _splice_rows(result: dict) -> list[dict]:
 def main() -> None:
     import streamlit as st
 
-    from dlmscope.errors import DLMScopeError
-
     st.set_page_config(page_title="dlmscope explorer", layout="wide")
-    try:
-        _run(st)
-    except DLMScopeError as e:
-        st.error(str(e))
-    except Exception as e:  # the page shows a message, never a traceback
-        st.error(f"unexpected error: {type(e).__name__}: {e}")
+    # The spinner comes first: the first page after a start imports dlmscope (torch) and opens the store.
+    with st.spinner(COLD_START, show_time=True):
+        from dlmscope.errors import DLMScopeError
+
+        try:
+            _run(st)
+        except DLMScopeError as e:
+            st.error(str(e))
+        except Exception as e:  # the page shows a message, never a traceback
+            st.error(f"unexpected error: {type(e).__name__}: {e}")
 
 
 def _run(st) -> None:
@@ -126,7 +144,8 @@ def _run(st) -> None:
         del q["run"]  # `run=1` in an address starts the sampler on the page it was written for only
     q["page"], q["feature"] = page, str(feature)
     {"list": _feature_list, "feature": _feature_page, "denoise": _denoising_view, "steer": _steering,
-     "summary": _summary, "experts": _experts, "attribution": _attribution}[page](st, store, feature, args)
+     "summary": _summary, "experts": _experts, "circuits": _circuits,
+     "attribution": _attribution}[page](st, store, feature, args)
 
 
 def _model_and_sae(st, store, args):
@@ -235,24 +254,24 @@ def _feature_page(st, store, feature, args) -> None:
     st.subheader("Top activating examples")
     st.caption("Orange: activation (hover for the value); dashed blue underline: masked position (the original token "
                "is shown); boxed: the example's centre.")
-    st.markdown("<br>".join(f"<small>{ex['value']:.3f}</small>&nbsp; " + colour_tokens(ex, scale)
-                            for ex in store.top_examples(f, 10)), unsafe_allow_html=True)
+    st.html("<br>".join(f"<small>{ex['value']:.3f}</small>&nbsp; " + colour_tokens(ex, scale)
+                        for ex in store.top_examples(f, 10)))
     left, mid, right = st.columns([2, 1, 2])
     centres, counts = store.histogram(f)
     fig = go.Figure(go.Bar(x=centres, y=counts, marker_color="#ff7800"))
-    fig.update_layout(title=f"Activation histogram (density {density:.2e})", xaxis_title="activation",
-                      yaxis_title="count", height=320, margin=dict(t=50, b=40, l=40, r=10), bargap=0.05)
-    left.plotly_chart(fig)
+    fig.update_layout(xaxis_title="activation", yaxis_title="count", height=320, margin=dict(b=40, l=40, r=10),
+                      bargap=0.05)
+    _chart(left, fig, f"Activation histogram (density {density:.2e})")
     fig = go.Figure(go.Bar(x=["masked", "visible"], y=[float(stats["masked_rate"][f]), float(stats["visible_rate"][f])],
                            marker_color=["#3366cc", "#999999"]))
-    fig.update_layout(title="Firing rate: masked vs visible", height=320, margin=dict(t=50, b=40, l=40, r=10))
-    mid.plotly_chart(fig)
+    fig.update_layout(height=320, margin=dict(b=40, l=40, r=10))
+    _chart(mid, fig, "Firing rate: masked vs visible")
     with right:
         _logit_table(st, store, f)
     st.subheader("Quantile groups")
     for g in store.quantile_groups(f):
         with st.expander(f"activations {g['low']:.3f} – {g['high']:.3f} ({g['count']} tokens)"):
-            st.markdown("<br>".join(colour_tokens(ex, scale) for ex in g["examples"]), unsafe_allow_html=True)
+            st.html("<br>".join(colour_tokens(ex, scale) for ex in g["examples"]))
 
 
 def _logit_table(st, store, f: int) -> None:
@@ -296,7 +315,7 @@ def _denoising_view(st, store, feature, args) -> None:
         st.session_state["denoise"] = {  # activations, not latents: any feature is one small encode away
             "acts": torch.stack([a[0] for a in cache.acts[hook]]).float(), "P": out.prompt_length,
             "rows": [strings(rec.x[0]) for rec in out.history], "final": strings(out.sequences[0]),
-            "text": out.texts[0], "prompt": prompt}
+            "text": (out.texts or [""])[0], "prompt": prompt}
         st.session_state["denoise_key"] = key
     run_ = st.session_state.get("denoise")
     if run_ is None:
@@ -314,10 +333,10 @@ def _denoising_view(st, store, feature, args) -> None:
                                colorscale="Oranges", text=rows, texttemplate="%{text}", textfont={"size": 9},
                                hovertemplate="step %{y}, position %{x}: %{text}<br>activation %{z:.3f}<extra></extra>",
                                colorbar={"title": "act"}))
-    fig.update_layout(title=f"Feature {f} across denoising steps (rows: steps, columns: positions)",
-                      xaxis_title="position" + ("" if start == 0 else f" (generation starts at {start})"), yaxis_title="step", yaxis_autorange="reversed",
-                      height=max(360, 18 * n_steps + 120), margin=dict(t=50, b=40, l=50, r=10))
-    left.plotly_chart(fig)
+    fig.update_layout(xaxis_title="position" + ("" if start == 0 else f" (generation starts at {start})"),
+                      yaxis_title="step", yaxis_autorange="reversed", height=max(360, 18 * n_steps + 120),
+                      margin=dict(b=40, l=50, r=10))
+    _chart(left, fig, f"Feature {f} across denoising steps (rows: steps, columns: positions)")
     right.subheader("Text as it unmasks")
     lines = [f"step {s:2d}: " + "".join(row) for s, row in enumerate(rows)] + ["final  : " + "".join(run_["final"][start:])]
     right.code("\n".join(lines), language=None)
@@ -376,9 +395,8 @@ def _summary(st, store, feature, args) -> None:
     dens = store.stats()["density"]
     live = dens[dens > 0]
     fig = go.Figure(go.Histogram(x=torch.log10(live).tolist(), nbinsx=40, marker_color="#ff7800"))
-    fig.update_layout(title=f"log10 feature density ({int((dens == 0).sum())} dead latents not shown)",
-                      xaxis_title="log10 density", yaxis_title="latents", height=320)
-    st.plotly_chart(fig)
+    fig.update_layout(xaxis_title="log10 density", yaxis_title="latents", height=320)
+    _chart(st, fig, f"log10 feature density ({int((dens == 0).sum())} dead latents not shown)")
     path = Path(args.splice) if args.splice else Path(args.store) / SPLICE_FILE
     st.subheader("Splice ΔCE")
     if path.is_file():
@@ -404,7 +422,7 @@ def _evaluation(st, sae: str, store: str) -> None:
     st.subheader("Evaluation (dlmscope evaluate)")
     path = find_evaluation(sae, store)
     if path is None:
-        st.caption(f"No evaluation found: run `dlmscope evaluate {sae} --out {store}`.")
+        st.caption(f"No evaluation found: run `dlmscope evaluate --sae {sae} --out {store}`.")
         return
     result = json.loads(path.read_text())
     st.caption(f"from {path}: reconstruction per mask ratio on masked vs visible positions (a DLM SAE trained on "
@@ -451,7 +469,102 @@ def _experts(st, store, feature, args) -> None:
                    "overlap across unmasking": round(d["unmask_overlap"], 4)} for i, d in layers.items()],
                  hide_index=True)
     layer = st.selectbox("layer", list(layers))
-    st.plotly_chart(expert_figure(result, layer))
+    fig = expert_figure(result, layer)
+    _chart(st, fig, fig.layout.title.text)
+
+
+def _heatmap(z, x, y, x_title: str, y_title: str, title: str, zmid: float | None = 0.0):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in x], y=[str(v) for v in y], zmid=zmid, colorscale="RdBu",
+                               reversescale=zmid is not None))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=380)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def _plot(st, fig) -> None:
+    _chart(st, fig, fig.layout.title.text)
+
+
+def _mean(rows: list[list[float]]) -> list[float | None]:
+    """Column means, NaNs skipped (None where a column has no value)."""
+    cols = list(zip(*rows))
+    return [sum(v for v in c if v == v) / n if (n := sum(1 for v in c if v == v)) else None for c in cols]
+
+
+def _circuits(st, store, feature, args) -> None:
+    """Activation patching results: a `dlmscope patch --out` sweep, or the Sudoku circuit study's items (mean
+    restored fraction by layer and position role, by layer and head, by denoising step and layer; one cell's
+    attention pattern across the steps)."""
+    from dlmscope.errors import DLMScopeError
+
+    st.header("Circuits")
+    path = Path(args.circuits) if args.circuits else Path(args.store) / CIRCUITS_FILE
+    if not path.is_file():
+        if args.circuits:
+            raise DLMScopeError(f"circuits JSON {args.circuits!r} does not exist")
+        st.caption(f"No patching result: run `dlmscope patch ... --out DIR` and pass --circuits DIR/patch.json, pass "
+                   f"--circuits experiments/results/circuits_sudoku.json (`python experiments/circuits_sudoku.py`), or "
+                   f"put one at {path}.")
+        return
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DLMScopeError(f"cannot read circuits JSON {str(path)!r}: {e}") from None
+    if "sweep" in result:
+        from dlmscope.analysis.patching import sweep_figure
+
+        st.caption(f"{result['model']}: {result['metric']} at position {result['target']} ({result['mode']} mode)")
+        _plot(st, sweep_figure(result["sweep"]))
+        return
+    items = result.get("items") if isinstance(result, dict) else None
+    if not items or "layer_position" not in items[0]:
+        raise DLMScopeError(f"circuits JSON {str(path)!r} holds neither a `dlmscope patch` sweep nor circuit-study "
+                            "items")
+    task = st.selectbox("task", sorted({it["task"] for it in items}))
+    its = [it for it in items if it["task"] == task]
+    roles = list(dict.fromkeys(r for it in its for r in it["roles"]))
+    per_role = [[_role_mean(its, layer, role) for role in roles] for layer in range(len(its[0]["layer_position"]))]
+    st.caption(f"{len(its)} items; restored fraction of logit(a) - logit(b) at the masked cell, clean into corrupted "
+               "(1 = fully restored), mean over items")
+    _plot(st, _heatmap(per_role, roles, range(len(per_role)), "position role", "layer",
+                             "resid_pre per position, by role (one denoising forward)"))
+    if "layer_head" in its[0]:
+        heads = [_mean([it["layer_head"][i] for it in its]) for i in range(len(its[0]["layer_head"]))]
+        _plot(st, _heatmap(heads, range(len(heads[0])), range(len(heads)), "head", "layer",
+                                 "attn.hook_z per head (all positions)"))
+    flipped = [it for it in its if it["sampler"]["clean_token"] != it["sampler"]["corrupted_token"]]
+    if flipped:
+        layers = flipped[0]["sampler"]["layers"]
+        steps = [_mean([[float(v) for v in it["sampler"]["restored"][s]] for it in flipped])
+                 for s in range(len(flipped[0]["sampler"]["restored"]))]
+        _plot(st, _heatmap(steps, layers, range(len(steps)), "layer patched", "patched from step",
+                                 f"sampler: the clean puzzle's residual stream from step s on ({len(flipped)} items); "
+                                 "share that ends with the clean digit", zmid=None))
+    shown = [k for k, it in enumerate(its) if "patterns" in it]
+    if not shown:
+        return
+    k = st.selectbox("cell", shown, format_func=lambda k: f"puzzle {its[k]['puzzle']}, cell {its[k]['cell']} "
+                     f"(answer {its[k]['a']}, corrupted {its[k]['b']})")
+    it = its[k]
+    pattern = it["patterns"]
+    layer = st.selectbox("layer", range(len(pattern[0])))
+    head = st.selectbox("head", range(len(pattern[0][layer])))
+    z = [step[layer][head] for step in pattern]
+    _plot(st, _heatmap(z, [f"{i}:{t}" for i, t in enumerate(it["tokens"])], range(len(z)), "key position",
+                             "denoising step", f"attention of cell {it['cell']} (query) across steps, layer {layer} "
+                             f"head {head}", zmid=None))
+
+
+def _role_mean(items: list[dict], layer: int, role: str) -> float | None:
+    """Mean restored fraction over the positions of `role` at `layer`, averaged per item first."""
+    per_item = []
+    for it in items:
+        vals = [v for v, r in zip(it["layer_position"][layer], it["roles"]) if r == role]
+        if vals:
+            per_item.append(sum(vals) / len(vals))
+    return sum(per_item) / len(per_item) if per_item else None
 
 
 def _example_text(ex: dict) -> str:
@@ -547,9 +660,9 @@ def _diff_page(st, path: str) -> None:
     st.caption(f"{r['hook']}: {r['n_latents']} latents (k={r['k']}), {r['n_alive']} alive on {r['n_tokens']:,} held-out "
                f"tokens, FVU {r['fvu']:.3f}; specific = relative decoder norm beyond {r['threshold']}, robust = both "
                f"Latent Scaling ratios below {r['nu_max']}")
-    for e in r["per_checkpoint"]:
-        for side, owner in (("later", e["checkpoint"]), ("base", report["checkpoints"][0])):
-            s = e[f"specific_{side}"]
+    for entry in r["per_checkpoint"]:
+        for side, owner in (("later", entry["checkpoint"]), ("base", report["checkpoints"][0])):
+            s = entry[f"specific_{side}"]
             st.subheader(f"Specific to {owner}: {s['count']} latents ({s['robust']} robust)")
             for lat in s["latents"]:
                 with st.expander(f"latent {lat['latent']}: relative norm {lat['relative_norm']:.3f}, nu_error "

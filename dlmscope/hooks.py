@@ -3,7 +3,8 @@
 Hook functions receive the activation and a `HookContext` that says which denoising step is
 running and which positions are still masked (the sampler keeps `LoadedModel.state` current), so
 the same function works on a single forward pass and during diffusion. Hooks are always removed
-when the `with` block exits, exceptions included.
+when the `with` block exits, exceptions included. Positions index axis 1 of an activation, except
+`attn.hook_pattern` (B, heads, queries, keys), whose queries they select (`Site.pos_dim`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def position_mask(positions: Positions, state: ForwardState, shape: tuple[int, i
         return None
     if state.window is not None:
         start, end = state.window
+        assert state.mask is not None  # a cached step always knows the masked positions
         full = position_mask(positions, ForwardState(**{**vars(state), "window": None}),
                              (shape[0], state.mask.shape[1]), device)
+        assert full is not None
         return full[:, start:end]
     if isinstance(positions, str):
         if positions not in POSITION_KINDS:

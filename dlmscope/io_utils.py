@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,8 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            for chunk in (len(raw).to_bytes(8, "little"), raw,
-                          *(memoryview(tensors[k].reshape(-1).view(torch.uint8).numpy()) for k in order)):
+            chunks: list[bytes | memoryview] = [len(raw).to_bytes(8, "little"), raw]
+            for chunk in chunks + [memoryview(tensors[k].reshape(-1).view(torch.uint8).numpy()) for k in order]:
                 f.write(chunk)
                 digest.update(chunk)
 

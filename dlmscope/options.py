@@ -11,7 +11,6 @@ the CLI shows them as choices. `renamed` maps old config-file keys to the fields
 
 from __future__ import annotations
 
-import functools
 import re
 import types
 import typing
@@ -23,7 +22,7 @@ from . import checks
 from .errors import DLMScopeError
 from .models.zoo import DEFAULT_MODEL
 
-SITES = ("pre", "mid", "post", "mlp_in", "mlp_out")
+SITES = ("pre", "mid", "post", "mlp_in", "mlp_out", "attn_out")
 """Hook sites an SAE can read (and a transcoder predict)."""
 
 
@@ -38,10 +37,14 @@ def unset(meaning: str) -> dict:
     return {"unset": meaning}
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def type_hints(cls: type) -> dict[str, Any]:
-    """The resolved type hint of every field of `cls` (string annotations included, along the MRO)."""
-    return typing.get_type_hints(cls)
+    """The resolved type hint of every field of `cls` (string annotations included, along the MRO), cached."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def split_optional(hint: Any) -> tuple[Any, bool]:
@@ -147,7 +150,8 @@ class SitePart(Options):
     layers: str = "1,3"
     """Comma-separated layer indices (hook blocks.{i}.hook_resid_{site}, or blocks.{i}.hook_{site} for MLP sites)."""
     site: str = field(default="post", metadata=choices(lambda: SITES))
-    """Site the dictionary reads: pre, mid or post (residual stream), mlp_in or mlp_out."""
+    """Site the dictionary reads: pre, mid or post (residual stream), mlp_in, mlp_out or attn_out (what attention
+    adds)."""
 
     def check(self) -> None:
         self.layer_list()
@@ -157,7 +161,7 @@ class SitePart(Options):
 
     @staticmethod
     def hook(layer: int, site: str) -> str:
-        return f"blocks.{layer}.hook_{site if site.startswith('mlp') else 'resid_' + site}"
+        return f"blocks.{layer}.hook_{site if site.startswith(('mlp', 'attn')) else 'resid_' + site}"
 
 
 def policy_names() -> tuple[str, ...]:
@@ -229,7 +233,9 @@ class SAEPart(Options):
     """Matryoshka: comma-separated nested prefix sizes (the full width is added)."""
 
     def check(self) -> None:
-        transcoder = self.architecture.endswith("transcoder")
+        from .sae.model import ARCHITECTURES
+
+        transcoder = getattr(ARCHITECTURES.get(self.architecture), "transcodes", False)
         if transcoder != (self.target_site is not None) or self.target_site == getattr(self, "site", None):
             raise DLMScopeError(f"target_site={self.target_site!r} with site={getattr(self, 'site', None)!r}: "
                                 "transcoders (and only they) need a target site other than the site they read")

@@ -28,6 +28,9 @@ Resume state (`save_state(folder, name, state)` / `load_state(folder, name)` / `
 - `load_state` verifies both checksums; a flipped byte anywhere is one `DLMScopeError` line naming the file.
 - `rng_state()` / `set_rng_state(s)`: torch CPU (and CUDA, if initialised), python `random` and numpy
   global generators as tensors/JSON, so a resumed run draws the same numbers as an uninterrupted one.
+
+Run base: `Run(cfg, folder)` is the lifecycle every run shares (lock, signals, resume state and checks,
+progress); `training.DictionaryRun` (SAEs, crosscoders, `diff`) and `rl.RLRun` subclass it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import os
 import random
 import re
 import shutil
+import signal
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +180,10 @@ def flatten(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
             key = str(len(tensors))
             # Keep the memory layout (a transposed weight stays transposed): fused optimizers pair a
             # parameter with its state element by element in memory order.
-            perm = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-            dense = x.permute(perm)
-            if not dense.is_contiguous() or perm == list(range(x.dim())):
-                dense, perm = x, None
+            order = sorted(range(x.dim()), key=lambda d: -x.stride()[d])
+            dense, perm = x.permute(order), order
+            if not dense.is_contiguous() or order == list(range(x.dim())):
+                dense, perm = x, []
             tensors[key] = dense.detach().cpu().clone().contiguous()
             return {"__tensor__": key, "perm": perm} if perm else {"__tensor__": key}
         if isinstance(x, dict):
@@ -320,27 +325,19 @@ class Run:
         self.signal = 0
 
     def lock(self):
-        from contextlib import nullcontext
-
         return RunFolder(self.folder, self.cfg.resume) if self.main else nullcontext()
 
+    @contextmanager
     def signals(self):
-        import signal
-        from contextlib import contextmanager
+        def on_signal(signum, frame):  # finish the step, checkpoint, stop
+            self.signal = signum
 
-        @contextmanager
-        def handling():
-            def on_signal(signum, frame):  # finish the step, checkpoint, stop
-                self.signal = signum
-
-            old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-
-        return handling()
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
     def stop_requested(self) -> bool:
         return bool(self.signal)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -25,12 +25,13 @@ class LogProgress:
                  initial: float = 0, unit_scale: bool = False, file: TextIO | None = None,
                  every: float = LOG_EVERY_PERCENT):
         self.iterable = iterable
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.total = total if total is not None else (len(iterable) if isinstance(iterable, Sized) else None)
         self.desc, self.unit, self.unit_scale, self.every = desc, unit, unit_scale, every
         self.file = file or sys.stderr
         self.n, self.postfix, self.t0 = initial, "", time.monotonic()
         self.shown = self._percent() // every if self.total else 0  # a resumed run does not repeat old lines
-        self.closed, self.last_printed = False, None
+        self.closed = False
+        self.last_printed: float | None = None
 
     def _percent(self) -> float:
         return 100.0 * self.n / self.total if self.total else 0.0
@@ -66,7 +67,7 @@ class LogProgress:
 
     def __iter__(self) -> Iterator:
         try:
-            for item in self.iterable:
+            for item in self.iterable or ():
                 yield item
                 self.update(1)
         finally:

@@ -127,7 +127,7 @@ class Sudoku:
         _check_split(split)
         grids = sudoku_split_grids(split)
         rng = random.Random(f"sudoku-{split}-{seed}")
-        out = []
+        out: list[Example] = []
         while len(out) < n:
             grid = rng.choice(grids)
             holes = rng.sample(range(16), rng.randint(self.min_empty, self.max_empty))
@@ -212,7 +212,7 @@ class Countdown:
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         _check_split(split)
         rng = random.Random(f"countdown-{split}-{seed}")
-        out = []
+        out: list[Example] = []
         while len(out) < n:
             nums = [rng.randint(1, 20) for _ in range(3)]
             a, b, c = rng.sample(nums, 3)

@@ -135,7 +135,9 @@ class DictionaryRun(Run):
 
     resumable = RESUMABLE_CHANGES
 
-    def __init__(self, cfg: TrainSAEConfig):
+    def __init__(self, cfg: TrainSAEConfig | DiffConfig, lm=None):
+        self.lm = lm
+        """A model already in memory (e.g. `load_model(hooked_transformer, mask_id=...)`); None loads `cfg.model`."""
         self.dist = _Dist(cfg.device)
         super().__init__(cfg, Path(cfg.out) / check_name(cfg.run_name()), self.dist.main)
         self.hooks = [cfg.hook(i, cfg.site) for i in cfg.layer_list()]
@@ -209,10 +211,11 @@ class DictionaryRun(Run):
             if n_shards < 1 + dist.world:
                 raise DLMScopeError(f"cache {cfg.activation_cache!r} has {n_shards} shard(s); training needs at least "
                                     f"{1 + dist.world} (one held out, one per process)")
-            train_src = CachedSource(cfg.activation_cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
+            train_src: CachedSource | ActivationSource | Prefetcher = CachedSource(
+                cfg.activation_cache, shards=list(range(n_shards - 1))[dist.rank::dist.world])
             model_name, d_model, policy = eval_src.manifest["model"], None, eval_src.policy
         else:
-            lm = load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
+            lm = self.lm if self.lm is not None else load_model(cfg.model, device=dist.device, dtype=cfg.dtype)
             for h in self.hooks:
                 lm.site(h)
             if lm.tokenizer is None:
@@ -221,11 +224,12 @@ class DictionaryRun(Run):
             train_rows = pack(lm.tokenizer, train_texts, cfg.context_length)
             eval_rows = pack(lm.tokenizer, heldout_texts, cfg.context_length)
             common = dict(policy=cfg.policy, t_range=(cfg.t_min, cfg.t_max), seqs_per_batch=cfg.seqs_per_forward)
-            train_src = self.activation_source(lm, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
-                                               rank=dist.rank, world=dist.world, **common)
+            live = self.activation_source(lm, train_rows.input_ids, train_rows.doc_ids, seed=cfg.seed,
+                                          rank=dist.rank, world=dist.world, **common)
+            train_src = live
             eval_src = self.activation_source(lm, eval_rows.input_ids, eval_rows.doc_ids, seed=cfg.seed + 1,
                                               **{**common, "seqs_per_batch": min(cfg.seqs_per_forward, eval_rows.input_ids.shape[0])})
-            model_name, d_model, policy = lm.name, lm.d_model, train_src.policy
+            model_name, d_model, policy = lm.name, lm.d_model, live.policy
         local_batch = cfg.batch_size // dist.world
         if cfg.prefetch:  # half a buffer ahead: what one refill takes
             train_src = self.prefetcher = Prefetcher(train_src, max(cfg.buffer_tokens // dist.world // 2, local_batch))
@@ -298,7 +302,7 @@ class DictionaryRun(Run):
 
     def checkpoint(self) -> None:
         mine = {"buffer": self.buffer.state_dict(), "rng": rng_state()}
-        ranks = [mine]
+        ranks: list = [mine]
         if self.dist.world > 1:
             import torch.distributed as tdist
 
@@ -338,8 +342,8 @@ class DictionaryRun(Run):
 class SAERun(DictionaryRun):
     """SAEs of any architecture (transcoders included), one per (layer, k)."""
 
-    def __init__(self, cfg: TrainSAEConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainSAEConfig, lm=None):
+        super().__init__(cfg, lm)
         if not cfg.k_list():
             raise DLMScopeError("give at least one k")
         self.reads = list(self.hooks)
@@ -369,7 +373,7 @@ class CrossCoderRun(DictionaryRun):
     `checkpoints` (cfg.model is the first): every checkpoint runs on the identical corrupted batch. A cache
     written from a `PairedActivationSource` (concatenated activations) works as --cache."""
 
-    def __init__(self, cfg: TrainSAEConfig, checkpoints: list[str]):
+    def __init__(self, cfg: TrainSAEConfig | DiffConfig, checkpoints: list[str]):
         super().__init__(cfg)
         if len(checkpoints) < 2:
             raise DLMScopeError(f"model diffing needs at least two checkpoints; got {checkpoints}")
@@ -501,9 +505,13 @@ class DiffRun(CrossCoderRun):
         return super().save_output(key, trainer, density)
 
 
-def train_sae(cfg: TrainSAEConfig) -> RunResult:
-    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring."""
-    return SAERun(cfg).run()
+def train_sae(cfg: TrainSAEConfig, lm=None) -> RunResult:
+    """Train one SAE per (layer, k) from a shared activation stream; see the module docstring.
+
+    `lm`: a `LoadedModel` already in memory to train on instead of loading `cfg.model` (a converted
+    `HookedTransformer`, say); the SAEs then record its name.
+    """
+    return SAERun(cfg, lm).run()
 
 
 def write_report(folder: Path, final: dict, history: list) -> Path:

@@ -73,7 +73,6 @@ def _pca_projector(acts, fvu: float):
 
 
 def _replacement(sae, variant: str, pca=None):
-    import torch
 
     def fn(act, ctx):
         x = act.float()

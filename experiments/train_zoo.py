@@ -264,11 +264,11 @@ def write_card(cfg: ZooConfig, data: dict, log: dict) -> dict:
         "# Built-in twins: dlmscope-tiny-dlm and dlmscope-tiny-ar", "",
         "Rebuilt by `python experiments/train_zoo.py all` (seed 0). Numbers below are measured by that script.", "",
         "| | dlmscope-tiny-dlm | dlmscope-tiny-ar |", "|---|---|---|",
-        f"| architecture | LLaDA (Llama, bidirectional), LLaDA checkpoint format | Llama, causal, transformers format |",
+        "| architecture | LLaDA (Llama, bidirectional), LLaDA checkpoint format | Llama, causal, transformers format |",
         f"| parameters | {dlm.n_params():,} | {ar.n_params():,} |",
         f"| layers x d_model x heads, d_mlp | {cfg.n_layers} x {cfg.d_model} x {cfg.n_heads}, {cfg.d_mlp} | same |",
         f"| vocab (BPE, digits split) | {cfg.vocab_size} | same |",
-        f"| objective | masked-diffusion ELBO, t ~ U(0,1), eps 1e-3 | next-token CE |",
+        "| objective | masked-diffusion ELBO, t ~ U(0,1), eps 1e-3 | next-token CE |",
         f"| tokens seen | {log['dlm']['tokens_seen']:,} | {log['ar']['tokens_seen']:,} |",
         f"| training time ({log['dlm']['device']}) | {log['dlm']['seconds']:.0f} s | {log['ar']['seconds']:.0f} s |",
         f"| held-out loss | ELBO {results['dlm']['elbo_nats_per_token']:.3f} nats/token | next-token CE "

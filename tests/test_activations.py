@@ -226,7 +226,7 @@ def test_trajectory_activations(llada):
 
 
 def test_manifest_lists_shards_in_numeric_order(tmp_path):
-    from dlmscope.activations import _save_manifest
+    from dlmscope.activations.cache import _save_manifest
 
     done = {f"shard-{i:05d}.safetensors": {"file": f"shard-{i:05d}.safetensors", "tokens": i, "sha256": "x"}
             for i in (100000, 99999, 7)}

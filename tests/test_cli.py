@@ -243,6 +243,49 @@ def test_generate_blocks_command(tmp_path, tokenizer, capsys):
     assert e.value.code == 2 and "not a block-diffusion model" in err and len(err.splitlines()) == 1
 
 
+def test_block_models_sample_with_their_own_sampler_from_the_cli(tmp_path, tokenizer, capsys):
+    """`generate` on a LLaDA 2.x folder runs its block sampler (the API's default too); `generate-blocks` takes the
+    block length, LLaDA 2.1's editing sampler and the EOS early stop."""
+    import dlmscope
+    from dlmscope.diffusion.blocks import generate_blocks
+    from dlmscope.diffusion.editing import generate_editing
+    from dlmscope.models.tiny import write_tiny_llada2
+
+    folder = write_tiny_llada2(tmp_path / "l2", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                               mask_id=tokenizer.mask_token_id)
+    lm = dlmscope.load_model(folder)
+    main(["info", "--model", str(folder)])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["mask_id"], info["pad_id"], info["eos_id"]) == (lm.mask_id, lm.pad_id, lm.eos_id)
+    assert info["block_size"] == 4
+    # 3 blocks of 4 (the prompt's last and two more), 4 steps each
+    main(["generate", "--model", str(folder), "-p", "def f", "--gen-length", "8", "--steps", "12"])
+    expected = generate_blocks(lm, ["def f"], max_new_tokens=8, steps_per_block=4, cache=None).texts[0]
+    assert capsys.readouterr().out.strip() == f"def f{expected}"
+    assert dlmscope.generate(lm, ["def f"], gen_length=8, steps=12).texts[0] == expected
+    main(["generate-blocks", "--model", str(folder), "-p", "def f", "--max-new-tokens", "6", "--editing-threshold",
+          "0.5", "--block-length", "8", "--eos-early-stop"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    edited = generate_editing(lm, ["def f"], max_new_tokens=6, editing_threshold=0.5, block_length=8,
+                              eos_early_stop=True)
+    assert lines[0] == f"def f{edited.texts[0]}" and lines[-1].startswith(f"[{edited.n_forwards} forwards")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--mask-id", "-1"], "mask_id=-1 must be an integer >= 0"),
+    (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--editing-threshold", "2"],
+     "--editing-threshold=2.0"),
+    (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--block-length", "0"], "--block-length=0"),
+    (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--max-post-steps", "-1"], "--max-post-steps=-1"),
+    (["generate-blocks", "--model", "tests/fixtures/llada2_tiny", "--threshold", "1.5"], "--threshold=1.5"),
+])
+def test_released_checkpoint_options_bad_input(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------ the CLI surface as a whole
 
 def _commands():
@@ -328,7 +371,8 @@ GLOSSARY = {  # a flag several commands share -> what every one of its help text
     "--dataset": "Text source", "--checkpoints": "Comma-separated checkpoints", "--positions": "ositions",
     "--block-length": "block length", "--total-tokens": "Training tokens per", "--seqs-per-forward": "Rows per",
     "--policy": "Positions whose activations", "--task": "Verifiable task", "--kv-cache": "KV cache",
-    "--sampler-schedule": "Sampler schedule", "--prompt": "Prompt text", "-p": "Prompt text",
+    "--sampler-schedule": "Sampler schedule", "--feature": "Latent index", "--prompt": "Prompt text",
+    "-p": "Prompt text",
 }
 
 
@@ -363,6 +407,8 @@ def test_a_flag_has_one_type_and_one_meaning_across_commands():
      ["order", "--sae", "tiny-dlm-L3-k32", "--sampler-schedule", "cosine"], "unknown schedule 'cosine'"),
     (["cache", "{tmp}/c", "--dtype", "int3"], ["cache", "--out", "{tmp}/c", "--store-dtype", "int3"], "unknown dtype"),
     (["evaluate", "nope"], ["evaluate", "--sae", "nope"], "unknown SAE"),
+    (["features", "build", "--t-low", "0.6", "--t-high", "0.5", "--out", "{tmp}/s"],
+     ["features", "build", "--t-min", "0.6", "--t-max", "0.5", "--out", "{tmp}/s"], "0.6"),
     (["info", "/no/such/model"], ["info", "--model", "/no/such/model"], "neither a checkpoint folder"),
     (["generate", "--cache", "full"], ["generate", "--kv-cache", "full"], "cache='full'"),
     (["steer", "--sae", "tiny-dlm-L3-k32", "--feature", "1", "--schedule", "100", "--steps", "8", "--gen-length", "8"],
@@ -379,8 +425,8 @@ def test_deprecated_spellings_warn_and_work(old, new, message, tmp_path, capsys)
         errors.append(capsys.readouterr().err.strip().splitlines())
     fresh, deprecated = errors
     assert len(fresh) == 1 and message in fresh[0]
-    assert len(deprecated) == 2 and deprecated[0].startswith("warning: ") and "deprecated" in deprecated[0]
-    assert deprecated[1] == fresh[0]
+    assert len(deprecated) >= 2 and deprecated[-1] == fresh[0]
+    assert all(line.startswith("warning: ") and "deprecated" in line for line in deprecated[:-1])
 
 
 def test_deprecated_spellings_run_like_the_new_ones(capsys):
@@ -403,4 +449,5 @@ def test_config_file_keys_of_older_releases_are_read(tmp_path, capsys):
 def test_sae_commands_default_to_the_model_the_sae_records(capsys):
     """The AR SAE runs on the AR model without --model (it used to fall back to the tiny DLM)."""
     main(["eval-splice", "--sae", "tiny-ar-L1-k32", "--t-bins", "0.5", "--n-seqs", "2"])
-    assert "| 0.5 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("dlmscope-tiny-ar ") and "| clean |" in out  # the AR model's clean-text row

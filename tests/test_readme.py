@@ -1,15 +1,20 @@
-"""Every code block of README.md, run the way a user runs it.
+"""Every code block of README.md, run the way a user runs it: as a notebook, in the repository's root folder.
 
-Python blocks run in README order in one namespace, like notebook cells (one subprocess). Shell blocks
-run line by line through bash with `dlmscope` from PATH, all in one temporary folder, with small budgets.
-Both get a temporary working folder and DLMSCOPE_CACHE. A block is named by the README marker above it
-and its index under that marker: "train-sae/1" is the second block after `<!-- section:train-sae -->`.
+The README says every command runs in the repository's root folder, so the test copies the repository
+(tracked and untracked, not ignored, files) into a temporary folder and runs everything there: Python blocks
+in README order in one namespace, like notebook cells (one subprocess); shell blocks line by line through
+bash with `dlmscope` from PATH, with small budgets. DLMSCOPE_CACHE points inside the temporary folder too,
+and no README block may name a path under /tmp. A statement whose trailing comment states its value is
+checked: an expression whose comment starts with a Python literal (`x == y, n  # (True, 16, 2)`, an
+explanation may follow after ": "), and a `print(...)` whose comment is exactly what it prints.
+A block is named by the README marker above it and its index under that marker: "train-sae/1" is the
+second block after `<!-- section:train-sae -->`.
 
 Adding a README block? It runs as written, so usually nothing is needed here. When it is too slow or
 cannot run on this machine, add to the tables below (each entry must match something in the README, so
 stale entries fail too):
 - REWRITES: (regex, replacement) applied in order to every shell line: small budgets, e.g.
-  (r"--steps 30\b", "--steps 1"). Keep the command itself; shrink only sizes.
+  (r"--rl-steps 30\b", "--rl-steps 1"). Keep the command itself; shrink only sizes.
 - SKIP: {substring: reason}: shell lines and Python statements containing it are not run.
 - SERVE: substrings of shell lines that start a server until stopped: run in the background with $PORT
   set to a free port, checked until /_stcore/health answers "ok", then stopped.
@@ -21,39 +26,46 @@ stale entries fail too):
 from __future__ import annotations
 
 import ast
+import io
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tokenize
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 TRAIN_BUDGET = "--total-tokens 2048 --batch-size 512 --buffer-tokens 4096 --eval-tokens 512 --eval-every 2"
 REWRITES = [
     (r"python -m pip install torch==2\.13\.0 -e \. && ", ""),  # installed already: the tests import it
     (r" --total-tokens \d+", ""),  # every train-sae gets TRAIN_BUDGET instead
     (r"dlmscope train-sae(?! --help)", f"dlmscope train-sae {TRAIN_BUDGET}"),
-    (r"dlmscope cache (\S+)", r"dlmscope cache \1 --batches 3 --seqs-per-forward 8"),
+    (r"dlmscope cache --out (\S+)", r"dlmscope cache --out \1 --batches 3 --seqs-per-forward 8"),
     (r"dlmscope eval-splice", "dlmscope eval-splice --n-seqs 4 --t-bins 0.5"),
     (r"dlmscope steer", "dlmscope steer --gen-length 8 --steps 8"),
-    (r"--steps 4,8,16", "--steps 4"),
+    (r"--step-budgets 4,8,16", "--step-budgets 4"),
     (r"dlmscope order", "dlmscope order --n 2 --heldout 2"),
     (r"dlmscope stability", "dlmscope stability --n-seqs 2"),
     (r"dlmscope features build", "dlmscope features build --n-seqs 8"),
     (r"dlmscope explore", "dlmscope explore --port $PORT"),
+    (r"--through sampler --steps 16", "--through sampler --steps 4"),
 ]
 SKIP = {
     "python -m pytest": "the test suite itself (.ci/run runs this block verbatim in a fresh environment)",
     "/models/LLaDA-8B-Base": "needs the LLaDA-8B checkpoint (and GPUs)",
     'pip install -e ".[app]"': "installs the package; the test environment has the app extra",
-    "python experiments/": "full studies (tens of CPU-minutes); their results are committed in experiments/results",
+    "python experiments/diff_rspo.py": "a full study (tens of CPU-minutes); its results are committed in experiments/results",
+    "python experiments/diff_sae_matching.py": "a full study (CPU-hours); its results are committed in experiments/results",
 }
 SERVE = ("dlmscope explore",)
 SLOW = {  # block -> the fast tests that run the same commands
@@ -128,20 +140,96 @@ def test_every_block_is_run_or_listed():
         assert any(key in c for c in commands), f"SERVE entry {key!r} matches no README command"
 
 
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "DLMSCOPE_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+def _env(folder: Path) -> dict:
+    return {**os.environ, "DLMSCOPE_CACHE": str(folder.parent / "cache"), "PYTHONUNBUFFERED": "1"}
 
 
-def test_python_blocks_in_order_in_one_namespace(tmp_path):
+def comments(code: str) -> dict[int, str]:
+    """Line number -> the text of the comment ending that line."""
+    return {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(code).readline)
+            if t.type == tokenize.COMMENT}
+
+
+def promise(node: ast.stmt, comment: str | None) -> tuple[str, str] | None:
+    """("print", text) or ("value", literal's source) when a statement's trailing comment states what it gives."""
+    if comment is None or not isinstance(node, ast.Expr):
+        return None
+    call = node.value
+    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print":
+        return "print", comment
+    for text in (comment, comment.split(": ")[0]):
+        try:
+            ast.literal_eval(text)
+            return "value", text
+        except (ValueError, SyntaxError):
+            continue
+    return None
+
+
+def python_cells() -> list[tuple[str, list[tuple[str, tuple[str, str] | None]]]]:
+    """(block name, [(statement source, promise or None)]) for every Python block, SKIP entries left out."""
     cells = []
     for name, lang, code in BLOCKS:
         if lang == "python":
-            kept = [s for s in python_statements(code) if not skipped(s)]
-            cells.append(f"print('### README block {name}', flush=True)\n"
-                         f"exec(compile({chr(10).join(kept)!r}, 'README.md:{name}', 'exec'), ns)")
-    script = "ns = {'__name__': '__main__'}\n" + "\n".join(cells)
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=600)
+            notes = comments(code)
+            cells.append((name, [(ast.get_source_segment(code, node), promise(node, notes.get(node.end_lineno)))
+                                 for node in ast.parse(code).body if not skipped(ast.get_source_segment(code, node))]))
+    return cells
+
+
+RUNNER = """
+import ast, contextlib, io, json, sys
+ns = {"__name__": "__main__"}
+for name, statements in json.loads(sys.argv[1]):
+    print("### README block", name, flush=True)
+    for source, promised in statements:
+        code = compile(source, "README.md:" + name, "eval" if promised and promised[0] == "value" else "exec")
+        if not promised:
+            exec(code, ns)
+        elif promised[0] == "value":
+            got = eval(code, ns)
+            assert got == ast.literal_eval(promised[1]), f"README {name}: {source!r} gives {got!r}; its comment says {promised[1]}"
+        else:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                exec(code, ns)
+            printed = out.getvalue().strip()
+            print(printed)
+            assert printed == promised[1], f"README {name}: {source!r} printed {printed!r}; its comment says {promised[1]!r}"
+"""
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """The repository as a user has it, in a temporary folder: every file git tracks or would track."""
+    dest = tmp_path_factory.mktemp("readme") / "dlmscope"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True)
+    if listed.returncode == 0:
+        for rel in filter(None, listed.stdout.decode().split("\0")):
+            if (ROOT / rel).is_file():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dest / rel)
+    else:  # not a git checkout (an unpacked archive): everything but caches and environments
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
+                                                                    ".pytest_cache", "runs", "stores"))
+    return dest
+
+
+def test_promised_values_are_found():
+    found = {source: p[1] for _, statements in python_cells() for source, p in statements if p}
+    values = [ast.literal_eval(v) if kind == "value" else v for _, statements in python_cells()
+              for _, (kind, v) in ((s, p) for s, p in statements if p)]
+    assert (True, 16, 2) in values and [3, 3, 3, 3, 3, 4, 5] in values and "TopKSAE True" in values, found
+
+
+def test_no_block_writes_outside_its_folder():
+    assert not [name for name, _, code in BLOCKS if "/tmp/" in code]
+
+
+def test_python_blocks_in_order_in_one_namespace(clone):
+    cells = python_cells()
+    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cells)], cwd=clone, env=_env(clone),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert done.stdout.count("### README block") == len(cells)
 
@@ -174,24 +262,19 @@ def _serve(command: str, cwd: Path, env: dict, seconds: float = 180) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def shell_dir(tmp_path_factory):
-    """One working folder for every shell block, as a user working through the README in one terminal."""
-    return tmp_path_factory.mktemp("readme-shell")
-
-
 @pytest.mark.parametrize("name, code", [pytest.param(n, c, id=n, marks=[pytest.mark.slow] if n in SLOW else [])
                                         for n, c in SHELL])
-def test_shell_block(name, code, shell_dir):
-    env = _env(shell_dir)
+def test_shell_block(name, code, clone):
+    """Every shell block in the copy's root folder, as a user working through the README in one terminal."""
+    env = _env(clone)
     for command in shell_commands(code):
         if skipped(command):
             continue
         command = rewrite(command)
         if any(key in command for key in SERVE):
-            _serve(command, shell_dir, env)
+            _serve(command, clone, env)
             continue
-        done = subprocess.run(["bash", "-c", command], cwd=shell_dir, env=env, capture_output=True, text=True,
+        done = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, f"README {name}: {command!r} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
         assert "\r" not in done.stderr, f"README {name}: {command!r} wrote carriage returns into a log"

@@ -161,9 +161,9 @@ def test_cli_config_file_and_bad_inputs(tiny_dirs, text, tmp_path, capsys):
     empty.write_text("\n\n  \n")
     short.write_text("one tiny document\n\nand another")
     base = ["train-sae", "--config", str(cfg_file), "--out", str(tmp_path), "--no-progress"]
-    for args, message in ((["--layers", "9"], "out of range"), (["--site", "attn"], "allowed: pre, mid, post"),
+    for args, message in ((["--layers", "9"], "out of range"), (["--site", "attn"], "'attn' is not one of 'pre', 'mid', 'post'"),
                           (["--k", "500"], "0 < k < n_latents"), (["--layers", "x"], "comma-separated integers"),
-                          (["--optimizer", "sgd"], "allowed: adam, signum_sf"),
+                          (["--optimizer", "sgd"], "'sgd' is not one of 'adam', 'signum_sf'"),
                           (["--out", "/proc/nope"], "cannot write to output folder"),
                           (["--dataset", str(tmp_path / "none.txt")], "does not exist"),
                           (["--dataset", str(empty)], "no non-empty texts"),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -250,7 +251,8 @@ def diff(cfg: DiffConfig) -> dict:
     lms = [load_model(c, device=run.dist.device, dtype=cfg.dtype) for c in cfg.checkpoint_list()]
     _, heldout = split_texts(cfg.dataset, cfg.column)
     rows = pack(lms[0].tokenizer, heldout, cfg.context_length).input_ids[:cfg.n_seqs]
-    report = {"checkpoints": cfg.checkpoint_list(), "config": asdict(cfg), "crosscoders": {}, "diff_saes": {}}
+    report: dict[str, Any] = {"checkpoints": cfg.checkpoint_list(), "config": asdict(cfg), "crosscoders": {},
+                              "diff_saes": {}}
     texts: dict[str, PairedText] = {}
     for key, folder in result.saes.items():
         hook = run.routes[key]

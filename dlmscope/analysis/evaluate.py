@@ -30,6 +30,7 @@ import math
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ class _Stats:
     def __init__(self, n_latents: int):
         self.n = 0
         self.err = self.sq = self.cos = self.active = 0.0
-        self.sum = None
+        self.sum: torch.Tensor | None = None
         self.fired = torch.zeros(n_latents, dtype=torch.float64)
 
     def add(self, y: torch.Tensor, y_hat: torch.Tensor, lat: torch.Tensor) -> None:
@@ -101,6 +102,7 @@ class _Stats:
     def result(self) -> dict:
         if self.n == 0:
             return {"n_tokens": 0}
+        assert self.sum is not None  # set by the first add()
         variance = self.sq - float(self.sum.pow(2).sum()) / self.n
         density = self.fired / self.n
         return {"n_tokens": self.n, "fvu": self.err / max(variance, 1e-30), "cosine": self.cos / self.n,
@@ -200,7 +202,8 @@ def _task_sequences(lm: LoadedModel, task: str, n: int) -> tuple[list[list[int]]
 
 
 @torch.no_grad()
-def _probe_data(lm: LoadedModel, sae, label_set: str, rows: torch.Tensor, cfg: EvaluateConfig):
+def _probe_data(lm: LoadedModel, sae, label_set: str, rows: torch.Tensor, cfg: EvaluateConfig
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any] | None:
     """(raw activations, latents, labels, masked, class names) at labelled positions, half of all tokens masked."""
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     if label_set == "token_class":
@@ -355,7 +358,7 @@ def first_letter_absorption(lm: LoadedModel, sae, rows: torch.Tensor, cfg: Evalu
     Z = sae.encode(X.to(sae.device)).cpu()
     W_dec = (sae.W_dec.detach().float() / sae.output_scale).cpu()
     gen = torch.Generator().manual_seed(cfg.seed)
-    letters = {}
+    letters: dict[str, dict[str, Any]] = {}
     for L in range(26):
         pos, neg = (Y == L).nonzero().squeeze(1), (Y != L).nonzero().squeeze(1)
         train, test, cut = _balanced_split(pos, neg, cfg.probe_examples, gen)
@@ -396,7 +399,7 @@ def evaluate_sae_suite(lm: LoadedModel, sae, rows: torch.Tensor, cfg: EvaluateCo
     rows = rows[: cfg.n_seqs]
     if rows.shape[0] == 0:
         raise DLMScopeError("no held-out sequences to evaluate on")
-    result = {"sae": {"hook": sae.cfg.hook_name, "hook_out": sae.cfg.hook_name_out, "architecture": sae.cfg.architecture,
+    result: dict[str, Any] = {"sae": {"hook": sae.cfg.hook_name, "hook_out": sae.cfg.hook_name_out, "architecture": sae.cfg.architecture,
                       "k": sae.cfg.k, "n_latents": sae.cfg.n_latents}, "model": lm.name, "config": asdict(cfg)}
     steps = ["core"] + (["splice"] if cfg.splice_seqs else []) + [f"probe:{p}" for p in cfg.probes] + \
         (["absorption"] if cfg.absorption else [])

@@ -13,6 +13,7 @@ One sampler run, the chosen experts of every MoE layer captured at every step. R
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -83,22 +84,24 @@ def expert_dynamics(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[
     """Run the sampler once and measure expert routing per MoE layer (see module doc)."""
     layers = moe_layers(lm)
     names = [f"blocks.{i}.hook_expert_indices" for i in layers]
+    n_experts = lm.n_experts
+    assert n_experts is not None  # moe_layers raised for a dense model
     with capture(lm, names, to_cpu=True) as cache:
-        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=block_length,
+        out = generate(lm, prompts, gen_length=gen_length, steps=steps, block_length=block_length,
                        return_history=True, seed=seed)
     masks = torch.stack([h.mask.cpu() for h in out.history])  # (S, B, L)
     real = out.attention_mask.bool().cpu()
-    result = {"model": lm.name, "family": lm.family, "n_experts": lm.n_experts, "n_active": lm.n_active_experts,
+    result: dict[str, Any] = {"model": lm.name, "family": lm.family, "n_experts": lm.n_experts, "n_active": lm.n_active_experts,
               "steps": steps, "gen_length": gen_length, "prompt_length": out.prompt_length, "layers": {}}
     for layer, name in zip(layers, names):
         idx = torch.stack(cache.acts[name])  # (S, B, L, k)
-        usage = usage_by_status(idx, masks, real, lm.n_experts)
+        usage = usage_by_status(idx, masks, real, n_experts)
         pooled = [torch.nan_to_num(usage[:, j]).sum(0) for j in range(2)]
         pooled = [p / p.sum() for p in pooled]
         result["layers"][layer] = {
             "usage": {status: usage[:, j].tolist() for j, status in enumerate(STATUSES)},
             "masked_vs_visible_tv": float(0.5 * (pooled[0] - pooled[1]).abs().sum()),
-            **unmasking_overlap(idx, masks, out.prompt_length, lm.n_experts),
+            **unmasking_overlap(idx, masks, out.prompt_length, n_experts),
         }
     return result
 

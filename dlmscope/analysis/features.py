@@ -238,7 +238,8 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
     norm_w = _final_norm_weight(lm)
     if norm_w is not None:
         direction = direction * norm_w
-    logit_effect = direction @ lm.module.get_output_embeddings().weight.detach().float().cpu().t()
+    unembed = getattr(lm.module, "get_output_embeddings")()  # a transformers model (nn.Module's getattr is untyped)
+    logit_effect = direction @ unembed.weight.detach().float().cpu().t()
     n_logits = min(cfg.n_logits, lm.vocab_size)
     top = logit_effect.topk(n_logits, dim=1)
     bottom = logit_effect.topk(n_logits, dim=1, largest=False)

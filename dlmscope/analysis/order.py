@@ -10,6 +10,8 @@ the log-probabilities of the true tokens at the revealed positions are summed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -17,7 +19,7 @@ from ..checks import positive
 from ..diffusion.loss import token_ce
 from ..diffusion.sampler import (
     REMASKING, LowConfidence, Remasking, StepForward, StepInput, check_threshold, default_schedule, generate,
-    get_remasking, get_schedule,
+    get_remasking, get_schedule, one_block,
 )
 from ..errors import DLMScopeError
 from ..hooks import hooked
@@ -46,12 +48,12 @@ def order_metrics(sets: torch.Tensor, masks: torch.Tensor, n_latents: int) -> di
     # the step whose forward last saw the position masked, i.e. the step that decoded it
     decoded_at = torch.where(masks.any(0), masks.sum(0) - 1, torch.full_like(masks[0], -1, dtype=torch.long))
     drift = torch.full(decoded_at.shape, float("nan"))
-    for b, l in zip(*torch.nonzero(decoded_at >= 0, as_tuple=True)):
-        d = int(decoded_at[b, l])
+    for b, pos in zip(*torch.nonzero(decoded_at >= 0, as_tuple=True)):
+        d = int(decoded_at[b, pos])
         if d < S - 1:
-            ref = sets[d, b, l]
-            later = sets[d + 1:, b, l]
-            drift[b, l] = 1 - jaccard(ref.expand_as(later), later, n_latents).mean()
+            ref = sets[d, b, pos]
+            later = sets[d + 1:, b, pos]
+            drift[b, pos] = 1 - jaccard(ref.expand_as(later), later, n_latents).mean()
     seen = ~drift.isnan()
     unique_per_step = [int(torch.unique(sets[s]).numel()) for s in range(S)]
     return {"pre_mask_stability": pre, "post_decode_drift": float(drift[seen].mean()) if seen.any() else float("nan"),
@@ -90,7 +92,8 @@ def feature_dynamics(lm: LoadedModel, saes, prompts: Sequence[str], remasking, g
         return grab
 
     with hooked(lm, {h: make_grab(h, sae) for h, sae in zip(hooks, saes)}):
-        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
+        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps,
+                         block_length=one_block(lm, gen_length),
                        remasking=remasking, return_history=True, seed=seed, schedule=schedule, threshold=threshold,
                        cache=cache)
     P = out.prompt_length
@@ -118,7 +121,7 @@ class FeatureStability(LowConfidence):
         self.sae, self.alpha = sae, alpha
         self.prev: torch.Tensor | None = None
         self.current: torch.Tensor | None = None
-        self._ctx = None
+        self._ctx: AbstractContextManager | None = None
 
     def begin(self, lm: LoadedModel, x: torch.Tensor) -> None:
         hook = check_sae_matches(lm, self.sae)
@@ -128,12 +131,13 @@ class FeatureStability(LowConfidence):
             sets = self.sae.encode_topk(act.float())[1]
             if ctx.state.window is not None:  # a KV-cached step: positions outside the window keep their sets
                 start, end = ctx.state.window
+                assert self.current is not None  # a block's first step runs uncached
                 sets, fresh = self.current.clone(), sets
                 sets[:, start:end] = fresh
             self.current = sets
 
-        self._ctx = hooked(lm, {hook: grab})
-        self._ctx.__enter__()
+        self._ctx = ctx = hooked(lm, {hook: grab})
+        ctx.__enter__()
 
     def end(self) -> None:
         if self._ctx is not None:
@@ -142,6 +146,7 @@ class FeatureStability(LowConfidence):
 
     def scores(self, s: StepInput) -> torch.Tensor:
         conf = super().scores(s)
+        assert self.current is not None  # the hook ran in this step's forward
         cur = self.current[: s.x.shape[0]]
         if self.prev is None:
             stability = torch.zeros_like(conf)
@@ -189,9 +194,11 @@ def task_accuracy(lm: LoadedModel, task_name: str, strategy, n: int = 50, steps:
         def count(rec) -> None:
             busy.add_(rec.mask.cpu().any(1).long())
 
-        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
+        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps,
+                         block_length=one_block(lm, gen_length),
                          remasking=strategy, seed=seed, schedule=schedule, threshold=threshold, cache=cache,
                          callback=count).texts
+        assert texts is not None
         rewards += [task.reward(e, t) for e, t in zip(chunk, texts)]
         correct += [task.is_correct(e, t) for e, t in zip(chunk, texts)]
         forwards += busy.tolist()
@@ -255,14 +262,14 @@ def order_log_likelihood(lm: LoadedModel, rows: torch.Tensor, prompt_length: int
 
 
 def order_study(lm: LoadedModel, saes, prompts: Sequence[str], strategies: Sequence[str], task: str | None = None,
-                n: int = 50, budgets: Sequence[int] = (4, 8, 16), gen_length: int = 16, rows: torch.Tensor | None = None,
-                schedule: str | None = None, threshold: float | None = None, cache: str | None = None,
+                n: int = 50, budgets: Sequence[int] = (4, 8, 16), gen_length: int = 16,
+                rows: torch.Tensor | None = None, schedule: str | None = None, threshold: float | None = None, cache: str | None = None,
                 on_row=None) -> dict:
     """The `dlmscope order` study: per remasking order (the SAE-informed ones use the last SAE), the feature
     dynamics of every SAE over `prompts` (one token per step), the task's accuracy (`task`, unless None) and
     the held-out NLL of `rows` (unless None) at each step budget. `on_row(name, table_row)` sees each order's
     row of `order_table` as soon as it is done."""
-    fast = {"threshold": threshold, "cache": cache}
+    fast: dict[str, Any] = {"threshold": threshold, "cache": cache}
     result: dict = {"dynamics": {}, "task": {}, "heldout_nll": {}}
     hooks = [s.cfg.hook_name for s in saes]
     for name in strategies:
@@ -279,9 +286,9 @@ def order_study(lm: LoadedModel, saes, prompts: Sequence[str], strategies: Seque
     return result
 
 
-def order_header(lm: LoadedModel, hooks: Sequence[str], task: str | None, budgets: Sequence[int],
-                 heldout: bool) -> str:
-    """The Markdown header (two lines) of `order_study`'s table."""
+def order_header(lm: LoadedModel, saes, task: str | None, budgets: Sequence[int], heldout: bool) -> str:
+    """The Markdown header (two lines) of `order_study`'s table (one stability and drift column per SAE)."""
+    hooks = [s.cfg.hook_name for s in saes]
     head = "".join(f" L{lm.layer_of(h)} stability | L{lm.layer_of(h)} drift |" for h in hooks)
     head += "".join(f" {task} @{b} |" for b in budgets if task) + "".join(f" NLL @{b} |" for b in budgets if heldout)
     return f"| order |{head}\n|---|" + "---|" * head.count("|")

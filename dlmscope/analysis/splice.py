@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -122,6 +123,7 @@ def splice_hooks(sae, condition: str = "sae", mean_act: torch.Tensor | None = No
         if condition == "zero":
             return torch.zeros_like(act)
         if condition == "mean":
+            assert mean_act is not None  # the "mean" condition comes with its bin's mean
             return mean_act.to(act).expand_as(act)
         recon = sae.reconstruct(seen.pop("x", act).float()).to(act.dtype)
         return recon + (act - recon) if with_error else recon
@@ -143,7 +145,7 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
         [(f"{t:.1f}", t) for t in cfg.t_bins] + [("dlmscope", None)]
     results = {}
     for b_idx, (label, t) in enumerate(bins):
-        per = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
+        per: dict[str, dict[str, list[torch.Tensor]]] = {c: {"ce": [], "elbo": []} for c in CONDITIONS}
         batches = [draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed, b_idx, s)
                    for s in range(0, rows.shape[0], cfg.batch_size)]
         mean_act = _bin_mean(lm, sae.cfg.hook_name_out, batches, cfg.positions)
@@ -165,7 +167,7 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
                     per[cond]["ce"].append(tok.sum(1) / n)
                     per[cond]["elbo"].append(tok.sum(1) / c.p_mask.to(tok.device) / x0.shape[1])
         cat = {c: {m: torch.cat(v).cpu() for m, v in d.items()} for c, d in per.items()}
-        entry = {c: {m: _interval(cat[c][m]) for m in ("ce", "elbo")} for c in CONDITIONS}
+        entry: dict[str, Any] = {c: {m: _interval(cat[c][m]) for m in ("ce", "elbo")} for c in CONDITIONS}
         entry["delta_ce"] = _interval(cat["sae"]["ce"] - cat["clean"]["ce"])
         entry["delta_elbo"] = _interval(cat["sae"]["elbo"] - cat["clean"]["elbo"])
         clean, spliced = float(cat["clean"]["ce"].mean()), float(cat["sae"]["ce"].mean())

@@ -80,7 +80,7 @@ def stability_report(sae, checkpoints: list[LoadedModel], rows: torch.Tensor, *,
     gen = torch.Generator().manual_seed(seed)
     t = 0.05 + 0.45 * torch.rand(rows.shape[0], generator=gen)
     if base.is_diffusion:
-        c = corrupt(rows, base.mask_id, t, eps=0.0, keep_first=True, generator=gen)
+        c = corrupt(rows, base.require_mask_id(), t, eps=0.0, keep_first=True, generator=gen)
         xt, masked = c.xt, c.mask
     else:
         xt, masked = rows, torch.zeros_like(rows, dtype=torch.bool)

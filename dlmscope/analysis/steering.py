@@ -81,6 +81,7 @@ def step_filter(spec: SteeringSpec, lm: LoadedModel):
         return None
     if isinstance(spec.steps, str):
         frac = _first_fraction(spec.steps)
+        assert frac is not None  # SteeringSpec checked the spelling
         return lambda step: step < max(1, math.ceil(frac * (lm.state.n_steps or 1)))
     return list(spec.steps)
 
@@ -172,7 +173,7 @@ def steered_generate(lm: LoadedModel, sae, spec: SteeringSpec | None, prompts: S
     """Continuations with (or, spec None, without) steering: the sampler for DLMs, `ar_generate` for AR."""
     from contextlib import nullcontext
 
-    from ..diffusion.sampler import generate
+    from ..diffusion.sampler import generate, one_block
 
     if not prompts:
         raise DLMScopeError("the prompt list is empty; give at least one prompt")
@@ -180,8 +181,10 @@ def steered_generate(lm: LoadedModel, sae, spec: SteeringSpec | None, prompts: S
     with steer(lm, sae, spec, prompt_len) if spec is not None else nullcontext():
         if lm.causal:
             return ar_generate(lm, prompts, gen_length, temperature, seed)
-        return generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=gen_length,
-                        temperature=temperature, seed=seed, schedule=schedule, threshold=threshold, cache=cache).texts
+        out = generate(lm, list(prompts), gen_length=gen_length, steps=steps, block_length=one_block(lm, gen_length),
+                       temperature=temperature, seed=seed, schedule=schedule, threshold=threshold, cache=cache)
+        assert out.texts is not None  # to_tokens above needs the tokenizer that decodes them
+        return out.texts
 
 
 @torch.no_grad()

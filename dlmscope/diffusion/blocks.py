@@ -67,6 +67,8 @@ def generate_blocks(
     minimal_topk: int = 1,
     temperature: float = 0.0,
     *,
+    block_length: int | None = None,
+    eos_early_stop: bool = False,
     cache: str | None = "block",
     callback: Callable[[DenoiseStep], None] | None = None,
     return_history: bool = False,
@@ -74,10 +76,12 @@ def generate_blocks(
 ) -> GenerateOutput:
     """LLaDA 2.x sampling (dllm `LLaDA2Sampler`): token for token the same at temperature 0.
 
-    `steps_per_block` is capped at `max_new_tokens // minimal_topk` as upstream. The generation runs
-    to the end of the block holding token `max_new_tokens`, so it may be longer. `cache="block"`
-    reuses the finished blocks' keys/values (exact: attention is causal across blocks); None
-    recomputes the whole sequence every step.
+    `steps_per_block` is capped at `max_new_tokens // minimal_topk` as upstream. `block_length` is upstream's
+    block size argument (None: the model's `block_size`, 32 for released folders); the attention follows it.
+    The generation runs to the end of the block holding token `max_new_tokens`, so it may be longer.
+    `eos_early_stop` stops after the first finished block that holds an EOS (see `sampler.generate`).
+    `cache="block"` reuses the finished blocks' keys/values (exact: attention is causal across blocks); None
+    recomputes the whole sequence every step. `dlmscope.generate` on a block model runs this same sampler.
     """
     if not lm.block_size:
         raise DLMScopeError(f"{lm.name} ({lm.family}) is not a block-diffusion model; use generate()")
@@ -85,11 +89,12 @@ def generate_blocks(
                         ("minimal_topk", minimal_topk)):
         checks.positive(name, value)
     checks.number("threshold", threshold, 0, 1)
+    block = lm.block_size if block_length is None else checks.positive("block_length", block_length)
     if minimal_topk > max_new_tokens:
         raise DLMScopeError(f"minimal_topk={minimal_topk} is invalid; allowed: 1..max_new_tokens ({max_new_tokens})")
     steps_per_block = min(steps_per_block, max_new_tokens // minimal_topk)
     width = _prepare_prompts(lm, prompts)[0].shape[1]
-    n_blocks = len(block_bounds(width, max_new_tokens, lm.block_size, aligned=True))
-    return generate(lm, prompts, gen_length=max_new_tokens, steps=steps_per_block * n_blocks, temperature=temperature,
-                    remasking=ThresholdQuota(threshold), schedule=BlockQuota(lm.block_size), cache=cache,
+    n_blocks = len(block_bounds(width, max_new_tokens, block, aligned=True))
+    return generate(lm, prompts, gen_length=max_new_tokens, steps=steps_per_block * n_blocks, block_length=block,
+                    temperature=temperature, threshold=threshold, cache=cache, eos_early_stop=eos_early_stop,
                     callback=callback, return_history=return_history, seed=seed)

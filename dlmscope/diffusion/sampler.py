@@ -96,8 +96,35 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {"linear": LinearSchedule, "drea
 
 
 def default_schedule(lm: LoadedModel) -> str:
-    """Each family samples as its own upstream does: Dream checkpoints `dream`, everything else `linear`."""
-    return "dream" if lm.family == "dream" else "linear"
+    """Each family samples as its own upstream does (its registration's `schedule`: Dream `dream`, others `linear`)."""
+    from ..models.families import FAMILIES
+
+    family = FAMILIES.get(lm.family)
+    return family.schedule if family is not None else "linear"
+
+
+def family_sampler(lm: LoadedModel, remasking: str | Remasking | None, schedule: str | Schedule | None, eps: float,
+                   threshold: float | None, block_length: int | None) -> tuple[Remasking, Schedule, float | None]:
+    """(strategy, schedule, Fast-dLLM threshold): what the caller names, else the checkpoint family's own.
+
+    LLaDA and LLaDA-MoE: `linear` + `low_confidence`; Dream: `dream` + `low_confidence`; LLaDA 2.x: its block
+    sampler (`diffusion.blocks`: a per-block quota, and `threshold` is its own, 0.95 by default).
+    """
+    if lm.block_size:
+        from .blocks import BlockQuota, ThresholdQuota  # blocks builds on this module
+
+        sched = BlockQuota(block_length) if schedule is None else get_schedule(schedule, eps)
+        if remasking is None:
+            level = 0.95 if threshold is None else checks.number("threshold", threshold, 0, 1)
+            return ThresholdQuota(level), sched, None
+        return get_remasking(remasking), sched, threshold
+    sched = get_schedule(default_schedule(lm) if schedule is None else schedule, eps)
+    return get_remasking("low_confidence" if remasking is None else remasking), sched, threshold
+
+
+def one_block(lm: LoadedModel, gen_length: int) -> int | None:
+    """The whole generation as one block (LLaDA-style), or None for a block-diffusion model: its own blocks."""
+    return None if lm.block_size else gen_length
 
 
 def get_schedule(schedule: str | Schedule, eps: float = 1e-3) -> Schedule:
@@ -264,6 +291,14 @@ class LowConfidence(Remasking):
         logits = s.logits.float()
         return torch.exp(torch.gather(logits, -1, s.x0[..., None]).squeeze(-1) - torch.logsumexp(logits, -1))
 
+    def threshold_scores(self, s: StepInput) -> torch.Tensor:
+        """Fast-dLLM's confidence, a float64 softmax (precision decides near the threshold); candidates only."""
+        out = torch.full(s.x.shape, float("-inf"), dtype=torch.float64, device=s.x.device)
+        if s.candidates.any():
+            probs = F.softmax(s.logits[s.candidates].double(), dim=-1)
+            out[s.candidates] = probs.gather(-1, s.x0[s.candidates][:, None]).squeeze(-1)
+        return out
+
 
 class RandomOrder(Remasking):
     """LLaDA `random`: uniform float32 scores over the whole sequence, one draw per step as upstream."""
@@ -399,9 +434,9 @@ def _prepare_prompts(lm: LoadedModel, prompts) -> tuple[torch.Tensor, torch.Tens
         raise DLMScopeError("the prompt list is empty; give at least one prompt")
     if all(isinstance(p, str) for p in prompts):
         prompts = lm.to_tokens(prompts)
-    pad = getattr(lm.tokenizer, "pad_token_id", None) if lm.tokenizer is not None else None
-    if pad is None:  # no tokenizer: the checkpoint's own pad id, as upstream LLaDA pads (never the mask id if avoidable)
-        pad = getattr(getattr(lm.module, "config", None), "pad_token_id", None)
+    pad = lm.pad_id  # `models.ids`: the tokenizer's, config.json's, else EOS (never the mask id if avoidable)
+    if pad is None:
+        pad = getattr(lm.tokenizer, "pad_token_id", None) if lm.tokenizer is not None else None
     return left_pad(prompts, pad if pad is not None else lm.require_mask_id())
 
 
@@ -421,6 +456,8 @@ def _check_options(temperature: float, cfg_scale: float, top_p: float | None, to
 
 def context_limit(lm: LoadedModel) -> int | None:
     """Longest sequence the checkpoint was built for (max_position_embeddings), if it says."""
+    if lm.context_length is not None:
+        return lm.context_length
     config = getattr(lm.module, "config", None)
     for name in ("max_position_embeddings", "max_sequence_length", "n_positions"):
         if isinstance(getattr(config, name, None), int):
@@ -508,7 +545,7 @@ def generate(
     steps: int = 128,
     block_length: int | None = None,
     temperature: float = 0.0,
-    remasking: str | Remasking = "low_confidence",
+    remasking: str | Remasking | None = None,
     cfg_scale: float = 0.0,
     *,
     schedule: str | Schedule | None = None,
@@ -522,35 +559,40 @@ def generate(
     seed: int | None = None,
     threshold: float | None = None,
     cache: str | None = None,
+    eos_early_stop: bool = False,
 ) -> GenerateOutput:
     """Generate `gen_length` tokens after each prompt by iterative unmasking.
 
-    `schedule` None is the checkpoint family's own (`default_schedule`): `linear` reproduces upstream
-    LLaDA `generate`, `dream` (with `eps`) Dream's `diffusion_generate`. `block_length` None fits the
-    generation (the schedule's `default_block_length`: one block for `dream`, else 32 when it divides
-    `gen_length`). Steps are split evenly over blocks; each step reveals the schedule's count of the
-    positions `remasking` scores best (drawn from softmax(score / alg_temp) when `alg_temp` > 0),
-    never remasking. `top_p` / `top_k` filter the token distribution as Dream does.
+    `remasking` and `schedule` None are the checkpoint family's own (`family_sampler`): `linear` with
+    `low_confidence` reproduces upstream LLaDA `generate`, `dream` (with `eps`) Dream's `diffusion_generate`,
+    and a block-diffusion model (LLaDA 2.x) runs its own block sampler (`diffusion.blocks`; `threshold` is
+    then that sampler's, 0.95 by default, `block_length` the model's block length for this run, default
+    its `block_size`, and `steps` the total over the prompt's last block and the blocks after it).
+    Otherwise `block_length` None fits the generation (the schedule's `default_block_length`: one block
+    for `dream`, else 32 when it divides `gen_length`). Steps are split evenly over blocks; each step
+    reveals the schedule's count of the positions `remasking` scores best (drawn from
+    softmax(score / alg_temp) when `alg_temp` > 0), never remasking. `top_p` / `top_k` filter the token
+    distribution as Dream does.
 
     Fast decoding (Fast-dLLM, arXiv 2505.22618): `threshold` reveals, in the current block, every
     masked position whose confidence (the strategy's score) is >= threshold, at least the best one
     per step, until the block is full (`steps` then sets only the block count check; a run takes
     1 to `block_length` steps per block, and `lm.state.n_steps` is `gen_length`, the most it can take). `cache` "prefix" / "dual" reuses keys/values of the
     positions before (and, dual, after) the block within a block (see `StepForward`).
+    `eos_early_stop` ends the run after the first block that leaves every row's generation free of masks
+    and holding `lm.eos_id` (upstream LLaDA 2.x's early stop); later positions stay masked.
     """
     if lm.causal:
         raise DLMScopeError(f"{lm.name} is autoregressive; the diffusion sampler needs a masked diffusion model")
     mask_id = lm.require_mask_id()
     _check_options(temperature, cfg_scale, top_p, top_k, alg_temp, eps)
-    sched = get_schedule(default_schedule(lm) if schedule is None else schedule, eps)
     if gen_length < 1:
         raise DLMScopeError(f"gen_length={gen_length} must be >= 1")
     if lm.block_size:  # a block-diffusion model's blocks are its own, aligned to absolute positions
-        if block_length not in (None, lm.block_size):
-            raise DLMScopeError(f"block_length={block_length} is invalid for {lm.name}: a block-diffusion model "
-                                f"decodes its own blocks of {lm.block_size} (pass none, or use generate_blocks / "
-                                "`dlmscope generate-blocks`)")
-        block_length = lm.block_size
+        block_length = lm.block_size if block_length is None else checks.integer("block_length", block_length, 1)
+    strategy, sched, threshold = family_sampler(lm, remasking, schedule, eps, threshold, block_length)
+    if eos_early_stop and lm.eos_id is None:
+        raise DLMScopeError(f"eos_early_stop needs an EOS id; {lm.name} declares none (pass load_model(..., eos_id=N))")
     block_length = sched.default_block_length(gen_length) if block_length is None else block_length
     if block_length < 1 or (gen_length % block_length and not lm.block_size):
         raise DLMScopeError(f"gen_length={gen_length} is not divisible by block_length={block_length}")
@@ -560,7 +602,6 @@ def generate(
             f"steps={steps} out of range: need 1 <= steps <= gen_length ({gen_length}) and a multiple of the "
             f"number of blocks ({n_blocks})"
         )
-    strategy = get_remasking(remasking)
     sampling = TokenSampling(temperature, top_p, top_k)
     check_fast_options(lm, threshold, cache, strategy)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -571,7 +612,7 @@ def generate(
     gen_length = bounds[-1][1] - P
     if lm.block_size and (steps < 1 or steps % len(bounds)):
         raise DLMScopeError(f"steps={steps} must be a positive multiple of the number of blocks ({len(bounds)}: the "
-                            f"prompt's last block and the {lm.block_size}-token blocks after it)")
+                            f"prompt's last block and the {block_length}-token blocks after it)")
     steps_per_block = steps // len(bounds)
     limit = context_limit(lm)
     if limit is not None and P + gen_length > limit:
@@ -586,6 +627,9 @@ def generate(
     forward = StepForward(lm, cache)
     n_steps = gen_length if threshold is not None else steps  # with a threshold, the most a run can take
     step = 0
+    model_blocks = lm.block_size
+    if model_blocks:
+        lm.block_size = block_length  # this run's block length: the attention mask and the cache read it
     strategy.begin(lm, x)
     try:
         for block, (lo, hi) in enumerate(bounds):
@@ -624,12 +668,16 @@ def generate(
                     history.append(record)
                 i += 1
                 step += 1
+            if eos_early_stop and bool(((x[:, P:hi] == lm.eos_id).any(1) & (x[:, P:hi] != mask_id).all(1)).all()):
+                break
     finally:
         strategy.end()
         lm.state = ForwardState()
+        if model_blocks:
+            lm.block_size = model_blocks
     texts = None
     if lm.tokenizer is not None:
-        eos = lm.tokenizer.eos_token_id
+        eos = lm.eos_id if lm.eos_id is not None else lm.tokenizer.eos_token_id
         rows = [row.tolist() for row in x[:, P:].cpu()]
         texts = [lm.to_text(r[: r.index(eos)] if eos in r else r) for r in rows]
     return GenerateOutput(x.cpu(), attn.cpu(), P, texts, history, forward.count)

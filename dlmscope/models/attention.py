@@ -118,9 +118,11 @@ class HFAttention(nn.Module):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # (B, L, D) -> broadcast over heads
-        kernel = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        kernel = ALL_ATTENTION_FUNCTIONS.get(self.config._attn_implementation)  # None: "eager", ours is explicit
 
         def fused(q, k, v, mask):
+            if kernel is None:
+                return pattern_attention(self.hooks, q, k, v, mask, self.scaling, self.is_causal)
             return kernel(self, q, k, v, mask, dropout=self.attention_dropout if self.training else 0.0,
                           scaling=self.scaling, **kwargs)[0]
 

@@ -11,9 +11,6 @@ from torch import nn
 
 from ..errors import DLMScopeError
 
-FAMILIES = ("llada", "dream", "masked_lm", "causal", "transformer_lens", "lladamoe", "llada2")
-"""Checkpoint families `load_model` understands."""
-
 SITE_ORDER = ("resid_pre", "attn.q", "attn.k", "attn.v", "attn.rot_q", "attn.rot_k", "attn.pattern", "attn.z",
               "attn_out", "resid_mid", "mlp_in", "router_logits", "expert_weights", "expert_indices", "mlp_out",
               "resid_post")
@@ -95,9 +92,27 @@ class LoadedModel:
     n_experts: int | None = None  # routed experts per MoE layer; None for dense models
     n_active_experts: int | None = None  # experts chosen per token
     block_size: int | None = None  # block-diffusion models: attention is causal across blocks of this size
+    pad_id: int | None = None  # pads left-padded prompts (hidden from attention by the padding mask)
+    eos_id: int | None = None  # ends generated texts; EOS early stop
+    context_length: int | None = None  # longest sequence the checkpoint was built for, when it says
     kv_call: Callable[..., tuple[torch.Tensor, Any]] | None = field(repr=False, default=None)
     """(ids, attention_mask 2-D or 4-D, position_ids, kept keys/values) -> (raw logits, new cache); None when
     the model cannot run Fast-dLLM's block KV cache (see `models.kvcache`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "block_size" and "block_size" in self.__dict__:
+            value = self._checked_block_size(value)
+        object.__setattr__(self, name, value)
+
+    def _checked_block_size(self, value: Any) -> int:
+        """A block model may change its block length (attention, samplers and caches read it at call time);
+        a fully bidirectional model has none to change."""
+        if not self.__dict__["block_size"]:
+            raise DLMScopeError(f"block_size={value!r} is invalid for {self.name} ({self.family}): it attends "
+                                "bidirectionally; only block-diffusion models (LLaDA 2.x) have a block length")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DLMScopeError(f"block_size={value!r} is invalid for {self.name}; allowed: a positive integer")
+        return value
 
     @property
     def n_layers(self) -> int:
@@ -152,7 +167,13 @@ class LoadedModel:
         return site_key(hook_name)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits (B, L, V) for `input_ids` (B, L); `attention_mask` is 1 for real tokens."""
+        """Raw logits (B, L, V) for `input_ids` (B, L); `attention_mask` is 1 for real tokens.
+
+        The model's own attention: bidirectional for LLaDA, Dream and LLaDA-MoE, causal for causal LMs, and
+        **block-causal** for block-diffusion models (LLaDA 2.x: bidirectional inside each block of
+        `block_size` positions from position 0, causal across blocks). `forward_bidirectional` is the
+        every-position-sees-every-position view of a block model.
+        """
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -161,6 +182,21 @@ class LoadedModel:
         return self.call(input_ids, attention_mask)
 
     __call__ = forward
+
+    def forward_bidirectional(self, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits with full bidirectional attention, for block models too (one block spanning the input).
+
+        Not what a block model was trained on; the same as `forward` for every other family.
+        """
+        if not self.block_size:
+            return self.forward(input_ids, attention_mask)
+        saved = self.block_size
+        self.block_size = max(int(input_ids.shape[-1]), 1)
+        try:
+            return self.forward(input_ids, attention_mask)
+        finally:
+            self.block_size = saved
 
     def denoise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        clean: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,8 +221,8 @@ class LoadedModel:
     def require_mask_id(self) -> int:
         if self.mask_id is None:
             raise DLMScopeError(
-                f"model {self.name!r} has no mask token; diffusion needs one (set config.mask_token_id "
-                "or the tokenizer's mask_token)"
+                f"model {self.name!r} has no mask token; diffusion needs one (pass load_model(..., mask_id=N), "
+                "set config.mask_token_id or the tokenizer's mask_token)"
             )
         return self.mask_id
 

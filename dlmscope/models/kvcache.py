@@ -7,6 +7,10 @@ runs only its window (`prefix`: block start to the end; `dual`: the block) and a
 kept keys/values, which go stale as the block fills: that is the approximation (arXiv 2505.22618).
 Models whose logits are shifted (Dream: position i-1 predicts token i) recompute one more
 position on the left, so the block's first token is predicted by a fresh position.
+
+Attention sites on a cached step cover the window: q/k/v/z/attn_out (B, window, ...), `hook_pattern`
+(B, heads, window, kept + window) with the kept keys first (`_KeptKV` order: prefix, then suffix).
+Keys and values pass their hooks before `update`, so an edit at a refresh is what later steps read.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .. import checks
 from ..errors import DLMScopeError
 from .attention import ATTN_SITES
 from .base import LoadedModel, Site
@@ -74,12 +75,13 @@ def _heads(weight: torch.Tensor, n: int) -> torch.Tensor:
     return weight.view(n, -1, weight.shape[-1]).transpose(1, 2)
 
 
-def to_hooked_transformer(lm: LoadedModel):
+def to_hooked_transformer(lm: LoadedModel, n_ctx: int | None = None):
     """A `transformer_lens.HookedTransformer` with `lm`'s weights, unfolded; bidirectional unless `lm` is causal.
 
     Supports the transformers Llama / Qwen2 decoders behind LLaDA, Dream and causal models (default
     RoPE, SiLU gated MLP, RMS norms, no MLP biases). Its raw logits equal `lm.forward`'s (Dream's
-    stay shifted; `load_model(ht, mask_id=...)` undoes it as for the native model).
+    stay shifted; `load_model(ht, mask_id=...)` undoes it as for the native model). `n_ctx` (default
+    the checkpoint's max_position_embeddings) sizes TransformerLens' per-layer (n_ctx, n_ctx) buffers.
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -96,12 +98,15 @@ def to_hooked_transformer(lm: LoadedModel):
                             f"mlp_bias={getattr(c, 'mlp_bias', False)}")
     H, KV = c.num_attention_heads, c.num_key_value_heads
     D = getattr(c, "head_dim", None) or c.hidden_size // H
+    n_ctx = c.max_position_embeddings if n_ctx is None else checks.integer("n_ctx", n_ctx, minimum=1)
     cfg = HookedTransformerConfig(
-        n_layers=c.num_hidden_layers, d_model=c.hidden_size, d_head=D, n_heads=H, n_key_value_heads=KV if KV != H else None,
-        d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, act_fn="silu", gated_mlp=True,
+        n_layers=c.num_hidden_layers, d_model=c.hidden_size, d_head=D, n_heads=H,
+        n_key_value_heads=KV if KV != H else None,
+        d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=n_ctx, act_fn="silu", gated_mlp=True,
         normalization_type="RMS", final_rms=True, eps=c.rms_norm_eps, positional_embedding_type="rotary", rotary_dim=D,
         rotary_base=rope.get("rope_theta", 10000.0), rotary_adjacent_pairs=False,
-        attention_dir="causal" if lm.causal else "bidirectional", original_architecture=_ARCHITECTURES.get(lm.family, kind),
+        attention_dir="causal" if lm.causal else "bidirectional",
+        original_architecture=_ARCHITECTURES.get(lm.family, kind),
         model_name=lm.name, dtype=lm.dtype, device=str(lm.device), init_weights=False,
         default_prepend_bos=getattr(lm.tokenizer, "bos_token_id", None) is not None,
     )
@@ -176,7 +181,8 @@ def wrap_transformer_lens(model, name: str | None = None, mask_id: int | None = 
     if not causal:
         mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
         if mask_id is None:
-            raise DLMScopeError(f"{model.cfg.model_name} is bidirectional: pass mask_id= (its tokenizer has no mask token)")
+            raise DLMScopeError(f"{model.cfg.model_name} is bidirectional: pass mask_id= "
+                                "(its tokenizer has no mask token)")
         if not 0 <= int(mask_id) < model.cfg.d_vocab:
             raise DLMScopeError(f"mask_id={mask_id} is outside the vocabulary 0..{model.cfg.d_vocab - 1}")
     padding = padding_mask(model)

@@ -203,11 +203,11 @@ def wrap(module: MoEDecoder, raw: dict, name: str, tokenizer=None) -> LoadedMode
     mask_id = cfg.get("mask_token_id")
     if mask_id is None and tokenizer is not None:
         mask_id = tokenizer.mask_token_id
-    block = cfg["block_size"]
     return wrap_moe(module, family=FAMILY, name=name, tokenizer=tokenizer, mask_id=mask_id, d_model=cfg["hidden_size"],
                     vocab_size=cfg["vocab_size"], n_experts=cfg["num_experts"] or 0,
-                    n_active=cfg["num_experts_per_tok"] if cfg["num_experts"] else 0, block_size=block,
-                    mask_fn=lambda m, n, device: block_mask(m, n, block, device))
+                    n_active=cfg["num_experts_per_tok"] if cfg["num_experts"] else 0, block_size=cfg["block_size"],
+                    context_length=cfg["max_position_embeddings"],
+                    mask_fn=lambda m, n, device, block: block_mask(m, n, block, device))
 
 
 def load_llada2(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,

@@ -142,7 +142,8 @@ def wrap(module: MoEDecoder, cfg: dict, name: str, tokenizer=None) -> LoadedMode
         mask_id = tokenizer.mask_token_id
     return wrap_moe(module, family=FAMILY, name=name, tokenizer=tokenizer, mask_id=mask_id, d_model=cfg["hidden_size"],
                     vocab_size=cfg["vocab_size"], n_experts=cfg["num_experts"], n_active=cfg["num_experts_per_tok"],
-                    block_size=None, mask_fn=lambda m, n, device: None if m is None else bidirectional_mask(m))
+                    block_size=None, context_length=cfg.get("max_position_embeddings"),
+                    mask_fn=lambda m, n, device, block: None if m is None else bidirectional_mask(m))
 
 
 def load_lladamoe(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,

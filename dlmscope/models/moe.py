@@ -175,9 +175,11 @@ def check_choice(cfg: dict, family: str, name: str, allowed: tuple[Any, ...]) ->
 
 
 def wrap_moe(module: MoEDecoder, *, family: str, name: str, tokenizer, mask_id: int | None, d_model: int,
-             vocab_size: int, n_experts: int, n_active: int, block_size: int | None,
-             mask_fn: Callable[[torch.Tensor | None, int, torch.device], torch.Tensor | None]) -> LoadedModel:
-    """LoadedModel around a `MoEDecoder`; `mask_fn(padding mask or None, L, device)` builds the attention mask."""
+             vocab_size: int, n_experts: int, n_active: int, block_size: int | None, context_length: int | None,
+             mask_fn: Callable[[torch.Tensor | None, int, torch.device, int | None], torch.Tensor | None],
+             ) -> LoadedModel:
+    """LoadedModel around a `MoEDecoder`; `mask_fn(padding mask or None, L, device, block size)` builds the attention
+    mask, reading the model's `block_size` at each call (a block model's block length may change after loading)."""
     layers = list(module.model.layers)
     sites: dict[str, Site] = hf_sites(layers, "post_attention_layernorm")
     for i, layer in enumerate(layers):
@@ -188,18 +190,20 @@ def wrap_moe(module: MoEDecoder, *, family: str, name: str, tokenizer, mask_id: 
     sites = dict(sorted(sites.items(), key=lambda kv: site_key(kv[0])))
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return module(input_ids, mask_fn(attention_mask, input_ids.shape[1], input_ids.device))
+        return module(input_ids, mask_fn(attention_mask, input_ids.shape[1], input_ids.device, lm.block_size))
 
     def kv_call(input_ids, attention_mask, position_ids, past):
         """The `LoadedModel.kv_call` protocol of `models.kvcache`: a 2-D mask gets the family's own structure."""
         if attention_mask.dim() == 2:
             attention_mask = mask_fn(None if bool(attention_mask.all()) else attention_mask, input_ids.shape[1],
-                                     input_ids.device)
+                                     input_ids.device, lm.block_size)
         positions = None if position_ids is None else position_ids[0]
         if past is not None:
             return module(input_ids, attention_mask, positions, past), None
         return module(input_ids, attention_mask, positions, keep_kv=True)
 
-    return LoadedModel(module=module, tokenizer=tokenizer, family=family, mask_id=mask_id, shift=False, causal=False,
-                       layers=layers, d_model=d_model, vocab_size=vocab_size, name=name, sites=sites, call=call,
-                       kv_call=kv_call, n_experts=n_experts, n_active_experts=n_active, block_size=block_size)
+    lm = LoadedModel(module=module, tokenizer=tokenizer, family=family, mask_id=mask_id, shift=False, causal=False,
+                     layers=layers, d_model=d_model, vocab_size=vocab_size, name=name, sites=sites, call=call,
+                     kv_call=kv_call, n_experts=n_experts, n_active_experts=n_active, block_size=block_size,
+                     context_length=context_length)
+    return lm

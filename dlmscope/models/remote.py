@@ -17,6 +17,7 @@ from ..errors import DLMScopeError
 from .base import LoadedModel, bidirectional_mask, hf_sites
 from .causal import _mid_attr, find_layers
 from .checkpoint import load_tokenizer
+from .families import FAMILIES
 from .llada2 import DEFAULT_BLOCK_SIZE, block_mask
 
 _AUTO_KEYS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
@@ -107,9 +108,10 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    allowed = ("llada", "dream", "masked_lm", "causal", "lladamoe", "llada2")
+    allowed = [f.name for f in FAMILIES.values() if f.remote]
     if family not in allowed:
         raise DLMScopeError(f"the remote backend cannot load family {family!r}; allowed: {', '.join(allowed)}")
+    fam = FAMILIES[family]
     with _compat():
         try:
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
@@ -122,8 +124,7 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
         if key is not None:
             cls = get_class_from_dynamic_module(auto_map[key], str(folder), local_files_only=True)
         else:  # no remote code: transformers' own class for the family
-            auto = transformers.AutoModelForMaskedLM if family == "masked_lm" else transformers.AutoModelForCausalLM
-            cls = auto._model_mapping[type(config)]
+            cls = getattr(transformers, fam.remote_auto_class)._model_mapping[type(config)]
         _tolerant_generation_configs()
         module = _shimmed(cls).from_pretrained(str(folder), config=config, trust_remote_code=True,
                                                local_files_only=True, dtype=dtype, device_map=device_map)
@@ -133,15 +134,15 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
         module.to(device)
     module.eval()
     layers = find_layers(module)
-    shift, causal = family == "dream", family == "causal"
-    block_size = getattr(config, "block_size", DEFAULT_BLOCK_SIZE) if family == "llada2" else None
+    shift, causal = fam.shift, fam.causal
+    block_size = getattr(config, "block_size", DEFAULT_BLOCK_SIZE) if fam.blocks else None
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if attention_mask is not None and family == "dream":  # Dream takes only a 4-D boolean mask
+        if attention_mask is not None and fam.remote_mask == "bidirectional":  # Dream takes only a 4-D boolean mask
             attention_mask = bidirectional_mask(attention_mask)
-        if family == "llada2":  # upstream makes a 2-D mask token-causal: the block structure is ours to pass
+        if fam.blocks:  # upstream makes a 2-D mask token-causal: the block structure is ours to pass
             attention_mask = block_mask(attention_mask, input_ids.shape[1], block_size, input_ids.device)
-        kwargs = {} if family == "masked_lm" else {"use_cache": False}
+        kwargs = {} if fam.remote_auto_class == "AutoModelForMaskedLM" else {"use_cache": False}
         out = module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
@@ -153,7 +154,7 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     d_model = getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model")
     # LLaDA's logits have embedding_size entries (padded vocabulary), not vocab_size
     vocab_size = getattr(text_config, "embedding_size", None) or text_config.vocab_size
-    n_experts = getattr(text_config, "num_experts", None) if family in ("lladamoe", "llada2") else None
+    n_experts = getattr(text_config, "num_experts", None) if fam.moe else None
     return LoadedModel(module=module, tokenizer=tokenizer, family=family, mask_id=None if causal else mask_id,
                        shift=shift, causal=causal, layers=layers, d_model=d_model, vocab_size=vocab_size,
                        name=name or folder.name, sites=hf_sites(layers, _mid_attr(layers[0])), call=call,

@@ -84,6 +84,20 @@ def write_tiny_dream(folder: str | Path, *, d_model: int = 64, n_layers: int = 2
     return folder
 
 
+def _released(config: dict, family: str) -> dict:
+    """config.json as the released folders ship it: no mask id, no block size, pad = EOS = the released EOS id."""
+    from ..errors import DLMScopeError
+    from .families import FAMILIES
+
+    ids = FAMILIES[family].released_ids
+    eos = ids["eos"]
+    if config["vocab_size"] <= ids["mask"]:
+        raise DLMScopeError(f"released=True needs vocab_size > {ids['mask']} (the released mask id); "
+                            f"got {config['vocab_size']}")
+    config = {k: v for k, v in config.items() if k not in ("mask_token_id", "block_size")}
+    return {**config, "pad_token_id": eos, "eos_token_id": eos}
+
+
 def _write_moe(folder: str | Path, module: torch.nn.Module, config: dict, tokenizer, seed: int) -> Path:
     """Random weights (router expert biases included) saved under upstream keys next to `config`."""
     _init_(module, seed)
@@ -105,9 +119,10 @@ def _write_moe(folder: str | Path, module: torch.nn.Module, config: dict, tokeni
 def write_tiny_lladamoe(folder: str | Path, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
                         n_kv_heads: int = 2, n_experts: int = 8, n_active: int = 2, d_expert: int = 32,
                         d_shared: int | None = 64, vocab_size: int = 512, mask_id: int | None = None,
-                        tokenizer=None, seed: int = 0) -> Path:
+                        tokenizer=None, seed: int = 0, released: bool = False) -> Path:
     """A LLaDA-MoE checkpoint folder (the released config's fields and keys, `model_type` "llada" with
-    `LLaDAMoEModelLM`), random weights; every layer MoE, QK norm, expert bias on."""
+    `LLaDAMoEModelLM`), random weights; every layer MoE, QK norm, expert bias on. `released`: config.json
+    declares no mask id, as the released folders (the vocabulary must hold the released ids)."""
     from .lladamoe import build
 
     mask_id = vocab_size - 1 if mask_id is None else mask_id
@@ -124,6 +139,7 @@ def write_tiny_lladamoe(folder: str | Path, *, d_model: int = 64, n_layers: int 
         "mask_token_id": mask_id, "pad_token_id": mask_id - 1, "eos_token_id": mask_id - 1, "bos_token_id": None,
         "torch_dtype": "float32",
     }
+    config = _released(config, "lladamoe") if released else config
     return _write_moe(folder, build(config, device="cpu"), config, tokenizer, seed)
 
 
@@ -131,9 +147,11 @@ def write_tiny_llada2(folder: str | Path, *, d_model: int = 64, n_layers: int = 
                       n_kv_heads: int = 2, head_dim: int = 32, n_experts: int = 8, n_active: int = 2,
                       n_group: int = 4, topk_group: int = 2, d_expert: int = 32, n_shared: int = 1,
                       first_dense: int = 1, block_size: int = 4, vocab_size: int = 512, mask_id: int | None = None,
-                      tokenizer=None, seed: int = 0) -> Path:
+                      tokenizer=None, seed: int = 0, released: bool = False) -> Path:
     """A LLaDA 2.x checkpoint folder (`llada2_moe` fields and keys), random weights: grouped routing,
-    shared experts, `first_dense` dense layers, a head_dim that is not d_model / n_heads, partial RoPE."""
+    shared experts, `first_dense` dense layers, a head_dim that is not d_model / n_heads, partial RoPE.
+    `released`: config.json declares no mask id and no block size, as the released folders (the block
+    length is then upstream's default, 32)."""
     from .llada2 import build
 
     mask_id = vocab_size - 1 if mask_id is None else mask_id
@@ -150,4 +168,5 @@ def write_tiny_llada2(folder: str | Path, *, d_model: int = 64, n_layers: int = 
         "use_sliding_window": False, "mask_token_id": mask_id, "pad_token_id": mask_id - 1,
         "eos_token_id": mask_id - 1, "torch_dtype": "float32",
     }
+    config = _released(config, "llada2") if released else config
     return _write_moe(folder, build(config, device="cpu"), config, tokenizer, seed)

@@ -39,10 +39,13 @@ def elbo_draws(seqs: torch.Tensor, completion: torch.Tensor, mask_id: int, n_dra
 def elbo_logp(lm: LoadedModel, seqs: torch.Tensor, attn: torch.Tensor, draws: list[Corrupted],
               rows: slice = slice(None)) -> torch.Tensor:
     """ELBO estimate of log p(completion | prompt) for `seqs[rows]`, averaged over the mask draws."""
-    total = 0.0
+    total: torch.Tensor | None = None
     for c in draws:
         ce = token_ce(lm.denoise_logits(c.xt[rows], attn[rows]), seqs[rows]) * c.mask[rows]
-        total = total + ce.sum(1) / c.p_mask[rows].to(ce.device)
+        term = ce.sum(1) / c.p_mask[rows].to(ce.device)
+        total = term if total is None else total + term
+    if total is None:
+        raise DLMScopeError("elbo_logp needs at least one mask draw")
     return -total / len(draws)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.sampler import generate
+from ..diffusion.sampler import generate, one_block
 from ..models.base import LoadedModel
 
 
@@ -45,8 +45,10 @@ def sample_groups(lm: LoadedModel, task, examples: list, group_size: int, *, gen
     `threshold` / `cache`: the sampler's fast decoding (Fast-dLLM) for the rollouts.
     """
     rows = [e for e in examples for _ in range(group_size)]
-    out = generate(lm, [e.prompt for e in rows], gen_length=gen_length, steps=steps, block_length=gen_length,
+    out = generate(lm, [e.prompt for e in rows], gen_length=gen_length, steps=steps,
+                         block_length=one_block(lm, gen_length),
                    temperature=temperature, seed=seed, schedule=schedule, threshold=threshold, cache=cache)
+    assert out.texts is not None  # prompts were text: the tokenizer decodes too
     rewards = torch.tensor([float(task.reward(e, t)) for e, t in zip(rows, out.texts)])
     completion = torch.zeros_like(out.sequences, dtype=torch.bool)
     completion[:, out.prompt_length:] = True
@@ -62,8 +64,10 @@ def evaluate(lm: LoadedModel, task, examples: list, *, gen_length: int, steps: i
     correct, reward = [], 0.0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps, block_length=gen_length,
+        texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps,
+                         block_length=one_block(lm, gen_length),
                          schedule=schedule, threshold=threshold, cache=cache).texts
+        assert texts is not None
         correct += [int(bool(task.is_correct(e, t))) for e, t in zip(chunk, texts)]
         reward += sum(float(task.reward(e, t)) for e, t in zip(chunk, texts))
     return {"accuracy": sum(correct) / len(examples), "reward": reward / len(examples), "correct": correct}

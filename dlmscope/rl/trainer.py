@@ -17,7 +17,7 @@ import copy
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 from pathlib import Path
 
 import torch
@@ -318,7 +318,7 @@ class RLRun(Run):
         if saved is not None:
             self._restore(saved)
         else:
-            self.log = {"config": asdict(cfg), "steps": [], "eval": []}
+            self.log: dict[str, Any] = {"config": asdict(cfg), "steps": [], "eval": []}
             self.log["before"] = self.evaluate(0)
 
     def _weights(self, lm) -> dict:
@@ -335,7 +335,7 @@ class RLRun(Run):
     def _restore(self, state: dict) -> None:
         try:
             lora.load_weights(self.policy.module, state["policy"], partial=bool(self.cfg.lora_r))
-            if "ref" in state:
+            if "ref" in state and self.ref is not None:
                 self.ref.module.load_state_dict(state["ref"])
             self.opt.load_state_dict(state["opt"])
         except (RuntimeError, KeyError, ValueError):
@@ -388,7 +388,8 @@ class RLRun(Run):
 
         folder = self.folder / f"checkpoint-{step:05d}"
         p, cfg = self.policy, self.cfg
-        save_llada(lora.merged(p.module) if cfg.lora_r else p.module, folder, mask_id=p.mask_id, tokenizer=p.tokenizer)
+        save_llada(lora.merged(p.module) if cfg.lora_r else p.module, folder, mask_id=p.require_mask_id(),
+                   tokenizer=p.tokenizer)
         if cfg.lora_r:
             lora.save_adapter(p.module, folder / "adapter", cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.model)
         self.save(self._state(step))

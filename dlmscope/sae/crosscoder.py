@@ -81,6 +81,9 @@ class CrossCoderConfig:
 class CrossCoder(nn.Module):
     """A BatchTopK crosscoder; raw inputs and outputs are concatenations (.., C * d_in)."""
 
+    input_scale: torch.Tensor  # buffers, declared for type checkers
+    threshold: torch.Tensor
+
     def __init__(self, cfg: CrossCoderConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg

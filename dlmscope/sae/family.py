@@ -1,16 +1,10 @@
-"""One constructor for every SAE architecture (each lives in its own module)."""
+"""One constructor for every SAE architecture (each module registers its class; `dlmscope.sae` imports them all)."""
 
 from __future__ import annotations
 
-from .jumprelu import JumpReLUSAE
-from .matryoshka import MatryoshkaSAE
-from .model import SAEConfig, TopKSAE
-from .transcoder import Transcoder
-
-CLASSES = {"topk": TopKSAE, "batchtopk": TopKSAE, "jumprelu": JumpReLUSAE, "matryoshka": MatryoshkaSAE,
-           "transcoder": Transcoder, "skip_transcoder": Transcoder}
+from .model import ARCHITECTURES, SAE, SAEConfig
 
 
-def build_sae(cfg: SAEConfig, seed: int = 0) -> TopKSAE:
+def build_sae(cfg: SAEConfig, seed: int = 0) -> SAE:
     """A freshly initialised SAE of `cfg.architecture` (SAEConfig has validated the name)."""
-    return CLASSES[cfg.architecture](cfg, seed=seed)
+    return ARCHITECTURES[cfg.architecture](cfg, seed=seed)

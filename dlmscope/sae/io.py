@@ -5,12 +5,13 @@ SAELens v6 layout (what `sae_lens.SAE.load_from_disk` reads): `cfg.json` with `a
 `metadata` {sae_lens_version, model_name, hook_name, context_size, dataset_path, ... our extras such as
 masking_policy and t_range}, plus `k` and `rescale_acts_by_decoder_norm` for "topk";
 `sae_weights.safetensors` with W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in);
-`sparsity.safetensors` with `sparsity` = log10 feature density. SAELens has no inference "batchtopk"
-class: it saves BatchTopK SAEs as "jumprelu" with a `threshold` (d_sae) tensor, and so do we (the
-same threshold for every latent; `metadata.dlmscope_architecture` = "batchtopk" and `k` record ours).
-JumpReLU SAEs are "jumprelu" with their per-latent thresholds; Matryoshka SAEs are saved like BatchTopK
-(plus `metadata.prefix_sizes`); transcoders are "jumprelu_transcoder" / "jumprelu_skip_transcoder"
-(`d_out`, `apply_b_dec_to_input` false, `W_skip` (d_out, d_in), `metadata.hook_name_out`).
+`sparsity.safetensors` with `sparsity` = log10 feature density. Each architecture class names the
+SAELens architecture it is saved as (`register_architecture(..., saved_as=)`) and adds its own entries
+(`saelens_fields` / `load_saelens_fields`): SAELens has no inference "batchtopk" class, so BatchTopK and
+Matryoshka SAEs are "jumprelu" with one threshold for every latent (`metadata.dlmscope_architecture` and
+`k` record ours), transcoders "jumprelu_transcoder" / "jumprelu_skip_transcoder" (`d_out`,
+`apply_b_dec_to_input` false, `W_skip` (d_out, d_in), `metadata.hook_name_out`). `saelens_state` /
+`from_saelens_state` are the same conversion in memory (`dlmscope.to_sae_lens` / `from_sae_lens`).
 
 Also read: DLM-Scope's release format, dictionary_learning's AutoEncoderTopK / BatchTopKSAE (`ae.pt`
 state dict encoder.weight (n, d), encoder.bias, decoder.weight (d, n), b_dec, k, threshold; and
@@ -36,16 +37,27 @@ import torch
 
 from ..errors import DLMScopeError
 from .family import build_sae
-from .model import BATCH_SELECTED, SAEConfig, TopKSAE
+from .model import ARCHITECTURES, SAE, SAELENS_READERS, SAEConfig
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout our cfg.json follows
 CHECKSUM_KEY = "dlmscope_weights_sha256"
-SAVED_AS = {"batchtopk": "jumprelu", "jumprelu": "jumprelu", "matryoshka": "jumprelu",
-            "transcoder": "jumprelu_transcoder", "skip_transcoder": "jumprelu_skip_transcoder"}
-"""SAELens architecture each of ours is saved as (Top-K is SAELens' own "topk")."""
 
 
-def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = None) -> Path:
+def saelens_state(sae: SAE) -> tuple[dict, dict[str, torch.Tensor]]:
+    """SAELens' config dict and float32 CPU weights for `sae`, input scale folded in."""
+    sae = _folded_copy(sae)
+    cfg = sae.cfg
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": None, "hook_name": None,
+            "context_size": None, "dataset_path": None, "prepend_bos": True, **cfg.metadata}
+    cfg_json = {"architecture": sae.saved_as, "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32",
+                "device": "cpu", "apply_b_dec_to_input": sae.applies_b_dec_to_input, "normalize_activations": "none",
+                "reshape_activations": "none", "metadata": meta}
+    weights = {n: getattr(sae, n).detach().float().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    sae.saelens_fields(cfg_json, meta, weights)
+    return cfg_json, {n: w.cpu() for n, w in weights.items()}
+
+
+def save_sae(sae: SAE, folder: str | Path, density: torch.Tensor | None = None) -> Path:
     """Write `sae` in SAELens' format, input scale folded in, atomically.
 
     Files go to a temporary sibling folder that is renamed into place; an existing SAE at `folder` is
@@ -56,25 +68,8 @@ def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = No
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    sae = _folded_copy(sae)
-    cfg = sae.cfg
-    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": None, "hook_name": None,
-            "context_size": None, "dataset_path": None, "prepend_bos": True, **cfg.metadata}
-    cfg_json = {"d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32", "device": "cpu",
-                "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-                "metadata": meta}
-    names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if cfg.architecture == "skip_transcoder" else ())
-    weights = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in names}
-    if cfg.architecture == "topk":
-        cfg_json.update(architecture="topk", k=cfg.k, rescale_acts_by_decoder_norm=False)
-    else:
-        cfg_json["architecture"] = SAVED_AS[cfg.architecture]
-        meta.update(dlmscope_architecture=cfg.architecture, k=cfg.k)
-        weights["threshold"] = torch.broadcast_to(sae.threshold.detach().float(), (cfg.n_latents,)).contiguous().cpu()
-        if cfg.architecture == "matryoshka":
-            meta["prefix_sizes"] = list(cfg.prefix_sizes)
-        if cfg.architecture.endswith("transcoder"):
-            cfg_json.update(d_out=cfg.d_in, apply_b_dec_to_input=False)
+    cfg_json, weights = saelens_state(sae)
+    meta = cfg_json["metadata"]
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         save_file(weights, str(tmp / "sae_weights.safetensors"))
@@ -96,7 +91,7 @@ def save_sae(sae: TopKSAE, folder: str | Path, density: torch.Tensor | None = No
     return folder
 
 
-def _folded_copy(sae: TopKSAE) -> TopKSAE:
+def _folded_copy(sae: SAE) -> SAE:
     copy = build_sae(sae.cfg)
     copy.load_state_dict(sae.state_dict())
     copy.fold_input_scale()
@@ -127,20 +122,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise DLMScopeError(f"cannot read SAE weights {str(path)!r}: {_first_line(e)}") from None
 
 
-def _get(d: dict, key: str, path: Path):
+def _get(d: dict, key: str, path: Path | str):
     if key not in d:
         raise DLMScopeError(f"{str(path)!r} lacks {key!r}")
     return d[key]
 
 
-def _matrix(d: dict, key: str, path: Path) -> torch.Tensor:
+def _matrix(d: dict, key: str, path: Path | str) -> torch.Tensor:
     value = _get(d, key, path)
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         raise DLMScopeError(f"{str(path)!r}: {key} must be a matrix, not {getattr(value, 'shape', type(value).__name__)}")
     return value
 
 
-def _int(value, key: str, path: Path) -> int:
+def _int(value, key: str, path: Path | str) -> int:
     """A config integer: a JSON int (or a one-element integer tensor in a state dict), nothing else."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value)
@@ -149,7 +144,7 @@ def _int(value, key: str, path: Path) -> int:
     return value
 
 
-def _dict(value, key: str, path: Path) -> dict:
+def _dict(value, key: str, path: Path | str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -157,24 +152,27 @@ def _dict(value, key: str, path: Path) -> dict:
     return value
 
 
-def _build(cfg: SAEConfig, path: Path, W_enc, b_enc, W_dec, b_dec, threshold: float | torch.Tensor | None = None,
-           **extra: torch.Tensor) -> TopKSAE:
+def _build(cfg: SAEConfig, path: Path | str, W_enc, b_enc, W_dec, b_dec, threshold: float | None = None,
+           fields: dict[str, torch.Tensor] | None = None) -> SAE:
+    """An SAE of `cfg` with the given weights; `fields` holds its architecture's extra SAELens weights."""
     sae = build_sae(cfg)
     with torch.no_grad():
-        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec), *extra.items()):
+        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
             target = getattr(sae, name)
             if tuple(value.shape) != tuple(target.shape):
                 raise DLMScopeError(f"{str(path)!r}: weight {name} has shape {tuple(value.shape)}, "
                                     f"expected {tuple(target.shape)}")
             target.copy_(value.float())
-            _check_finite(target, name, path)
         if threshold is not None:
-            sae.threshold.copy_(torch.as_tensor(threshold, dtype=torch.float32).expand_as(sae.threshold))
-            _check_finite(sae.threshold, "threshold", path)
+            sae.get_buffer("threshold").fill_(threshold)
+        if fields is not None:
+            sae.load_saelens_fields(fields, str(path))
+    for name, t in sae.state_dict().items():
+        _check_finite(t, name, path)
     return sae.eval()
 
 
-def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:
+def _check_finite(t: torch.Tensor, name: str, path: Path | str) -> None:
     bad = ~torch.isfinite(t)
     if bad.any():
         where = f" (first at index {tuple(int(i) for i in bad.nonzero()[0])})" if t.dim() else ""
@@ -182,55 +180,53 @@ def _check_finite(t: torch.Tensor, name: str, path: Path) -> None:
                             "the file is damaged")
 
 
-def _load_saelens(path: Path) -> TopKSAE:
+def _load_saelens(path: Path) -> SAE:
     cfg_path, w_path = path / "cfg.json", path / "sae_weights.safetensors"
     c, w = _read_json(cfg_path), _read_safetensors(w_path)
-    meta = dict(_dict(c.get("metadata"), "metadata", cfg_path))
-    expected = meta.pop(CHECKSUM_KEY, None)
+    expected = _dict(c.get("metadata"), "metadata", cfg_path).get(CHECKSUM_KEY)
     if expected is not None and hashlib.sha256(w_path.read_bytes()).hexdigest() != expected:
         raise DLMScopeError(f"SAE weights {str(w_path)!r} are corrupt (checksum mismatch with cfg.json)")
-    arch = c.get("architecture", "topk")
+    return from_saelens_state(c, w, cfg_path, w_path)
+
+
+def from_saelens_state(c: dict, w: dict[str, torch.Tensor], cfg_path: Path | str = "cfg",
+                       w_path: Path | str = "weights") -> SAE:
+    """Our SAE from SAELens' config dict and weights (a file's or a live `sae_lens` SAE's); the paths name them
+    in errors."""
+    meta = dict(_dict(c.get("metadata"), "metadata", cfg_path))
+    meta.pop(CHECKSUM_KEY, None)
+    saved = c.get("architecture", "topk")
+    arch = meta.pop("dlmscope_architecture", None) or SAELENS_READERS.get(saved)
+    if arch not in ARCHITECTURES or ARCHITECTURES[arch].saved_as != saved:
+        raise DLMScopeError(f"{str(cfg_path)!r}: architecture {saved!r} is not supported "
+                            f"({', '.join(SAELENS_READERS)})")
+    cls = ARCHITECTURES[arch]
     W_enc, b_enc, W_dec, b_dec = (_get(w, n, w_path).float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if c.get("normalize_activations", "none") not in ("none", None) or c.get("reshape_activations", "none") != "none":
         raise DLMScopeError(f"{str(cfg_path)!r}: normalize_activations / reshape_activations other than 'none' "
                             "are not supported")
-    transcoder = arch in ("jumprelu_transcoder", "jumprelu_skip_transcoder")
-    if not c.get("apply_b_dec_to_input", True) and not transcoder:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
-        b_enc = b_enc + b_dec @ W_enc
+    if bool(c.get("apply_b_dec_to_input", True)) != cls.applies_b_dec_to_input:
+        # (x - b_dec) W_enc + b = x W_enc + (b - b_dec W_enc): move b_dec between the input and the bias
+        b_enc = b_enc + (1 if cls.applies_b_dec_to_input else -1) * (b_dec @ W_enc)
     if c.get("rescale_acts_by_decoder_norm", False):  # fold |W_dec row| into the encoder
         norm = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norm, b_enc * norm, W_dec / norm[:, None]
-    threshold, extra = None, {}
-    if arch in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"):
-        t = _get(w, "threshold", w_path).float()
-        same = bool(torch.all(t == t[0]))
-        default = {"jumprelu": "batchtopk" if "k" in c and same else "jumprelu", "jumprelu_transcoder": "transcoder",
-                   "jumprelu_skip_transcoder": "skip_transcoder"}[arch]
-        arch = meta.get("dlmscope_architecture", default)
-        if arch in BATCH_SELECTED and not same:
-            raise DLMScopeError(f"{str(w_path)!r}: a {arch} SAE needs one threshold for every latent")
-        threshold = t if arch == "jumprelu" else t[0]
-        if arch == "skip_transcoder":
-            extra["W_skip"] = _get(w, "W_skip", w_path).float()
-        if transcoder and int(c.get("d_out", c.get("d_in", 0))) != int(c.get("d_in", 0)):
-            raise DLMScopeError(f"{str(cfg_path)!r}: transcoders with d_out != d_in are not supported")
-    elif arch != "topk":
-        raise DLMScopeError(f"{str(cfg_path)!r}: architecture {arch!r} is not supported (topk, jumprelu, "
-                            "jumprelu_transcoder, jumprelu_skip_transcoder)")
+    d_in, d_sae = (_int(_get(c, key, cfg_path), key, cfg_path) for key in ("d_in", "d_sae"))
+    if c.get("d_out", d_in) != d_in:
+        raise DLMScopeError(f"{str(cfg_path)!r}: d_out={c['d_out']!r} differs from d_in={d_in}; "
+                            "only SAEs and transcoders with d_out = d_in are supported")
     k = c.get("k", meta.get("k"))
-    if k is None and arch == "jumprelu":  # a foreign JumpReLU SAE: k only sizes per-token top-k views
-        k = min(32, int(_get(c, "d_sae", cfg_path)) - 1)
+    k = cls.default_k(d_sae) if k is None else k
     if k is None:
         raise DLMScopeError(f"{str(cfg_path)!r} lacks 'k'")
     prefixes = tuple(meta.pop("prefix_sizes", ()) or ())
-    for key in ("dlmscope_architecture", "k", "sae_lens_version", "sae_lens_training_version"):
+    for key in ("k", "sae_lens_version", "sae_lens_training_version"):
         meta.pop(key, None)
-    cfg = SAEConfig(_int(_get(c, "d_in", cfg_path), "d_in", cfg_path),
-                    _int(_get(c, "d_sae", cfg_path), "d_sae", cfg_path), _int(k, "k", cfg_path), arch, meta, prefixes)
-    return _build(cfg, w_path, W_enc, b_enc, W_dec, b_dec, threshold, **extra)
+    cfg = SAEConfig(d_in, d_sae, _int(k, "k", cfg_path), arch, meta, prefixes)
+    return _build(cfg, w_path, W_enc, b_enc, W_dec, b_dec, fields=w)
 
 
-def _load_dictionary_learning(path: Path) -> TopKSAE:
+def _load_dictionary_learning(path: Path) -> SAE:
     """DLM-Scope's release: dictionary_learning's AutoEncoderTopK (or BatchTopKSAE) `ae.pt` + `config.json`."""
     w_path = path / "ae.pt"
     c = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
@@ -255,7 +251,7 @@ def _load_dictionary_learning(path: Path) -> TopKSAE:
                   _get(w, "b_dec", w_path), threshold)
 
 
-def _load_sparsify(path: Path) -> TopKSAE:
+def _load_sparsify(path: Path) -> SAE:
     cfg_path, w_path = path / "cfg.json", path / "sae.safetensors"
     c, w = _read_json(cfg_path), _read_safetensors(w_path)
     if c.get("activation", "topk") != "topk" or c.get("transcode") or c.get("skip_connection") or "W_skip" in w:
@@ -268,7 +264,7 @@ def _load_sparsify(path: Path) -> TopKSAE:
                   _get(w, "b_dec", w_path))
 
 
-def load_sae_dir(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
+def load_sae_dir(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder in SAELens/dlmscope, DLM-Scope (dictionary_learning Top-K) or sparsify format."""
     path = Path(path).expanduser()
     if not path.is_dir():

@@ -22,7 +22,9 @@ import math
 
 import torch
 
-from .model import SAEConfig, SAEOutput, TopKSAE
+from ..errors import DLMScopeError
+from .batchtopk import file_threshold, jumprelu_fields
+from .model import SAE, SAEConfig, SAEOutput, register_architecture
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -67,15 +69,32 @@ def step(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return _Step.apply(z, theta, eps)
 
 
-class JumpReLUSAE(TopKSAE):
+@register_architecture("jumprelu", saved_as="jumprelu", reads_saelens=True)
+class JumpReLUSAE(SAE):
     """A JumpReLU SAE; `cfg.k` is the target L0 (and the width of `encode_topk` views)."""
+
+    sparse_training = False
+    l0_coef: torch.Tensor
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__(cfg, seed)
-        del self.threshold
         self.threshold = torch.nn.Parameter(torch.full((cfg.n_latents,), 1e-3))
         self.register_buffer("l0_coef", torch.zeros(()))  # the current lambda (trained state)
         self.bandwidth = 1e-3
+
+    @classmethod
+    def default_k(cls, d_sae: int) -> int | None:
+        """A foreign JumpReLU SAE records no k: it only sizes per-token top-k views here."""
+        return min(32, d_sae - 1)
+
+    def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+        jumprelu_fields(self, self.threshold, meta, weights)
+
+    def load_saelens_fields(self, weights: dict[str, torch.Tensor], where: str) -> None:
+        t = file_threshold(weights, where)
+        if t.shape != self.threshold.shape:
+            raise DLMScopeError(f"{where!r}: threshold has shape {tuple(t.shape)}, expected {tuple(self.threshold.shape)}")
+        self.threshold.copy_(t)
 
     def configure_training(self, cfg) -> None:
         self.bandwidth = cfg.bandwidth
@@ -83,6 +102,10 @@ class JumpReLUSAE(TopKSAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         return pre.relu() * (pre > self.threshold)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)): every latent above its threshold, not only the k largest."""
+        return self.decode(self.encode(x))
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest JumpReLU activations per token (zeros where fewer than k fire)."""
@@ -102,6 +125,7 @@ class JumpReLUSAE(TopKSAE):
 
     def extra_loss(self, out: SAEOutput, step_: int, cfg) -> tuple[torch.Tensor, dict]:
         """lambda * mean over tokens of the L0 (straight-through in theta), lambda warmed up."""
+        assert out.pre is not None  # this class's forward always records it
         l0 = step(out.pre, self.threshold, self.bandwidth).sum(-1).mean()
         warm = min(1.0, (step_ + 1) / max(1.0, cfg.l0_warmup * cfg.steps))
         if self._target(cfg) == 0 or step_ == 0:

@@ -14,11 +14,28 @@ from __future__ import annotations
 
 import torch
 
-from .model import SAEOutput, TopKSAE
+from ..errors import DLMScopeError
+from .batchtopk import BatchTopKSAE
+from .model import SAEConfig, SAEOutput, register_architecture
 
 
-class MatryoshkaSAE(TopKSAE):
+@register_architecture("matryoshka", saved_as="jumprelu")
+class MatryoshkaSAE(BatchTopKSAE):
     """BatchTopK with nested prefix losses; the trainer's MSE is the last (full) prefix's term."""
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Prefix sizes strictly increase and end at n_latents (default n/16, n/4, n)."""
+        sizes = list(cfg.prefix_sizes) or [cfg.n_latents // 16, cfg.n_latents // 4]
+        sizes = sizes if sizes[-1] == cfg.n_latents else sizes + [cfg.n_latents]
+        if any(b <= a for a, b in zip([0] + sizes, sizes)) or sizes[-1] > cfg.n_latents:
+            raise DLMScopeError(f"matryoshka prefix sizes {list(cfg.prefix_sizes)} must strictly increase "
+                                f"within 1..{cfg.n_latents} (the width)")
+        cfg.prefix_sizes = tuple(int(m) for m in sizes)
+
+    def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+        super().saelens_fields(cfg, meta, weights)
+        meta["prefix_sizes"] = list(self.cfg.prefix_sizes)
 
     def prefix_reconstructions(self, out: SAEOutput) -> list[torch.Tensor]:
         """Scaled-space reconstructions from each prefix of latents, the full one last."""

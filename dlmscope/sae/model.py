@@ -1,14 +1,13 @@
-"""Top-K and BatchTopK sparse autoencoders, and the base class of the whole family.
+"""The Top-K sparse autoencoder `SAE`, base class of every architecture, and the architecture registry.
 
-JumpReLU (jumprelu.py), Matryoshka (matryoshka.py) and (skip) transcoders (transcoder.py) subclass
-`TopKSAE` and keep its interface (encode, encode_topk, decode, reconstruct, W_dec, cfg); the trainer
-calls the per-architecture hooks `configure_training`, `init_from_batch`, `extra_loss`, `after_step`.
+BatchTopK (batchtopk.py), JumpReLU (jumprelu.py), Matryoshka (matryoshka.py) and (skip) transcoders
+(transcoder.py) subclass `SAE` and keep its interface (encode, encode_topk, decode, reconstruct, W_dec, cfg);
+the trainer calls the per-architecture hooks `configure_training`, `init_from_batch`, `extra_loss`,
+`after_step`; the SAELens files use `saelens_fields` / `load_saelens_fields`. A new architecture is one module
+with one `@register_architecture(name, saved_as=...)` class (imported by `dlmscope/sae/__init__.py`).
 
 Encoder: pre = (x * s - b_dec) @ W_enc + b_enc; latents = ReLU of the k largest pre-activations per
-token (Top-K). BatchTopK keeps the k * N largest ReLU'd pre-activations over a training batch of N
-tokens; at inference (`encode`) it keeps every ReLU'd pre-activation above a threshold, an EMA
-(rate 0.01) of the smallest activation kept in each training batch -- SAELens' rule, which is also
-how SAELens saves a BatchTopK SAE (as JumpReLU with that threshold for every latent).
+token (Top-K).
 Decoder: x_hat = (latents @ W_dec + b_dec) / s. The input scale s makes training see activations of
 unit mean squared norm (DLM-Scope); `fold_input_scale` bakes it into the weights, so a saved SAE maps
 raw activations to raw reconstructions with s = 1.
@@ -26,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,26 @@ from ..errors import DLMScopeError
 # The sparse backward builds CSR matrices; torch flags the layout as beta once per process, which tells users nothing.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka", "transcoder", "skip_transcoder")
-BATCH_SELECTED = ("batchtopk", "matryoshka", "transcoder", "skip_transcoder")
-"""Architectures that keep the k * N largest activations of a training batch and a threshold at inference."""
+ARCHITECTURES: dict[str, type[SAE]] = {}
+"""Architecture name -> its SAE class, filled by `register_architecture` (one call per architecture module)."""
+SAELENS_READERS: dict[str, str] = {}
+"""SAELens architecture name -> ours, for files that do not name one of ours (`metadata.dlmscope_architecture`)."""
+
+S = TypeVar("S", bound="type[SAE]")
+
+
+def register_architecture(name: str, saved_as: str, reads_saelens: bool = False) -> Callable[[S], S]:
+    """Class decorator: `name` builds this class; its SAELens files say `architecture: saved_as`; with
+    `reads_saelens`, foreign SAELens files of `saved_as` load as this class."""
+    def register(cls: S) -> S:
+        if name in ARCHITECTURES:
+            raise ValueError(f"SAE architecture {name!r} is registered twice")
+        cls.architecture, cls.saved_as = name, saved_as
+        ARCHITECTURES[name] = cls
+        if reads_saelens:
+            SAELENS_READERS[saved_as] = name
+        return cls
+    return register
 
 
 @dataclass
@@ -66,20 +84,7 @@ class SAEConfig:
             raise DLMScopeError(f"k={self.k} must satisfy 0 < k < n_latents ({self.n_latents})")
         if self.d_in < 1:
             raise DLMScopeError(f"d_in={self.d_in} must be positive")
-        if self.architecture == "matryoshka":
-            sizes = list(self.prefix_sizes) or [self.n_latents // 16, self.n_latents // 4]
-            sizes = sizes if sizes[-1] == self.n_latents else sizes + [self.n_latents]
-            if any(b <= a for a, b in zip([0] + sizes, sizes)) or sizes[-1] > self.n_latents:
-                raise DLMScopeError(f"matryoshka prefix sizes {list(self.prefix_sizes)} must strictly increase "
-                                    f"within 1..{self.n_latents} (the width)")
-            self.prefix_sizes = tuple(int(m) for m in sizes)
-        elif self.prefix_sizes:
-            raise DLMScopeError(f"prefix sizes are for matryoshka SAEs, not {self.architecture}")
-        if self.architecture.endswith("transcoder"):
-            out = self.metadata.get("hook_name_out")
-            if out is None or out == self.hook_name:
-                raise DLMScopeError(f"a transcoder reads one hook and predicts another; got input {self.hook_name!r} "
-                                    f"and output {out!r}")
+        ARCHITECTURES[self.architecture].check_config(self)
 
     @property
     def hook_name(self) -> str | None:
@@ -104,9 +109,9 @@ class SAEOutput:
     recon: torch.Tensor
     """(N, d_in) reconstruction x_hat, b_dec included."""
     values: torch.Tensor
-    """Top-K: (N, k) activations of the chosen latents; BatchTopK: dense (N, n_latents)."""
+    """Top-K: (N, k) activations of the chosen latents; other architectures: dense (N, n_latents)."""
     indices: torch.Tensor | None
-    """Top-K: (N, k) chosen latent ids; BatchTopK: None."""
+    """Top-K: (N, k) chosen latent ids; other architectures: None."""
     n_latents: int
     """Dictionary size."""
     aux_recon: torch.Tensor | None = None
@@ -205,11 +210,27 @@ def _sparse_route(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-class TopKSAE(nn.Module):
-    """A Top-K / BatchTopK SAE with SAELens' parameter names and shapes."""
+@register_architecture("topk", saved_as="topk", reads_saelens=True)
+class SAE(nn.Module):
+    """A Top-K SAE with SAELens' parameter names and shapes; the base class of every architecture."""
+
+    architecture: ClassVar[str]
+    """The registered name `cfg.architecture` must carry (set by `register_architecture`)."""
+    saved_as: ClassVar[str]
+    """The SAELens architecture our files record (set by `register_architecture`)."""
+    applies_b_dec_to_input: ClassVar[bool] = True
+    """Whether the encoder sees x - b_dec (SAELens' `apply_b_dec_to_input`)."""
+    transcodes: ClassVar[bool] = False
+    """Reads one hook and predicts another (`metadata.hook_name_out`)."""
+    sparse_training: ClassVar[bool] = True
+    """Per-token top-k selection, so the CPU's sparse training route applies (module docstring)."""
+    input_scale: torch.Tensor  # buffers, declared for type checkers (nn.Module.__getattr__ is untyped)
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
+        if cfg.architecture != self.architecture:
+            raise DLMScopeError(f"{type(self).__name__} builds {self.architecture!r} SAEs, not {cfg.architecture!r}; "
+                                "use dlmscope.sae.build_sae(cfg)")
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
         w_dec = F.normalize(torch.randn(cfg.n_latents, cfg.d_in, generator=gen), dim=1)
@@ -218,7 +239,24 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("input_scale", torch.ones(()))
-        self.register_buffer("threshold", torch.zeros(()))  # BatchTopK inference threshold
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Architecture-specific config checks (one line each); none but "no prefix sizes" here."""
+        if cfg.prefix_sizes:
+            raise DLMScopeError(f"prefix sizes are for matryoshka SAEs, not {cfg.architecture}")
+
+    @classmethod
+    def default_k(cls, d_sae: int) -> int | None:
+        """k for a foreign SAELens file that records none (None: k is required)."""
+        return None
+
+    def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+        """Add this architecture's entries to a SAELens cfg.json, its metadata and its weights (Top-K: k)."""
+        cfg.update(k=self.cfg.k, rescale_acts_by_decoder_norm=False)
+
+    def load_saelens_fields(self, weights: dict[str, torch.Tensor], where: str) -> None:
+        """Read what `saelens_fields` wrote beyond W_enc, b_enc, W_dec, b_dec (`where` names the file in errors)."""
 
     @property
     def output_scale(self) -> torch.Tensor:
@@ -253,10 +291,7 @@ class TopKSAE(nn.Module):
         return values.relu(), indices
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latent activations (.., n_latents); batch-selected SAEs use their inference threshold."""
-        if self.cfg.architecture in BATCH_SELECTED:
-            pre = self.pre_acts(x)
-            return pre.relu() * (pre > self.threshold)
+        """Dense latent activations (.., n_latents)."""
         values, indices = self.encode_topk(x)
         return values.new_zeros(*values.shape[:-1], self.cfg.n_latents).scatter_(-1, indices, values)
 
@@ -273,17 +308,21 @@ class TopKSAE(nn.Module):
         return (out + self.b_dec) / self.output_scale
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """decode(encode(x)) by the cheapest route (plus a skip transcoder's linear path)."""
-        if self.cfg.architecture == "topk":
-            return self.decode(self.encode_topk(x))
-        skip = self._skip(x * self.input_scale)
-        return self.decode(self.encode(x)) + skip / self.output_scale
+        """decode(encode(x)) by the cheapest route: Top-K decodes its k latents sparsely."""
+        return self.decode(self.encode_topk(x))
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Training selection on (N, n_latents) pre-activations: (dense latents, values, indices); Top-K
+        keeps the k largest per token."""
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values = values.relu()
+        return torch.zeros_like(pre).scatter(1, indices, values), values, indices
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, k_aux: int = 0,
                 target: torch.Tensor | None = None) -> SAEOutput:
         """Training forward on raw (N, d_in) activations, in the scaled space.
 
-        Top-K keeps the k largest per token; BatchTopK the k*N largest over the batch. With a dead mask
+        `_select` picks the latents (Top-K: the k largest per token). With a dead mask
         (n_latents,) and k_aux > 0 it also returns the AuxK prediction from the min(k_aux, n_dead)
         largest dead-latent activations per token, decoded without b_dec. `target` (transcoders) is
         what the decoder predicts; by default x itself.
@@ -295,19 +334,11 @@ class TopKSAE(nn.Module):
         if dead_ids is not None and dead_ids.numel() == 0:
             dead_ids = None
         k_aux = min(k_aux, dead_ids.numel()) if dead_ids is not None else 0
-        if self.cfg.architecture == "topk" and _sparse_route(x) and not x.requires_grad:
+        if self.sparse_training and _sparse_route(x) and not x.requires_grad:
             return self._sparse_forward(xs, dead_ids, k_aux)
         # Dense route (GPUs, and batch selection): cuBLAS matmuls beat gathers and sparse kernels there.
         pre = self._encoder_input(xs) @ self.W_enc + self.b_enc
-        if self.cfg.architecture in BATCH_SELECTED:
-            flat = pre.relu().flatten()
-            keep = flat.topk(self.cfg.k * pre.shape[0], sorted=False)
-            dense = torch.zeros_like(flat).scatter(0, keep.indices, keep.values).view_as(pre)
-            values, indices = dense, None
-        else:
-            values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            values = values.relu()
-            dense = torch.zeros_like(pre).scatter(1, indices, values)
+        dense, values, indices = self._select(pre)
         out = SAEOutput(ys, dense @ self.W_dec + self.b_dec + self._skip(xs), values, indices, self.cfg.n_latents)
         if dead_ids is not None:
             aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
@@ -322,8 +353,10 @@ class TopKSAE(nn.Module):
             # A reused (N, n_latents) buffer: a fresh one costs page faults and a broadcast bias copy into new memory
             # on every step (about 12% of a CPU step at d_in 256).
             buf = self._pre_buffer(xc)
-            pre = torch.addmm(self.b_enc, xc, self.W_enc, **({} if buf is None else {"out": buf}))
-            selections = [pre.topk(self.cfg.k, dim=-1, sorted=False)]
+            pre = torch.addmm(self.b_enc, xc, self.W_enc) if buf is None else torch.addmm(self.b_enc, xc, self.W_enc,
+                                                                                           out=buf)
+            top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            selections = [(top_values, top_ids)]
             if dead_ids is not None:
                 aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
                 selections.append((aux_values, dead_ids[local]))
@@ -360,14 +393,7 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput, step: int, cfg) -> None:
-        """State updated after each optimiser step: the inference threshold of batch-selected SAEs, an EMA
-        (rate 0.01) of the smallest activation kept per batch."""
-        if self.cfg.architecture not in BATCH_SELECTED:
-            return
-        positive = out.values[out.values > 0]
-        if positive.numel():
-            t = positive.min().float()
-            self.threshold.copy_(t if step == 0 else 0.99 * self.threshold + 0.01 * t)
+        """State updated after each optimiser step (BatchTopK: its inference threshold)."""
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:

@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import DLMScopeError
 from .io import load_sae_dir
-from .model import TopKSAE
+from .model import SAE
 
 REGISTRY = Path(__file__).resolve().parent.parent / "saes" / "registry.yaml"
 
@@ -22,7 +22,7 @@ def registry() -> dict[str, dict]:
     return {e["name"]: e for e in entries.get("saes", [])}
 
 
-def load_sae(name_or_path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
+def load_sae(name_or_path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """A registered SAE name or an SAE folder (any supported format)."""
     entries = registry()
     name = str(name_or_path)

@@ -260,7 +260,8 @@ class SAETrainer:
         loss.backward()
         if reduce is not None:
             for p in self.sae.parameters():
-                p.grad = reduce(p.grad)
+                if p.grad is not None:
+                    p.grad = reduce(p.grad)
         return lr
 
     def evaluate(self, x_heldout: torch.Tensor, batch_size: int = 4096, target: torch.Tensor | None = None) -> dict:

@@ -14,30 +14,68 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import SAEConfig, TopKSAE
+from ..errors import DLMScopeError
+from .batchtopk import BatchTopKSAE
+from .model import SAEConfig, register_architecture
 
 
-class Transcoder(TopKSAE):
-    """A (skip) transcoder: encode the input hook's activations, decode the output hook's."""
+@register_architecture("transcoder", saved_as="jumprelu_transcoder", reads_saelens=True)
+class Transcoder(BatchTopKSAE):
+    """A transcoder: encode the input hook's activations, decode the output hook's."""
+
+    applies_b_dec_to_input = False  # b_dec lives in the output space
+    transcodes = True
+    out_scale: torch.Tensor
 
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__(cfg, seed)
         self.register_buffer("out_scale", torch.ones(()))
-        if cfg.architecture == "skip_transcoder":
-            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in))  # (d_out, d_in), SAELens' layout
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        out = cfg.metadata.get("hook_name_out")
+        if out is None or out == cfg.hook_name:
+            raise DLMScopeError(f"a transcoder reads one hook and predicts another; got input {cfg.hook_name!r} "
+                                f"and output {out!r}")
+
+    def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+        super().saelens_fields(cfg, meta, weights)
+        cfg.update(d_out=self.cfg.d_in, apply_b_dec_to_input=False)
 
     @property
     def output_scale(self) -> torch.Tensor:
         return self.out_scale
 
     def _encoder_input(self, xs: torch.Tensor) -> torch.Tensor:
-        return xs  # b_dec lives in the output space
+        return xs
+
+
+@register_architecture("skip_transcoder", saved_as="jumprelu_skip_transcoder", reads_saelens=True)
+class SkipTranscoder(Transcoder):
+    """A transcoder with a linear path from input to output."""
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in))  # (d_out, d_in), SAELens' layout
+
+    def saelens_fields(self, cfg: dict, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+        super().saelens_fields(cfg, meta, weights)
+        weights["W_skip"] = self.W_skip.detach().float().contiguous()
+
+    def load_saelens_fields(self, weights: dict[str, torch.Tensor], where: str) -> None:
+        super().load_saelens_fields(weights, where)
+        if "W_skip" not in weights:
+            raise DLMScopeError(f"{where!r} lacks 'W_skip'")
+        if tuple(weights["W_skip"].shape) != tuple(self.W_skip.shape):
+            raise DLMScopeError(f"{where!r}: weight W_skip has shape {tuple(weights['W_skip'].shape)}, "
+                                f"expected {tuple(self.W_skip.shape)}")
+        self.W_skip.copy_(weights["W_skip"].float())
 
     def _skip(self, xs: torch.Tensor) -> torch.Tensor | float:
-        return xs @ self.W_skip.t() if self.cfg.architecture == "skip_transcoder" else 0.0
+        return xs @ self.W_skip.t()
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:
-        if self.cfg.architecture == "skip_transcoder":
-            self.W_skip.mul_(self.input_scale / self.out_scale)
+        self.W_skip.mul_(self.input_scale / self.out_scale)
         super().fold_input_scale()

@@ -5,7 +5,6 @@ import signal
 import pytest
 import torch
 
-from dlmscope import DLMScopeError
 from dlmscope.analysis.diffing import decoder_stats, latent_scaling, scaling_ratios
 from dlmscope.cli import main
 from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig, load_crosscoder

@@ -8,7 +8,7 @@ import torch
 from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_feature_store
 from dlmscope.errors import DLMScopeError
 from dlmscope.hooks import run_with_cache
-from dlmscope.sae import SAEConfig, TopKSAE
+from dlmscope.sae import SAEConfig, SAE
 from dlmscope.sae.metrics import fvu
 
 HOOK = "blocks.1.hook_resid_post"
@@ -99,13 +99,13 @@ def test_rebuild_is_atomic_and_leaves_no_temporaries(llada, tiny_sae, rows, tmp_
 
 
 def test_mismatches_and_bad_input_are_one_line_errors(llada, tiny_sae, rows, tmp_path):
-    other_model = TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": "some-other-model", "hook_name": HOOK}))
+    other_model = SAE(SAEConfig(64, 32, 4, metadata={"model_name": "some-other-model", "hook_name": HOOK}))
     with pytest.raises(DLMScopeError, match="trained on model 'some-other-model'"):
         build_feature_store(llada, other_model, rows, tmp_path / "a")
-    wide = TopKSAE(SAEConfig(128, 32, 4, metadata={"model_name": llada.name, "hook_name": HOOK}))
+    wide = SAE(SAEConfig(128, 32, 4, metadata={"model_name": llada.name, "hook_name": HOOK}))
     with pytest.raises(DLMScopeError, match="d_in=128"):
         build_feature_store(llada, wide, rows, tmp_path / "a")
-    no_hook = TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": llada.name}))
+    no_hook = SAE(SAEConfig(64, 32, 4, metadata={"model_name": llada.name}))
     with pytest.raises(DLMScopeError, match="hook_name"):
         build_feature_store(llada, no_hook, rows, tmp_path / "a")
     with pytest.raises(DLMScopeError, match="no held-out tokens"):
@@ -120,7 +120,7 @@ def test_store_checks_feature_range_version_and_sae(built, tmp_path):
         built.activations(built.n_latents)
     with pytest.raises(DLMScopeError, match="out of range"):
         built.check_feature(-1)
-    other = TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK}))
+    other = SAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK}))
     with pytest.raises(DLMScopeError, match="rebuild it for this SAE"):
         built.check_matches(other)
     folder = tmp_path / "old"
@@ -135,7 +135,7 @@ def test_empty_store_and_causal_models(tiny_dirs, rows, tmp_path):
     from dlmscope.models import load_model
 
     causal = load_model(tiny_dirs["causal"])
-    sae = TopKSAE(SAEConfig(64, 48, 4, metadata={"model_name": causal.name, "hook_name": HOOK}))
+    sae = SAE(SAEConfig(64, 48, 4, metadata={"model_name": causal.name, "hook_name": HOOK}))
     store = FeatureStore.open(build_feature_store(causal, sae, rows, tmp_path / "c", FeatureStoreConfig(n_seqs=4)))
     assert not store.manifest["diffusion"] and store.manifest["n_masked"] == 0
     assert not store.t["masked"].any() and store.manifest["fvu_masked"] is None

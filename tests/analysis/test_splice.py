@@ -62,10 +62,10 @@ def test_splice_respects_shift_and_causal(tiny_dirs, tiny_sae):
 
 def test_mean_ablation_uses_the_whole_bins_mean(tiny_dirs):
     """AR rows are not corrupted, so the bin (and its mean activation) is the same however it is batched."""
-    from dlmscope.sae import SAEConfig, TopKSAE
+    from dlmscope.sae import SAEConfig, SAE
 
     ar = load_model(tiny_dirs["causal"])
-    sae = TopKSAE(SAEConfig(64, 128, 8, metadata={"model_name": None, "hook_name": "blocks.0.hook_resid_post"}))
+    sae = SAE(SAEConfig(64, 128, 8, metadata={"model_name": None, "hook_name": "blocks.0.hook_resid_post"}))
     rows = _rows(8)
     rows[:4] = rows[0]  # the first batch is unlike the rest: its mean is not the bin's
     one, four = (splice_eval(ar, sae, rows, SpliceConfig(n_seqs=8, batch_size=b))["bins"]["clean"]["mean"]["ce"][0]

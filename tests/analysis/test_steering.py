@@ -151,3 +151,15 @@ def test_transcoder_steering_writes_at_its_output_hook(llada, tiny_transcoder):
     torch.testing.assert_close(steered[hooks[0]], clean[hooks[0]])
     torch.testing.assert_close(steered[hooks[1]] - clean[hooks[1]], 2.0 * (tiny_transcoder.W_dec[3] / tiny_transcoder.output_scale).expand(1, 8, 64),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_block_models_steer_with_their_own_sampler(tmp_path, tokenizer, one_thread):
+    """On a LLaDA 2.x model the steering comparison samples with its block sampler over its own blocks (as
+    `generate` does by default), not with one LLaDA block over the generation."""
+    from dlmscope.diffusion.blocks import generate_blocks
+    from dlmscope.models.tiny import write_tiny_llada2
+
+    lm = load_model(write_tiny_llada2(tmp_path / "l2", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                                      mask_id=tokenizer.mask_token_id))
+    texts = steered_generate(lm, None, None, ["def f", "x ="], gen_length=8, steps=12)
+    assert texts == generate_blocks(lm, ["def f", "x ="], max_new_tokens=8, steps_per_block=4, cache=None).texts

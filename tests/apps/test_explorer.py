@@ -1,23 +1,20 @@
 """The explorer: every page under Streamlit's AppTest on a tiny model, and `dlmscope explore` launched as a user
 does (the installed console script, fresh cache) with every page opened in a real headless Chromium."""
 
-import base64
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from browser import CHROMIUM, Browser, free_port, wait_port
 
 APP = str(Path(__file__).resolve().parents[2] / "dlmscope" / "explorer.py")  # the file `dlmscope explore` runs
 HOOK = "blocks.1.hook_resid_post"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,7 @@ def env(tiny_dirs, llada, tiny_sae, tokenizer, tmp_path_factory):
 def _app(env, monkeypatch, extra_env=None, **query):
     from streamlit.testing.v1 import AppTest
 
-    for k in ("DLMSCOPE_STORE", "DLMSCOPE_MODEL", "DLMSCOPE_SAE", "DLMSCOPE_SPLICE", "DLMSCOPE_EXPERTS"):
+    for k in ("DLMSCOPE_STORE", "DLMSCOPE_MODEL", "DLMSCOPE_SAE", "DLMSCOPE_SPLICE", "DLMSCOPE_EXPERTS", "DLMSCOPE_CIRCUITS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("DLMSCOPE_STORE", env["DLMSCOPE_STORE"])
     for k, v in (extra_env or {}).items():
@@ -90,9 +87,10 @@ def test_feature_page(env, monkeypatch):
     assert [s.value for s in at.subheader] == ["Top activating examples", "Logit effect", "Quantile groups"]
     assert [m.label for m in at.metric][:2] == ["density", "max activation"]
     assert len(at.expander) == 10 and len(_charts(at)) == 2
-    examples = at.markdown[0].value
-    assert "background:rgba(255,120,0," in examples and examples.count("<br>") == 9
-    assert "density" in json.loads(_charts(at)[0].proto.spec)["layout"]["title"]["text"]
+    html = [h.proto.body for h in at.get("html")]
+    assert "background:rgba(255,120,0," in html[0] and html[0].count("<br>") == 9  # corpus text: st.html, no Markdown
+    assert "Activation histogram (density" in html[1] and "Firing rate" in html[2]
+    assert not json.loads(_charts(at)[0].proto.spec)["layout"].get("title")  # no title under plotly's toolbar
     assert len(at.dataframe[0].value) == 10  # top/bottom logits
 
 
@@ -150,6 +148,29 @@ def test_expert_routing_page(env, monkeypatch, tmp_path, tokenizer):
     assert "does not exist" in at.error[0].value
 
 
+def test_circuits_page(env, monkeypatch, tmp_path, tiny_dirs):
+    """The study's committed result (heatmaps, one cell's attention across steps) and a `dlmscope patch` sweep."""
+    from dlmscope.cli import main
+
+    at = _app(env, monkeypatch, page="circuits")
+    assert not at.exception and not at.error and "No patching result" in at.caption[0].value
+    study = Path(__file__).resolve().parents[2] / "experiments" / "results" / "circuits_sudoku.json"
+    at = _app(env, monkeypatch, {"DLMSCOPE_CIRCUITS": study}, page="circuits")
+    assert not at.exception and not at.error
+    assert [s.label for s in at.selectbox] == ["task", "cell", "layer", "head"]
+    assert len(_charts(at)) == 4  # roles x layers, heads x layers, steps x layers, the cell's pattern
+    at.selectbox[0].select("control").run()
+    assert not at.exception and not at.error and len(_charts(at)) >= 3
+    main(["patch", "--model", str(tiny_dirs["llada"]), "--clean", "a b c d", "--change", "1=#7", "--answer", "#5",
+          "--metric", "logprob", "--gen-length", "2", "--out", str(tmp_path)])
+    at = _app(env, monkeypatch, {"DLMSCOPE_CIRCUITS": tmp_path / "patch.json"}, page="circuits")
+    assert not at.exception and not at.error and len(_charts(at)) == 1 and "logprob at position" in at.caption[0].value
+    (tmp_path / "other.json").write_text('{"items": []}')
+    for bad, message in (("other.json", "holds neither"), ("nope.json", "does not exist")):
+        at = _app(env, monkeypatch, {"DLMSCOPE_CIRCUITS": tmp_path / bad}, page="circuits")
+        assert not at.exception and message in at.error[0].value
+
+
 def test_summary_shows_the_evaluation(env, monkeypatch, tmp_path, llada, tiny_sae):
     from dlmscope.analysis.evaluate import EvaluateConfig, evaluate_sae_suite, write_report
 
@@ -170,21 +191,21 @@ def test_bad_input_shows_errors(env, monkeypatch, tmp_path, tiny_dirs):
     from dlmscope.analysis.features import FeatureStoreConfig, build_feature_store
     from dlmscope.data import heldout_rows
     from dlmscope.models import load_model
-    from dlmscope.sae import SAEConfig, TopKSAE, save_sae
+    from dlmscope.sae import SAEConfig, SAE, save_sae
 
     at = _app({"DLMSCOPE_STORE": str(tmp_path)}, monkeypatch)
     assert not at.exception and "not a feature store" in at.error[0].value
     # an SAE trained on another model
-    other = save_sae(TopKSAE(SAEConfig(64, 256, 8, metadata={"model_name": "other", "hook_name": HOOK})), tmp_path / "o")
+    other = save_sae(SAE(SAEConfig(64, 256, 8, metadata={"model_name": "other", "hook_name": HOOK})), tmp_path / "o")
     at = _app(env, monkeypatch, {"DLMSCOPE_SAE": other}, page="denoise", run="1")
     assert not at.exception and "trained on model 'other'" in at.error[0].value
     # an SAE for this model that the store was not built for
-    small = save_sae(TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK})), tmp_path / "s")
+    small = save_sae(SAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK})), tmp_path / "s")
     at = _app(env, monkeypatch, {"DLMSCOPE_SAE": small}, page="steer", run="1")
     assert not at.exception and "rebuild it for this SAE" in at.error[0].value
     # an empty store: nothing fired
     lm = load_model(tiny_dirs["llada"])
-    dead = TopKSAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK}))
+    dead = SAE(SAEConfig(64, 32, 4, metadata={"model_name": "llada", "hook_name": HOOK}))
     with torch.no_grad():
         dead.b_enc.fill_(-1e4)
     store = build_feature_store(lm, dead, heldout_rows(lm.tokenizer, 16, n=2), tmp_path / "empty", FeatureStoreConfig())
@@ -207,93 +228,29 @@ def test_cli_features_build(env, tiny_dirs, tmp_path, capsys):
     assert e.value.code == 2 and "trained on model 'llada'" in capsys.readouterr().err
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port, proc, seconds=30):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on port {port} after {seconds} s")
-
-
-class Browser:
-    """Headless Debian Chromium over the DevTools protocol (no driver download, one websocket)."""
-
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--window-size=1400,1800"]
-
-    def __init__(self, profile: Path):
-        from websockets.sync.client import connect
-
-        port = _free_port()
-        self.proc = subprocess.Popen([CHROMIUM, *self.FLAGS, f"--user-data-dir={profile}",
-                                      f"--remote-debugging-port={port}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(port, self.proc)
-        tabs = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json").read())
-        self.ws = connect([t for t in tabs if t["type"] == "page"][0]["webSocketDebuggerUrl"], max_size=None)
-        self.n = 0
-
-    def call(self, method, **params):
-        self.n += 1
-        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=60))
-            if msg.get("id") == self.n:
-                return msg.get("result", {})
-
-    def js(self, expression):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def open_and_wait(self, url, ready_js, timeout=60):
-        """Navigate and poll until `ready_js` is truthy and Streamlit has stopped running the script."""
-        self.call("Page.navigate", url=url)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            time.sleep(0.3)
-            if self.js(f"!!({ready_js}) && !document.querySelector('[data-testid=stStatusWidget]')"):
-                time.sleep(0.5)  # let plotly finish drawing
-                return True
-        return False
-
-    def screenshot(self, path: Path) -> Path:
-        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
-        return path
-
-    def close(self):
-        self.ws.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def explore(tmp_path_factory):
-    """`dlmscope explore` with no options, from PATH, on a free port, with an empty cache: it builds the shipped
-    SAE's feature store, then serves. The whole process group is stopped afterwards (streamlit is its child)."""
-    root = tmp_path_factory.mktemp("explore")
-    port = _free_port()
+def _serve(root: Path, *options: str):
+    """`dlmscope explore OPTIONS` from PATH on a free port with an empty cache under `root`; yields the port.
+    The whole process group is stopped afterwards (streamlit is its child)."""
+    port = free_port()
     log = open(root / "explore.log", "w")
-    server = subprocess.Popen([shutil.which("dlmscope"), "explore", "--port", str(port)], stdout=log,
+    server = subprocess.Popen([shutil.which("dlmscope"), "explore", *options, "--port", str(port)], stdout=log,
                               stderr=subprocess.STDOUT, env={**os.environ, "DLMSCOPE_CACHE": str(root / "cache")},
                               cwd=root, start_new_session=True)
     try:
-        _wait_port(port, server, seconds=180)
-        yield {"port": port, "cache": root / "cache", "log": root / "explore.log"}
+        wait_port(port, server, seconds=180)
+        yield port
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def explore(tmp_path_factory):
+    """`dlmscope explore` with no options: it builds the shipped SAE's feature store, then serves."""
+    root = tmp_path_factory.mktemp("explore")
+    for port in _serve(root):
+        yield {"port": port, "cache": root / "cache", "log": root / "explore.log"}
 
 
 def test_explore_builds_the_default_store_and_serves(explore):
@@ -341,6 +298,68 @@ def test_real_browser_renders_every_page_of_dlmscope_explore(explore, tmp_path):
                 assert browser.js("document.querySelectorAll('span.tok.masked').length") >= 1
             if page == "denoise":
                 assert "Text as it unmasks" in body and "▢" in body
+    finally:
+        browser.close()
+
+
+MARKUP = "x_1 = a*b*c; `code` <b>bold</b> costs $5 and $x$; __init__ **s** _i_ <script>alert(1)</script>\n"
+"""Corpus text that Markdown, KaTeX or HTML would turn into something else if it reached them."""
+EXAMPLES_JS = """(() => { const box = document.querySelector('span.tok').closest('[data-testid=stHtml], [data-testid=stMarkdownContainer]');
+  return {tokens: [...box.querySelectorAll('span.tok')].map(s => s.textContent),
+          markup: box.querySelectorAll('em, strong, i, b, code, script, .katex, mjx-container').length,
+          text: box.innerText}; })()"""
+OVERLAPS_JS = """(() => { const hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  const bars = [...document.querySelectorAll('.modebar-container')].map(m => m.getBoundingClientRect());
+  const inner = [...document.querySelectorAll('.js-plotly-plot .gtitle')].filter(t => t.textContent.trim());
+  const titles = [...inner, ...document.querySelectorAll('b.chart-title')].map(t => t.getBoundingClientRect());
+  return {titles: document.querySelectorAll('b.chart-title').length, plot_titles: inner.length, bars: bars.length,
+          overlaps: titles.filter(t => bars.some(b => hit(t, b))).length}; })()"""
+
+
+@pytest.fixture(scope="module")
+def markup_store(llada, tiny_sae, tiny_dirs, tokenizer, tmp_path_factory):
+    """A store built on text full of Markdown, KaTeX and HTML syntax, and the feature firing most on it."""
+    from dlmscope.analysis.features import FeatureStore, FeatureStoreConfig, build_feature_store
+    from dlmscope.data import pack
+    from dlmscope.sae import save_sae
+
+    root = tmp_path_factory.mktemp("markup")
+    sae_dir = save_sae(tiny_sae, root / "sae")
+    rows = pack(tokenizer, [MARKUP * 3] * 8, 32).input_ids
+    store = build_feature_store(llada, tiny_sae, rows, root / "store", FeatureStoreConfig(), sae_name=str(sae_dir),
+                                model_ref=str(tiny_dirs["llada"]))
+    opened = FeatureStore.open(store)
+
+    def covered(f: int) -> int:
+        text = "".join(t for ex in opened.top_examples(f, 10) for t in ex["tokens"])
+        return sum(c in text for c in "_*<`$")
+
+    live = [int(f) for f in (opened.stats()["count"] > 0).nonzero().flatten()]
+    f = max(live, key=lambda f: (covered(f), int(opened.stats()["count"][f])))
+    return {"root": root, "store": store, "sae": sae_dir, "feature": f}
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+def test_real_browser_shows_markup_in_tokens_as_text(markup_store, tiny_dirs, tmp_path):
+    from dlmscope.analysis.features import FeatureStore
+
+    f = markup_store["feature"]
+    examples = FeatureStore.open(markup_store["store"]).top_examples(f, 10)
+    tokens = [t for ex in examples for t in ex["tokens"]]
+    assert all(any(c in t for t in tokens) for c in "_*<`$"), tokens  # the feature's examples hold every one
+    shown = [t.replace(" ", "\u00a0").replace("\n", "⏎") for t in tokens]  # colour_tokens' two substitutions
+    browser = Browser(tmp_path / "profile")
+    try:
+        for port in _serve(markup_store["root"], "--store", str(markup_store["store"]), "--sae",
+                           str(markup_store["sae"]), "--model", str(tiny_dirs["llada"])):
+            ok = browser.open_and_wait(f"http://127.0.0.1:{port}/?page=feature&feature={f}",
+                                       f"({TEXT('Top activating examples')} && {PLOTS(2)}) || {ERRORS}")
+            assert ok and browser.js(ERRORS) == 0, browser.js("document.body.innerText")[-2000:]
+            got = browser.js(EXAMPLES_JS)
+            assert got["tokens"] == shown and got["markup"] == 0  # every token verbatim, nothing turned into markup
+            charts = browser.js(OVERLAPS_JS)
+            assert charts == {"titles": 2, "plot_titles": 0, "bars": 2, "overlaps": 0}
+            browser.screenshot(tmp_path / "markup.png")
     finally:
         browser.close()
 

@@ -183,10 +183,25 @@ def test_block_model_clean_context_pass(models, one_thread):
     assert float(pattern[0][:, ~allowed].abs().max()) == 0.0 and float(pattern[0, :, 4:, :4].sum()) > 0
 
 
-def test_models_without_attention_internals_say_so(tiny_dirs):
+def test_bad_site_names(tiny_dirs):
     lm = load_model(tiny_dirs["llada"])
-    lm.sites = {k: v for k, v in lm.sites.items() if ".attn." not in k and "attn_out" not in k}
-    with pytest.raises(DLMScopeError, match="exposes no attention internals"):
-        lm.site("blocks.0.attn.hook_pattern")
     with pytest.raises(DLMScopeError, match="out of range"):
-        load_model(tiny_dirs["llada"]).site("blocks.7.attn.hook_z")
+        lm.site("blocks.7.attn.hook_z")
+    with pytest.raises(DLMScopeError, match=r"unknown hook 'blocks.0.attn.hook_scores'; allowed: .*attn\.hook_pattern"):
+        lm.site("blocks.0.attn.hook_scores")  # remote-code models: tests/models/test_loading.py (no internals)
+
+
+@torch.no_grad()
+def test_block_cache_patterns_cover_kept_and_window_keys(models, one_thread):
+    """LLaDA 2.x's exact block cache: a step's queries are its window, its keys everything before the window's end."""
+    from dlmscope.diffusion.blocks import generate_blocks
+
+    lm = models["llada2"]
+    with capture(lm, ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z"]) as cache:
+        generate_blocks(lm, [[5, 6, 7, 8, 9, 10]], max_new_tokens=6, steps_per_block=2, cache="block")
+    # step 0 computes [0, 8); block 1's refresh computes [4, 12) over kept [0, 4); its next step [8, 12)
+    assert [tuple(p.shape[2:]) for p in cache.acts["blocks.0.attn.hook_pattern"]] == [(8, 8), (8, 12), (4, 12)]
+    assert [z.shape[1] for z in cache.acts["blocks.0.attn.hook_z"]] == [8, 8, 4]
+    last = cache.acts["blocks.0.attn.hook_pattern"][-1][0]  # queries 8..11 (block 2) over keys 0..11
+    torch.testing.assert_close(last.sum(-1), torch.ones_like(last[..., 0]))
+    assert float(last[:, :, 4:8].sum()) > 0 and last.shape[-1] == 12

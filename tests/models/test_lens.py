@@ -124,14 +124,33 @@ def test_bad_inputs(pairs, tiny_dirs, tmp_path, tokenizer):
         load_model(ht, mask_id=10 ** 6)
     with pytest.raises(DLMScopeError, match="attention is causal"):
         load_model(pairs["causal"][1], mask_id=3)
-    with pytest.raises(DLMScopeError, match="mask_id= is for a HookedTransformer"):
-        load_model(tiny_dirs["llada"], mask_id=3)
+    assert load_model(tiny_dirs["llada"], mask_id=3).mask_id == 3  # a folder's mask id may be overridden too
     saved, ht.tokenizer = ht.tokenizer, None
     try:
         with pytest.raises(DLMScopeError, match="bidirectional: pass mask_id="):
             load_model(ht)
     finally:
         ht.tokenizer = saved
+    with pytest.raises(DLMScopeError, match="n_ctx"):
+        to_hooked_transformer(lm, n_ctx=0)
+    assert to_hooked_transformer(lm, n_ctx=32).cfg.n_ctx == 32
     moe = load_model(write_tiny_lladamoe(tmp_path / "moe", vocab_size=len(tokenizer), mask_id=tokenizer.mask_token_id))
     with pytest.raises(DLMScopeError, match="to_hooked_transformer: .* lladamoe"):
         to_hooked_transformer(moe)
+
+
+def test_train_sae_runs_on_the_hooked_transformer(pairs, tmp_path, one_thread):
+    from dlmscope.data import builtin_corpus
+    from dlmscope.training import TrainSAEConfig, train_sae
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(builtin_corpus("train")[:60]))
+    lm, _, back = pairs["llada"]
+    runs = {}
+    for key, model in (("native", lm), ("lens", back)):
+        cfg = TrainSAEConfig(model=lm.name, dataset=str(text), layers="1", site="attn_out", k="4", expansion=2,
+                             total_tokens=256 * 4,
+                             batch_size=256, buffer_tokens=512, seqs_per_forward=4, context_length=32, eval_tokens=128,
+                             eval_every=4, checkpoint_every=4, out=str(tmp_path / key), name="run", progress=False)
+        runs[key] = train_sae(cfg, lm=model).metrics["blocks.1.hook_attn_out-k4"]
+    assert runs["lens"]["fvu"] == pytest.approx(runs["native"]["fvu"], abs=1e-3) and runs["lens"]["fvu"] < 1.5

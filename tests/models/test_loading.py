@@ -311,6 +311,7 @@ def test_remote_backend_loads_own_code(toy_remote):
                                block_out)
     out = generate(lm, [[1, 2, 3]], gen_length=4, steps=4, block_length=4)
     assert not (out.generated == 39).any()
+    _one_line_error(lambda: lm.site("blocks.0.attn.hook_pattern"), "exposes no attention internals")
     dream_like = load_model(folder, family="dream", backend="remote")  # 4-D mask path and shifted logits
     assert dream_like.shift
     with torch.no_grad():

@@ -155,3 +155,36 @@ def test_cli_bad_option_is_one_line_exit_2(args, message, capsys, tmp_path):
         main(["rspo", "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_rl_run_shares_the_run_lifecycle(tiny_dirs, count_task, tmp_path):
+    """SIGINT during a step checkpoints and stops (resuming ends where a straight run ends); a --resume with an
+    option that changes the result is refused before any model loads: `runstate.Run`, as for SAE runs."""
+    import os
+    import signal
+
+    from dlmscope.rl.trainer import RLRun
+
+    kw = dict(model=str(tiny_dirs["llada"]), prompts_per_step=2, group_size=2, gen_length=8, denoise_steps=4,
+              eval_n=2, rl_steps=3, checkpoint_every=10)
+    straight = train_rl(RLConfig(out=str(tmp_path / "a"), **kw), task=count_task)
+    original, calls = RLRun.step, {"n": 0}
+
+    def interrupting(self, step):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step)
+
+    RLRun.step = interrupting
+    try:
+        part = train_rl(RLConfig(out=str(tmp_path / "b"), **kw), task=count_task)
+    finally:
+        RLRun.step = original
+    assert part["interrupted"] and part["signal"] == signal.SIGINT and len(part["steps"]) == 2
+    assert (tmp_path / "b" / "checkpoint-00002").is_dir()  # checkpointed at the stop, not only on schedule
+    with pytest.raises(DLMScopeError, match=r"--resume with changed options \['lr'\]"):
+        train_rl(RLConfig(out=str(tmp_path / "b"), resume=True, **{**kw, "lr": 1e-3}), task=count_task)
+    resumed = train_rl(RLConfig(out=str(tmp_path / "b"), resume=True, **kw), task=count_task)
+    assert [s["reward"] for s in resumed["steps"]] == [s["reward"] for s in straight["steps"]]
+    assert resumed["after"] == straight["after"]

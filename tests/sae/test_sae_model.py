@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError
-from dlmscope.sae import SAEConfig, TopKSAE
-from dlmscope.sae.model import _LatentPattern, _SparseDecode
+from dlmscope.sae import ARCHITECTURES, SAE, SAEConfig, build_sae
+from dlmscope.sae.model import SAELENS_READERS, _LatentPattern, _SparseDecode, register_architecture
 
 
 def test_config_validation():
@@ -14,14 +14,14 @@ def test_config_validation():
 
 
 def test_init_decoder_unit_rows_and_encoder_is_transpose():
-    sae = TopKSAE(SAEConfig(8, 32, 2), seed=3)
+    sae = SAE(SAEConfig(8, 32, 2), seed=3)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
     assert torch.equal(sae.W_enc, sae.W_dec.t())
     assert sae.W_enc.shape == (8, 32) and sae.b_enc.shape == (32,) and sae.b_dec.shape == (8,)
 
 
 def test_topk_keeps_exactly_k(raw_x):
-    sae = TopKSAE(SAEConfig(16, 64, 4))
+    sae = SAE(SAEConfig(16, 64, 4))
     with torch.no_grad():
         sae.b_enc.fill_(100.0)  # every pre-activation positive: ReLU removes none of the top k
     lat = sae.encode(raw_x)
@@ -47,7 +47,7 @@ def test_sparse_route_gradients_match_dense_autograd():
     """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc) against autograd on
     the plain dense maths, in float64 to 1e-5, with AuxK on and some selected pre-activations cut by the ReLU."""
     gen = torch.Generator().manual_seed(0)
-    sae = TopKSAE(SAEConfig(8, 48, 5), seed=2).double()
+    sae = SAE(SAEConfig(8, 48, 5), seed=2).double()
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(48, generator=gen, dtype=torch.double) - 2.5)
         sae.b_dec.copy_(torch.randn(8, generator=gen, dtype=torch.double))
@@ -102,7 +102,7 @@ def test_sparse_decode_gradients_match_dense_autograd(n_latents):
 
 
 def test_parallel_gradient_removed_and_rows_renormalised():
-    sae = TopKSAE(SAEConfig(8, 16, 2))
+    sae = SAE(SAEConfig(8, 16, 2))
     sae.W_dec.grad = sae.W_dec.detach().clone() * 3 + torch.randn(16, 8)
     before = sae.W_dec.grad.clone()
     sae.remove_parallel_grad()
@@ -128,7 +128,7 @@ def test_folding_input_scale_leaves_outputs_unchanged(make_trainer, raw_x, arch)
 
 
 def test_batchtopk_training_keeps_k_per_token_on_average(raw_x):
-    sae = TopKSAE(SAEConfig(16, 64, 4, "batchtopk"))
+    sae = build_sae(SAEConfig(16, 64, 4, "batchtopk"))
     with torch.no_grad():
         sae.b_enc.fill_(100.0)
     out = sae(raw_x)
@@ -137,7 +137,7 @@ def test_batchtopk_training_keeps_k_per_token_on_average(raw_x):
 
 
 def test_wrong_width_is_one_line_error():
-    sae = TopKSAE(SAEConfig(16, 64, 4, metadata={"hook_name": "blocks.1.hook_resid_post"}))
+    sae = SAE(SAEConfig(16, 64, 4, metadata={"hook_name": "blocks.1.hook_resid_post"}))
     with pytest.raises(DLMScopeError, match=r"d_in=8 but the SAE expects d_in=16 \(hook blocks.1.hook_resid_post\)"):
         sae.encode(torch.randn(2, 8))
 
@@ -159,3 +159,20 @@ def test_dense_route_equals_sparse_route(trained, raw_x, monkeypatch):
                         *(p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_every_architecture_is_registered_once_by_its_class():
+    assert list(ARCHITECTURES) == ["topk", "batchtopk", "jumprelu", "matryoshka", "transcoder", "skip_transcoder"]
+    for name, cls in ARCHITECTURES.items():
+        assert cls.architecture == name and issubclass(cls, SAE)
+        meta = {"hook_name": "blocks.0.hook_mlp_in", "hook_name_out": "blocks.0.hook_mlp_out"}
+        assert type(build_sae(SAEConfig(8, 32, 2, name, meta))) is cls
+    assert SAELENS_READERS == {"topk": "topk", "jumprelu": "jumprelu", "jumprelu_transcoder": "transcoder",
+                               "jumprelu_skip_transcoder": "skip_transcoder"}
+    with pytest.raises(ValueError, match="registered twice"):
+        register_architecture("topk", saved_as="topk")(SAE)
+
+
+def test_a_class_builds_only_its_own_architecture():
+    with pytest.raises(DLMScopeError, match="SAE builds 'topk' SAEs, not 'batchtopk'; use dlmscope.sae.build_sae"):
+        SAE(SAEConfig(16, 64, 4, "batchtopk"))
