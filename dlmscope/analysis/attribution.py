@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -145,14 +146,15 @@ class FrozenStep:
         self.lm, self.tcs = lm, transcoders
         dev = lm.device
         self.ids = ids.to(dev).reshape(-1)
-        L, n = self.ids.numel(), lm.n_layers
+        n = lm.n_layers
         names = [f"blocks.{i}.hook_{s}" for i in range(n) for s in ("resid_pre", "resid_mid", "mlp_in", "mlp_out")]
         names += [f"blocks.{i}.attn.hook_pattern" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
         with torch.no_grad():
             acts = {k: v[0].float() for k, v in run_with_cache(lm, self.ids[None], names, stop_early=False).items()}
             self.logits = lm.forward(self.ids[None])[0].float()
-            self.layers = []
-            for i, layer in enumerate(lm.layers):
+            self.layers: list[dict[str, Any]] = []
+            layers: list[Any] = list(lm.layers)
+            for i, layer in enumerate(layers):
                 attn, tc = layer.self_attn, transcoders[i]
                 dh = attn.head_dim
                 self.layers.append(dict(
@@ -250,6 +252,7 @@ class FrozenStep:
         """
         top = self.lm.n_layers - 1 if top is None else top
         ref = seed_final if seed_final is not None else seed_mid
+        assert ref is not None, "backward needs a seed"
         g = seed_final.clone() if seed_final is not None else torch.zeros_like(ref)
         bias = torch.zeros(ref.shape[0], device=ref.device)
         at_out = {}
@@ -258,8 +261,8 @@ class FrozenStep:
             at_out[i] = g
             bias += g.sum(1) @ (tc.b_dec.float() / lay["s_out"])
             gm = g @ lay["skip"] if lay["skip"] is not None else torch.zeros_like(g)
-            if seed_mid is not None:
-                gm = gm + seed_mid * (seed_layer == i).to(seed_mid)[:, None, None]
+            if seed_mid is not None and seed_layer is not None:
+                gm = gm + seed_mid * torch.eq(seed_layer, i).to(seed_mid)[:, None, None]
             g = g + gm * (lay["a2"][:, None] * lay["w2"])
             if lay["bo"] is not None:
                 bias += g.sum(1) @ lay["bo"]
@@ -811,7 +814,7 @@ def attribute_run(cfg: AttributeConfig) -> dict:
         meta = gr["metadata"]
         atomic_write_json(folder / f"graph_step{meta['step']}_pos{meta['target_position']}.json", gr)
     result = {"model": lm.name, "transcoders": cfg.transcoders, "prompt": cfg.prompt, "prompt_length": P,
-              "text": out.texts[0], "tokens": final.tolist(), "reveal_step": {str(k): v for k, v in reveal.items()},
+              "text": (out.texts or [""])[0], "tokens": final.tolist(), "reveal_step": {str(k): v for k, v in reveal.items()},
               "graphs": graphs, "cross_links": cross}
     atomic_write_json(folder / "attribution.json", result)
     atomic_write_text(folder / "attribution.html", graph_figure(graphs).to_html(include_plotlyjs=True))
