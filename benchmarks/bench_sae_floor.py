@@ -7,6 +7,13 @@ Steps and floors alternate (so drifting background load hits both alike) and the
 the clock is this process's CPU time (run it with one thread), which a busy shared machine does not inflate,
 on GPUs wall time after synchronising.
 
+This is a best case, not a training run: one random batch stepped 18 times, no warm-up, hardly any dead latents
+(so almost no AuxK), and batch 4,096, over which the costs that scale with the dictionary rather than the batch
+(the optimiser's passes over W_enc and W_dec, the decoder's projection and renormalisation: about 9 ms a step at
+4,096 x 256) are spread. `bench_sae_steps.py` times every step of a real run (the DLM's activations, the default
+schedule, AuxK once latents die) for both optimisers against the floor, and reports the medians of the paired
+ratios; at batch 1,024 those are far above this file's.
+
     python benchmarks/bench_sae_floor.py                       # CPU, one thread: d_in 256, 4,096 latents, k 32
     python benchmarks/bench_sae_floor.py --device cuda --d-in 4096 --latents 16384 --k 64   # LLaDA-8B width
 

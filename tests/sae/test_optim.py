@@ -51,3 +51,46 @@ def test_signum_sf_trainer_schedule_averaged_eval_and_resume(tmp_path):
     assert torch.equal(a.sae.W_enc, y) and a.evaluate(xs[0])["fvu"] == averaged_fvu < first
     with pytest.raises(DLMScopeError, match="optimizer='sgd'; allowed: adam, signum_sf"):
         TrainConfig(optimizer="sgd")
+
+
+def _reference_sign_schedule_free(y, z, weight_sum, grad, lr, beta):
+    """The docstring's updates as written: x recovered from y, z's sign step, the lr^2-weighted average, y."""
+    x = (y - (1 - beta) * z) / beta
+    weight_sum += lr * lr
+    z = z - lr * grad.sign()
+    x = x + (lr * lr / weight_sum) * (z - x)
+    return beta * x + (1 - beta) * z, z, weight_sum
+
+
+def test_sign_schedule_free_closed_form_matches_the_three_iterates():
+    """The fused in-place step (one closed form on y) keeps the maths of the three-iterate updates, over a warm-up,
+    zero gradients (latents that did not fire) and the trainer's edits to y between steps (unit decoder rows)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(64, 16, generator=gen), dim=1))
+    b = torch.nn.Parameter(torch.zeros(16))
+    opt = SignScheduleFree([w, b], lr=0.01)
+    ref = {"w": (w.detach().double().clone(), w.detach().double().clone(), 0.0),
+           "b": (b.detach().double().clone(), b.detach().double().clone(), 0.0)}
+    for step in range(300):
+        lr = 0.01 * min(1.0, (step + 1) / 50)
+        opt.param_groups[0]["lr"] = lr
+        for name, p in (("w", w), ("b", b)):
+            g = torch.randn(p.shape, generator=gen)
+            g[torch.rand(p.shape, generator=gen) < 0.5] = 0.0  # rows that got no gradient this step
+            p.grad = g.clone()
+            ref[name] = _reference_sign_schedule_free(*ref[name], g.double(), lr, 0.95)
+        opt.step()
+        assert torch.equal(b.grad, b.grad.sign())  # documented: the step leaves the gradient's sign in place
+        with torch.no_grad():  # the trainer renormalises decoder rows after each step; both see the same edit
+            norms = w.norm(dim=1, keepdim=True)
+            w.div_(norms)
+            y, z, s = ref["w"]
+            ref["w"] = (y / norms.double(), z, s)
+    for name, p in (("w", w), ("b", b)):
+        y, z, s = ref[name]
+        torch.testing.assert_close(p.detach().double(), y, atol=1e-6, rtol=0)
+        torch.testing.assert_close(opt.state[p]["z"].double(), z, atol=1e-6, rtol=0)
+        assert opt.state[p]["weight_sum"] == pytest.approx(s)
+    with opt.averaged():
+        torch.testing.assert_close(w.detach().double(), (ref["w"][0] - 0.05 * ref["w"][1]) / 0.95, atol=1e-6, rtol=0)
+    assert set(opt.state_dict()["state"][0]) == {"z", "weight_sum"}

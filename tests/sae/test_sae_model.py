@@ -43,9 +43,13 @@ def test_decode_routes_agree(trained, raw_x):
     assert sae.encode(raw_x[None]).shape == (1, 40, 64)  # leading dims are kept
 
 
-def test_sparse_route_gradients_match_dense_autograd():
+@pytest.mark.parametrize("dense_columns", [0, 4])  # AuxK picks 6 of 16 dead latents: sparse kernels (0), dense columns (4)
+def test_sparse_route_gradients_match_dense_autograd(dense_columns, monkeypatch):
     """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc) against autograd on
     the plain dense maths, in float64 to 1e-5, with AuxK on and some selected pre-activations cut by the ReLU."""
+    from dlmscope.sae import model
+
+    monkeypatch.setattr(model, "DENSE_COLUMNS", dense_columns)
     gen = torch.Generator().manual_seed(0)
     sae = SAE(SAEConfig(8, 48, 5), seed=2).double()
     with torch.no_grad():

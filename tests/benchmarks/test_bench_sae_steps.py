@@ -1,0 +1,40 @@
+"""bench_sae_steps.py's paired whole-run timing, run for real at a tiny shape (random activations)."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_sae_steps", ROOT / "benchmarks" / "bench_sae_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor():
+    bench = _bench()
+    x = torch.randn(64 * 24, 16, generator=torch.Generator().manual_seed(0)) + 0.5
+    r = bench.run(x, batch=64, latents=128, k=4)
+    assert r["steps"] == 24 and [rec["step"] for rec in r["records"]] == list(range(24))
+    for rec in r["records"]:
+        assert rec["floor_s"] >= 0
+        for o in bench.OPTIMISERS:
+            phases = sum(rec[o][f"{p}_s"] for p in bench.PHASES)
+            assert abs(phases - rec[o]["step_s"]) < 1e-9 and rec[o]["forward_s"] > 0  # the phases add up
+            assert 0 <= rec[o]["dead_fraction"] <= 1 and rec[o]["fvu"] > 0
+    s = bench.report(r["records"])
+    assert {"whole run", "quarter 1", "quarter 4"} <= set(s)
+    whole = s["whole run"]
+    assert whole["signum_sf_over_adam"]["n"] == 24
+    lo, hi = whole["signum_sf_over_adam"]["ci95"]
+    assert lo <= whole["signum_sf_over_adam"]["median"] <= hi
+    assert set(whole["adam_ms"]) == {"step", *bench.PHASES}
+
+
+def test_median_interval_is_order_statistics():
+    bench = _bench()
+    assert bench.median_ci(list(range(101))) == [40, 61]  # ranks 50.5 -+ 1.96 * sqrt(101) / 2, rounded outwards
