@@ -648,6 +648,46 @@ app.add_typer(features_app, name="features")
 DEFAULT_SAE = "tiny-dlm-L3-k32"
 
 
+def _register_attribute() -> None:
+    """`dlmscope attribute --model M -p PROMPT --position P`: flags from `AttributeConfig` (its field docs are the
+    help; --model, --prompt/-p and --device as every other command spells them)."""
+    from .analysis.attribution import AttributeConfig, attribute_run
+    from .cli_options import field_docs
+
+    doc = field_docs(AttributeConfig)
+    d = AttributeConfig.__dataclass_fields__
+
+    def opt(name: str, *decls: str):
+        return typer.Option(d[name].default, *decls, help=doc[name])
+
+    @app.command("attribute", help=AttributeConfig.__doc__)
+    def attribute_cmd(
+        model: str = ModelOpt, transcoders: str = opt("transcoders"),
+        prompt: list[str] = typer.Option([d["prompt"].default], "--prompt", "-p", help=doc["prompt"]),
+        position: int = opt("position"), step: int = opt("step"),
+        reveal_step: bool = opt("reveal_step", "--reveal-step/--no-reveal-step"), token: int = opt("token"),
+        contrast: int = opt("contrast"), links: int = opt("links"), gen_length: int = opt("gen_length"),
+        steps: int = opt("steps"), block_length: int = opt("block_length"), remasking: str = opt("remasking"),
+        node_threshold: float = opt("node_threshold"), edge_threshold: float = opt("edge_threshold"),
+        backward_batch: int = opt("backward_batch"), max_feature_nodes: int = opt("max_feature_nodes"),
+        out: str = opt("out"), device: str = DeviceOpt,
+    ) -> None:
+        if len(prompt) != 1:
+            raise DLMScopeError(f"attribute traces one prompt; got {len(prompt)} (give -p once)")
+        values = {k: v for k, v in locals().items() if k in d}
+        cfg = AttributeConfig(**{**values, "prompt": prompt[0]})
+        res = attribute_run(cfg)
+        for g in res["graphs"]:
+            m = g["metadata"]
+            n_feat = sum(v["feature_type"] == "cross layer transcoder" for v in g["nodes"])
+            typer.echo(f"step {m['step']} position {m['target_position']}: {len(g['nodes'])} nodes ({n_feat} features), "
+                       f"{len(g['links'])} edges, target {m['target_value']:.3f}, {m['backward_passes']} backward passes")
+        typer.echo(f"text: {res['text']!r}\nwrote {cfg.out}/attribution.json, attribution.html")
+
+
+_register_attribute()
+
+
 def _default_store(model: str, sae: str):
     from pathlib import Path
 
