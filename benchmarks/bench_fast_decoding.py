@@ -25,7 +25,7 @@ import torch
 
 from dlmscope import generate
 from dlmscope.analysis.order import order_log_likelihood, task_accuracy
-from dlmscope.analysis.splice import _interval
+from dlmscope.stats import t_interval
 from dlmscope.data import heldout_rows
 from dlmscope.io_utils import atomic_write_json
 from dlmscope.models import load_model
@@ -62,8 +62,8 @@ def paired(values: dict[str, torch.Tensor], base: str = "plain") -> dict:
     """Mean and 95% interval of each variant, and of its paired difference to `base`."""
     out = {}
     for v, x in values.items():
-        mean, lo, hi = _interval(x)
-        d = _interval(x.double() - values[base].double())
+        mean, lo, hi = t_interval(x.double())
+        d = t_interval(x.double() - values[base].double())
         out[v] = {"mean": mean, "ci95": [lo, hi], "diff_vs_plain": d[0], "diff_ci95": [d[1], d[2]]}
     return out
 

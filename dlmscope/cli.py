@@ -376,6 +376,7 @@ def evaluate_cmd(
                                       show_default="eval-<SAE name>"),
     n_seqs: int = typer.Option(64, help="Held-out sequences for core metrics and t-curves."),
     t_bins: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Comma-separated mask ratios."),
+    n_draws: int = typer.Option(3, help="Independent mask draws per bin (FVU per draw with a t-interval)."),
     splice_seqs: int = typer.Option(32, help="Sequences per bin for ΔCE / ΔELBO (0 skips splicing)."),
     probes: str = typer.Option("token_class,sudoku_digit,countdown_op", help="Label sets for sparse probing ('' skips)."),
     probe_k: str = typer.Option("1,2,5,20", help="Comma-separated latents per sparse probe."),
@@ -397,7 +398,7 @@ def evaluate_cmd(
         cfg = EvaluateConfig(n_seqs=n_seqs, t_bins=tuple(float(v) for v in t_bins.split(",") if v.strip()),
                              splice_seqs=splice_seqs, probes=tuple(p.strip() for p in probes.split(",") if p.strip()),
                              probe_k=tuple(int(v) for v in probe_k.split(",") if v.strip()), absorption=absorption,
-                             seed=seed)
+                             seed=seed, n_draws=n_draws)
     except ValueError as e:
         if isinstance(e, DLMScopeError):
             raise
@@ -525,16 +526,17 @@ def steer(
     check_fast_options(lm, threshold, kv_cache)
     validate(spec, the_sae, lm, gen_length if lm.causal else steps)  # before the judges load: bad input fails fast
     judge = (lambda name: lm if lm.name == name else load_model(name, device=device)) if metrics else (lambda name: None)
-    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else [], judge(ar_judge), judge(dlm_judge),
+    r = compare(lm, the_sae, spec, prompt, seed_list, None if metrics else {}, judge(ar_judge), judge(dlm_judge),
                 gen_length, steps, temperature, sampler_schedule, threshold, kv_cache)
     for p, b, s_ in zip(r["prompts"], r["unsteered_texts"], r["steered_texts"]):
         typer.echo(f"prompt   : {p}\nunsteered: {p}{b}\nsteered  : {p}{s_}\n")
     if metrics:
-        typer.echo("| | feature act. | concept rate | AR perplexity | DLM NLL/token |\n|---|---|---|---|---|")
+        typer.echo("| | feature act. | concept rate (output) | concept rate (logit) | AR perplexity | DLM NLL/token |\n"
+                   "|---|---|---|---|---|---|")
         for label in ("unsteered", "steered"):
             m = r[label]
-            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']:.3f} | {m['perplexity']:.1f} | "
-                       f"{m['dlm_nll']:.3f} |")
+            typer.echo(f"| {label} | {m['feature_activation']:.4f} | {m['concept_rate']['output']:.3f} | "
+                       f"{m['concept_rate']['logit']:.3f} | {m['perplexity']:.1f} | {m['dlm_nll']:.3f} |")
     if out:
         atomic_write_json(out, r)
 
@@ -669,6 +671,46 @@ def experts(
 features_app = typer.Typer(help="Feature statistics for the explorer.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 DEFAULT_SAE = "tiny-dlm-L3-k32"
+
+
+def _register_attribute() -> None:
+    """`dlmscope attribute --model M -p PROMPT --position P`: flags from `AttributeConfig` (its field docs are the
+    help; --model, --prompt/-p and --device as every other command spells them)."""
+    from .analysis.attribution import AttributeConfig, attribute_run
+    from .cli_options import field_docs
+
+    doc = field_docs(AttributeConfig)
+    d = AttributeConfig.__dataclass_fields__
+
+    def opt(name: str, *decls: str):
+        return typer.Option(d[name].default, *decls, help=doc[name])
+
+    @app.command("attribute", help=AttributeConfig.__doc__)
+    def attribute_cmd(
+        model: str = ModelOpt, transcoders: str = opt("transcoders"),
+        prompt: list[str] = typer.Option([d["prompt"].default], "--prompt", "-p", help=doc["prompt"]),
+        position: int = opt("position"), step: int = opt("step"),
+        reveal_step: bool = opt("reveal_step", "--reveal-step/--no-reveal-step"), token: int = opt("token"),
+        contrast: int = opt("contrast"), links: int = opt("links"), gen_length: int = opt("gen_length"),
+        steps: int = opt("steps"), block_length: int = opt("block_length"), remasking: str = opt("remasking"),
+        node_threshold: float = opt("node_threshold"), edge_threshold: float = opt("edge_threshold"),
+        backward_batch: int = opt("backward_batch"), max_feature_nodes: int = opt("max_feature_nodes"),
+        out: str = opt("out"), device: str = DeviceOpt,
+    ) -> None:
+        if len(prompt) != 1:
+            raise DLMScopeError(f"attribute traces one prompt; got {len(prompt)} (give -p once)")
+        values = {k: v for k, v in locals().items() if k in d}
+        cfg = AttributeConfig(**{**values, "prompt": prompt[0]})
+        res = attribute_run(cfg)
+        for g in res["graphs"]:
+            m = g["metadata"]
+            n_feat = sum(v["feature_type"] == "cross layer transcoder" for v in g["nodes"])
+            typer.echo(f"step {m['step']} position {m['target_position']}: {len(g['nodes'])} nodes ({n_feat} features), "
+                       f"{len(g['links'])} edges, target {m['target_value']:.3f}, {m['backward_passes']} backward passes")
+        typer.echo(f"text: {res['text']!r}\nwrote {cfg.out}/attribution.json, attribution.html")
+
+
+_register_attribute()
 
 
 def _default_store(model: str, sae: str):

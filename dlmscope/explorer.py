@@ -21,10 +21,12 @@ import sys
 from pathlib import Path
 
 PAGES = {"list": "Feature list", "feature": "Feature", "denoise": "Denoising view", "steer": "Steering playground",
-         "summary": "SAE summary", "experts": "Expert routing", "circuits": "Circuits"}
+         "summary": "SAE summary", "experts": "Expert routing", "circuits": "Circuits",
+         "attribution": "Attribution graph"}
 SPLICE_FILE = "splice.json"
 EXPERTS_FILE = "experts.json"
 CIRCUITS_FILE = "circuits.json"
+ATTRIBUTION_FILE = "attribution.json"
 COLD_START = "Loading (the first page after a start imports torch and reads the store)"
 
 
@@ -39,6 +41,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--experts", default=env("DLMSCOPE_EXPERTS"), help="experts.json (`dlmscope experts --out`)")
     p.add_argument("--circuits", default=env("DLMSCOPE_CIRCUITS"),
                    help="patching result: circuits_sudoku.json or `dlmscope patch --out`'s patch.json")
+    p.add_argument("--attribution", default=env("DLMSCOPE_ATTRIBUTION"),
+                   help="attribution.json (`dlmscope attribute --out`)")
+    p.add_argument("--attribution-stores", default=env("DLMSCOPE_ATTRIBUTION_STORES"),
+                   help="comma-separated feature stores of the graph's transcoders (hover: top examples)")
 
 
     p.add_argument("--diff", default=env("DLMSCOPE_DIFF"), help="model-diffing report (`dlmscope diff`: diff.json)")
@@ -138,7 +144,8 @@ def _run(st) -> None:
         del q["run"]  # `run=1` in an address starts the sampler on the page it was written for only
     q["page"], q["feature"] = page, str(feature)
     {"list": _feature_list, "feature": _feature_page, "denoise": _denoising_view, "steer": _steering,
-     "summary": _summary, "experts": _experts, "circuits": _circuits}[page](st, store, feature, args)
+     "summary": _summary, "experts": _experts, "circuits": _circuits,
+     "attribution": _attribution}[page](st, store, feature, args)
 
 
 def _model_and_sae(st, store, args):
@@ -558,6 +565,81 @@ def _role_mean(items: list[dict], layer: int, role: str) -> float | None:
         if vals:
             per_item.append(sum(vals) / len(vals))
     return sum(per_item) / len(per_item) if per_item else None
+
+
+def _example_text(ex: dict) -> str:
+    """One top example as plain text: masked positions as [M](token), the firing token in brackets."""
+    toks = [(f"[M]({t})" if m else t) for t, m in zip(ex["tokens"], ex["masked"])]
+    toks[ex["center"]] = f"[[{toks[ex['center']]}]]"
+    return f"{ex['value']:.2f}: " + "".join(toks).replace("\n", "\\n")
+
+
+def _attribution(st, store, feature, args) -> None:
+    """Attribution graphs from `dlmscope attribute --out DIR`: nodes by layer x position, one column per step;
+    feature nodes' hover shows their top examples from the transcoders' feature stores; a pinned node lists its
+    strongest edges."""
+    from dlmscope.analysis.attribution import FEATURE_TYPE, graph_figure
+    from dlmscope.analysis.features import FeatureStore
+    from dlmscope.errors import DLMScopeError
+
+    st.header("Attribution graph")
+    path = Path(args.attribution) if args.attribution else Path(args.store) / ATTRIBUTION_FILE
+    if not path.is_file():
+        if args.attribution:
+            raise DLMScopeError(f"attribution JSON {args.attribution!r} does not exist")
+        st.caption(f"No attribution graph: run `dlmscope attribute MODEL -p PROMPT --position P --out DIR` and pass "
+                   f"--attribution DIR/{ATTRIBUTION_FILE}, or put it at {path}.")
+        return
+    try:
+        result = json.loads(path.read_text())
+        graphs = result["graphs"]
+        labels = [f"step {g['metadata']['step']}, position {g['metadata']['target_position']}" for g in graphs]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DLMScopeError(f"cannot read attribution JSON {str(path)!r}: {e}") from None
+    folders = [s.strip() for s in (args.attribution_stores or "").split(",") if s.strip()] + [args.store]
+    stores = {}
+    for folder in folders:
+        fs = FeatureStore.open(folder) if folder != args.store else store
+        hook = fs.manifest["hook"]
+        if hook.endswith(".hook_mlp_in") and fs.manifest["model"] == result["model"]:
+            stores[int(hook.split(".")[1])] = fs
+    st.caption(f"{result['model']}, transcoders {result['transcoders']}: {result['text']!r}. Rows: token embeddings, "
+               "layers, the target logit; squares are masked positions. Cross-step links join a token the graph "
+               "reads to the graph that committed it." + (f" Top examples for layers {sorted(stores)}." if stores
+                                                          else " Pass --attribution-stores for top examples."))
+    view = st.selectbox("graph", ["all steps"] + labels) if len(graphs) > 1 else labels[0]
+    shown = graphs if view == "all steps" else [graphs[labels.index(view)]]
+    hover = {}
+    for g in shown:
+        for v in g["nodes"]:
+            layer = int(v["layer"]) if v["layer"].isdigit() else -1
+            if v["feature_type"] == FEATURE_TYPE and layer in stores:
+                latent = int(v["node_id"].split("_")[1])
+                hover[v["node_id"]] = "<br>".join(_example_text(ex) for ex in stores[layer].top_examples(latent, 3))
+    event = st.plotly_chart(graph_figure(shown, hover), on_select="rerun", selection_mode="points", key="graph")
+    ids = [v["node_id"] for g in shown for v in g["nodes"]]
+    clicked = [p.get("customdata") for p in (event.selection.points if event and event.selection else [])]
+    clicked = [c for c in clicked if c in ids]
+    q = st.query_params
+    default = clicked[0] if clicked else q.get("pinned")
+    pinned = st.selectbox("pin a node", ["(none)"] + ids, index=(ids.index(default) + 1) if default in ids else 0)
+    if result["cross_links"]:
+        st.dataframe([{"token node": c["source"], "read at step": c["source_step"], "committed at step": c["target_step"],
+                       "by logit": c["target"], "influence": round(c["weight"], 4)} for c in result["cross_links"]],
+                     hide_index=True)
+    if pinned == "(none)":
+        return
+    q["pinned"] = pinned
+    node = next(v for g in shown for v in g["nodes"] if v["node_id"] == pinned)
+    st.subheader(f"{pinned}: {node['feature_type']} at position {node['ctx_idx']}"
+                 + (" (masked)" if node.get("masked") else ""))
+    links = [x for g in shown for x in g["links"] if pinned in (x["source"], x["target"])]
+    links.sort(key=lambda x: -abs(x["weight"]))
+    st.dataframe([{"from": x["source"], "to": x["target"], "weight": round(x["weight"], 4)} for x in links[:20]],
+                 hide_index=True)
+    if pinned in hover:
+        st.markdown("Top examples:<br>" + html.escape(hover[pinned]).replace("&lt;br&gt;", "<br>"),
+                    unsafe_allow_html=True)
 
 
 def _diff_page(st, path: str) -> None:

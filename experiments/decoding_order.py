@@ -6,8 +6,10 @@ random, Dream's `dream` for origin, maskgit_plus, topk_margin and entropy), the 
 + dual cache) as extra rows. On dlmscope-tiny-dlm: feature dynamics with the shipped layer-1 and
 layer-3 SAEs (8 prompts, 32 tokens); Sudoku 4x4 exact solve (test puzzles, 16 tokens, one block) at
 several step budgets; held-out NLL per token with the answer revealed in each order; forward passes.
-Every number carries a 95% Student-t interval over prompts / puzzles / rows, and every row its paired
-difference to low_confidence at the same budget. Countdown is left out (the tiny DLM solves <= 2%).
+Continuous numbers carry a 95% Student-t interval over prompts / rows and every row its paired difference to
+low_confidence at the same budget (paired t-test); exact solve, a 0/1 outcome per puzzle, carries a Wilson
+interval, its paired difference Newcombe's interval and an exact McNemar test. The ~70 comparisons of the
+tables are one family: bold marks Holm-adjusted p < 0.05. Countdown is left out (the tiny DLM solves <= 2%).
 Writes experiments/results/decoding_order.{json,md,html} and decoding_order_summary.json (every number the
 tables print, which the README's table is rendered from).
 """
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from _study import run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from dlmscope.stats import holm  # noqa: E402
 
 THRESHOLD = 0.9
 ROWS = {  # name: (strategy, sampler options)
@@ -46,16 +49,41 @@ PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptio
 
 def interval(values) -> list[float]:
     """[mean, low, high]: Student-t 95% interval, NaNs dropped."""
-    import torch
+    from dlmscope.stats import t_interval
 
-    from dlmscope.analysis.splice import _interval
-
-    v = torch.tensor([float(x) for x in values if x == x], dtype=torch.float64)
-    return list(_interval(v)) if len(v) else [float("nan")] * 3
+    v = [float(x) for x in values if x == x]
+    return t_interval(v) if v else [float("nan")] * 3
 
 
-def paired(a, b) -> list[float]:
-    return interval([x - y for x, y in zip(a, b)])
+def paired(a, b) -> dict:
+    """Paired difference a - b: t-interval and one-sample t-test p-value over items."""
+    from scipy.stats import ttest_1samp
+
+    d = [x - y for x, y in zip(a, b) if x == x and y == y]
+    return {"diff": interval(d), "p": float(ttest_1samp(d, 0.0).pvalue) if any(d) else 1.0, "test": "paired t"}
+
+
+def paired_binary(a, b, grids) -> dict:
+    """Paired 0/1 outcomes a - b: Newcombe's interval and the exact McNemar test (puzzles as independent), and a
+    bootstrap interval that resamples solution grids (puzzles of one grid are not independent)."""
+    from dlmscope.stats import cluster_bootstrap, mcnemar_exact, newcombe_paired
+
+    m = mcnemar_exact(a, b)
+    return {"diff": newcombe_paired(a, b), "p": m["p"], "test": "exact McNemar", "gained": m["a_only"],
+            "lost": m["b_only"], "diff_by_grid": cluster_bootstrap([x - y for x, y in zip(a, b)], grids)}
+
+
+def sudoku_grids(n: int) -> list[str]:
+    """The solution grid of each test puzzle `task_accuracy` draws (`examples("test", n, seed=0)`)."""
+    from dlmscope.tasks import get_task
+
+    return [e.meta["solution"] for e in get_task("sudoku").examples("test", n, seed=0)]
+
+
+def proportion(values) -> list[float]:
+    from dlmscope.stats import wilson
+
+    return wilson(int(sum(values)), len(values))
 
 
 def run(args) -> dict:
@@ -98,6 +126,7 @@ def summary(res: dict) -> dict:
     budget, with the paired difference to low_confidence (None on its own row)."""
     rows = res["rows"]
     base = rows[BASE]
+    grids = sudoku_grids(res["config"]["n"])
     out: dict = {"config": {k: res["config"][k] for k in ("n", "ll_rows")} | {"threshold": THRESHOLD},
                  "hooks": list(base["dynamics"]), "rows": {}}
     for name, r in rows.items():
@@ -105,26 +134,40 @@ def summary(res: dict) -> dict:
         dyn = {h: {m: {"value": interval(v), "vs_low_confidence": None if own else paired(v, base["dynamics"][h][m])}
                    for m, v in per.items()} for h, per in r["dynamics"].items()}
         entry = {"dynamics": dyn, "dynamics_forwards": r["dynamics_forwards"]}
-        for key, metric in (("sudoku", "correct"), ("heldout", "nll")):
+        for key, metric, value, diff in (("sudoku", "correct", proportion,
+                                           lambda a, b: paired_binary(a, b, grids)),
+                                          ("heldout", "nll", interval, paired)):
             last = list(base[key])[-1]
-            entry[key] = {b: {"value": interval(cell[metric]), "forwards": interval(cell["forwards"]),
+            entry[key] = {b: {"value": value(cell[metric]), "forwards": interval(cell["forwards"]),
                               "vs_low_confidence": None if own else
-                              paired(cell[metric], base[key][last if b == "parallel" else b][metric])}
+                              diff(cell[metric], base[key][last if b == "parallel" else b][metric])}
                           for b, cell in r[key].items()}
         out["rows"][name] = entry
+    tests = [c["vs_low_confidence"] for r in out["rows"].values() for c in _cells(r) if c["vs_low_confidence"]]
+    for t, p in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = p
+    out["family"] = {"tests": len(tests), "holm_below_0.05": sum(t["p_holm"] < 0.05 for t in tests)}
+    out["config"]["grids"] = len(set(grids))
     return out
+
+
+def _cells(row: dict) -> list[dict]:
+    """Every cell of one row that may carry a comparison, in table order."""
+    return [row["dynamics"][h][m] for h in row["dynamics"] for m in row["dynamics"][h]] + \
+        [cell for key in ("sudoku", "heldout") for cell in row[key].values()]
 
 
 def _fmt(ci: list[float], digits: int = 3) -> str:
     return f"{ci[0]:.{digits}f} [{ci[1]:.{digits}f}, {ci[2]:.{digits}f}]"
 
 
-def _diff(ci: list[float] | None, digits: int = 3) -> str:
-    if ci is None:
+def _diff(test: dict | None, digits: int = 3) -> str:
+    """A paired difference with its interval and Holm-adjusted p; bold when that p < 0.05."""
+    if test is None:
         return ""
-    real = ci[1] > 0 or ci[2] < 0
-    text = f"{ci[0]:+.{digits}f} [{ci[1]:+.{digits}f}, {ci[2]:+.{digits}f}]"
-    return f"**{text}**" if real else text
+    ci = test["diff"]
+    text = f"{ci[0]:+.{digits}f} [{ci[1]:+.{digits}f}, {ci[2]:+.{digits}f}] (p_Holm {test['p_holm']:.3f})"
+    return f"**{text}**" if test["p_holm"] < 0.05 else text
 
 
 def markdown(s: dict) -> str:
@@ -153,8 +196,10 @@ def markdown(s: dict) -> str:
     lines += [""] + table("sudoku", f"Sudoku exact solve ({c['n']} test puzzles, 16 tokens, one block, greedy)", 2)
     lines += [""] + table("heldout", f"Held-out NLL, nats/token ({c['ll_rows']} rows, last 32 of 64 tokens "
                                      "revealed in each order, teacher forced)", 3)
-    return ("dlmscope-tiny-dlm; Jaccard of the k=32 feature sets of the shipped SAEs; bold = the 95% interval of the "
-            f"difference excludes 0. Threshold rows (Fast-dLLM, {c['threshold']}) take as many steps as they need; "
+    return ("dlmscope-tiny-dlm; Jaccard of the k=32 feature sets of the shipped SAEs; exact solve with Wilson "
+            "intervals, its differences with Newcombe's interval and an exact McNemar test, other differences paired "
+            f"t; bold = Holm-adjusted p < 0.05 over all {s['family']['tests']} comparisons of these tables. "
+            f"Threshold rows (Fast-dLLM, {c['threshold']}) take as many steps as they need; "
             "cache rows keep positions a cached step does not recompute at their last computed features.\n\n"
             + "\n".join(lines) + "\n")
 

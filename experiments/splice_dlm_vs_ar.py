@@ -263,6 +263,14 @@ def verdict(results: dict) -> str:
     return text
 
 
+def pca_over_sae(results: dict, mech: dict) -> list[float]:
+    """Per mechanism cell (layer, bin): ΔCE of the same-FVU PCA projection over that of the SAE (k=32, first seed)."""
+    seed0 = min(e["seed"] for e in results["saes"])
+    sae = {(e["layer"], b): sum(d) / len(d) for e in results["saes"] if e["seed"] == seed0 and e["k"] == 32
+           and e["model"] == MODELS[0] for b, d in e["delta_ce"].items()}
+    return [ci[0] / sae[(layer, b)] for (layer, b, v), ci in mech.items() if v == "pca_same_fvu"]
+
+
 def headline(results: dict, s: dict) -> dict:
     """The numbers the README's prose quotes (written next to the .md as splice_dlm_vs_ar_summary.json);
     `s` is `summary(results)`."""
@@ -285,6 +293,7 @@ def headline(results: dict, s: dict) -> dict:
         "dlm_mean_fvu_k32_range": [f(sum(fvu[(layer, 32)]) / len(fvu[(layer, 32)]) for layer in layers)
                                    for f in (min, max)] if 32 in ks else [],
         "mechanism_cells": len(mech),
+        "pca_over_sae_range": [f(pca_over_sae(results, mech)) for f in (min, max)],
         "mechanism_upper_below_zero": [f"L{layer} t={b} {v}" for (layer, b, v), ci in mech.items() if ci[2] < 0],
     }
 

@@ -6,11 +6,16 @@ their 20 top tokens (concept-like; `choose_features`). Steering is DLM-Scope's A
 kept, at all positions. Schedules over the 32 denoising steps (DLM) or 32 generated tokens (AR): all, first
 quarter (first:0.25) and last quarter (late: steps 24-31), so the two partial schedules steer equally often.
 Per generated text (prompts x seeds, temperature 0.5): the feature's mean activation when the prompt +
-continuation is re-encoded (the study's success metric), the concept-token rate, perplexity under the AR twin
-and the DLM's ELBO bound on NLL per token; steered minus unsteered on the same prompt and seed. A feature's
+continuation is re-encoded (the study's success metric), the concept-token rate under three definitions of a
+feature's 20 concept tokens (`dlmscope.analysis.steering`: output side, where the model reads the activation
+out; logit, the decoder direction's direct logit attribution; input side, the definition before both, which
+reads a DLM on its output side and an AR model on its input side and is reported only to show what it did),
+perplexity under the AR twin and the DLM's ELBO bound on NLL per token; steered minus unsteered on the same
+prompt and seed. A feature's
 effect is its mean over texts; intervals are 95% Student-t over features, and DLM vs AR is a Welch t-test
 over features (the twins' features are chosen separately, so the samples are independent), its p-values also
-Holm-adjusted over all the table's tests.
+Holm-adjusted over all the table's tests (the
+activation and the two unbiased concept rates; the input-side rate is not tested).
 Writes experiments/results/steering_dlm_vs_ar.{json,md}.
 """
 
@@ -27,12 +32,16 @@ sys.path.insert(0, str(ROOT))
 
 from _study import run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from dlmscope.stats import holm, t_interval  # noqa: E402
 
 PROMPTS = ["The list type", "A dictionary is", "The import statement", "Exceptions are", "A function",
            "The module", "To open a file", "The class", "The for loop", "A string", "The return value",
            "An iterator", "The default argument", "A tuple", "The keyword", "The standard library"]
 MODELS = (("dlmscope-tiny-dlm", "tiny-dlm-L3-k32"), ("dlmscope-tiny-ar", "tiny-ar-L3-k32"))
-METRICS = ("feature_activation", "concept_rate", "perplexity", "dlm_nll")
+CONCEPT_NAMES = ("output", "logit", "input")
+METRICS = ("feature_activation", *(f"concept_rate_{c}" for c in CONCEPT_NAMES), "perplexity", "dlm_nll")
+SUCCESS = METRICS[:1 + len(CONCEPT_NAMES)]
+TESTED = ("feature_activation", "concept_rate_output", "concept_rate_logit")
 
 
 def choose_features(lm, sae, rows, n: int) -> list[int]:
@@ -63,7 +72,8 @@ def run(args) -> dict:
 
     import torch
 
-    from dlmscope.analysis.steering import SteeringSpec, feature_token_profile, steered_generate, steering_metrics
+    from dlmscope.analysis.steering import (SteeringSpec, input_concept, logit_concept, output_concept,
+                                            steered_generate, steering_metrics)
     from dlmscope.data import heldout_rows
     from dlmscope.models import load_model
     from dlmscope.sae import load_sae
@@ -76,7 +86,7 @@ def run(args) -> dict:
                 if not merged:
                     merged = part
                     continue
-                for key in ("features", "unsteered"):
+                for key in ("features", "unsteered", "dla_overlap"):
                     if merged[key].setdefault(m, part[key][m]) != part[key][m]:
                         raise SystemExit(f"{folder}: {m}'s {key} differ from the first run's; "
                                          "only strengths may differ")
@@ -84,8 +94,7 @@ def run(args) -> dict:
         order = [m for m, _ in MODELS]
         merged["runs"].sort(key=lambda r: (order.index(r["model"]), r["strength"]))
         merged["config"]["strengths"] = ",".join(f"{x:g}" for x in sorted({r["strength"] for r in merged["runs"]}))
-        merged["config"]["features"] = min(len(v) for v in merged["features"].values())
-        return merged
+        return first_complete(merged)
     torch.set_num_threads(1)
     strengths = [float(s) for s in args.strengths.split(",")]
     seeds = list(range(args.seeds))
@@ -93,12 +102,16 @@ def run(args) -> dict:
     ar_judge, dlm_judge = judges[MODELS[1][0]], judges[MODELS[0][0]]
     texts_prompts = [p for _ in seeds for p in PROMPTS]
     res: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "render", "twin", "combine")} | {"prompts": PROMPTS},
-                 "schedules": {k: v for k, v in schedules(args).items()}, "features": {}, "unsteered": {}, "runs": []}
+                 "schedules": {k: v for k, v in schedules(args).items()}, "features": {}, "dla_overlap": {},
+                 "unsteered": {}, "runs": []}
 
     def per_text(lm, sae, f, conts, concept, judged: bool) -> list[dict]:
-        return [steering_metrics(lm, sae, f, [p], [c], concept, ar_judge if judged else None,
+        out = []
+        for p, c in zip(texts_prompts, conts):
+            m = steering_metrics(lm, sae, f, [p], [c], concept, ar_judge if judged else None,
                                  dlm_judge if judged else None, n_draws=args.n_draws)
-                for p, c in zip(texts_prompts, conts)]
+            out.append(m | {f"concept_rate_{k}": v for k, v in m.pop("concept_rate").items()})
+        return out
 
     for model, sae_name in MODELS:
         if args.twin and model != args.twin:
@@ -106,8 +119,14 @@ def run(args) -> dict:
         lm, sae = judges[model], load_sae(sae_name)
         rows = heldout_rows(lm.tokenizer, 128, 64)
         features = choose_features(lm, sae, rows, args.features)
-        concepts = {f: feature_token_profile(lm, sae, f, rows) for f in features}
-        res["features"][model] = {str(f): lm.tokenizer.convert_ids_to_tokens(concepts[f][:8]) for f in features}
+        concepts = {f: {"output": output_concept(lm, sae, f, rows), "logit": logit_concept(lm, sae, f),
+                        "input": input_concept(lm, sae, f, rows)} for f in features}
+        res["features"][model] = {str(f): {k: lm.tokenizer.convert_ids_to_tokens(c[:8]) for k, c in concepts[f].items()}
+                                  for f in features}
+        # how much of each concept the decoder direction itself promotes: share of its tokens among the top-50 DLA
+        top50 = {f: set(logit_concept(lm, sae, f, top=50)) for f in features}
+        res["dla_overlap"][model] = {str(f): {k: len(set(c) & top50[f]) / len(c) for k, c in concepts[f].items()}
+                                     for f in features}
         t0 = time.time()
         base = [c for seed in seeds for c in steered_generate(lm, sae, None, PROMPTS, 32, args.steps, seed,
                                                               args.temperature)]
@@ -116,7 +135,7 @@ def run(args) -> dict:
                                    "dlm_nll": [m["dlm_nll"] for m in fluency], "per_feature": {}}
         for f in features:
             m = per_text(lm, sae, f, base, concepts[f], False)
-            res["unsteered"][model]["per_feature"][str(f)] = {k: [x[k] for x in m] for k in METRICS[:2]}
+            res["unsteered"][model]["per_feature"][str(f)] = {k: [x[k] for x in m] for k in SUCCESS}
         for f in features:
             for sched, steps in schedules(args).items():
                 for s in strengths:
@@ -125,25 +144,35 @@ def run(args) -> dict:
                                                                            seed, args.temperature)]
                     m = per_text(lm, sae, f, conts, concepts[f], True)
                     res["runs"].append({"model": model, "feature": f, "schedule": sched, "strength": s,
-                                        **{k: [x[k] for x in m] for k in METRICS}, "sample": conts[0]})
+                                        **{k: [x[k] for x in m] for k in METRICS}, "texts": conts})
             print(model, f, f"{time.time() - t0:.0f}s", flush=True)
             if args.twin:
                 atomic_write_json(args.out / f"steering_{model}.partial.json", res)
     return res
 
 
+def first_complete(res: dict) -> dict:
+    """Keep the first N features of each twin's ranking, N the most both twins finished every run of (a run cut
+    short saves its features in ranking order), so the twins are compared on equally many top-ranked features."""
+    cells = {(r["schedule"], r["strength"]) for r in res["runs"]}
+    done = {m: {r["feature"] for r in res["runs"] if r["model"] == m} for m in res["features"]}
+    n = min(next((i for i, f in enumerate(ranked) if int(f) not in done[m] or sum(
+        r["model"] == m and r["feature"] == int(f) for r in res["runs"]) < len(cells)), len(ranked))
+            for m, ranked in res["features"].items())
+    keep = {m: [int(f) for f in list(ranked)[:n]] for m, ranked in res["features"].items()}
+    res["ranking"] = {m: [int(f) for f in ranked] for m, ranked in res["features"].items()}
+    res["runs"] = [r for r in res["runs"] if r["feature"] in keep[r["model"]]]
+    for key in ("features", "dla_overlap"):
+        res[key] = {m: {f: v for f, v in per.items() if int(f) in keep[m]} for m, per in res[key].items()}
+    for m, u in res["unsteered"].items():
+        u["per_feature"] = {f: v for f, v in u["per_feature"].items() if int(f) in keep[m]}
+    res["config"]["features"] = n
+    return res
+
+
 # ------------------------------------------------------------------------------------------- statistics
 def _mean(v) -> float:
     return sum(v) / len(v)
-
-
-def t_interval(v: list[float]) -> list[float]:
-    from scipy.stats import t as student_t
-
-    m, n = _mean(v), len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
-    half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
-    return [m, m - half, m + half]
 
 
 def effects(res: dict) -> dict:
@@ -186,12 +215,12 @@ def effect_intervals(res: dict) -> dict:
 
 def readme_table(res: dict) -> str:
     """Per twin and schedule: mean over features of steered - unsteered, 95% t-intervals over features."""
-    lines = ["| model | schedule | strength | Δ feature activation | Δ concept rate | AR-perplexity ratio | Δ DLM NLL |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | schedule | strength | Δ feature activation | Δ concept rate, output | Δ concept rate, logit | "
+             "Δ concept rate, input (old) | AR-perplexity ratio | Δ DLM NLL |", "|---|---|---|---|---|---|---|---|---|"]
     for (model, sched, s), e in effect_intervals(res).items():
         lines.append(f"| {model.replace('dlmscope-tiny-', '')} | {sched} | {s:g} | {_ci(e['feature_activation'])} | "
-                     f"{_ci(e['concept_rate'], '+.3f')} | {_ci(e['perplexity'], '.2f')} | "
-                     f"{_ci(e['dlm_nll'], '+.2f')} |")
+                     + " | ".join(_ci(e[f"concept_rate_{c}"], "+.3f") for c in CONCEPT_NAMES)
+                     + f" | {_ci(e['perplexity'], '.2f')} | {_ci(e['dlm_nll'], '+.2f')} |")
     return "\n".join(lines)
 
 
@@ -204,17 +233,14 @@ def dlm_vs_ar(res: dict) -> list[dict]:
         if model != MODELS[0][0] or (MODELS[1][0], sched, s) not in eff:
             continue
         a = eff[(MODELS[1][0], sched, s)]
-        for k in METRICS[:2]:
+        for k in TESTED:
             test = ttest_ind(e[k], a[k], equal_var=False)
             ci = test.confidence_interval(0.95)
             rows.append({"schedule": sched, "strength": s, "metric": k, "dlm": _mean(e[k]), "ar": _mean(a[k]),
                          "difference": [_mean(e[k]) - _mean(a[k]), float(ci.low), float(ci.high)],
                          "p": float(test.pvalue)})
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["p"])
-    running = 0.0
-    for rank, i in enumerate(order):  # Holm step-down adjustment over all the tests of the table
-        running = max(running, min(1.0, (len(rows) - rank) * rows[i]["p"]))
-        rows[i]["p_holm"] = running
+    for r, p in zip(rows, holm([r["p"] for r in rows])):  # over all the tests of the table
+        r["p_holm"] = p
     return rows
 
 
@@ -233,8 +259,20 @@ def readme_test_table(res: dict) -> str:
 def summary(res: dict, unsteered: dict) -> dict:
     """The numbers the README's prose quotes: effects with intervals (perplexity as a ratio), tests, baselines."""
     eff = {f"{model}/{sched}/{s:g}": e for (model, sched, s), e in effect_intervals(res).items()}
-    return {"effects": eff, "tests": dlm_vs_ar(res), "texts_without_perplexity": unjudged(res),
+    tests = dlm_vs_ar(res)
+    return {"effects": eff, "tests": tests, "texts_without_perplexity": unjudged(res),
+            "holm_survivors": {k: sum(t["p_holm"] < 0.05 for t in tests if t["metric"] == k) for k in TESTED},
+            "tests_per_metric": {k: sum(t["metric"] == k for t in tests) for k in TESTED},
+            "dla_top50_share": dla_share(res),
             "unsteered": {m: {"perplexity": p, "dlm_nll": n} for m, (p, n) in unsteered.items()}}
+
+
+def dla_share(res: dict) -> dict:
+    """Per twin and concept definition: mean over features of the share of its 20 concept tokens among the top 50
+    tokens its decoder direction promotes (direct logit attribution). A definition that reads a model where it
+    does not predict shares little with what the feature writes (the logit concept is the DLA's own top 20)."""
+    return {m: {c: _mean([v[c] for v in per.values()]) for c in ("output", "input")}
+            for m, per in res["dla_overlap"].items()}
 
 
 def render(res: dict, out: Path) -> str:
@@ -243,20 +281,26 @@ def render(res: dict, out: Path) -> str:
     c = res["config"]
     unsteered = {m: (math.exp(_mean([math.log(x) for x in u["perplexity"]])), _mean(u["dlm_nll"]))
                  for m, u in res["unsteered"].items()}
-    per_feature = ["| model | feature | top tokens | schedule | Δ feature act. | Δ concept rate |", "|---|---|---|---|---|---|"]
+    per_feature = ["| model | feature | output-side top tokens | schedule | Δ feature act. | Δ concept rate, output | "
+                   "Δ concept rate, logit |", "|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         u = res["unsteered"][r["model"]]["per_feature"][str(r["feature"])]
-        per_feature.append(f"| {r['model'].replace('dlmscope-tiny-', '')} | {r['feature']} | "
-                           f"{' '.join(res['features'][r['model']][str(r['feature'])][:4]).replace('|', '/')} | "
+        tokens = " ".join(res["features"][r["model"]][str(r["feature"])]["output"][:4]).replace("|", "/")
+        per_feature.append(f"| {r['model'].replace('dlmscope-tiny-', '')} | {r['feature']} | {tokens} | "
                            f"{r['schedule']} s={r['strength']:g} | "
                            f"{_mean(r['feature_activation']) - _mean(u['feature_activation']):+.4f} | "
-                           f"{_mean(r['concept_rate']) - _mean(u['concept_rate']):+.3f} |")
+                           + " | ".join(f"{_mean(r[k]) - _mean(u[k]):+.3f}" for k in TESTED[1:]) + " |")
+    share = "; ".join(f"{m.replace('dlmscope-tiny-', '')} " + ", ".join(f"{c} {v:.3f}" for c, v in per.items())
+                      for m, per in dla_share(res).items())
     md = (f"{len(c['prompts'])} prompts x {c['seeds']} seeds, 32 new tokens ({c['steps']} steps, one block), temperature "
           f"{c['temperature']}; {c['features']} features per twin (rule in the script's docstring), shipped layer-3 SAEs "
           f"(k=32); schedules {res['schedules']}. Unsteered AR-twin perplexity / DLM NLL per token: "
           + ", ".join(f"{m.replace('dlmscope-tiny-', '')} {p:.1f} / {n:.2f}" for m, (p, n) in unsteered.items())
+          + ".\n\nShare of each concept definition's 20 tokens among the decoder direction's top-50 logit tokens (mean "
+            f"over features): {share}"
           + ".\n\nMean over features of steered - unsteered (95% intervals over features; perplexity as a ratio):\n\n"
-          + readme_table(res) + "\n\nDLM vs AR (Welch t-test over features):\n\n" + readme_test_table(res)
+          + readme_table(res) + "\n\nDLM vs AR (Welch t-test over features, Holm over the table):\n\n"
+          + readme_test_table(res)
           + "\n\nPer feature:\n\n" + "\n".join(per_feature) + "\n")
     atomic_write_text(out / "steering_dlm_vs_ar.md", md)
     atomic_write_json(out / "steering_dlm_vs_ar_summary.json", summary(res, unsteered))
@@ -268,9 +312,9 @@ def main() -> None:
     p.add_argument("--strengths", default="4")
     p.add_argument("--partial", type=float, default=0.25, help="fraction of steps of the first / late schedules")
     p.add_argument("--features", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=1, help="sampling seeds (the committed run: 1; the earlier v1: 3)")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--n-draws", type=int, default=4, help="mask draws of the DLM's NLL bound per text")
+    p.add_argument("--n-draws", type=int, default=2, help="mask draws of the DLM's NLL bound per text")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--twin", choices=[m for m, _ in MODELS], help="run one twin only (parallel processes)")
     p.add_argument("--combine", action="store_true", help="merge the two twins' partial files")

@@ -376,7 +376,8 @@ GLOSSARY = {  # a flag several commands share -> what every one of its help text
     "--dataset": "Text source", "--checkpoints": "Comma-separated checkpoints", "--positions": "ositions",
     "--block-length": "block length", "--total-tokens": "Training tokens per", "--seqs-per-forward": "Rows per",
     "--policy": "Positions whose activations", "--task": "Verifiable task", "--kv-cache": "KV cache",
-    "--sampler-schedule": "Sampler schedule", "--feature": "Latent index",
+    "--sampler-schedule": "Sampler schedule", "--feature": "Latent index", "--prompt": "Prompt text",
+    "-p": "Prompt text",
 }
 
 

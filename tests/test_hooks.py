@@ -2,12 +2,15 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError, capture, generate, hooked, run_with_cache
+from dlmscope.models.attention import HFAttention
 
 GEN = dict(gen_length=8, steps=4, block_length=8)
 
 
 def _n_hooks(lm):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.module.modules())
+    """Hooks left on the model, besides the permanent `HFAttention.keep_resid_pre` ones."""
+    return sum(len(m._forward_hooks) + sum(getattr(h, "__func__", None) is not HFAttention.keep_resid_pre
+                                           for h in m._forward_pre_hooks.values()) for m in lm.module.modules())
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
 """Every marked README table or paragraph is backed by a committed result file (see docs/DEVELOPING.md).
 
 A marker line `<!-- result:PATH[,PATH...] -->` covers the block after it (a table, or the paragraph up to the
-next blank line): every decimal number in the block (it has a '.'; integers are labels and settings) must
+next blank line): every decimal number in the block (it has a '.'; other integers are labels and settings) must
 equal, at its printed precision, a number in one of the JSON files; a number followed by % may also match
-a fraction. `<!-- result:PATH render=SCRIPT:FUNCTION -->` is exact: FUNCTION(json) from SCRIPT must return
+a fraction (k, M, B: thousands, millions, billions); the count N of "N of M" must be a number of the files.
+Decimal numbers outside every marked block fail, except the settings and citations ALLOWED names and, for now,
+the unbound lines PENDING counts per section.
+`<!-- result:PATH render=SCRIPT:FUNCTION -->` is exact: FUNCTION(json) from SCRIPT must return
 the block verbatim. Every README table needs a marker, except in the sections listed in UNMARKED.
 """
 
@@ -21,11 +24,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MARKER = re.compile(r"^<!-- result:(\S+?)(?: render=(\S+):(\w+))? -->$")
-NUMBER = re.compile(r"(?<![\w.])[-+−]?(\d{1,3}(?:,\d{3})+|\d+)\.(\d+)(%?)")
+NUMBER = re.compile(r"(?<![\w.])[-+−]?(\d{1,3}(?:,\d{3})+|\d+)\.(\d+)([%kMB]?)")
+COUNT = re.compile(r"(?<![\w.,])(\d+) (?:of|out of) (?:the |its |their )?(\d+)(?![\w.,])")  # "3 of 6 survive"
+SCALES = {"": (1,), "%": (1, 100), "k": (1, 1e-3), "M": (1, 1e-6), "B": (1, 1e-9)}
 SECTION = re.compile(r"^<!-- section:(\S+) -->$")
 RULE = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
 # Sections whose tables are not marked yet (owned by other work in progress); shrink this set, never grow it.
 UNMARKED: set[str] = set()
+# Decimal numbers outside every marked block fail, except settings and citations these patterns name (matched on
+# the line with `code spans` removed): versions, arXiv ids, mask ratios, rule thresholds and hyperparameters.
+ALLOWED = [re.compile(p) for p in (
+    r"Python \d+\.\d+", r"arXiv \d{4}\.\d{4,5}", r"LLaDA 2\.\d( / 2\.\d)?", r"\bt ?[=~] ?U?\[?\d?\.\d+(, \d?\.\d+\])?",
+    r"U\[\d?\.\d+, \d?\.\d+\]", r"(threshold|above|below|exceeds|[<>]=?) \d?\.\d+", r"(lambda|beta|masked at) \d?\.\d+",
+    r"\(0\.05-0\.5\)", r"\(1\.0 / 0\.1 / 0\.0", r"mean\[0\.5 lambda",  # defaults, reward levels, a formula
+    r"Fast-dLLM reports [^(]*",  # a paper's own figures, cited as such
+    r"\d+\.\d+\.\d+", r"[<>]=?\d+\.\d+", r"transformers \d+\.\d+",  # package versions and bounds
+    r"\d+\.0 removed", r"(?:LLaDA|Released) 2\.\d( and 2\.\d)?", r"\b2\.\d's",  # model and package releases
+    r"\w+=\d?\.\d+", r"\d?\.\d+ by default")]  # settings
+# Sections with unmarked numeric lines still to bind to their files, and how many such lines each may keep;
+# shrink these counts, never grow them (a new number goes under a marker).
+PENDING = {"moe": 1, "data": 2, "sae-family": 7, "explorer": 5, "benchmarks": 13}
 
 
 def blocks(text: str):
@@ -60,13 +78,16 @@ def json_numbers(value, out: list[float]) -> list[float]:
 
 
 def unbacked(block: str, numbers: list[float]) -> list[str]:
-    """Decimal numbers of the block that no JSON number rounds to (a trailing % also matches fractions)."""
+    """Decimal numbers of the block that no JSON number rounds to (a trailing % also matches fractions, k / M / B
+    thousands / millions / billions); settings the ALLOWED patterns name are skipped."""
     missing = []
+    for pattern in ALLOWED:
+        block = pattern.sub("", block)
     for m in NUMBER.finditer(block):
         sign = -1 if m.group(0)[0] in "-−" else 1
         value = sign * float(m.group(1).replace(",", "") + "." + m.group(2))
         digits = len(m.group(2))
-        scales = (1, 100) if m.group(3) else (1,)
+        scales = SCALES[m.group(3)]
         if not any(abs(round(x * s, digits) - value) < 0.5 * 10**-digits + 1e-12 or
                    abs(round(abs(x) * s, digits) - value) < 0.5 * 10**-digits + 1e-12
                    for x in numbers for s in scales):
@@ -94,7 +115,10 @@ def check_block(paths: list[str], renderer, block: str) -> list[str]:
     if renderer:
         expected = rendered(renderer, data)
         return [] if expected == block.strip() else [f"differs from {renderer[0]}:{renderer[1]}; expected:\n{expected}"]
-    return [f"{n} is in none of {paths}" for n in unbacked(block, [x for d in data for x in json_numbers(d, [])])]
+    numbers = [x for d in data for x in json_numbers(d, [])]
+    return [f"{n} is in none of {paths}" for n in unbacked(block, numbers)] + [
+        f"the count {m.group(0)!r}: {m.group(1)} is in none of {paths}" for m in COUNT.finditer(block)
+        if int(m.group(1)) and float(m.group(1)) not in numbers]
 
 
 def unmarked_tables(text: str) -> list[tuple[int, str]]:
@@ -113,6 +137,34 @@ def unmarked_tables(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def covered_lines(text: str) -> set[int]:
+    """0-based indices of the lines that marked blocks cover."""
+    lines, out = text.splitlines(), set()
+    for line, _, _, block in blocks(text):
+        start = line + next(i for i, x in enumerate(lines[line:]) if x.strip())
+        out.update(range(start, start + len(block.splitlines())))
+    return out
+
+
+def unmarked_numbers(text: str) -> dict[str, list[str]]:
+    """{section: lines with a decimal number outside every marked block, code and allowed patterns removed}."""
+    covered, out, section, fence = covered_lines(text), {}, "", False
+    for i, line in enumerate(text.splitlines()):
+        if m := SECTION.match(line.strip()):
+            section = m.group(1)
+        if line.startswith("```"):
+            fence = not fence
+            continue
+        if fence or i in covered or MARKER.match(line.strip()):
+            continue
+        bare = re.sub(r"`[^`]*`", "", line)
+        for pattern in ALLOWED:
+            bare = pattern.sub("", bare)
+        if NUMBER.search(bare):
+            out.setdefault(section, []).append(line.strip())
+    return out
+
+
 README_BLOCKS = list(blocks(README.read_text()))
 
 
@@ -126,11 +178,32 @@ def test_every_readme_table_has_a_marker():
     assert not unmarked_tables(README.read_text()), "README tables without a <!-- result:... --> marker (line, section)"
 
 
+def test_no_decimal_number_outside_a_marked_block():
+    """Numbers belong under a marker; the sections in PENDING may keep at most their count of unbound lines."""
+    found = unmarked_numbers(README.read_text())
+    over = {s: lines for s, lines in found.items() if len(lines) > PENDING.get(s, 0)}
+    assert not over, "README lines with decimal numbers outside any <!-- result:... --> block: " + "; ".join(
+        f"[{s}] " + " | ".join(lines) for s, lines in over.items())
+
+
+def test_unmarked_number_checker():
+    text = ("<!-- section:a -->\nPython 3.11, threshold 0.9, `first:0.1`, t = 0.5\nFVU 0.25 here\n"
+            "<!-- result:x.json -->\ncovered 0.5\n\n```\ncode 1.5\n```\n")
+    assert unmarked_numbers(text) == {"a": ["FVU 0.25 here"]}
+
+
 def test_checker_catches_unbacked_numbers():
     nums = [0.0834, 0.05312, 1.0, 37.26]
     assert unbacked("FVU 0.083, dead 5.3%, 37.3 s, 3 layers", nums) == []
     assert unbacked("FVU 0.084 and 0.08", nums) == ["0.084"]
     assert unbacked("ΔCE -1.00 [+0.05, +0.06]", [-1.0, 0.053]) == ["+0.06"]
+    assert unbacked("7.2M parameters, t = 0.5", [7212288.0]) == []
+
+
+def test_counts_are_checked(tmp_path):
+    (tmp_path / "c.json").write_text('{"survive": 3, "tests": 6}')
+    assert check_block([str(tmp_path / "c.json")], None, "3 of 6 survive, 0 of 6 fail") == []
+    assert check_block([str(tmp_path / "c.json")], None, "4 of 6 survive")[0].startswith("the count '4 of 6'")
 
 
 def test_checker_blocks_and_exact_renderers(tmp_path):

@@ -148,16 +148,6 @@ def top_examples(cc, text: PairedText, latent: int, lm: LoadedModel, n: int, con
     return out
 
 
-def _interval(k: int, n: int) -> list[float]:
-    """Wilson 95% interval of a proportion k / n."""
-    if n == 0:
-        return [0.0, 0.0]
-    z, p = 1.96, k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
 @torch.no_grad()
 def crosscoder_report(cc, text: PairedText, lm: LoadedModel, *, threshold: float = 0.9, nu_max: float = 0.3,
                       n_examples: int = 6, max_listed: int = 50) -> dict:

@@ -10,7 +10,8 @@ Sections (each a key of the JSON result):
   firing rates on masked and on visible positions, pooled over bins); the fractions of alive latents that
   fire mostly on masked (share > 0.8) or mostly on visible (share < 0.2) positions.
 - probing: SAEBench's sparse probing on token-level labels computable offline (LABEL_SETS). Per class,
-  one-vs-rest on a balanced sample (80/20 split): the k latents with the largest |mean difference|
+  one-vs-rest on a balanced sample (80/20, split by row or task example, so no sequence lends positions to
+  both sides; Sudoku labels only the cells its puzzle hides): the k latents with the largest |mean difference|
   between positives and negatives on the training split feed a logistic regression; the baseline is a
   logistic regression on the raw activations. Test accuracy, averaged over classes, for all test
   positions and separately for masked and visible ones (half of each sequence's tokens are masked).
@@ -39,6 +40,7 @@ from .. import checks
 from ..errors import DLMScopeError
 from ..hooks import run_with_cache
 from ..models.base import LoadedModel
+from ..stats import t_interval
 from .splice import SpliceConfig, check_sae_matches, draw_masks, splice_eval
 
 LABEL_SETS = ("token_class", "sudoku_digit", "countdown_op")
@@ -55,6 +57,8 @@ class EvaluateConfig:
     """Held-out sequences for the core metrics and t-curves."""
     t_bins: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     """Mask ratios of the bins."""
+    n_draws: int = 3
+    """Independent mask draws per bin for the core metrics (pooled; FVU also per draw, with a t-interval)."""
     splice_seqs: int = 32
     """Sequences per bin for ΔCE / ΔELBO (0 skips splicing)."""
     probes: tuple[str, ...] = LABEL_SETS
@@ -75,6 +79,7 @@ class EvaluateConfig:
         if not self.t_bins or any(not 0 < t < 1 for t in self.t_bins):
             raise DLMScopeError(f"t_bins={self.t_bins} must be mask ratios in (0, 1)")
         checks.positive("n_seqs", self.n_seqs)
+        checks.positive("n_draws", self.n_draws)
         for k in self.probe_k:
             checks.positive("probe_k", k)
         checks.non_negative("splice_seqs", self.splice_seqs)
@@ -123,24 +128,36 @@ def _encode_reconstruct(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def core_metrics(lm: LoadedModel, sae, rows: torch.Tensor, cfg: EvaluateConfig) -> tuple[dict, dict]:
-    """(core, t_curves): reconstruction metrics per bin and position kind, and per-latent firing by bin."""
+    """(core, t_curves): reconstruction metrics per bin and position kind, and per-latent firing by bin.
+
+    Each bin pools `cfg.n_draws` independent mask draws; its FVU per draw and a t-interval over draws sit
+    beside the pooled value (`fvu_draws`, `fvu_ci`), since one draw can land far from the others."""
     hook, out_hook = sae.cfg.hook_name, sae.cfg.hook_name_out
     n = sae.cfg.n_latents
     core, rates = {}, []
     pooled = {p: _Stats(n) for p in ("masked", "visible")}
     for b, t in enumerate(cfg.t_bins):
         stats = {p: _Stats(n) for p in POSITIONS}
-        for s in range(0, rows.shape[0], cfg.batch_size):
-            x0, xt, c = draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed, b, s)
-            acts = run_with_cache(lm, xt, list(dict.fromkeys([hook, out_hook])))
-            x, y = acts[hook].flatten(0, 1), acts[out_hook].flatten(0, 1).to(sae.device).float()
-            lat, y_hat = _encode_reconstruct(sae, x)
-            masked = c.mask.flatten().to(y.device)
-            for p, sel in (("all", slice(None)), ("masked", masked), ("visible", ~masked)):
-                stats[p].add(y[sel], y_hat[sel], lat[sel])
-            pooled["masked"].add(y[masked], y_hat[masked], lat[masked])
-            pooled["visible"].add(y[~masked], y_hat[~masked], lat[~masked])
-        core[f"{t:g}"] = {p: st.result() for p, st in stats.items()}
+        per_draw: dict[str, list[float]] = {p: [] for p in POSITIONS}
+        for d in range(cfg.n_draws):
+            draw = {p: _Stats(n) for p in POSITIONS}
+            for s in range(0, rows.shape[0], cfg.batch_size):
+                # draw 0 keeps the masks of a single-draw run; later draws move the seed
+                x0, xt, c = draw_masks(lm, rows[s:s + cfg.batch_size].to(lm.device), t, cfg.seed + 7919 * d, b, s)
+                acts = run_with_cache(lm, xt, list(dict.fromkeys([hook, out_hook])))
+                x, y = acts[hook].flatten(0, 1), acts[out_hook].flatten(0, 1).to(sae.device).float()
+                lat, y_hat = _encode_reconstruct(sae, x)
+                masked = c.mask.flatten().to(y.device)
+                for p, sel in (("all", slice(None)), ("masked", masked), ("visible", ~masked)):
+                    stats[p].add(y[sel], y_hat[sel], lat[sel])
+                    draw[p].add(y[sel], y_hat[sel], lat[sel])
+                pooled["masked"].add(y[masked], y_hat[masked], lat[masked])
+                pooled["visible"].add(y[~masked], y_hat[~masked], lat[~masked])
+            for p in POSITIONS:
+                if draw[p].n:
+                    per_draw[p].append(draw[p].result()["fvu"])
+        core[f"{t:g}"] = {p: st.result() | ({"fvu_draws": per_draw[p], "fvu_ci": t_interval(per_draw[p])}
+                                            if per_draw[p] else {}) for p, st in stats.items()}
         rates.append(stats["all"].fired / max(stats["all"].n, 1))
     r_m = pooled["masked"].fired / max(pooled["masked"].n, 1)
     r_v = pooled["visible"].fired / max(pooled["visible"].n, 1)
@@ -188,7 +205,9 @@ def token_class(text: str) -> int:
 
 
 def _task_sequences(lm: LoadedModel, task: str, n: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of test examples (prompt + answer) and per-token labels (-1 where unlabelled)."""
+    """Token ids of test examples (prompt + answer) and per-token labels (-1 where unlabelled).
+
+    Sudoku labels only the cells the puzzle hides (a given is in the prompt: reading it is no evidence of solving)."""
     from ..tasks import get_task
 
     seqs, labels = [], []
@@ -199,7 +218,7 @@ def _task_sequences(lm: LoadedModel, task: str, n: int) -> tuple[list[list[int]]
         if task == "sudoku":
             if pieces != list(ex.answer):
                 continue  # the tokenizer merged digits: cells are not one token each
-            lab = [int(ch) - 1 for ch in pieces]
+            lab = [int(ch) - 1 if given == "0" else -1 for ch, given in zip(pieces, ex.meta["puzzle"])]
         else:
             lab = [OPERATORS.index(p) if p in OPERATORS else -1 for p in pieces]
         seqs.append(prompt + answer)
@@ -209,8 +228,9 @@ def _task_sequences(lm: LoadedModel, task: str, n: int) -> tuple[list[list[int]]
 
 @torch.no_grad()
 def _probe_data(lm: LoadedModel, sae, label_set: str, rows: torch.Tensor, cfg: EvaluateConfig
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any] | None:
-    """(raw activations, latents, labels, masked, class names) at labelled positions, half of all tokens masked."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any, torch.Tensor] | None:
+    """(raw activations, latents, labels, masked, class names, groups) at labelled positions, half of all tokens
+    masked; a group is the row or task example a position comes from, so train and test can be split by it."""
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     if label_set == "token_class":
         strings = _token_strings(lm)
@@ -225,7 +245,7 @@ def _probe_data(lm: LoadedModel, sae, label_set: str, rows: torch.Tensor, cfg: E
             return None
         names = ("1", "2", "3", "4") if task == "sudoku" else OPERATORS
         batches = [(torch.tensor([s]), torch.tensor([lab])) for s, lab in zip(seqs, labels)]
-    xs, zs, ys, ms = [], [], [], []
+    xs, zs, ys, ms, gs, seen = [], [], [], [], [], 0
     for ids, lab in batches:
         c = corrupt(ids, lm.require_mask_id(), 0.5, eps=0.0, keep_first=True, generator=gen)
         x = run_with_cache(lm, c.xt.to(lm.device), [sae.cfg.hook_name])[sae.cfg.hook_name].float()
@@ -234,7 +254,9 @@ def _probe_data(lm: LoadedModel, sae, label_set: str, rows: torch.Tensor, cfg: E
         zs.append(sae.encode(x[keep.to(x.device)].to(sae.device)).cpu())
         ys.append(lab[keep])
         ms.append(c.mask[keep])
-    return torch.cat(xs), torch.cat(zs), torch.cat(ys), torch.cat(ms), names
+        gs.append((seen + torch.arange(ids.shape[0]))[:, None].expand_as(lab)[keep])
+        seen += ids.shape[0]
+    return torch.cat(xs), torch.cat(zs), torch.cat(ys), torch.cat(ms), names, torch.cat(gs)
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, iters: int = 100) -> tuple[torch.Tensor, float]:
@@ -278,19 +300,40 @@ def top_mean_diff(Z: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return diff.abs().topk(min(k, Z.shape[1])).indices
 
 
-def sparse_probing(X, Z, Y, M, names, cfg: EvaluateConfig) -> dict:
-    """Per class one-vs-rest: residual-stream probe vs k-sparse SAE probes; accuracies averaged over classes."""
+def _group_split(pos: torch.Tensor, neg: torch.Tensor, in_test: torch.Tensor, cap: int, gen: torch.Generator):
+    """Balanced train and test index sets, train from positions outside the test groups, test from those inside
+    (`in_test`: per position); train takes up to 80% of `cap` pairs, test the rest."""
+    def draw(p, n, k):
+        p, n = p[torch.randperm(len(p), generator=gen)], n[torch.randperm(len(n), generator=gen)]
+        k = min(len(p), len(n), k)
+        return torch.cat([p[:k], n[:k]]), k
+
+    train, cut = draw(pos[~in_test[pos]], neg[~in_test[neg]], int(0.8 * cap))
+    test, n_test = draw(pos[in_test[pos]], neg[in_test[neg]], cap - int(0.8 * cap))
+    return train, test, cut, n_test
+
+
+def sparse_probing(X, Z, Y, M, names, cfg: EvaluateConfig, groups: torch.Tensor | None = None) -> dict:
+    """Per class one-vs-rest: residual-stream probe vs k-sparse SAE probes; accuracies averaged over classes.
+
+    Train and test are split by `groups` (a fifth of the groups, e.g. puzzles, held out), so no group lends
+    positions to both sides; without groups every position is its own."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    groups = torch.arange(len(Y)) if groups is None else groups
+    ids = groups.unique()
+    held = ids[torch.randperm(len(ids), generator=gen)[:max(1, len(ids) // 5)]]
+    in_test = torch.isin(groups, held)
     per_class = {}
     for c, name in enumerate(names):
         pos, neg = (Y == c).nonzero().squeeze(1), ((Y != c) & (Y >= 0)).nonzero().squeeze(1)
-        train, test, cut = _balanced_split(pos, neg, cfg.probe_examples, gen)
-        if cut < 5:
+        train, test, cut, n_test = _group_split(pos, neg, in_test, cfg.probe_examples, gen)
+        if cut < 5 or n_test < 2:
             continue
         y_tr = torch.cat([torch.ones(cut), torch.zeros(cut)])
-        y_te = torch.cat([torch.ones(len(test) // 2), torch.zeros(len(test) // 2)])
+        y_te = torch.cat([torch.ones(n_test), torch.zeros(n_test)])
         w, b = fit_logistic(X[train], y_tr)
-        entry = {"n_train": 2 * cut, "residual": _accuracy(X[test], y_te, w, b, M[test]), "sae": {}}
+        entry = {"n_train": 2 * cut, "n_test": 2 * n_test, "residual": _accuracy(X[test], y_te, w, b, M[test]),
+                 "sae": {}}
         for k in cfg.probe_k:
             idx = top_mean_diff(Z[train], y_tr, k)
             w, b = fit_logistic(Z[train][:, idx], y_tr)
@@ -423,7 +466,8 @@ def evaluate_sae_suite(lm: LoadedModel, sae, rows: torch.Tensor, cfg: EvaluateCo
             result["absorption"] = first_letter_absorption(lm, sae, rows, cfg)
         else:
             data = _probe_data(lm, sae, step[6:], rows, cfg)
-            result["probing"][step[6:]] = sparse_probing(*data, cfg) if data else {"skipped": "no labelled tokens"}
+            result["probing"][step[6:]] = sparse_probing(*data[:5], cfg, groups=data[5]) if data else \
+                {"skipped": "no labelled tokens"}
     return result
 
 

@@ -106,13 +106,6 @@ class _FVU:
         return self.sse / max(total, 1e-30)
 
 
-def _final_norm_weight(lm: LoadedModel) -> torch.Tensor | None:
-    """The final RMSNorm's weight of HF-style decoders (`model.norm`), or None when there is none."""
-    norm = getattr(getattr(lm.module, "model", None), "norm", None)
-    weight = getattr(norm, "weight", None)
-    return weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else None
-
-
 def _vocab_strings(lm: LoadedModel) -> list[str]:
     tok = lm.tokenizer
     if tok is None:
@@ -273,12 +266,7 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
         seen = list(dict.fromkeys(flat_tokens[pos[lo:min(int(offsets[f + 1]), lo + 64)]].tolist()))[:cfg.n_top_tokens]
         top_tokens[f, :len(seen)] = torch.tensor(seen)
 
-    direction = sae.W_dec.detach().float().cpu() / sae.input_scale.float().cpu()
-    norm_w = _final_norm_weight(lm)
-    if norm_w is not None:
-        direction = direction * norm_w
-    unembed = getattr(lm.module, "get_output_embeddings")()  # a transformers model (nn.Module's getattr is untyped)
-    logit_effect = direction @ unembed.weight.detach().float().cpu().t()
+    logit_effect = lm.direct_logits(sae.W_dec.detach().float().cpu() / sae.input_scale.float().cpu())
     n_logits = min(cfg.n_logits, lm.vocab_size)
     top = logit_effect.topk(n_logits, dim=1)
     bottom = logit_effect.topk(n_logits, dim=1, largest=False)
@@ -295,7 +283,8 @@ def build_feature_store(lm: LoadedModel, sae, rows: torch.Tensor, out: str | Pat
         "n_latents": n, "k": sae.cfg.k, "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
         "sae_model": sae.cfg.model_name, "n_seqs": S, "context_length": L, "n_tokens": S * L,
         "n_masked": n_masked, "n_visible": n_visible, "config": asdict(cfg), "mask_id": lm.mask_id,
-        "vocab": _vocab_strings(lm), "logit_lens": "W_dec/input_scale * final_norm.weight @ W_U" if norm_w is not None
+        "vocab": _vocab_strings(lm),
+        "logit_lens": "W_dec/input_scale * final_norm.weight @ W_U" if lm.final_norm_weight() is not None
         else "W_dec/input_scale @ W_U (no final norm found)",
         "l0": float(counts.sum()) / (S * L), "dead_fraction": float((counts == 0).double().mean()),
         "fvu": fvus["all"].value(), "fvu_masked": fvus["masked"].value(), "fvu_visible": fvus["visible"].value(),

@@ -516,8 +516,8 @@ class PatchConfig(ModelPart):
     """layer_position, layer_head (on attn.hook_z), step_layer (clean from step s onward; --through sampler),
     or none (the patches given by --hooks)."""
     sweep_site: str = "resid_pre"
-    """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_post, attn_out,
-    mlp_in, mlp_out; resid_mid is the MLP norm's input, so a patch there reaches only the MLP, not the residual)."""
+    """Site the layer_position and step_layer sweeps patch: blocks.{i}.hook_SITE (resid_pre, resid_mid, resid_post,
+    attn_out, mlp_in, mlp_out)."""
     hooks: str | None = field(default=None, metadata=unset("none (a sweep)"))
     """With --sweep none: comma-separated hook names, each patched in its own run (restricted by --positions,
     --heads, --patch-steps, --feature)."""

@@ -10,7 +10,6 @@ mean ablation uses the hook's mean activation on the same bin's corrupted inputs
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from ..diffusion.noise import corrupt
 from ..errors import DLMScopeError
 from ..hooks import hooked, run_with_cache
 from ..models.base import LoadedModel
+from ..stats import t_interval
 
 T_BINS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CONDITIONS = ("clean", "sae", "zero", "mean")
@@ -100,17 +100,6 @@ def _positions(c, which: str) -> torch.Tensor | None:
     return None if c is None or which == "all" else (c.mask if which == "masked" else ~c.mask)
 
 
-def _interval(values: torch.Tensor) -> tuple[float, float, float]:
-    """Mean and a 95% Student-t interval over sequences."""
-    from scipy.stats import t as student_t
-
-    v = values.double()
-    mean = float(v.mean())
-    n = len(v)
-    half = float(student_t.ppf(0.975, n - 1)) * float(v.std()) / math.sqrt(n) if n > 1 else 0.0
-    return mean, mean - half, mean + half
-
-
 def _bin_mean(lm: LoadedModel, hook: str, batches: list, positions: str) -> torch.Tensor:
     """The hook's mean activation over every batch of the bin, at the positions that will be spliced."""
     total, n = torch.zeros(lm.d_model, dtype=torch.float64, device=lm.device), 0
@@ -180,9 +169,9 @@ def splice_eval(lm: LoadedModel, sae, rows: torch.Tensor, cfg: SpliceConfig = Sp
                     per[cond]["ce"].append(tok.sum(1) / n)
                     per[cond]["elbo"].append(tok.sum(1) / c.p_mask.to(tok.device) / x0.shape[1])
         cat = {c: {m: torch.cat(v).cpu() for m, v in d.items()} for c, d in per.items()}
-        entry: dict[str, Any] = {c: {m: _interval(cat[c][m]) for m in ("ce", "elbo")} for c in CONDITIONS}
-        entry["delta_ce"] = _interval(cat["sae"]["ce"] - cat["clean"]["ce"])
-        entry["delta_elbo"] = _interval(cat["sae"]["elbo"] - cat["clean"]["elbo"])
+        entry: dict[str, Any] = {c: {m: t_interval(cat[c][m].double()) for m in ("ce", "elbo")} for c in CONDITIONS}
+        entry["delta_ce"] = t_interval(cat["sae"]["ce"] - cat["clean"]["ce"])
+        entry["delta_elbo"] = t_interval(cat["sae"]["elbo"] - cat["clean"]["elbo"])
         clean, spliced = float(cat["clean"]["ce"].mean()), float(cat["sae"]["ce"].mean())
         entry["recovered"] = {}
         for abl in ("zero", "mean"):

@@ -12,7 +12,7 @@ masked, generated, or the top-n positions by the feature's activation).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -187,13 +187,18 @@ def steered_generate(lm: LoadedModel, sae, spec: SteeringSpec | None, prompts: S
         return out.texts
 
 
+CONCEPTS = ("output", "logit")
+"""How `compare` defines a feature's concept by default: `output_concept` and `logit_concept`."""
+
+
 @torch.no_grad()
-def feature_token_profile(lm: LoadedModel, sae, feature: int, rows: torch.Tensor, top: int = 20) -> list[int]:
-    """Token ids on which the feature fires most on average (clean held-out text): its 'concept'."""
+def _position_concept(lm: LoadedModel, sae, feature: int, rows: torch.Tensor, top: int, offset: int) -> list[int]:
+    """Token ids credited with the feature's highest mean activation, each activation at position i credited to the
+    token at i + offset (clean held-out text; tokens seen fewer than twice are skipped)."""
     hook = check_sae_matches(lm, sae)
     acts = run_with_cache(lm, rows.to(lm.device), [hook])[hook].float()
-    a = sae.encode(acts)[..., feature].flatten().cpu()
-    tok = rows.flatten()
+    a = sae.encode(acts)[..., feature].cpu()[:, :rows.shape[1] - offset].flatten()
+    tok = rows[:, offset:].flatten()
     sums = torch.zeros(lm.vocab_size).index_add_(0, tok, a)
     counts = torch.zeros(lm.vocab_size).index_add_(0, tok, torch.ones_like(a))
     mean = sums / counts.clamp_min(1)
@@ -201,22 +206,48 @@ def feature_token_profile(lm: LoadedModel, sae, feature: int, rows: torch.Tensor
     return mean.topk(top).indices.tolist()
 
 
+def output_concept(lm: LoadedModel, sae, feature: int, rows: torch.Tensor, top: int = 20) -> list[int]:
+    """The tokens the feature's activation predicts: its activation at position i credited to the token the model
+    reads out there (i for masked LMs, i + 1 for causal and shifted ones; `LoadedModel.readout_offset`), so a DLM
+    and an AR model are measured on the same side of their readout."""
+    return _position_concept(lm, sae, feature, rows, top, lm.readout_offset)
+
+
+def input_concept(lm: LoadedModel, sae, feature: int, rows: torch.Tensor, top: int = 20) -> list[int]:
+    """The tokens at the positions where the feature fires (the definition before `output_concept`). It measures a
+    masked LM on its output side and a causal model on its input side; kept to show what that bias did."""
+    return _position_concept(lm, sae, feature, rows, top, 0)
+
+
+@torch.no_grad()
+def logit_concept(lm: LoadedModel, sae, feature: int, top: int = 20) -> list[int]:
+    """Activation-free: the top tokens of the decoder direction's direct logit attribution (final norm's weight,
+    then the unembedding; `LoadedModel.direct_logits`)."""
+    check_sae_matches(lm, sae)
+    return lm.direct_logits(sae.W_dec[feature].detach().float().cpu()).topk(top).indices.tolist()
+
+
+def concepts_for(lm: LoadedModel, sae, feature: int, rows: torch.Tensor, top: int = 20) -> dict[str, list[int]]:
+    """Both default concepts of a feature (`CONCEPTS`), by name."""
+    return {"output": output_concept(lm, sae, feature, rows, top), "logit": logit_concept(lm, sae, feature, top)}
+
+
 @torch.no_grad()
 def steering_metrics(lm: LoadedModel, sae, feature: int, prompts: Sequence[str], continuations: Sequence[str],
-                     concept: Sequence[int], ar_judge: LoadedModel | None = None, dlm_judge: LoadedModel | None = None,
-                     n_draws: int = 8) -> dict:
+                     concepts: Mapping[str, Sequence[int]], ar_judge: LoadedModel | None = None,
+                     dlm_judge: LoadedModel | None = None, n_draws: int = 8) -> dict:
     """Judge-free success and fluency of continuations (each after its prompt).
 
     feature_activation: the feature's mean activation over continuation tokens when prompt +
-    continuation is re-encoded by `lm` (clean pass); concept_rate: share of continuation tokens
-    among the feature's top tokens; perplexity: exp(NLL per token) of the continuation under the AR
-    judge; dlm_nll: the DLM judge's ELBO bound on NLL per continuation token.
+    continuation is re-encoded by `lm` (clean pass); concept_rate: {name: share of continuation tokens
+    among that concept's tokens} per entry of `concepts`; perplexity: exp(NLL per token) of the
+    continuation under the AR judge; dlm_nll: the DLM judge's ELBO bound on NLL per continuation token.
     """
     from ..diffusion.loss import log_likelihood
 
     hook = check_sae_matches(lm, sae)
-    concept_set = set(concept)
-    acts, hits, n_tok, ar_nll, ar_n, dlm_nll, dlm_n = [], 0, 0, 0.0, 0, 0.0, 0
+    concept_sets = {name: set(c) for name, c in concepts.items()}
+    acts, hits, n_tok, ar_nll, ar_n, dlm_nll, dlm_n = [], dict.fromkeys(concept_sets, 0), 0, 0.0, 0, 0.0, 0
     gen = torch.Generator().manual_seed(0)
     for prompt, cont in zip(prompts, continuations):
         p_ids, c_ids = lm.to_tokens(prompt)[0], lm.to_tokens(cont, add_bos=False)[0]
@@ -225,7 +256,8 @@ def steering_metrics(lm: LoadedModel, sae, feature: int, prompts: Sequence[str],
         x = torch.tensor([p_ids + c_ids], device=lm.device)
         h = run_with_cache(lm, x, [hook])[hook].float()
         acts.append(float(sae.encode(h)[0, len(p_ids):, feature].mean()))
-        hits += sum(t in concept_set for t in c_ids)
+        for name, c in concept_sets.items():
+            hits[name] += sum(t in c for t in c_ids)
         n_tok += len(c_ids)
         for judge, acc in ((ar_judge, "ar"), (dlm_judge, "dlm")):
             if judge is None:
@@ -236,30 +268,33 @@ def steering_metrics(lm: LoadedModel, sae, feature: int, prompts: Sequence[str],
                 ar_nll, ar_n = ar_nll + nll, ar_n + len(jc)
             else:
                 dlm_nll, dlm_n = dlm_nll + nll, dlm_n + len(jc)
-    return {"feature_activation": sum(acts) / max(1, len(acts)), "concept_rate": hits / max(1, n_tok),
+    return {"feature_activation": sum(acts) / max(1, len(acts)),
+            "concept_rate": {name: h / max(1, n_tok) for name, h in hits.items()},
             "perplexity": math.exp(ar_nll / ar_n) if ar_n else float("nan"),
             "dlm_nll": dlm_nll / dlm_n if dlm_n else float("nan"), "n_texts": len(acts)}
 
 
 def compare(lm: LoadedModel, sae, spec: SteeringSpec, prompts: Sequence[str], seeds: Sequence[int] = (0,),
-            concept: Sequence[int] | None = None, ar_judge: LoadedModel | None = None,
+            concepts: Mapping[str, Sequence[int]] | None = None, ar_judge: LoadedModel | None = None,
             dlm_judge: LoadedModel | None = None, gen_length: int = 32, steps: int = 32,
             temperature: float = 0.0, schedule: str | None = None, threshold: float | None = None,
             cache: str | None = None) -> dict:
-    """Steered vs unsteered side by side over prompts x seeds: metrics of both and the paired samples."""
+    """Steered vs unsteered side by side over prompts x seeds: metrics of both and the paired samples.
+
+    `concepts` (name -> token ids) defaults to `concepts_for` on 64 held-out rows; {} skips the concept rates."""
     validate(spec, sae, lm, gen_length if lm.causal else steps)
     if not prompts:
         raise DLMScopeError("the prompt list is empty; give at least one prompt")
-    if concept is None:
+    if concepts is None:
         from ..data import heldout_rows
 
-        concept = feature_token_profile(lm, sae, spec.feature, heldout_rows(lm.tokenizer, 64, 32))
+        concepts = concepts_for(lm, sae, spec.feature, heldout_rows(lm.tokenizer, 64, 32))
     out: dict = {"feature": spec.feature, "strength": spec.strength, "steps": spec.steps, "positions": spec.positions}
     all_prompts = [p for _ in seeds for p in prompts]
     for label, s in (("unsteered", None), ("steered", spec)):
         conts = [c for seed in seeds for c in steered_generate(lm, sae, s, prompts, gen_length, steps, seed, temperature,
                                                                  schedule, threshold, cache)]
-        out[label] = steering_metrics(lm, sae, spec.feature, all_prompts, conts, concept, ar_judge, dlm_judge)
+        out[label] = steering_metrics(lm, sae, spec.feature, all_prompts, conts, concepts, ar_judge, dlm_judge)
         out[f"{label}_texts"] = conts
     out["prompts"] = all_prompts
     return out

@@ -6,6 +6,7 @@ key/value heads), `hook_rot_q`, `hook_rot_k` after it, `hook_pattern` (B, heads,
 `hook_z` (B, L, heads, d_head), the per-head outputs the output projection mixes. The pattern is
 materialised only while a hook is attached to `hook_pattern`; otherwise the fused SDPA kernel runs.
 Keys and values are edited before a KV cache stores them, so an edit reaches later cached steps.
+`HFAttention` also carries its layer's `hook_attn_out` and `hook_resid_mid` (see `HFAttention.forward`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class HFAttention(nn.Module):
     """transformers' Llama / Qwen2 attention rewritten through `attention`; parameter names unchanged.
 
     It replaces a layer's `self_attn` (`hook_hf_attention`), so checkpoints, LoRA targets and the
-    transformers decoder layer that calls it see the same module tree, plus `hooks`.
+    transformers decoder layer that calls it see the same module tree, plus `hooks` and the identities
+    `hook_attn_out` and `hook_resid_mid` (no parameters).
     """
 
     def __init__(self, attn: nn.Module):
@@ -110,6 +112,8 @@ class HFAttention(nn.Module):
         self.attention_dropout = attn.attention_dropout
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.hooks = AttentionHooks()
+        self.hook_attn_out, self.hook_resid_mid = nn.Identity(), nn.Identity()
+        self.resid_pre: torch.Tensor | None = None  # the layer's input, kept only while hook_resid_mid is hooked
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
@@ -131,18 +135,42 @@ class HFAttention(nn.Module):
 
         z = attention(self.hooks, q, k, v, cos=cos, sin=sin, mask=attention_mask, scale=self.scaling,
                       kv=None if past_key_values is None else kv, causal=self.is_causal, fused=fused)
-        return self.o_proj(z), None
+        return self.through_resid_mid(self.hook_attn_out(self.o_proj(z))), None
+
+    def through_resid_mid(self, out: torch.Tensor) -> torch.Tensor:
+        """Pass resid_pre + attn_out through `hook_resid_mid`; an edit comes back as a change of attn_out.
+
+        The transformers layer keeps its own `residual` variable, so editing its second norm's input would
+        reach only the MLP; returning edited_mid - resid_pre makes the residual stream (resid_post, later
+        layers) and the MLP both carry the edit, as in TransformerLens. Unhooked, nothing is computed.
+        """
+        resid_pre, self.resid_pre = self.resid_pre, None
+        if resid_pre is None or not self.hook_resid_mid._forward_hooks:
+            return out
+        mid = resid_pre + out
+        new = self.hook_resid_mid(mid)
+        return out if new is mid else new - resid_pre
+
+    def keep_resid_pre(self, norm: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on the layer's first norm (a bound method, so a deep copy keeps its own)."""
+        if self.hook_resid_mid._forward_hooks:
+            self.resid_pre = args[0]
 
 
 _HF_ATTENTION = ("LlamaAttention", "Qwen2Attention")
 
 
 def hook_hf_attention(layers: list[nn.Module]) -> None:
-    """Swap each layer's transformers Llama / Qwen2 `self_attn` for an `HFAttention`; other types stay as they are."""
+    """Swap each layer's transformers Llama / Qwen2 `self_attn` for an `HFAttention`; other types stay as they are.
+
+    The first norm's input is the layer's residual after any resid_pre edit: a permanent pre-hook there keeps
+    it (only while `hook_resid_mid` is hooked) for `HFAttention.through_resid_mid`.
+    """
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
         if type(attn).__name__ in _HF_ATTENTION and getattr(attn, "sliding_window", None) is None:
             layer.self_attn = HFAttention(attn)
+            layer.input_layernorm.register_forward_pre_hook(layer.self_attn.keep_resid_pre)
 
 
 def attention_module(layer: nn.Module) -> nn.Module | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -104,6 +106,15 @@ class LoadedModel:
             value = self._checked_block_size(value)
         object.__setattr__(self, name, value)
 
+    def __deepcopy__(self, memo: dict) -> LoadedModel:
+        """A copy that runs its own weights (e.g. the RL reference model). `call` and `kv_call` are closures over
+        the module; a plain deepcopy would share them, so the copy would still run the original module."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            object.__setattr__(new, name, _deepcopy_value(value, memo))
+        return new
+
     def _checked_block_size(self, value: Any) -> int:
         """A block model may change its block length (attention, samplers and caches read it at call time);
         a fully bidirectional model has none to change."""
@@ -134,8 +145,36 @@ class LoadedModel:
     def is_diffusion(self) -> bool:
         return not self.causal
 
+    @property
+    def readout_offset(self) -> int:
+        """Which token the residual at position i is read out as: i + 0 for masked LMs, i + 1 for causal and
+        shifted (Dream-style) models, whose raw logits at i predict the next token."""
+        return int(self.causal or self.shift)
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+    def final_norm_weight(self) -> torch.Tensor | None:
+        """The final RMSNorm's weight of HF-style decoders (`model.norm`), or None when there is none."""
+        weight = getattr(getattr(getattr(self.module, "model", None), "norm", None), "weight", None)
+        return weight.detach() if isinstance(weight, torch.Tensor) else None
+
+    def direct_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """Direct logit attribution of residual directions (..., d_model) -> (..., vocab), float, on their device.
+
+        Through the final norm's weight with its input-dependent scale frozen (a positive factor per position, so
+        no ranking of tokens depends on it), then the unembedding.
+        """
+        out = getattr(self.module, "get_output_embeddings", lambda: None)()
+        if out is None:
+            raise DLMScopeError(f"{self.name} exposes no output embedding (get_output_embeddings); "
+                                "no logit attribution")
+        w_u = out.weight.detach().float()
+        d = directions.detach().float().to(w_u.device)
+        norm = self.final_norm_weight()
+        if norm is not None:
+            d = d * norm.float().to(w_u.device)
+        return (d @ w_u.t()).to(directions.device)
 
     def site(self, hook_name: str) -> Site:
         if hook_name not in self.sites:
@@ -247,13 +286,28 @@ class LoadedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
 
+def _deepcopy_value(value: Any, memo: dict) -> Any:
+    """deepcopy, except that a closure is rebuilt over copies of its cells (with the same memo, so the module it
+    closes over becomes the copied module)."""
+    if not isinstance(value, types.FunctionType) or not value.__closure__:
+        return copy.deepcopy(value, memo)
+    if id(value) not in memo:
+        cells = tuple(types.CellType(_deepcopy_value(c.cell_contents, memo)) for c in value.__closure__)
+        memo[id(value)] = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__,
+                                             cells)
+    return memo[id(value)]
+
+
 def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
     """TransformerLens-style hook names for a list of decoder layers.
 
-    resid_pre reads a layer's input, resid_post its output, resid_mid the input of the layer's
-    second norm (the residual stream after attention, before the MLP). mlp_in and mlp_out are the
-    input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP reads
-    (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
+    resid_pre reads a layer's input, resid_post its output, resid_mid the residual stream after attention,
+    before the MLP: editing it changes the residual stream itself (resid_post, later layers) and what the MLP
+    reads, as in TransformerLens. Native layers carry an identity `hook_resid_mid` for it (own-code layers in
+    the layer, transformers layers in their `HFAttention`); other layers (remote code) fall back to the input
+    of their second norm `mid_attr`, where reading is right but an edit reaches only the MLP. mlp_in and
+    mlp_out are the input and output of the layer's `mlp` module: mlp_in is the NORMALISED residual the MLP
+    reads (what transcoders encode; TransformerLens' hook_mlp_in is the residual before that norm, which is
     our resid_mid), mlp_out is what the MLP adds to the residual stream (as in TransformerLens).
     Layers whose attention carries `AttentionHooks` also get `attn.hook_*` and hook_attn_out (what
     attention adds to the residual stream: resid_pre + attn_out = resid_mid).
@@ -268,8 +322,11 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
             for kind in ATTN_SITES:
                 sites[f"blocks.{i}.attn.hook_{kind}"] = Site(getattr(attn.hooks, f"hook_{kind}"), "output",
                                                               pos_dim=2 if kind == "pattern" else 1)
-            sites[f"blocks.{i}.hook_attn_out"] = Site(attn, "output")
-        if mid_attr is not None and hasattr(layer, mid_attr):
+            sites[f"blocks.{i}.hook_attn_out"] = Site(getattr(attn, "hook_attn_out", attn), "output")
+        mid = getattr(layer, "hook_resid_mid", None) or getattr(attn, "hook_resid_mid", None)
+        if mid is not None:
+            sites[f"blocks.{i}.hook_resid_mid"] = Site(mid, "output")
+        elif mid_attr is not None and hasattr(layer, mid_attr):
             sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
         if isinstance(getattr(layer, "mlp", None), nn.Module):
             sites[f"blocks.{i}.hook_mlp_in"] = Site(layer.mlp, "input")

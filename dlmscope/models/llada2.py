@@ -111,11 +111,12 @@ class Layer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.attention = Attention(cfg)
+        self.hook_resid_mid = nn.Identity()  # the residual stream after attention (`blocks.{i}.hook_resid_mid`)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.mlp = SparseMoE(cfg) if moe else SwiGLU(cfg["hidden_size"], cfg["intermediate_size"])
 
     def forward(self, x, mask, cos, sin, kv=None):
-        x = x + self.attention(self.input_layernorm(x), mask, cos, sin, kv)
+        x = self.hook_resid_mid(x + self.attention(self.input_layernorm(x), mask, cos, sin, kv))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

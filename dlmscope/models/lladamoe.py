@@ -87,13 +87,14 @@ class Layer(nn.Module):
         eps = cfg.get("rms_norm_eps", 1e-5)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.self_attn = Attention(cfg)
+        self.hook_resid_mid = nn.Identity()  # the residual stream after attention (`blocks.{i}.hook_resid_mid`)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = SparseMoE(cfg) if moe else SwiGLU(cfg["hidden_size"], cfg["dense_intermediate_size"])
         if moe and cfg.get("shared_expert_intermediate_size") is not None:
             self.shared_expert = SwiGLU(cfg["hidden_size"], cfg["shared_expert_intermediate_size"])
 
     def forward(self, x, mask, cos, sin, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin, kv)
+        x = self.hook_resid_mid(x + self.self_attn(self.input_layernorm(x), mask, cos, sin, kv))
         h = self.post_attention_layernorm(x)
         out = self.mlp(h)
         if hasattr(self, "shared_expert"):

@@ -51,6 +51,20 @@ def test_sparse_probe_finds_the_latent_that_carries_the_label():
     assert set(r["sae"]["2"]) == {"all", "masked", "visible"}
 
 
+def test_sparse_probe_split_keeps_each_group_on_one_side():
+    """A label that only a group's identity predicts (every position of a group shares it) is learnable when
+    groups straddle the split, and at chance when the split is by group."""
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.arange(400) // 4  # 100 groups of 4 positions, each group one random point in 128 dimensions
+    Y = torch.randint(0, 2, (100,), generator=gen)[groups]
+    X = torch.randn(100, 128, generator=gen)[groups] + 0.01 * torch.randn(400, 128, generator=gen)
+    Z, M = X.clamp_min(0), torch.arange(400) % 2 == 0
+    cfg = E.EvaluateConfig(probe_k=(16,), probe_examples=200)
+    leaky = E.sparse_probing(X, Z, Y, M, ("a", "b"), cfg)
+    split = E.sparse_probing(X, Z, Y, M, ("a", "b"), cfg, groups=groups)
+    assert leaky["residual"]["all"] > 0.9 and split["residual"]["all"] < 0.7, (leaky["residual"], split["residual"])
+
+
 def test_absorption_scores_on_constructed_latents():
     probe = torch.tensor([2.0, 0.0, 0.0])
     W_dec = torch.tensor([[1.0, 0.0, 0.0],  # main latent, on the probe
@@ -98,9 +112,13 @@ def test_suite_core_agrees_with_fvu_on_the_same_masked_tokens(llada, tiny_sae, s
         xs.append(run_with_cache(llada, xt, [hook])[hook].flatten(0, 1))
         ms.append(c.mask.flatten())
     x, m = torch.cat(xs), torch.cat(ms)
-    with torch.no_grad():
-        assert result["core"]["0.6"]["masked"]["fvu"] == pytest.approx(fvu(x[m], tiny_sae.reconstruct(x[m])), rel=1e-5)
-        assert result["core"]["0.6"]["visible"]["n_tokens"] == int((~m).sum())
+    masked = result["core"]["0.6"]["masked"]
+    with torch.no_grad():  # draw 0 has the masks of a single-draw run; the bin pools 3 draws
+        assert masked["fvu_draws"][0] == pytest.approx(fvu(x[m], tiny_sae.reconstruct(x[m])), rel=1e-5)
+    assert len(masked["fvu_draws"]) == 3 and len(set(masked["fvu_draws"])) == 3
+    assert masked["fvu_ci"][1] <= min(masked["fvu_draws"]) <= max(masked["fvu_draws"]) <= masked["fvu_ci"][2]
+    n_tokens = result["core"]["0.6"]["visible"]["n_tokens"] + masked["n_tokens"]
+    assert n_tokens == result["core"]["0.6"]["all"]["n_tokens"] == 3 * x.shape[0]
     assert result["core"]["0.2"]["all"]["l0"] == pytest.approx(8.0)
     curves = result["t_curves"]
     assert len(curves["rate_by_bin"]) == 256 and len(curves["rate_by_bin"][0]) == 2

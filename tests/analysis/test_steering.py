@@ -60,8 +60,8 @@ def test_steering_outside_the_sampler_and_ar_loop(llada, tiny_dirs, tiny_sae):
         with pytest.raises(DLMScopeError, match="masked"):
             steered_generate(ar, tiny_sae, SteeringSpec(3, 1.0, positions="masked"), ["The list"], 6)
         m = steering_metrics(llada, tiny_sae, 3,
-                             ["The list"], [plain[0] or "x"], [5, 6], ar_judge=ar, dlm_judge=llada)
-        assert m["n_texts"] == 1 and m["perplexity"] > 1 and m["dlm_nll"] > 0
+                             ["The list"], [plain[0] or "x"], {"a": [5, 6], "b": []}, ar_judge=ar, dlm_judge=llada)
+        assert m["n_texts"] == 1 and m["perplexity"] > 1 and m["dlm_nll"] > 0 and m["concept_rate"]["b"] == 0
     finally:
         tiny_sae.cfg.metadata.update(meta)
 
@@ -113,7 +113,7 @@ def test_step_schedule_must_lie_in_the_run(llada, tiny_sae):
     from dlmscope.analysis.steering import compare, validate
 
     with pytest.raises(DLMScopeError, match=r"steps=\[2, 8\]: the run has steps 0..7"):
-        compare(llada, tiny_sae, SteeringSpec(3, steps=[2, 8]), ["a"], concept=[], gen_length=8, steps=8)
+        compare(llada, tiny_sae, SteeringSpec(3, steps=[2, 8]), ["a"], concepts={}, gen_length=8, steps=8)
     validate(SteeringSpec(3, steps=[0, 7]), tiny_sae, llada, n_steps=8)
 
 
@@ -151,6 +151,64 @@ def test_transcoder_steering_writes_at_its_output_hook(llada, tiny_transcoder):
     torch.testing.assert_close(steered[hooks[0]], clean[hooks[0]])
     torch.testing.assert_close(steered[hooks[1]] - clean[hooks[1]], 2.0 * (tiny_transcoder.W_dec[3] / tiny_transcoder.output_scale).expand(1, 8, 64),
                                atol=1e-5, rtol=1e-4)
+
+
+def _planted_pair(tiny_dirs):
+    """The tiny LLaDA and AR models rewired so their layer-0 residual is an embedding (attention and MLP outputs
+    zeroed) on text that counts up through tokens 10..41 (token t is always followed by succ(t)). The DLM's residual
+    at i is E[x_i]; the AR model's embedding table is shifted by one, so its residual at i is E[x_{i+1}], the next
+    token it must predict. Same SAE (latent 0 reads E[20] fully and E[21] at half strength), same final norm and
+    unembedding (W_U = E): the same feature with the same readout, planted once on each side."""
+    from dlmscope.sae import SAEConfig, build_sae
+
+    pair, d = [], 64
+    E = torch.zeros(300, d)
+    E[10:42, :32] = 4 * torch.eye(32)
+    succ = torch.tensor([10 + (t - 9) % 32 if 10 <= t < 42 else t for t in range(300)])
+    for key, table in (("llada", E), ("causal", E[succ])):
+        lm = load_model(tiny_dirs[key])
+        m = lm.module
+        with torch.no_grad():
+            m.model.embed_tokens.weight.copy_(table)
+            m.lm_head.weight.copy_(E)
+            m.model.norm.weight.fill_(1.0)
+            for layer in m.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+        pair.append(lm)
+    sae = build_sae(SAEConfig(d, 2, 1, "topk", {"hook_name": "blocks.0.hook_resid_post"}))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.W_enc[10, 0], sae.W_enc[11, 0], sae.W_enc[0, 1] = 1.0, 0.5, 1.0
+        sae.W_dec[0, 10], sae.W_dec[0, 11], sae.W_dec[1, 0] = 1.0, 0.5, 1.0
+    rows = torch.stack([10 + (torch.arange(32) + 3 * r) % 32 for r in range(8)])
+    return pair, sae, rows
+
+
+def test_planted_feature_gets_one_concept_in_a_causal_and_a_bidirectional_model(tiny_dirs):
+    """Output-side and logit concepts agree across the pair; the input-side definition (the old one) does not: it
+    reads the AR model one token early (token 19, which precedes the concept 20)."""
+    from dlmscope.analysis.steering import concepts_for, input_concept, logit_concept, output_concept
+
+    (dlm, ar), sae, rows = _planted_pair(tiny_dirs)
+    assert (dlm.readout_offset, ar.readout_offset) == (0, 1)
+    for f in (output_concept, input_concept):  # the planted residuals really are what the docstring says
+        assert f(dlm, sae, 0, rows, top=2) == [20, 21]
+    assert output_concept(ar, sae, 0, rows, top=2) == [20, 21]
+    assert input_concept(ar, sae, 0, rows, top=2) == [19, 20]
+    assert logit_concept(dlm, sae, 0, top=2) == logit_concept(ar, sae, 0, top=2) == [20, 21]
+    assert concepts_for(dlm, sae, 0, rows, top=2) == concepts_for(ar, sae, 0, rows, top=2)
+
+
+def test_direct_logits_match_the_models_own_readout(llada):
+    """Direct logit attribution of a residual equals the model's logits up to the final norm's per-position scale:
+    the same token ranking."""
+    h = run_with_cache(llada, torch.tensor([[5, 6, 7, 8]]), ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"]
+    logits = llada.forward(torch.tensor([[5, 6, 7, 8]]))
+    dla = llada.direct_logits(h)
+    scale = h.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+    torch.testing.assert_close(dla * scale, logits.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_block_models_steer_with_their_own_sampler(tmp_path, tokenizer, one_thread):

@@ -398,6 +398,44 @@ def test_diff_page_lists_specific_latents_with_examples(llada, tokenizer, tmp_pa
     assert "cannot read diff report" in at.error[0].value
 
 
+def test_attribution_graph_page(env, monkeypatch, tiny_dirs, llada, tokenizer, tmp_path):
+    """`dlmscope attribute`'s output on the page: one column per step, top examples in the hover, a pinned node's
+    edges; a missing file is an error line."""
+    from dlmscope.analysis.attribution import AttributeConfig, attribute_run
+    from dlmscope.analysis.features import FeatureStoreConfig, build_feature_store
+    from dlmscope.data import heldout_rows
+    from dlmscope.sae import SAEConfig, build_sae, save_sae
+
+    tcs = []
+    for i in range(llada.n_layers):
+        meta = {"model_name": llada.name, "hook_name": f"blocks.{i}.hook_mlp_in", "hook_name_out": f"blocks.{i}.hook_mlp_out"}
+        tc = build_sae(SAEConfig(64, 64, 8, "skip_transcoder", meta, ()), seed=i)
+        tcs.append(save_sae(tc, tmp_path / "tcs" / f"l{i}"))
+    attribute_run(AttributeConfig(model=str(tiny_dirs["llada"]), transcoders=str(tmp_path / "tcs"), prompt="a b",
+                                  position=2, gen_length=4, steps=4, links=1, node_threshold=1.0, edge_threshold=1.0,
+                                  out=str(tmp_path / "attr")))
+    from dlmscope.sae import load_sae
+
+    store = build_feature_store(llada, load_sae(tcs[1]), heldout_rows(tokenizer, 32, n=4), tmp_path / "store1",
+                                FeatureStoreConfig(), sae_name=str(tcs[1]), model_ref=str(tiny_dirs["llada"]))
+    at = _app(env, monkeypatch, {"DLMSCOPE_ATTRIBUTION": tmp_path / "attr" / "attribution.json",
+                                 "DLMSCOPE_ATTRIBUTION_STORES": store}, page="attribution")
+    assert not at.exception and not at.error
+    assert "Top examples for layers [1]" in at.caption[0].value
+    fig = json.loads(_charts(at)[0].proto.spec)
+    hovers = [t for tr in fig["data"] for t in (tr.get("text") or [])]
+    assert any("[[" in t for t in hovers)  # a layer-1 feature's top examples
+    multi = len(at.selectbox) == 2
+    if multi:  # linked graphs: the cross-step view has one subplot per step
+        assert at.selectbox[0].value == "all steps" and sum(k.startswith("xaxis") for k in fig["layout"]) >= 2
+    node = next(o for o in at.selectbox[-1].options if o.startswith("1_"))
+    at = at.selectbox[-1].select(node).run()
+    assert not at.exception and at.subheader[0].value.startswith(node) and len(at.dataframe[-1].value) > 0
+    assert at.query_params["pinned"] == [node] or at.query_params["pinned"] == node
+    at = _app(env, monkeypatch, {"DLMSCOPE_ATTRIBUTION": tmp_path / "nope.json"}, page="attribution")
+    assert "does not exist" in at.error[0].value
+
+
 def test_damaged_store_is_a_page_error(env, monkeypatch, tmp_path):
     """A flipped bit in the store's arrays (or an edited manifest) is an error on the page, never a traceback."""
     store = Path(shutil.copytree(env["DLMSCOPE_STORE"], tmp_path / "store"))

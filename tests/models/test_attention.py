@@ -117,6 +117,48 @@ def test_zeroing_a_heads_z_equals_removing_its_output_projection_slice(models, f
     assert (ablated - lm.forward(ids)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_editing_resid_mid_edits_the_residual_stream(models, family, one_thread):
+    """Adding d to resid_mid at p is adding d to attn_out at p: resid_post moves by d plus the MLP's response."""
+    lm = models[family]
+    ids = torch.randint(5, lm.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    d = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(4))
+    names = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"]
+    base = run_with_cache(lm, ids, names, stop_early=False)
+    runs = {}
+    for site in ("resid_mid", "attn_out"):
+        with hooked(lm, {f"blocks.0.hook_{site}": lambda a, c: a + d}, positions=[3]):
+            runs[site] = run_with_cache(lm, ids, names, stop_early=False), lm.forward(ids)
+    (mid, mid_logits), (out, out_logits) = runs["resid_mid"], runs["attn_out"]
+    for name in names:
+        torch.testing.assert_close(mid[name], out[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mid_logits, out_logits, rtol=0, atol=1e-5)
+    shift = mid["blocks.0.hook_resid_post"] - base["blocks.0.hook_resid_post"]
+    ffn = {k: r["blocks.0.hook_resid_post"] - r["blocks.0.hook_resid_mid"] for k, r in (("mid", mid), ("base", base))}
+    mlp = ffn["mid"] - ffn["base"]  # the MLP's response (LLaDA-MoE's shared expert included)
+    torch.testing.assert_close(shift[:, 3], d.expand(2, -1) + mlp[:, 3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mid["blocks.0.hook_resid_mid"][:, 3], base["blocks.0.hook_resid_mid"][:, 3] + d)
+    torch.testing.assert_close(mid["blocks.0.hook_resid_pre"], base["blocks.0.hook_resid_pre"], rtol=0, atol=0)
+    assert mlp[:, 3].abs().max() > 1e-4 and shift[:, [0, 1, 2, 4, 5, 6, 7]].abs().max() == 0
+
+
+@torch.no_grad()
+def test_resid_mid_edits_follow_resid_pre_edits_and_deep_copies(models, one_thread):
+    """resid_mid is formed from the residual after a resid_pre edit; a deep copy's layers keep their own resid_pre."""
+    import copy
+
+    lm = models["llada"]
+    ids = torch.randint(5, lm.vocab_size, (1, 6))
+    both = {"blocks.0.hook_resid_pre": lambda a, c: a * 2, "blocks.0.hook_resid_mid": lambda a, c: a + 1.0}
+    with hooked(lm, both):
+        got = run_with_cache(lm, ids, ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_resid_mid"])
+    torch.testing.assert_close(got["blocks.0.hook_resid_mid"],
+                               got["blocks.0.hook_resid_pre"] + got["blocks.0.hook_attn_out"] + 1.0)
+    twin = copy.deepcopy(lm.module).model.layers[0]
+    assert [h.__self__ for h in twin.input_layernorm._forward_pre_hooks.values()] == [twin.self_attn]
+
+
 @torch.no_grad()
 def test_edits_at_positions_and_pre_rotary_keys_reach_the_output(models, one_thread):
     lm = models["llada"]
@@ -164,6 +206,13 @@ def test_sampler_steps_and_kv_cache_windows(models, one_thread):
         edited = generate(lm, prompt, **kw)
     assert torch.equal(edited.history[1].x, plain.history[1].x)
     assert (edited.history[1].logits - plain.history[1].logits).abs().max() > 1e-4
+    # resid_mid edits at a cached step's window positions act as attn_out edits there
+    runs = []
+    for site in ("resid_mid", "attn_out"):
+        with hooked(lm, {f"blocks.0.hook_{site}": lambda a, c: a + 1.0}, steps=[1], positions=[5]):
+            runs.append(generate(lm, prompt, **kw))
+    torch.testing.assert_close(runs[0].history[1].logits, runs[1].history[1].logits, rtol=0, atol=1e-5)
+    assert (runs[0].history[1].logits - plain.history[1].logits).abs().max() > 1e-4
 
 
 @torch.no_grad()

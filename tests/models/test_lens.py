@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dlmscope import DLMScopeError, generate, load_model, run_with_cache, to_hooked_transformer
+from dlmscope import DLMScopeError, generate, hooked, load_model, run_with_cache, to_hooked_transformer
 from dlmscope.models.attention import ATTN_SITES
 from dlmscope.models.tiny import write_tiny_lladamoe
 
@@ -85,6 +85,21 @@ def test_every_site_matches_the_native_model(pairs, family, one_thread):
         else:
             a, b = a[real], b[real]
         torch.testing.assert_close(b, a, rtol=0, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "causal"])
+@torch.no_grad()
+def test_resid_mid_edits_match_transformer_lens(pairs, family, one_thread):
+    """TransformerLens' hook_resid_mid is the residual stream itself: the native edit must do the same."""
+    lm, _, back = pairs[family]
+    ids, _ = _batch(lm, False)
+    d = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(5))
+    logits = []
+    for model in (lm, back):
+        with hooked(model, {"blocks.0.hook_resid_mid": lambda a, c: a + d}, positions=[4]):
+            logits.append(model.forward(ids))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=ATOL)
+    assert (logits[0] - lm.forward(ids)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

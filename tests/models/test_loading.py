@@ -376,6 +376,30 @@ def test_truncated_tokenizer_and_bad_head_counts_are_one_line(tiny_dirs, tmp_pat
         _one_line_error(lambda: load_model(folder), message)
 
 
+@pytest.mark.parametrize("kind", ["llada", "dream", "causal", "lladamoe", "llada2"])
+def test_a_deep_copy_runs_its_own_weights(kind, tiny_dirs, tmp_path):
+    """The RL reference model is a deepcopy: its forward (and KV-cache call) must run the copied module, not
+    the original one its closures were built over."""
+    import copy
+
+    from dlmscope.models.tiny import write_tiny_llada2, write_tiny_lladamoe
+
+    writers = {"lladamoe": write_tiny_lladamoe, "llada2": write_tiny_llada2}
+    folder = writers[kind](tmp_path / kind) if kind in writers else tiny_dirs[kind]
+    lm = load_model(str(folder))
+    ids = torch.randint(0, 100, (2, 8))
+    before = lm.forward(ids)
+    twin = copy.deepcopy(lm)
+    assert torch.equal(twin.forward(ids), before)
+    with torch.no_grad():
+        for p in twin.module.parameters():
+            p.mul_(0.5)
+    assert torch.equal(lm.forward(ids), before) and not torch.allclose(twin.forward(ids), before)
+    if lm.kv_call is not None:
+        mask = torch.ones_like(ids)
+        assert not torch.allclose(twin.kv_call(ids, mask, None, None)[0], lm.kv_call(ids, mask, None, None)[0])
+
+
 def _copy(folder, to):
     import shutil
 

@@ -1,0 +1,34 @@
+"""The steering study compares the twins on equally many top-ranked features and tests every success metric."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+import steering_dlm_vs_ar as st  # noqa: E402
+
+
+def _partial(model: str, features: list[int], finished: int, shift: float) -> dict:
+    """A twin's partial result: `features` ranked, the first `finished` with every run, made-up per-text metrics."""
+    per_text = {k: [0.1, 0.2] for k in st.SUCCESS}
+    runs = [{"model": model, "feature": f, "schedule": sched, "strength": 4.0, "texts": ["a", "b"],
+             **{k: [v + shift * (1 + i) for v in (0.3, 0.5)] for k in st.METRICS[:4]},
+             "perplexity": [4.0, 5.0], "dlm_nll": [3.0, 3.5]}
+            for i, f in enumerate(features[:finished]) for sched in ("all", "late")]
+    return {"config": {"features": len(features)}, "features": {model: {str(f): {} for f in features}},
+            "dla_overlap": {model: {str(f): {"output": 0.1, "logit": 1.0, "input": 0.05} for f in features}},
+            "unsteered": {model: {"perplexity": [4.0, 4.0], "dlm_nll": [3.0, 3.0],
+                                  "per_feature": {str(f): per_text for f in features}}}, "runs": runs}
+
+
+def test_first_complete_keeps_the_features_both_twins_finished_and_tests_each_metric():
+    dlm, ar = (_partial(m, [5, 7, 9], done, shift) for m, done, shift in
+               ((st.MODELS[0][0], 3, 0.1), (st.MODELS[1][0], 2, 0.0)))
+    res = dlm | {k: dlm[k] | ar[k] for k in ("features", "dla_overlap", "unsteered")}
+    res["runs"] = dlm["runs"] + ar["runs"]
+    res = st.first_complete(res)
+    assert res["config"]["features"] == 2 and {r["feature"] for r in res["runs"]} == {5, 7}
+    assert res["ranking"][st.MODELS[0][0]] == [5, 7, 9] and list(res["features"][st.MODELS[0][0]]) == ["5", "7"]
+    tests = st.dlm_vs_ar(res)
+    assert [t["metric"] for t in tests] == list(st.TESTED) * 2  # two schedules
+    assert all(t["p_holm"] >= t["p"] for t in tests)
+    assert "concept rate, output" in st.readme_table(res)
