@@ -31,6 +31,7 @@ ACCEPTED = {  # (command, flag) -> values that are legitimately allowed (they re
        for flag in flags},
     ("train-sae", "--l0-coef"): {"1e30"}, ("train-sae", "--bandwidth"): {"1e30"},
     ("patch", "--target"): {"-1"},  # a position counted from the end
+    **{("attribute", flag): {"-1"} for flag in ("--step", "--token", "--contrast")},  # -1: its documented "auto"
     ("steer", "--strength"): {"-1", "1e30"},  # negative steering pushes a feature down; the size is the user's call
 }
 
