@@ -503,7 +503,9 @@ def steer(
 ) -> None:
     """Generate with and without feature steering, side by side (DLM sampler or AR decoding)."""
     from .analysis.steering import SteeringSpec, compare, validate
-    from .diffusion.sampler import check_fast_options, check_threshold, get_schedule
+    from .diffusion.remasking import check_threshold
+    from .diffusion.schedules import get_schedule
+    from .diffusion.stepforward import check_fast_options
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae
@@ -563,7 +565,9 @@ def order(
     """Feature dynamics per remasking order, task accuracy and held-out likelihood, incl. the SAE-informed order."""
     from .analysis.order import order_header, order_study, strategy_names
     from .data import heldout_rows
-    from .diffusion.sampler import check_fast_options, check_threshold, get_schedule
+    from .diffusion.remasking import check_threshold
+    from .diffusion.schedules import get_schedule
+    from .diffusion.stepforward import check_fast_options
     from .io_utils import atomic_write_json
     from .models import load_model
     from .sae import load_sae

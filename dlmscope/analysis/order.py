@@ -17,10 +17,10 @@ import torch
 
 from ..checks import positive
 from ..diffusion.loss import token_ce
-from ..diffusion.sampler import (
-    REMASKING, LowConfidence, Remasking, StepForward, StepInput, check_threshold, default_schedule, generate,
-    get_remasking, get_schedule, one_block,
-)
+from ..diffusion.remasking import REMASKING, LowConfidence, Remasking, StepInput, check_threshold, get_remasking
+from ..diffusion.sampler import generate, one_block
+from ..diffusion.schedules import default_schedule, get_schedule
+from ..diffusion.stepforward import StepForward
 from ..errors import DLMScopeError
 from ..hooks import hooked
 from ..models.base import ForwardState, LoadedModel

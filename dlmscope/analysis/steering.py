@@ -141,7 +141,7 @@ def ar_generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 3
 
     Full re-forward per token (no KV cache): steering hooks then see every position, as in the sampler.
     """
-    from ..diffusion.sampler import gumbel_argmax
+    from ..diffusion.sampling import gumbel_argmax
     from ..models.base import ForwardState
 
     if not prompts:

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from .. import checks
 from ..errors import DLMScopeError
 from ..models.base import LoadedModel
-from .sampler import (DenoiseStep, GenerateOutput, Remasking, Schedule, StepInput, _prepare_prompts, block_bounds,
-                      generate, top_n_mask)
+from .prompts import prepare_prompts
+from .remasking import Remasking, StepInput, top_n_mask
+from .sampler import DenoiseStep, GenerateOutput, block_bounds, generate
+from .schedules import Schedule
 
 
 class BlockQuota(Schedule):
@@ -98,7 +100,7 @@ def generate_blocks(
     check_block_options(max_new_tokens, steps_per_block, threshold, minimal_topk)
     block = lm.block_size if block_length is None else checks.positive("block_length", block_length)
     steps_per_block = min(steps_per_block, max_new_tokens // minimal_topk)
-    width = _prepare_prompts(lm, prompts)[0].shape[1]
+    width = prepare_prompts(lm, prompts)[0].shape[1]
     n_blocks = len(block_bounds(width, max_new_tokens, block, aligned=True))
     return generate(lm, prompts, gen_length=max_new_tokens, steps=steps_per_block * n_blocks, block_length=block,
                     temperature=temperature, threshold=threshold, cache=cache, eos_early_stop=eos_early_stop,

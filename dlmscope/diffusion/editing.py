@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from .. import checks
 from ..errors import DLMScopeError
 from ..models.base import ForwardState, LoadedModel
-from .sampler import GenerateOutput, _prepare_prompts, gumbel_argmax
+from .prompts import prepare_prompts
+from .sampler import GenerateOutput
+from .sampling import gumbel_argmax
 
 
 @torch.no_grad()
@@ -60,7 +62,7 @@ def generate_editing(
     mask_id = lm.require_mask_id()
     if eos_early_stop and lm.eos_id is None:
         raise DLMScopeError(f"eos_early_stop needs an EOS id; {lm.name} declares none (pass load_model(..., eos_id=N))")
-    ids, attn = _prepare_prompts(lm, prompts)
+    ids, attn = prepare_prompts(lm, prompts)
     rows = [row[a.bool()].tolist() for row, a in zip(ids, attn)]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     rule = _EditRule(lm, mask_id, block, threshold, editing_threshold, max_post_steps, num_to_transfer, temperature,

@@ -6,6 +6,9 @@ Three small objects split the work of one step, so each can be swapped on its ow
 - a `TokenSampling` draws the predicted tokens x0 (temperature, Dream's top-p / top-k);
 - a `Remasking` strategy scores the candidates (or, for Dream's `origin`, picks them itself); the
   best `n` are revealed, or with `alg_temp` drawn from a softmax over the scores, never remasked.
+The parts live in sibling modules (`schedules`, `sampling`, `remasking`, `stepforward`: the model call,
+with Fast-dLLM's KV cache; `prompts`: prompt batching) and are re-exported here, so
+`from dlmscope.diffusion.sampler import ...` keeps working for every name it ever offered.
 Everything that happens "during diffusion" (activation capture, steering, SAE-informed ordering)
 is a hook or a strategy plugged into this loop, which also keeps `lm.state` current so hooks know
 the step and the mask.
@@ -17,90 +20,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .. import checks
 from ..errors import DLMScopeError
 from ..models.base import ForwardState, LoadedModel
-from ..models.kvcache import BlockKVCache, check_cache
+from .prompts import left_pad, prepare_prompts
+from .remasking import (REMASKING, DreamConfidence, Entropy, LowConfidence, MaskgitPlus, Origin, RandomOrder,
+                        Remasking, StepInput, TopKMargin, check_threshold, get_remasking, sample_n_mask, top_n_mask)
+from .sampling import TokenSampling, gumbel_argmax
+from .schedules import (SCHEDULES, DreamSchedule, LinearSchedule, Schedule, default_schedule, get_schedule,
+                        transfer_schedule)
+from .stepforward import StepForward, check_fast_options
 
-
-class Schedule:
-    """How many still-masked positions of a block step `i` of `steps` reveals. Subclass to add one."""
-
-    name = "base"
-
-    def default_block_length(self, gen_length: int) -> int:
-        """Block length when the caller gives none: 32 when it divides the generation, else one block."""
-        return 32 if gen_length % 32 == 0 else gen_length
-
-    def fraction(self, i: int, steps: int) -> float | torch.Tensor:
-        """Share of the still-masked positions step i reveals (`origin` reveals each with this probability)."""
-        raise NotImplementedError
-
-    def counts(self, n_masked: torch.Tensor, i: int, steps: int) -> torch.Tensor:
-        """(B,) positions to reveal at step i, given the (B,) masked counts before it."""
-        raise NotImplementedError
-
-    def plan(self, n_masked: torch.Tensor, steps: int) -> torch.Tensor:
-        """(B, steps) counts when every step reveals exactly what it is told."""
-        out, left = [], n_masked.clone()
-        for i in range(steps):
-            out.append(self.counts(left, i, steps))
-            left = left - out[-1]
-        return torch.stack(out, 1)
-
-
-class LinearSchedule(Schedule):
-    """LLaDA: n // steps per step, the remainder to the first steps (as ceil(left / steps left))."""
-
-    name = "linear"
-
-    def fraction(self, i: int, steps: int) -> float:
-        return 1.0 / (steps - i)
-
-    def counts(self, n_masked: torch.Tensor, i: int, steps: int) -> torch.Tensor:
-        k = steps - i
-        return (n_masked + k - 1) // k
-
-
-class DreamSchedule(Schedule):
-    """Dream `diffusion_generate`: t = linspace(1, eps, steps + 1); step i reveals int(n * (1 - t[i+1]/t[i])).
-
-    Computed in float32 as upstream does (the truncation depends on it); the last step reveals the rest.
-    Dream has no blocks, so by default the whole generation is one block.
-    """
-
-    name = "dream"
-
-    def __init__(self, eps: float = 1e-3):
-        self.eps = eps
-
-    def default_block_length(self, gen_length: int) -> int:
-        return gen_length
-
-    def fraction(self, i: int, steps: int) -> float | torch.Tensor:
-        if i == steps - 1:
-            return 1.0
-        t = torch.linspace(1, self.eps, steps + 1, dtype=torch.float32)
-        return 1 - t[i + 1] / t[i]
-
-    def counts(self, n_masked: torch.Tensor, i: int, steps: int) -> torch.Tensor:
-        if i == steps - 1:
-            return n_masked.clone()
-        frac = self.fraction(i, steps).to(n_masked.device)
-        return (n_masked.to(torch.float32) * frac).long()
-
-
-SCHEDULES: dict[str, Callable[..., Schedule]] = {"linear": LinearSchedule, "dream": DreamSchedule}
-
-
-def default_schedule(lm: LoadedModel) -> str:
-    """Each family samples as its own upstream does (its registration's `schedule`: Dream `dream`, others `linear`)."""
-    from ..models.families import FAMILIES
-
-    family = FAMILIES.get(lm.family)
-    return family.schedule if family is not None else "linear"
+__all__ = [  # the sampler's public surface, wherever each part lives
+    "family_sampler", "one_block", "DenoiseStep", "GenerateOutput", "context_limit", "block_bounds", "generate",
+    "DreamConfidence", "DreamSchedule", "Entropy", "LinearSchedule", "LowConfidence", "MaskgitPlus", "Origin",
+    "REMASKING", "RandomOrder", "Remasking", "SCHEDULES", "Schedule", "StepForward", "StepInput", "TokenSampling",
+    "TopKMargin", "check_fast_options", "check_threshold", "default_schedule", "get_remasking", "get_schedule",
+    "gumbel_argmax", "left_pad", "sample_n_mask", "top_n_mask", "transfer_schedule", "prepare_prompts",
+]
 
 
 def family_sampler(lm: LoadedModel, remasking: str | Remasking | None, schedule: str | Schedule | None, eps: float,
@@ -113,7 +51,7 @@ def family_sampler(lm: LoadedModel, remasking: str | Remasking | None, schedule:
     if lm.block_size:
         from .blocks import BlockQuota, ThresholdQuota  # blocks builds on this module
 
-        sched = BlockQuota(block_length) if schedule is None else get_schedule(schedule, eps)
+        sched = BlockQuota(block_length or lm.block_size) if schedule is None else get_schedule(schedule, eps)
         if remasking is None:
             level = 0.95 if threshold is None else checks.number("threshold", threshold, 0, 1)
             return ThresholdQuota(level), sched, None
@@ -125,71 +63,6 @@ def family_sampler(lm: LoadedModel, remasking: str | Remasking | None, schedule:
 def one_block(lm: LoadedModel, gen_length: int) -> int | None:
     """The whole generation as one block (LLaDA-style), or None for a block-diffusion model: its own blocks."""
     return None if lm.block_size else gen_length
-
-
-def get_schedule(schedule: str | Schedule, eps: float = 1e-3) -> Schedule:
-    if isinstance(schedule, Schedule):
-        return schedule
-    if schedule not in SCHEDULES:
-        raise DLMScopeError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    return DreamSchedule(eps) if schedule == "dream" else SCHEDULES[schedule]()
-
-
-def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """(B, steps) tokens to unmask per step under LLaDA's linear schedule."""
-    return LinearSchedule().plan(n_masked, steps)
-
-
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """argmax of exp(logits) / (-log u)^temperature in float64 (LLaDA's Gumbel-max sampling)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
-    return (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-
-
-@dataclass(frozen=True)
-class TokenSampling:
-    """How the predicted tokens x0 are drawn: temperature, then Dream's top-p and top-k filters.
-
-    Without filters x0 is LLaDA's float64 Gumbel-max draw; with them, a Gumbel-max draw from Dream's
-    filtered distribution (the same distribution as Dream's categorical draw, other random numbers).
-    """
-
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-
-    @property
-    def filtered(self) -> bool:
-        return (self.top_p is not None and self.top_p < 1) or bool(self.top_k)
-
-    def distribution_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Dream's `sample_tokens` logits: / temperature (if > 0), top-p, then top-k; removed entries at finfo.min."""
-        z = logits.float()
-        if self.temperature > 0:
-            z = z / self.temperature
-        floor = torch.finfo(z.dtype).min
-        if self.top_p is not None and self.top_p < 1:
-            sorted_z, order = torch.sort(z, dim=-1, descending=True)
-            cum = torch.cumsum(F.softmax(sorted_z, dim=-1), dim=-1)
-            drop = torch.zeros_like(cum, dtype=torch.bool)
-            drop[..., 1:] = cum[..., :-1] > self.top_p  # keep the token that crosses top_p
-            z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), floor)
-        if self.top_k:
-            kth = torch.topk(z, min(self.top_k, z.shape[-1]), dim=-1).values[..., -1:]
-            z = z.masked_fill(z < kth, floor)
-        return z
-
-    def draw(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        if not self.filtered:
-            return gumbel_argmax(logits, self.temperature, generator)
-        z = self.distribution_logits(logits)
-        if self.temperature == 0:
-            return z.argmax(-1)
-        u = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device)
-        return (z.double() - torch.log(-torch.log(u))).argmax(-1)
 
 
 @dataclass
@@ -209,192 +82,6 @@ class DenoiseStep:
 
 
 @dataclass
-class StepInput:
-    """What a remasking strategy sees when choosing positions to unmask."""
-
-    lm: LoadedModel
-    x: torch.Tensor
-    logits: torch.Tensor  # aligned, after CFG, before Gumbel noise
-    x0: torch.Tensor
-    candidates: torch.Tensor  # (B, L) bool: masked positions inside the current block
-    step: int
-    n_steps: int
-    step_in_block: int
-    steps_per_block: int
-    generator: torch.Generator | None
-    sampling: TokenSampling = field(default_factory=TokenSampling)
-    schedule: Schedule = field(default_factory=LinearSchedule)
-    alg_temp: float | None = None  # > 0: draw positions from softmax(scores / alg_temp) instead of the top n
-
-
-class Remasking:
-    """Scores masked positions; the loop unmasks the `n` best of each row. Subclass to add a strategy."""
-
-    name = "base"
-    ranks = True  # False: the strategy picks positions itself and has no confidence to threshold
-
-    def begin(self, lm: LoadedModel, x: torch.Tensor) -> None:
-        """Called once before the first step (set up hooks, state)."""
-
-    def end(self) -> None:
-        """Called once after the last step, also on error."""
-
-    def scores(self, s: StepInput) -> torch.Tensor:
-        raise NotImplementedError
-
-    def select(self, s: StepInput, n_transfer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (scores, transfer mask) with exactly `n_transfer[b]` candidates picked in row b."""
-        score = self.scores(s).to(torch.float64).masked_fill(~s.candidates, float("-inf"))
-        if s.alg_temp:
-            return score, sample_n_mask(score, n_transfer, s.alg_temp, s.generator)
-        return score, top_n_mask(score, n_transfer)
-
-    def threshold_scores(self, s: StepInput) -> torch.Tensor:
-        """The confidence Fast-dLLM's threshold compares, in [0, 1]: the scores themselves by default."""
-        return self.scores(s)
-
-    def select_above(self, s: StepInput, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast-dLLM threshold decoding: every candidate with confidence >= threshold, and each row's best."""
-        score = self.threshold_scores(s).to(torch.float64).masked_fill(~s.candidates, float("-inf"))
-        best = top_n_mask(score, s.candidates.any(1).long())
-        return score, best | (s.candidates & (score >= threshold))
-
-
-def top_n_mask(score: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool with the n[b] highest scores of row b set."""
-    transfer = torch.zeros_like(score, dtype=torch.bool)
-    k_max = int(n.max())
-    if k_max > 0:
-        idx = torch.topk(score, k_max, dim=1).indices
-        keep = torch.arange(k_max, device=score.device)[None] < n.to(score.device)[:, None]
-        transfer.scatter_(1, idx, keep)
-    return transfer
-
-
-def sample_n_mask(score: torch.Tensor, n: torch.Tensor, alg_temp: float, generator: torch.Generator | None) -> torch.Tensor:
-    """n[b] positions of row b drawn without replacement from softmax(score / alg_temp) (Dream's `alg_temp`).
-
-    Gumbel-top-k: the top n of score / alg_temp + Gumbel noise is such a draw, and never runs out of
-    positions when the softmax underflows.
-    """
-    u = torch.rand(score.shape, generator=generator, dtype=torch.float64).to(score.device)
-    return top_n_mask(score / alg_temp - torch.log(-torch.log(u)), n)
-
-
-class LowConfidence(Remasking):
-    """LLaDA `low_confidence`: the highest softmax(logits)[x0] first (untempered probabilities)."""
-
-    name = "low_confidence"
-
-    def scores(self, s: StepInput) -> torch.Tensor:
-        # softmax(logits)[x0] without materialising the distribution
-        logits = s.logits.float()
-        return torch.exp(torch.gather(logits, -1, s.x0[..., None]).squeeze(-1) - torch.logsumexp(logits, -1))
-
-    def threshold_scores(self, s: StepInput) -> torch.Tensor:
-        """Fast-dLLM's confidence, a float64 softmax (precision decides near the threshold); candidates only."""
-        out = torch.full(s.x.shape, float("-inf"), dtype=torch.float64, device=s.x.device)
-        if s.candidates.any():
-            probs = F.softmax(s.logits[s.candidates].double(), dim=-1)
-            out[s.candidates] = probs.gather(-1, s.x0[s.candidates][:, None]).squeeze(-1)
-        return out
-
-
-class RandomOrder(Remasking):
-    """LLaDA `random`: uniform float32 scores over the whole sequence, one draw per step as upstream."""
-
-    name = "random"
-
-    def scores(self, s: StepInput) -> torch.Tensor:
-        return torch.rand(s.x.shape, generator=s.generator, dtype=torch.float32).to(s.x.device)
-
-
-class DreamConfidence(Remasking):
-    """Dream's scored algorithms: a confidence of Dream's sampling distribution at each candidate.
-
-    That distribution is the tempered, top-p / top-k filtered softmax (`TokenSampling.distribution_logits`),
-    computed only at candidate positions, in float32 as upstream.
-    """
-
-    def confidence(self, probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def scores(self, s: StepInput) -> torch.Tensor:
-        out = torch.full(s.x.shape, float("-inf"), dtype=torch.float64, device=s.x.device)
-        if s.candidates.any():
-            probs = F.softmax(s.sampling.distribution_logits(s.logits[s.candidates]), dim=-1)
-            out[s.candidates] = self.confidence(probs, s.x0[s.candidates]).double()
-        return out
-
-
-class MaskgitPlus(DreamConfidence):
-    """Dream `maskgit_plus`: the probability of the drawn token under the tempered, filtered distribution."""
-
-    name = "maskgit_plus"
-
-    def confidence(self, probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return probs.gather(-1, x0[:, None]).squeeze(-1)
-
-
-class TopKMargin(DreamConfidence):
-    """Dream `topk_margin`: the gap between the two largest probabilities."""
-
-    name = "topk_margin"
-
-    def confidence(self, probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        top2 = torch.topk(probs, 2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-
-
-class Entropy(DreamConfidence):
-    """Dream `entropy`: negative entropy sum p log(p + 1e-10), lowest entropy first."""
-
-    name = "entropy"
-
-    def confidence(self, probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (probs * torch.log(probs + 1e-10)).sum(-1)
-
-    def threshold_scores(self, s: StepInput) -> torch.Tensor:
-        return self.scores(s).exp()  # exp(-entropy): 1 for a certain prediction
-
-
-class Origin(Remasking):
-    """Dream `origin`: each candidate is revealed with probability `schedule.fraction` (1 - s/t under `dream`).
-
-    One float32 uniform per candidate per step, in row-major order over the batch, as upstream draws
-    them, so a generator seeded like upstream's global one reveals the same positions. The scores
-    reported are those uniforms.
-    """
-
-    name = "origin"
-    ranks = False
-
-    def scores(self, s: StepInput) -> torch.Tensor:
-        u = torch.rand(int(s.candidates.sum()), generator=s.generator, dtype=torch.float32).to(s.x.device)
-        return torch.full(s.x.shape, float("-inf"), dtype=torch.float32, device=s.x.device).masked_scatter(s.candidates, u)
-
-    def select(self, s: StepInput, n_transfer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        score = self.scores(s)
-        frac = s.schedule.fraction(s.step_in_block, s.steps_per_block)
-        frac = frac.to(score.device) if isinstance(frac, torch.Tensor) else frac
-        return score.double(), s.candidates & (score < frac)
-
-
-REMASKING: dict[str, Callable[[], Remasking]] = {
-    "low_confidence": LowConfidence, "random": RandomOrder,
-    "maskgit_plus": MaskgitPlus, "topk_margin": TopKMargin, "entropy": Entropy, "origin": Origin,
-}
-
-
-def get_remasking(strategy: str | Remasking) -> Remasking:
-    if isinstance(strategy, Remasking):
-        return strategy
-    if strategy not in REMASKING:
-        raise DLMScopeError(f"unknown remasking strategy {strategy!r}; allowed: {', '.join(REMASKING)}")
-    return REMASKING[strategy]()
-
-
-@dataclass
 class GenerateOutput:
     """Sampler result: full sequences (left-padded prompt + generation) and the optional history."""
 
@@ -408,36 +95,6 @@ class GenerateOutput:
     @property
     def generated(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length:]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (B, P) ids and a 1/0 attention mask."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        if len(p):
-            ids[b, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[b, width - len(p):] = 1
-    return ids, mask
-
-
-def _prepare_prompts(lm: LoadedModel, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() == 1:
-            prompts = prompts[None]
-        return prompts.long(), torch.ones_like(prompts, dtype=torch.long)
-    prompts = list(prompts)
-    if not prompts:
-        raise DLMScopeError("the prompt list is empty; give at least one prompt")
-    if all(isinstance(p, str) for p in prompts):
-        prompts = lm.to_tokens(prompts)
-    pad = lm.pad_id  # `models.ids`: the tokenizer's, config.json's, else EOS (never the mask id if avoidable)
-    if pad is None:
-        pad = getattr(lm.tokenizer, "pad_token_id", None) if lm.tokenizer is not None else None
-    return left_pad(prompts, pad if pad is not None else lm.require_mask_id())
 
 
 def _check_options(temperature: float, cfg_scale: float, top_p: float | None, top_k: int | None,
@@ -500,65 +157,6 @@ def block_bounds(P: int, gen_length: int, block_length: int, aligned: bool) -> l
         return [(P + b * block_length, P + (b + 1) * block_length) for b in range(gen_length // block_length)]
     first, end = P // block_length, -(-(P + gen_length) // block_length)
     return [(max(P, b * block_length), (b + 1) * block_length) for b in range(first, end)]
-
-
-class StepForward:
-    """The model call of one denoising step: a full forward, or Fast-dLLM's block-wise KV cache.
-
-    With a cache, the first step of each block is a full forward that refreshes the cache; the
-    other steps compute only the cache's window (`prefix`: the block and everything after it;
-    `dual`: the block; Dream-style shifted models one position more on the left), and the logits
-    of the other positions are those of the last forward that computed them. Not recomputed on a
-    cached step: the positions before the block (`prefix`, `dual`) and after it (`dual`).
-    Hooks still run on every step, on the window only; `lm.state.window` = (start, end) says which
-    positions the activations cover, and position selectors (given over the whole sequence) are
-    cut to it, so `capture(positions="masked")` sees every masked position under `prefix` (they all
-    lie in the window) and only the current block's under `dual`.
-    """
-
-    def __init__(self, lm: LoadedModel, cache: str | None):
-        self.lm = lm
-        self.cache = BlockKVCache(lm, cache) if cache is not None else None
-        self.last: torch.Tensor | None = None
-        self.count = 0
-
-    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, state: ForwardState, lo: int, hi: int,
-                 first_in_block: bool, clean: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoising logits of `ids`; `clean` (teacher forcing) lets a block-diffusion model read each block
-        given the clean earlier blocks (`LoadedModel.denoise_logits`)."""
-        self.count += 1
-        if self.cache is None:
-            self.lm.state = state
-            return self.lm.denoise_logits(ids, attn, clean=clean)
-        if first_in_block:
-            self.lm.state = state
-            self.last = self.cache.refresh(ids, attn, lo, hi)
-            return self.last
-        state.window = self.cache.window
-        self.lm.state = state
-        fresh = self.cache.step(ids)
-        logits = self.last.clone()
-        logits[:, lo:lo + fresh.shape[1]] = fresh
-        self.last = logits
-        return logits
-
-
-def check_fast_options(lm: LoadedModel, threshold: float | None, cache: str | None,
-                       strategy: Remasking | None = None) -> None:
-    """One-line errors for Fast-dLLM's options, before any work."""
-    if lm.causal and (threshold is not None or cache is not None):
-        raise DLMScopeError(f"threshold / cache are diffusion sampler options; {lm.name} is autoregressive")
-    check_threshold(threshold, strategy)
-    check_cache(lm, cache)
-
-
-def check_threshold(threshold: float | None, strategy: Remasking | None = None) -> None:
-    if threshold is None:
-        return
-    checks.number("threshold", threshold, 0, 1, low_open=True)
-    if strategy is not None and not strategy.ranks:
-        raise DLMScopeError(f"threshold decoding needs a strategy that scores positions; {strategy.name!r} picks "
-                            "them at random by itself")
 
 
 @torch.no_grad()
@@ -630,7 +228,7 @@ def generate(
     check_fast_options(lm, threshold, cache, strategy)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    prompt_ids, prompt_mask = _prepare_prompts(lm, prompts)
+    prompt_ids, prompt_mask = prepare_prompts(lm, prompts)
     B, P = prompt_ids.shape
     bounds = block_bounds(P, gen_length, block_length, aligned=bool(lm.block_size))
     gen_length = bounds[-1][1] - P
@@ -692,7 +290,8 @@ def generate(
                     history.append(record)
                 i += 1
                 step += 1
-            if eos_early_stop and bool(((x[:, P:hi] == lm.eos_id).any(1) & (x[:, P:hi] != mask_id).all(1)).all()):
+            if eos_early_stop and lm.eos_id is not None and bool(
+                    ((x[:, P:hi] == lm.eos_id).any(1) & (x[:, P:hi] != mask_id).all(1)).all()):
                 break
     finally:
         strategy.end()

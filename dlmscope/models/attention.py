@@ -12,10 +12,15 @@ Keys and values are edited before a KV cache stores them, so an edit reaches lat
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 ATTN_SITES = ("q", "k", "v", "rot_q", "rot_k", "pattern", "z")
 """Sites inside attention, in the order a forward pass reaches them (`blocks.{i}.attn.hook_{site}`)."""
@@ -26,6 +31,14 @@ Fused = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 class AttentionHooks(nn.Module):
     """Identity submodules `hook_{q,k,v,rot_q,rot_k,pattern,z}`: forward hooks on them read or replace the value."""
+
+    hook_q: nn.Identity
+    hook_k: nn.Identity
+    hook_v: nn.Identity
+    hook_rot_q: nn.Identity
+    hook_rot_k: nn.Identity
+    hook_pattern: nn.Identity
+    hook_z: nn.Identity
 
     def __init__(self):
         super().__init__()
@@ -104,7 +117,7 @@ class HFAttention(nn.Module):
     `hook_attn_out` and `hook_resid_mid` (no parameters).
     """
 
-    def __init__(self, attn: nn.Module):
+    def __init__(self, attn: LlamaAttention | Qwen2Attention):
         super().__init__()
         self.config, self.layer_idx = attn.config, attn.layer_idx
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
@@ -167,10 +180,10 @@ def hook_hf_attention(layers: list[nn.Module]) -> None:
     it (only while `hook_resid_mid` is hooked) for `HFAttention.through_resid_mid`.
     """
     for layer in layers:
-        attn = getattr(layer, "self_attn", None)
+        attn: Any = getattr(layer, "self_attn", None)
         if type(attn).__name__ in _HF_ATTENTION and getattr(attn, "sliding_window", None) is None:
-            layer.self_attn = HFAttention(attn)
-            layer.input_layernorm.register_forward_pre_hook(layer.self_attn.keep_resid_pre)
+            layer.self_attn = new = HFAttention(attn)
+            layer.get_submodule("input_layernorm").register_forward_pre_hook(new.keep_resid_pre)
 
 
 def attention_module(layer: nn.Module) -> nn.Module | None:

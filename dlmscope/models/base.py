@@ -40,7 +40,9 @@ def parse_hook(name: str) -> tuple[int, str] | None:
 
 def site_key(name: str) -> tuple[int, int]:
     """(layer, index in `SITE_ORDER`) of a well-formed hook name: sorts names in forward order."""
-    layer, kind = parse_hook(name)
+    parsed = parse_hook(name)
+    assert parsed is not None, f"not a hook name: {name!r}"
+    layer, kind = parsed
     return layer, SITE_ORDER.index(kind)
 
 
@@ -183,7 +185,8 @@ class LoadedModel:
                 raise DLMScopeError(
                     f"hook {hook_name!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
                 )
-            kinds = [k for k in SITE_ORDER if any(parse_hook(n)[1] == k for n in self.sites)]
+            present = {p[1] for p in map(parse_hook, self.sites) if p is not None}
+            kinds = [k for k in SITE_ORDER if k in present]
             if parsed and parsed[1].startswith("attn") and "attn.q" not in kinds:
                 raise DLMScopeError(
                     f"hook {hook_name!r}: {self.name} ({self.family}) exposes no attention internals; they need a "
@@ -198,7 +201,7 @@ class LoadedModel:
 
     def layer_of(self, hook_name: str) -> int:
         self.site(hook_name)
-        return parse_hook(hook_name)[0]
+        return site_key(hook_name)[0]
 
     def site_order(self, hook_name: str) -> tuple[int, int]:
         """(layer, position within the layer): sorts hook names in the order a forward pass reaches them."""
@@ -218,6 +221,8 @@ class LoadedModel:
             attention_mask = attention_mask.to(self.device)
             if bool(attention_mask.all()):
                 attention_mask = None
+        if self.call is None:
+            raise DLMScopeError(f"{self.name} has no forward: it was built without `call`")
         return self.call(input_ids, attention_mask)
 
     __call__ = forward
@@ -328,9 +333,10 @@ def hf_sites(layers: list[nn.Module], mid_attr: str | None) -> dict[str, Site]:
             sites[f"blocks.{i}.hook_resid_mid"] = Site(mid, "output")
         elif mid_attr is not None and hasattr(layer, mid_attr):
             sites[f"blocks.{i}.hook_resid_mid"] = Site(getattr(layer, mid_attr), "input")
-        if isinstance(getattr(layer, "mlp", None), nn.Module):
-            sites[f"blocks.{i}.hook_mlp_in"] = Site(layer.mlp, "input")
-            sites[f"blocks.{i}.hook_mlp_out"] = Site(layer.mlp, "output")
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, nn.Module):
+            sites[f"blocks.{i}.hook_mlp_in"] = Site(mlp, "input")
+            sites[f"blocks.{i}.hook_mlp_out"] = Site(mlp, "output")
         sites[f"blocks.{i}.hook_resid_post"] = Site(layer, "output")
     return sites
 

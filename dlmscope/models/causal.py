@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ _MID_NAMES = ("post_attention_layernorm", "ln_2", "mlp_norm", "ff_norm")
 
 def find_layers(module: nn.Module) -> list[nn.Module]:
     for path in _LAYER_PATHS:
-        obj = module
+        obj: Any = module
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
@@ -36,13 +37,14 @@ def _mid_attr(layer: nn.Module) -> str | None:
 def load_causal(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,
                 device_map: str | dict | None = None) -> LoadedModel:
     """Any `AutoModelForCausalLM` folder as an autoregressive baseline (next-token logits)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     from .checkpoint import load_tokenizer
 
-    module = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype, device_map=device_map)
+    module: PreTrainedModel = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
+                                                                   device_map=device_map)
     if device_map is None:
-        module.to(device)
+        module.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) reads as unbound to mypy
     module.eval()
     layers = find_layers(module)
     hook_hf_attention(layers)

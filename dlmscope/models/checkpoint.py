@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +14,11 @@ from torch import nn
 from ..errors import DLMScopeError
 from .attention import hook_hf_attention
 from .base import LoadedModel, bidirectional_mask, hf_sites
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 log = logging.getLogger("dlmscope")
 
@@ -106,14 +112,14 @@ def load_tokenizer(folder: Path, remote: bool = False):
 
 
 def build_hf_module(
-    model_cls: type[nn.Module],
+    model_cls: type[PreTrainedModel],
     config,
     tensors: Iterator[tuple[str, torch.Tensor]],
     rename: Callable[[str], str],
     device: str | torch.device,
     dtype: torch.dtype,
     device_map: str | dict | None = None,
-) -> nn.Module:
+) -> PreTrainedModel:
     """Instantiate `model_cls(config)` without random init and load renamed `tensors` into it (`place`d)."""
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -132,14 +138,14 @@ def build_hf_module(
     if config.tie_word_embeddings:
         module.tie_weights()
     # Buffers (rotary frequencies) were created on meta: rebuild them for real.
-    rotary = module.model.rotary_emb
+    rotary = module.get_submodule("model.rotary_emb")
     with torch.device("cpu"):
-        module.model.rotary_emb = type(rotary)(config=config)
+        module.get_submodule("model").rotary_emb = type(rotary)(config=config)
     return place(module, device, dtype, device_map)
 
 
-def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype,
-          device_map: str | dict | None = None) -> nn.Module:
+def place(module: ModuleT, device: str | torch.device, dtype: torch.dtype,
+          device_map: str | dict | None = None) -> ModuleT:
     """Move a loaded decoder (`module.model.layers`) to `device`, or spread it with accelerate by `device_map`:
     "auto"/"balanced"/"sequential" (never splitting a layer) or {module name: device}. Eval mode."""
     if device_map is None:
@@ -147,19 +153,21 @@ def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype,
     from accelerate import dispatch_model, infer_auto_device_map
 
     if isinstance(device_map, str):
-        layer_class = type(module.model.layers[0]).__name__
+        layer_class = type(module.get_submodule("model.layers.0")).__name__
         device_map = infer_auto_device_map(module, no_split_module_classes=[layer_class], dtype=dtype)
     return dispatch_model(module.eval(), device_map=device_map)
 
 
-def wrap_decoder(module: nn.Module, *, family: str, name: str, tokenizer, mask_id: int | None,
+def wrap_decoder(module: PreTrainedModel, *, family: str, name: str, tokenizer, mask_id: int | None,
                  shift: bool, causal: bool) -> LoadedModel:
     """LoadedModel around a transformers decoder-only LM (Llama, Qwen2, ...)."""
-    layers = list(module.model.layers)
+    stack = module.get_submodule("model.layers")
+    assert isinstance(stack, nn.ModuleList), f"{type(module).__name__}.model.layers is not a ModuleList"
+    layers = list(stack)
     hook_hf_attention(layers)
     if not causal:
         for layer in layers:
-            layer.self_attn.is_causal = False
+            setattr(layer.get_submodule("self_attn"), "is_causal", False)  # a plain attribute, not a submodule
 
     def call(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is not None and not causal:

@@ -16,6 +16,7 @@ Keys and values pass their hooks before `update`, so an edit at a refresh is wha
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -81,6 +82,15 @@ class BlockKVCache:
         self.window: tuple[int, int] = (0, 0)  # positions a cached step recomputes (hooks see these)
         self.lo = 0  # first position whose denoising logits a cached step returns
 
+    def _kv_call(self, *args: Any) -> tuple[torch.Tensor, Any]:
+        kv_call = self.lm.kv_call
+        assert kv_call is not None, "check_cache refuses models without a kv_call"
+        return kv_call(*args)
+
+    def _block_size(self) -> int:
+        assert self.lm.block_size, "check_cache allows cache='block' only on block models"
+        return self.lm.block_size
+
     def refresh(self, ids: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Full forward for the block [lo, hi): denoising logits (B, L, V); keeps the other positions' keys/values."""
         if self.mode == "block":
@@ -88,7 +98,7 @@ class BlockKVCache:
         L = ids.shape[1]
         start = max(lo - int(self.lm.shift), 0)
         end = L if self.mode == "prefix" else hi
-        logits, cache = self.lm.kv_call(ids.to(self.lm.device), attention_mask.to(self.lm.device), None, None)
+        logits, cache = self._kv_call(ids.to(self.lm.device), attention_mask.to(self.lm.device), None, None)
         keep = torch.cat([torch.arange(start), torch.arange(end, L)]).to(self.lm.device)
         self.kept = _KeptKV([layer.keys.index_select(-2, keep) for layer in cache.layers],
                            [layer.values.index_select(-2, keep) for layer in cache.layers])
@@ -100,17 +110,17 @@ class BlockKVCache:
     def _refresh_block(self, ids: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Block mode: compute [kept, hi) on top of the kept keys/values (the blocks finished since the last
         refresh and the new block), keep everything before the new block's start. Logits outside are 0."""
-        L, start = ids.shape[1], hi - self.lm.block_size
+        L, start = ids.shape[1], hi - self._block_size()
         begin = 0 if self.kept is None else self.kept.keys[0].shape[-2]
         am = attention_mask.to(self.lm.device).bool()
         self.lm.state.window = (begin, hi)
         if self.kept is None:
-            logits, cache = self.lm.kv_call(ids[:, :hi].to(self.lm.device), am[:, :hi], None, None)
+            logits, cache = self._kv_call(ids[:, :hi].to(self.lm.device), am[:, :hi], None, None)
         else:
             cache = _RecordingKV(self.kept)
             mask = self._window_mask(am, begin, hi)
             positions = torch.arange(begin, hi, device=self.lm.device)[None].expand(ids.shape[0], -1)
-            logits, _ = self.lm.kv_call(ids[:, begin:hi].to(self.lm.device), mask, positions, cache)
+            logits, _ = self._kv_call(ids[:, begin:hi].to(self.lm.device), mask, positions, cache)
         self.kept = _KeptKV([layer.keys[..., :start, :] for layer in cache.layers],
                             [layer.values[..., :start, :] for layer in cache.layers])
         self.key_mask = am[:, :hi]
@@ -124,15 +134,16 @@ class BlockKVCache:
         structure restricted to real keys (queries always see themselves, as the loader's mask)."""
         from ..models.llada2 import block_mask
 
-        return block_mask(am[:, :hi].long(), hi, self.lm.block_size, am.device)[:, :, begin:hi]
+        return block_mask(am[:, :hi].long(), hi, self._block_size(), am.device)[:, :, begin:hi]
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Denoising logits (B, end - lo, V) of positions [lo, end) from a forward of the window only."""
         start, end = self.window
         B = ids.shape[0]
         positions = torch.arange(start, end, device=self.lm.device)[None].expand(B, -1)
+        assert self.key_mask is not None, "a cached step follows a refresh"
         mask = self.key_mask[:, None, None, :].expand(-1, 1, end - start, -1)
-        logits, _ = self.lm.kv_call(ids[:, start:end].to(self.lm.device), mask, positions, self.kept)
+        logits, _ = self._kv_call(ids[:, start:end].to(self.lm.device), mask, positions, self.kept)
         if self.mode == "block":  # the window starts at the block start, which the prompt may fill partly
             return logits[:, self.lo - start:]
         if self.lm.shift:

@@ -17,7 +17,7 @@ native models (right padding is identical either way).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -25,6 +25,9 @@ from .. import checks
 from ..errors import DLMScopeError
 from .attention import ATTN_SITES
 from .base import LoadedModel, Site
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, Qwen2Config
 
 DREAM_ARCHITECTURE = "DreamModel"
 """`cfg.original_architecture` of a converted Dream model: its logits are shifted (position i-1 predicts token i)."""
@@ -90,13 +93,14 @@ def to_hooked_transformer(lm: LoadedModel, n_ctx: int | None = None):
     if lm.family not in ("llada", "dream", "causal") or kind not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
         raise DLMScopeError(f"to_hooked_transformer: {lm.name} is {lm.family} ({kind}); allowed: native LLaDA, Dream "
                             "or a Llama / Qwen2 causal model")
-    c = module.config
+    c = cast("LlamaConfig | Qwen2Config", module.config)  # the class names were checked above
     rope = dict(getattr(c, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default" or c.hidden_act != "silu" or getattr(c, "mlp_bias", False):
         raise DLMScopeError(f"to_hooked_transformer: {lm.name} needs default RoPE, SiLU and no MLP biases; it has "
                             f"rope_type={rope.get('rope_type')!r}, hidden_act={c.hidden_act!r}, "
                             f"mlp_bias={getattr(c, 'mlp_bias', False)}")
-    H, KV = c.num_attention_heads, c.num_key_value_heads
+    H = c.num_attention_heads
+    KV = c.num_key_value_heads or H  # transformers fills it in; None would mean no grouping
     D = getattr(c, "head_dim", None) or c.hidden_size // H
     n_ctx = c.max_position_embeddings if n_ctx is None else checks.integer("n_ctx", n_ctx, minimum=1)
     cfg = HookedTransformerConfig(

@@ -61,7 +61,7 @@ def llama_config(cfg: dict, intermediate_size: int, vocab_size: int):
         num_key_value_heads=cfg.get("n_kv_heads") or cfg["n_heads"],
         intermediate_size=intermediate_size,
         vocab_size=vocab_size,
-        rope_theta=cfg.get("rope_theta", 10000.0),
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)},
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
         max_position_embeddings=cfg.get("max_sequence_length", 4096),
         tie_word_embeddings=bool(cfg.get("weight_tying", False)),

@@ -62,6 +62,8 @@ class Attention(nn.Module):
 
 
 class Gate(nn.Module):
+    expert_bias: torch.Tensor
+
     def __init__(self, cfg: dict):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = cfg["num_experts_per_tok"], cfg["n_group"], cfg["topk_group"]
@@ -181,6 +183,9 @@ def teacher_forced_logits(lm: LoadedModel, xt: torch.Tensor, x0: torch.Tensor,
         raise DLMScopeError(f"{lm.name}: clean-context denoising needs the native {FAMILY} loader (backend='native')")
     if xt.shape != x0.shape:
         raise DLMScopeError(f"x_t {tuple(xt.shape)} and the clean sequence {tuple(x0.shape)} differ in shape")
+    size = lm.block_size
+    if not size:
+        raise DLMScopeError(f"{lm.name}: clean-context denoising needs a block-diffusion model ({FAMILY})")
     xt, x0 = xt.to(lm.device), x0.to(lm.device)
     B, L = xt.shape
     real = torch.ones_like(xt, dtype=torch.bool) if attention_mask is None else attention_mask.to(lm.device).bool()
@@ -190,9 +195,9 @@ def teacher_forced_logits(lm: LoadedModel, xt: torch.Tensor, x0: torch.Tensor,
         _, clean = lm.kv_call(x0, real.long(), None, None)
     finally:
         lm.state = saved
-    block = torch.arange(L, device=xt.device) // lm.block_size
+    block = torch.arange(L, device=xt.device) // size
     earlier = (block[None, :] < block[:, None])[None, None] & real[:, None, None, :]
-    same = block_mask(attention_mask, L, lm.block_size, xt.device) & (block[None, :] == block[:, None])
+    same = block_mask(attention_mask, L, size, xt.device) & (block[None, :] == block[:, None])
     mask = torch.cat([earlier, same.expand(B, -1, -1, -1)], -1)
     past = _KeptKV([layer.keys for layer in clean.layers], [layer.values for layer in clean.layers])
     logits, _ = lm.kv_call(xt, mask, torch.arange(L, device=xt.device)[None].expand(B, -1), past)
@@ -201,6 +206,11 @@ def teacher_forced_logits(lm: LoadedModel, xt: torch.Tensor, x0: torch.Tensor,
 
 def wrap(module: MoEDecoder, raw: dict, name: str, tokenizer=None) -> LoadedModel:
     cfg = resolve_config(raw)
+
+    def mask_fn(m: torch.Tensor | None, n: int, device: torch.device, block: int | None) -> torch.Tensor:
+        assert block, f"a {FAMILY} model always has a block size"
+        return block_mask(m, n, block, device)
+
     mask_id = cfg.get("mask_token_id")
     if mask_id is None and tokenizer is not None:
         mask_id = tokenizer.mask_token_id
@@ -208,7 +218,7 @@ def wrap(module: MoEDecoder, raw: dict, name: str, tokenizer=None) -> LoadedMode
                     vocab_size=cfg["vocab_size"], n_experts=cfg["num_experts"] or 0,
                     n_active=cfg["num_experts_per_tok"] if cfg["num_experts"] else 0, block_size=cfg["block_size"],
                     context_length=cfg["max_position_embeddings"],
-                    mask_fn=lambda m, n, device, block: block_mask(m, n, block, device))
+                    mask_fn=mask_fn)
 
 
 def load_llada2(folder: Path, device: str | torch.device, dtype: torch.dtype, name: str | None = None,

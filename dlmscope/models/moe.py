@@ -88,16 +88,25 @@ def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class _Body(nn.Module):
+    """The `model.` part of the upstream key names: embedding (added under its upstream name), layers, norm."""
+
+    layers: nn.ModuleList
+    norm: RMSNorm
+
+
 class MoEDecoder(nn.Module):
     """Embedding, decoder layers, final norm, LM head. Layers take (x, mask, cos, sin) and return x.
 
     `embed_name` keeps the upstream key of the embedding (`embed_tokens` or `word_embeddings`).
     """
 
+    inv_freq: torch.Tensor
+
     def __init__(self, layers: list[nn.Module], *, vocab_size: int, d_model: int, eps: float, embed_name: str,
                  inv_freq: torch.Tensor, tie_embeddings: bool):
         super().__init__()
-        self.model = nn.Module()
+        self.model = _Body()
         self.embed_name = embed_name
         setattr(self.model, embed_name, nn.Embedding(vocab_size, d_model))
         self.model.layers = nn.ModuleList(layers)
@@ -117,7 +126,7 @@ class MoEDecoder(nn.Module):
         cos, sin = rotary_cos_sin(self.inv_freq, positions, x.dtype)
         recorded = RecordedKV() if keep_kv else None
         for i, layer in enumerate(self.model.layers):
-            kv = None
+            kv: Callable[..., Any] | None = None
             if past is not None:
                 kv = lambda k, v, i=i: past.update(k, v, i)  # noqa: E731
             elif recorded is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from .causal import _mid_attr, find_layers
 from .checkpoint import load_tokenizer
 from .families import FAMILIES
 from .llada2 import DEFAULT_BLOCK_SIZE, block_mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _AUTO_KEYS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 
@@ -64,10 +68,10 @@ def _tolerant_generation_configs() -> None:
         todo += sub.__subclasses__()
         own = sub.__dict__.get("validate")
         if own is not None and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(own).parameters.values()):
-            sub.validate = lambda self, *a, _own=own, **k: _own(self)
+            setattr(sub, "validate", lambda self, *a, _own=own, **k: _own(self))
 
 
-def _shimmed(cls: type) -> type:
+def _shimmed(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """A subclass of a remote model class that satisfies transformers 5's loading contract."""
     attrs: dict = {}
     tied = getattr(cls, "_tied_weights_keys", None)
@@ -93,10 +97,10 @@ def _reset_rotary(module: torch.nn.Module) -> None:
     for m in module.modules():
         if "inv_freq" not in m._buffers:
             continue
-        if callable(getattr(m, "reset_parameters", None)):
-            m.reset_parameters()
-        elif callable(getattr(m, "rope_init_fn", None)):
-            inv_freq, m.attention_scaling = m.rope_init_fn(m.config, m.inv_freq.device)
+        if callable(reset := getattr(m, "reset_parameters", None)):
+            reset()
+        elif callable(init := getattr(m, "rope_init_fn", None)):
+            inv_freq, m.attention_scaling = init(m.config, m.get_buffer("inv_freq").device)
             m.inv_freq = inv_freq
             m.original_inv_freq = inv_freq
 
@@ -131,7 +135,7 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
     with _compat():  # the rotary's rope_init_fn may be the "default" shim
         _reset_rotary(module)
     if device_map is None:
-        module.to(device)
+        module.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) reads as unbound to mypy
     module.eval()
     layers = find_layers(module)
     shift, causal = fam.shift, fam.causal
@@ -141,6 +145,7 @@ def load_remote(folder: Path, family: str, device: str | torch.device, dtype: to
         if attention_mask is not None and fam.remote_mask == "bidirectional":  # Dream takes only a 4-D boolean mask
             attention_mask = bidirectional_mask(attention_mask)
         if fam.blocks:  # upstream makes a 2-D mask token-causal: the block structure is ours to pass
+            assert block_size is not None, f"{family} checkpoints have a block size"
             attention_mask = block_mask(attention_mask, input_ids.shape[1], block_size, input_ids.device)
         kwargs = {} if fam.remote_auto_class == "AutoModelForMaskedLM" else {"use_cache": False}
         out = module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -27,8 +27,9 @@ def tiny_llama(*, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_h
 
     config = LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                          num_key_value_heads=n_kv_heads or n_heads, intermediate_size=d_mlp, vocab_size=vocab_size,
-                         rope_theta=rope_theta, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, rms_norm_eps=1e-5,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     module = LlamaForCausalLM(config)
     _init_(module, seed)
@@ -62,7 +63,8 @@ def write_tiny_dream(folder: str | Path, *, d_model: int = 64, n_layers: int = 2
 
     config = Qwen2Config(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                          num_key_value_heads=n_kv_heads, intermediate_size=d_mlp, vocab_size=vocab_size,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False)
     torch.manual_seed(seed)
     module = Qwen2ForCausalLM(config)
     _init_(module, seed)

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from .. import checks
-from ..diffusion.sampler import check_fast_options, check_threshold, get_schedule
+from ..diffusion.remasking import check_threshold
+from ..diffusion.schedules import get_schedule
+from ..diffusion.stepforward import check_fast_options
 from ..models.kvcache import check_cache
 from ..errors import DLMScopeError
 from ..io_utils import atomic_write_json, atomic_write_text

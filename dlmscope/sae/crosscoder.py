@@ -176,7 +176,13 @@ class CrossCoder(nn.Module):
         return out
 
 
-class CrossCoderTrainer(SAETrainer):
+def _no_target(target: torch.Tensor | None) -> None:
+    """The trainer's signature has a transcoder's `target`; a crosscoder reconstructs its own input."""
+    if target is not None:
+        raise DLMScopeError("a crosscoder reconstructs its input: it takes no target (transcoders do)")
+
+
+class CrossCoderTrainer(SAETrainer[CrossCoder]):
     """Adam on one CrossCoder; `step(x)` takes raw paired activations (N, C * d_in).
 
     Shares SAETrainer's schedule, dead-latent bookkeeping, evaluation and state_dict; differs in the model,
@@ -196,9 +202,10 @@ class CrossCoderTrainer(SAETrainer):
         self.initialised = False
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor, reduce: Reduce | None = None) -> None:
+    def initialise(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> None:
         """Per-checkpoint input scale (unit mean squared norm), b_dec (geometric median per checkpoint) and a
         least-squares encoder scale, from the first batch."""
+        _no_target(target)
         cc = self.sae
         xs = cc.split(x.float())
         mean_sq = (xs ** 2).sum(-1).mean(0)
@@ -220,8 +227,9 @@ class CrossCoderTrainer(SAETrainer):
             cc.W_enc.mul_(dots[0] / dots[1])
         self.initialised = True
 
-    def step(self, x: torch.Tensor, reduce: Reduce | None = None) -> dict:
+    def step(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> dict:
         """One optimiser step on raw paired activations (N, C * d_in)."""
+        _no_target(target)
         cc = self.sae
         x = x.to(cc.device, torch.float32)
         if not self.initialised:

@@ -20,20 +20,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import checks
 from ..errors import DLMScopeError
 from ..options import Options, choices, unset
 from .metrics import evaluate_sae
 from .family import build_sae
-from .model import SAEConfig
+from .model import SAE, SAEConfig
 from .optim import OPTIMIZERS, averaged, default_lr, make_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 class NonFiniteError(DLMScopeError):
@@ -146,7 +148,7 @@ def geometric_median(x: torch.Tensor, iters: int = 10, tol: float = 1e-6) -> tor
     return y
 
 
-class SAETrainer:
+class SAETrainer(Generic[ModelT]):
     """Adam on one SAE of any architecture; `step(x)` takes raw activations (N, d_in) (and a target for transcoders).
 
     Per step: forward (with AuxK when latents are dead), backward, gradient component parallel to
@@ -154,9 +156,14 @@ class SAETrainer:
     `state_dict()` is a deep snapshot (weights, input scale, Adam moments, step/schedule, dead
     counters, BatchTopK threshold); loading it and stepping on the same batches continues bit for bit.
     The trainer draws no random numbers after construction, so there is no RNG state to carry.
+    Generic in its model so a subclass may train another dictionary (`CrossCoderTrainer`): the schedule,
+    backward, evaluation and state_dict need only an `nn.Module`; the methods typed `self: SAETrainer[SAE]`
+    are the SAE's own.
     """
 
-    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, device: str | torch.device = "cpu"):
+    sae: ModelT
+
+    def __init__(self: SAETrainer[SAE], sae_cfg: SAEConfig, cfg: TrainConfig, device: str | torch.device = "cpu"):
         self.cfg = cfg
         self.sae = build_sae(sae_cfg, seed=cfg.seed).to(device)
         self.sae.configure_training(cfg)
@@ -180,7 +187,8 @@ class SAETrainer:
         return self.lr
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> None:
+    def initialise(self: SAETrainer[SAE], x: torch.Tensor, reduce: Reduce | None = None,
+                   target: torch.Tensor | None = None) -> None:
         """Input (and a transcoder's output) scale to unit mean squared norm and b_dec from the first batch;
         `reduce` averages over processes."""
         x = x.float()
@@ -213,7 +221,8 @@ class SAETrainer:
         sae.init_from_batch(x)
         self.initialised = True
 
-    def step(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> dict:
+    def step(self: SAETrainer[SAE], x: torch.Tensor, reduce: Reduce | None = None,
+             target: torch.Tensor | None = None) -> dict:
         """One optimiser step on raw activations (N, d_in). `reduce` (an all-reduce mean) makes it data-parallel;
         `target` is what a transcoder predicts (its output hook's activations)."""
         sae = self.sae

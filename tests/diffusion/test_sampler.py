@@ -2,26 +2,28 @@ import pytest
 import torch
 
 from dlmscope import DLMScopeError, generate
-from dlmscope.diffusion.sampler import (
-    REMASKING, DreamSchedule, Remasking, StepInput, TokenSampling, default_schedule, get_remasking, get_schedule, left_pad,
-    top_n_mask, transfer_schedule,
-)
+from dlmscope.diffusion import prompts, remasking, sampler, sampling, schedules, stepforward
+from dlmscope.diffusion.sampler import REMASKING, Remasking, default_schedule, get_remasking
+
+# Every public name sampler.py defined before it was split by concern: `from dlmscope.diffusion.sampler import X`
+# must keep working for each.
+OLD_NAMES = (
+    "Schedule LinearSchedule DreamSchedule SCHEDULES default_schedule family_sampler one_block get_schedule "
+    "transfer_schedule gumbel_argmax TokenSampling DenoiseStep StepInput Remasking top_n_mask sample_n_mask "
+    "LowConfidence RandomOrder DreamConfidence MaskgitPlus TopKMargin Entropy Origin REMASKING get_remasking "
+    "GenerateOutput left_pad context_limit block_bounds StepForward check_fast_options check_threshold generate"
+).split()
 
 
-def test_schedule_linear_with_remainder():
-    s = transfer_schedule(torch.tensor([10, 8, 0]), 4)
-    assert s.tolist() == [[3, 3, 2, 2], [2, 2, 2, 2], [0, 0, 0, 0]]
-
-
-def test_top_n_mask_per_row():
-    score = torch.tensor([[0.1, 0.9, 0.5, float("-inf")], [0.3, 0.2, 0.1, 0.0]])
-    assert top_n_mask(score, torch.tensor([2, 0])).tolist() == [[False, True, True, False], [False] * 4]
-    assert top_n_mask(score, torch.tensor([0, 0])).sum() == 0
-
-
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+def test_old_import_path_keeps_every_name():
+    """The split moved definitions; the sampler module re-exports each, the very same object as its new home's."""
+    assert set(OLD_NAMES) <= set(sampler.__all__)
+    for name in OLD_NAMES:
+        others = [getattr(mod, name) for mod in (prompts, remasking, sampling, schedules, stepforward) if name in vars(mod)]
+        assert all(obj is getattr(sampler, name) for obj in others), name
+    assert sampler.StepForward.__module__ == "dlmscope.diffusion.stepforward"
+    assert sampler.SCHEDULES is schedules.SCHEDULES and sampler.REMASKING is remasking.REMASKING
+    assert sampler.generate.__module__ == "dlmscope.diffusion.sampler"
 
 
 @pytest.mark.parametrize("strategy", sorted(REMASKING))
@@ -122,56 +124,12 @@ def test_bad_inputs(llada, tiny_dirs):
         generate(load_model(tiny_dirs["causal"]), [[5]], gen_length=8, steps=8, block_length=8)
 
 
-def _step_input(logits, generator=None):
-    """A StepInput over (B, L, V) logits: every position a candidate (strategies that only score ignore the rest)."""
-    from dlmscope.diffusion.sampler import StepInput
-
-    B, L, _ = logits.shape
-    x = torch.zeros(B, L, dtype=torch.long)
-    return StepInput(None, x, logits, logits.argmax(-1), torch.ones(B, L, dtype=torch.bool), 0, 1, 0, 1, generator)
-
-
-def test_topk_margin_and_entropy_scores_by_hand():
-    import math
-
-    ln = math.log
-    # softmax rows: (1/6, 1/3, 1/2), (1/4, 1/4, 1/2), uniform (1/3 each), (0, 0, 1) up to exp(-50)
-    logits = torch.tensor([[[0.0, ln(2), ln(3)], [0.0, 0.0, ln(2)], [5.0, 5.0, 5.0], [-50.0, -50.0, 0.0]]],
-                          dtype=torch.float64)
-    s = _step_input(logits)
-    margin = get_remasking("topk_margin").scores(s)
-    torch.testing.assert_close(margin, torch.tensor([[1 / 2 - 1 / 3, 1 / 2 - 1 / 4, 0.0, 1.0]], dtype=torch.float64))
-    neg_entropy = get_remasking("entropy").scores(s)  # Dream's sum p log(p + 1e-10): ~0 certain, ~-log V uniform
-    rows = [(1 / 6, 1 / 3, 1 / 2), (1 / 4, 1 / 4, 1 / 2), (1 / 3,) * 3, (0.0, 0.0, 1.0)]
-    expected = [sum(p * ln(p + 1e-10) for p in row) for row in rows]
-    torch.testing.assert_close(neg_entropy, torch.tensor([expected], dtype=torch.float64), atol=1e-6, rtol=1e-6)  # fp32
-
-
-def test_origin_scores_are_the_seeded_uniform_draws():
-    logits = torch.zeros(2, 5, 7)
-    scores = get_remasking("origin").scores(_step_input(logits, torch.Generator().manual_seed(4)))
-    expected = torch.rand(10, generator=torch.Generator().manual_seed(4), dtype=torch.float32).view(2, 5)
-    assert torch.equal(scores, expected)  # one float32 uniform per candidate, in order, as Dream draws them
-    assert ((scores >= 0) & (scores < 1)).all() and scores.unique().numel() == 10  # a random order: no ties
-
-
 @pytest.mark.parametrize("gen_length, blocks", [(16, [0] * 4), (24, [0] * 4), (64, [0, 0, 1, 1])])
 def test_default_block_length_fits_the_generation(llada, gen_length, blocks):
     """No block_length: 32-token blocks when 32 divides gen_length, else one block (the README's gen_length=16)."""
     out = generate(llada, [[5, 6]], gen_length=gen_length, steps=4, return_history=True)
     assert [r.block for r in out.history] == blocks and out.sequences.shape[1] == 2 + gen_length
 # ---------------------------------------------------------------- schedules, Dream options, validation
-
-
-def test_schedules_count_as_upstream():
-    """linear: LLaDA's even split, remainder first; dream: int(n * (1 - t[i+1]/t[i])) on linspace(1, eps, steps+1)."""
-    n = torch.tensor([24, 16, 0])
-    assert get_schedule("linear").plan(n, 7).tolist() == transfer_schedule(n, 7).tolist()
-    assert transfer_schedule(torch.tensor([24]), 7).tolist() == [[4, 4, 4, 3, 3, 3, 3]]
-    # t = 1, .8335, .667, ...: step 0 reveals int(24 * 0.1665) = 3 (LLaDA: 4); the last step the rest
-    assert get_schedule("dream").plan(n, 6).tolist() == [[3, 4, 4, 4, 4, 5], [2, 2, 2, 3, 3, 4], [0] * 6]
-    assert get_schedule("dream", eps=0.5).plan(torch.tensor([24]), 4).tolist() == [[3, 2, 3, 16]]
-    assert isinstance(get_schedule(DreamSchedule(0.1)), DreamSchedule)
 
 
 def test_default_schedule_and_block_length_follow_the_family(llada, tiny_dirs):
@@ -191,28 +149,6 @@ def test_default_schedule_and_block_length_follow_the_family(llada, tiny_dirs):
     counts = [int(r.transfer[0].sum()) for r in generate(dream, [[5, 6]], gen_length=24, steps=6, schedule="linear",
                                                          return_history=True).history]
     assert counts == [4] * 6
-
-
-def test_dream_confidences_use_the_tempered_filtered_distribution(llada):
-    """maskgit_plus scores softmax(logits / T)[x0] (LLaDA's low_confidence the untempered one); top-k
-    renormalises before margin and entropy are taken."""
-    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
-    x0 = torch.tensor([[0]])
-    cand = torch.tensor([[True]])
-
-    def score(strategy, **kw):
-        s = StepInput(llada, x0, logits, x0, cand, 0, 1, 0, 1, None, TokenSampling(**kw))
-        return float(get_remasking(strategy).scores(s)[0, 0])
-
-    p = torch.softmax(logits[0, 0], -1)
-    p_t = torch.softmax(logits[0, 0] / 2, -1)
-    assert score("low_confidence", temperature=2.0) == pytest.approx(float(p[0]), rel=1e-6)
-    assert score("maskgit_plus", temperature=2.0) == pytest.approx(float(p_t[0]), rel=1e-6)
-    assert score("maskgit_plus") == pytest.approx(float(p[0]), rel=1e-6)
-    p2 = torch.softmax(logits[0, 0, :2], -1)  # top_k=2 keeps two tokens
-    assert score("topk_margin", top_k=2) == pytest.approx(float(p2[0] - p2[1]), rel=1e-6)
-    assert score("entropy", top_k=2) == pytest.approx(float((p2 * torch.log(p2 + 1e-10)).sum()), rel=1e-6)
-    assert score("maskgit_plus", top_p=0.5) == pytest.approx(1.0)  # top token alone carries > 0.5
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(llada):

@@ -121,3 +121,15 @@ def test_bad_shapes_are_one_line():
     cc = CrossCoder(CrossCoderConfig(D, 64, 3, ["a", "b"]))
     with pytest.raises(DLMScopeError, match=r"width 16 but the crosscoder expects 2 checkpoints x d_in 16 = 32"):
         cc.encode(torch.zeros(2, D))
+
+
+def test_trainer_refuses_a_target_before_any_update():
+    """The trainer keeps SAETrainer's signature (a transcoder's `target`); a crosscoder has none to learn."""
+    tr = CrossCoderTrainer(CrossCoderConfig(D, 64, 3, ["a", "b"], {"hook_name": "h"}),
+                           TrainConfig(total_tokens=256, batch_size=256, seed=0))
+    x = _paired(256, planted=False, seed=3)
+    before = {k: v.clone() for k, v in tr.sae.state_dict().items()}
+    with pytest.raises(DLMScopeError, match="takes no target"):
+        tr.step(x, target=x)
+    assert tr.step_count == 0 and not tr.initialised
+    assert all(torch.equal(before[k], v) for k, v in tr.sae.state_dict().items())
