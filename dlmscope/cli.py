@@ -627,6 +627,7 @@ def stability(
                             "checkpoint or none")
     checks.positive("--n-seqs", n_seqs)
     checks.writable_folder("--out", out)
+    checks.result_file("--out", Path(out) / "report.json", ("hook", "policy", "checkpoints"))  # never a user's file
     lms = [load_model(c, device=device) for c in ckpt_names]
     per = [load_sae(s_, device=device) for s_ in sae_names]
     control = load_sae(control_sae, device=device) if control_sae else None

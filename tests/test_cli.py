@@ -116,6 +116,8 @@ BAD_INPUT = {  # class of input -> (args, substring of the one error line); {fil
                     (["eval-splice", *SAE, "--out", "{file}"], "--out='{file}' exists and is not a result"),
                     (["steer", *SAE, "--feature", "1", "--out", "{file}"], "exists and is not a result this command"),
                     (["order", *SAE, "--out", "{file}"], "exists and is not a result this command"),
+                    (["stability", *SAE, "--checkpoints", "a,b", "--out", "{tmp}/mine"],
+                     "report.json' exists and is not a result this command"),
                     (["evaluate", "--sae", "tiny-dlm-L3-k32", "--out", "{file}"], "--out='{file}' is a file"),
                     (["experts", "--model", "/no/such/moe", "--out", "{file}"], "--out='{file}' is a file")],
     "config file": [(["train-sae", "--config", "{tmp}/broken.yaml"], "is not valid YAML/JSON at line 2"),
@@ -139,6 +141,8 @@ def test_bad_values_one_line_exit_2_nothing_written(args, message, tmp_path, mon
     (tmp_path / "typed.yaml").write_text("lr: fast\n")
     (tmp_path / "list.yaml").write_text("- layers\n- k\n")
     (tmp_path / "flag.yaml").write_text("progress: 'no'\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.json").write_text("my own report")
     for name, text in (("truncated", '{"model": "m", "hooks": ["blocks.1.hook_res'), ("shardless", '{"model": "m"}')):
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text(text)
