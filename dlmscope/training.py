@@ -76,6 +76,16 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """End the process group together (a barrier, then destroy): a rank that exits while a peer still
+        tears its group down can make that peer abort."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
 
 @dataclass
 class RunResult:
@@ -194,8 +204,11 @@ class DictionaryRun(Run):
                 if self.dist.main:
                     print(f"interrupted at step {self.steps_done}/{self.total_steps}; checkpoint written, "
                           "continue with --resume")
-                return RunResult(self.folder, {}, {}, True, self.history, self.signal)
-            return self.finish()
+                result = RunResult(self.folder, {}, {}, True, self.history, self.signal)
+            else:
+                result = self.finish()
+            self.dist.close()
+            return result
 
     def setup(self) -> None:
         from .data import pack

@@ -300,6 +300,7 @@ for name, dead_tokens, trainer in (("no_aux", 10**9, SAETrainer), ("aux", None, 
     out[name + ".dead"] = max(log["dead_fraction"] for log in logs)
 if dist.main:
     torch.save(out, sys.argv[1])
+dist.close()
 """
 
 
@@ -315,7 +316,7 @@ def data_parallel_weights(tmp_path_factory):
                      ([sys.executable], "one.pt")):
         run = subprocess.run([*cmd, str(folder / "worker.py"), str(folder / out)], env=env, capture_output=True,
                              text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.returncode == 0, run.stderr[:2000] + "\n...\n" + run.stderr[-2000:]
     return torch.load(folder / "two.pt"), torch.load(folder / "one.pt")
 
 
