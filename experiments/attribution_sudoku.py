@@ -232,11 +232,11 @@ def _boot(rows: list[dict], stat, n: int, seed: int = 0) -> list[float]:
 
 
 def _intervention_summary(iv: list[dict], n_boot: int) -> dict:
-    from dlmscope.analysis.diffing import _interval as wilson
+    from dlmscope.stats import wilson
 
     agree, n = sum(x["agree"] for x in iv), sum(x["n"] for x in iv)
     rho = lambda rs: statistics.mean(r["spearman"] for r in rs)  # noqa: E731
-    return {"graphs": len(iv), "sign_agreement": [agree / n, *wilson(agree, n)],
+    return {"graphs": len(iv), "sign_agreement": wilson(agree, n),
             "spearman": [rho(iv), *_boot([{"grid": str(i), **x} for i, x in enumerate(iv)], rho, n_boot)]}
 
 
@@ -340,7 +340,7 @@ def render(res: dict, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--puzzles", type=int, default=8)
+    p.add_argument("--puzzles", type=int, default=32)
     p.add_argument("--prose", type=int, default=20, help="held-out prose inputs (20 tokens) for the DLM ablation check")
     p.add_argument("--cells", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
