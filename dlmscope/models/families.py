@@ -47,6 +47,9 @@ class Family:
     block models get their block structure."""
     released_ids: dict[str, int] = field(default_factory=dict)
     """Upstream default "mask" / "eos" ids for folders that declare none (`models.ids.resolve_ids`)."""
+    lens_architecture: str | None = None
+    """`cfg.original_architecture` of this family's models converted by `to_hooked_transformer`, so `load_model`
+    takes a converted model back into its family (None: converted models become "transformer_lens")."""
     remote_auto_class: str = "AutoModelForCausalLM"
     """transformers' auto class for folders without remote code (masked LMs: AutoModelForMaskedLM, which takes
     no `use_cache`)."""
@@ -96,9 +99,9 @@ RELEASED_MOE_IDS = {"mask": 156895, "eos": 156892}
 vendored by dllm); LLaDA-MoE shares the tokenizer: inclusionAI/dInfer decodes it with the same ids (README
 "Released checkpoints")."""
 
-register_family("llada", ".llada:load_llada", model_types=("llada",))
+register_family("llada", ".llada:load_llada", model_types=("llada",), lens_architecture="LLaDAModelLM")
 register_family("dream", ".dream:load_dream", model_types=("dream",), schedule="dream", shift=True,
-                remote_mask="bidirectional")
+                remote_mask="bidirectional", lens_architecture="DreamModel")
 register_family("masked_lm", ".causal:load_masked_lm", architecture_suffixes=("ForMaskedLM",), device_map=False,
                 remote_auto_class="AutoModelForMaskedLM")
 register_family("causal", ".causal:load_causal", causal=True)

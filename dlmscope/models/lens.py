@@ -25,13 +25,10 @@ from .. import checks
 from ..errors import DLMScopeError
 from .attention import ATTN_SITES
 from .base import LoadedModel, Site
+from .families import FAMILIES
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, Qwen2Config
-
-DREAM_ARCHITECTURE = "DreamModel"
-"""`cfg.original_architecture` of a converted Dream model: its logits are shifted (position i-1 predicts token i)."""
-_ARCHITECTURES = {"llada": "LLaDAModelLM", "dream": DREAM_ARCHITECTURE}
 
 
 class PaddingMask:
@@ -90,7 +87,7 @@ def to_hooked_transformer(lm: LoadedModel, n_ctx: int | None = None):
 
     module = lm.module
     kind = type(module).__name__
-    if lm.family not in ("llada", "dream", "causal") or kind not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+    if kind not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):  # native LLaDA, Dream and Llama/Qwen2 causal models
         raise DLMScopeError(f"to_hooked_transformer: {lm.name} is {lm.family} ({kind}); allowed: native LLaDA, Dream "
                             "or a Llama / Qwen2 causal model")
     c = cast("LlamaConfig | Qwen2Config", module.config)  # the class names were checked above
@@ -110,7 +107,7 @@ def to_hooked_transformer(lm: LoadedModel, n_ctx: int | None = None):
         normalization_type="RMS", final_rms=True, eps=c.rms_norm_eps, positional_embedding_type="rotary", rotary_dim=D,
         rotary_base=rope.get("rope_theta", 10000.0), rotary_adjacent_pairs=False,
         attention_dir="causal" if lm.causal else "bidirectional",
-        original_architecture=_ARCHITECTURES.get(lm.family, kind),
+        original_architecture=FAMILIES[lm.family].lens_architecture or kind,
         model_name=lm.name, dtype=lm.dtype, device=str(lm.device), init_weights=False,
         default_prepend_bos=getattr(lm.tokenizer, "bos_token_id", None) is not None,
     )
@@ -198,8 +195,8 @@ def wrap_transformer_lens(model, name: str | None = None, mask_id: int | None = 
             return model(input_ids, return_type="logits")
 
     arch = model.cfg.original_architecture
-    family = next((f for f, a in _ARCHITECTURES.items() if a == arch and not causal), "transformer_lens")
+    family = next((f.name for f in FAMILIES.values() if f.lens_architecture == arch and not causal), "transformer_lens")
     return LoadedModel(module=model, tokenizer=tokenizer, family=family, mask_id=mask_id,
-                       shift=arch == DREAM_ARCHITECTURE, causal=causal,
+                       shift=FAMILIES[family].shift, causal=causal,
                        layers=list(model.blocks), d_model=model.cfg.d_model, vocab_size=model.cfg.d_vocab,
                        name=name or model.cfg.model_name, sites=_sites(model), call=call)
