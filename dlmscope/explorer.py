@@ -377,7 +377,6 @@ def _summary(st, store, feature, args) -> None:
     import plotly.graph_objects as go
     import torch
 
-    from dlmscope.errors import DLMScopeError
 
     m = store.manifest
     st.header("SAE summary")
@@ -399,19 +398,12 @@ def _summary(st, store, feature, args) -> None:
     _chart(st, fig, f"log10 feature density ({int((dens == 0).sum())} dead latents not shown)")
     path = Path(args.splice) if args.splice else Path(args.store) / SPLICE_FILE
     st.subheader("Splice ΔCE")
-    if path.is_file():
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise DLMScopeError(f"cannot read splice JSON {str(path)!r}: {e}") from None
+    result = _result_json(st, path, args.splice, "splice JSON", "No splice result found: pass --splice FILE (from "
+                          f"`dlmscope eval-splice --out FILE`) or put it at {path}.")
+    if result is not None:
         st.caption(f"from {path}: ΔCE = spliced - clean masked-token CE; recovered = (ablated - spliced) / "
                    "(ablated - clean)")
         st.dataframe(_splice_rows(result), hide_index=True)
-    elif args.splice:
-        raise DLMScopeError(f"splice JSON {args.splice!r} does not exist")
-    else:
-        st.caption(f"No splice result found: pass --splice FILE (from `dlmscope eval-splice --out FILE`) or put it "
-                   f"at {path}.")
     _evaluation(st, args.sae or m["sae"], args.store)
 
 
@@ -442,25 +434,35 @@ def _evaluation(st, sae: str, store: str) -> None:
         st.dataframe(probes, hide_index=True)
 
 
+def _result_json(st, path: Path, given: str | None, what: str, missing: str, parse=lambda result: result):
+    """A page's result file (`given` by its flag, else the store's default `path`): `parse` of its JSON; None after
+    the `missing` caption when there is none. A given file that does not exist, or a file that cannot be read or
+    parsed, is one line."""
+    from dlmscope.errors import DLMScopeError
+
+    if not path.is_file():
+        if given:
+            raise DLMScopeError(f"{what} {given!r} does not exist")
+        st.caption(missing)
+        return None
+    try:
+        return parse(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DLMScopeError(f"cannot read {what} {str(path)!r}: {e}") from None
+
+
 def _experts(st, store, feature, args) -> None:
     """Expert routing across denoising steps of an MoE model, from `dlmscope experts --out DIR`."""
     from dlmscope.analysis.experts import expert_figure
-    from dlmscope.errors import DLMScopeError
 
     st.header("Expert routing")
     path = Path(args.experts) if args.experts else Path(args.store) / EXPERTS_FILE
-    if not path.is_file():
-        if args.experts:
-            raise DLMScopeError(f"experts JSON {args.experts!r} does not exist")
-        st.caption(f"No expert routing result: run `dlmscope experts MODEL --out DIR` on an MoE model and pass "
-                   f"--experts DIR/{EXPERTS_FILE}, or put it at {path}.")
+    result = _result_json(st, path, args.experts, "experts JSON", "No expert routing result: run `dlmscope experts "
+                          f"MODEL --out DIR` on an MoE model and pass --experts DIR/{EXPERTS_FILE}, or put it at {path}.",
+                          lambda r: {**r, "layers": {int(k): v for k, v in r["layers"].items()}})
+    if result is None:
         return
-    try:
-        result = json.loads(path.read_text())
-        layers = {int(k): v for k, v in result["layers"].items()}
-    except (OSError, ValueError, KeyError) as e:
-        raise DLMScopeError(f"cannot read experts JSON {str(path)!r}: {e}") from None
-    result["layers"] = layers
+    layers = result["layers"]
     st.caption(f"{result['model']} ({result['family']}): {result['n_experts']} experts, {result['n_active']} active; "
                f"{result['steps']} steps over {result['gen_length']} generated tokens. Usage = share of routed "
                "slots per expert on masked vs visible positions; overlap = Jaccard of a position's experts with "
@@ -501,17 +503,11 @@ def _circuits(st, store, feature, args) -> None:
 
     st.header("Circuits")
     path = Path(args.circuits) if args.circuits else Path(args.store) / CIRCUITS_FILE
-    if not path.is_file():
-        if args.circuits:
-            raise DLMScopeError(f"circuits JSON {args.circuits!r} does not exist")
-        st.caption(f"No patching result: run `dlmscope patch ... --out DIR` and pass --circuits DIR/patch.json, pass "
-                   f"--circuits experiments/results/circuits_sudoku.json (`python experiments/circuits_sudoku.py`), or "
-                   f"put one at {path}.")
+    result = _result_json(st, path, args.circuits, "circuits JSON", "No patching result: run `dlmscope patch ... "
+                          "--out DIR` and pass --circuits DIR/patch.json, pass --circuits experiments/results/"
+                          f"circuits_sudoku.json (`python experiments/circuits_sudoku.py`), or put one at {path}.")
+    if result is None:
         return
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DLMScopeError(f"cannot read circuits JSON {str(path)!r}: {e}") from None
     if "sweep" in result:
         from dlmscope.analysis.patching import sweep_figure
 
@@ -580,22 +576,17 @@ def _attribution(st, store, feature, args) -> None:
     strongest edges."""
     from dlmscope.analysis.attribution import FEATURE_TYPE, graph_figure
     from dlmscope.analysis.features import FeatureStore
-    from dlmscope.errors import DLMScopeError
 
     st.header("Attribution graph")
     path = Path(args.attribution) if args.attribution else Path(args.store) / ATTRIBUTION_FILE
-    if not path.is_file():
-        if args.attribution:
-            raise DLMScopeError(f"attribution JSON {args.attribution!r} does not exist")
-        st.caption(f"No attribution graph: run `dlmscope attribute MODEL -p PROMPT --position P --out DIR` and pass "
-                   f"--attribution DIR/{ATTRIBUTION_FILE}, or put it at {path}.")
+    result = _result_json(st, path, args.attribution, "attribution JSON", "No attribution graph: run `dlmscope "
+                          "attribute MODEL -p PROMPT --position P --out DIR` and pass --attribution "
+                          f"DIR/{ATTRIBUTION_FILE}, or put it at {path}.",
+                          lambda r: {**r, "labels": [f"step {g['metadata']['step']}, position "
+                                                     f"{g['metadata']['target_position']}" for g in r["graphs"]]})
+    if result is None:
         return
-    try:
-        result = json.loads(path.read_text())
-        graphs = result["graphs"]
-        labels = [f"step {g['metadata']['step']}, position {g['metadata']['target_position']}" for g in graphs]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DLMScopeError(f"cannot read attribution JSON {str(path)!r}: {e}") from None
+    graphs, labels = result["graphs"], result["labels"]
     folders = [s.strip() for s in (args.attribution_stores or "").split(",") if s.strip()] + [args.store]
     stores = {}
     for folder in folders:
