@@ -12,7 +12,7 @@ from .base import ForwardState, LoadedModel, Site
 from .checkpoint import read_config, resolve_dtype
 from .families import FAMILIES, detect_family, register_family
 from .ids import check_overrides, resolve_ids
-from .verify import check_model_type, check_weight_files
+from .verify import check_loaded, check_model_type, check_weight_files
 from .zoo import BUILTIN, DEFAULT_AR_MODEL, DEFAULT_MODEL, builtin_path
 
 BACKENDS = ("native", "remote")
@@ -47,7 +47,7 @@ def load_model(
     if type(path_or_name).__name__ == "HookedTransformer":
         from .lens import wrap_transformer_lens
 
-        return wrap_transformer_lens(path_or_name, mask_id=mask_id)
+        return _checked(wrap_transformer_lens(path_or_name, mask_id=mask_id))
     if family is not None and family not in FAMILIES:
         raise DLMScopeError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     if backend not in BACKENDS:
@@ -74,7 +74,13 @@ def load_model(
                       backend, device_map)
     if block_size is not None:
         lm.block_size = block_size
-    return resolve_ids(lm, config, mask_id, pad_id, eos_id)
+    return _checked(resolve_ids(lm, config, mask_id, pad_id, eos_id))
+
+
+def _checked(lm: LoadedModel) -> LoadedModel:
+    """A loaded model whose mask id lies inside its vocabulary and whose weights are finite (`check_loaded`)."""
+    check_loaded(lm)
+    return lm
 
 
 def _load_family(folder: Path, config: dict, family: str, device, torch_dtype, display: str, backend: str,
@@ -85,25 +91,6 @@ def _load_family(folder: Path, config: dict, family: str, device, torch_dtype, d
         return load_remote(folder, family, device, torch_dtype, display, device_map=device_map)
     return FAMILIES[family].load(folder, device, torch_dtype, display, device_map=device_map)
 
-
-def _verified(load):
-    """`load_model` refusing, in one line, a model whose mask id lies outside its vocabulary or whose weights hold
-    NaN/inf (`models.verify.check_loaded`); a LoadedModel passed through is not checked again."""
-    import functools
-
-    from .verify import check_loaded
-
-    @functools.wraps(load)
-    def verified(path_or_name, *args, **kwargs) -> LoadedModel:
-        lm = load(path_or_name, *args, **kwargs)
-        if lm is not path_or_name:
-            check_loaded(lm)
-        return lm
-
-    return verified
-
-
-load_model = _verified(load_model)
 
 __all__ = ["load_model", "LoadedModel", "ForwardState", "Site", "FAMILIES", "BUILTIN", "DEFAULT_MODEL",
            "DEFAULT_AR_MODEL", "detect_family", "register_family"]
