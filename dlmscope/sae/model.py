@@ -44,9 +44,6 @@ SAELENS_READERS: dict[str, str] = {}
 """SAELens architecture name -> ours, for files that do not name one of ours (`metadata.dlmscope_architecture`)."""
 
 S = TypeVar("S", bound="type[SAE]")
-DENSE_COLUMNS = 4
-"""AuxK's decode and backward go dense over the dead latents when there are at most this many of them per entry
-it selects for a token (`_LatentPattern`)."""
 
 
 def register_architecture(name: str, saved_as: str, reads_saelens: bool = False) -> Callable[[S], S]:
@@ -132,29 +129,23 @@ class SAEOutput:
 
 
 class _LatentPattern:
-    """Where the selected (token, latent) entries of one step sit: per-token latent ids (N, m), and their
-    latent-major CSR layout, sorted once on first use and shared by the decoder's and the encoder's backward."""
+    """Where the selected (token, latent) entries of one step sit, and their latent-major CSR layout, sorted once on
+    first use and shared by the decoder's and the encoder's backward.
 
-    def __init__(self, indices: torch.Tensor, n_latents: int,
-                 among: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.indices, self.n_latents = indices, n_latents
-        # AuxK picks its entries among few latents (`among`: the dead ones, and per entry its place among them): from 1 in
-        # DENSE_COLUMNS of those per token up, dense matmuls over just those columns beat the sparse kernels, whose
-        # cost grows with the entries per latent (measured at d_in 256, 1,024 tokens, 128 dead latents all selected:
-        # about 7.5 ms sparse against under 1 ms dense for the encoder's gradient; about even at 500 dead, k_aux 128).
-        self.among = among if among is not None and among[0].numel() <= DENSE_COLUMNS * indices.shape[1] else None
+    Either a fixed number per token, latent ids (N, m) (the Top-K selection), or ragged: flat latent ids (E,) with
+    the token of each entry (`tokens`, ascending) and where each token's entries start (`offsets`, (N,)). With AuxK
+    the step's selection is ragged (`SAE._with_aux`): of the k_aux dead latents AuxK picks per token only those with a
+    positive pre-activation do anything (the ReLU zeroes the others, with their gradients), and late in a run those
+    are a few per token out of 128."""
 
-    def _dense(self, values: torch.Tensor, columns: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """(N, n_columns): `values` (N, m) scattered over the columns."""
-        return values.new_zeros(self.indices.shape[0], columns.numel()).scatter_(1, local, values)
+    def __init__(self, indices: torch.Tensor, n_latents: int, tokens: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None):
+        self.indices, self.n_latents, self.tokens, self.offsets = indices, n_latents, tokens, offsets
+        self.n_tokens = indices.shape[0] if offsets is None else offsets.shape[0]
 
     def decode(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """(N, d): sum_j values[:, j] * rows[indices[:, j]]."""
-        if self.among is not None:  # in the rows' dtype under autocast too, as embedding_bag's output is
-            columns, local = self.among
-            with torch.autocast(rows.device.type, enabled=False):
-                return self._dense(values.to(rows.dtype), columns, local) @ rows.index_select(0, columns)
-        return F.embedding_bag(self.indices, rows, per_sample_weights=values, mode="sum")
+        """(N, d): per token, the sum of its entries' values times their rows."""
+        return F.embedding_bag(self.indices, rows, self.offsets, per_sample_weights=values, mode="sum")
 
     @functools.cached_property
     def _csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,27 +156,21 @@ class _LatentPattern:
         order = flat.to(narrow).argsort(stable=True)
         crow = flat.new_zeros(self.n_latents + 1)
         crow[1:] = torch.bincount(flat, minlength=self.n_latents).cumsum(0)
-        return crow, order.div(self.indices.shape[1], rounding_mode="floor"), order
+        tokens = order.div(self.indices.shape[1], rounding_mode="floor") if self.tokens is None else self.tokens[order]
+        return crow, tokens, order
 
     def _matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """The (n_latents, N) CSR matrix G^T of the (N, n_latents) matrix G holding `values` (N, m) at the entries."""
+        """The (n_latents, N) CSR matrix G^T of the (N, n_latents) matrix G holding `values` at the entries."""
         crow, tokens, order = self._csr
-        return torch.sparse_csr_tensor(crow, tokens, values.flatten()[order], (self.n_latents, self.indices.shape[0]),
+        return torch.sparse_csr_tensor(crow, tokens, values.flatten()[order], (self.n_latents, self.n_tokens),
                                        check_invariants=False)  # valid by construction
 
     def scatter_matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """G^T @ dense, (n_latents, d): a weight gradient that touches only the selected entries."""
-        if self.among is not None:
-            columns, local = self.among
-            out = dense.new_zeros(self.n_latents, dense.shape[1])
-            return out.index_copy_(0, columns, self._dense(values.to(dense.dtype), columns, local).t() @ dense)
         return self._matrix(values) @ dense
 
     def gather_dots(self, rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """(N, m): rows[indices[t, j]] . dense[t], one dot product per entry (a sampled matmul)."""
-        if self.among is not None:
-            columns, local = self.among
-            return (dense.to(rows.dtype) @ rows.index_select(0, columns).t()).gather(1, local)
+        """rows[latent] . dense[token], one dot product per entry (a sampled matmul), in the entries' shape."""
         order = self._csr[2]  # zeros, not empty: beta=0 still multiplies them, and 0 * NaN garbage is NaN
         dots = torch.sparse.sampled_addmm(self._matrix(dense.new_zeros(self.indices.shape)), rows, dense.t(),
                                           beta=0.0).values()
@@ -384,20 +369,49 @@ class SAE(nn.Module):
             pre = torch.addmm(self.b_enc, xc, self.W_enc) if buf is None else torch.addmm(self.b_enc, xc, self.W_enc,
                                                                                            out=buf)
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            selections = [(top_values, top_ids, _LatentPattern(top_ids, self.cfg.n_latents))]
-            if dead_ids is not None:
-                aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
-                aux_ids = dead_ids[local]
-                selections.append((aux_values, aux_ids, _LatentPattern(aux_ids, self.cfg.n_latents, (dead_ids, local))))
-        decoded = []
-        for values, indices, pattern in selections:
-            values = _SelectedPreacts.apply(values.relu(), xc, self.b_dec, self.W_enc, self.b_enc, pattern)
-            decoded.append((values, indices, _SparseDecode.apply(values, self.W_dec, pattern)))
-        (values, indices, recon), *aux = decoded
-        out = SAEOutput(xs, recon + self.b_dec, values, indices, self.cfg.n_latents)
-        if aux:
-            out.aux_recon = aux[0][2]
+            values, inputs, pattern = top_values.relu(), xc, _LatentPattern(top_ids, self.cfg.n_latents)
+            aux = self._aux_selection(pre, dead_ids, k_aux) if dead_ids is not None else None
+            if aux is not None:  # one backward for both: AuxK's entries are those of N more tokens, copies of these
+                values, inputs, pattern = self._with_aux(values, top_ids, xc, *aux)
+        values = _SelectedPreacts.apply(values, inputs, self.b_dec, self.W_enc, self.b_enc, pattern)
+        recon = _SparseDecode.apply(values, self.W_dec, pattern)
+        n = xs.shape[0]
+        out = SAEOutput(xs, recon[:n] + self.b_dec, values[:top_ids.numel()].view(top_ids.shape), top_ids,
+                        self.cfg.n_latents)
+        if aux is not None:
+            out.aux_recon = recon[n:]
+        elif dead_ids is not None:  # dead latents, none positive anywhere: the prediction is zero
+            out.aux_recon = torch.zeros_like(xs)
         return out
+
+    def _aux_selection(self, pre: torch.Tensor, dead_ids: torch.Tensor,
+                       k_aux: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """AuxK's entries, ragged: per token the k_aux largest dead pre-activations, kept only where positive (the
+        rest decode to zero and get no gradient through the ReLU). Where no token has more than k_aux positive ones
+        (nearly always: a few per token late in a run) they are all its positive ones, and no top-k runs.
+        (values, latent ids, tokens), token-major; None when no entry is positive."""
+        values = pre.index_select(1, dead_ids)
+        local = None
+        positive = values > 0
+        if k_aux < dead_ids.numel() and int(positive.sum(1).max()) > k_aux:
+            values, local = values.topk(k_aux, dim=-1, sorted=False)
+            positive = values > 0
+        tokens, j = positive.nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            return None
+        return values[tokens, j], dead_ids[j if local is None else local[tokens, j]], tokens
+
+    def _with_aux(self, values: torch.Tensor, ids: torch.Tensor, xc: torch.Tensor, aux_values: torch.Tensor,
+                  aux_ids: torch.Tensor, aux_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _LatentPattern]:
+        """The Top-K entries (N, k) and AuxK's as one ragged selection over 2N tokens: token t's Top-K entries, then
+        token N + t's AuxK entries on a copy of its input. One pattern, sorted once, so each weight gets one sparse
+        gradient instead of two dense ones that autograd then adds."""
+        n, k = ids.shape
+        counts = torch.cat([ids.new_full((n,), k), torch.bincount(aux_tokens, minlength=n)])
+        tokens = torch.cat([torch.arange(n, device=ids.device).repeat_interleave(k), aux_tokens + n])
+        pattern = _LatentPattern(torch.cat([ids.flatten(), aux_ids]), self.cfg.n_latents, tokens,
+                                 counts.cumsum(0) - counts)
+        return torch.cat([values.flatten(), aux_values]), torch.cat([xc, xc]), pattern
 
     def _pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The reused (N, n_latents) pre-activation buffer of the sparse route (None under autocast)."""

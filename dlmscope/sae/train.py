@@ -46,11 +46,11 @@ class NonFiniteError(DLMScopeError):
 class OptimiserConfig(Options):
     """The optimiser and its schedule, the AuxK loss and b_dec's initialisation (any dictionary)."""
 
-    lr: float | None = field(default=None, metadata=unset("adam 2e-4, signum_sf 5e-3, over sqrt(n_latents / 2^14)"))
+    lr: float | None = field(default=None, metadata=unset("adam 2e-4, signum_sf 2.5e-3, over sqrt(n_latents / 2^14)"))
     """Learning rate."""
     optimizer: str = field(default="adam", metadata=choices(lambda: tuple(OPTIMIZERS)))
     """adam (warm-up, linear decay) or signum_sf (sign descent with schedule-free averaging; see `sae.optim`)."""
-    warmup_steps: int = 50
+    warmup_steps: int | None = field(default=None, metadata=unset("adam 50, signum_sf 10"))
     """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
     decay_fraction: float = 0.2
     """The final fraction of steps over which the learning rate decays linearly to zero (adam only)."""
@@ -67,7 +67,8 @@ class OptimiserConfig(Options):
     def check(self) -> None:
         if self.lr is not None:
             checks.number("lr", self.lr, 0.0, low_open=True)
-        checks.non_negative("warmup_steps", self.warmup_steps)
+        if self.warmup_steps is not None:
+            checks.non_negative("warmup_steps", self.warmup_steps)
         checks.number("decay_fraction", self.decay_fraction, 0.0, 1.0)
         checks.number("aux_coef", self.aux_coef, 0.0)
         for name in ("k_aux", "dead_tokens"):
@@ -176,11 +177,16 @@ class SAETrainer(Generic[ModelT]):
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
         self.initialised = False
 
+    @property
+    def warmup_steps(self) -> int:
+        """The configured warm-up, else the optimiser's default."""
+        return OPTIMIZERS[self.cfg.optimizer].warmup_steps if self.cfg.warmup_steps is None else self.cfg.warmup_steps
+
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero over the final `decay_fraction` of steps."""
         steps = max(1, self.cfg.steps)
-        if step < self.cfg.warmup_steps:
-            return self.lr * (step + 1) / self.cfg.warmup_steps
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
         decay_start = int(steps * (1 - self.cfg.decay_fraction)) if OPTIMIZERS[self.cfg.optimizer].decays else steps
         if step >= decay_start:
             return self.lr * max(0.0, (steps - step) / max(1, steps - decay_start))
@@ -311,7 +317,7 @@ class SAETrainer(Generic[ModelT]):
                               "tokens": self.tokens, "since_fired": self.since_fired,
                               "initialised": self.initialised,
                               "schedule": {"lr": self.lr, "steps": self.cfg.steps,
-                                           "warmup_steps": self.cfg.warmup_steps,
+                                           "warmup_steps": self.warmup_steps,
                                            "decay_fraction": self.cfg.decay_fraction},
                               "k_aux": self.k_aux, "dead_tokens": self.dead_tokens})
 

@@ -32,7 +32,7 @@ def test_signum_sf_trainer_schedule_averaged_eval_and_resume(tmp_path):
     xs = [torch.randn(128, 16, generator=gen) * 5 + 2 for _ in range(12)]
     cfg = TrainConfig(total_tokens=128 * 12, batch_size=128, warmup_steps=2, optimizer="signum_sf", lr=0.01)
     a = SAETrainer(SAEConfig(16, 64, 4), cfg)
-    assert default_lr("signum_sf", 64) == pytest.approx(5e-3 * 16)
+    assert default_lr("signum_sf", 64) == pytest.approx(2.5e-3 * 16)
     assert a.lr_at(11) == a.lr  # no decay: the average replaces it
     a.initialise(xs[0])
     first = a.evaluate(xs[0])["fvu"]  # the initialised, untrained SAE

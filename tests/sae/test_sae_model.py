@@ -43,40 +43,42 @@ def test_decode_routes_agree(trained, raw_x):
     assert sae.encode(raw_x[None]).shape == (1, 40, 64)  # leading dims are kept
 
 
-@pytest.mark.parametrize("dense_columns", [0, 4])  # AuxK picks 6 of 16 dead latents: sparse kernels (0), dense columns (4)
-def test_sparse_route_gradients_match_dense_autograd(dense_columns, monkeypatch):
-    """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc) against autograd on
-    the plain dense maths, in float64 to 1e-5, with AuxK on and some selected pre-activations cut by the ReLU."""
-    from dlmscope.sae import model
-
-    monkeypatch.setattr(model, "DENSE_COLUMNS", dense_columns)
+# of 16 dead latents: the positive ones among 6 (few: no top-k) or all 16; 6 of all-positive ones (a top-k); none positive
+@pytest.mark.parametrize(("k_aux", "dead_bias"), [(6, None), (16, None), (6, 1.0), (3, -50.0)])
+def test_sparse_route_gradients_match_dense_autograd(k_aux, dead_bias):
+    """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc, AuxK's ragged entries:
+    only positive dead pre-activations kept) against autograd on the plain dense maths, in float64 to 1e-5, with AuxK
+    on and some selected pre-activations cut by the ReLU."""
     gen = torch.Generator().manual_seed(0)
     sae = SAE(SAEConfig(8, 48, 5), seed=2).double()
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(48, generator=gen, dtype=torch.double) - 2.5)
+        if dead_bias is not None:
+            sae.b_enc[dead] = dead_bias
         sae.b_dec.copy_(torch.randn(8, generator=gen, dtype=torch.double))
         sae.input_scale.fill_(0.7)
     x = torch.randn(32, 8, generator=gen, dtype=torch.double)
-    dead = torch.zeros(48, dtype=torch.bool)
-    dead[::3] = True
     params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
 
     def grads(out):
         sae.zero_grad()
-        ((out.recon - out.x).pow(2).sum() + out.aux_recon.pow(2).sum()).backward()
+        ((out.recon - out.x).pow(2).sum() + (out.aux_recon - out.x).pow(2).sum()).backward()
         return [p.grad.clone() for p in params]
 
-    out = sae(x, dead, 6)
-    assert (out.values == 0).any() and (out.values > 0).any()
+    out = sae(x, dead, k_aux)
+    assert (out.values > 0).any() and ((out.values == 0).any() or dead_bias == 1.0)  # 1.0: dead latents lead
     ours = grads(out)
     xs = x * sae.input_scale  # the plain dense computation, written out
     pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
     dense = torch.zeros_like(pre).scatter(1, out.indices, pre.gather(1, out.indices).relu())
-    aux_ids = torch.arange(0, 48, 3)[pre.detach()[:, ::3].topk(6, dim=-1).indices]
+    aux_ids = torch.arange(0, 48, 3)[pre.detach()[:, ::3].topk(k_aux, dim=-1).indices]
     aux = torch.zeros_like(pre).scatter(1, aux_ids, pre.gather(1, aux_ids).relu())
     ref = type(out)(xs, dense @ sae.W_dec + sae.b_dec, out.values, out.indices, 48, aux @ sae.W_dec)
     torch.testing.assert_close(out.recon, ref.recon)
     torch.testing.assert_close(out.aux_recon, ref.aux_recon)
+    assert (ref.aux_recon.abs().max() > 0.1) == (dead_bias != -50.0)
     for got, want in zip(ours, grads(ref)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert want.abs().max() > 0.1  # a real gradient, not zeros on both sides

@@ -12,6 +12,10 @@ def test_defaults_lr_k_aux_and_dead_window():
     assert math.isclose(tr.lr, 2e-4 / math.sqrt(2**12 / 2**14))
     assert tr.k_aux == 16 and tr.cfg.aux_coef == 1 / 32
     assert tr.dead_tokens == 200_000  # min(10M, total_tokens // 5)
+    assert tr.warmup_steps == 50 and tr.lr_at(0) == pytest.approx(tr.lr / 50)
+    sf = SAETrainer(SAEConfig(32, 2**12, 8), TrainConfig(total_tokens=1_000_000, batch_size=1000, optimizer="signum_sf"))
+    assert math.isclose(sf.lr, 2.5e-3 / math.sqrt(2**12 / 2**14)) and sf.warmup_steps == 10
+    assert sf.lr_at(9) == sf.lr and sf.lr_at(0) == pytest.approx(sf.lr / 10)
     assert SAETrainer(SAEConfig(32, 64, 8), TrainConfig(total_tokens=10**9, batch_size=1000)).dead_tokens == 10_000_000
     with pytest.raises(DLMScopeError, match="b_dec_init='median'"):
         TrainConfig(b_dec_init="median")
