@@ -34,12 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dlm_activations(n: int, device: str) -> torch.Tensor:
+def dlm_activations(n: int, device: str, model: str = "dlmscope-tiny-dlm") -> torch.Tensor:
+    """Layer 3's residual stream of `model` on the built-in text under DLM-Scope masking (one t per forward)."""
     from dlmscope.activations import ActivationSource
     from dlmscope.data import load_texts, pack
     from dlmscope.models import load_model
 
-    lm = load_model("dlmscope-tiny-dlm", device=device)
+    lm = load_model(model, device=device)
     rows = pack(lm.tokenizer, load_texts("builtin"), 128)
     hook = "blocks.3.hook_resid_post"
     src = ActivationSource(lm, [hook], rows.input_ids, policy="all", seqs_per_batch=64)

@@ -1,0 +1,50 @@
+"""bench_sae_grid.py run for real at a tiny shape: every cell and trainer recorded, the one-run claim exact, resume."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_sae_grid", ROOT / "benchmarks" / "bench_sae_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SHORT", 64 * 3)
+    monkeypatch.setattr(module, "LONG", 64 * 7)
+    monkeypatch.setattr(module, "HELDOUT", 128)
+    monkeypatch.setattr(module, "SOURCES", {"tiny": {"latents": 96, "k": 4}})
+    monkeypatch.setattr(module, "CHECK_UNIT", ("tiny", 64, 0))
+    return module
+
+
+def test_grid_unit_records_both_checkpoints_and_resumes(monkeypatch):
+    bench = _bench(monkeypatch)
+    x = torch.randn(64 * 7 + 128, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    rows, saves = {}, []
+    bench.run_unit("tiny", 64, 0, x, rows, lambda: saves.append(len(rows)))
+    runners = {(r["runner"], r["tokens"]) for r in rows.values()}
+    assert runners == {("adam short", 192), ("adam", 448), ("signum_sf", 192), ("signum_sf", 448), ("sparsify", 192),
+                       ("sparsify", 448), ("signum_sf check", 192), ("sparsify check", 192)}
+    assert saves == list(range(1, 9))  # written after every evaluation
+    assert all(0 < r["fvu"] < 2 and r["tokens_per_s"] > 0 for r in rows.values())
+    # schedules that ignore the run's length: the long run's first checkpoint is the short run, exactly
+    for t, c in bench.check(rows).items():
+        assert c["difference"] == 0.0, t
+    bench.run_unit("tiny", 64, 1, x, rows, lambda: None)
+    del rows[bench.key("tiny", 64, 1, "sparsify", 448)]  # as if interrupted before sparsify's last evaluation
+    kept = dict(rows)
+    bench.run_unit("tiny", 64, 1, x, rows, lambda: None)  # reruns sparsify only
+    assert set(rows) == set(kept) | {bench.key("tiny", 64, 1, "sparsify", 448)}
+    assert all(rows[k] is kept[k] for k in kept)
+    [short, long] = bench.summarise(rows)
+    assert (short["tokens"], long["tokens"], short["seeds"]) == (192, 448, [0, 1])
+    for c in (short, long):
+        for t in bench.TRAINERS:
+            mean, lo, hi = c[t]["fvu"]
+            assert lo <= mean <= hi
+        assert len(c["signum_sf_minus_sparsify_fvu"]) == 3 and c["signum_sf_over_sparsify_speed"][0] > 0
+    table = bench.readme_table({"summary": [short, long]})
+    assert table.count("\n") == 3 and "| tiny | 64 | 448 | 2 |" in table
