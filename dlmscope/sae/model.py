@@ -459,4 +459,4 @@ class SAE(nn.Module):
             return
         w, grad = self.W_dec, self.W_dec.grad  # row dot products without (n_latents, d_in) temporaries
         coef = torch.einsum("ld,ld->l", grad, w) / torch.einsum("ld,ld->l", w, w).clamp_min(1e-16)
-        grad.sub_(w * coef[:, None])
+        grad.addcmul_(w, coef[:, None], value=-1)

@@ -140,3 +140,22 @@ def test_bf16_autocast_step_runs():
     logs = tr.step(torch.randn(128, 16))
     assert math.isfinite(logs["loss"]) and logs["aux"] > 0
     assert tr.sae.W_enc.dtype == torch.float32
+
+
+def test_check_finite_names_nan_and_inf_and_passes_sums_that_overflow(make_trainer):
+    from dlmscope.sae.train import NonFiniteError
+
+    tr = make_trainer()
+    loss = torch.tensor(1.0)
+    with torch.no_grad():
+        tr.sae.W_dec.fill_(3e38)  # finite, but its sum is inf: the element-wise check clears it
+    tr.check_finite(loss)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with torch.no_grad():
+            tr.sae.W_dec[1, 2] = bad
+        with pytest.raises(NonFiniteError, match="non-finite weight .*W_dec"):
+            tr.check_finite(loss)
+        with torch.no_grad():
+            tr.sae.W_dec[1, 2] = 0.0
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        tr.check_finite(torch.tensor(float("inf")))
