@@ -7,8 +7,9 @@ the first N layers if memory demands, and the output says so). Measured, each wi
 1. capture of 4 residual-stream layers (`dlmscope.hooks.capture`, to the device) vs the bare forward:
    overhead (target <= 5%) and tokens/s, interleaved, medians;
 2. SAE training at d_in 4,096, 16,384 latents, k 64, batch 4,096 on activations captured from the model:
-   our tokens/s, eai-sparsify's on the same batches (skipped when sparsify is not installed), and our
-   step as a multiple of its floor (one dense encode GEMM + top-k, `bench_sae_floor.py`);
+   tokens/s of our trainer with each optimiser (adam, signum_sf; AuxK runs once latents die, after 6 steps here),
+   eai-sparsify's on the same batches (skipped when sparsify is not installed), and each of our steps as a
+   multiple of its floor (one dense encode GEMM + top-k, `bench_sae_floor.py`);
 3. the sampler: denoising steps/s generating 256 tokens, plain and with Fast-dLLM's prefix and dual KV cache.
 
     python benchmarks/gpu_suite.py                       # the GPU run: writes benchmarks/results/gpu.{json,md}
@@ -167,9 +168,10 @@ def bench_sae(acts: torch.Tensor, shape: Shape, dev: Device, repeats: int) -> di
     batches = list(x.split(shape.sae_batch))
     d, total = x.shape[1], shape.sae_batch * shape.sae_steps
     out: dict = {"d_in": d, "latents": shape.latents, "k": shape.k, "batch": shape.sae_batch, "steps": len(batches)}
-    ours = SAETrainer(SAEConfig(d, shape.latents, shape.k),
-                      TrainConfig(total_tokens=total, batch_size=shape.sae_batch, autocast_bf16=dev.cuda), dev.name)
-    runners = {"dlmscope": ours.step}
+    runners = {name: SAETrainer(SAEConfig(d, shape.latents, shape.k),
+                                TrainConfig(total_tokens=total, batch_size=shape.sae_batch, autocast_bf16=dev.cuda,
+                                            optimizer=optimizer), dev.name).step
+               for name, optimizer in (("dlmscope", "adam"), ("dlmscope signum_sf", "signum_sf"))}
     if importlib.util.find_spec("sparsify") is not None:
         bst = _load_bench("bench_sae_train")
         lr = 2e-4 / (shape.latents / 2**14) ** 0.5
@@ -188,10 +190,13 @@ def bench_sae(acts: torch.Tensor, shape: Shape, dev: Device, repeats: int) -> di
         seconds = time.perf_counter() - t
         out[name] = {"tokens_per_s": shape.sae_batch * (len(batches) - 1) / seconds, "peak_gib": dev.peak_gib()}
     if isinstance(out.get("sparsify"), dict):
-        out["dlmscope_over_sparsify"] = out["dlmscope"]["tokens_per_s"] / out["sparsify"]["tokens_per_s"]
-    floor = _load_bench("bench_sae_floor").step_vs_floor(d, shape.latents, shape.k, shape.sae_batch, dev.name,
-                                                         repeats=repeats)
-    out["floor"] = {k: floor[k] for k in ("step_s", "floor_s", "step_over_floor")}
+        for name in ("dlmscope", "dlmscope signum_sf"):
+            out[f"{name.replace(' ', '_')}_over_sparsify"] = out[name]["tokens_per_s"] / out["sparsify"]["tokens_per_s"]
+    floors = _load_bench("bench_sae_floor")
+    for key, optimizer in (("floor", "adam"), ("floor_signum_sf", "signum_sf")):
+        floor = floors.step_vs_floor(d, shape.latents, shape.k, shape.sae_batch, dev.name, repeats=repeats,
+                                     optimizer=optimizer)
+        out[key] = {k: floor[k] for k in ("step_s", "floor_s", "step_over_floor")}
     return out
 
 
@@ -222,12 +227,15 @@ def markdown(r: dict) -> str:
         f"| capture of 4 layers | {c['capture_tokens_per_s']:,.0f} tok/s, overhead {c['overhead']:+.1%} "
         f"(target <= 5%) | {gib(c['peak_gib_capture'])} |",
         f"| SAE training (d_in {s['d_in']}, {s['latents']:,} latents, k {s['k']}, batch {s['batch']}) | "
-        f"{s['dlmscope']['tokens_per_s']:,.0f} tok/s, {s['floor']['step_over_floor']:.2f}x the floor | "
+        f"adam {s['dlmscope']['tokens_per_s']:,.0f} tok/s, {s['floor']['step_over_floor']:.2f}x the floor | "
         f"{gib(s['dlmscope']['peak_gib'])} |",
+        f"| the same with `--optimizer signum_sf` | {s['dlmscope signum_sf']['tokens_per_s']:,.0f} tok/s, "
+        f"{s['floor_signum_sf']['step_over_floor']:.2f}x the floor | {gib(s['dlmscope signum_sf']['peak_gib'])} |",
     ]
     if isinstance(s.get("sparsify"), dict):
         rows.append(f"| sparsify on the same batches | {s['sparsify']['tokens_per_s']:,.0f} tok/s "
-                    f"(dlmscope {s['dlmscope_over_sparsify']:.2f}x) | {gib(s['sparsify']['peak_gib'])} |")
+                    f"(dlmscope adam {s['dlmscope_over_sparsify']:.2f}x, signum_sf "
+                    f"{s['dlmscope_signum_sf_over_sparsify']:.2f}x) | {gib(s['sparsify']['peak_gib'])} |")
     else:
         rows.append(f"| sparsify | {s['sparsify']} | - |")
     for name in ("no cache", "prefix cache", "dual cache"):

@@ -353,9 +353,11 @@ class SAE(nn.Module):
         pre = self._encoder_input(xs) @ self.W_enc + self.b_enc
         dense, values, indices = self._select(pre)
         out = SAEOutput(ys, dense @ self.W_dec + self.b_dec + self._skip(xs), values, indices, self.cfg.n_latents)
-        if dead_ids is not None:
-            aux_values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
-            out.aux_recon = torch.zeros_like(pre).scatter(1, dead_ids[local], aux_values.relu()) @ self.W_dec
+        if dead_ids is not None:  # over the dead columns only: (N, n_dead) @ (n_dead, d), not (N, n_latents) @ W_dec
+            dead_pre = pre.index_select(1, dead_ids)
+            aux_values, local = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            aux = torch.zeros_like(dead_pre).scatter(1, local, aux_values.relu())
+            out.aux_recon = aux @ self.W_dec.index_select(0, dead_ids)
         return out
 
     def _sparse_forward(self, xs: torch.Tensor, dead_ids: torch.Tensor | None, k_aux: int) -> SAEOutput:

@@ -23,8 +23,10 @@ def test_tiny_suite_writes_every_measurement(tmp_path):
     s = r["sae"]
     assert (s["d_in"], s["latents"], s["k"], s["batch"], s["steps"]) == (64, 256, 8, 64, 4)
     assert s["dlmscope"]["tokens_per_s"] > 0 and s["floor"]["step_over_floor"] > 0
+    assert s["dlmscope signum_sf"]["tokens_per_s"] > 0 and s["floor_signum_sf"]["step_over_floor"] > 0
     if importlib.util.find_spec("sparsify") is not None:
         assert s["sparsify"]["tokens_per_s"] > 0 and s["dlmscope_over_sparsify"] > 0
+        assert s["dlmscope_signum_sf_over_sparsify"] > 0
     else:
         assert s["sparsify"].startswith("skipped")
     g = r["sampler"]
@@ -32,3 +34,4 @@ def test_tiny_suite_writes_every_measurement(tmp_path):
     assert g["prefix cache"]["steps_per_s"] > 0 and g["dual cache"]["steps_per_s"] > 0
     table = (tmp_path / "gpu.md").read_text()
     assert "| capture of 4 layers |" in table and "x the floor" in table and "| sampler, 16 tokens" in table
+    assert "| the same with `--optimizer signum_sf` |" in table
