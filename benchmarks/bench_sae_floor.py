@@ -15,6 +15,7 @@ schedule, AuxK once latents die) for both optimisers against the floor, and repo
 ratios; at batch 1,024 those are far above this file's.
 
     python benchmarks/bench_sae_floor.py                       # CPU, one thread: d_in 256, 4,096 latents, k 32
+    python benchmarks/bench_sae_floor.py --activations dlm     # the same on a batch of the DLM's activations
     python benchmarks/bench_sae_floor.py --device cuda --d-in 4096 --latents 16384 --k 64   # LLaDA-8B width
 
 Writes benchmarks/results/sae_floor.json (CPU) or the file given by --out.
@@ -34,12 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def step_vs_floor(d_in: int, latents: int, k: int, batch: int, device: str, repeats: int = 10,
-                  warmup: int = 3, optimizer: str = "adam") -> dict:
-    """Median seconds of our training step and of the floor (encode GEMM + top-k), interleaved."""
+                  warmup: int = 3, optimizer: str = "adam", x: torch.Tensor | None = None) -> dict:
+    """Median seconds of our training step and of the floor (encode GEMM + top-k), interleaved; on one random batch
+    (a mean offset, like residual streams) unless `x` (batch, d_in) is given."""
     from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(batch, d_in, generator=gen) + 0.5).to(device)  # a mean offset, like residual streams
+    x = (torch.randn(batch, d_in, generator=gen) + 0.5) if x is None else x
+    x = x.to(device)
     total = batch * (warmup + repeats + 1)
     cuda = device.startswith("cuda")
     tr = SAETrainer(SAEConfig(d_in, latents, k), TrainConfig(total_tokens=total, batch_size=batch, warmup_steps=0,
@@ -85,13 +88,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--activations", choices=["random", "dlm"], default="random",
+                   help="one random batch, or the first batch of the DLM's layer-3 activations (bench_sae_train.py)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_floor.json"))
     args = p.parse_args()
     from dlmscope.io_utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    r = step_vs_floor(args.d_in, args.latents, args.k, args.batch, args.device, args.repeats)
-    r.update(torch_threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
+    x = None
+    if args.activations == "dlm":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
+        bst = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bst)
+        x = bst.cached_activations("dlm", args.batch, "cpu")
+        args.d_in = x.shape[1]
+    r = step_vs_floor(args.d_in, args.latents, args.k, args.batch, args.device, args.repeats, x=x)
+    r.update(torch_threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+             activations=args.activations)
     print(f"d_in {r['d_in']}, {r['latents']} latents, k {r['k']}, batch {r['batch']} on {r['device']}: step "
           f"{r['step_s'] * 1e3:.1f} ms, floor {r['floor_s'] * 1e3:.1f} ms, ratio {r['step_over_floor']:.2f}x (paired "
           f"ratios' quartiles {', '.join(f'{q:.2f}' for q in r['paired_ratio_quartiles'])})")
