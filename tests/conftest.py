@@ -46,7 +46,7 @@ def tiny_sae(llada):
     ids = torch.randint(4, llada.vocab_size, (16, 16))
     acts = run_with_cache(llada, ids, ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"].reshape(-1, 64)
     tr = SAETrainer(SAEConfig(64, 256, 8, "topk", {"model_name": llada.name, "hook_name": "blocks.1.hook_resid_post"}),
-                    TrainConfig(total_tokens=256 * 20, batch_size=256))
+                    TrainConfig(total_tokens=256 * 20, batch_size=256, optimizer="adam"))  # what the tests were written on
     for _ in range(20):
         tr.step(acts)
     return tr.sae.eval()

@@ -38,7 +38,7 @@ from .. import checks
 from ..errors import DLMScopeError
 from ..io_utils import atomic_save_safetensors, atomic_write_json, file_sha256
 from .model import SAEOutput
-from .optim import default_lr, make_optimizer
+from .optim import default_lr, default_optimizer, make_optimizer
 from .train import Reduce, SAETrainer, TrainConfig, aux_loss, geometric_median
 
 FORMAT = "dlmscope-crosscoder"
@@ -192,10 +192,11 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
     def __init__(self, cfg: CrossCoderConfig, train: TrainConfig, device: str | torch.device = "cpu"):
         self.cfg = train
         self.sae = CrossCoder(cfg, seed=train.seed).to(device)
-        self.lr = train.lr if train.lr is not None else default_lr(train.optimizer, cfg.n_latents)
+        self.optimizer = train.optimizer or default_optimizer("crosscoder")
+        self.lr = train.lr if train.lr is not None else default_lr(self.optimizer, cfg.n_latents)
         self.k_aux = train.k_aux or max(1, cfg.d_in // 2)
         self.dead_tokens = train.dead_tokens or max(train.batch_size, min(10_000_000, train.total_tokens // 5))
-        self.opt = make_optimizer(train.optimizer, self.sae.parameters(), self.lr, device)
+        self.opt = make_optimizer(self.optimizer, self.sae.parameters(), self.lr, device)
         self.step_count = 0
         self.tokens = 0
         self.since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)

@@ -98,6 +98,12 @@ class OptimizerSpec:
 OPTIMIZERS = {"adam": OptimizerSpec(2e-4, True, 50), "signum_sf": OptimizerSpec(2.5e-3, False, 10)}
 
 
+def default_optimizer(architecture: str) -> str:
+    """signum_sf for Top-K SAEs, where `benchmarks/bench_sae_grid.py` measured it against sparsify's default and
+    Adam; adam for the other architectures and crosscoders, which it did not measure."""
+    return "signum_sf" if architecture == "topk" else "adam"
+
+
 def default_lr(name: str, n_latents: int) -> float:
     return OPTIMIZERS[name].base_lr / math.sqrt(n_latents / 2**14)
 

@@ -32,7 +32,7 @@ from ..options import Options, choices, unset
 from .metrics import evaluate_sae
 from .family import build_sae
 from .model import SAE, SAEConfig
-from .optim import OPTIMIZERS, averaged, default_lr, make_optimizer
+from .optim import OPTIMIZERS, averaged, default_lr, default_optimizer, make_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -48,8 +48,9 @@ class OptimiserConfig(Options):
 
     lr: float | None = field(default=None, metadata=unset("adam 2e-4, signum_sf 2.5e-3, over sqrt(n_latents / 2^14)"))
     """Learning rate."""
-    optimizer: str = field(default="adam", metadata=choices(lambda: tuple(OPTIMIZERS)))
-    """adam (warm-up, linear decay) or signum_sf (sign descent with schedule-free averaging; see `sae.optim`)."""
+    optimizer: str | None = field(default=None, metadata=choices(
+        lambda: tuple(OPTIMIZERS), "signum_sf for Top-K SAEs, adam for the other architectures and crosscoders"))
+    """signum_sf (sign descent with schedule-free averaging; see `sae.optim`) or adam (warm-up, linear decay)."""
     warmup_steps: int | None = field(default=None, metadata=unset("adam 50, signum_sf 10"))
     """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
     decay_fraction: float = 0.2
@@ -168,10 +169,11 @@ class SAETrainer(Generic[ModelT]):
         self.cfg = cfg
         self.sae = build_sae(sae_cfg, seed=cfg.seed).to(device)
         self.sae.configure_training(cfg)
-        self.lr = cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer, sae_cfg.n_latents)
+        self.optimizer = cfg.optimizer or default_optimizer(sae_cfg.architecture)
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(self.optimizer, sae_cfg.n_latents)
         self.k_aux = cfg.k_aux or max(1, sae_cfg.d_in // 2)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.total_tokens // 5))
-        self.opt = make_optimizer(cfg.optimizer, self.sae.parameters(), self.lr, device)
+        self.opt = make_optimizer(self.optimizer, self.sae.parameters(), self.lr, device)
         self.step_count = 0
         self.tokens = 0
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
@@ -180,14 +182,14 @@ class SAETrainer(Generic[ModelT]):
     @property
     def warmup_steps(self) -> int:
         """The configured warm-up, else the optimiser's default."""
-        return OPTIMIZERS[self.cfg.optimizer].warmup_steps if self.cfg.warmup_steps is None else self.cfg.warmup_steps
+        return OPTIMIZERS[self.optimizer].warmup_steps if self.cfg.warmup_steps is None else self.cfg.warmup_steps
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero over the final `decay_fraction` of steps."""
         steps = max(1, self.cfg.steps)
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        decay_start = int(steps * (1 - self.cfg.decay_fraction)) if OPTIMIZERS[self.cfg.optimizer].decays else steps
+        decay_start = int(steps * (1 - self.cfg.decay_fraction)) if OPTIMIZERS[self.optimizer].decays else steps
         if step >= decay_start:
             return self.lr * max(0.0, (steps - step) / max(1, steps - decay_start))
         return self.lr

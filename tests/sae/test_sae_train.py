@@ -8,12 +8,15 @@ from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
 
 def test_defaults_lr_k_aux_and_dead_window():
-    tr = SAETrainer(SAEConfig(32, 2**12, 8), TrainConfig(total_tokens=1_000_000, batch_size=1000))
+    for arch, want in (("topk", "signum_sf"), ("batchtopk", "adam"), ("jumprelu", "adam")):  # the measured default
+        assert SAETrainer(SAEConfig(32, 2**12, 8, arch), TrainConfig(total_tokens=10_000, batch_size=1000)).optimizer \
+            == want
+    tr = SAETrainer(SAEConfig(32, 2**12, 8), TrainConfig(total_tokens=1_000_000, batch_size=1000, optimizer="adam"))
     assert math.isclose(tr.lr, 2e-4 / math.sqrt(2**12 / 2**14))
     assert tr.k_aux == 16 and tr.cfg.aux_coef == 1 / 32
     assert tr.dead_tokens == 200_000  # min(10M, total_tokens // 5)
     assert tr.warmup_steps == 50 and tr.lr_at(0) == pytest.approx(tr.lr / 50)
-    sf = SAETrainer(SAEConfig(32, 2**12, 8), TrainConfig(total_tokens=1_000_000, batch_size=1000, optimizer="signum_sf"))
+    sf = SAETrainer(SAEConfig(32, 2**12, 8), TrainConfig(total_tokens=1_000_000, batch_size=1000))
     assert math.isclose(sf.lr, 2.5e-3 / math.sqrt(2**12 / 2**14)) and sf.warmup_steps == 10
     assert sf.lr_at(9) == sf.lr and sf.lr_at(0) == pytest.approx(sf.lr / 10)
     assert SAETrainer(SAEConfig(32, 64, 8), TrainConfig(total_tokens=10**9, batch_size=1000)).dead_tokens == 10_000_000
@@ -22,7 +25,8 @@ def test_defaults_lr_k_aux_and_dead_window():
 
 
 def test_schedule_warmup_constant_linear_decay_to_zero():
-    tr = SAETrainer(SAEConfig(8, 32, 2), TrainConfig(total_tokens=100 * 10, batch_size=10, lr=1.0, warmup_steps=10))
+    tr = SAETrainer(SAEConfig(8, 32, 2), TrainConfig(total_tokens=100 * 10, batch_size=10, lr=1.0, warmup_steps=10,
+                                                     optimizer="adam"))
     lrs = [tr.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in lrs[10:80])
@@ -111,7 +115,8 @@ def test_state_dict_round_trip_continues_identically(make_trainer, arch, tmp_pat
         assert torch.equal(p, q), name
     assert torch.equal(a.since_fired, b.since_fired) and a.step_count == b.step_count
     sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
-    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert sa.keys() == sb.keys() and all(sa[i].keys() == sb[i].keys() for i in sa)
+    assert all(torch.equal(v, sb[i][n]) if torch.is_tensor(v) else v == sb[i][n] for i in sa for n, v in sa[i].items())
 
 
 def test_learns_a_known_sparse_dictionary():
