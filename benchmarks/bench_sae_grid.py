@@ -198,11 +198,14 @@ def check(rows: dict) -> dict | None:
 
 
 def _fmt(v: list[float] | None, digits: int) -> str:
-    return "-" if v is None else f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
+    """mean [low, high]; the mean alone where one seed gives no interval."""
+    if v is None:
+        return "-"
+    return f"{v[0]:.{digits}f}" + ("" if v[1] == v[2] else f" [{v[1]:.{digits}f}, {v[2]:.{digits}f}]")
 
 
 def readme_table(result: dict) -> str:
-    """The README's grid table: per cell, mean [95% interval] over seeds."""
+    """The README's grid table: per cell, mean [95% interval] over seeds (tokens/s: means)."""
     lines = ["| source | batch | tokens | seeds | held-out FVU: adam / signum_sf / sparsify | signum_sf - sparsify "
              "(paired) | tokens/s: adam / signum_sf / sparsify | signum_sf / sparsify speed |",
              "|---|---|---|---|---|---|---|---|"]
