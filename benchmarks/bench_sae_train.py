@@ -88,7 +88,8 @@ class Ours:
         from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
         self.tr = SAETrainer(SAEConfig(d, n, k), TrainConfig(total_tokens=total, batch_size=bs, lr=lr, warmup_steps=0,
-                                                             decay_fraction=0.0, dead_tokens=dead), device)
+                                                             decay_fraction=0.0, dead_tokens=dead, optimizer="adam"),
+                             device)
 
     def step(self, x):
         self.tr.step(x)

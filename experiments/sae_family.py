@@ -44,7 +44,7 @@ def train_family(args, seed: int) -> dict:
     rows = pack(lm.tokenizer, split_texts("builtin", "text")[0], 128)
     source = ActivationSource(lm, [resid, mlp_in, mlp_out], rows.input_ids, rows.doc_ids, seed=seed, seqs_per_batch=32)
     buffer = ShuffleBuffer(source, 65536, 1024, seed=seed)
-    tcfg = TrainConfig(total_tokens=args.tokens, batch_size=1024, seed=seed)
+    tcfg = TrainConfig(total_tokens=args.tokens, batch_size=1024, seed=seed, optimizer="adam")  # one optimiser for all
     n_latents = args.expansion * lm.d_model
     meta = {"model_name": lm.name, "hook_name": resid, "masking_policy": source.policy, "t_range": [0.05, 0.5]}
     trainers = {}

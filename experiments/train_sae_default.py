@@ -5,7 +5,8 @@ folder under a temporary directory) and records wall time, the child's CPU time 
 machine's load average, and the held-out FVU, cosine, L0 and dead fraction of both SAEs from the run's
 metrics.json. Wall time depends on what else the CPU runs; CPU time and peak RSS much less so.
 Writes experiments/results/train_sae_default.json; `--batch-size N` runs the same default with another batch
-size (the batch ablation) into train_sae_default_bN.json.
+size (the batch ablation) into train_sae_default_bN.json. `train_sae_default_adam.json` (and `_b4096.json`) are
+runs from before signum_sf became the Top-K default, when `adam` was.
 """
 
 from __future__ import annotations
