@@ -186,6 +186,22 @@ def summarise(rows: dict) -> list[dict]:
     return out
 
 
+def per_run(rows: dict) -> dict | None:
+    """Over every (cell, seed): the smallest signum_sf / sparsify tokens/s ratio and the largest signum_sf - sparsify
+    FVU difference, each with where it was."""
+    pairs = [(r, rows[k.replace("/signum_sf/", "/sparsify/")]) for k, r in rows.items()
+             if r["runner"] == "signum_sf" and k.replace("/signum_sf/", "/sparsify/") in rows]
+    if not pairs:
+        return None
+    speed = min(pairs, key=lambda p: p[0]["tokens_per_s"] / p[1]["tokens_per_s"])
+    fvu_gap = max(pairs, key=lambda p: p[0]["fvu"] - p[1]["fvu"])
+    where = "{source}/{batch}/{tokens}/seed {seed}".format
+    return {"runs": len(pairs),
+            "min_signum_sf_over_sparsify_speed": speed[0]["tokens_per_s"] / speed[1]["tokens_per_s"],
+            "at": where(**speed[0]), "max_signum_sf_minus_sparsify_fvu": fvu_gap[0]["fvu"] - fvu_gap[1]["fvu"],
+            "fvu_at": where(**fvu_gap[0])}
+
+
 def check(rows: dict) -> dict | None:
     """The one-run claim: FVU at the short count inside the long run vs the separate short run (`CHECK_UNIT`)."""
     got = {}
@@ -239,7 +255,8 @@ def main() -> None:
         atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                                 "torch_threads": torch.get_num_threads(), "clock": "process CPU time",
                                 "heldout_tokens": HELDOUT, "sources": SOURCES, "load_average": os.getloadavg(),
-                                "check": check(rows), "summary": summarise(rows), "rows": rows,
+                                "check": check(rows), "per_run": per_run(rows), "summary": summarise(rows),
+                                "rows": rows,
                                 "this_invocation": {"wall_s": time.time() - started,
                                                     "cpu_s": time.process_time() - cpu0}})
 

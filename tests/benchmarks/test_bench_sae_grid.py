@@ -46,5 +46,7 @@ def test_grid_unit_records_both_checkpoints_and_resumes(monkeypatch):
             mean, lo, hi = c[t]["fvu"]
             assert lo <= mean <= hi
         assert len(c["signum_sf_minus_sparsify_fvu"]) == 3 and c["signum_sf_over_sparsify_speed"][0] > 0
+    extremes = bench.per_run(rows)
+    assert extremes["runs"] == 4 and extremes["min_signum_sf_over_sparsify_speed"] > 0 and "seed" in extremes["at"]
     table = bench.readme_table({"summary": [short, long]})
     assert table.count("\n") == 3 and "| tiny | 64 | 448 | 2 |" in table
