@@ -260,9 +260,13 @@ def summary(res: dict, unsteered: dict) -> dict:
     """The numbers the README's prose quotes: effects with intervals (perplexity as a ratio), tests, baselines."""
     eff = {f"{model}/{sched}/{s:g}": e for (model, sched, s), e in effect_intervals(res).items()}
     tests = dlm_vs_ar(res)
-    return {"effects": eff, "tests": tests, "texts_without_perplexity": unjudged(res),
+    return {"effects": eff, "texts_without_perplexity": unjudged(res),
             "holm_survivors": {k: sum(t["p_holm"] < 0.05 for t in tests if t["metric"] == k) for k in TESTED},
             "tests_per_metric": {k: sum(t["metric"] == k for t in tests) for k in TESTED},
+            "holm_survivors_by_strength": {f"{s:g}": {k: sum(t["p_holm"] < 0.05 for t in tests if t["metric"] == k
+                                                             and t["strength"] == s) for k in TESTED}
+                                           for s in sorted({t["strength"] for t in tests})},
+            "tests": tests, "n_tests": len(tests),
             "dla_top50_share": dla_share(res),
             "unsteered": {m: {"perplexity": p, "dlm_nll": n} for m, (p, n) in unsteered.items()}}
 

@@ -32,3 +32,13 @@ def test_first_complete_keeps_the_features_both_twins_finished_and_tests_each_me
     assert [t["metric"] for t in tests] == list(st.TESTED) * 2  # two schedules
     assert all(t["p_holm"] >= t["p"] for t in tests)
     assert "concept rate, output" in st.readme_table(res)
+
+
+def test_summary_counts_holm_survivors_per_strength():
+    dlm, ar = (_partial(m, [5, 7, 9], 3, shift) for m, shift in ((st.MODELS[0][0], 0.1), (st.MODELS[1][0], 0.0)))
+    res = dlm | {k: dlm[k] | ar[k] for k in ("features", "dla_overlap", "unsteered")}
+    res["runs"] = dlm["runs"] + ar["runs"] + [r | {"strength": 8.0} for r in dlm["runs"] + ar["runs"]]
+    s = st.summary(st.first_complete(res), {m: (4.0, 3.0) for m, _ in st.MODELS})
+    assert s["n_tests"] == 12 and list(s["holm_survivors_by_strength"]) == ["4", "8"]
+    by_strength = {k: sum(n[k] for n in s["holm_survivors_by_strength"].values()) for k in st.TESTED}
+    assert by_strength == s["holm_survivors"]
