@@ -17,8 +17,8 @@ over features (the twins' features are chosen separately, so the samples are ind
 Holm-adjusted over all the table's tests (the
 activation and the two unbiased concept rates; the input-side rate is not tested).
 Writes experiments/results/steering_dlm_vs_ar.{json,md} and the summary the README quotes. The committed run:
-each twin with `--twin` at strength 4 and again with `--strengths 8` in another folder, then `--combine --merge`;
-further sampling seeds run with `--first-seed N` and are appended to a combined run with `--combine --join`.
+each twin with `--twin` at strength 4 and again with `--strengths 8` in another folder (seed 0), then `--combine
+--merge`, with seed 1 (`--strengths 4,8 --first-seed 1`, combined in its own folder) appended by `--join`.
 """
 
 from __future__ import annotations
