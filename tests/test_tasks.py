@@ -83,3 +83,17 @@ def test_registry_and_corpus():
     lines = task_corpus(4, seed=1)
     assert len(lines) == 8 and lines == task_corpus(4, seed=1)
     assert sum(line.startswith("Sudoku: ") for line in lines) == 4 and all("\n" in line for line in lines)
+
+
+def test_pretrain_pool_is_train_and_validation_drawn_as_train_was_before_the_split():
+    """The shipped models' corpus (train_zoo, diff_rspo, train_transcoders) must rebuild unchanged: the
+    digests are those of `examples("train", 50, seed=3)` and `task_corpus(20, seed=1)` at commit 8ce6fa2,
+    before validation was carved out of train."""
+    import hashlib
+
+    digest = lambda texts: hashlib.sha1("".join(texts).encode()).hexdigest()[:16]  # noqa: E731
+    pool = sudoku_split_grids("train") + sudoku_split_grids("validation")
+    assert sorted(sudoku_split_grids("pretrain")) == sorted(pool)
+    assert digest(e.prompt + e.answer for e in get_task("sudoku").examples("pretrain", 50, seed=3)) == "dda9d3c6f53331cf"
+    assert digest(e.prompt + e.answer for e in get_task("countdown").examples("pretrain", 50, seed=3)) == "cddb75040a8c2dbe"
+    assert digest(task_corpus(20, seed=1)) == "b63c295263ac8794"
