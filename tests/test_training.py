@@ -305,8 +305,9 @@ dist.close()
 print(f"rank {dist.rank}: closed", file=sys.stderr, flush=True)
 """
 # gloo can abort a rank in its C++ teardown under heavy CPU load ("terminate called without an active
-# exception", SIGABRT; seen 3 times this round, always in a full suite on a loaded 2-core machine, never in 9 standalone runs). The run is retried on that
-# message only, at most twice; the markers above say how far the aborted rank got.
+# exception", SIGABRT; seen 3 times this round, always in a full suite on a loaded 2-core machine, never in
+# 9 standalone runs). The run is retried on that message only, at most twice; the markers above say how far
+# the aborted rank got.
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
