@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import torch
@@ -440,11 +440,12 @@ class CrossCoderRun(DictionaryRun):
             raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
         d = width // n
         tcfg = TrainConfig.of(cfg)
+        init = getattr(cfg, "decoder_init", "shared")  # a DiffConfig's choice; TrainSAEConfig has none
         for h in self.hooks:
             for k in cfg.k_list():
                 key = f"{h}-k{k}"
                 self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, self.checkpoints,
-                                                                        {**meta, "hook_name": h}), tcfg,
+                                                                        {**meta, "hook_name": h}, init), tcfg,
                                                        self.device_for(len(self.routes)))
                 self.routes[key] = h
 
@@ -465,6 +466,12 @@ class DiffPart(Options):
     """Latent Scaling: a specific latent is robust when both ratios nu_error and nu_reconstruction are below this."""
     diff_sae: bool = False
     """Also train a diff-SAE (Top-K) on the activation differences (last checkpoint minus the base)."""
+    decoder_init: Literal["shared", "independent"] = "independent"
+    """Crosscoder decoder starts: independent (a random direction per checkpoint) or shared (the same in every
+    checkpoint: identical checkpoints then give relative norms of exactly 0.5, the pipeline's exact check)."""
+    null_control: bool = False
+    """Also train the base-vs-base crosscoder (the base's activations twice, same settings) and test every pair's
+    relative-norm distribution against it (Kolmogorov-Smirnov and a permutation test of the spread)."""
     n_seqs: int = 64
     """Held-out sequences the report reads (scaling, top examples)."""
     n_examples: int = 6
@@ -517,11 +524,20 @@ class DiffRun(CrossCoderRun):
         super().__init__(cfg, cfg.checkpoint_list())
 
     def build_trainers(self, d_in: int, meta: dict) -> None:
+        from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
+
         super().build_trainers(d_in, meta)
+        d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
+        tcfg, cfg = TrainConfig.of(self.cfg), self.cfg
+        names = [self.checkpoints[0], self.checkpoints[0] + "-copy"]
+        for h in self.hooks if cfg.null_control else []:  # the base against itself: relative_norm_test's null
+            for k in cfg.k_list():
+                key = f"{h}-k{k}-null"
+                self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, names, {
+                    **meta, "hook_name": h}, cfg.decoder_init), tcfg, self.device_for(len(self.routes)))
+                self.routes[key] = h
         if not self.cfg.diff_sae:
             return
-        d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
-        tcfg = TrainConfig.of(self.cfg)
         for h in self.hooks:
             for k in self.cfg.k_list():
                 key = f"{h}-k{k}-diffsae"
@@ -532,9 +548,11 @@ class DiffRun(CrossCoderRun):
 
     def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         x = acts[self.routes[key]]
+        d = x.shape[1] // len(self.checkpoints)
+        if key.endswith("-null"):
+            return torch.cat([x[:, :d], x[:, :d]], dim=1)
         if not key.endswith("-diffsae"):
             return x
-        d = x.shape[1] // len(self.checkpoints)
         return x[:, -d:] - x[:, :d]
 
     def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:

@@ -28,9 +28,9 @@ def _paired(n: int, planted: bool, seed: int) -> torch.Tensor:
     return torch.cat([xa, xb], dim=1)
 
 
-def _train(planted: bool, steps: int = 400) -> CrossCoderTrainer:
+def _train(planted: bool, steps: int = 400, init: str = "shared") -> CrossCoderTrainer:
     x = _paired(steps * 256, planted, seed=1)
-    tr = CrossCoderTrainer(CrossCoderConfig(D, 64, 3, ["a", "b"], {"hook_name": "h"}),
+    tr = CrossCoderTrainer(CrossCoderConfig(D, 64, 3, ["a", "b"], {"hook_name": "h"}, init),
                            TrainConfig(total_tokens=steps * 256, batch_size=256, lr=3e-3, seed=0))
     for i in range(steps):
         tr.step(x[i * 256:(i + 1) * 256])
@@ -69,6 +69,39 @@ def test_identical_checkpoints_give_no_specific_latents():
     assert not bool((alive & ((rel > 0.9) | (rel < 0.1))).any()), rel[alive]
     # Latents start shared and identical checkpoints get identical updates: the decoders never part.
     assert torch.allclose(tr.sae.W_dec[0], tr.sae.W_dec[1]) and rel.sub(0.5).abs().max() < 1e-5
+
+
+def test_independent_init_starts_apart_and_still_finds_the_planted_directions():
+    shared, independent = (CrossCoder(CrossCoderConfig(D, 64, 3, ["a", "b"], decoder_init=i)) for i in
+                           ("shared", "independent"))
+    assert torch.equal(shared.W_dec[0], shared.W_dec[1])
+    start = torch.nn.functional.cosine_similarity(independent.W_dec[0], independent.W_dec[1], dim=1)
+    assert start.abs().max() < 0.9 and decoder_stats(independent)["relative_norm"].sub(0.5).abs().max() < 1e-6
+    tr = _train(planted=True, init="independent")
+    rel, alive = _alive_relative_norm(tr, planted=True)
+    specific = (alive & (rel > 0.9)).nonzero().flatten()
+    _, extra = _directions()
+    cos = torch.nn.functional.normalize(tr.sae.W_dec[1, specific].detach(), dim=1) @ extra.t()
+    assert bool((cos.max(0).values > 0.9).all()), cos  # every planted direction has a B-only latent
+    assert not bool((alive & (rel < 0.1)).any())
+
+
+def test_independent_init_on_identical_checkpoints_converges_without_specific_latents():
+    tr = _train(planted=False, steps=200, init="independent")
+    start = CrossCoder(CrossCoderConfig(D, 64, 3, ["a", "b"], decoder_init="independent"))
+    start_median = float(torch.nn.functional.cosine_similarity(start.W_dec[0], start.W_dec[1], dim=1).abs().median().detach())
+    rel, alive = _alive_relative_norm(tr, planted=False)
+    assert not bool((alive & ((rel > 0.9) | (rel < 0.1))).any()), rel[alive]
+    cos = torch.nn.functional.cosine_similarity(tr.sae.W_dec[0], tr.sae.W_dec[1], dim=1)[alive]
+    assert cos.median() > 0.5 > start_median  # the two decoders of a used latent move together from independent starts
+    assert rel[alive].sub(0.5).abs().max() > 1e-4  # but not exactly: the spread a null test reads
+
+
+def test_decoder_init_is_checked_and_saved(tmp_path):
+    with pytest.raises(DLMScopeError, match="decoder_init='both'; allowed: shared, independent"):
+        CrossCoderConfig(D, 64, 3, ["a", "b"], decoder_init="both")
+    cc = CrossCoder(CrossCoderConfig(D, 64, 3, ["a", "b"], decoder_init="independent"))
+    assert load_crosscoder(save_crosscoder(cc, tmp_path / "cc")).cfg.decoder_init == "independent"
 
 
 def test_save_load_round_trip_is_exact(planted, tmp_path):
