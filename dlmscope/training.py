@@ -440,13 +440,14 @@ class CrossCoderRun(DictionaryRun):
             raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
         d = width // n
         tcfg = self.train_config(d)
-        init = getattr(cfg, "decoder_init", "shared")  # a DiffConfig's choice; TrainSAEConfig has none
+        init = getattr(cfg, "decoder_init", "shared")  # a DiffConfig's choices; TrainSAEConfig has neither
+        resample = getattr(cfg, "resample_every", 0)
         for h in self.hooks:
             for k in cfg.k_list():
                 key = f"{h}-k{k}"
                 self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, self.checkpoints,
                                                                         {**meta, "hook_name": h}, init), tcfg,
-                                                       self.device_for(len(self.routes)))
+                                                       self.device_for(len(self.routes)), resample)
                 self.routes[key] = h
 
     def train_config(self, d_in: int) -> TrainConfig:
@@ -472,6 +473,9 @@ class DiffPart(Options):
     decoder_init: Literal["shared", "independent"] = "independent"
     """Crosscoder decoder starts: independent (a random direction per checkpoint) or shared (the same in every
     checkpoint: identical checkpoints then give relative norms of exactly 0.5, the pipeline's exact check)."""
+    resample_every: int = 0
+    """Crosscoders: every this many steps in the first half of training, re-initialise the dead latents from tokens
+    drawn by reconstruction error (0: never; AuxK alone)."""
     null_control: bool = False
     """Also train the base-vs-base crosscoder (the base's activations twice, same settings) and test every pair's
     relative-norm distribution against it (Kolmogorov-Smirnov and a permutation test of the spread)."""
@@ -488,6 +492,7 @@ class DiffPart(Options):
         checks.number("nu_max", self.nu_max, 0.0, low_open=True)
         checks.positive("n_seqs", self.n_seqs)
         checks.positive("n_examples", self.n_examples)
+        checks.non_negative("resample_every", self.resample_every)
 
     def checkpoint_list(self) -> list[str]:
         return [c.strip() for c in self.checkpoints.split(",") if c.strip()]
@@ -549,7 +554,8 @@ class DiffRun(CrossCoderRun):
             for k in cfg.k_list():
                 key = f"{h}-k{k}-null"
                 self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, names, {
-                    **meta, "hook_name": h}, cfg.decoder_init), tcfg, self.device_for(len(self.routes)))
+                    **meta, "hook_name": h}, cfg.decoder_init), tcfg, self.device_for(len(self.routes)),
+                    cfg.resample_every)
                 self.routes[key] = h
         if not self.cfg.diff_sae:
             return

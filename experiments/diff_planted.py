@@ -129,14 +129,15 @@ def _train(trainer, x, seed: int):
     return trainer
 
 
-def train_crosscoder(cfg: dict, x, seed: int):
+def train_crosscoder(cfg: dict, x, seed: int, aux: dict | None = None, resample_every: int = 0):
     from dlmscope.sae import TrainConfig
     from dlmscope.sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
 
     d = x.shape[1] // 2
     tr = CrossCoderTrainer(CrossCoderConfig(d, cfg["n_latents"], cfg["k"], ["base", "other"],
                                             {"hook_name": HOOK}, cfg["decoder_init"]),
-                           TrainConfig(total_tokens=x.shape[0], batch_size=256, lr=cfg["lr"], seed=seed, **AUX))
+                           TrainConfig(total_tokens=x.shape[0], batch_size=256, lr=cfg["lr"], seed=seed,
+                                       **(AUX if aux is None else aux)), resample_every=resample_every)
     return _train(tr, x, seed)
 
 
@@ -206,9 +207,11 @@ def run(args) -> dict:
     cfg = settings(args)
     path = args.out / "diff_planted.json"
     res = json.loads(path.read_text()) if path.is_file() else {}
-    if res.get("settings", cfg) != cfg:
+    grid = ("strengths", "frequencies")  # cells are keyed by these: a grid may grow or shrink between runs
+    if {k: v for k, v in res.get("settings", cfg).items() if k not in grid} != \
+            {k: v for k, v in cfg.items() if k not in grid}:
         raise SystemExit(f"{path} holds other settings; move it away or pass the same ones:\n{res['settings']}")
-    res = {"settings": cfg, "triggers": {}, "null": {}, "base_sae": {}, "cells": {}, "rl": {}} | res
+    res = {"triggers": {}, "null": {}, "base_sae": {}, "cells": {}, "rl": {}} | res | {"settings": cfg}
     work = ROOT / "runs" / "diff_planted"
     work.mkdir(parents=True, exist_ok=True)
     base = load_model("dlmscope-tiny-dlm")
@@ -359,7 +362,7 @@ def render(res: dict, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--strengths", default="0.1,0.25,0.5,1", help="planted strengths, in units of the residual's rms")
+    p.add_argument("--strengths", default="0.25,1,4", help="planted strengths, in units of the residual's rms")
     p.add_argument("--frequencies", default="0.002,0.01", help="target shares of the trigger token")
     p.add_argument("--seeds", default="0,1,2", help="seeds (planted direction, dictionary starts, data order)")
     p.add_argument("--tokens", type=int, default=153_600, help="training tokens per dictionary")

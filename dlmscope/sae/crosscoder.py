@@ -197,8 +197,10 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
     the per-checkpoint input scale and b_dec, and in leaving decoder norms free.
     """
 
-    def __init__(self, cfg: CrossCoderConfig, train: TrainConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: CrossCoderConfig, train: TrainConfig, device: str | torch.device = "cpu",
+                 resample_every: int = 0):
         self.cfg = train
+        self.resample_every = checks.non_negative("resample_every", resample_every)
         self.sae = CrossCoder(cfg, seed=train.seed).to(device)
         self.lr = train.lr if train.lr is not None else default_lr(train.optimizer, cfg.n_latents)
         self.k_aux = train.k_aux or max(1, cfg.d_in // 2)
@@ -268,8 +270,39 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
             l0 = float((out.values > 0).sum()) / x.shape[0]
         self.step_count += 1
         self.tokens += x.shape[0]
+        resampled = 0
+        if self.resample_every and self.step_count % self.resample_every == 0 and \
+                self.step_count <= self.cfg.steps // 2:
+            resampled = self.resample(x, err.detach())
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()), "fvu": fvu,
-                "l0": l0, "dead_fraction": n_dead / cc.cfg.n_latents, "lr": lr}
+                "l0": l0, "dead_fraction": n_dead / cc.cfg.n_latents, "lr": lr, "resampled": resampled}
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor, err: torch.Tensor) -> int:
+        """Re-initialise the dead latents from tokens of this batch drawn by squared reconstruction error (Anthropic's
+        resampling, 2023): decoder rows = the drawn token's error in each checkpoint (so a direction only one
+        checkpoint carries starts specific to it), scaled to the alive latents' mean decoder norm; encoder column =
+        the same direction at 0.2 x the alive latents' mean encoder norm; b_enc 0; their optimiser state zeroed."""
+        cc = self.sae
+        dead = (self.since_fired >= self.dead_tokens).nonzero().flatten()
+        alive = (self.since_fired < self.dead_tokens).nonzero().flatten()
+        if not len(dead) or not len(alive):
+            return 0
+        weight = err.pow(2).sum(-1)
+        gen = torch.Generator(device=weight.device).manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
+        rows = torch.multinomial(weight.clamp_min(1e-12), len(dead), replacement=True, generator=gen)
+        v = torch.nn.functional.normalize(err[rows], dim=-1)  # (m, C * d)
+        dec_norm = cc.W_dec[:, alive].pow(2).sum((0, 2)).sqrt().mean()
+        enc_norm = cc.W_enc[:, alive].norm(dim=0).mean()
+        cc.W_dec[:, dead] = (v * dec_norm).unflatten(-1, (cc.cfg.n_checkpoints, cc.cfg.d_in)).transpose(0, 1)
+        cc.W_enc[:, dead] = (v * 0.2 * enc_norm).t()
+        cc.b_enc[dead] = 0.0
+        for p, dim in ((cc.W_dec, 1), (cc.W_enc, 1), (cc.b_enc, 0)):
+            for value in self.opt.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.index_fill_(dim, dead, 0.0)
+        self.since_fired[dead] = 0
+        return len(dead)
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -166,3 +166,38 @@ def test_trainer_refuses_a_target_before_any_update():
         tr.step(x, target=x)
     assert tr.step_count == 0 and not tr.initialised
     assert all(torch.equal(before[k], v) for k, v in tr.sae.state_dict().items())
+
+
+def test_resample_reinitialises_dead_latents_from_high_error_tokens():
+    x = _paired(512, planted=True, seed=3)
+    tr = CrossCoderTrainer(CrossCoderConfig(D, 64, 3, ["a", "b"], decoder_init="independent"),
+                           TrainConfig(total_tokens=256 * 8, batch_size=256, lr=3e-3, dead_tokens=256))
+    for i in range(2):
+        tr.step(x[i * 256:(i + 1) * 256])
+    dead = (tr.since_fired >= tr.dead_tokens).nonzero().flatten()
+    alive = (tr.since_fired < tr.dead_tokens).nonzero().flatten()
+    assert 0 < len(dead) < 64
+    cc, before = tr.sae, tr.sae.W_dec.detach().clone()
+    err = torch.zeros(256, 2 * D)
+    err[7] = torch.randn(2 * D)  # one token carries all the error: every dead latent is drawn from it
+    assert tr.resample(x[:256], err) == len(dead)
+    want = torch.nn.functional.normalize(err[7], dim=0).view(2, D)
+    rows = cc.W_dec.detach()[:, dead]  # (C, m, d)
+    per_latent = torch.nn.functional.normalize(rows.transpose(0, 1).flatten(1), dim=1)  # (m, C * d)
+    torch.testing.assert_close(per_latent, want.flatten().expand(len(dead), -1))
+    assert torch.equal(cc.W_dec.detach()[:, alive], before[:, alive])  # alive latents untouched
+    assert bool((cc.b_enc.detach()[dead] == 0).all()) and bool((tr.since_fired[dead] == 0).all())
+    state = tr.opt.state[cc.W_dec]
+    assert bool((state["exp_avg"][:, dead] == 0).all()) and bool((state["exp_avg_sq"][:, dead] == 0).all())
+
+
+def test_step_resamples_only_on_its_schedule_in_the_first_half():
+    x = _paired(256 * 8, planted=False, seed=4)
+    tr = CrossCoderTrainer(CrossCoderConfig(D, 64, 3, ["a", "b"]),
+                           TrainConfig(total_tokens=256 * 8, batch_size=256, lr=3e-3, dead_tokens=256),
+                           resample_every=2)
+    got = [tr.step(x[i * 256:(i + 1) * 256])["resampled"] for i in range(8)]
+    assert got[1] > 0 and got[0] == got[2] == got[4] == got[5] == got[6] == got[7] == 0  # steps 2 and 4 only
+    with pytest.raises(DLMScopeError, match="resample_every"):
+        CrossCoderTrainer(CrossCoderConfig(D, 64, 3, ["a", "b"]), TrainConfig(total_tokens=256, batch_size=256),
+                          resample_every=-1)
