@@ -47,6 +47,18 @@ HOOK, LAYER = "blocks.1.hook_resid_post", 1
 AUX = {"aux_coef": 1 / 8, "dead_tokens": 10_000, "k_aux": 256}  # AuxK as tuned for the crosscoders (README)
 COS, REL = 0.9, 0.9  # the found rule: decoder cosine with the planted direction; relative norm (crosscoder)
 LENSES = ("crosscoder", "diff_sae", "sae_lens")
+# How each cell is read, in table order: the rule of each lens (fixed before the runs), then two crosscoder reads
+# added after the pilot showed the planted direction absorbed into a shared latent: that latent's decoder difference,
+# and the threshold-free test against the base-vs-base crosscoder (KS p < 0.05).
+READINGS = {
+    "crosscoder": ("crosscoder: rule (cosine > 0.9, relative norm > 0.9)", lambda c: c["crosscoder"]["found"]),
+    "crosscoder_difference": ("crosscoder: a decoder difference d_planted - d_base at cosine > 0.9",
+                              lambda c: (c["crosscoder"]["best_cos_difference"] or -1.0) > COS),
+    "crosscoder_ks": ("crosscoder: relative norms vs base-vs-base, KS p < 0.05",
+                      lambda c: c["crosscoder"]["null_test"]["ks_pvalue"] < 0.05),
+    "diff_sae": ("diff-SAE: rule (a latent at cosine > 0.9)", lambda c: c["diff_sae"]["found"]),
+    "sae_lens": ("SAE lens: rule (a latent at cosine > 0.9, none in the base SAE)", lambda c: c["sae_lens"]["found"]),
+}
 RL = ("rspo", "spg", "diffu-grpo")
 
 
@@ -284,10 +296,10 @@ def found_counts(res: dict) -> dict:
     from dlmscope.stats import clopper_pearson
 
     c, out = res["settings"], {}
-    for lens in LENSES:
+    for lens, (_, read) in READINGS.items():
         for f in c["frequencies"]:
             for s in c["strengths"]:
-                got = [res["cells"][k][lens]["found"] for seed in c["seeds"]
+                got = [bool(read(res["cells"][k])) for seed in c["seeds"]
                        if (k := f"f{f:g}-s{s:g}-seed{seed}") in res["cells"]]
                 if got:
                     out[f"{lens}|{f:g}|{s:g}"] = {"found": sum(got), "n": len(got),
@@ -299,7 +311,7 @@ def detection_limits(res: dict) -> dict:
     """Per lens and frequency: the smallest strength found in every seed, with every larger strength found in every
     seed too (None: no such strength in the grid)."""
     counts, c, out = found_counts(res), res["settings"], {}
-    for lens in LENSES:
+    for lens in READINGS:
         for f in c["frequencies"]:
             limit = None
             for s in sorted(c["strengths"], reverse=True):
@@ -313,10 +325,9 @@ def detection_limits(res: dict) -> dict:
 
 def readme_table(res: dict) -> str:
     c, counts = res["settings"], found_counts(res)
-    names = {"crosscoder": "crosscoder", "diff_sae": "diff-SAE", "sae_lens": "SAE lens"}
-    head = "| lens | trigger share | " + " | ".join(f"strength {s:g}" for s in c["strengths"]) + " |"
+    head = "| reading | trigger share | " + " | ".join(f"strength {s:g}" for s in c["strengths"]) + " |"
     lines = [head, "|" + "---|" * (2 + len(c["strengths"]))]
-    for lens in LENSES:
+    for lens, (name, _) in READINGS.items():
         for f in c["frequencies"]:
             trig = res["triggers"].get(str(f))
             if trig is None:
@@ -325,7 +336,7 @@ def readme_table(res: dict) -> str:
             for s in c["strengths"]:
                 e = counts.get(f"{lens}|{f:g}|{s:g}")
                 cells.append("-" if e is None else f"{e['found']}/{e['n']} [{e['rate'][1]:.2f}, {e['rate'][2]:.2f}]")
-            lines.append(f"| {names[lens]} | {trig['share']:.4f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {trig['share']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
