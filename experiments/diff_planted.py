@@ -355,10 +355,39 @@ def readme_rl_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(res: dict) -> dict:
+    """What the README's prose reads: found counts and limits, and ranges over the cells."""
+    cells = list(res["cells"].values())
+    span = lambda v: [sum(v) / len(v), min(v), max(v)] if v else None  # noqa: E731
+    by_condition = {}
+    for key, c in res["cells"].items():
+        cond = key.rsplit("-seed", 1)[0]
+        e = by_condition.setdefault(cond, {"drift": c["drift"], "best_cos": [], "relative_norm": [],
+                                           "cos_difference": [], "ks_pvalue": [], "spread_pvalue": []})
+        cc = c["crosscoder"]
+        for name, v in (("best_cos", cc["best_cos"]), ("relative_norm", cc["best_cos_relative_norm"]),
+                        ("cos_difference", cc["best_cos_difference"]), ("ks_pvalue", cc["null_test"]["ks_pvalue"]),
+                        ("spread_pvalue", cc["null_test"]["spread_pvalue"])):
+            e[name].append(v)
+    return {"found": found_counts(res), "limits": detection_limits(res), "conditions": by_condition,
+            "crosscoder_dead_fraction": span([c["crosscoder"]["dead_fraction"] for c in cells]),
+            "null_dead_fraction": span([1 - v["n_alive"] / res["settings"]["n_latents"] for v in res["null"].values()]),
+            "crosscoder_specific_later_max": max((c["crosscoder"]["specific_later"] for c in cells), default=None),
+            "crosscoder_best_relative_norm": span([c["crosscoder"]["best_cos_relative_norm"] for c in cells]),
+            "diff_sae_fvu": span([c["diff_sae"]["fvu"] for c in cells]),
+            "diff_sae_alive": span([c["diff_sae"]["n_alive"] for c in cells]),
+            "diff_sae_best_cos": span([c["diff_sae"]["best_cos"] for c in cells]),
+            "sae_lens_best_cos": span([c["sae_lens"]["best_cos"] for c in cells]),
+            "base_sae_best_cos": span([v["best_cos"] for v in res["base_sae"].values()]),
+            "null_relative_norm": [min(min(v["relative_norm"]) for v in res["null"].values()),
+                                   max(max(v["relative_norm"]) for v in res["null"].values())],
+            "rl_drift": {a: e["drift"] for a, e in res["rl"].items()}}
+
+
 def render(res: dict, out: Path) -> str:
     c = res["settings"]
     limits = detection_limits(res)
-    atomic_write_json(out / "diff_planted_summary.json", {"found": found_counts(res), "limits": limits})
+    atomic_write_json(out / "diff_planted_summary.json", summary(res))
     lim = "; ".join(f"{k.replace('|', ' at share ')}: {v if v is not None else 'none in the grid'}"
                     for k, v in limits.items())
     md = (f"Planted feature at {c['hook']} (strength x rms {res.get('rms', float('nan')):.3f} of the residual), "
