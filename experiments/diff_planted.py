@@ -273,13 +273,18 @@ def run(args) -> dict:
                 print(key, {k: cell[k]["found"] for k in LENSES}, flush=True)
     for algo in RL:
         ckpt = getattr(args, algo.replace("-", "_"))
+        log = ckpt.parent / "log.json"  # the RL run's own record: its settings and evaluations
+        if algo in res["rl"] and "rl_config" not in res["rl"][algo] and log.is_file():
+            res["rl"][algo]["rl_config"] = json.loads(log.read_text())["config"]
+            _save(args.out, res)
         if algo in res["rl"] or not (ckpt / "config.json").is_file():
             continue
         other = load_model(str(ckpt))
         sp = stream(work / algo, cfg, [base, other])
         xo, xoh = (sp[k][:, d:] for k in ("train", "heldout"))
         assert torch.equal(sp["train"][:, :d], x)  # the same rows and corruption as the planted cells
-        entry = {"checkpoint": str(ckpt), "drift": float((xo - x).pow(2).sum() / x.pow(2).sum()), "seeds": {}}
+        entry = {"checkpoint": str(ckpt), "drift": float((xo - x).pow(2).sum() / x.pow(2).sum()), "seeds": {},
+                 "rl_config": json.loads(log.read_text())["config"] if log.is_file() else None}
         for seed in seeds:
             entry["seeds"][str(seed)] = read_crosscoder(train_crosscoder(cfg, torch.cat([x, xo], 1), seed),
                                                         torch.cat([xh, xoh], 1), direction(seed, d),
