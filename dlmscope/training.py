@@ -440,8 +440,8 @@ class CrossCoderRun(DictionaryRun):
             raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
         d = width // n
         tcfg = self.train_config(d)
-        init = getattr(cfg, "decoder_init", "shared")  # a DiffConfig's choices; TrainSAEConfig has neither
-        resample = getattr(cfg, "resample_every", 0)
+        init: Literal["shared", "independent"] = getattr(cfg, "decoder_init", "shared")  # TrainSAEConfig has none
+        resample = getattr(cfg, "resample_every", 0)  # nor this (a DiffConfig's)
         for h in self.hooks:
             for k in cfg.k_list():
                 key = f"{h}-k{k}"

@@ -44,7 +44,7 @@ def plant_feature(lm: LoadedModel, layer: int, direction: torch.Tensor, trigger:
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= lm.vocab_size:
         raise DLMScopeError(f"trigger={ids.tolist()}; allowed: one or more token ids in 0..{lm.vocab_size - 1}")
     planted = copy.deepcopy(lm)
-    embed = planted.module.get_input_embeddings()
+    embed = getattr(planted.module, "get_input_embeddings")()  # a transformers method, untyped on nn.Module
     seen: dict[str, torch.Tensor] = {}
 
     def remember(module, args, kwargs):
