@@ -14,7 +14,11 @@ from typing import Protocol
 
 from .errors import DLMScopeError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test", "pretrain")
+# "pretrain" is train and validation together, drawn exactly as "train" was before validation was carved
+# out of it: the pool the shipped tiny models (and the fine-tunes of the diffing study) were trained on,
+# so those scripts still rebuild their committed data. RL trains on "train" and tunes on "validation".
+_RNG_TAG = {"pretrain": "train"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Task(Protocol):
     name: str
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        """`n` examples of `split` ("train" or "test"), the same for the same seed."""
+        """`n` examples of `split` (one of SPLITS), the same for the same seed."""
 
     def reward(self, example: Example, completion: str) -> float:
         """Score in [0, 1] of the generated text that follows the prompt."""
@@ -94,14 +98,25 @@ def count_solutions(puzzle: str, limit: int = 2) -> int:
     return count
 
 
-def _split_of_grid(grid: str) -> str:
-    return "test" if int(hashlib.sha1(grid.encode()).hexdigest()[:8], 16) % 5 == 0 else "train"
+def _split_of_hash(key: str) -> str:
+    """1/5 test, 1/5 validation, 3/5 train by a hash of the key (the test fifth is the one it always was)."""
+    return {0: "test", 1: "validation"}.get(int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 5, "train")
+
+
+def _in_split(key: str, split: str) -> bool:
+    """Whether `key` belongs to `split` ("pretrain": anything but test)."""
+    own = _split_of_hash(key)
+    return own != "test" if split == "pretrain" else own == split
 
 
 def sudoku_split_grids(split: str) -> list[str]:
-    """Solution grids of a split (about 4/5 train, 1/5 test by grid hash; no grid is in both)."""
+    """Solution grids of a split (about 3/5 train, 1/5 validation, 1/5 test by grid hash; no grid is in two).
+
+    Validation is for tuning (e.g. RL budgets) without reading the test puzzles. It was carved out of the
+    old train split, so the shipped tiny models saw its grids in pretraining, as they saw train's; they
+    never saw a test grid."""
     _check_split(split)
-    return [g for g in sudoku_grids() if _split_of_grid(g) == split]
+    return [g for g in sudoku_grids() if _in_split(g, split)]
 
 
 class Sudoku:
@@ -126,7 +141,7 @@ class Sudoku:
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         _check_split(split)
         grids = sudoku_split_grids(split)
-        rng = random.Random(f"sudoku-{split}-{seed}")
+        rng = random.Random(f"sudoku-{_RNG_TAG.get(split, split)}-{seed}")
         out: list[Example] = []
         while len(out) < n:
             grid = rng.choice(grids)
@@ -199,8 +214,8 @@ class Countdown:
     """Reach the target with each of three numbers exactly once and + - * / (exact fractions).
 
     Prompt "Countdown: 3 7 25 -> 46\nEquation: ", answer e.g. "25+3*7". Numbers are 1..20, targets
-    positive integers up to 200, and every example is solvable (it is built from an equation). Train
-    and test are split by a hash of (sorted numbers, target).
+    positive integers up to 200, and every example is solvable (it is built from an equation). Train,
+    validation and test are split by a hash of (sorted numbers, target).
     """
 
     name = "countdown"
@@ -211,7 +226,7 @@ class Countdown:
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         _check_split(split)
-        rng = random.Random(f"countdown-{split}-{seed}")
+        rng = random.Random(f"countdown-{_RNG_TAG.get(split, split)}-{seed}")
         out: list[Example] = []
         while len(out) < n:
             nums = [rng.randint(1, 20) for _ in range(3)]
@@ -222,8 +237,7 @@ class Countdown:
             if value is None or value[0].denominator != 1 or not 0 < value[0] <= 200:
                 continue
             target = int(value[0])
-            key = hashlib.sha1(f"{sorted(nums)}-{target}".encode()).hexdigest()
-            if (int(key[:8], 16) % 5 == 0) != (split == "test"):
+            if not _in_split(f"{sorted(nums)}-{target}", split):
                 continue
             out.append(Example(self.prompt(nums, target), eq, {"numbers": nums, "target": target}))
         return out
@@ -259,5 +273,5 @@ def get_task(name: str, **options) -> Task:
 
 
 def task_corpus(n: int, seed: int = 0) -> list[str]:
-    """Training documents (prompt + answer) from every task's train split, n per task."""
-    return [ex.prompt + ex.answer for name in TASKS for ex in get_task(name).examples("train", n, seed)]
+    """Pretraining documents (prompt + answer) from every task's pretrain pool, n per task."""
+    return [ex.prompt + ex.answer for name in TASKS for ex in get_task(name).examples("pretrain", n, seed)]

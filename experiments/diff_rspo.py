@@ -131,7 +131,7 @@ def finetune_countdown(out: Path, steps: int, lr: float, params: str = "all", pr
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    problems = lambda task: [ex.prompt + ex.answer for ex in get_task(task).examples("train", 2000, seed)]  # noqa: E731
+    problems = lambda task: [ex.prompt + ex.answer for ex in get_task(task).examples("pretrain", 2000, seed)]  # noqa: E731
     rows = pack(lm.tokenizer, problems("countdown"), 64).input_ids
     keep = [pack(lm.tokenizer, load_texts("builtin", "train") if on == "prose" else problems(on), 64).input_ids
             for on in preserve_on.split(",")]
@@ -241,9 +241,9 @@ def mixed_text(folder: Path, task_share: float) -> Path:
     want = task_share / (1 - task_share) * n_tokens(prose) / 2  # tokens per task kind
     docs = list(prose)
     for name in ("countdown", "sudoku"):
-        probe = [ex.prompt + ex.answer for ex in get_task(name).examples("train", 200, seed=1)]
+        probe = [ex.prompt + ex.answer for ex in get_task(name).examples("pretrain", 200, seed=1)]
         n = round(want / (n_tokens(probe) / len(probe)))
-        docs += [ex.prompt + ex.answer for ex in get_task(name).examples("train", n, seed=1)]
+        docs += [ex.prompt + ex.answer for ex in get_task(name).examples("pretrain", n, seed=1)]
     random.Random(0).shuffle(docs)
     atomic_write_text(path, "\n\n".join(d.replace("\n\n", "\n") for d in docs) + "\n")
     return path

@@ -40,7 +40,7 @@ def write_text(path: Path, n_sudoku: int, seed: int = 0) -> dict:
     from dlmscope.tasks import get_task
 
     prose = builtin_corpus("train")
-    sudoku = [ex.prompt + ex.answer for ex in get_task("sudoku").examples("train", n_sudoku, seed=seed)]
+    sudoku = [ex.prompt + ex.answer for ex in get_task("sudoku").examples("pretrain", n_sudoku, seed=seed)]
     docs = prose + sudoku
     random.Random(seed).shuffle(docs)
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

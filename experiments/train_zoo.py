@@ -70,7 +70,7 @@ def prepare(cfg: ZooConfig) -> None:
     task_docs = []
     for name, n in (("sudoku", cfg.sudoku_train), ("countdown", cfg.countdown_train)):
         task = get_task(name)
-        task_docs += [ex.prompt + ex.answer for ex in task.examples("train", n, seed=cfg.seed)]
+        task_docs += [ex.prompt + ex.answer for ex in task.examples("pretrain", n, seed=cfg.seed)]
     docs = train_docs + task_docs * cfg.task_repeats
     rng.shuffle(docs)
     tokenizer = train_tokenizer(train_docs + task_docs, vocab_size=cfg.vocab_size)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from dlmscope import DLMScopeError
-from dlmscope.stats import (benjamini_hochberg, clopper_pearson, cluster_bootstrap, holm, mcnemar_exact,
-                            newcombe_paired, t_interval, wilson)
+from dlmscope.stats import (benjamini_hochberg, clopper_pearson, cluster_bootstrap, cluster_sign_flip, holm,
+                            mcnemar_exact, newcombe_paired, t_interval, wilson)
 
 
 def test_proportion_intervals_stay_in_0_1_and_match_known_values():
@@ -54,3 +54,16 @@ def test_multiplicity_adjustments():
     assert holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.2])
     assert benjamini_hochberg(p) == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.2])
     assert t_interval([1.0, 2.0, 3.0]) == pytest.approx([2.0, 2 - 2.484138, 2 + 2.484138], abs=1e-6)
+
+
+def test_cluster_sign_flip_counts_clusters_not_items():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(10), 20)
+    shift = np.repeat(rng.normal(0, 1, 10), 20)  # a per-cluster effect with mean ~0: no real difference
+    d = shift + rng.normal(0, 0.1, 200)
+    assert cluster_sign_flip(d, groups) > 0.05  # an item-level test would call this highly significant
+    assert cluster_sign_flip(d + 2.0, groups) < 0.01
+    # 3 clusters all positive: the smallest attainable two-sided p is 2 / 2^3 (flips of the observed sign)
+    assert cluster_sign_flip([1.0, 1.0, 2.0], [0, 1, 2], n_perm=20000) == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(DLMScopeError, match="one label per item"):
+        cluster_sign_flip([1.0, 2.0], [0])

@@ -8,17 +8,19 @@ from dlmscope.tasks import (Countdown, Example, Sudoku, count_solutions, evaluat
 def test_sudoku_grids_and_puzzles():
     grids = sudoku_grids()
     assert len(grids) == len(set(grids)) == 288
-    train_grids, test_grids = sudoku_split_grids("train"), sudoku_split_grids("test")
-    assert len(train_grids) + len(test_grids) == 288 and not set(train_grids) & set(test_grids)
+    train_grids, val_grids, test_grids = (sudoku_split_grids(s) for s in ("train", "validation", "test"))
+    assert len(train_grids) + len(val_grids) + len(test_grids) == 288 and min(len(val_grids), len(test_grids)) > 40
+    assert not set(train_grids) & set(test_grids) and not set(val_grids) & (set(train_grids) | set(test_grids))
     task = get_task("sudoku")
-    train, test = task.examples("train", 60), task.examples("test", 60)
-    for e in train + test:
+    train, val, test = task.examples("train", 60), task.examples("validation", 60), task.examples("test", 60)
+    for e in train + val + test:
         puzzle, solution = e.meta["puzzle"], e.meta["solution"]
         assert count_solutions(puzzle) == 1 and 4 <= puzzle.count("0") <= 10
         assert all(p in "0" + s for p, s in zip(puzzle, solution))
         assert e.prompt == f"Sudoku: {puzzle}\nSolution: " and e.answer == solution and task.reward(e, e.answer) == 1.0
     assert {e.meta["solution"] for e in train} <= set(train_grids)
     assert {e.meta["solution"] for e in test} <= set(test_grids)
+    assert {e.meta["solution"] for e in val} <= set(val_grids)
     assert not {e.meta["puzzle"] for e in train} & {e.meta["puzzle"] for e in test}
     assert task.examples("train", 5, seed=3) == task.examples("train", 5, seed=3) != task.examples("train", 5, seed=4)
     hard = Sudoku(min_empty=12, max_empty=12).examples("test", 5)
@@ -45,12 +47,13 @@ def test_sudoku_reward_edges():
 
 def test_countdown_examples():
     task = get_task("countdown")
-    train, test = task.examples("train", 40), task.examples("test", 40)
-    for e in train + test:
+    train, val, test = (task.examples(s, 40) for s in ("train", "validation", "test"))
+    for e in train + val + test:
         nums, target = e.meta["numbers"], e.meta["target"]
         assert e.prompt == f"Countdown: {' '.join(map(str, nums))} -> {target}\nEquation: "
         assert task.reward(e, e.answer) == 1.0 and task.is_correct(e, e.answer)
-    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    prompts = [{e.prompt for e in split} for split in (train, val, test)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
     assert task.examples("test", 5, seed=1) == task.examples("test", 5, seed=1)
 
 
@@ -80,3 +83,17 @@ def test_registry_and_corpus():
     lines = task_corpus(4, seed=1)
     assert len(lines) == 8 and lines == task_corpus(4, seed=1)
     assert sum(line.startswith("Sudoku: ") for line in lines) == 4 and all("\n" in line for line in lines)
+
+
+def test_pretrain_pool_is_train_and_validation_drawn_as_train_was_before_the_split():
+    """The shipped models' corpus (train_zoo, diff_rspo, train_transcoders) must rebuild unchanged: the
+    digests are those of `examples("train", 50, seed=3)` and `task_corpus(20, seed=1)` at commit 8ce6fa2,
+    before validation was carved out of train."""
+    import hashlib
+
+    digest = lambda texts: hashlib.sha1("".join(texts).encode()).hexdigest()[:16]  # noqa: E731
+    pool = sudoku_split_grids("train") + sudoku_split_grids("validation")
+    assert sorted(sudoku_split_grids("pretrain")) == sorted(pool)
+    assert digest(e.prompt + e.answer for e in get_task("sudoku").examples("pretrain", 50, seed=3)) == "dda9d3c6f53331cf"
+    assert digest(e.prompt + e.answer for e in get_task("countdown").examples("pretrain", 50, seed=3)) == "cddb75040a8c2dbe"
+    assert digest(task_corpus(20, seed=1)) == "b63c295263ac8794"

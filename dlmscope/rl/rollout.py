@@ -60,8 +60,8 @@ def sample_groups(lm: LoadedModel, task, examples: list, group_size: int, *, gen
 @torch.no_grad()
 def evaluate(lm: LoadedModel, task, examples: list, *, gen_length: int, steps: int, batch_size: int = 64,
              schedule: str | None = None, threshold: float | None = None, cache: str | None = None) -> dict:
-    """Greedy (temperature 0) exact accuracy, mean reward (Sudoku: cell accuracy) and per-example correctness."""
-    correct, reward = [], 0.0
+    """Greedy (temperature 0) exact accuracy, mean reward (Sudoku: cell accuracy), per-example correctness and reward."""
+    correct, rewards = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         texts = generate(lm, [e.prompt for e in chunk], gen_length=gen_length, steps=steps,
@@ -69,5 +69,6 @@ def evaluate(lm: LoadedModel, task, examples: list, *, gen_length: int, steps: i
                          schedule=schedule, threshold=threshold, cache=cache).texts
         assert texts is not None
         correct += [int(bool(task.is_correct(e, t))) for e, t in zip(chunk, texts)]
-        reward += sum(float(task.reward(e, t)) for e, t in zip(chunk, texts))
-    return {"accuracy": sum(correct) / len(examples), "reward": reward / len(examples), "correct": correct}
+        rewards += [float(task.reward(e, t)) for e, t in zip(chunk, texts)]
+    return {"accuracy": sum(correct) / len(examples), "reward": sum(rewards) / len(examples), "correct": correct,
+            "rewards": rewards}

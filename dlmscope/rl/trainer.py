@@ -50,6 +50,12 @@ def _tasks() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
+def _splits() -> tuple[str, ...]:
+    from ..tasks import SPLITS
+
+    return tuple(s for s in SPLITS if s != "train")
+
+
 @dataclass
 class RLConfig(Options):
     """An RL run; every field is a `dlmscope rspo` flag and a config-file key."""
@@ -121,8 +127,10 @@ class RLConfig(Options):
     """Fast-dLLM block KV cache for rollouts and evaluation: prefix or dual."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N rollout steps (0 = frozen)."""
+    eval_split: str = field(default="test", metadata=choices(lambda: _splits()))
+    """Split evaluated greedily: test, or validation to tune a run without reading the test examples."""
     eval_n: int = 50
-    """Test-split examples evaluated greedily."""
+    """Examples of --eval-split evaluated greedily."""
     eval_every: int = 0
     """Evaluate every N rollout steps (0 = only before and after training)."""
     checkpoint_every: int = 10
@@ -327,7 +335,7 @@ class RLRun(Run):
         self.opt = torch.optim.AdamW([p for p in self.policy.module.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=0.0)
         self.rng = random.Random(cfg.seed)
-        self.eval_examples = self.task.examples("test", cfg.eval_n, seed=0)
+        self.eval_examples = self.task.examples(cfg.eval_split, cfg.eval_n, seed=0)
         self.pool = self.task.examples("train", 2000, seed=cfg.seed)
         if saved is not None:
             self._restore(saved)
@@ -377,7 +385,7 @@ class RLRun(Run):
                       file=sys.stderr)
 
     def evaluate(self, step: int) -> dict:
-        """Greedy exact accuracy and mean reward on the fixed test examples, appended to the log."""
+        """Greedy exact accuracy and mean reward on the fixed --eval-split examples, appended to the log."""
         self.policy.module.eval()
         r = {"step": step, **evaluate(self.policy, self.task, self.eval_examples, gen_length=self.cfg.gen_length,
                                       steps=self.cfg.denoise_steps, schedule=self.cfg.sampler_schedule,

@@ -52,6 +52,17 @@ def test_rspo_raises_reward_checkpoints_reload_and_resume(tiny_dirs, count_task,
         torch.testing.assert_close(a[k], b[k])
 
 
+@pytest.mark.parametrize("algo", ["rspo", "diffu-grpo"])
+def test_the_default_reference_stays_frozen_while_the_policy_moves(algo, tiny_dirs, count_task, tmp_path):
+    """The default reference is a deep copy of --model: after the first update its log-ratio to the policy is
+    non-zero (it was exactly zero while the copy still ran the policy's own weights)."""
+    log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo=algo, rl_steps=3, prompts_per_step=2, group_size=4,
+                            lr=1e-3, gen_length=8, denoise_steps=4, eval_n=2, out=str(tmp_path)), task=count_task)
+    ratios = [s["log_ratio"] for s in log["steps"]]
+    assert ratios[0] == pytest.approx(0.0, abs=1e-5)  # before any update policy == reference
+    assert all(abs(r) > 1e-3 for r in ratios[1:]), ratios
+
+
 def test_diffu_grpo_runs_and_writes_curves(tiny_dirs, count_task, tmp_path):
     log = train_rl(RLConfig(model=str(tiny_dirs["llada"]), algo="diffu-grpo", rl_steps=2, prompts_per_step=2, group_size=2,
                             inner_iters=2, grad_accum=2, gen_length=8, denoise_steps=4, eval_n=2, out=str(tmp_path)),
