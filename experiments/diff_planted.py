@@ -407,7 +407,7 @@ def render(res: dict, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--strengths", default="0.25,1,4", help="planted strengths, in units of the residual's rms")
+    p.add_argument("--strengths", default="0.25,1,4,16", help="planted strengths, in units of the residual's rms")
     p.add_argument("--frequencies", default="0.002,0.01", help="target shares of the trigger token")
     p.add_argument("--seeds", default="0,1,2", help="seeds (planted direction, dictionary starts, data order)")
     p.add_argument("--tokens", type=int, default=153_600, help="training tokens per dictionary")
