@@ -20,7 +20,9 @@ trains on the same stream and is read on held-out rows:
   latent is about the difference);
 - SAE lens (Top-K SAEs on each checkpoint, as experiments/diff_sae_matching.py): found when an alive latent of the
   planted model's SAE has cosine > 0.9 with u and no latent of the base SAE (same seed) does.
-Then base vs each RL checkpoint found (`--rspo`, `--spg`, `--diffu-grpo`), the same crosscoder settings and seeds:
+An activation-level control (no checkpoint makes it): the same direction at strength RANDOM[1] on a random RANDOM[0]
+of positions, whatever their token, a feature no base latent tracks (`random_cells`). Then base vs each RL checkpoint
+found (`--rspo`, `--spg`, `--diffu-grpo`), the same crosscoder settings and seeds:
 specific latents under the rule and the threshold-free test, with the relative squared change of the diffed
 activations, the scale on which a planted feature's size is s^2 x its firing rate.
 
@@ -44,6 +46,7 @@ from _study import run_or_render  # noqa: E402
 from dlmscope.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 HOOK, LAYER = "blocks.1.hook_resid_post", 1
+RANDOM = (0.01, 4.0)  # share and strength of the activation-level control on random positions (no trigger token)
 AUX = {"aux_coef": 1 / 8, "dead_tokens": 10_000, "k_aux": 256}  # AuxK as tuned for the crosscoders (README)
 COS, REL = 0.9, 0.9  # the found rule: decoder cosine with the planted direction; relative norm (crosscoder)
 LENSES = ("crosscoder", "diff_sae", "sae_lens")
@@ -206,6 +209,18 @@ def read_sae(trainer, x, u, base_cos: float | None = None) -> dict:
     return {"found": found, "best_cos": best, "n_alive": int(alive.sum()), "fvu": ev["fvu"]}
 
 
+def lens_cell(cfg: dict, res: dict, x, xh, edit, edit_h, u, seed: int) -> dict:
+    """The three lenses on base x against x + edit (training) and xh against xh + edit_h (held-out)."""
+    import torch
+
+    xp, xph = x + edit, xh + edit_h
+    return {"drift": float(edit.pow(2).sum() / x.pow(2).sum()),
+            "crosscoder": read_crosscoder(train_crosscoder(cfg, torch.cat([x, xp], 1), seed), torch.cat([xh, xph], 1),
+                                          u, res["null"][str(seed)]["relative_norm"]),
+            "diff_sae": read_sae(train_sae(cfg, edit, seed), edit_h, u),
+            "sae_lens": read_sae(train_sae(cfg, xp, seed), xph, u, res["base_sae"][str(seed)]["best_cos"])}
+
+
 def _save(out: Path, res: dict) -> None:
     atomic_write_json(out / "diff_planted.json", res)
 
@@ -262,15 +277,22 @@ def run(args) -> dict:
                 err = check_planted(base, s["train_rows"][:8], u, trigger, add)
                 if err > 1e-3 * rms:
                     raise SystemExit(f"{key}: planted model differs from base + edit by {err}")
-                xp, xph = x + add * fires * u, xh + add * fires_h * u
-                cell = {"check_max_abs": err, "drift": float((xp - x).pow(2).sum() / x.pow(2).sum())}
-                cell["crosscoder"] = read_crosscoder(train_crosscoder(cfg, torch.cat([x, xp], 1), seed),
-                                                     torch.cat([xh, xph], 1), u, res["null"][str(seed)]["relative_norm"])
-                cell["diff_sae"] = read_sae(train_sae(cfg, xp - x, seed), xph - xh, u)
-                cell["sae_lens"] = read_sae(train_sae(cfg, xp, seed), xph, u, res["base_sae"][str(seed)]["best_cos"])
-                res["cells"][key] = cell
+                res["cells"][key] = {"check_max_abs": err, **lens_cell(cfg, res, x, xh, fires * u * add,
+                                                                       fires_h * u * add, u, seed)}
                 _save(args.out, res)
-                print(key, {k: cell[k]["found"] for k in LENSES}, flush=True)
+                print(key, {k: res["cells"][key][k]["found"] for k in LENSES}, flush=True)
+    share, strength = RANDOM  # the same direction on random positions: a feature no base latent tracks
+    for seed in seeds:
+        key = f"random{share:g}-s{strength:g}-seed{seed}"
+        if key in res.setdefault("random_cells", {}):
+            continue
+        gen = torch.Generator().manual_seed(2000 + seed)
+        fires, fires_h = ((torch.rand(n, 1, generator=gen) < share).float() for n in (x.shape[0], xh.shape[0]))
+        u = direction(seed, d)
+        res["random_cells"][key] = lens_cell(cfg, res, x, xh, fires * u * strength * rms,
+                                             fires_h * u * strength * rms, u, seed)
+        _save(args.out, res)
+        print(key, {k: res["random_cells"][key][k]["found"] for k in LENSES}, flush=True)
     for algo in RL:
         ckpt = getattr(args, algo.replace("-", "_"))
         log = ckpt.parent / "log.json"  # the RL run's own record: its settings and evaluations
