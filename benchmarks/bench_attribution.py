@@ -72,6 +72,17 @@ def project(res: dict, l0: int = 64, budget: int = 8192, batch: int = 256, lengt
     return out
 
 
+def readme_table(res: dict) -> str:
+    """The README's per-length table: active features, backward passes, graph and pruning CPU seconds."""
+    def sig(x: float) -> str:  # two significant digits below 10 s, one decimal above
+        return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+    lines = ["| input tokens | active features | backward passes | graph CPU s | pruning CPU s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['length']} | {r['active_features']:,} | {r['backward_passes']} | {sig(r['graph_cpu_s'])} | "
+              f"{sig(r['prune_cpu_s'])} |" for r in res["runs"]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", default="16,32,64,128")

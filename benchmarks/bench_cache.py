@@ -11,8 +11,10 @@ hashes while it writes). On a shared machine wall-clock rates fall with the load
 this process are reported too.
 
     python benchmarks/bench_cache.py [--shards 24] [--tokens-per-shard 2048] [--folder /big/disk/tmp]
+    python benchmarks/bench_cache.py --projection-only   # only (re)compute the 100M-token projection
 
-Writes benchmarks/results/cache.json.
+Writes benchmarks/results/cache.json, with the disk and shard arithmetic of a 100M-token cache at LLaDA-8B's
+width (`projection`: no measurement, the README's sizes).
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def _shard(src: SyntheticSource, dtype: torch.dtype) -> dict:
     return {**{f"act.{h}": a.to(dtype) for h, a in b.acts.items()}, **{f"info.{k}": v for k, v in b.info.items()}}
 
 
+def projection(tokens: float = 100e6, d: int = 4096, hooks: int = 4, seqs_per_forward: int = 8,
+               context: int = 2048, t_range: tuple[float, float] = (0.05, 0.5)) -> dict:
+    """Disk and shards of a `tokens`-token cache: activations per hook in bfloat16 / float32, the per-token info
+    (the dtypes `ActivationSource` writes, as the synthetic source here), and with the `mask` policy (masked
+    positions only, t ~ U[t_range]) the tokens per shard of one `seqs_per_forward` x `context` forward."""
+    info = SyntheticSource(1, 1, 1).batch(0, 0).info
+    info_bytes = sum(v.element_size() for v in info.values())
+    kept = sum(t_range) / 2
+    shard_tokens = seqs_per_forward * context * kept
+    return {"tokens": tokens, "d": d, "hooks": hooks, "info_bytes_per_token": info_bytes,
+            "per_hook_bfloat16_bytes": tokens * d * 2, "per_hook_float32_bytes": tokens * d * 4,
+            "info_bytes": tokens * info_bytes, "all_hooks_bfloat16_bytes": hooks * tokens * d * 2 + tokens * info_bytes,
+            "kept_fraction": kept, "tokens_per_shard": shard_tokens, "shards": tokens / shard_tokens,
+            "shard_bytes_per_hook_bfloat16": shard_tokens * d * 2}
+
+
 def write_readback(path: Path, src: SyntheticSource, dtype: torch.dtype) -> str:
     """The former shard write: safetensors' own writer, then the file read back for its sha256."""
     from safetensors.torch import save_file
@@ -83,9 +101,16 @@ def main() -> None:
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--folder", default="", help="where to write (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache.json"))
+    p.add_argument("--projection-only", action="store_true", help="keep --out's measurements, recompute the projection")
     args = p.parse_args()
     from dlmscope.activations import CachedSource, write_cache
     from dlmscope.io_utils import atomic_write_json
+
+    if args.projection_only:
+        import json
+
+        atomic_write_json(args.out, json.loads(Path(args.out).read_text()) | {"projection": projection(d=args.d)})
+        return
 
     torch.set_num_threads(1)
     src = SyntheticSource(args.shards, args.tokens_per_shard, args.d)
@@ -130,7 +155,7 @@ def main() -> None:
                   + " vs ".join(f"{gb / w:.2f} GB/s ({gb / c:.2f} per CPU-second)" for w, c in strategies.values()))
     finally:
         shutil.rmtree(base)
-    atomic_write_json(args.out, results)
+    atomic_write_json(args.out, results | {"projection": projection(d=args.d)})
 
 
 if __name__ == "__main__":

@@ -87,6 +87,22 @@ def quality(lm, n_puzzles: int, n_rows: int) -> dict:
     return res
 
 
+LABELS = {"threshold": f"threshold {THRESHOLD:g}", "prefix": "prefix cache", "dual": "dual cache",
+          "threshold+dual": f"threshold {THRESHOLD:g} + dual cache"}
+
+
+def readme_table(res: dict) -> str:
+    """The README's speed table: per model and variant, forwards per token and the speedups over plain decoding."""
+    lines = ["| model, setup | variant | forwards / token | speedup, CPU time | speedup, wall |", "|---|---|---|---|---|"]
+    for part in ("random_model", "tiny_dlm"):
+        variants = [v for v in res[part]["results"] if v != "plain"]
+        for i, v in enumerate(variants):
+            r = res[part]["results"][v]
+            lines.append(f"| {res[part]['model'] if i == 0 else ''} | {LABELS[v]} | {r['forwards_per_token']:.2f} | "
+                         f"{r['cpu_speedup']:.2f}x | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
@@ -114,6 +130,7 @@ def main() -> None:
         print(json.dumps(res["quality"], indent=1), flush=True)
     if not q:
         atomic_write_json(path, res)
+        print(readme_table(res))
 
 
 def random_model_speed(q: bool, rounds: int) -> dict:

@@ -8,7 +8,8 @@ as parallel processes (`--seed-list 0`, `--seed-list 1`, then `--merge`). Per se
 (its own data order and masks) feeds all five
 trainers, so the architectures see identical data. Each SAE then goes through `dlmscope evaluate`'s
 suite; the table shows the mean over seeds and a 95% Student-t interval (n = 2: wide by design).
-Writes experiments/results/sae_family.{json,md}; `--render` rebuilds the table from the JSON.
+Writes experiments/results/sae_family.{json,md} and sae_family_summary.json (the numbers the README quotes);
+`--render` rebuilds the table and summary from the JSON.
 """
 
 from __future__ import annotations
@@ -133,7 +134,24 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
+def summary(results: dict) -> dict:
+    """{architecture: {metric: [mean, 95% half-width] (or a list of such pairs, masked / visible)}}: the numbers the
+    README quotes, written to sae_family_summary.json."""
+    out: dict = {}
+    for a in (a for a in ARCHS if a in results["runs"]):
+        flat = [flatten(r) for r in results["runs"][a]]
+        for m in dict.fromkeys(m for f in flat for m in f):
+            vals = [f[m] for f in flat if m in f and f[m] is not None]
+            if vals and isinstance(vals[0], (list, tuple)):
+                out.setdefault(a, {})[m] = [list(interval([v[i] for v in vals])) for i in range(len(vals[0]))]
+            elif vals:
+                out.setdefault(a, {})[m] = list(interval(vals))
+    return out
+
+
 def render(results: dict, out: Path) -> str:
+    from dlmscope.io_utils import atomic_write_json
+
     archs = [a for a in ARCHS if a in results["runs"]]
     flat = {a: [flatten(r) for r in results["runs"][a]] for a in archs}
     metrics = list(dict.fromkeys(m for a in archs for f in flat[a] for m in f))
@@ -158,6 +176,8 @@ def render(results: dict, out: Path) -> str:
         lines.append(f"| {m} | " + " | ".join(cell([f[m] for f in flat[a] if m in f]) for a in archs) + " |")
     table = "\n".join(lines)
     atomic_write_text(out / "sae_family.md", table + "\n")
+    if results["config"]["seeds"] > 1:  # the merged run; one seed's partial file has no intervals
+        atomic_write_json(out / "sae_family_summary.json", summary(results))
     return table
 
 

@@ -68,6 +68,19 @@ def run(args) -> dict:
     return res
 
 
+def readme_table(res: dict) -> str:
+    """The README's per-layer table: transfer of the base SAE to RSPO, feature stability, decoder matching."""
+    lines = ["| layer | FVU base -> RSPO | splice ΔCE base -> RSPO | mean feature corr | top-10 overlap >= 5 | "
+             "decoder match: RSPO SAE | other-seed SAE (floor) | random directions |", "|---|---|---|---|---|---|---|---|"]
+    for hook, r in res["layers"].items():
+        (t0, t1), f = r["transfer"], r["features"][1]
+        lines.append(f"| {hook.split('.')[1]} | {t0['fvu']:.3f} -> {t1['fvu']:.3f} | {t0['delta_ce']:+.3f} -> "
+                     f"{t1['delta_ce']:+.3f} | {f['mean_correlation']:.3f} | {f['top_example_overlap_ge_half']:.2f} | "
+                     f"{r['matching'][0]['mean']:.3f} | {r['matching_control']['mean']:.3f} | "
+                     f"{r['matching_random']['mean']:.3f} |")
+    return "\n".join(lines)
+
+
 def render(res: dict, out: Path) -> str:
     head = ["layer", "FVU base -> RSPO", "dead base -> RSPO", "splice dCE base -> RSPO", "mean feature corr",
             "top-10 overlap >= 5", "decoder match RSPO SAE", "decoder match other-seed SAE (floor)",

@@ -16,7 +16,9 @@ effect is its mean over texts; intervals are 95% Student-t over features, and DL
 over features (the twins' features are chosen separately, so the samples are independent), its p-values also
 Holm-adjusted over all the table's tests (the
 activation and the two unbiased concept rates; the input-side rate is not tested).
-Writes experiments/results/steering_dlm_vs_ar.{json,md}.
+Writes experiments/results/steering_dlm_vs_ar.{json,md} and the summary the README quotes. The committed run:
+each twin with `--twin` at strength 4 and again with `--strengths 8` in another folder (seed 0), then `--combine
+--merge`, with seed 1 (`--strengths 4,8 --first-seed 1`, combined in its own folder) appended by `--join`.
 """
 
 from __future__ import annotations
@@ -94,10 +96,13 @@ def run(args) -> dict:
         order = [m for m, _ in MODELS]
         merged["runs"].sort(key=lambda r: (order.index(r["model"]), r["strength"]))
         merged["config"]["strengths"] = ",".join(f"{x:g}" for x in sorted({r["strength"] for r in merged["runs"]}))
-        return first_complete(merged)
+        merged = first_complete(merged)
+        for path in args.join:
+            merged = join_seeds(merged, json.loads(path.read_text()))
+        return merged
     torch.set_num_threads(1)
     strengths = [float(s) for s in args.strengths.split(",")]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     judges = {name: load_model(name) for name, _ in MODELS}
     ar_judge, dlm_judge = judges[MODELS[1][0]], judges[MODELS[0][0]]
     texts_prompts = [p for _ in seeds for p in PROMPTS]
@@ -148,6 +153,29 @@ def run(args) -> dict:
             print(model, f, f"{time.time() - t0:.0f}s", flush=True)
             if args.twin:
                 atomic_write_json(args.out / f"steering_{model}.partial.json", res)
+    return res
+
+
+def join_seeds(res: dict, other: dict) -> dict:
+    """`res` with the texts of `other`, a combined run of further sampling seeds (same features, prompts,
+    strengths and schedules), appended: as one run over all the seeds would have recorded them."""
+    if other["features"] != res["features"] or other["dla_overlap"] != res["dla_overlap"]:
+        raise SystemExit("--join: the runs chose different features; only the seeds may differ")
+    first = res["config"].get("first_seed", 0)
+    if other["config"].get("first_seed", 0) != first + res["config"]["seeds"]:
+        raise SystemExit(f"--join: the joined run must start at seed {first + res['config']['seeds']}")
+    extra = {(r["model"], r["feature"], r["schedule"], r["strength"]): r for r in other["runs"]}
+    if set(extra) != {(r["model"], r["feature"], r["schedule"], r["strength"]) for r in res["runs"]}:
+        raise SystemExit("--join: the runs differ in their features, schedules or strengths")
+    for r in res["runs"]:
+        for k in (*METRICS, "texts"):
+            r[k] = r[k] + extra[(r["model"], r["feature"], r["schedule"], r["strength"])][k]
+    for m, u in res["unsteered"].items():
+        v = other["unsteered"][m]
+        for k in ("texts", "perplexity", "dlm_nll"):
+            u[k] = u[k] + v[k]
+        u["per_feature"] = {f: {k: x + v["per_feature"][f][k] for k, x in per.items()} for f, per in u["per_feature"].items()}
+    res["config"]["seeds"] += other["config"]["seeds"]
     return res
 
 
@@ -260,9 +288,13 @@ def summary(res: dict, unsteered: dict) -> dict:
     """The numbers the README's prose quotes: effects with intervals (perplexity as a ratio), tests, baselines."""
     eff = {f"{model}/{sched}/{s:g}": e for (model, sched, s), e in effect_intervals(res).items()}
     tests = dlm_vs_ar(res)
-    return {"effects": eff, "tests": tests, "texts_without_perplexity": unjudged(res),
+    return {"effects": eff, "texts_without_perplexity": unjudged(res),
             "holm_survivors": {k: sum(t["p_holm"] < 0.05 for t in tests if t["metric"] == k) for k in TESTED},
             "tests_per_metric": {k: sum(t["metric"] == k for t in tests) for k in TESTED},
+            "holm_survivors_by_strength": {f"{s:g}": {k: sum(t["p_holm"] < 0.05 for t in tests if t["metric"] == k
+                                                             and t["strength"] == s) for k in TESTED}
+                                           for s in sorted({t["strength"] for t in tests})},
+            "tests": tests, "n_tests": len(tests),
             "dla_top50_share": dla_share(res),
             "unsteered": {m: {"perplexity": p, "dlm_nll": n} for m, (p, n) in unsteered.items()}}
 
@@ -313,6 +345,8 @@ def main() -> None:
     p.add_argument("--partial", type=float, default=0.25, help="fraction of steps of the first / late schedules")
     p.add_argument("--features", type=int, default=20)
     p.add_argument("--seeds", type=int, default=1, help="sampling seeds (the committed run: 1; the earlier v1: 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first sampling seed (a run of further seeds is appended to the first with --combine --join)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--n-draws", type=int, default=2, help="mask draws of the DLM's NLL bound per text")
     p.add_argument("--temperature", type=float, default=0.5)
@@ -320,6 +354,8 @@ def main() -> None:
     p.add_argument("--combine", action="store_true", help="merge the two twins' partial files")
     p.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="with --combine: folders of runs at other strengths (same features, seeds and prompts)")
+    p.add_argument("--join", type=Path, nargs="*", default=[],
+                   help="with --combine: combined result files of runs of the next seeds (--first-seed) to append")
     run_or_render(p, "steering_dlm_vs_ar", run, render)
 
 

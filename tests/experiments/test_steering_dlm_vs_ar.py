@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import steering_dlm_vs_ar as st  # noqa: E402
 
@@ -32,3 +34,32 @@ def test_first_complete_keeps_the_features_both_twins_finished_and_tests_each_me
     assert [t["metric"] for t in tests] == list(st.TESTED) * 2  # two schedules
     assert all(t["p_holm"] >= t["p"] for t in tests)
     assert "concept rate, output" in st.readme_table(res)
+
+
+def test_summary_counts_holm_survivors_per_strength():
+    dlm, ar = (_partial(m, [5, 7, 9], 3, shift) for m, shift in ((st.MODELS[0][0], 0.1), (st.MODELS[1][0], 0.0)))
+    res = dlm | {k: dlm[k] | ar[k] for k in ("features", "dla_overlap", "unsteered")}
+    res["runs"] = dlm["runs"] + ar["runs"] + [r | {"strength": 8.0} for r in dlm["runs"] + ar["runs"]]
+    s = st.summary(st.first_complete(res), {m: (4.0, 3.0) for m, _ in st.MODELS})
+    assert s["n_tests"] == 12 and list(s["holm_survivors_by_strength"]) == ["4", "8"]
+    by_strength = {k: sum(n[k] for n in s["holm_survivors_by_strength"].values()) for k in st.TESTED}
+    assert by_strength == s["holm_survivors"]
+
+
+def test_join_seeds_appends_the_next_seeds_texts():
+    def combined(shift: float, first_seed: int) -> dict:
+        dlm, ar = (_partial(m, [5, 7], 2, s) for m, s in ((st.MODELS[0][0], shift), (st.MODELS[1][0], 0.0)))
+        res = dlm | {k: dlm[k] | ar[k] for k in ("features", "dla_overlap", "unsteered")}
+        res["runs"] = dlm["runs"] + ar["runs"]
+        res["config"] = {"features": 2, "seeds": 1, "first_seed": first_seed}
+        for u in res["unsteered"].values():
+            u["texts"] = ["a", "b"]
+        return st.first_complete(res)
+
+    joined = st.join_seeds(combined(0.1, 0), combined(0.2, 1))
+    assert joined["config"]["seeds"] == 2
+    run = joined["runs"][0]
+    assert run["feature_activation"] == pytest.approx([0.4, 0.6, 0.5, 0.7]) and run["texts"] == ["a", "b", "a", "b"]
+    assert joined["unsteered"][st.MODELS[0][0]]["per_feature"]["5"]["feature_activation"] == [0.1, 0.2] * 2
+    with pytest.raises(SystemExit, match="seed 2"):
+        st.join_seeds(joined, combined(0.2, 1))
