@@ -275,6 +275,11 @@ def _diff(cfg) -> None:
             typer.echo(f"{key} {e['checkpoint']}: {r['n_alive']} alive latents, {later['count']} specific to it "
                        f"({later['robust']} robust by Latent Scaling), {base['count']} specific to the base "
                        f"({base['robust']} robust), {e['shared']} shared; FVU {r['fvu']:.4f}")
+            if "null_test" in e:
+                t = e["null_test"]
+                typer.echo(f"  against base vs base: KS D {t['ks_statistic']:.3f} (p {t['ks_pvalue']:.3g}), spread "
+                           f"mean|r - 0.5| {t['spread']:.4f} vs {t['spread_null']:.4f} (permutation p "
+                           f"{t['spread_pvalue']:.3g})")
     for key, r in report["diff_saes"].items():
         typer.echo(f"{key}: |difference|^2 / |base|^2 = {r['relative_difference_norm_sq']:.4f}, diff-SAE FVU {r['fvu']:.4f}")
     typer.echo(f"report: {report['folder']}/diff.json, diff.html (explorer: DLMSCOPE_DIFF={report['folder']}/diff.json streamlit run apps/explorer.py)")

@@ -89,8 +89,8 @@ def _step_filter(steps: Steps) -> Callable[[int | None], bool]:
     return lambda step: step is not None and step in chosen
 
 
-def _install(site: Site, edit: Callable[[torch.Tensor], torch.Tensor | None]):
-    """Attach `edit` to a site; `edit` returns a replacement tensor or None to leave it unchanged."""
+def install_edit(site: Site, edit: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Attach `edit` to a site (returns the handle); `edit` returns a replacement tensor or None to leave it unchanged."""
     if site.where == "output":
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -140,7 +140,7 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], *, steps: Steps = None,
 
     try:
         for name, fn in fns.items():
-            handles.append(_install(lm.site(name), make_edit(name, fn)))
+            handles.append(install_edit(lm.site(name), make_edit(name, fn)))
         yield
     finally:
         for h in handles:

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import torch
@@ -439,14 +439,19 @@ class CrossCoderRun(DictionaryRun):
         if width % n:
             raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
         d = width // n
-        tcfg = TrainConfig.of(cfg)
+        tcfg = self.train_config(d)
+        init: Literal["shared", "independent"] = getattr(cfg, "decoder_init", "shared")  # TrainSAEConfig has none
+        resample = getattr(cfg, "resample_every", 0)  # nor this (a DiffConfig's)
         for h in self.hooks:
             for k in cfg.k_list():
                 key = f"{h}-k{k}"
                 self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, self.checkpoints,
-                                                                        {**meta, "hook_name": h}), tcfg,
-                                                       self.device_for(len(self.routes)))
+                                                                        {**meta, "hook_name": h}, init), tcfg,
+                                                       self.device_for(len(self.routes)), resample)
                 self.routes[key] = h
+
+    def train_config(self, d_in: int) -> TrainConfig:
+        return TrainConfig.of(self.cfg)
 
     def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
         from .sae.crosscoder import save_crosscoder
@@ -465,6 +470,15 @@ class DiffPart(Options):
     """Latent Scaling: a specific latent is robust when both ratios nu_error and nu_reconstruction are below this."""
     diff_sae: bool = False
     """Also train a diff-SAE (Top-K) on the activation differences (last checkpoint minus the base)."""
+    decoder_init: Literal["shared", "independent"] = "independent"
+    """Crosscoder decoder starts: independent (a random direction per checkpoint) or shared (the same in every
+    checkpoint: identical checkpoints then give relative norms of exactly 0.5, the pipeline's exact check)."""
+    resample_every: int = 100
+    """Crosscoders: every this many steps in the first half of training, re-initialise the dead latents from tokens
+    drawn by reconstruction error (0: never; AuxK alone)."""
+    null_control: bool = False
+    """Also train the base-vs-base crosscoder (the base's activations twice, same settings) and test every pair's
+    relative-norm distribution against it (Kolmogorov-Smirnov and a permutation test of the spread)."""
     n_seqs: int = 64
     """Held-out sequences the report reads (scaling, top examples)."""
     n_examples: int = 6
@@ -478,6 +492,7 @@ class DiffPart(Options):
         checks.number("nu_max", self.nu_max, 0.0, low_open=True)
         checks.positive("n_seqs", self.n_seqs)
         checks.positive("n_examples", self.n_examples)
+        checks.non_negative("resample_every", self.resample_every)
 
     def checkpoint_list(self) -> list[str]:
         return [c.strip() for c in self.checkpoints.split(",") if c.strip()]
@@ -499,6 +514,19 @@ class DiffConfig(RunPart, OptimiserConfig, DictionaryPart, DataPart, SitePart, D
     lr: float | None = field(default=3e-3, metadata=unset("the optimiser's default, which barely moves the decoders "
                                                           "in a short run"))
     """Learning rate."""
+    # Crosscoder defaults from the dead-latent measurement (README, experiments/diff_dead_latents.py): on the tiny
+    # DLM's layer-1 stream, 512 latents at 150k tokens leave 4.1% dead on held-out text with this AuxK and resampling
+    # every 100 steps (8.0% with the SAE's AuxK defaults); 1,024 latents at 300k tokens leave 33-40% dead whatever the
+    # AuxK and resampling. The help texts stay the SAE's.
+    expansion: int = 2
+    """Latents per input dimension (n_latents = expansion * d_model)."""
+    aux_coef: float = 1 / 8
+    """AuxK loss coefficient (0 turns AuxK off)."""
+    k_aux: int | None = field(default=None, metadata=unset("d_in"))
+    """Dead latents per token in the AuxK prediction."""
+    dead_tokens: int | None = 10_000
+    """Tokens without firing before a latent counts as dead (10M is the published window, scaled down so
+    short runs can still see and revive dead latents)."""
 
     @property
     def model(self) -> str:
@@ -517,11 +545,21 @@ class DiffRun(CrossCoderRun):
         super().__init__(cfg, cfg.checkpoint_list())
 
     def build_trainers(self, d_in: int, meta: dict) -> None:
+        from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
+
         super().build_trainers(d_in, meta)
+        d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
+        tcfg, cfg = self.train_config(d), self.cfg
+        names = [self.checkpoints[0], self.checkpoints[0] + "-copy"]
+        for h in self.hooks if cfg.null_control else []:  # the base against itself: relative_norm_test's null
+            for k in cfg.k_list():
+                key = f"{h}-k{k}-null"
+                self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, names, {
+                    **meta, "hook_name": h}, cfg.decoder_init), tcfg, self.device_for(len(self.routes)),
+                    cfg.resample_every)
+                self.routes[key] = h
         if not self.cfg.diff_sae:
             return
-        d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
-        tcfg = TrainConfig.of(self.cfg)
         for h in self.hooks:
             for k in self.cfg.k_list():
                 key = f"{h}-k{k}-diffsae"
@@ -530,11 +568,17 @@ class DiffRun(CrossCoderRun):
                                                 tcfg, self.device_for(len(self.routes)))
                 self.routes[key] = h
 
+    def train_config(self, d_in: int) -> TrainConfig:
+        """k_aux unset means d_in here (twice an SAE's default: what the dead-latent measurement used)."""
+        return TrainConfig.of(self.cfg, k_aux=self.cfg.k_aux or d_in)
+
     def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         x = acts[self.routes[key]]
+        d = x.shape[1] // len(self.checkpoints)
+        if key.endswith("-null"):
+            return torch.cat([x[:, :d], x[:, :d]], dim=1)
         if not key.endswith("-diffsae"):
             return x
-        d = x.shape[1] // len(self.checkpoints)
         return x[:, -d:] - x[:, :d]
 
     def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:

@@ -66,6 +66,8 @@ SKIP = {
     'pip install -e ".[app]"': "installs the package; the test environment has the app extra",
     "python experiments/diff_rspo.py": "a full study (tens of CPU-minutes); its results are committed in experiments/results",
     "python experiments/diff_sae_matching.py": "a full study (CPU-hours); its results are committed in experiments/results",
+    "python experiments/diff_planted.py": "a full study (about an hour on one CPU thread); results committed",
+    "python experiments/diff_dead_latents.py": "a full study (tens of CPU-minutes); results committed",
 }
 SERVE = ("dlmscope explore",)
 SLOW = {  # block -> the fast tests that run the same commands

@@ -300,8 +300,15 @@ for name, dead_tokens, trainer in (("no_aux", 10**9, SAETrainer), ("aux", None, 
     out[name + ".dead"] = max(log["dead_fraction"] for log in logs)
 if dist.main:
     torch.save(out, sys.argv[1])
+print(f"rank {dist.rank}: trained", file=sys.stderr, flush=True)
 dist.close()
+print(f"rank {dist.rank}: closed", file=sys.stderr, flush=True)
 """
+# gloo can abort a rank in its C++ teardown under heavy CPU load ("terminate called without an active
+# exception", SIGABRT; seen 3 times this round, always in a full suite on a loaded 2-core machine, never in
+# 9 standalone runs). The run is retried on that message only, at most twice; the markers above say how far
+# the aborted rank got.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +321,12 @@ def data_parallel_weights(tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     for cmd, out in ((torchrun, "two.pt"),
                      ([sys.executable], "one.pt")):
-        run = subprocess.run([*cmd, str(folder / "worker.py"), str(folder / out)], env=env, capture_output=True,
-                             text=True, timeout=300)
+        for _ in range(3):
+            run = subprocess.run([*cmd, str(folder / "worker.py"), str(folder / out)], env=env, capture_output=True,
+                                 text=True, timeout=300)
+            if run.returncode == 0 or GLOO_TEARDOWN_ABORT not in run.stderr:
+                break
+            print("gloo teardown abort, retrying:", [ln for ln in run.stderr.splitlines() if ln.startswith("rank ")])
         assert run.returncode == 0, run.stderr[:2000] + "\n...\n" + run.stderr[-2000:]
     return torch.load(folder / "two.pt"), torch.load(folder / "one.pt")
 

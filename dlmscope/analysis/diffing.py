@@ -63,6 +63,32 @@ def decoder_stats(cc) -> dict[str, torch.Tensor]:
     return {"norms": norms, "relative_norm": rel, "cosine": cos}
 
 
+def relative_norm_test(later: torch.Tensor, null: torch.Tensor, n_permutations: int = 2000, seed: int = 0) -> dict:
+    """Threshold-free test of a pair's relative decoder norms (alive latents) against those of a null crosscoder
+    (the base against itself, trained the same way with independent decoder starts): a two-sample Kolmogorov-Smirnov
+    test of the whole distribution, and a one-sided permutation test of the spread, the mean |r - 0.5| (a changed
+    checkpoint moves latents away from 0.5). Latents of one crosscoder are not independent draws, so read the
+    p-values as a screen, not as exact; a null of shared starts (every r exactly 0.5) makes any spread significant."""
+    from scipy.stats import ks_2samp
+
+    later, null = later.double().flatten(), null.double().flatten()
+    if later.numel() < 2 or null.numel() < 2:
+        raise DLMScopeError(f"relative_norm_test needs at least 2 latents per side; got {later.numel()} and "
+                            f"{null.numel()}")
+    ks = ks_2samp(later.numpy(), null.numpy(), method="asymp")
+    spread = lambda r: (r - 0.5).abs().mean()  # noqa: E731
+    observed = float(spread(later) - spread(null))
+    pooled, n = torch.cat([later, null]), later.numel()
+    gen = torch.Generator().manual_seed(seed)
+    hits = 0
+    for _ in range(n_permutations):
+        perm = pooled[torch.randperm(pooled.numel(), generator=gen)]
+        hits += float(spread(perm[:n]) - spread(perm[n:])) >= observed
+    return {"ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue), "spread": float(spread(later)),
+            "spread_null": float(spread(null)), "spread_pvalue": (hits + 1) / (n_permutations + 1),
+            "n_permutations": n_permutations, "n": n, "n_null": int(null.numel())}
+
+
 @torch.no_grad()
 def latent_scaling(cc, x: torch.Tensor, latents: torch.Tensor, source: torch.Tensor,
                    batch_size: int = 4096) -> dict[str, torch.Tensor]:
@@ -149,10 +175,19 @@ def top_examples(cc, text: PairedText, latent: int, lm: LoadedModel, n: int, con
 
 
 @torch.no_grad()
+def alive_relative_norms(cc, acts: torch.Tensor) -> torch.Tensor:
+    """Relative norms toward the first later checkpoint of the latents that fire on `acts` (what the null test reads)."""
+    from ..sae.metrics import evaluate_sae
+
+    return decoder_stats(cc)["relative_norm"][:, 0][evaluate_sae(cc, acts)["density"] > 0]
+
+
+@torch.no_grad()
 def crosscoder_report(cc, text: PairedText, lm: LoadedModel, *, threshold: float = 0.9, nu_max: float = 0.3,
-                      n_examples: int = 6, max_listed: int = 50) -> dict:
+                      n_examples: int = 6, max_listed: int = 50, null: torch.Tensor | None = None) -> dict:
     """Relative norms, specific latents (per later checkpoint, both directions), their Latent Scaling ratios and
-    top examples, on the held-out paired activations in `text`."""
+    top examples, on the held-out paired activations in `text`; with `null` (a base-vs-base crosscoder's
+    `alive_relative_norms`) also `relative_norm_test` of each later checkpoint's alive relative norms against it."""
     from ..sae.metrics import evaluate_sae
 
     stats = decoder_stats(cc)
@@ -169,6 +204,8 @@ def crosscoder_report(cc, text: PairedText, lm: LoadedModel, *, threshold: float
                  "shared": int((alive & (rel >= 1 - threshold) & (rel <= threshold)).sum()),
                  "cosine_shared_median": float(cos[alive & (rel - 0.5).abs().le(0.1)].median())
                  if bool((alive & (rel - 0.5).abs().le(0.1)).any()) else None}
+        if null is not None:
+            entry["null_test"] = relative_norm_test(rel[alive], null)
         for side, mask in groups.items():
             ids = mask.nonzero().flatten()
             source = torch.full_like(ids, c if side == "later" else 0)
@@ -252,16 +289,25 @@ def diff(cfg: DiffConfig) -> dict:
     report: dict[str, Any] = {"checkpoints": cfg.checkpoint_list(), "config": asdict(cfg), "crosscoders": {},
                               "diff_saes": {}}
     texts: dict[str, PairedText] = {}
-    for key, folder in result.saes.items():
+    nulls: dict[str, torch.Tensor] = {}
+    for key, folder in sorted(result.saes.items(), key=lambda kv: not kv[0].endswith("-null")):  # nulls first
         hook = run.routes[key]
         if hook not in texts:
             texts[hook] = paired_text(lms, hook, rows, seed=cfg.seed + 2, t_range=(cfg.t_min, cfg.t_max))
-        if key.endswith("-diffsae"):
+        if key.endswith("-null"):
+            d = texts[hook].acts.shape[1] // len(lms)
+            base = texts[hook].acts[:, :d]
+            nulls[key.removesuffix("-null")] = rel = alive_relative_norms(load_crosscoder(folder),
+                                                                          torch.cat([base, base], 1))
+            report.setdefault("null_crosscoders", {})[key] = {
+                "folder": str(folder), "n_alive": int(rel.numel()), "relative_norm_min_max": [
+                    float(rel.min()), float(rel.max())] if rel.numel() else None}
+        elif key.endswith("-diffsae"):
             report["diff_saes"][key] = diff_sae_report(load_sae(str(folder)), texts[hook], len(lms))
         else:
             report["crosscoders"][key] = {"folder": str(folder), **crosscoder_report(
                 load_crosscoder(folder), texts[hook], lms[0], threshold=cfg.specific_threshold, nu_max=cfg.nu_max,
-                n_examples=cfg.n_examples)}
+                n_examples=cfg.n_examples, null=nulls.get(key))}
     atomic_write_json(run.folder / "diff.json", report)
     write_report_html(report, run.folder / "diff.html")
     report["folder"] = str(run.folder)

@@ -21,7 +21,7 @@ Saved format (a folder; `save_crosscoder` / `load_crosscoder` round-trip exactly
   and optionally density (n_latents), each latent's firing frequency on held-out tokens;
 - `cfg.json`: {"format": "dlmscope-crosscoder", "format_version": 1, "d_in", "n_latents", "k",
   "n_checkpoints", "checkpoints" (names, in decoder order), "metadata" (hook_name, masking_policy, ...),
-  "weights_sha256"} -- the checksum is verified on load.
+  "decoder_init" (shared | independent; absent in older files: shared), "weights_sha256"} -- the checksum is verified on load.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -60,8 +61,13 @@ class CrossCoderConfig:
     """Names of the checkpoints, in decoder order (at least two)."""
     metadata: dict = field(default_factory=dict)
     """hook_name, masking_policy, t_range, dataset_path, context_size, ..."""
+    decoder_init: Literal["shared", "independent"] = "shared"
+    """shared: each latent starts with the same direction in every checkpoint's decoder (identical checkpoints then
+    give identical decoders: the exact base-vs-base check); independent: a separate random direction per checkpoint
+    (identical checkpoints then give a spread of relative norms, the null a threshold-free test reads)."""
 
     def __post_init__(self) -> None:
+        checks.choice("decoder_init", self.decoder_init, ("shared", "independent"))
         if len(self.checkpoints) < 2:
             raise DLMScopeError(f"a crosscoder needs at least two checkpoints; got {len(self.checkpoints)}: "
                                 f"{list(self.checkpoints)}")
@@ -90,11 +96,13 @@ class CrossCoder(nn.Module):
         self.cfg = cfg
         C, n, d = cfg.n_checkpoints, cfg.n_latents, cfg.d_in
         gen = torch.Generator().manual_seed(seed)
-        # Each latent starts shared: the same random unit direction in every checkpoint, scaled by 1/sqrt(C) so
-        # the concatenated decoder row has unit norm; the encoder starts as the decoder's transpose. (Independent
-        # directions per checkpoint would never meet on identical checkpoints: identical gradients give
-        # identical Adam updates, so the initial difference would stay forever.)
-        w_dec = (torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1) / math.sqrt(C)).expand(C, n, d)
+        # Unit directions scaled by 1/sqrt(C) so the concatenated decoder row has unit norm; the encoder starts as
+        # the decoder's transpose. "shared": the same direction in every checkpoint; "independent": one per checkpoint.
+        # (With shared starts, identical checkpoints get identical gradients and identical Adam updates, so their
+        # decoders stay equal; independent starts converge only as far as training takes them.)
+        draws = 1 if cfg.decoder_init == "shared" else C
+        w_dec = (torch.nn.functional.normalize(torch.randn(draws, n, d, generator=gen), dim=2) / math.sqrt(C))
+        w_dec = w_dec.expand(C, n, d)
         self.W_dec = nn.Parameter(w_dec.clone())
         self.W_enc = nn.Parameter(w_dec.permute(0, 2, 1).reshape(C * d, n).clone())
         self.b_enc = nn.Parameter(torch.zeros(n))
@@ -189,8 +197,10 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
     the per-checkpoint input scale and b_dec, and in leaving decoder norms free.
     """
 
-    def __init__(self, cfg: CrossCoderConfig, train: TrainConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: CrossCoderConfig, train: TrainConfig, device: str | torch.device = "cpu",
+                 resample_every: int = 0):
         self.cfg = train
+        self.resample_every = checks.non_negative("resample_every", resample_every)
         self.sae = CrossCoder(cfg, seed=train.seed).to(device)
         self.optimizer = train.optimizer or default_optimizer("crosscoder")
         self.lr = train.lr if train.lr is not None else default_lr(self.optimizer, cfg.n_latents)
@@ -261,8 +271,39 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
             l0 = float((out.values > 0).sum()) / x.shape[0]
         self.step_count += 1
         self.tokens += x.shape[0]
+        resampled = 0
+        if self.resample_every and self.step_count % self.resample_every == 0 and \
+                self.step_count <= self.cfg.steps // 2:
+            resampled = self.resample(x, err.detach())
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()), "fvu": fvu,
-                "l0": l0, "dead_fraction": n_dead / cc.cfg.n_latents, "lr": lr}
+                "l0": l0, "dead_fraction": n_dead / cc.cfg.n_latents, "lr": lr, "resampled": resampled}
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor, err: torch.Tensor) -> int:
+        """Re-initialise the dead latents from tokens of this batch drawn by squared reconstruction error (Anthropic's
+        resampling, 2023): decoder rows = the drawn token's error in each checkpoint (so a direction only one
+        checkpoint carries starts specific to it), scaled to the alive latents' mean decoder norm; encoder column =
+        the same direction at 0.2 x the alive latents' mean encoder norm; b_enc 0; their optimiser state zeroed."""
+        cc = self.sae
+        dead = (self.since_fired >= self.dead_tokens).nonzero().flatten()
+        alive = (self.since_fired < self.dead_tokens).nonzero().flatten()
+        if not len(dead) or not len(alive):
+            return 0
+        weight = err.pow(2).sum(-1)
+        gen = torch.Generator(device=weight.device).manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
+        rows = torch.multinomial(weight.clamp_min(1e-12), len(dead), replacement=True, generator=gen)
+        v = torch.nn.functional.normalize(err[rows], dim=-1)  # (m, C * d)
+        dec_norm = cc.W_dec[:, alive].pow(2).sum((0, 2)).sqrt().mean()
+        enc_norm = cc.W_enc[:, alive].norm(dim=0).mean()
+        cc.W_dec[:, dead] = (v * dec_norm).unflatten(-1, (cc.cfg.n_checkpoints, cc.cfg.d_in)).transpose(0, 1)
+        cc.W_enc[:, dead] = (v * 0.2 * enc_norm).t()
+        cc.b_enc[dead] = 0.0
+        for p, dim in ((cc.W_dec, 1), (cc.W_enc, 1), (cc.b_enc, 0)):
+            for value in self.opt.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.index_fill_(dim, dead, 0.0)
+        self.since_fired[dead] = 0
+        return len(dead)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -278,7 +319,7 @@ def save_crosscoder(cc: CrossCoder, folder: str | Path, density: torch.Tensor | 
     digest = atomic_save_safetensors(folder / WEIGHTS, tensors)
     body = {"format": FORMAT, "format_version": 1, "d_in": cfg.d_in, "n_latents": cfg.n_latents, "k": cfg.k,
             "n_checkpoints": cfg.n_checkpoints, "checkpoints": list(cfg.checkpoints), "metadata": cfg.metadata,
-            "weights_sha256": digest}
+            "decoder_init": cfg.decoder_init, "weights_sha256": digest}
     atomic_write_json(folder / "cfg.json", body)
     return folder
 
@@ -296,7 +337,7 @@ def load_crosscoder(folder: str | Path, device: str = "cpu") -> CrossCoder:
         if body.get("format") != FORMAT:
             raise DLMScopeError(f"{str(path)!r} has format {body.get('format')!r}; expected {FORMAT!r}")
         cfg = CrossCoderConfig(int(body["d_in"]), int(body["n_latents"]), int(body["k"]), list(body["checkpoints"]),
-                               dict(body.get("metadata") or {}))
+                               dict(body.get("metadata") or {}), body.get("decoder_init", "shared"))
     except (ValueError, KeyError, TypeError) as e:
         raise DLMScopeError(f"crosscoder config {str(path)!r} is malformed: {e}") from None
     if file_sha256(folder / WEIGHTS) != body.get("weights_sha256"):

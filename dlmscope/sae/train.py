@@ -208,7 +208,10 @@ class SAETrainer(Generic[ModelT]):
                 mean_sq = reduce(mean_sq)
             if not bool(mean_sq.isfinite()):
                 raise NonFiniteError(f"the first batch's mean squared norm is {float(mean_sq)}, so no input scale")
-            return float(1.0 / mean_sq.sqrt().clamp_min(1e-8))
+            if float(mean_sq) == 0.0:  # 1 / clamp(0) would scale every later input by 1e8
+                raise DLMScopeError("the first batch is all zeros, so no input scale; initialise on a batch with "
+                                    "non-zero activations (e.g. more tokens)")
+            return float(1.0 / mean_sq.sqrt())
 
         self.sae.input_scale.fill_(unit_scale(x))
         self.sae.output_scale.fill_(unit_scale(y))

@@ -5,7 +5,8 @@ import signal
 import pytest
 import torch
 
-from dlmscope.analysis.diffing import decoder_stats, latent_scaling, scaling_ratios
+from dlmscope.analysis.diffing import decoder_stats, latent_scaling, relative_norm_test, scaling_ratios
+from dlmscope.errors import DLMScopeError
 from dlmscope.cli import main
 from dlmscope.sae.crosscoder import CrossCoder, CrossCoderConfig, load_crosscoder
 
@@ -102,6 +103,21 @@ def test_decoder_stats_relative_norm_and_cosine():
     assert s["cosine"][1:, 0].tolist() == pytest.approx([1.0, -1.0])
 
 
+def test_relative_norm_test_separates_a_wider_spread_from_the_null():
+    gen = torch.Generator().manual_seed(0)
+    null = 0.5 + 0.01 * torch.randn(600, generator=gen)
+    same = relative_norm_test(0.5 + 0.01 * torch.randn(600, generator=gen), null, n_permutations=500)
+    wide = relative_norm_test(0.5 + 0.03 * torch.randn(600, generator=gen), null, n_permutations=500)
+    assert same["ks_pvalue"] > 0.05 and same["spread_pvalue"] > 0.05
+    assert wide["ks_pvalue"] < 1e-6 and wide["spread_pvalue"] == 1 / 501  # no permutation reaches the observed spread
+    assert wide["spread"] > 2 * wide["spread_null"] and wide["n"] == wide["n_null"] == 600
+    # one latent moved to r = 1 (a single planted feature) does not move the distribution: the count rule's job
+    one = relative_norm_test(torch.cat([null[:-1], torch.ones(1)]), null, n_permutations=500)
+    assert one["ks_pvalue"] > 0.5
+    with pytest.raises(DLMScopeError, match="at least 2 latents per side; got 1 and 600"):
+        relative_norm_test(torch.ones(1), null)
+
+
 # ------------------------------------------------------------------------------- dlmscope diff end to end
 
 @pytest.fixture(scope="module")
@@ -133,6 +149,24 @@ def test_diff_identical_checkpoints_end_to_end(tiny_dirs, text, tmp_path, capsys
     assert (tmp_path / "d" / "diff.html").stat().st_size > 1000
     loaded = load_crosscoder(cc["folder"])
     assert loaded.cfg.checkpoints == [str(tiny_dirs["llada"])] * 2 and loaded.cfg.hook_name == "blocks.1.hook_resid_post"
+
+
+def test_diff_null_control_and_decoder_init_from_the_cli(tiny_dirs, text, tmp_path, capsys):
+    main(_args(tiny_dirs, text, tmp_path, "--null-control", "--decoder-init", "independent"))
+    out = capsys.readouterr().out
+    assert "against base vs base: KS D" in out and "permutation p" in out
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    test = report["crosscoders"]["blocks.1.hook_resid_post-k4"]["per_checkpoint"][0]["null_test"]
+    null = report["null_crosscoders"]["blocks.1.hook_resid_post-k4-null"]
+    assert test["n_null"] == null["n_alive"] > 0 and 0 < test["spread_pvalue"] <= 1 and 0 <= test["ks_pvalue"] <= 1
+    assert load_crosscoder(report["crosscoders"]["blocks.1.hook_resid_post-k4"]["folder"]).cfg.decoder_init == \
+        "independent"
+    # shared starts: identical checkpoints keep identical decoders, relative norms exactly 0.5 (the exact check)
+    args = _args(tiny_dirs, text, tmp_path, "--decoder-init", "shared")
+    args[args.index("--name") + 1] = "s"
+    main(args)
+    shared = json.loads((tmp_path / "s" / "diff.json").read_text())["crosscoders"]["blocks.1.hook_resid_post-k4"]
+    assert set(shared["per_checkpoint"][0]["relative_norm"]) == {0.5} and "null_test" not in shared["per_checkpoint"][0]
 
 
 def test_diff_resume_equals_uninterrupted(tiny_dirs, text, tmp_path):
