@@ -569,8 +569,9 @@ class DiffRun(CrossCoderRun):
                 self.routes[key] = h
 
     def train_config(self, d_in: int) -> TrainConfig:
-        """k_aux unset means d_in here (twice an SAE's default: what the dead-latent measurement used)."""
-        return TrainConfig.of(self.cfg, k_aux=self.cfg.k_aux or d_in)
+        """k_aux unset means d_in here (twice an SAE's default: what the dead-latent measurement used); the optimiser
+        unset means adam (what diff's studies measured; the grid that made signum_sf the Top-K default did not)."""
+        return TrainConfig.of(self.cfg, k_aux=self.cfg.k_aux or d_in, optimizer=self.cfg.optimizer or "adam")
 
     def inputs(self, key: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         x = acts[self.routes[key]]

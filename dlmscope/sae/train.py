@@ -49,7 +49,7 @@ class OptimiserConfig(Options):
     lr: float | None = field(default=None, metadata=unset("adam 2e-4, signum_sf 2.5e-3, over sqrt(n_latents / 2^14)"))
     """Learning rate."""
     optimizer: str | None = field(default=None, metadata=choices(
-        lambda: tuple(OPTIMIZERS), "signum_sf for Top-K SAEs, adam for the other architectures and crosscoders"))
+        lambda: tuple(OPTIMIZERS), "signum_sf for Top-K SAEs, adam for the other architectures, crosscoders and diff's SAEs"))
     """signum_sf (sign descent with schedule-free averaging; see `sae.optim`) or adam (warm-up, linear decay)."""
     warmup_steps: int | None = field(default=None, metadata=unset("adam 50, signum_sf 10"))
     """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
