@@ -160,7 +160,8 @@ def train_sae(cfg: dict, x, seed: int):
     from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
     tr = SAETrainer(SAEConfig(x.shape[1], cfg["n_latents"], cfg["k"], "topk", {"hook_name": HOOK}),
-                    TrainConfig(total_tokens=x.shape[0], batch_size=256, lr=cfg["lr"], seed=seed))
+                    TrainConfig(total_tokens=x.shape[0], batch_size=256, lr=cfg["lr"], seed=seed,
+                                optimizer="adam"))  # what the committed sweep ran (before signum_sf became the default)
     return _train(tr, x, seed)
 
 

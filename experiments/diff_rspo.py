@@ -186,7 +186,7 @@ def _study_run_class():
             d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
             self.d, self.slices, self.matching = d, {}, []
             tcfg = lambda seed: TrainConfig(total_tokens=cfg.total_tokens, batch_size=cfg.batch_size, lr=cfg.lr,  # noqa: E731
-                                            seed=seed)
+                                            seed=seed, optimizer="adam")  # the committed runs' optimiser
             for pair, (a, b) in self.pairs.items():
                 for s in CC_SEEDS:
                     key = f"cc-{pair}-s{s}"

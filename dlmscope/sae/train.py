@@ -208,9 +208,8 @@ class SAETrainer(Generic[ModelT]):
                 mean_sq = reduce(mean_sq)
             if not bool(mean_sq.isfinite()):
                 raise NonFiniteError(f"the first batch's mean squared norm is {float(mean_sq)}, so no input scale")
-            if float(mean_sq) == 0.0:  # 1 / clamp(0) would scale every later input by 1e8
-                raise DLMScopeError("the first batch is all zeros, so no input scale; initialise on a batch with "
-                                    "non-zero activations (e.g. more tokens)")
+            if float(mean_sq) == 0.0:  # e.g. a diff-SAE's differences of identical checkpoints: no scale to take,
+                return 1.0  # so none (1 / clamp(0) used to scale every later input by 1e8)
             return float(1.0 / mean_sq.sqrt())
 
         self.sae.input_scale.fill_(unit_scale(x))

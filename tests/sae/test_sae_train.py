@@ -45,11 +45,11 @@ def test_initialisation_unit_mean_squared_norm_and_b_dec(raw_x):
         else:  # the geometric median has a smaller sum of distances than the mean
             dist = lambda y: float((xs - y).norm(dim=1).sum())  # noqa: E731
             assert dist(tr.sae.b_dec.detach()) < dist(xs.mean(0))
-    # An all-zero first batch (e.g. a diff-SAE's activation differences off a planted trigger) has no scale: one
-    # line, where 1 / clamp(0) used to scale every later input by 1e8.
+    # An all-zero first batch (a diff-SAE's differences of identical checkpoints) has no scale: inputs stay
+    # unscaled, where 1 / clamp(0) used to scale every later input by 1e8.
     tr = SAETrainer(SAEConfig(16, 64, 4), TrainConfig(total_tokens=400, batch_size=40))
-    with pytest.raises(DLMScopeError, match="first batch is all zeros"):
-        tr.initialise(torch.zeros_like(raw_x))
+    tr.initialise(torch.zeros_like(raw_x))
+    assert float(tr.sae.input_scale) == 1.0 and math.isfinite(tr.step(raw_x[:40])["loss"])
 
 
 def test_step_logs_and_decoder_unit_norm(make_trainer):
