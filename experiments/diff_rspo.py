@@ -536,6 +536,96 @@ def render(res: dict, out: Path, name: str = "diff_rspo") -> str:
     atomic_write_text(out / f"{name}.md", md)
     return md
 
+PAIR_LABELS = {"base_vs_base": "base vs base (identical weights)", "base_vs_rspo": "base vs RSPO (30 steps)",
+               "base_vs_countdown": "base vs Countdown fine-tune", "base_vs_spg": "base vs SPG (30 steps)",
+               "base_vs_diffu_grpo": "base vs diffu-GRPO (30 steps)"}
+PRESERVED = {"prose": "prose", "prose,sudoku": "prose and Sudoku"}  # a fine-tune's preserve_on, in words
+KIND_WORDS = {"countdown": "Countdown", "sudoku": "Sudoku", "prose": "prose"}
+
+
+def _count(c: list[float]) -> str:
+    """A mean count over seeds [95% t-interval]; '0 [0, 0]' when no seed found any."""
+    return "0 [0, 0]" if not any(c) else f"{c[0]:.1f} [{c[1]:.1f}, {c[2]:.1f}]"
+
+
+def _cells(row: dict, p1_p99: bool = True) -> str:
+    """The columns every crosscoder table shares: relative norms, shared-decoder cosine."""
+    lo, hi = row["relative_norm_min_max"]
+    cos = row["cosine_shared_median"]
+    norms = f"{row['relative_norm_p1_p99'][0]:.3f} / {row['relative_norm_p1_p99'][1]:.3f} | " if p1_p99 else ""
+    return f"{norms}{lo:.3f} / {hi:.3f} | {cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}]"
+
+
+def _paper(row: dict) -> str:
+    later, base = row["paper_rule_later"], row["paper_rule_base"]
+    return "0 / 0" if not any(later + base) else f"{_count(later)} / {_count(base)}"
+
+
+def _pairs(summary: dict) -> list[str]:
+    return [k for k in summary if k != "finetune"]
+
+
+def readme_table(summary: dict) -> str:
+    """The README's table of <name>_summary.json (the study's pairs, our rule and the paper's)."""
+    lines = ["| pair | relative norm p1 / p99 | min / max (3 seeds) | decoder cosine, shared latents | "
+             "specific to later (> 0.9) | specific to base (< 0.1) | paper rule: later / base |", "|" + "---|" * 7]
+    for pair in _pairs(summary):
+        r = summary[pair]
+        lines.append(f"| {PAIR_LABELS[pair]} | {_cells(r)} | {_count(r['later'])} | {_count(r['base'])} | {_paper(r)} |")
+    return "\n".join(lines)
+
+
+def readme_methods_table(summary: dict) -> str:
+    """The README's table of diff_rl_methods_summary.json: the rule's counts and the threshold-free read."""
+    lines = ["| pair | relative norm p1 / p99 | min / max (3 seeds) | decoder cosine, shared latents | specific to later | "
+             "specific to base | paper rule: later / base | most base-leaning: Countdown / Sudoku / prose "
+             "(all alive latents) |", "|" + "---|" * 8]
+    for pair in _pairs(summary):
+        r = summary[pair]
+        ml = r["most_leaning"]
+        kinds = f"{' / '.join(str(v) for v in ml['base']['examples'].values())} " \
+                f"({' / '.join(f'{v:,}' for v in ml['all'].values())})"
+        lines.append(f"| {PAIR_LABELS[pair]} | {_cells(r)} | {_count(r['later'])} | {_count(r['base'])} | {_paper(r)} | "
+                     f"{kinds} |")
+    return "\n".join(lines)
+
+
+def readme_control_table(summary: dict, tokens: str = "600k") -> str:
+    """The README's table of diff_rspo_control_summary.json: counts with their robust share and example kinds."""
+    robust = lambda c: "none robust" if not any(c) else f"{c[0]:.1f} robust"  # noqa: E731
+    kinds = lambda e: ", ".join(f"{v} {KIND_WORDS[k]}" for k, v in e.items() if v) or "none"  # noqa: E731
+    lines = ["| pair | relative norm p1 / p99 | min / max (3 seeds) | decoder cosine, shared latents | "
+             "specific to later (> 0.9) | specific to base (< 0.1) | paper rule: later / base | "
+             "top-5 examples of specific latents: later / base |", "|" + "---|" * 8]
+    for pair in _pairs(summary):
+        r = summary[pair]
+        lines.append(f"| {PAIR_LABELS[pair]}, {tokens} tokens | {_cells(r)} | {_count(r['later'])}, "
+                     f"{robust(r['robust'])} | {_count(r['base'])}, {robust(r['base_robust'])} | {_paper(r)} | "
+                     f"{kinds(r['examples_later'])} / {kinds(r['examples_base'])} |")
+    return "\n".join(lines)
+
+
+def readme_narrow_table(*summaries: dict) -> str:
+    """The README's table of the narrow fine-tunes' summaries (one row each): the rule's counts, then the share of
+    the top examples of the most leaning latents that lie in Countdown text (the dominant kind when it is not)."""
+    def share(e: dict, dominant: bool) -> str:
+        n, cd = sum(e.values()), e["countdown"]
+        top = max(e, key=e.get)
+        extra = f"; {e[top]} {KIND_WORDS[top]}" if dominant and top != "countdown" else ""
+        return f"{cd:,} of {n:,} ({cd / n:.0%}{extra})"
+
+    lines = ["| narrow fine-tune, preserving | relative norm min / max (3 seeds) | decoder cosine, shared latents | "
+             "specific to later (> 0.9) | specific to base (< 0.1) | paper rule: later / base | top examples in "
+             "Countdown: 10 most later-leaning | 10 most base-leaning | all alive latents |", "|" + "---|" * 9]
+    for summary in summaries:
+        r = summary["base_vs_countdown"]
+        ml = r["most_leaning"]
+        lines.append(f"| {PRESERVED[summary['finetune'].get('preserve_on', 'prose')]} | {_cells(r, p1_p99=False)} | "
+                     f"{_count(r['later'])} | {_count(r['base'])} | {_paper(r)} | "
+                     f"{share(ml['later']['examples'], True)} | {share(ml['base']['examples'], True)} | "
+                     f"{share(ml['all'], False)} |")
+    return "\n".join(lines)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
