@@ -60,6 +60,30 @@ def render(res: dict, out: Path) -> str:
     atomic_write_text(out / "diff_control_finetunes.md", md)
     return md
 
+# README labels of FINETUNES, in their order, and of what they trained
+TRIES = ("first try", "second, the study's", "third", "fourth")
+TRAINED = {"all": "all", NARROW: "layers 0-1 MLPs"}
+
+
+def _lr(lr: float) -> str:
+    """5e-04 -> '5e-4'."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def readme_table(res: dict) -> str:
+    """The README's table of diff_control_finetunes.json: one row per fine-tune, in FINETUNES order."""
+    kinds = ("prose", "countdown", "sudoku")
+    lines = ["| Countdown fine-tune | weights trained | preservation | ELBO, prose: base -> fine-tune | ELBO, Countdown | "
+             "ELBO, Sudoku | activation change: prose / Countdown / Sudoku |", "|" + "---|" * 7]
+    for f, tries in zip(res.values(), TRIES):
+        e = f["eval"]
+        keep = f"{f['preserve']:g}, {diff_rspo.PRESERVED[f.get('preserve_on', 'prose')]}" if f["preserve"] else "none"
+        lines.append(f"| {f['steps']} steps, lr {_lr(f['lr'])} ({tries}) | {TRAINED[f['params']]} ({f['n_trained']:,}) | "
+                     f"{keep} | " + " | ".join(f"{e[k]['loss_base']:.3f} -> {e[k]['loss_ft']:.3f}" for k in kinds)
+                     + " | " + " / ".join(f"{e[k]['drift']:.4f}" for k in kinds) + " |")
+    return "\n".join(lines)
+
 
 def main() -> None:
     run_or_render(argparse.ArgumentParser(description=__doc__), "diff_control_finetunes", run, render)

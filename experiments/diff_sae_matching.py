@@ -48,6 +48,23 @@ def render(res: dict, out: Path) -> str:
     atomic_write_text(out / "diff_sae_matching.md", md)
     return md
 
+README_TOKENS = (100_000, 300_000, 500_000, 800_000, 1_000_000)  # the README's rows: the matchings nearest these
+
+
+def readme_table(res: dict) -> str:
+    """The README's table of diff_sae_matching.json: mean matched cosine (fraction above 0.9) at README_TOKENS."""
+    ms = res["matching_vs_tokens"]
+    lines = ["| tokens | base, other seed (floor) | RSPO SAE | Countdown-FT SAE | random directions (chance) |",
+             "|---|---|---|---|---|"]
+    for target in README_TOKENS:
+        m = min(ms, key=lambda m: abs(m["tokens"] - target))
+        t = m["tokens"]
+        label = f"{t / 1e6:.0f}M" if t >= 999_500 else f"{t / 1e3:.0f}k"
+        lines.append(f"| {label} | " + " | ".join(f"{m[k]['mean']:.3f} ({m[k]['fraction_above_0.9']:.2f})"
+                                                  for k in ("base_other_seed", "rspo", "countdown"))
+                     + f" | {m['random']['mean']:.3f} |")
+    return "\n".join(lines)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
