@@ -85,6 +85,13 @@ def page_times(store: Path, feature: int, reps: int) -> dict:
     return {"apptest_floor_s": floor, **out}
 
 
+def readme_cell(res: dict) -> str:
+    """The README summary's cell: the shipped store's feature data from the store vs live, and its build cost."""
+    s = next(v for k, v in res["stores"].items() if k.startswith(SHIPPED))
+    return (f"{s['feature_data_from_store_s']:.4f} s vs {s['feature_data_live_s']:.2f} s "
+            f"({s['live_over_store_ratio']:.0f}x); store build {s['build_over_bare_ratio']:.2f}x the bare forward + encode")
+
+
 def main() -> dict:
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
     quick, build_only = "--quick" in sys.argv, "--build-only" in sys.argv

@@ -103,6 +103,14 @@ def readme_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_summary_cell(res: dict) -> str:
+    """The README benchmark summary's cell: the tiny DLM's CPU-time speedups, and the threshold's Sudoku quality."""
+    r, q = res["tiny_dlm"]["results"], res["quality"]["sudoku"]
+    return (f"{r['dual']['cpu_speedup']:.2f}x / {r['threshold+dual']['cpu_speedup']:.2f}x; {LABELS['threshold']}: "
+            f"Sudoku {q['exact_solve']['threshold']['mean']:.2f} at {q['forwards_per_puzzle']['threshold']['mean']:.1f} "
+            f"vs {q['forwards_per_puzzle']['plain']['mean']:.0f} forwards per puzzle (see Fast decoding)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)

@@ -54,6 +54,39 @@ def reference_loop(lm, x, mask_id, steps):
     return x
 
 
+TARGETS = {"capture_vs_forward": "capture of every layer vs bare forward",
+           "sampler_vs_reference": "`generate` vs a minimal reference sampling loop",
+           "steering_vs_plain": "steered vs plain generation (SAE at every step)"}
+LIMITS = {"capture_vs_forward": 5, "sampler_vs_reference": 10, "steering_vs_plain": 15}  # % slower at most
+
+
+def readme_table(overheads: dict, sae_train: dict, sae_train_1m: dict, sae_train_1m_b1024: dict, explorer: dict,
+                 fast_decoding: dict) -> str:
+    """The README's benchmark summary: this script's overheads, then a row or two from each other benchmark."""
+    import bench_explorer
+    import bench_fast_decoding
+    import bench_sae_train
+
+    lines = ["| benchmark | what is compared | result |", "|---|---|---|"]
+    for i, (key, words) in enumerate(TARGETS.items()):
+        r = overheads[key]["ratio"]
+        note = "no measurable overhead; " if key == "capture_vs_forward" and r <= 1 else ""
+        label = f"| `bench_overheads.py` ({overheads['model']}) |" if i == 0 else "| |"
+        lines.append(f"{label} {words} | {r:.2f}x ({note}target: at most {LIMITS[key]}% slower) |")
+    for j, res in enumerate((sae_train, sae_train_1m, sae_train_1m_b1024)):
+        total = res["train_tokens"] + res["heldout_tokens"]
+        tokens = float(f"{total:.1g}")
+        label = (f"`bench_sae_train.py` (DLM layer 3, {res['latents']:,} latents, k {res['k']}, batch {res['batch']:,}, "
+                 f"{tokens / 1e3:.0f}k tokens)" if j == 0 else f"`bench_sae_train.py --tokens {tokens:.0f}"
+                 + (f" --batch {res['batch']}` (our default batch)" if res["batch"] != sae_train["batch"] else "`"))
+        lines += bench_sae_train.readme_rows(res, label, first=j == 0)
+    lines.append(f"| `bench_explorer.py` | store vs live feature data | {bench_explorer.readme_cell(explorer)} |")
+    lines.append("| `bench_fast_decoding.py` (Fast-dLLM; tiny DLM, 256 tokens, blocks of 32) | dual cache / "
+                 f"{bench_fast_decoding.LABELS['threshold+dual']} vs plain (CPU time) | "
+                 f"{bench_fast_decoding.readme_summary_cell(fast_decoding)} |")
+    return "\n".join(lines)
+
+
 def main(quick: bool = "--quick" in sys.argv) -> dict:
     torch.manual_seed(0)
     d, layers, B, L = (256, 4, 4, 128) if quick else (512, 6, 8, 256)

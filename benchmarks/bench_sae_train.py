@@ -196,6 +196,24 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
+NAMES = {"dlmscope": "dlmscope", "saelens": "SAELens", "sparsify": "sparsify", "sparsify-adam": "sparsify with Adam"}
+
+
+def readme_rows(res: dict, label: str, first: bool) -> list[str]:
+    """The README summary's rows of one run: the first run in two rows (1-decimal speedups), later runs in one."""
+    t = res["trainers"]
+    others = [n for n in t if n != "dlmscope"]
+    rate = f"dlmscope {t['dlmscope']['tokens_per_s']:,.0f} tok/s"
+    if first:
+        return [f"| {label} | training throughput | {rate}: "
+                + ", ".join(f"{t[n]['dlmscope_speedup']:.1f}x {NAMES[n]}" for n in others) + " |",
+                "| | held-out FVU after the same tokens | "
+                + ", ".join(f"{NAMES[n].replace(' with Adam', '-Adam')} {t[n]['fvu']:.3f}" for n in t) + " |"]
+    return [f"| {label} | throughput / FVU | {rate}, "
+            + ", ".join(f"{t[n]['dlmscope_speedup']:.2f}x {n.replace('-adam', '-Adam')}" for n in others)
+            + f"; FVU {t['dlmscope']['fvu']:.3f} vs " + " / ".join(f"{t[n]['fvu']:.3f}" for n in others) + " |"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", choices=["dlm", "synthetic"], default="dlm")
