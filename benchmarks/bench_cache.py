@@ -94,6 +94,16 @@ def write_hashing(path: Path, src: SyntheticSource, dtype: torch.dtype) -> str:
     return atomic_save_safetensors(path, _shard(src, dtype))
 
 
+def readme_cell(res: dict) -> str:
+    """The README scale table's cell: write / read rates per dtype, the sha256 check, the side-by-side shard writes."""
+    f32, bf16 = res["dtypes"]["float32"], res["dtypes"]["bfloat16"]
+    side = lambda d: (f"{d['shard_write_side_by_side']['readback']['gb_per_cpu_s']:.2f} -> "  # noqa: E731
+                      f"{d['shard_write_side_by_side']['while_writing']['gb_per_cpu_s']:.2f} GB")
+    return (f"float32: write {f32['write_gb_per_s']:.2f} GB/s, read {f32['read_gb_per_s']:.2f} GB/s; bfloat16: write "
+            f"{bf16['write_gb_per_s']:.2f} GB/s, read (to float32) {bf16['read_gb_per_s']:.2f} GB/s; sha256 check "
+            f"{f32['verify_gb_per_s']:.2f} GB/s; side by side per CPU-second: float32 {side(f32)}, bfloat16 {side(bf16)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=24)

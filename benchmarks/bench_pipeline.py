@@ -34,6 +34,32 @@ def one_run(out: Path, name: str, tokens: int, threads: int, prefetch: bool, cac
             "fvu": {k: v["fvu"] for k, v in m["final"].items()}}
 
 
+def readme_table(pipeline: dict, copy_draw: dict, cache: dict, sae_floor: dict) -> str:
+    """The README's scale table: this script's prefetch runs and the earlier shuffle buffer's, then a row each from
+    bench_cache and bench_sae_floor."""
+    import bench_cache
+    import bench_sae_floor
+
+    head = f"`bench_pipeline.py` (default `train-sae` shape, {pipeline['tokens']:,} tokens, from the "
+    lines = ["| benchmark | what is compared | result |", "|---|---|---|"]
+    for source, words in (("model", "live model"), ("cache", "disk cache")):
+        off, on = pipeline["runs"][f"{source}, prefetch off"], pipeline["runs"][f"{source}, prefetch on"]
+        same = "identical FVU" if off["fvu"] == on["fvu"] else "different FVU"
+        lines.append(f"| {head}{words}) | SAE steps waiting for activations, prefetch off -> on | "
+                     f"{off['wait_fraction']:.1%} -> {on['wait_fraction']:.1%} of wall time; {off['tokens_per_s']:,.0f} -> "
+                     f"{on['tokens_per_s']:,.0f} tok/s ({pipeline[f'{source}_speedup']:.2f}x); {same} |")
+    old, new = copy_draw["runs"]["cache, prefetch off"], pipeline["runs"]["cache, prefetch off"]
+    lines.append("| `bench_pipeline.py`, the same from the disk cache with the previous shuffle buffer "
+                 "(`pipeline_copy_draw.json`, a run minutes earlier) | waiting, prefetch off: copy of the whole buffer per "
+                 f"draw -> in-place draw | {old['wait_fraction']:.1%} -> {new['wait_fraction']:.1%} of wall time; "
+                 f"{old['tokens_per_s']:,.0f} -> {new['tokens_per_s']:,.0f} tok/s |")
+    lines.append(f"| `bench_cache.py` (d {cache['d']:,}, {cache['shards']} shards x {cache['tokens_per_shard']:,} tokens) | "
+                 "`write_cache` / `CachedSource` (memory-mapped); shard writes with sha256: read back vs hashed while "
+                 f"writing | {bench_cache.readme_cell(cache)} |")
+    lines.append(bench_sae_floor.readme_row(sae_floor))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=131_072)
