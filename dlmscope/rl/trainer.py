@@ -50,12 +50,6 @@ def _tasks() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
-def _splits() -> tuple[str, ...]:
-    from ..tasks import SPLITS
-
-    return tuple(s for s in SPLITS if s != "train")
-
-
 @dataclass
 class RLConfig(Options):
     """An RL run; every field is a `dlmscope rspo` flag and a config-file key."""
@@ -127,7 +121,7 @@ class RLConfig(Options):
     """Fast-dLLM block KV cache for rollouts and evaluation: prefix or dual."""
     ref_refresh: int = 0
     """Copy the policy into the reference every N rollout steps (0 = frozen)."""
-    eval_split: str = field(default="test", metadata=choices(lambda: _splits()))
+    eval_split: str = field(default="test", metadata=choices(lambda: ("test", "validation")))
     """Split evaluated greedily: test, or validation to tune a run without reading the test examples."""
     eval_n: int = 50
     """Examples of --eval-split evaluated greedily."""

@@ -139,7 +139,8 @@ def test_rl_bad_inputs(tiny_dirs, tmp_path, tokenizer):
                       (dict(algo="spg", lam=0.5), "--lam is an option of rspo, not of spg"),
                       (dict(algo="spg", spg_estimate="cubo"), "spg_estimate='cubo'; allowed"),
                       (dict(algo="spg", spg_block_length=16), "into at least mc_draws=2 blocks"),
-                      (dict(rl_steps=0), "steps=0 must be an integer >= 1"), (dict(lora_r=-1), "lora_r=-1")]:
+                      (dict(rl_steps=0), "steps=0 must be an integer >= 1"), (dict(lora_r=-1), "lora_r=-1"),
+                      (dict(eval_split="pretrain"), "eval_split='pretrain'; allowed: test, validation")]:
         with pytest.raises(DLMScopeError, match=match):
             train_rl(RLConfig(**base, **kw))
     assert not (tmp_path / "out").exists()  # option errors come before the folder is made
