@@ -432,20 +432,23 @@ class CrossCoderRun(DictionaryRun):
         return PairedActivationSource([lm, *self.others], self.hooks, rows, doc_ids, **kwargs)
 
     def build_trainers(self, d_in: int, meta: dict) -> None:
-        from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
-
-        cfg, n = self.cfg, len(self.checkpoints)
+        n = len(self.checkpoints)
         width = next(iter(self.eval_set.values())).shape[1]
         if width % n:
             raise DLMScopeError(f"paired activations of width {width} do not split into {n} checkpoints")
-        d = width // n
-        tcfg = self.train_config(d)
+        self.add_crosscoders("", self.checkpoints, width // n, meta)
+
+    def add_crosscoders(self, suffix: str, names: list[str], d: int, meta: dict) -> None:
+        """One crosscoder trainer over `names` per (hook, k), keyed "{hook}-k{k}{suffix}"."""
+        from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
+
+        cfg, tcfg = self.cfg, self.train_config(d)
         init: Literal["shared", "independent"] = getattr(cfg, "decoder_init", "shared")  # TrainSAEConfig has none
         resample = getattr(cfg, "resample_every", 0)  # nor this (a DiffConfig's)
         for h in self.hooks:
             for k in cfg.k_list():
-                key = f"{h}-k{k}"
-                self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, self.checkpoints,
+                key = f"{h}-k{k}{suffix}"
+                self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, names,
                                                                         {**meta, "hook_name": h}, init), tcfg,
                                                        self.device_for(len(self.routes)), resample)
                 self.routes[key] = h
@@ -545,19 +548,11 @@ class DiffRun(CrossCoderRun):
         super().__init__(cfg, cfg.checkpoint_list())
 
     def build_trainers(self, d_in: int, meta: dict) -> None:
-        from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
-
         super().build_trainers(d_in, meta)
         d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
-        tcfg, cfg = self.train_config(d), self.cfg
-        names = [self.checkpoints[0], self.checkpoints[0] + "-copy"]
-        for h in self.hooks if cfg.null_control else []:  # the base against itself: relative_norm_test's null
-            for k in cfg.k_list():
-                key = f"{h}-k{k}-null"
-                self.trainers[key] = CrossCoderTrainer(CrossCoderConfig(d, cfg.expansion * d, k, names, {
-                    **meta, "hook_name": h}, cfg.decoder_init), tcfg, self.device_for(len(self.routes)),
-                    cfg.resample_every)
-                self.routes[key] = h
+        tcfg = self.train_config(d)
+        if self.cfg.null_control:  # the base against itself: relative_norm_test's null
+            self.add_crosscoders("-null", [self.checkpoints[0], self.checkpoints[0] + "-copy"], d, meta)
         if not self.cfg.diff_sae:
             return
         for h in self.hooks:
