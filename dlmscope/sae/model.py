@@ -16,9 +16,11 @@ Training uses `forward`. On CPU its Top-K route computes the dense (N, n_latents
 without a graph, and the backward touches only the selected (token, latent) entries, never a dense
 (N, n_latents) gradient: both weight gradients are sparse matmuls over one latent-major layout of the
 selection, the activations' gradient one dot product per entry, and b_dec's follows from b_enc's;
-decoding is an embedding_bag. On GPUs dense cuBLAS matmuls over scattered latents are
-far faster than gathers and cuSPARSE (measured on an H100, d_in 4096, 16,384 latents: about 9x), and
-deterministic, so there (and for BatchTopK) `forward` uses the dense route; both compute the same maths.
+decoding is an embedding_bag. AuxK's entries join that backward while few of the dead latents' activations are
+positive; past `AUX_DENSE_MIN_DENSITY` of them it runs as small dense matmuls over the dead columns instead.
+On GPUs dense cuBLAS matmuls over scattered latents are far faster than gathers and cuSPARSE (measured on an
+H100, d_in 4096, 16,384 latents: about 9x), and deterministic, so there (and for BatchTopK) `forward` uses the
+dense route; both compute the same maths.
 """
 
 from __future__ import annotations
@@ -134,9 +136,9 @@ class _LatentPattern:
 
     Either a fixed number per token, latent ids (N, m) (the Top-K selection), or ragged: flat latent ids (E,) with
     the token of each entry (`tokens`, ascending) and where each token's entries start (`offsets`, (N,)). With AuxK
-    the step's selection is ragged (`SAE._with_aux`): of the k_aux dead latents AuxK picks per token only those with a
-    positive pre-activation do anything (the ReLU zeroes the others, with their gradients), and late in a run those
-    are a few per token out of 128."""
+    the step's selection can be ragged (`SAE._with_aux`): of the k_aux dead latents AuxK picks per token only those
+    with a positive pre-activation do anything (the ReLU zeroes the others, with their gradients), and late in a run
+    those are often a few per token out of 128."""
 
     def __init__(self, indices: torch.Tensor, n_latents: int, tokens: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None):
@@ -216,6 +218,39 @@ class _SparseDecode(torch.autograd.Function):
         grad_v = ctx.pattern.gather_dots(W_dec, grad) if ctx.needs_input_grad[0] else None
         grad_w = ctx.pattern.scatter_matmul(values, grad) if ctx.needs_input_grad[1] else None
         return grad_v, grad_w, None
+
+
+class _DeadColumnsAux(torch.autograd.Function):
+    """AuxK's prediction acts @ W_dec[dead] from the (N, n_dead) ReLU'd dead-latent activations `acts` (zero outside
+    AuxK's selection), dense over the dead columns only; the backward is four small matmuls, and the gradients land
+    in the dead latents' rows of W_enc (in the sparse route's transposed layout, so autograd adds the two without a
+    strided copy), b_enc and W_dec, and in b_dec as -W_enc[:, dead] @ grad(b_enc[dead])."""
+
+    @staticmethod
+    def forward(ctx, acts, xc, dead_ids, b_dec, W_enc, b_enc, W_dec):
+        acts = acts.to(W_dec.dtype)
+        ctx.save_for_backward(acts, xc, dead_ids, W_enc, W_dec)
+        return acts @ W_dec.index_select(0, dead_ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        acts, xc, dead_ids, W_enc, W_dec = ctx.saved_tensors
+        grad = grad.to(W_dec.dtype)
+        g_pre = (grad @ W_dec.index_select(0, dead_ids).t()).mul_(acts > 0)  # ReLU and selection gate
+        g_bias = g_pre.sum(0)
+        grad_enc = W_enc.new_zeros(W_enc.shape[1], W_enc.shape[0]).index_copy_(0, dead_ids, g_pre.t() @ xc.to(W_enc.dtype))
+        grad_b_enc = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, dead_ids, g_bias)
+        grad_dec = torch.zeros_like(W_dec).index_copy_(0, dead_ids, acts.t() @ grad)
+        grad_b_dec = -(W_enc.index_select(1, dead_ids) @ g_bias)
+        return None, None, None, grad_b_dec, grad_enc.t(), grad_b_enc, grad_dec
+
+
+AUX_DENSE_MIN_DENSITY = 0.04
+"""On CPU, AuxK runs dense over the dead columns (`_DeadColumnsAux`) once at least this share of its (token, dead
+latent) activations is positive; below it, its positive entries join the Top-K ones in the sparse backward. Per
+positive entry the sparse route costs about 25x what one (token, dead latent) cell costs in the dense matmuls
+(d_in 256, batch 4,096, `benchmarks/bench_sae_aux.py`: break-even near 1% positive with 128 dead latents, near 6%
+with 512)."""
 
 
 def _sparse_route(x: torch.Tensor) -> bool:
@@ -372,36 +407,36 @@ class SAE(nn.Module):
                                                                                            out=buf)
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
             values, inputs, pattern = top_values.relu(), xc, _LatentPattern(top_ids, self.cfg.n_latents)
-            aux = self._aux_selection(pre, dead_ids, k_aux) if dead_ids is not None else None
-            if aux is not None:  # one backward for both: AuxK's entries are those of N more tokens, copies of these
-                values, inputs, pattern = self._with_aux(values, top_ids, xc, *aux)
+            acts, n_positive = self._aux_acts(pre, dead_ids, k_aux) if dead_ids is not None else (None, 0)
+            dense_aux = acts is not None and n_positive >= AUX_DENSE_MIN_DENSITY * acts.numel()
+            if n_positive and not dense_aux:  # one backward for both: AuxK's entries are those of N more tokens
+                tokens, j = acts.nonzero(as_tuple=True)  # ragged: only the positive ones do anything
+                values, inputs, pattern = self._with_aux(values, top_ids, xc, acts[tokens, j], dead_ids[j], tokens)
         values = _SelectedPreacts.apply(values, inputs, self.b_dec, self.W_enc, self.b_enc, pattern)
         recon = _SparseDecode.apply(values, self.W_dec, pattern)
         n = xs.shape[0]
         out = SAEOutput(xs, recon[:n] + self.b_dec, values[:top_ids.numel()].view(top_ids.shape), top_ids,
                         self.cfg.n_latents)
-        if aux is not None:
+        if n_positive and dense_aux:
+            out.aux_recon = _DeadColumnsAux.apply(acts, xc, dead_ids, self.b_dec, self.W_enc, self.b_enc, self.W_dec)
+        elif n_positive:
             out.aux_recon = recon[n:]
         elif dead_ids is not None:  # dead latents, none positive anywhere: the prediction is zero
             out.aux_recon = torch.zeros_like(xs)
         return out
 
-    def _aux_selection(self, pre: torch.Tensor, dead_ids: torch.Tensor,
-                       k_aux: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """AuxK's entries, ragged: per token the k_aux largest dead pre-activations, kept only where positive (the
-        rest decode to zero and get no gradient through the ReLU). Where no token has more than k_aux positive ones
-        (nearly always: a few per token late in a run) they are all its positive ones, and no top-k runs.
-        (values, latent ids, tokens), token-major; None when no entry is positive."""
-        values = pre.index_select(1, dead_ids)
-        local = None
-        positive = values > 0
-        if k_aux < dead_ids.numel() and int(positive.sum(1).max()) > k_aux:
-            values, local = values.topk(k_aux, dim=-1, sorted=False)
-            positive = values > 0
-        tokens, j = positive.nonzero(as_tuple=True)
-        if tokens.numel() == 0:
-            return None
-        return values[tokens, j], dead_ids[j if local is None else local[tokens, j]], tokens
+    @staticmethod
+    def _aux_acts(pre: torch.Tensor, dead_ids: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, int]:
+        """AuxK's activations (N, n_dead): per token the k_aux largest dead pre-activations, ReLU'd, zero elsewhere,
+        and how many are positive (the rest decode to zero and get no gradient through the ReLU). Where no token has
+        more than k_aux positive ones (nearly always: a few per token late in a run) that is all its positive ones,
+        and no top-k runs."""
+        acts = pre.index_select(1, dead_ids).relu_()
+        per_token = torch.count_nonzero(acts, dim=1)
+        if k_aux < dead_ids.numel() and int(per_token.max()) > k_aux:
+            top, local = acts.topk(k_aux, dim=-1, sorted=False)
+            return torch.zeros_like(acts).scatter_(1, local, top), int(per_token.clamp(max=k_aux).sum())
+        return acts, int(per_token.sum())
 
     def _with_aux(self, values: torch.Tensor, ids: torch.Tensor, xc: torch.Tensor, aux_values: torch.Tensor,
                   aux_ids: torch.Tensor, aux_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _LatentPattern]:

@@ -44,11 +44,15 @@ def test_decode_routes_agree(trained, raw_x):
 
 
 # of 16 dead latents: the positive ones among 6 (few: no top-k) or all 16; 6 of all-positive ones (a top-k); none positive
+@pytest.mark.parametrize("aux_route", ["ragged", "dense"])
 @pytest.mark.parametrize(("k_aux", "dead_bias"), [(6, None), (16, None), (6, 1.0), (3, -50.0)])
-def test_sparse_route_gradients_match_dense_autograd(k_aux, dead_bias):
-    """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc, AuxK's ragged entries:
-    only positive dead pre-activations kept) against autograd on the plain dense maths, in float64 to 1e-5, with AuxK
-    on and some selected pre-activations cut by the ReLU."""
+def test_sparse_route_gradients_match_dense_autograd(k_aux, dead_bias, aux_route, monkeypatch):
+    """The CPU route's hand-written backward (sparse matmuls, sampled dots, b_dec from b_enc; AuxK's entries either
+    ragged, only positive dead pre-activations kept, or dense over the dead columns) against autograd on the plain
+    dense maths, in float64 to 1e-5, with AuxK on and some selected pre-activations cut by the ReLU."""
+    from dlmscope.sae import model
+
+    monkeypatch.setattr(model, "AUX_DENSE_MIN_DENSITY", 0.0 if aux_route == "dense" else 2.0)
     gen = torch.Generator().manual_seed(0)
     sae = SAE(SAEConfig(8, 48, 5), seed=2).double()
     dead = torch.zeros(48, dtype=torch.bool)

@@ -24,6 +24,23 @@ def test_defaults_lr_k_aux_and_dead_window():
         TrainConfig(b_dec_init="median")
 
 
+@pytest.mark.parametrize("n_dead", [4, 40])  # scale n_dead / k_aux, and capped at 1
+def test_aux_loss_is_the_documented_formula(n_dead):
+    """AuxK = min(n_dead / k_aux, 1) * mean_i |e_i - e_hat_i|^2 / mean_i |e_i - mean(e)|^2, the same through the
+    fused single-process path and the all-reduce path (an identity reduce), with gradient only into e_hat."""
+    from dlmscope.sae.train import aux_loss
+
+    gen = torch.Generator().manual_seed(0)
+    err = torch.randn(50, 6, generator=gen, dtype=torch.double) + 3.0  # a mean far from 0: no cancellation allowed
+    pred = torch.randn(50, 6, generator=gen, dtype=torch.double, requires_grad=True)
+    want = ((err - pred).pow(2).sum(1).mean() / (err - err.mean(0)).pow(2).sum(1).mean() * min(n_dead / 16, 1.0))
+    for reduce in (None, lambda t: t):
+        torch.testing.assert_close(aux_loss(err, pred, n_dead, 16, reduce), want)
+    err.requires_grad_(True)
+    aux_loss(err, pred, n_dead, 16, None).backward()
+    assert err.grad is None and pred.grad.abs().sum() > 0
+
+
 def test_schedule_warmup_constant_linear_decay_to_zero():
     tr = SAETrainer(SAEConfig(8, 32, 2), TrainConfig(total_tokens=100 * 10, batch_size=10, lr=1.0, warmup_steps=10,
                                                      optimizer="adam"))

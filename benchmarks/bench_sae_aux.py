@@ -1,0 +1,103 @@
+"""Which of the CPU route's two AuxK routes is cheaper, by how many dead latents there are and how many of their
+(token, latent) activations are positive: the numbers behind `dlmscope.sae.model.AUX_DENSE_MIN_DENSITY`.
+
+Ragged: AuxK's positive entries join the Top-K entries in the one sparse backward (cost per positive entry).
+Dense: (N, n_dead) matmuls over the dead columns (`_DeadColumnsAux`; cost per cell, positive or not).
+One SAE of the usual CPU shape (d_in 256, 4,096 latents, k 32) on a batch of the built-in DLM's layer-3
+activations (the cache of `bench_sae_train.py`); for each number of dead latents the dead latents' encoder biases
+are shifted until the wanted share of their activations is positive. Each cell times the forward and backward of
+the training loss (MSE + AuxK) with each route forced, alternately, and reports the medians and the ratio
+ragged / dense (above 1: dense is cheaper). Clock: this process's CPU time, one thread.
+
+    python benchmarks/bench_sae_aux.py [--batch 4096]
+
+Writes benchmarks/results/sae_aux.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+N_DEAD = (16, 128, 512)
+DENSITIES = (0.005, 0.02, 0.04, 0.08, 0.2)
+
+
+def time_routes(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int, repeats: int) -> dict:
+    """Median CPU ms of forward + backward with each AuxK route forced (threshold 0: always dense; 2: never)."""
+    from dlmscope.sae import model
+    from dlmscope.sae.train import aux_loss
+
+    n_dead = int(dead.sum())
+    kept = model.AUX_DENSE_MIN_DENSITY
+    times: dict[str, list[float]] = {"ragged": [], "dense": []}
+    try:
+        for i in range(repeats + 1):
+            for route in ("ragged", "dense") if i % 2 else ("dense", "ragged"):
+                model.AUX_DENSE_MIN_DENSITY = 0.0 if route == "dense" else 2.0
+                sae.zero_grad(set_to_none=True)
+                t = time.process_time()
+                out = sae(x, dead, k_aux)
+                loss = (out.recon - out.x).pow(2).sum(-1).mean()
+                loss = loss + aux_loss(out.x - out.recon, out.aux_recon, n_dead, k_aux, None) / 32
+                loss.backward()
+                if i:  # the first round warms up
+                    times[route].append(time.process_time() - t)
+    finally:
+        model.AUX_DENSE_MIN_DENSITY = kept
+    return {route: statistics.median(v) * 1e3 for route, v in times.items()}
+
+
+@torch.no_grad()
+def plant_density(sae, x: torch.Tensor, dead_ids: torch.Tensor, density: float) -> float:
+    """Shift the dead latents' encoder biases so that `density` of their activations on `x` are positive; returns
+    the share reached."""
+    pre = sae.pre_acts(x)[:, dead_ids]
+    shift = -torch.quantile(pre.flatten()[:1_000_000], 1 - density)
+    sae.b_enc[dead_ids] += shift
+    return float((pre + shift > 0).float().mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_aux.json"))
+    args = p.parse_args()
+    from dlmscope.io_utils import atomic_write_json
+    from dlmscope.sae import SAE, SAEConfig, model
+
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
+    bst = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bst)
+    x = bst.cached_activations("dlm", args.batch, "cpu")[:args.batch]
+    cells = []
+    for n_dead in N_DEAD:
+        for density in DENSITIES:
+            sae = SAE(SAEConfig(x.shape[1], 4096, 32), seed=0)
+            with torch.no_grad():
+                sae.input_scale.fill_(float(x.pow(2).sum(1).mean().rsqrt()))
+            dead = torch.zeros(4096, dtype=torch.bool)
+            dead[torch.randperm(4096, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+            reached = plant_density(sae, x, dead.nonzero().squeeze(1), density)
+            ms = time_routes(sae, x, dead, k_aux=x.shape[1] // 2, repeats=args.repeats)
+            cells.append({"n_dead": n_dead, "density": reached, **{f"{r}_ms": v for r, v in ms.items()},
+                          "ragged_over_dense": ms["ragged"] / ms["dense"]})
+            print(f"dead {n_dead:4d}, positive {reached:.3f}: ragged {ms['ragged']:.1f} ms, dense {ms['dense']:.1f} ms,"
+                  f" ragged/dense {ms['ragged'] / ms['dense']:.2f}", flush=True)
+    atomic_write_json(args.out, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                 "torch_threads": 1, "clock": "process CPU time", "source": "dlm layer 3",
+                                 "d_in": x.shape[1], "latents": 4096, "k": 32, "batch": args.batch,
+                                 "threshold_in_code": model.AUX_DENSE_MIN_DENSITY, "cells": cells})
+
+
+if __name__ == "__main__":
+    main()
