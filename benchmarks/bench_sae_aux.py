@@ -1,13 +1,15 @@
 """Which of the CPU route's two AuxK routes is cheaper, by how many dead latents there are and how many of their
-(token, latent) activations are positive: the numbers behind `dlmscope.sae.model.AUX_DENSE_MIN_DENSITY`.
+(token, latent) activations are positive: the numbers behind `dlmscope.sae.model.AUX_DENSE_CELL_COST` and
+`AUX_RAGGED_TOKEN_COST`, and a check of the rule they make (`_dense_aux`).
 
 Ragged: AuxK's positive entries join the Top-K entries in the one sparse backward (cost per positive entry).
-Dense: (N, n_dead) matmuls over the dead columns (`_DeadColumnsAux`; cost per cell, positive or not).
+Dense: (N, n_dead) matmuls over the dead columns (a dense block; cost per cell, positive or not).
 One SAE of the usual CPU shape (d_in 256, 4,096 latents, k 32) on a batch of the built-in DLM's layer-3
 activations (the cache of `bench_sae_train.py`); for each number of dead latents the dead latents' encoder biases
 are shifted until the wanted share of their activations is positive. Each cell times the forward and backward of
 the training loss (MSE + AuxK) with each route forced, alternately, and reports the medians and the ratio
-ragged / dense (above 1: dense is cheaper). Clock: this process's CPU time, one thread.
+ragged / dense (above 1: dense is cheaper), and which route the rule picks. Clock: this process's CPU time, one
+thread.
 
     python benchmarks/bench_sae_aux.py [--batch 4096]
 
@@ -26,22 +28,22 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-N_DEAD = (16, 128, 512)
+N_DEAD = (16, 64, 128, 256, 512)
 DENSITIES = (0.005, 0.02, 0.04, 0.08, 0.2)
 
 
 def time_routes(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int, repeats: int) -> dict:
-    """Median CPU ms of forward + backward with each AuxK route forced (threshold 0: always dense; 2: never)."""
+    """Median CPU ms of forward + backward with each AuxK route forced."""
     from dlmscope.sae import model
     from dlmscope.sae.train import aux_loss
 
     n_dead = int(dead.sum())
-    kept = model.AUX_DENSE_MIN_DENSITY
+    kept = model._dense_aux
     times: dict[str, list[float]] = {"ragged": [], "dense": []}
     try:
         for i in range(repeats + 1):
             for route in ("ragged", "dense") if i % 2 else ("dense", "ragged"):
-                model.AUX_DENSE_MIN_DENSITY = 0.0 if route == "dense" else 2.0
+                model._dense_aux = lambda *shape, dense=route == "dense": dense
                 sae.zero_grad(set_to_none=True)
                 t = time.process_time()
                 out = sae(x, dead, k_aux)
@@ -51,7 +53,7 @@ def time_routes(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int, repeats: i
                 if i:  # the first round warms up
                     times[route].append(time.process_time() - t)
     finally:
-        model.AUX_DENSE_MIN_DENSITY = kept
+        model._dense_aux = kept
     return {route: statistics.median(v) * 1e3 for route, v in times.items()}
 
 
@@ -89,14 +91,20 @@ def main() -> None:
             dead[torch.randperm(4096, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
             reached = plant_density(sae, x, dead.nonzero().squeeze(1), density)
             ms = time_routes(sae, x, dead, k_aux=x.shape[1] // 2, repeats=args.repeats)
+            rule = "dense" if model._dense_aux(args.batch, n_dead, round(reached * args.batch * n_dead)) else "ragged"
             cells.append({"n_dead": n_dead, "density": reached, **{f"{r}_ms": v for r, v in ms.items()},
-                          "ragged_over_dense": ms["ragged"] / ms["dense"]})
+                          "ragged_over_dense": ms["ragged"] / ms["dense"], "rule_picks": rule,
+                          "rule_over_best": ms[rule] / min(ms.values())})
             print(f"dead {n_dead:4d}, positive {reached:.3f}: ragged {ms['ragged']:.1f} ms, dense {ms['dense']:.1f} ms,"
-                  f" ragged/dense {ms['ragged'] / ms['dense']:.2f}", flush=True)
+                  f" ragged/dense {ms['ragged'] / ms['dense']:.2f}; the rule picks {rule}", flush=True)
+    worst = max(c["rule_over_best"] for c in cells)
+    print(f"the rule's pick costs at most {worst:.3f}x the cheaper route's step")
     atomic_write_json(args.out, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                                  "torch_threads": 1, "clock": "process CPU time", "source": "dlm layer 3",
                                  "d_in": x.shape[1], "latents": 4096, "k": 32, "batch": args.batch,
-                                 "threshold_in_code": model.AUX_DENSE_MIN_DENSITY, "cells": cells})
+                                 "dense_cell_cost": model.AUX_DENSE_CELL_COST,
+                                 "ragged_token_cost": model.AUX_RAGGED_TOKEN_COST,
+                                 "rule_worst_over_best": worst, "cells": cells})
 
 
 if __name__ == "__main__":

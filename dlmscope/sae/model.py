@@ -17,7 +17,8 @@ without a graph, and the backward touches only the selected (token, latent) entr
 (N, n_latents) gradient: both weight gradients are sparse matmuls over one latent-major layout of the
 selection, the activations' gradient one dot product per entry, and b_dec's follows from b_enc's;
 decoding is an embedding_bag. AuxK's entries join that backward while few of the dead latents' activations are
-positive; past `AUX_DENSE_MIN_DENSITY` of them it runs as small dense matmuls over the dead columns instead.
+positive; with more of them, or few dead latents, it runs as small dense matmuls over the dead columns
+(`AUX_DENSE_CELL_COST`).
 On GPUs dense cuBLAS matmuls over scattered latents are far faster than gathers and cuSPARSE (measured on an
 H100, d_in 4096, 16,384 latents: about 9x), and deterministic, so there (and for BatchTopK) `forward` uses the
 dense route; both compute the same maths.
@@ -144,6 +145,8 @@ class _LatentPattern:
                  offsets: torch.Tensor | None = None):
         self.indices, self.n_latents, self.tokens, self.offsets = indices, n_latents, tokens, offsets
         self.n_tokens = indices.shape[0] if offsets is None else offsets.shape[0]
+        self.block_ids = indices.new_empty(0)
+        """Latents of a dense block of entries beside these (AuxK's dead columns; `AUX_DENSE_CELL_COST`)."""
 
     def decode(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(N, d): per token, the sum of its entries' values times their rows."""
@@ -181,76 +184,71 @@ class _LatentPattern:
 
 class _SelectedPreacts(torch.autograd.Function):
     """ReLU'd pre-activations (N, m) at the selected entries of pre = (xs - b_dec) @ W_enc + b_enc, computed
-    without a graph (`values`); the backward reaches W_enc and b_enc only through those entries (one sparse
-    matmul), and b_dec's gradient is -W_enc @ grad(b_enc), so no (N, d_in) input gradient is ever formed.
+    without a graph (`values`), and AuxK's dense block (N, n_dead) over the dead columns `pattern.block_ids` (zero
+    outside its selection; no columns when AuxK is off or ragged); the backward reaches W_enc and b_enc only through
+    those entries (one sparse matmul, plus one small matmul added into the dead latents' rows), and b_dec's gradient
+    is -W_enc @ grad(b_enc), so no (N, d_in) input gradient is ever formed.
     The input `xc` = xs - b_dec takes no gradient: the sparse route is for raw activations."""
 
     @staticmethod
-    def forward(ctx, values, xc, b_dec, W_enc, b_enc, pattern: _LatentPattern):
-        ctx.save_for_backward(xc, W_enc, values)
+    def forward(ctx, values, block, xc, b_dec, W_enc, b_enc, pattern: _LatentPattern):
+        ctx.save_for_backward(xc, W_enc, values, block)
         ctx.pattern = pattern
-        return values.view_as(values)
+        return values.view_as(values), block.view_as(block)
 
     @staticmethod
-    def backward(ctx, grad):
-        xc, W_enc, values = ctx.saved_tensors
+    def backward(ctx, grad, grad_block):
+        xc, W_enc, values, block = ctx.saved_tensors
+        xc = xc.to(W_enc.dtype)
         g = grad.to(W_enc.dtype) * (values > 0)  # ReLU gate
-        grad_w = ctx.pattern.scatter_matmul(g, xc.to(W_enc.dtype)).t()
+        grad_w = ctx.pattern.scatter_matmul(g, xc)
         grad_b = W_enc.new_zeros(W_enc.shape[1]).index_add_(0, ctx.pattern.indices.flatten(), g.flatten())
-        return None, None, -(W_enc @ grad_b), grad_w, grad_b, None
+        if block.shape[1]:
+            g_block = grad_block.to(W_enc.dtype) * (block > 0)  # ReLU and AuxK's selection
+            grad_w.index_add_(0, ctx.pattern.block_ids, g_block.t() @ xc[:block.shape[0]])
+            grad_b.index_add_(0, ctx.pattern.block_ids, g_block.sum(0))
+        return None, None, None, -(W_enc @ grad_b), grad_w.t(), grad_b, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """sum_j values[:, j] * W_dec[indices[:, j]]: an embedding_bag forward; the backward forms W_dec's gradient as a
     sparse matmul and the values' as one dot product per entry, both on the shared latent-major pattern (cheaper
-    on CPU than embedding_bag's own backward)."""
+    on CPU than embedding_bag's own backward). Second output: AuxK's dense block decoded over the dead rows,
+    block @ W_dec[pattern.block_ids], whose gradient is added into those rows (empty without a block)."""
 
     @staticmethod
-    def forward(ctx, values, W_dec, pattern: _LatentPattern):
-        values = values.to(W_dec.dtype)
-        ctx.save_for_backward(values, W_dec)
+    def forward(ctx, values, block, W_dec, pattern: _LatentPattern):
+        values, block = values.to(W_dec.dtype), block.to(W_dec.dtype)
+        ctx.save_for_backward(values, block, W_dec)
         ctx.pattern = pattern
-        return pattern.decode(values, W_dec)
+        aux = block @ W_dec.index_select(0, pattern.block_ids) if block.shape[1] else W_dec.new_empty(0)
+        return pattern.decode(values, W_dec), aux
 
     @staticmethod
-    def backward(ctx, grad):
-        values, W_dec = ctx.saved_tensors
+    def backward(ctx, grad, grad_aux):
+        values, block, W_dec = ctx.saved_tensors
         grad_v = ctx.pattern.gather_dots(W_dec, grad) if ctx.needs_input_grad[0] else None
-        grad_w = ctx.pattern.scatter_matmul(values, grad) if ctx.needs_input_grad[1] else None
-        return grad_v, grad_w, None
+        grad_w = ctx.pattern.scatter_matmul(values, grad)
+        grad_block = None
+        if block.shape[1]:
+            ids, grad_aux = ctx.pattern.block_ids, grad_aux.to(W_dec.dtype)
+            grad_block = grad_aux @ W_dec.index_select(0, ids).t()
+            grad_w.index_add_(0, ids, block.t() @ grad_aux)
+        return grad_v, grad_block, grad_w, None
 
 
-class _DeadColumnsAux(torch.autograd.Function):
-    """AuxK's prediction acts @ W_dec[dead] from the (N, n_dead) ReLU'd dead-latent activations `acts` (zero outside
-    AuxK's selection), dense over the dead columns only; the backward is four small matmuls, and the gradients land
-    in the dead latents' rows of W_enc (in the sparse route's transposed layout, so autograd adds the two without a
-    strided copy), b_enc and W_dec, and in b_dec as -W_enc[:, dead] @ grad(b_enc[dead])."""
-
-    @staticmethod
-    def forward(ctx, acts, xc, dead_ids, b_dec, W_enc, b_enc, W_dec):
-        acts = acts.to(W_dec.dtype)
-        ctx.save_for_backward(acts, xc, dead_ids, W_enc, W_dec)
-        return acts @ W_dec.index_select(0, dead_ids)
-
-    @staticmethod
-    def backward(ctx, grad):
-        acts, xc, dead_ids, W_enc, W_dec = ctx.saved_tensors
-        grad = grad.to(W_dec.dtype)
-        g_pre = (grad @ W_dec.index_select(0, dead_ids).t()).mul_(acts > 0)  # ReLU and selection gate
-        g_bias = g_pre.sum(0)
-        grad_enc = W_enc.new_zeros(W_enc.shape[1], W_enc.shape[0]).index_copy_(0, dead_ids, g_pre.t() @ xc.to(W_enc.dtype))
-        grad_b_enc = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, dead_ids, g_bias)
-        grad_dec = torch.zeros_like(W_dec).index_copy_(0, dead_ids, acts.t() @ grad)
-        grad_b_dec = -(W_enc.index_select(1, dead_ids) @ g_bias)
-        return None, None, None, grad_b_dec, grad_enc.t(), grad_b_enc, grad_dec
+AUX_DENSE_CELL_COST = 0.08
+"""On CPU, what one (token, dead latent) cell of AuxK's dense block costs, in positive entries of its ragged route."""
+AUX_RAGGED_TOKEN_COST = 8.0
+"""On CPU, the ragged route's cost per token beyond its entries (the merged selection is ragged, its inputs copied),
+in entries. Both from `benchmarks/bench_sae_aux.py` (d_in 256, batch 4,096: about 25 ns per cell, 0.3 us per entry,
+2.5 us per token): dense wins below about 100 dead latents whatever their activations, and from about 2% positive
+at 128 dead latents and 6% at 512."""
 
 
-AUX_DENSE_MIN_DENSITY = 0.04
-"""On CPU, AuxK runs dense over the dead columns (`_DeadColumnsAux`) once at least this share of its (token, dead
-latent) activations is positive; below it, its positive entries join the Top-K ones in the sparse backward. Per
-positive entry the sparse route costs about 25x what one (token, dead latent) cell costs in the dense matmuls
-(d_in 256, batch 4,096, `benchmarks/bench_sae_aux.py`: break-even near 1% positive with 128 dead latents, near 6%
-with 512)."""
+def _dense_aux(n_tokens: int, n_dead: int, n_positive: int) -> bool:
+    """Whether AuxK's dense block over the dead columns is cheaper than its ragged entries (`AUX_DENSE_CELL_COST`)."""
+    return AUX_DENSE_CELL_COST * n_tokens * n_dead <= AUX_RAGGED_TOKEN_COST * n_tokens + n_positive
 
 
 def _sparse_route(x: torch.Tensor) -> bool:
@@ -408,17 +406,19 @@ class SAE(nn.Module):
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
             values, inputs, pattern = top_values.relu(), xc, _LatentPattern(top_ids, self.cfg.n_latents)
             acts, n_positive = self._aux_acts(pre, dead_ids, k_aux) if dead_ids is not None else (None, 0)
-            dense_aux = acts is not None and n_positive >= AUX_DENSE_MIN_DENSITY * acts.numel()
-            if n_positive and not dense_aux:  # one backward for both: AuxK's entries are those of N more tokens
+            block = xc.new_empty(xc.shape[0], 0)
+            if n_positive and _dense_aux(*acts.shape, n_positive):  # dense over the dead columns
+                block, pattern.block_ids = acts, dead_ids
+            elif n_positive:  # one backward for both: AuxK's entries are those of N more tokens
                 tokens, j = acts.nonzero(as_tuple=True)  # ragged: only the positive ones do anything
                 values, inputs, pattern = self._with_aux(values, top_ids, xc, acts[tokens, j], dead_ids[j], tokens)
-        values = _SelectedPreacts.apply(values, inputs, self.b_dec, self.W_enc, self.b_enc, pattern)
-        recon = _SparseDecode.apply(values, self.W_dec, pattern)
+        values, block = _SelectedPreacts.apply(values, block, inputs, self.b_dec, self.W_enc, self.b_enc, pattern)
+        recon, aux_block = _SparseDecode.apply(values, block, self.W_dec, pattern)
         n = xs.shape[0]
         out = SAEOutput(xs, recon[:n] + self.b_dec, values[:top_ids.numel()].view(top_ids.shape), top_ids,
                         self.cfg.n_latents)
-        if n_positive and dense_aux:
-            out.aux_recon = _DeadColumnsAux.apply(acts, xc, dead_ids, self.b_dec, self.W_enc, self.b_enc, self.W_dec)
+        if block.shape[1]:
+            out.aux_recon = aux_block
         elif n_positive:
             out.aux_recon = recon[n:]
         elif dead_ids is not None:  # dead latents, none positive anywhere: the prediction is zero

@@ -52,7 +52,7 @@ def test_sparse_route_gradients_match_dense_autograd(k_aux, dead_bias, aux_route
     dense maths, in float64 to 1e-5, with AuxK on and some selected pre-activations cut by the ReLU."""
     from dlmscope.sae import model
 
-    monkeypatch.setattr(model, "AUX_DENSE_MIN_DENSITY", 0.0 if aux_route == "dense" else 2.0)
+    monkeypatch.setattr(model, "_dense_aux", lambda *shape: aux_route == "dense")
     gen = torch.Generator().manual_seed(0)
     sae = SAE(SAEConfig(8, 48, 5), seed=2).double()
     dead = torch.zeros(48, dtype=torch.bool)
@@ -88,6 +88,16 @@ def test_sparse_route_gradients_match_dense_autograd(k_aux, dead_bias, aux_route
         assert want.abs().max() > 0.1  # a real gradient, not zeros on both sides
 
 
+def test_auxk_route_rule_matches_its_documented_break_even():
+    """Dense below about 100 dead latents whatever their activations; from about 2% positive at 128 dead, 6% at 512."""
+    from dlmscope.sae.model import _dense_aux
+
+    n = 4096
+    assert _dense_aux(n, 90, 0)
+    assert not _dense_aux(n, 128, round(0.01 * n * 128)) and _dense_aux(n, 128, round(0.03 * n * 128))
+    assert not _dense_aux(n, 512, round(0.05 * n * 512)) and _dense_aux(n, 512, round(0.07 * n * 512))
+
+
 @pytest.mark.parametrize("n_latents", [20, 40_000])  # latent ids sorted as int16, and as int32 past 2^15
 def test_sparse_decode_gradients_match_dense_autograd(n_latents):
     """The decoder's sparse backward (latent-major sparse matmul, sampled dot products) against the dense maths,
@@ -100,7 +110,7 @@ def test_sparse_decode_gradients_match_dense_autograd(n_latents):
     pool = torch.tensor([0, 3, 7, 11, 13, n_latents - 1])  # few latents, so tokens share them; the top id too
     indices = torch.stack([pool[torch.randperm(6, generator=gen)[:4]] for _ in range(30)])
     grad_out = torch.randn(30, 8, generator=gen, dtype=torch.double)
-    out = _SparseDecode.apply(values, w, _LatentPattern(indices, n_latents))
+    out, _ = _SparseDecode.apply(values, values.new_empty(30, 0), w, _LatentPattern(indices, n_latents))
     out.backward(grad_out)
     ours = [values.grad.clone(), w.grad.clone()]
     values.grad = w.grad = None
