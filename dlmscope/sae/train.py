@@ -131,11 +131,10 @@ def aux_loss(err: torch.Tensor, aux_recon: torch.Tensor, n_dead: int, k_aux: int
     """AuxK (module docstring): the dead latents' prediction of the detached residual, normalised by the residual's
     variance over the global batch (`reduce` averages across processes), scaled by min(n_dead / k_aux, 1)."""
     e = err.detach()
-    if reduce is None:  # one fused pass each (a CPU step runs this on every step once latents die)
-        variance = e.var(0, correction=0).sum()
-    else:
-        variance = reduce((e - reduce(e.mean(0))).pow(2).sum(-1).mean())
-    error = F.mse_loss(aux_recon, e, reduction="sum") / e.shape[0]
+    e_mean = e.mean(0) if reduce is None else reduce(e.mean(0))
+    variance = (e - e_mean).pow(2).sum(-1).mean()  # Tensor.var(0) is about 6x slower on CPU
+    variance = variance if reduce is None else reduce(variance)
+    error = F.mse_loss(aux_recon, e, reduction="sum") / e.shape[0]  # one fused kernel each way
     return error / variance.clamp_min(1e-12) * min(n_dead / k_aux, 1.0)
 
 
