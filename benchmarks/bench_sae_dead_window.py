@@ -1,0 +1,121 @@
+"""What AuxK buys at these budgets: held-out FVU and step cost with the default dead window and a longer one.
+
+A latent is dead, and AuxK trains it, once it has not fired for `dead_tokens` tokens (default total_tokens // 5
+here). signum_sf ends with more dead latents than adam, and AuxK over them is what makes its step dearer over a
+whole run (`bench_sae_steps.py`). This trains both optimisers with the default window and with total_tokens // 2
+(so AuxK runs far less), on the grid's data (`bench_sae_grid.py`: the DLM's layer-3 activations, d_in 256, 4,096
+latents, k 32, the last 16,384 vectors held out), at batch 1,024 and 4,096, 299,008 and 999,424 tokens, seeds 0-2;
+each run records the held-out FVU (schedule-free average for signum_sf), the trainer's dead fraction per step and
+its CPU time (one thread). Reported per cell, paired by seed: FVU(long window) - FVU(default) and the CPU-time
+ratio, with Student-t 95% intervals over seeds.
+
+    python benchmarks/bench_sae_dead_window.py [--seeds 0,1,2] [--batches 1024,4096] [--tokens 299008,999424]
+
+Writes benchmarks/results/sae_dead_window.json after every run; a rerun trains only the runs missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WINDOWS = {"default": 5, "half run": 2}
+"""Window name -> the divisor of total_tokens."""
+OPTIMISERS = ("adam", "signum_sf")
+
+
+def _grid():
+    spec = importlib.util.spec_from_file_location("bench_sae_grid", ROOT / "benchmarks" / "bench_sae_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train(grid, x: torch.Tensor, optimiser: str, batch: int, tokens: int, window: str, seed: int) -> dict:
+    train_x, held = x[:-grid.HELDOUT], x[-grid.HELDOUT:]
+    steps = tokens // batch
+    r = grid.Ours(optimiser, x.shape[1], 4096, 32, steps * batch, batch, seed, steps * batch // WINDOWS[window])
+    dead, cpu = [], 0.0
+    for i in range(steps):
+        t = time.process_time()
+        logs = r.tr.step(train_x[i * batch:(i + 1) * batch])
+        cpu += time.process_time() - t
+        dead.append(logs["dead_fraction"])
+    return {"optimiser": optimiser, "batch": batch, "tokens": steps * batch, "window": window, "seed": seed,
+            "dead_tokens": r.tr.dead_tokens, "fvu": grid.fvu(held, r.reconstruct(held)), "cpu_s": cpu,
+            "dead_median": statistics.median(dead), "dead_mean": statistics.fmean(dead), "dead_last": dead[-1]}
+
+
+def summarise(grid, rows: dict) -> list[dict]:
+    cells = sorted({(r["optimiser"], r["batch"], r["tokens"]) for r in rows.values()})
+    out = []
+    for opt, batch, tokens in cells:
+        per = {w: {r["seed"]: r for r in rows.values() if (r["optimiser"], r["batch"], r["tokens"], r["window"])
+                   == (opt, batch, tokens, w)} for w in WINDOWS}
+        seeds = sorted(set(per["default"]) & set(per["half run"]))
+        if not seeds:
+            continue
+        cell = {"optimiser": opt, "batch": batch, "tokens": tokens, "seeds": seeds}
+        for w in WINDOWS:
+            cell[w] = {k: grid.t_mean([per[w][s][k] for s in seeds]) for k in ("fvu", "dead_mean", "cpu_s")}
+        cell["fvu_difference"] = grid.t_mean([per["half run"][s]["fvu"] - per["default"][s]["fvu"] for s in seeds])
+        cell["cpu_ratio"] = grid.t_mean([per["half run"][s]["cpu_s"] / per["default"][s]["cpu_s"] for s in seeds])
+        out.append(cell)
+    return out
+
+
+def readme_table(result: dict) -> str:
+    """The README's table: per cell, the two windows' FVU and mean dead fraction, and the paired differences."""
+    lines = ["| optimiser | batch | tokens | seeds | held-out FVU: default / half-run window | paired difference | "
+             "dead fraction over the run: default / half-run | CPU time ratio |", "|---|---|---|---|---|---|---|---|"]
+    for c in result["summary"]:
+        diff, ratio = c["fvu_difference"], c["cpu_ratio"]
+        lines.append(f"| {c['optimiser']} | {c['batch']:,} | {c['tokens']:,} | {len(c['seeds'])} | "
+                     f"{c['default']['fvu'][0]:.4f} / {c['half run']['fvu'][0]:.4f} | "
+                     f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}] | "
+                     f"{c['default']['dead_mean'][0]:.3f} / {c['half run']['dead_mean'][0]:.3f} | "
+                     f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--batches", default="1024,4096")
+    p.add_argument("--tokens", default="299008,999424")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_dead_window.json"))
+    args = p.parse_args()
+    from dlmscope.io_utils import atomic_write_json
+
+    torch.set_num_threads(1)
+    grid = _grid()
+    x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for opt in OPTIMISERS:
+                    for window in WINDOWS:
+                        k = f"{opt}/{batch}/{tokens // batch * batch}/{window}/{seed}"
+                        if k in rows:
+                            continue
+                        rows[k] = r = train(grid, x, opt, batch, tokens, window, seed)
+                        print(f"{k}: FVU {r['fvu']:.4f}, dead {r['dead_mean']:.3f}, {r['cpu_s']:.1f} s", flush=True)
+                        atomic_write_json(out, {"machine": platform.processor() or platform.machine(),
+                                                "torch": torch.__version__, "torch_threads": 1,
+                                                "clock": "process CPU time", "source": "dlm layer 3",
+                                                "summary": summarise(grid, rows), "rows": rows})
+    print(readme_table(json.loads(out.read_text())))
+
+
+if __name__ == "__main__":
+    main()
