@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WINDOWS = {"default": 5, "half run": 2}
 """Window name -> the divisor of total_tokens."""
 OPTIMISERS = ("adam", "signum_sf")
+LATENTS, K = 4096, 32
 
 
 def _grid():
@@ -42,7 +43,7 @@ def _grid():
 def train(grid, x: torch.Tensor, optimiser: str, batch: int, tokens: int, window: str, seed: int) -> dict:
     train_x, held = x[:-grid.HELDOUT], x[-grid.HELDOUT:]
     steps = tokens // batch
-    r = grid.Ours(optimiser, x.shape[1], 4096, 32, steps * batch, batch, seed, steps * batch // WINDOWS[window])
+    r = grid.Ours(optimiser, x.shape[1], LATENTS, K, steps * batch, batch, seed, steps * batch // WINDOWS[window])
     dead, cpu = [], 0.0
     for i in range(steps):
         t = time.process_time()
