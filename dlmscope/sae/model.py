@@ -405,13 +405,14 @@ class SAE(nn.Module):
                                                                                            out=buf)
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
             values, inputs, pattern = top_values.relu(), xc, _LatentPattern(top_ids, self.cfg.n_latents)
-            acts, n_positive = self._aux_acts(pre, dead_ids, k_aux) if dead_ids is not None else (None, 0)
-            block = xc.new_empty(xc.shape[0], 0)
-            if n_positive and _dense_aux(*acts.shape, n_positive):  # dense over the dead columns
-                block, pattern.block_ids = acts, dead_ids
-            elif n_positive:  # one backward for both: AuxK's entries are those of N more tokens
-                tokens, j = acts.nonzero(as_tuple=True)  # ragged: only the positive ones do anything
-                values, inputs, pattern = self._with_aux(values, top_ids, xc, acts[tokens, j], dead_ids[j], tokens)
+            block, n_positive = xc.new_empty(xc.shape[0], 0), 0
+            if dead_ids is not None:
+                acts, n_positive = self._aux_acts(pre, dead_ids, k_aux)
+                if n_positive and _dense_aux(acts.shape[0], acts.shape[1], n_positive):  # over the dead columns
+                    block, pattern.block_ids = acts, dead_ids
+                elif n_positive:  # one backward for both: AuxK's entries are those of N more tokens
+                    tokens, j = acts.nonzero(as_tuple=True)  # ragged: only the positive ones do anything
+                    values, inputs, pattern = self._with_aux(values, top_ids, xc, acts[tokens, j], dead_ids[j], tokens)
         values, block = _SelectedPreacts.apply(values, block, inputs, self.b_dec, self.W_enc, self.b_enc, pattern)
         recon, aux_block = _SparseDecode.apply(values, block, self.W_dec, pattern)
         n = xs.shape[0]
