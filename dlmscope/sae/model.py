@@ -228,12 +228,13 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad, grad_aux):
         values, block, W_dec = ctx.saved_tensors
         grad_v = ctx.pattern.gather_dots(W_dec, grad) if ctx.needs_input_grad[0] else None
-        grad_w = ctx.pattern.scatter_matmul(values, grad)
+        grad_w = ctx.pattern.scatter_matmul(values, grad) if ctx.needs_input_grad[2] else None
         grad_block = None
         if block.shape[1]:
             ids, grad_aux = ctx.pattern.block_ids, grad_aux.to(W_dec.dtype)
-            grad_block = grad_aux @ W_dec.index_select(0, ids).t()
-            grad_w.index_add_(0, ids, block.t() @ grad_aux)
+            grad_block = grad_aux @ W_dec.index_select(0, ids).t() if ctx.needs_input_grad[1] else None
+            if grad_w is not None:
+                grad_w.index_add_(0, ids, block.t() @ grad_aux)
         return grad_v, grad_block, grad_w, None
 
 
