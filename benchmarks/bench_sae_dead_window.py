@@ -76,12 +76,12 @@ def summarise(grid, rows: dict) -> list[dict]:
 def readme_table(result: dict) -> str:
     """The README's table: per cell, the two windows' FVU and mean dead fraction, and the paired differences."""
     lines = ["| optimiser | batch | tokens | seeds | held-out FVU: default / half-run window | paired difference | "
-             "dead fraction over the run: default / half-run | CPU time ratio |", "|---|---|---|---|---|---|---|---|"]
+             "dead by its own window, mean over steps: default / half-run | CPU time ratio |", "|---|---|---|---|---|---|---|---|"]
     for c in result["summary"]:
         diff, ratio = c["fvu_difference"], c["cpu_ratio"]
         lines.append(f"| {c['optimiser']} | {c['batch']:,} | {c['tokens']:,} | {len(c['seeds'])} | "
                      f"{c['default']['fvu'][0]:.4f} / {c['half run']['fvu'][0]:.4f} | "
-                     f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}] | "
+                     f"{diff[0]:+.5f} [{diff[1]:+.5f}, {diff[2]:+.5f}] | "
                      f"{c['default']['dead_mean'][0]:.3f} / {c['half run']['dead_mean'][0]:.3f} | "
                      f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] |")
     return "\n".join(lines)
