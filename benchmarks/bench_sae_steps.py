@@ -14,6 +14,8 @@ signum_sf / adam and step / floor (with 95% intervals of the median: order stati
 median milliseconds.
 
     python benchmarks/bench_sae_steps.py [--batch 1024] [--tokens 300000] [--flush-denormal]
+        [--aux-coef 0]             # AuxK off for both: what is left of the gap without it
+        [--aux-route ragged|dense] # force one of the CPU's two AuxK routes instead of the rule (model._dense_aux)
 
 Writes benchmarks/results/sae_steps.json (or --out).
 """
@@ -51,11 +53,12 @@ def summary(values: list[float]) -> dict:
 class Timed:
     """A trainer whose step is split into phases by wrapping the calls `SAETrainer.step` makes."""
 
-    def __init__(self, optimizer: str, d: int, latents: int, k: int, tokens: int, batch: int):
+    def __init__(self, optimizer: str, d: int, latents: int, k: int, tokens: int, batch: int,
+                 aux_coef: float = 1 / 32):
         from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
         self.tr = SAETrainer(SAEConfig(d, latents, k), TrainConfig(total_tokens=tokens, batch_size=batch,
-                                                                   optimizer=optimizer))
+                                                                   optimizer=optimizer, aux_coef=aux_coef))
         self.phase = dict.fromkeys(PHASES, 0.0)
         sae = self.tr.sae
         sae.forward = self._wrap(sae.forward, "forward")
@@ -82,9 +85,9 @@ class Timed:
         return total, dict(self.phase), logs
 
 
-def run(x: torch.Tensor, batch: int, latents: int, k: int) -> dict:
+def run(x: torch.Tensor, batch: int, latents: int, k: int, aux_coef: float = 1 / 32) -> dict:
     steps, d = x.shape[0] // batch, x.shape[1]
-    trainers = {name: Timed(name, d, latents, k, steps * batch, batch) for name in OPTIMISERS}
+    trainers = {name: Timed(name, d, latents, k, steps * batch, batch, aux_coef) for name in OPTIMISERS}
     buf = torch.empty(batch, latents)
     records = []
     for i in range(steps):
@@ -132,11 +135,18 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
+    p.add_argument("--aux-coef", type=float, default=1 / 32, help="AuxK's coefficient for both (0: AuxK off)")
+    p.add_argument("--aux-route", choices=["rule", "ragged", "dense"], default="rule",
+                   help="force one of the CPU's AuxK routes for both (default: the rule, model._dense_aux)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_steps.json"))
     args = p.parse_args()
     from dlmscope.io_utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
+    if args.aux_route != "rule":
+        from dlmscope.sae import model
+
+        model._dense_aux = lambda *shape: args.aux_route == "dense"
     flushed = torch.set_flush_denormal(True) if args.flush_denormal else False
     spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
     bst = importlib.util.module_from_spec(spec)
@@ -144,11 +154,12 @@ def main() -> None:
     x = bst.cached_activations("dlm", args.tokens + 16_384, "cpu")[:args.tokens]  # the held-out tail stays unused
     load_before = os.getloadavg()
     t0, c0 = time.time(), time.process_time()
-    r = run(x, args.batch, args.latents, args.k)
+    r = run(x, args.batch, args.latents, args.k, args.aux_coef)
     result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "clock": "process CPU time", "source": "dlm layer 3",
               "d_in": x.shape[1], "latents": args.latents, "k": args.k, "batch": args.batch,
-              "tokens": r["steps"] * args.batch, "flush_denormal": flushed,
+              "tokens": r["steps"] * args.batch, "flush_denormal": flushed, "aux_coef": args.aux_coef,
+              "aux_route": args.aux_route,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
               "summary": report(r["records"]), "records": r["records"]}

@@ -205,7 +205,7 @@ class _SelectedPreacts(torch.autograd.Function):
         grad_b = W_enc.new_zeros(W_enc.shape[1]).index_add_(0, ctx.pattern.indices.flatten(), g.flatten())
         if block.shape[1]:
             g_block = grad_block.to(W_enc.dtype) * (block > 0)  # ReLU and AuxK's selection
-            grad_w.index_add_(0, ctx.pattern.block_ids, g_block.t() @ xc[:block.shape[0]])
+            grad_w.index_add_(0, ctx.pattern.block_ids, g_block.t() @ xc)  # a block means no ragged copies of xc
             grad_b.index_add_(0, ctx.pattern.block_ids, g_block.sum(0))
         return None, None, None, -(W_enc @ grad_b), grad_w.t(), grad_b, None
 

@@ -38,3 +38,9 @@ def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor():
 def test_median_interval_is_order_statistics():
     bench = _bench()
     assert bench.median_ci(list(range(101))) == [40, 61]  # ranks 50.5 -+ 1.96 * sqrt(101) / 2, rounded outwards
+
+
+def test_aux_coefficient_reaches_both_trainers():
+    bench = _bench()
+    timed = {o: bench.Timed(o, 16, 128, 4, 64 * 4, 64, aux_coef=0.0) for o in bench.OPTIMISERS}
+    assert all(t.tr.cfg.aux_coef == 0.0 for t in timed.values())
