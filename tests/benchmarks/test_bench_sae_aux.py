@@ -1,25 +1,13 @@
 """bench_sae_aux.py's pieces run for real at a tiny shape: the planted share of positive dead activations, and both
 AuxK routes timed with the rule restored afterwards."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from dlmscope.sae import SAE, SAEConfig, model
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_sae_aux", ROOT / "benchmarks" / "bench_sae_aux.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_planted_density_and_both_routes_timed():
-    bench = _bench()
+def test_planted_density_and_both_routes_timed(load_benchmark):
+    bench = load_benchmark("bench_sae_aux")
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
     sae = SAE(SAEConfig(16, 128, 4))
     dead = torch.zeros(128, dtype=torch.bool)

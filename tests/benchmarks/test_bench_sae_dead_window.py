@@ -1,18 +1,10 @@
 """bench_sae_dead_window.py run for real at a tiny shape: both windows trained, paired by seed, rendered."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_sae_dead_window",
-                                                  ROOT / "benchmarks" / "bench_sae_dead_window.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _bench(load_benchmark, monkeypatch):
+    module = load_benchmark("bench_sae_dead_window")
     monkeypatch.setattr(module, "LATENTS", 96)
     monkeypatch.setattr(module, "K", 4)
     grid = module._grid()
@@ -20,8 +12,8 @@ def _bench(monkeypatch):
     return module, grid
 
 
-def test_both_windows_train_and_pair_by_seed(monkeypatch):
-    bench, grid = _bench(monkeypatch)
+def test_both_windows_train_and_pair_by_seed(load_benchmark, monkeypatch):
+    bench, grid = _bench(load_benchmark, monkeypatch)
     x = torch.randn(64 * 12 + 128, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
     rows = {}
     for seed in (0, 1):

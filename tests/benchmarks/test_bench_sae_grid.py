@@ -1,17 +1,10 @@
 """bench_sae_grid.py run for real at a tiny shape: every cell and trainer recorded, the one-run claim exact, resume."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_sae_grid", ROOT / "benchmarks" / "bench_sae_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _bench(load_benchmark, monkeypatch):
+    module = load_benchmark("bench_sae_grid")
     monkeypatch.setattr(module, "SHORT", 64 * 3)
     monkeypatch.setattr(module, "LONG", 64 * 7)
     monkeypatch.setattr(module, "HELDOUT", 128)
@@ -20,8 +13,8 @@ def _bench(monkeypatch):
     return module
 
 
-def test_grid_unit_records_both_checkpoints_and_resumes(monkeypatch):
-    bench = _bench(monkeypatch)
+def test_grid_unit_records_both_checkpoints_and_resumes(load_benchmark, monkeypatch):
+    bench = _bench(load_benchmark, monkeypatch)
     x = torch.randn(64 * 7 + 128, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
     rows, saves = {}, []
     bench.run_unit("tiny", 64, 0, x, rows, lambda: saves.append(len(rows)))

@@ -1,22 +1,10 @@
 """bench_sae_steps.py's paired whole-run timing, run for real at a tiny shape (random activations)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_sae_steps", ROOT / "benchmarks" / "bench_sae_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor():
-    bench = _bench()
+def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor(load_benchmark):
+    bench = load_benchmark("bench_sae_steps")
     x = torch.randn(64 * 24, 16, generator=torch.Generator().manual_seed(0)) + 0.5
     r = bench.run(x, batch=64, latents=128, k=4)
     assert r["steps"] == 24 and [rec["step"] for rec in r["records"]] == list(range(24))
@@ -35,12 +23,12 @@ def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor():
     assert set(whole["adam_ms"]) == {"step", *bench.PHASES}
 
 
-def test_median_interval_is_order_statistics():
-    bench = _bench()
+def test_median_interval_is_order_statistics(load_benchmark):
+    bench = load_benchmark("bench_sae_steps")
     assert bench.median_ci(list(range(101))) == [40, 61]  # ranks 50.5 -+ 1.96 * sqrt(101) / 2, rounded outwards
 
 
-def test_aux_coefficient_reaches_both_trainers():
-    bench = _bench()
+def test_aux_coefficient_reaches_both_trainers(load_benchmark):
+    bench = load_benchmark("bench_sae_steps")
     timed = {o: bench.Timed(o, 16, 128, 4, 64 * 4, 64, aux_coef=0.0) for o in bench.OPTIMISERS}
     assert all(t.tr.cfg.aux_coef == 0.0 for t in timed.values())
