@@ -443,8 +443,7 @@ class CrossCoderRun(DictionaryRun):
         from .sae.crosscoder import CrossCoderConfig, CrossCoderTrainer
 
         cfg, tcfg = self.cfg, self.train_config(d)
-        init: Literal["shared", "independent"] = getattr(cfg, "decoder_init", "shared")  # TrainSAEConfig has none
-        resample = getattr(cfg, "resample_every", 0)  # nor this (a DiffConfig's)
+        init, resample = self.decoder_options()
         for h in self.hooks:
             for k in cfg.k_list():
                 key = f"{h}-k{k}{suffix}"
@@ -455,6 +454,10 @@ class CrossCoderRun(DictionaryRun):
 
     def train_config(self, d_in: int) -> TrainConfig:
         return TrainConfig.of(self.cfg)
+
+    def decoder_options(self) -> tuple[Literal["shared", "independent"], int]:
+        """The crosscoders' decoder starts and resampling interval: shared starts, no resampling (`diff` has flags)."""
+        return "shared", 0
 
     def save_output(self, key: str, trainer, density: torch.Tensor) -> Path:
         from .sae.crosscoder import save_crosscoder
@@ -550,11 +553,11 @@ class DiffRun(CrossCoderRun):
     def build_trainers(self, d_in: int, meta: dict) -> None:
         super().build_trainers(d_in, meta)
         d = next(iter(self.eval_set.values())).shape[1] // len(self.checkpoints)
-        tcfg = self.train_config(d)
         if self.cfg.null_control:  # the base against itself: relative_norm_test's null
             self.add_crosscoders("-null", [self.checkpoints[0], self.checkpoints[0] + "-copy"], d, meta)
         if not self.cfg.diff_sae:
             return
+        tcfg = self.train_config(d)
         for h in self.hooks:
             for k in self.cfg.k_list():
                 key = f"{h}-k{k}-diffsae"
@@ -562,6 +565,9 @@ class DiffRun(CrossCoderRun):
                                                           {**meta, "hook_name": h, "diff_of": self.checkpoints}),
                                                 tcfg, self.device_for(len(self.routes)))
                 self.routes[key] = h
+
+    def decoder_options(self) -> tuple[Literal["shared", "independent"], int]:
+        return self.cfg.decoder_init, self.cfg.resample_every
 
     def train_config(self, d_in: int) -> TrainConfig:
         """k_aux unset means d_in here (twice an SAE's default: what the dead-latent measurement used); the optimiser
