@@ -39,7 +39,6 @@ from .. import checks
 from ..errors import DLMScopeError
 from ..io_utils import atomic_save_safetensors, atomic_write_json, file_sha256
 from .model import SAEOutput
-from .optim import default_lr, default_optimizer, make_optimizer
 from .train import Reduce, SAETrainer, TrainConfig, aux_loss, geometric_median
 
 FORMAT = "dlmscope-crosscoder"
@@ -202,15 +201,7 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
         self.cfg = train
         self.resample_every = checks.non_negative("resample_every", resample_every)
         self.sae = CrossCoder(cfg, seed=train.seed).to(device)
-        self.optimizer = train.optimizer or default_optimizer("crosscoder")
-        self.lr = train.lr if train.lr is not None else default_lr(self.optimizer, cfg.n_latents)
-        self.k_aux = train.k_aux or max(1, cfg.d_in // 2)
-        self.dead_tokens = train.dead_tokens or max(train.batch_size, min(10_000_000, train.total_tokens // 5))
-        self.opt = make_optimizer(self.optimizer, self.sae.parameters(), self.lr, device)
-        self.step_count = 0
-        self.tokens = 0
-        self.since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
-        self.initialised = False
+        self._start("crosscoder", cfg.n_latents, cfg.d_in, device)
 
     @torch.no_grad()
     def initialise(self, x: torch.Tensor, reduce: Reduce | None = None, target: torch.Tensor | None = None) -> None:

@@ -170,14 +170,20 @@ class SAETrainer(Generic[ModelT]):
         self.cfg = cfg
         self.sae = build_sae(sae_cfg, seed=cfg.seed).to(device)
         self.sae.configure_training(cfg)
-        self.optimizer = cfg.optimizer or default_optimizer(sae_cfg.architecture)
-        self.lr = cfg.lr if cfg.lr is not None else default_lr(self.optimizer, sae_cfg.n_latents)
-        self.k_aux = cfg.k_aux or max(1, sae_cfg.d_in // 2)
+        self._start(sae_cfg.architecture, sae_cfg.n_latents, sae_cfg.d_in, device)
+
+    def _start(self, architecture: str, n_latents: int, d_in: int, device: str | torch.device) -> None:
+        """What `cfg` leaves unset, resolved for this dictionary (optimiser, lr, k_aux, dead window), the optimiser
+        over `self.sae`, and fresh counters (shared with the crosscoder trainer)."""
+        cfg = self.cfg
+        self.optimizer = cfg.optimizer or default_optimizer(architecture)
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(self.optimizer, n_latents)
+        self.k_aux = cfg.k_aux or max(1, d_in // 2)
         self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.total_tokens // 5))
         self.opt = make_optimizer(self.optimizer, self.sae.parameters(), self.lr, device)
         self.step_count = 0
         self.tokens = 0
-        self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+        self.since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
         self.initialised = False
 
     @property
