@@ -2,8 +2,9 @@
 (token, latent) activations are positive: the numbers behind `dlmscope.sae.model.AUX_DENSE_CELL_COST` and
 `AUX_RAGGED_TOKEN_COST`, and a check of the rule they make (`_dense_aux`).
 
-Ragged: AuxK's positive entries join the Top-K entries in the one sparse backward (cost per positive entry).
-Dense: (N, n_dead) matmuls over the dead columns (a dense block; cost per cell, positive or not).
+Ragged: AuxK's positive entries only, as sparse products over the dead columns (cost per positive entry, and a
+little per token). Dense: (N, n_dead) matmuls over the dead columns (a dense block; cost per cell, positive or
+not).
 One SAE of the usual CPU shape (d_in 256, 4,096 latents, k 32) on a batch of the built-in DLM's layer-3
 activations (the cache of `bench_sae_train.py`); for each number of dead latents the dead latents' encoder biases
 are shifted until the wanted share of their activations is positive. Each cell times the forward and backward of

@@ -16,8 +16,8 @@ Training uses `forward`. On CPU its Top-K route computes the dense (N, n_latents
 without a graph, and the backward touches only the selected (token, latent) entries, never a dense
 (N, n_latents) gradient: both weight gradients are sparse matmuls over one latent-major layout of the
 selection, the activations' gradient one dot product per entry, and b_dec's follows from b_enc's;
-decoding is an embedding_bag. AuxK's entries join that backward while few of the dead latents' activations are
-positive; with more of them, or few dead latents, it runs as small dense matmuls over the dead columns
+decoding is an embedding_bag. AuxK's positive activations get the same treatment over the dead columns only
+(ragged entries), or, with few dead latents or many positive activations, small dense matmuls over those columns
 (`AUX_DENSE_CELL_COST`).
 On GPUs dense cuBLAS matmuls over scattered latents are far faster than gathers and cuSPARSE (measured on an
 H100, d_in 4096, 16,384 latents: about 9x), and deterministic, so there (and for BatchTopK) `forward` uses the
@@ -132,29 +132,29 @@ class SAEOutput:
 
 
 class _LatentPattern:
-    """Where the selected (token, latent) entries of one step sit, and their latent-major CSR layout, sorted once on
+    """Where the selected (token, column) entries of one step sit, and their column-major CSR layout, sorted once on
     first use and shared by the decoder's and the encoder's backward.
 
-    Either a fixed number per token, latent ids (N, m) (the Top-K selection), or ragged: flat latent ids (E,) with
-    the token of each entry (`tokens`, ascending) and where each token's entries start (`offsets`, (N,)). With AuxK
-    the step's selection can be ragged (`SAE._with_aux`): of the k_aux dead latents AuxK picks per token only those
-    with a positive pre-activation do anything (the ReLU zeroes the others, with their gradients), and late in a run
-    those are often a few per token out of 128."""
+    Either a fixed number per token, column ids (N, m) (the Top-K selection over all latents), or ragged: flat
+    column ids (E,) with the token of each entry (`tokens`, ascending) and where each token's entries start
+    (`offsets`, (N,)): AuxK's positive activations over the dead columns (`SAE._sparse_forward`)."""
 
     def __init__(self, indices: torch.Tensor, n_latents: int, tokens: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None):
         self.indices, self.n_latents, self.tokens, self.offsets = indices, n_latents, tokens, offsets
         self.n_tokens = indices.shape[0] if offsets is None else offsets.shape[0]
-        self.block_ids = indices.new_empty(0)
-        """Latents of a dense block of entries beside these (AuxK's dead columns; `AUX_DENSE_CELL_COST`)."""
 
     def decode(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(N, d): per token, the sum of its entries' values times their rows."""
         return F.embedding_bag(self.indices, rows, self.offsets, per_sample_weights=values, mode="sum")
 
+    def column_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """(n_latents,): per column, the sum of its entries' values (a bias gradient)."""
+        return values.new_zeros(self.n_latents).index_add_(0, self.indices.flatten(), values.flatten())
+
     @functools.cached_property
     def _csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row pointers, the token of each entry, and the order sorting the flattened entries by latent (stable:
+        """Row pointers, the token of each entry, and the order sorting the flattened entries by column (stable:
         tokens ascend within a row, as CSR requires)."""
         flat = self.indices.flatten()
         narrow = torch.int16 if self.n_latents <= 2**15 else torch.int32  # narrower keys sort about 3x faster on CPU
@@ -171,80 +171,115 @@ class _LatentPattern:
                                        check_invariants=False)  # valid by construction
 
     def scatter_matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """G^T @ dense, (n_latents, d): a weight gradient that touches only the selected entries."""
-        return self._matrix(values) @ dense
+        """G^T @ dense, (n_latents, d): a weight gradient that touches only the selected entries. Into an empty
+        result with beta 0 (columns without entries come out zero): `sparse @ dense` first zero-fills a result and
+        then copies it, which cost 4x the product itself (2.5 of 3.2 ms at 4,096 x 256, 32,768 entries)."""
+        out = dense.new_empty(self.n_latents, dense.shape[1])
+        return torch.addmm(out, self._matrix(values), dense, beta=0.0, out=out)
 
     def gather_dots(self, rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """rows[latent] . dense[token], one dot product per entry (a sampled matmul), in the entries' shape."""
+        """rows[column] . dense[token], one dot product per entry (a sampled matmul), in the entries' shape."""
         order = self._csr[2]  # zeros, not empty: beta=0 still multiplies them, and 0 * NaN garbage is NaN
         dots = torch.sparse.sampled_addmm(self._matrix(dense.new_zeros(self.indices.shape)), rows, dense.t(),
                                           beta=0.0).values()
         return dots.new_empty(order.numel()).index_copy_(0, order, dots).view(self.indices.shape)
 
 
+class _DenseBlock:
+    """`_LatentPattern`'s operations on a dense (N, n_columns) block of values, zero outside its selection: AuxK over
+    few dead columns, or over many with many positive activations (`AUX_DENSE_CELL_COST`), as small matmuls."""
+
+    @staticmethod
+    def decode(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return values @ rows
+
+    @staticmethod
+    def column_sums(values: torch.Tensor) -> torch.Tensor:
+        return values.sum(0)
+
+    @staticmethod
+    def scatter_matmul(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return values.t() @ dense
+
+    @staticmethod
+    def gather_dots(rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return dense @ rows.t()
+
+
+@dataclass
+class _AuxSelection:
+    """AuxK's activations over the dead latents `ids`, laid out by `pattern` over their local columns 0..n_dead-1:
+    ragged entries (`_LatentPattern`) or a dense block (`_DenseBlock`). Their gradients are added into the dead
+    latents' rows, so no full-size gradient is formed for them."""
+
+    ids: torch.Tensor
+    pattern: _LatentPattern | _DenseBlock
+
+
 class _SelectedPreacts(torch.autograd.Function):
-    """ReLU'd pre-activations (N, m) at the selected entries of pre = (xs - b_dec) @ W_enc + b_enc, computed
-    without a graph (`values`), and AuxK's dense block (N, n_dead) over the dead columns `pattern.block_ids` (zero
-    outside its selection; no columns when AuxK is off or ragged); the backward reaches W_enc and b_enc only through
-    those entries (one sparse matmul, plus one small matmul added into the dead latents' rows), and b_dec's gradient
-    is -W_enc @ grad(b_enc), so no (N, d_in) input gradient is ever formed.
+    """ReLU'd pre-activations at the selected entries of pre = (xs - b_dec) @ W_enc + b_enc, computed without a
+    graph: the Top-K ones (`values`, (N, k)) and AuxK's (`aux_values`, laid out by `aux`; empty without AuxK). The
+    backward reaches W_enc and b_enc only through those entries (sparse matmuls, AuxK's added into the dead
+    latents' rows), and b_dec's gradient is -W_enc @ grad(b_enc), so no (N, d_in) input gradient is ever formed.
     The input `xc` = xs - b_dec takes no gradient: the sparse route is for raw activations."""
 
     @staticmethod
-    def forward(ctx, values, block, xc, b_dec, W_enc, b_enc, pattern: _LatentPattern):
-        ctx.save_for_backward(xc, W_enc, values, block)
-        ctx.pattern = pattern
-        return values.view_as(values), block.view_as(block)
+    def forward(ctx, values, aux_values, xc, b_dec, W_enc, b_enc, pattern: _LatentPattern,
+                aux: _AuxSelection | None):
+        ctx.save_for_backward(xc, W_enc, values, aux_values)
+        ctx.pattern, ctx.aux = pattern, aux
+        return values.view_as(values), aux_values.view_as(aux_values)
 
     @staticmethod
-    def backward(ctx, grad, grad_block):
-        xc, W_enc, values, block = ctx.saved_tensors
+    def backward(ctx, grad, grad_aux):
+        xc, W_enc, values, aux_values = ctx.saved_tensors
         xc = xc.to(W_enc.dtype)
         g = grad.to(W_enc.dtype) * (values > 0)  # ReLU gate
         grad_w = ctx.pattern.scatter_matmul(g, xc)
-        grad_b = W_enc.new_zeros(W_enc.shape[1]).index_add_(0, ctx.pattern.indices.flatten(), g.flatten())
-        if block.shape[1]:
-            g_block = grad_block.to(W_enc.dtype) * (block > 0)  # ReLU and AuxK's selection
-            grad_w.index_add_(0, ctx.pattern.block_ids, g_block.t() @ xc)  # a block means no ragged copies of xc
-            grad_b.index_add_(0, ctx.pattern.block_ids, g_block.sum(0))
-        return None, None, None, -(W_enc @ grad_b), grad_w.t(), grad_b, None
+        grad_b = ctx.pattern.column_sums(g)
+        if ctx.aux is not None:
+            ids, aux = ctx.aux.ids, ctx.aux.pattern
+            g_aux = grad_aux.to(W_enc.dtype) * (aux_values > 0)  # ReLU and AuxK's selection
+            grad_w.index_add_(0, ids, aux.scatter_matmul(g_aux, xc))
+            grad_b.index_add_(0, ids, aux.column_sums(g_aux))
+        return None, None, None, -(W_enc @ grad_b), grad_w.t(), grad_b, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """sum_j values[:, j] * W_dec[indices[:, j]]: an embedding_bag forward; the backward forms W_dec's gradient as a
-    sparse matmul and the values' as one dot product per entry, both on the shared latent-major pattern (cheaper
-    on CPU than embedding_bag's own backward). Second output: AuxK's dense block decoded over the dead rows,
-    block @ W_dec[pattern.block_ids], whose gradient is added into those rows (empty without a block)."""
+    sparse matmul and the values' as one dot product per entry, both on the shared column-major pattern (cheaper
+    on CPU than embedding_bag's own backward). Second output: AuxK's activations decoded over the dead rows
+    W_dec[aux.ids] (empty without AuxK), whose gradient is added into those rows."""
 
     @staticmethod
-    def forward(ctx, values, block, W_dec, pattern: _LatentPattern):
-        values, block = values.to(W_dec.dtype), block.to(W_dec.dtype)
-        ctx.save_for_backward(values, block, W_dec)
-        ctx.pattern = pattern
-        aux = block @ W_dec.index_select(0, pattern.block_ids) if block.shape[1] else W_dec.new_empty(0)
-        return pattern.decode(values, W_dec), aux
+    def forward(ctx, values, aux_values, W_dec, pattern: _LatentPattern, aux: _AuxSelection | None):
+        values, aux_values = values.to(W_dec.dtype), aux_values.to(W_dec.dtype)
+        ctx.save_for_backward(values, aux_values, W_dec)
+        ctx.pattern, ctx.aux = pattern, aux
+        decoded = aux.pattern.decode(aux_values, W_dec.index_select(0, aux.ids)) if aux else W_dec.new_empty(0)
+        return pattern.decode(values, W_dec), decoded
 
     @staticmethod
     def backward(ctx, grad, grad_aux):
-        values, block, W_dec = ctx.saved_tensors
+        values, aux_values, W_dec = ctx.saved_tensors
         grad_v = ctx.pattern.gather_dots(W_dec, grad) if ctx.needs_input_grad[0] else None
         grad_w = ctx.pattern.scatter_matmul(values, grad) if ctx.needs_input_grad[2] else None
-        grad_block = None
-        if block.shape[1]:
-            ids, grad_aux = ctx.pattern.block_ids, grad_aux.to(W_dec.dtype)
-            grad_block = grad_aux @ W_dec.index_select(0, ids).t() if ctx.needs_input_grad[1] else None
+        grad_aux_values = None
+        if ctx.aux is not None:
+            ids, aux, grad_aux = ctx.aux.ids, ctx.aux.pattern, grad_aux.to(W_dec.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_aux_values = aux.gather_dots(W_dec.index_select(0, ids), grad_aux)
             if grad_w is not None:
-                grad_w.index_add_(0, ids, block.t() @ grad_aux)
-        return grad_v, grad_block, grad_w, None
+                grad_w.index_add_(0, ids, aux.scatter_matmul(aux_values, grad_aux))
+        return grad_v, grad_aux_values, grad_w, None, None
 
 
-AUX_DENSE_CELL_COST = 0.08
+AUX_DENSE_CELL_COST = 0.12
 """On CPU, what one (token, dead latent) cell of AuxK's dense block costs, in positive entries of its ragged route."""
-AUX_RAGGED_TOKEN_COST = 8.0
-"""On CPU, the ragged route's cost per token beyond its entries (the merged selection is ragged, its inputs copied),
-in entries. Both from `benchmarks/bench_sae_aux.py` (d_in 256, batch 4,096: about 25 ns per cell, 0.3 us per entry,
-2.5 us per token): dense wins below about 100 dead latents whatever their activations, and from about 2% positive
-at 128 dead latents and 6% at 512."""
+AUX_RAGGED_TOKEN_COST = 3.0
+"""On CPU, the ragged route's cost per token beyond its entries, in entries. Both from `benchmarks/bench_sae_aux.py`
+(d_in 256, batch 4,096): dense wins below about 25 dead latents whatever their activations, and from about 10%
+positive at 128 dead latents and 11% at 512."""
 
 
 def _dense_aux(n_tokens: int, n_dead: int, n_positive: int) -> bool:
@@ -405,52 +440,39 @@ class SAE(nn.Module):
             pre = torch.addmm(self.b_enc, xc, self.W_enc) if buf is None else torch.addmm(self.b_enc, xc, self.W_enc,
                                                                                            out=buf)
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            values, inputs, pattern = top_values.relu(), xc, _LatentPattern(top_ids, self.cfg.n_latents)
-            block, n_positive = xc.new_empty(xc.shape[0], 0), 0
+            pattern, aux, aux_values = _LatentPattern(top_ids, self.cfg.n_latents), None, xc.new_empty(0)
             if dead_ids is not None:
-                acts, n_positive = self._aux_acts(pre, dead_ids, k_aux)
-                if n_positive and _dense_aux(acts.shape[0], acts.shape[1], n_positive):  # over the dead columns
-                    block, pattern.block_ids = acts, dead_ids
-                elif n_positive:  # one backward for both: AuxK's entries are those of N more tokens
-                    tokens, j = acts.nonzero(as_tuple=True)  # ragged: only the positive ones do anything
-                    values, inputs, pattern = self._with_aux(values, top_ids, xc, acts[tokens, j], dead_ids[j], tokens)
-        values, block = _SelectedPreacts.apply(values, block, inputs, self.b_dec, self.W_enc, self.b_enc, pattern)
-        recon, aux_block = _SparseDecode.apply(values, block, self.W_dec, pattern)
-        n = xs.shape[0]
-        out = SAEOutput(xs, recon[:n] + self.b_dec, values[:top_ids.numel()].view(top_ids.shape), top_ids,
-                        self.cfg.n_latents)
-        if block.shape[1]:
-            out.aux_recon = aux_block
-        elif n_positive:
-            out.aux_recon = recon[n:]
+                acts, tokens, cols = self._aux_acts(pre, dead_ids, k_aux)
+                if tokens.numel() and _dense_aux(acts.shape[0], acts.shape[1], tokens.numel()):
+                    aux, aux_values = _AuxSelection(dead_ids, _DenseBlock()), acts
+                elif tokens.numel():  # ragged: only the positive ones do anything
+                    counts = torch.bincount(tokens, minlength=acts.shape[0])
+                    aux = _AuxSelection(dead_ids, _LatentPattern(cols, acts.shape[1], tokens, counts.cumsum(0) - counts))
+                    aux_values = acts[tokens, cols]
+        values, aux_values = _SelectedPreacts.apply(top_values.relu(), aux_values, xc, self.b_dec, self.W_enc,
+                                                    self.b_enc, pattern, aux)
+        recon, aux_recon = _SparseDecode.apply(values, aux_values, self.W_dec, pattern, aux)
+        out = SAEOutput(xs, recon + self.b_dec, values, top_ids, self.cfg.n_latents)
+        if aux is not None:
+            out.aux_recon = aux_recon
         elif dead_ids is not None:  # dead latents, none positive anywhere: the prediction is zero
             out.aux_recon = torch.zeros_like(xs)
         return out
 
     @staticmethod
-    def _aux_acts(pre: torch.Tensor, dead_ids: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, int]:
+    def _aux_acts(pre: torch.Tensor, dead_ids: torch.Tensor,
+                  k_aux: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """AuxK's activations (N, n_dead): per token the k_aux largest dead pre-activations, ReLU'd, zero elsewhere,
-        and how many are positive (the rest decode to zero and get no gradient through the ReLU). Where no token has
-        more than k_aux positive ones (nearly always: a few per token late in a run) that is all its positive ones,
-        and no top-k runs."""
+        and the token and column of each positive one, token-major (the rest decode to zero and get no gradient
+        through the ReLU). Where no token has more than k_aux positive ones (nearly always: a few per token late in
+        a run) that is all its positive ones, and no top-k runs."""
         acts = pre.index_select(1, dead_ids).relu_()
-        per_token = torch.count_nonzero(acts, dim=1)
-        if k_aux < dead_ids.numel() and int(per_token.max()) > k_aux:
+        tokens, cols = acts.nonzero(as_tuple=True)
+        if k_aux < dead_ids.numel() and tokens.numel() and int(torch.bincount(tokens).max()) > k_aux:
             top, local = acts.topk(k_aux, dim=-1, sorted=False)
-            return torch.zeros_like(acts).scatter_(1, local, top), int(per_token.clamp(max=k_aux).sum())
-        return acts, int(per_token.sum())
-
-    def _with_aux(self, values: torch.Tensor, ids: torch.Tensor, xc: torch.Tensor, aux_values: torch.Tensor,
-                  aux_ids: torch.Tensor, aux_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _LatentPattern]:
-        """The Top-K entries (N, k) and AuxK's as one ragged selection over 2N tokens: token t's Top-K entries, then
-        token N + t's AuxK entries on a copy of its input. One pattern, sorted once, so each weight gets one sparse
-        gradient instead of two dense ones that autograd then adds."""
-        n, k = ids.shape
-        counts = torch.cat([ids.new_full((n,), k), torch.bincount(aux_tokens, minlength=n)])
-        tokens = torch.cat([torch.arange(n, device=ids.device).repeat_interleave(k), aux_tokens + n])
-        pattern = _LatentPattern(torch.cat([ids.flatten(), aux_ids]), self.cfg.n_latents, tokens,
-                                 counts.cumsum(0) - counts)
-        return torch.cat([values.flatten(), aux_values]), torch.cat([xc, xc]), pattern
+            acts = torch.zeros_like(acts).scatter_(1, local, top)
+            tokens, cols = acts.nonzero(as_tuple=True)
+        return acts, tokens, cols
 
     def _pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The reused (N, n_latents) pre-activation buffer of the sparse route (None under autocast)."""
