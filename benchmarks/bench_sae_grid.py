@@ -12,7 +12,9 @@ activation sources, the last 16,384 vectors of each held out:
 Trainers: our `SAETrainer` with `--optimizer adam` and `signum_sf` (their defaults), and sparsify's SparseCoder
 with its default optimiser (signum under a schedule-free wrapper, `bench_sae_train.Sparsify`). One process per
 (source, batch, seed) steps every trainer on the same batches in turn; each trainer's steps are timed in this
-process's CPU time (one thread), so tokens/s come from the run whose FVU is reported.
+process's CPU time (one thread), so tokens/s come from the run whose FVU is reported. Beside FVU each evaluation
+records the share of latents that never fire (no positive top-k activation) on the held-out vectors: a dictionary
+can buy FVU with fewer live latents, and this reads that for every trainer the same way.
 
 Saving compute: an optimiser whose schedule does not depend on the run's length (signum_sf: warm-up only;
 sparsify's: none) is trained once for 999,424 tokens and evaluated at 299,008 on the way. Adam decays over its last
@@ -88,6 +90,10 @@ class Ours:
         with torch.no_grad(), self.tr.averaged():
             return self.tr.sae.reconstruct(x)
 
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), self.tr.averaged():
+            return self.tr.sae.encode_topk(x)
+
 
 def sparsify(d: int, latents: int, k: int, total: int, batch: int, seed: int, dead: int):
     """sparsify's SparseCoder (its init draws from torch's global generator, seeded here) and default optimiser."""
@@ -98,6 +104,14 @@ def sparsify(d: int, latents: int, k: int, total: int, batch: int, seed: int, de
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     x, x_hat = x.double(), x_hat.double()
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def never_fired(runner, x: torch.Tensor, n_latents: int) -> float:
+    """The share of latents with no positive activation among the top-k of any row of x (held out): latents that
+    training left dead or so rare that they do not show on 16,384 vectors."""
+    values, indices = runner.encode_topk(x)
+    fired = torch.zeros(n_latents).index_add_(0, indices.flatten(), (values > 0).flatten().float())
+    return float((fired == 0).float().mean())
 
 
 def key(source: str, batch: int, seed: int, trainer: str, tokens: int) -> str:
@@ -148,6 +162,7 @@ def run_unit(source: str, batch: int, seed: int, x: torch.Tensor, rows: dict, sa
                 rows[key(source, batch, seed, name, tokens)] = {
                     "source": source, "batch": batch, "seed": seed, "runner": name, "trainer": todo[name][0],
                     "tokens": tokens, "fvu": value, "tokens_per_s": tokens / cpu[name], "cpu_s": cpu[name],
+                    "never_fired": never_fired(r, held, cfg["latents"]),
                     "dead_window": (window if todo[name][1] > short else None)}
                 print(f"  {name} at {tokens} tokens: FVU {value:.4f}, {tokens / cpu[name]:,.0f} tok/s", flush=True)
                 save()
@@ -174,8 +189,8 @@ def summarise(rows: dict) -> list[dict]:
                 "seeds": sorted(set.intersection(*(set(p) for p in per.values())))}
         for t in TRAINERS:
             seeds = sorted(per[t])
-            cell[t] = {"seeds": seeds, "fvu": t_mean([per[t][s]["fvu"] for s in seeds]) if seeds else None,
-                       "tokens_per_s": t_mean([per[t][s]["tokens_per_s"] for s in seeds]) if seeds else None}
+            cell[t] = {"seeds": seeds, **{m: t_mean([per[t][s][m] for s in seeds]) if seeds else None
+                                          for m in ("fvu", "tokens_per_s", "never_fired")}}
         for t in ("adam", "signum_sf"):
             paired = cell["seeds"]
             cell[f"{t}_minus_sparsify_fvu"] = t_mean([per[t][s]["fvu"] - per["sparsify"][s]["fvu"]
@@ -223,15 +238,18 @@ def _fmt(v: list[float] | None, digits: int) -> str:
 def readme_table(result: dict) -> str:
     """The README's grid table: per cell, mean [95% interval] over seeds (tokens/s: means)."""
     lines = ["| source | batch | tokens | seeds | held-out FVU: adam / signum_sf / sparsify | signum_sf - sparsify "
-             "(paired) | tokens/s: adam / signum_sf / sparsify | signum_sf / sparsify speed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(paired) | tokens/s: adam / signum_sf / sparsify | signum_sf / sparsify speed | never fire on held-out: "
+             "adam / signum_sf / sparsify |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def means(c: dict, metric: str, spec: str) -> str:
+        return " / ".join("-" if c[t].get(metric) is None else format(c[t][metric][0], spec) for t in TRAINERS)
+
     for c in result["summary"]:
         fvus = " / ".join(_fmt(c[t]["fvu"], 4) for t in TRAINERS)
-        speeds = " / ".join("-" if c[t]["tokens_per_s"] is None else f"{c[t]['tokens_per_s'][0]:,.0f}"
-                            for t in TRAINERS)
         lines.append(f"| {c['source']} | {c['batch']:,} | {c['tokens']:,} | {len(c['seeds'])} | {fvus} | "
-                     f"{_fmt(c['signum_sf_minus_sparsify_fvu'], 4)} | {speeds} | "
-                     f"{_fmt(c['signum_sf_over_sparsify_speed'], 2)} |")
+                     f"{_fmt(c['signum_sf_minus_sparsify_fvu'], 4)} | {means(c, 'tokens_per_s', ',.0f')} | "
+                     f"{_fmt(c['signum_sf_over_sparsify_speed'], 2)} | {means(c, 'never_fired', '.1%')} |")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ after the same tokens; ratios dlmscope / other. JSON goes to benchmarks/results/
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import math
 import platform
 import time
@@ -171,12 +172,23 @@ class Sparsify:
         self.opt.zero_grad()
 
     def reconstruct(self, x):
+        with self._evaluated():
+            return self.sc(x).sae_out
+
+    def encode_topk(self, x):
+        """(values, indices) of the top-k latents per row, with the weights `reconstruct` evaluates."""
+        with self._evaluated():
+            out = self.sc.encode(x)
+            return out.top_acts, out.top_indices
+
+    @contextmanager
+    def _evaluated(self):
         averaged = hasattr(self.opt, "eval")  # schedule-free: evaluate the averaged weights
         if averaged:
             self.opt.eval()
         try:
             with torch.no_grad():
-                return self.sc(x).sae_out
+                yield
         finally:
             if averaged:
                 self.opt.train()

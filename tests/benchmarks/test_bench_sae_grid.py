@@ -22,7 +22,7 @@ def test_grid_unit_records_both_checkpoints_and_resumes(load_benchmark, monkeypa
     assert runners == {("adam short", 192), ("adam", 448), ("signum_sf", 192), ("signum_sf", 448), ("sparsify", 192),
                        ("sparsify", 448), ("signum_sf check", 192), ("sparsify check", 192)}
     assert saves == list(range(1, 9))  # written after every evaluation
-    assert all(0 < r["fvu"] < 2 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert all(0 < r["fvu"] < 2 and r["tokens_per_s"] > 0 and 0 <= r["never_fired"] < 1 for r in rows.values())
     # schedules that ignore the run's length: the long run's first checkpoint is the short run, exactly
     for t, c in bench.check(rows).items():
         assert c["difference"] == 0.0, t
@@ -42,4 +42,14 @@ def test_grid_unit_records_both_checkpoints_and_resumes(load_benchmark, monkeypa
     extremes = bench.per_run(rows)
     assert extremes["runs"] == 4 and extremes["min_signum_sf_over_sparsify_speed"] > 0 and "seed" in extremes["at"]
     table = bench.readme_table({"summary": [short, long]})
-    assert table.count("\n") == 3 and "| tiny | 64 | 448 | 2 |" in table
+    assert table.count("\n") == 3 and "| tiny | 64 | 448 | 2 |" in table and table.count("%") == 6
+
+
+def test_never_fired_counts_latents_without_a_positive_top_k_activation(load_benchmark):
+    bench = load_benchmark("bench_sae_grid")
+
+    class Fixed:
+        def encode_topk(self, x):
+            return torch.tensor([[1.0, 0.0], [2.0, 0.5]]), torch.tensor([[0, 1], [0, 3]])
+
+    assert bench.never_fired(Fixed(), None, 5) == 3 / 5  # latent 1 selected only at zero; 2 and 4 never selected
