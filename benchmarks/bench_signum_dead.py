@@ -1,0 +1,167 @@
+"""Fewer dead latents under signum_sf, at what cost in held-out FVU: probes of the optimiser's dynamics.
+
+signum_sf ends a run with more dead latents than adam, and AuxK over them is the whole of its extra step cost
+(`bench_sae_steps.py --aux-coef 0`). Each probe changes one thing that should leave fewer dead latents or cheaper
+AuxK, on the grid's data (`bench_sae_grid.py`: the DLM's layer-3 activations, d_in 256, 4,096 latents, k 32, the last
+16,384 vectors held out), 299,008 tokens at batch 1,024 and 4,096, seeds 0-2:
+
+- `rare steps / 4`: each latent's sign step (its W_enc column, b_enc entry and W_dec row) scaled by
+  min(1, its fires in the batch / 4), so a latent that fires on one token moves a quarter step; dead latents (moved
+  by AuxK only) keep the full step;
+- `dead steps x3`: dead latents' sign steps tripled, so AuxK revives them faster;
+- `AuxK on a quarter`: AuxK's loss over the first quarter of each batch's tokens only (a quarter of its work).
+
+The probes act on the trainer from outside (a correction after each optimiser step, which leaves the sign of each
+gradient in `.grad`, and AuxK's activations cut to the quarter), so the default trainer is what runs. Reported per
+cell, paired by seed against the default: held-out FVU, the trainer's dead fraction (mean over steps) and the share
+of latents that never fire on the held-out vectors, with Student-t 95% intervals over seeds.
+
+    python benchmarks/bench_signum_dead.py [--seeds 0,1,2] [--batches 1024,4096]
+
+Writes benchmarks/results/signum_dead.json after every run; a rerun trains only the runs missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBES = ("default", "rare steps / 4", "dead steps x3", "AuxK on a quarter")
+METRICS = ("fvu", "dead_mean", "never_fired")
+TOKENS, LATENTS, K = 299_008, 4096, 32
+
+
+def _grid():
+    spec = importlib.util.spec_from_file_location("bench_sae_grid", ROOT / "benchmarks" / "bench_sae_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rescale_sign_steps(trainer, scale: torch.Tensor) -> None:
+    """After signum_sf's step, which left sign(grad) in each `.grad`: make each latent's sign step `scale` times what
+    it was, in the parameter (the training point y) and in z (`SignScheduleFree.step`'s closed form)."""
+    opt, sae = trainer.opt, trainer.sae
+    rows = {sae.W_enc: scale[None, :], sae.b_enc: scale, sae.W_dec: scale[:, None]}
+    with torch.no_grad():
+        for group in opt.param_groups:
+            lr, beta = group["lr"], group["beta"]
+            for p in group["params"]:
+                if p not in rows or p.grad is None or lr == 0:  # lr 0: the step took no sign
+                    continue
+                state = opt.state[p]
+                c = lr * lr / state["weight_sum"]
+                extra = p.grad * (1 - rows[p])  # the part of each step to take back (negative: to add)
+                p.add_(extra, alpha=(1 - beta * (1 - c)) * lr)
+                state["z"].add_(extra, alpha=lr)
+
+
+def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
+    """A default signum_sf trainer (`bench_sae_grid.Ours`) on d-wide activations with `probe_name` applied to it."""
+    r = grid.Ours("signum_sf", d, LATENTS, K, tokens // batch * batch, batch, seed)
+    tr, sae = r.tr, r.tr.sae
+    if probe_name in ("rare steps / 4", "dead steps x3"):
+        seen: dict = {}
+        sae.register_forward_hook(lambda module, args, out: seen.update(out=out, dead=args[1]))
+        step = tr.opt.step
+
+        def scaled_step(closure=None):
+            step()
+            out, dead = seen["out"], seen["dead"]
+            if probe_name == "rare steps / 4":
+                fires = torch.zeros(LATENTS).index_add_(0, out.indices.flatten(), (out.values > 0).flatten().float())
+                scale = (fires / 4).clamp(max=1.0)
+                if dead is not None:
+                    scale[dead] = 1.0
+            else:
+                scale = torch.ones(LATENTS) if dead is None else 1.0 + 2.0 * dead.float()
+            rescale_sign_steps(tr, scale)
+
+        tr.opt.step = scaled_step
+    elif probe_name == "AuxK on a quarter":
+        aux_acts = type(sae)._aux_acts
+
+        def first_quarter(pre, dead_ids, k_aux):
+            acts, tokens_, cols = aux_acts(pre, dead_ids, k_aux)
+            keep, cut = tokens_ < pre.shape[0] // 4, pre.shape[0] // 4
+            acts = acts.clone()
+            acts[cut:] = 0
+            return acts, tokens_[keep], cols[keep]
+
+        sae._aux_acts = first_quarter  # an instance attribute: this SAE only
+    return r
+
+
+def train(grid, x: torch.Tensor, probe_name: str, batch: int, tokens: int, seed: int) -> dict:
+    train_x, held = x[:-grid.HELDOUT], x[-grid.HELDOUT:]
+    r = probe(grid, probe_name, x.shape[1], seed, batch, tokens)
+    dead = [r.tr.step(train_x[i * batch:(i + 1) * batch])["dead_fraction"] for i in range(tokens // batch)]
+    return {"probe": probe_name, "batch": batch, "tokens": tokens // batch * batch, "seed": seed,
+            "fvu": grid.fvu(held, r.reconstruct(held)), "dead_mean": statistics.fmean(dead),
+            "never_fired": grid.never_fired(r, held, LATENTS)}
+
+
+def summarise(grid, rows: dict) -> list[dict]:
+    """Per (batch, probe): each metric's mean [interval] and, paired by seed, probe - default."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows.values()}):
+        per = {p: {r["seed"]: r for r in rows.values() if (r["batch"], r["probe"]) == (batch, p)} for p in PROBES}
+        for p in PROBES:
+            seeds = sorted(set(per[p]) & set(per["default"]))
+            if not seeds:
+                continue
+            cell = {"batch": batch, "probe": p, "seeds": seeds}
+            for m in METRICS:
+                cell[m] = grid.t_mean([per[p][s][m] for s in seeds])
+                cell[f"{m}_vs_default"] = grid.t_mean([per[p][s][m] - per["default"][s][m] for s in seeds])
+            out.append(cell)
+    return out
+
+
+def readme_table(result: dict) -> str:
+    lines = ["| batch | probe | seeds | held-out FVU | FVU - default (paired) | dead, mean over steps | "
+             "never fire on held-out |", "|---|---|---|---|---|---|---|"]
+    for c in result["summary"]:
+        d = c["fvu_vs_default"]
+        lines.append(f"| {c['batch']:,} | {c['probe']} | {len(c['seeds'])} | {c['fvu'][0]:.4f} | "
+                     f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] | {c['dead_mean'][0]:.1%} | {c['never_fired'][0]:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--batches", default="1024,4096")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "signum_dead.json"))
+    args = p.parse_args()
+    from dlmscope.io_utils import atomic_write_json
+
+    torch.set_num_threads(1)
+    grid = _grid()
+    x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for name in PROBES:
+                key = f"{batch}/{name}/{seed}"
+                if key in rows:
+                    continue
+                rows[key] = r = train(grid, x, name, batch, TOKENS, seed)
+                print(f"{key}: FVU {r['fvu']:.5f}, dead {r['dead_mean']:.3f}, never fired {r['never_fired']:.3f}",
+                      flush=True)
+                atomic_write_json(out, {"machine": platform.processor() or platform.machine(),
+                                        "torch": torch.__version__, "source": "dlm layer 3",
+                                        "summary": summarise(grid, rows), "rows": rows})
+    print(readme_table(json.loads(out.read_text())))
+
+
+if __name__ == "__main__":
+    main()
