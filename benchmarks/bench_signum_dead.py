@@ -14,7 +14,8 @@ AuxK, on the grid's data (`bench_sae_grid.py`: the DLM's layer-3 activations, d_
 The probes act on the trainer from outside (a correction after each optimiser step, which leaves the sign of each
 gradient in `.grad`, and AuxK's activations cut to the quarter), so the default trainer is what runs. Reported per
 cell, paired by seed against the default: held-out FVU, the trainer's dead fraction (mean over steps) and the share
-of latents that never fire on the held-out vectors, with Student-t 95% intervals over seeds.
+of latents that never fire on the held-out vectors, with Student-t intervals over seeds (95% for each value; for the
+differences from the default, Bonferroni over the six probe and batch comparisons, so 95% jointly).
 
     python benchmarks/bench_signum_dead.py [--seeds 0,1,2] [--batches 1024,4096]
 
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBES = ("default", "rare steps / 4", "dead steps x3", "AuxK on a quarter")
 METRICS = ("fvu", "dead_mean", "never_fired")
 TOKENS, LATENTS, K = 299_008, 4096, 32
+DIFFERENCE_LEVEL = 1 - 0.05 / 6
+"""Paired differences from the default: Bonferroni over the six (probe, batch) comparisons, 95% jointly."""
 
 
 def _grid():
@@ -109,7 +112,10 @@ def train(grid, x: torch.Tensor, probe_name: str, batch: int, tokens: int, seed:
 
 
 def summarise(grid, rows: dict) -> list[dict]:
-    """Per (batch, probe): each metric's mean [interval] and, paired by seed, probe - default."""
+    """Per (batch, probe): each metric's mean [95% interval] and, paired by seed, probe - default [interval at
+    `DIFFERENCE_LEVEL`]."""
+    from dlmscope.stats import t_interval
+
     out = []
     for batch in sorted({r["batch"] for r in rows.values()}):
         per = {p: {r["seed"]: r for r in rows.values() if (r["batch"], r["probe"]) == (batch, p)} for p in PROBES}
@@ -120,18 +126,20 @@ def summarise(grid, rows: dict) -> list[dict]:
             cell = {"batch": batch, "probe": p, "seeds": seeds}
             for m in METRICS:
                 cell[m] = grid.t_mean([per[p][s][m] for s in seeds])
-                cell[f"{m}_vs_default"] = grid.t_mean([per[p][s][m] - per["default"][s][m] for s in seeds])
+                cell[f"{m}_vs_default"] = [float(v) for v in t_interval(
+                    [per[p][s][m] - per["default"][s][m] for s in seeds], level=DIFFERENCE_LEVEL)]
             out.append(cell)
     return out
 
 
 def readme_table(result: dict) -> str:
-    lines = ["| batch | probe | seeds | held-out FVU | FVU - default (paired) | dead, mean over steps | "
+    lines = ["| batch | probe | seeds | held-out FVU | FVU - default (paired, Bonferroni x6) | dead, mean over steps | "
              "never fire on held-out |", "|---|---|---|---|---|---|---|"]
     for c in result["summary"]:
         d = c["fvu_vs_default"]
-        lines.append(f"| {c['batch']:,} | {c['probe']} | {len(c['seeds'])} | {c['fvu'][0]:.4f} | "
-                     f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] | {c['dead_mean'][0]:.1%} | {c['never_fired'][0]:.1%} |")
+        diff = "-" if c["probe"] == "default" else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+        lines.append(f"| {c['batch']:,} | {c['probe']} | {len(c['seeds'])} | {c['fvu'][0]:.4f} | {diff} | "
+                     f"{c['dead_mean'][0]:.1%} | {c['never_fired'][0]:.1%} |")
     return "\n".join(lines)
 
 
@@ -148,6 +156,11 @@ def main() -> None:
     x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
+
+    def save() -> None:
+        atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                "source": "dlm layer 3", "summary": summarise(grid, rows), "rows": rows})
+
     for batch in (int(b) for b in args.batches.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             for name in PROBES:
@@ -157,9 +170,8 @@ def main() -> None:
                 rows[key] = r = train(grid, x, name, batch, TOKENS, seed)
                 print(f"{key}: FVU {r['fvu']:.5f}, dead {r['dead_mean']:.3f}, never fired {r['never_fired']:.3f}",
                       flush=True)
-                atomic_write_json(out, {"machine": platform.processor() or platform.machine(),
-                                        "torch": torch.__version__, "source": "dlm layer 3",
-                                        "summary": summarise(grid, rows), "rows": rows})
+                save()
+    save()
     print(readme_table(json.loads(out.read_text())))
 
 
