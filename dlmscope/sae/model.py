@@ -137,7 +137,8 @@ class _LatentPattern:
 
     Either a fixed number per token, column ids (N, m) (the Top-K selection over all latents), or ragged: flat
     column ids (E,) with the token of each entry (`tokens`, ascending) and where each token's entries start
-    (`offsets`, (N,)): AuxK's positive activations over the dead columns (`SAE._sparse_forward`)."""
+    (`offsets`, (N,)): AuxK's positive activations over the dead columns (`SAE._sparse_forward`), where `n_latents`
+    counts those columns."""
 
     def __init__(self, indices: torch.Tensor, n_latents: int, tokens: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None):
@@ -172,8 +173,9 @@ class _LatentPattern:
 
     def scatter_matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """G^T @ dense, (n_latents, d): a weight gradient that touches only the selected entries. Into an empty
-        result with beta 0 (columns without entries come out zero): `sparse @ dense` first zero-fills a result and
-        then copies it, which cost 4x the product itself (2.5 of 3.2 ms at 4,096 x 256, 32,768 entries)."""
+        result with beta 0, which sparse addmm writes in full (rows without entries come out zero; unlike
+        `gather_dots`' sampled_addmm, which multiplies what it is given): `sparse @ dense` first zero-fills a result
+        and then copies it, which cost 4x the product itself (2.5 of 3.2 ms at 4,096 x 256, 32,768 entries)."""
         out = dense.new_empty(self.n_latents, dense.shape[1])
         return torch.addmm(out, self._matrix(values), dense, beta=0.0, out=out)
 
@@ -206,7 +208,7 @@ class _DenseBlock:
         return dense @ rows.t()
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class _AuxSelection:
     """AuxK's activations over the dead latents `ids`, laid out by `pattern` over their local columns 0..n_dead-1:
     ragged entries (`_LatentPattern`) or a dense block (`_DenseBlock`). Their gradients are added into the dead
@@ -256,7 +258,7 @@ class _SparseDecode(torch.autograd.Function):
         values, aux_values = values.to(W_dec.dtype), aux_values.to(W_dec.dtype)
         ctx.save_for_backward(values, aux_values, W_dec)
         ctx.pattern, ctx.aux = pattern, aux
-        decoded = aux.pattern.decode(aux_values, W_dec.index_select(0, aux.ids)) if aux else W_dec.new_empty(0)
+        decoded = W_dec.new_empty(0) if aux is None else aux.pattern.decode(aux_values, W_dec.index_select(0, aux.ids))
         return pattern.decode(values, W_dec), decoded
 
     @staticmethod
@@ -447,7 +449,8 @@ class SAE(nn.Module):
                     aux, aux_values = _AuxSelection(dead_ids, _DenseBlock()), acts
                 elif tokens.numel():  # ragged: only the positive ones do anything
                     counts = torch.bincount(tokens, minlength=acts.shape[0])
-                    aux = _AuxSelection(dead_ids, _LatentPattern(cols, acts.shape[1], tokens, counts.cumsum(0) - counts))
+                    offsets = counts.cumsum(0) - counts
+                    aux = _AuxSelection(dead_ids, _LatentPattern(cols, acts.shape[1], tokens, offsets))
                     aux_values = acts[tokens, cols]
         values, aux_values = _SelectedPreacts.apply(top_values.relu(), aux_values, xc, self.b_dec, self.W_enc,
                                                     self.b_enc, pattern, aux)

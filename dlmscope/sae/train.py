@@ -134,7 +134,11 @@ def aux_loss(err: torch.Tensor, aux_recon: torch.Tensor, n_dead: int, k_aux: int
     e_mean = e.mean(0) if reduce is None else reduce(e.mean(0))
     flat = e.flatten()  # E|e|^2 - |E e|^2: two reads of e, where (e - mean).pow(2) takes four passes
     mean_sq = torch.dot(flat, flat) / e.shape[0]
-    variance = (mean_sq if reduce is None else reduce(mean_sq)) - e_mean.pow(2).sum()
+    mean_sq = mean_sq if reduce is None else reduce(mean_sq)
+    variance = mean_sq - e_mean.pow(2).sum()
+    if variance < 1e-3 * mean_sq:  # the mean dominates and the difference lost its digits: two passes (every
+        variance = (e - e_mean).pow(2).sum(-1).mean()  # process sees the same reduced values, so all take it)
+        variance = variance if reduce is None else reduce(variance)
     error = F.mse_loss(aux_recon, e, reduction="sum") / e.shape[0]  # one fused kernel each way
     return error / variance.clamp_min(1e-12) * min(n_dead / k_aux, 1.0)
 

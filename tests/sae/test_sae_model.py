@@ -121,15 +121,31 @@ def test_sparse_decode_gradients_match_dense_autograd(n_latents):
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_scatter_matmul_writes_every_row_of_its_uninitialised_result(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_scatter_matmul_writes_every_row_of_its_uninitialised_result(monkeypatch, dtype, ragged):
     """The weight-gradient product writes into an uninitialised result (beta 0), so rows without entries must come
-    out zero whatever that memory held: here it holds NaN, the worst garbage."""
-    pattern = _LatentPattern(torch.tensor([[0, 2], [2, 5]]), 8)  # rows 1, 3, 4, 6, 7 have no entries
-    values, dense = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.randn(2, 3)
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **kw: torch.full(size, float("nan")))
+    out zero whatever that memory held: here it holds NaN, the worst garbage. Both layouts: a fixed number of
+    entries per token, and ragged (AuxK's, with a token that has none)."""
+    if ragged:  # tokens 0, 0, 2 (token 1 has no entries) over columns 0, 2, 5
+        pattern = _LatentPattern(torch.tensor([0, 2, 5]), 8, torch.tensor([0, 0, 2]), torch.tensor([0, 2, 2]))
+        values = torch.tensor([1.0, 2.0, 3.0], dtype=dtype)
+        dense_g = torch.zeros(3, 8, dtype=dtype).index_put_((pattern.tokens, pattern.indices), values)
+    else:
+        pattern = _LatentPattern(torch.tensor([[0, 2], [2, 5]]), 8)
+        values = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype)
+        dense_g = torch.zeros(2, 8, dtype=dtype).scatter(1, pattern.indices, values)
+    dense = torch.randn(dense_g.shape[0], 3, dtype=dtype)
+    filled = []
+
+    def nan_empty(self, *size, **kw):
+        filled.append(size)
+        return torch.full(size, float("nan"), dtype=self.dtype)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_empty)
     got = pattern.scatter_matmul(values, dense)
-    want = torch.zeros(2, 8).scatter(1, pattern.indices, values).t() @ dense
-    torch.testing.assert_close(got, want)
+    assert filled  # the result really came from the NaN-filled memory
+    torch.testing.assert_close(got, dense_g.t() @ dense)
 
 
 def test_parallel_gradient_removed_and_rows_renormalised():

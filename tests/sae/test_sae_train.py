@@ -31,7 +31,7 @@ def test_aux_loss_is_the_documented_formula(n_dead):
     from dlmscope.sae.train import aux_loss
 
     gen = torch.Generator().manual_seed(0)
-    err = torch.randn(50, 6, generator=gen, dtype=torch.double) + 3.0  # a mean far from 0: no cancellation allowed
+    err = torch.randn(50, 6, generator=gen, dtype=torch.double) + 3.0  # a mean far from 0
     pred = torch.randn(50, 6, generator=gen, dtype=torch.double, requires_grad=True)
     want = ((err - pred).pow(2).sum(1).mean() / (err - err.mean(0)).pow(2).sum(1).mean() * min(n_dead / 16, 1.0))
     for reduce in (None, lambda t: t):
@@ -39,6 +39,21 @@ def test_aux_loss_is_the_documented_formula(n_dead):
     err.requires_grad_(True)
     aux_loss(err, pred, n_dead, 16, None).backward()
     assert err.grad is None and pred.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 3000.0])
+def test_aux_loss_variance_keeps_its_digits_when_the_mean_dominates(offset):
+    """In float32 the one-pass variance E|e|^2 - |E e|^2 cancels when the residual's mean dwarfs its spread; the loss
+    must still match the float64 two-pass formula (mean^2 / variance: 0, about 900 and about 9,000,000)."""
+    from dlmscope.sae.train import aux_loss
+
+    gen = torch.Generator().manual_seed(1)
+    err = torch.randn(256, 8, generator=gen, dtype=torch.double) + offset
+    pred = torch.randn(256, 8, generator=gen, dtype=torch.double) + offset
+    want = (err - pred).pow(2).sum(1).mean() / (err - err.mean(0)).pow(2).sum(1).mean()
+    for reduce in (None, lambda t: t):
+        got = aux_loss(err.float(), pred.float(), 16, 16, reduce)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.0)
 
 
 def test_schedule_warmup_constant_linear_decay_to_zero():
