@@ -9,13 +9,15 @@ AuxK, on the grid's data (`bench_sae_grid.py`: the DLM's layer-3 activations, d_
   min(1, its fires in the batch / 4), so a latent that fires on one token moves a quarter step; dead latents (moved
   by AuxK only) keep the full step;
 - `dead steps x3`: dead latents' sign steps tripled, so AuxK revives them faster;
-- `AuxK on a quarter`: AuxK's loss over the first quarter of each batch's tokens only (a quarter of its work).
+- `AuxK on a quarter`: AuxK's loss over the first quarter of each batch's tokens only, at 4x the coefficient so
+  that each of those tokens weighs what it did (a quarter of AuxK's entries on its ragged route).
 
 The probes act on the trainer from outside (a correction after each optimiser step, which leaves the sign of each
 gradient in `.grad`, and AuxK's activations cut to the quarter), so the default trainer is what runs. Reported per
 cell, paired by seed against the default: held-out FVU, the trainer's dead fraction (mean over steps) and the share
 of latents that never fire on the held-out vectors, with Student-t intervals over seeds (95% for each value; for the
-differences from the default, Bonferroni over the six probe and batch comparisons, so 95% jointly).
+differences from the default, Bonferroni over the six probe and batch comparisons of each metric, so 95% jointly
+per metric).
 
     python benchmarks/bench_signum_dead.py [--seeds 0,1,2] [--batches 1024,4096]
 
@@ -38,7 +40,8 @@ PROBES = ("default", "rare steps / 4", "dead steps x3", "AuxK on a quarter")
 METRICS = ("fvu", "dead_mean", "never_fired")
 TOKENS, LATENTS, K = 299_008, 4096, 32
 DIFFERENCE_LEVEL = 1 - 0.05 / 6
-"""Paired differences from the default: Bonferroni over the six (probe, batch) comparisons, 95% jointly."""
+"""Paired differences from the default: Bonferroni over the six (probe, batch) comparisons of each metric, so 95%
+jointly per metric."""
 
 
 def _grid():
@@ -72,14 +75,19 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
     tr, sae = r.tr, r.tr.sae
     if probe_name in ("rare steps / 4", "dead steps x3"):
         seen: dict = {}
-        sae.register_forward_hook(lambda module, args, out: seen.update(out=out, dead=args[1]))
+
+        def keep(module, args, kwargs, out):  # what the step needs of the training forward: who fired, who is dead
+            dead = args[1] if len(args) > 1 else kwargs.get("dead_mask")
+            seen.update(indices=out.indices, fired=out.values.detach() > 0, dead=dead)
+
+        sae.register_forward_hook(keep, with_kwargs=True)
         step = tr.opt.step
 
         def scaled_step(closure=None):
             step()
-            out, dead = seen["out"], seen["dead"]
+            dead = seen["dead"]
             if probe_name == "rare steps / 4":
-                fires = torch.zeros(LATENTS).index_add_(0, out.indices.flatten(), (out.values > 0).flatten().float())
+                fires = torch.zeros(LATENTS).index_add_(0, seen["indices"].flatten(), seen["fired"].flatten().float())
                 scale = (fires / 4).clamp(max=1.0)
                 if dead is not None:
                     scale[dead] = 1.0
@@ -90,13 +98,13 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
         tr.opt.step = scaled_step
     elif probe_name == "AuxK on a quarter":
         aux_acts = type(sae)._aux_acts
+        tr.cfg.aux_coef *= 4  # the loss still averages over all N tokens, of which a quarter now count
 
         def first_quarter(pre, dead_ids, k_aux):
             acts, tokens_, cols = aux_acts(pre, dead_ids, k_aux)
-            keep, cut = tokens_ < pre.shape[0] // 4, pre.shape[0] // 4
-            acts = acts.clone()
-            acts[cut:] = 0
-            return acts, tokens_[keep], cols[keep]
+            cut = pre.shape[0] // 4
+            acts[cut:] = 0  # a fresh tensor (index_select or top-k), not a view of the pre-activations
+            return acts, tokens_[tokens_ < cut], cols[tokens_ < cut]
 
         sae._aux_acts = first_quarter  # an instance attribute: this SAE only
     return r
