@@ -17,3 +17,17 @@ def load_benchmark():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture
+def tiny_grid_study(load_benchmark, monkeypatch):
+    """tiny_grid_study("bench_signum_dead") -> (that study, its `bench_sae_grid`), shrunk for a test: 96 latents,
+    k 4, 128 held-out vectors (the studies on the grid's data read LATENTS, K and grid.HELDOUT)."""
+    def load(name: str):
+        module = load_benchmark(name)
+        monkeypatch.setattr(module, "LATENTS", 96)
+        monkeypatch.setattr(module, "K", 4)
+        grid = module._grid()
+        monkeypatch.setattr(grid, "HELDOUT", 128)
+        return module, grid
+    return load

@@ -3,17 +3,8 @@
 import torch
 
 
-def _bench(load_benchmark, monkeypatch):
-    module = load_benchmark("bench_sae_dead_window")
-    monkeypatch.setattr(module, "LATENTS", 96)
-    monkeypatch.setattr(module, "K", 4)
-    grid = module._grid()
-    monkeypatch.setattr(grid, "HELDOUT", 128)
-    return module, grid
-
-
-def test_both_windows_train_and_pair_by_seed(load_benchmark, monkeypatch):
-    bench, grid = _bench(load_benchmark, monkeypatch)
+def test_both_windows_train_and_pair_by_seed(tiny_grid_study):
+    bench, grid = tiny_grid_study("bench_sae_dead_window")
     x = torch.randn(64 * 12 + 128, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
     rows = {}
     for seed in (0, 1):

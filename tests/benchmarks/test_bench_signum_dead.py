@@ -3,18 +3,9 @@
 import torch
 
 
-def _bench(load_benchmark, monkeypatch):
-    module = load_benchmark("bench_signum_dead")
-    monkeypatch.setattr(module, "LATENTS", 96)
-    monkeypatch.setattr(module, "K", 4)
-    grid = module._grid()
-    monkeypatch.setattr(grid, "HELDOUT", 128)
-    return module, grid
-
-
-def test_rescaled_sign_steps_equal_steps_of_that_size(load_benchmark, monkeypatch):
+def test_rescaled_sign_steps_equal_steps_of_that_size(tiny_grid_study):
     """Scaling a latent's step by s after the fact gives what a step of s * lr would have given that latent."""
-    bench, grid = _bench(load_benchmark, monkeypatch)
+    bench, grid = tiny_grid_study("bench_signum_dead")
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
     runs = [grid.Ours("signum_sf", 16, 96, 4, 64 * 4, 64, 0) for _ in range(2)]
     for r in runs:
@@ -39,8 +30,8 @@ def test_rescaled_sign_steps_equal_steps_of_that_size(load_benchmark, monkeypatc
     torch.testing.assert_close(after["W_enc"][:, 10:], plain["W_enc"][:, 10:])
 
 
-def test_every_probe_trains_and_pairs_with_the_default(load_benchmark, monkeypatch):
-    bench, grid = _bench(load_benchmark, monkeypatch)
+def test_every_probe_trains_and_pairs_with_the_default(tiny_grid_study):
+    bench, grid = tiny_grid_study("bench_signum_dead")
     x = torch.randn(64 * 8 + 128, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
     rows = {}
     for seed in (0, 1):
