@@ -24,10 +24,10 @@ after the same tokens; ratios dlmscope / other. JSON goes to benchmarks/results/
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 import math
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch

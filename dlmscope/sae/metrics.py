@@ -41,6 +41,13 @@ def density(latents: torch.Tensor) -> torch.Tensor:
     return (latents > 0).reshape(-1, latents.shape[-1]).float().mean(0)
 
 
+def fire_counts(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Per latent, how many of the rows of a top-k selection (values, indices), each (.., k), hold it with a positive
+    activation: a count per latent, cheaper than boolean-mask indexing of dense latents."""
+    return torch.zeros(n_latents, device=indices.device).index_add_(0, indices.flatten(),
+                                                                    (values > 0).flatten().float())
+
+
 def dead_fraction(dens: torch.Tensor) -> float:
     """Fraction of latents that never fired (density 0) on the measured set."""
     return float((dens == 0).float().mean())

@@ -444,11 +444,10 @@ class SAE(nn.Module):
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
             pattern, aux, aux_values = _LatentPattern(top_ids, self.cfg.n_latents), None, xc.new_empty(0)
             if dead_ids is not None:
-                acts, tokens, cols = self._aux_acts(pre, dead_ids, k_aux)
+                acts, tokens, cols, counts = self._aux_acts(pre, dead_ids, k_aux)
                 if tokens.numel() and _dense_aux(acts.shape[0], acts.shape[1], tokens.numel()):
                     aux, aux_values = _AuxSelection(dead_ids, _DenseBlock()), acts
                 elif tokens.numel():  # ragged: only the positive ones do anything
-                    counts = torch.bincount(tokens, minlength=acts.shape[0])
                     offsets = counts.cumsum(0) - counts
                     aux = _AuxSelection(dead_ids, _LatentPattern(cols, acts.shape[1], tokens, offsets))
                     aux_values = acts[tokens, cols]
@@ -464,18 +463,20 @@ class SAE(nn.Module):
 
     @staticmethod
     def _aux_acts(pre: torch.Tensor, dead_ids: torch.Tensor,
-                  k_aux: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """AuxK's activations (N, n_dead): per token the k_aux largest dead pre-activations, ReLU'd, zero elsewhere,
-        and the token and column of each positive one, token-major (the rest decode to zero and get no gradient
-        through the ReLU). Where no token has more than k_aux positive ones (nearly always: a few per token late in
-        a run) that is all its positive ones, and no top-k runs."""
+                  k_aux: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """AuxK's activations (N, n_dead): per token the k_aux largest dead pre-activations, ReLU'd, zero elsewhere;
+        the token and column of each positive one, token-major (the rest decode to zero and get no gradient through
+        the ReLU); and how many each token has (N,). Where no token has more than k_aux positive ones (nearly always:
+        a few per token late in a run) that is all its positive ones, and no top-k runs."""
         acts = pre.index_select(1, dead_ids).relu_()
         tokens, cols = acts.nonzero(as_tuple=True)
-        if k_aux < dead_ids.numel() and tokens.numel() and int(torch.bincount(tokens).max()) > k_aux:
+        counts = torch.bincount(tokens, minlength=acts.shape[0])
+        if k_aux < dead_ids.numel() and tokens.numel() and int(counts.max()) > k_aux:
             top, local = acts.topk(k_aux, dim=-1, sorted=False)
             acts = torch.zeros_like(acts).scatter_(1, local, top)
             tokens, cols = acts.nonzero(as_tuple=True)
-        return acts, tokens, cols
+            counts = counts.clamp(max=k_aux)  # the top-k keeps all of a token's positive ones, up to k_aux
+        return acts, tokens, cols, counts
 
     def _pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The reused (N, n_latents) pre-activation buffer of the sparse route (None under autocast)."""

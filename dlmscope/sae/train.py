@@ -29,7 +29,7 @@ from torch import nn
 from .. import checks
 from ..errors import DLMScopeError
 from ..options import Options, choices, unset
-from .metrics import evaluate_sae
+from .metrics import evaluate_sae, fire_counts
 from .family import build_sae
 from .model import SAE, SAEConfig
 from .optim import OPTIMIZERS, averaged, default_lr, default_optimizer, make_optimizer
@@ -270,9 +270,8 @@ class SAETrainer(Generic[ModelT]):
         sae.normalize_decoder()
         self.check_finite(loss)
         with torch.no_grad():
-            if out.indices is not None:  # a count per latent: cheaper than boolean-mask indexing
-                fired = torch.zeros(dead.shape, device=x.device).index_add_(
-                    0, out.indices.flatten(), (out.values > 0).flatten().float()) > 0
+            if out.indices is not None:
+                fired = fire_counts(out.values, out.indices, dead.shape[0]) > 0
             else:
                 fired = (out.values > 0).any(0)
             sae.after_step(out, self.step_count, self.cfg)
