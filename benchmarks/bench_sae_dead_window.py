@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -93,13 +91,11 @@ def main() -> None:
     p.add_argument("--tokens", default="299008,999424")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_dead_window.json"))
     args = p.parse_args()
-    from dlmscope.io_utils import atomic_write_json
-
     torch.set_num_threads(1)
     grid = _grid()
     x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
-    out = Path(args.out)
-    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
+    results = grid.Results(args.out, lambda rows: {"source": "dlm layer 3", "summary": summarise(grid, rows)})
+    rows = results.rows
     for tokens in (int(t) for t in args.tokens.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
@@ -110,11 +106,9 @@ def main() -> None:
                             continue
                         rows[k] = r = train(grid, x, opt, batch, tokens, window, seed)
                         print(f"{k}: FVU {r['fvu']:.4f}, dead {r['dead_mean']:.3f}, {r['cpu_s']:.1f} s", flush=True)
-                        atomic_write_json(out, {"machine": platform.processor() or platform.machine(),
-                                                "torch": torch.__version__, "torch_threads": 1,
-                                                "clock": "process CPU time", "source": "dlm layer 3",
-                                                "summary": summarise(grid, rows), "rows": rows})
-    print(readme_table(json.loads(out.read_text())))
+                        results.save()
+    results.save()
+    print(readme_table({"summary": summarise(grid, rows)}))
 
 
 if __name__ == "__main__":

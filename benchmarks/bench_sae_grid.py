@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,9 +111,26 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 def never_fired(runner, x: torch.Tensor, n_latents: int) -> float:
     """The share of latents with no positive activation among the top-k of any row of x (held out): latents that
     training left dead or so rare that they do not show on 16,384 vectors."""
-    values, indices = runner.encode_topk(x)
-    fired = torch.zeros(n_latents).index_add_(0, indices.flatten(), (values > 0).flatten().float())
-    return float((fired == 0).float().mean())
+    from dlmscope.sae.metrics import dead_fraction, fire_counts
+
+    return dead_fraction(fire_counts(*runner.encode_topk(x), n_latents))
+
+
+class Results:
+    """A study's result file: the rows it holds already (a rerun trains only the missing ones), rewritten atomically
+    by `save` with the machine, `fields(rows)` (the study's summaries) and the rows. This grid's, and the studies'
+    that run on its data."""
+
+    def __init__(self, path: str | Path, fields: Callable[[dict], dict]):
+        self.path, self.fields = Path(path), fields
+        self.rows: dict = json.loads(self.path.read_text())["rows"] if self.path.is_file() else {}
+
+    def save(self) -> None:
+        from dlmscope.io_utils import atomic_write_json
+
+        atomic_write_json(self.path, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                      "torch_threads": torch.get_num_threads(), "clock": "process CPU time",
+                                      **self.fields(self.rows), "rows": self.rows})
 
 
 def key(source: str, batch: int, seed: int, trainer: str, tokens: int) -> str:
@@ -260,33 +279,21 @@ def main() -> None:
     p.add_argument("--batches", default="1024,4096")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_grid.json"))
     args = p.parse_args()
-    import json
-
-    from dlmscope.io_utils import atomic_write_json
-
     torch.set_num_threads(1)
-    out = Path(args.out)
-    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
     started, cpu0 = time.time(), time.process_time()
-
-    def save() -> None:
-        atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                                "torch_threads": torch.get_num_threads(), "clock": "process CPU time",
-                                "heldout_tokens": HELDOUT, "sources": SOURCES, "load_average": os.getloadavg(),
-                                "check": check(rows), "per_run": per_run(rows), "summary": summarise(rows),
-                                "rows": rows,
-                                "this_invocation": {"wall_s": time.time() - started,
-                                                    "cpu_s": time.process_time() - cpu0}})
-
+    results = Results(args.out, lambda rows: {
+        "heldout_tokens": HELDOUT, "sources": SOURCES, "load_average": os.getloadavg(), "check": check(rows),
+        "per_run": per_run(rows), "summary": summarise(rows),
+        "this_invocation": {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0}})
     data = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for source in args.sources.split(","):
             if source not in data:
                 data[source] = activations(source, LONG + HELDOUT)
             for batch in (int(b) for b in args.batches.split(",")):
-                run_unit(source, batch, seed, data[source], rows, save)
-    save()
-    print(readme_table({"summary": summarise(rows)}))
+                run_unit(source, batch, seed, data[source], results.rows, results.save)
+    results.save()
+    print(readme_table({"summary": summarise(results.rows)}))
 
 
 if __name__ == "__main__":

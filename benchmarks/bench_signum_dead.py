@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import platform
 import statistics
 from pathlib import Path
 
@@ -71,6 +69,8 @@ def rescale_sign_steps(trainer, scale: torch.Tensor) -> None:
 
 def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
     """A default signum_sf trainer (`bench_sae_grid.Ours`) on d-wide activations with `probe_name` applied to it."""
+    from dlmscope.sae.metrics import fire_counts
+
     r = grid.Ours("signum_sf", d, LATENTS, K, tokens // batch * batch, batch, seed)
     tr, sae = r.tr, r.tr.sae
     if probe_name in ("rare steps / 4", "dead steps x3"):
@@ -78,7 +78,7 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
 
         def keep(module, args, kwargs, out):  # what the step needs of the training forward: who fired, who is dead
             dead = args[1] if len(args) > 1 else kwargs.get("dead_mask")
-            seen.update(indices=out.indices, fired=out.values.detach() > 0, dead=dead)
+            seen.update(values=out.values.detach(), indices=out.indices, dead=dead)
 
         sae.register_forward_hook(keep, with_kwargs=True)
         step = tr.opt.step
@@ -87,8 +87,7 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
             step()
             dead = seen["dead"]
             if probe_name == "rare steps / 4":
-                fires = torch.zeros(LATENTS).index_add_(0, seen["indices"].flatten(), seen["fired"].flatten().float())
-                scale = (fires / 4).clamp(max=1.0)
+                scale = (fire_counts(seen["values"], seen["indices"], LATENTS) / 4).clamp(max=1.0)
                 if dead is not None:
                     scale[dead] = 1.0
             else:
@@ -101,10 +100,11 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
         tr.cfg.aux_coef *= 4  # the loss still averages over all N tokens, of which a quarter now count
 
         def first_quarter(pre, dead_ids, k_aux):
-            acts, tokens_, cols = aux_acts(pre, dead_ids, k_aux)
+            acts, tokens_, cols, counts = aux_acts(pre, dead_ids, k_aux)
             cut = pre.shape[0] // 4
             acts[cut:] = 0  # a fresh tensor (index_select or top-k), not a view of the pre-activations
-            return acts, tokens_[tokens_ < cut], cols[tokens_ < cut]
+            counts[cut:] = 0
+            return acts, tokens_[tokens_ < cut], cols[tokens_ < cut], counts
 
         sae._aux_acts = first_quarter  # an instance attribute: this SAE only
     return r
@@ -157,18 +157,11 @@ def main() -> None:
     p.add_argument("--batches", default="1024,4096")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "signum_dead.json"))
     args = p.parse_args()
-    from dlmscope.io_utils import atomic_write_json
-
     torch.set_num_threads(1)
     grid = _grid()
     x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
-    out = Path(args.out)
-    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
-
-    def save() -> None:
-        atomic_write_json(out, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                                "source": "dlm layer 3", "summary": summarise(grid, rows), "rows": rows})
-
+    results = grid.Results(args.out, lambda rows: {"source": "dlm layer 3", "summary": summarise(grid, rows)})
+    rows = results.rows
     for batch in (int(b) for b in args.batches.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             for name in PROBES:
@@ -178,9 +171,9 @@ def main() -> None:
                 rows[key] = r = train(grid, x, name, batch, TOKENS, seed)
                 print(f"{key}: FVU {r['fvu']:.5f}, dead {r['dead_mean']:.3f}, never fired {r['never_fired']:.3f}",
                       flush=True)
-                save()
-    save()
-    print(readme_table(json.loads(out.read_text())))
+                results.save()
+    results.save()
+    print(readme_table({"summary": summarise(grid, rows)}))
 
 
 if __name__ == "__main__":
