@@ -49,7 +49,7 @@ def time_routes(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int, repeats: i
                 t = time.process_time()
                 out = sae(x, dead, k_aux)
                 loss = (out.recon - out.x).pow(2).sum(-1).mean()
-                loss = loss + aux_loss(out.x - out.recon, out.aux_recon, n_dead, k_aux, None) / 32
+                loss = loss + aux_loss(out.recon - out.x, out.aux_recon, n_dead, k_aux, None) / 32
                 loss.backward()
                 if i:  # the first round warms up
                     times[route].append(time.process_time() - t)

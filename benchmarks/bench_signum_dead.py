@@ -100,11 +100,11 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
         tr.cfg.aux_coef *= 4  # the loss still averages over all N tokens, of which a quarter now count
 
         def first_quarter(pre, dead_ids, k_aux):
-            acts, tokens_, cols, counts = aux_acts(pre, dead_ids, k_aux)
+            acts, counts = aux_acts(pre, dead_ids, k_aux)
             cut = pre.shape[0] // 4
             acts[cut:] = 0  # a fresh tensor (index_select or top-k), not a view of the pre-activations
             counts[cut:] = 0
-            return acts, tokens_[tokens_ < cut], cols[tokens_ < cut], counts
+            return acts, counts
 
         sae._aux_acts = first_quarter  # an instance attribute: this SAE only
     return r

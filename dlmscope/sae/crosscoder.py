@@ -243,7 +243,7 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
         mse = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
-            aux = aux_loss(err, out.aux_recon, n_dead, self.k_aux, reduce)
+            aux = aux_loss(-err, out.aux_recon, n_dead, self.k_aux, reduce)  # it reads x_hat - x
         loss = mse + self.cfg.aux_coef * aux
         lr = self.backward(loss, reduce)
         self.opt.step()

@@ -218,6 +218,12 @@ class _AuxSelection:
     pattern: _LatentPattern | _DenseBlock
 
 
+def _relu_gate(grad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`grad` where the ReLU'd `values` are positive, else 0: ReLU's own backward kernel, one pass where
+    `grad * (values > 0)` takes two and a mask (1.3 against 0.35 ms at 4,096 x 161 on CPU)."""
+    return torch.ops.aten.threshold_backward(grad, values.to(grad.dtype), 0)
+
+
 class _SelectedPreacts(torch.autograd.Function):
     """ReLU'd pre-activations at the selected entries of pre = (xs - b_dec) @ W_enc + b_enc, computed without a
     graph: the Top-K ones (`values`, (N, k)) and AuxK's (`aux_values`, laid out by `aux`; empty without AuxK). The
@@ -236,12 +242,12 @@ class _SelectedPreacts(torch.autograd.Function):
     def backward(ctx, grad, grad_aux):
         xc, W_enc, values, aux_values = ctx.saved_tensors
         xc = xc.to(W_enc.dtype)
-        g = grad.to(W_enc.dtype) * (values > 0)  # ReLU gate
+        g = _relu_gate(grad.to(W_enc.dtype), values)
         grad_w = ctx.pattern.scatter_matmul(g, xc)
         grad_b = ctx.pattern.column_sums(g)
         if ctx.aux is not None:
             ids, aux = ctx.aux.ids, ctx.aux.pattern
-            g_aux = grad_aux.to(W_enc.dtype) * (aux_values > 0)  # ReLU and AuxK's selection
+            g_aux = _relu_gate(grad_aux.to(W_enc.dtype), aux_values)  # ReLU and AuxK's selection
             grad_w.index_add_(0, ids, aux.scatter_matmul(g_aux, xc))
             grad_b.index_add_(0, ids, aux.column_sums(g_aux))
         return None, None, None, -(W_enc @ grad_b), grad_w.t(), grad_b, None, None
@@ -444,12 +450,13 @@ class SAE(nn.Module):
             top_values, top_ids = pre.topk(self.cfg.k, dim=-1, sorted=False)
             pattern, aux, aux_values = _LatentPattern(top_ids, self.cfg.n_latents), None, xc.new_empty(0)
             if dead_ids is not None:
-                acts, tokens, cols, counts = self._aux_acts(pre, dead_ids, k_aux)
-                if tokens.numel() and _dense_aux(acts.shape[0], acts.shape[1], tokens.numel()):
+                acts, counts = self._aux_acts(pre, dead_ids, k_aux)
+                n_positive = int(counts.sum())
+                if n_positive and _dense_aux(acts.shape[0], acts.shape[1], n_positive):
                     aux, aux_values = _AuxSelection(dead_ids, _DenseBlock()), acts
-                elif tokens.numel():  # ragged: only the positive ones do anything
-                    offsets = counts.cumsum(0) - counts
-                    aux = _AuxSelection(dead_ids, _LatentPattern(cols, acts.shape[1], tokens, offsets))
+                elif n_positive:  # ragged: only the positive ones do anything
+                    tokens, cols = acts.nonzero(as_tuple=True)  # token-major
+                    aux = _AuxSelection(dead_ids, _LatentPattern(cols, acts.shape[1], tokens, counts.cumsum(0) - counts))
                     aux_values = acts[tokens, cols]
         values, aux_values = _SelectedPreacts.apply(top_values.relu(), aux_values, xc, self.b_dec, self.W_enc,
                                                     self.b_enc, pattern, aux)
@@ -462,21 +469,18 @@ class SAE(nn.Module):
         return out
 
     @staticmethod
-    def _aux_acts(pre: torch.Tensor, dead_ids: torch.Tensor,
-                  k_aux: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """AuxK's activations (N, n_dead): per token the k_aux largest dead pre-activations, ReLU'd, zero elsewhere;
-        the token and column of each positive one, token-major (the rest decode to zero and get no gradient through
-        the ReLU); and how many each token has (N,). Where no token has more than k_aux positive ones (nearly always:
-        a few per token late in a run) that is all its positive ones, and no top-k runs."""
+    def _aux_acts(pre: torch.Tensor, dead_ids: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """AuxK's activations (N, n_dead): per token the k_aux largest dead pre-activations, ReLU'd, zero elsewhere
+        (the rest decode to zero and get no gradient through the ReLU), and how many of them each token has positive
+        (N,). Where no token has more than k_aux positive ones (nearly always: a few per token late in a run) that
+        is all its positive ones, and no top-k runs. Counting, not listing: the dense route never needs the list."""
         acts = pre.index_select(1, dead_ids).relu_()
-        tokens, cols = acts.nonzero(as_tuple=True)
-        counts = torch.bincount(tokens, minlength=acts.shape[0])
-        if k_aux < dead_ids.numel() and tokens.numel() and int(counts.max()) > k_aux:
+        counts = acts.sign().sum(1).long()  # ReLU'd: a sign is 0 or 1, and float sums run 3x count_nonzero's speed
+        if k_aux < dead_ids.numel() and int(counts.max()) > k_aux:
             top, local = acts.topk(k_aux, dim=-1, sorted=False)
             acts = torch.zeros_like(acts).scatter_(1, local, top)
-            tokens, cols = acts.nonzero(as_tuple=True)
             counts = counts.clamp(max=k_aux)  # the top-k keeps all of a token's positive ones, up to k_aux
-        return acts, tokens, cols, counts
+        return acts, counts
 
     def _pre_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The reused (N, n_latents) pre-activation buffer of the sparse route (None under autocast)."""

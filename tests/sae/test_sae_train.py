@@ -35,10 +35,10 @@ def test_aux_loss_is_the_documented_formula(n_dead):
     pred = torch.randn(50, 6, generator=gen, dtype=torch.double, requires_grad=True)
     want = ((err - pred).pow(2).sum(1).mean() / (err - err.mean(0)).pow(2).sum(1).mean() * min(n_dead / 16, 1.0))
     for reduce in (None, lambda t: t):
-        torch.testing.assert_close(aux_loss(err, pred, n_dead, 16, reduce), want)
-    err.requires_grad_(True)
-    aux_loss(err, pred, n_dead, 16, None).backward()
-    assert err.grad is None and pred.grad.abs().sum() > 0
+        torch.testing.assert_close(aux_loss(-err, pred, n_dead, 16, reduce), want)  # it reads x_hat - x = -e
+    miss = (-err).requires_grad_(True)
+    aux_loss(miss, pred, n_dead, 16, None).backward()
+    assert miss.grad is None and pred.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0, 3000.0])
@@ -52,8 +52,40 @@ def test_aux_loss_variance_keeps_its_digits_when_the_mean_dominates(offset):
     pred = torch.randn(256, 8, generator=gen, dtype=torch.double) + offset
     want = (err - pred).pow(2).sum(1).mean() / (err - err.mean(0)).pow(2).sum(1).mean()
     for reduce in (None, lambda t: t):
-        got = aux_loss(err.float(), pred.float(), 16, 16, reduce)
+        got = aux_loss(-err.float(), pred.float(), 16, 16, reduce)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.0)
+
+
+def test_loss_gradients_are_bit_for_bit_mse_loss():
+    """The step's losses read one difference x_hat - x and backpropagate through `sum_of_squares`; the gradients they
+    give every parameter are exactly those of the F.mse_loss formulation they replace (so results stay reproducible),
+    on the CPU's sparse route with AuxK on."""
+    import torch.nn.functional as F
+
+    from dlmscope.sae.train import aux_loss, sum_of_squares
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, generator=gen)
+    sae = SAETrainer(SAEConfig(16, 128, 4), TrainConfig(total_tokens=640, batch_size=64)).sae
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::3] = True
+
+    def grads(fused: bool) -> list[torch.Tensor]:
+        sae.zero_grad(set_to_none=True)
+        out = sae(x, dead, 8)
+        if fused:
+            miss = out.recon - out.x
+            loss = sum_of_squares(miss) / 64 + aux_loss(miss, out.aux_recon, 43, 8, None) / 32
+        else:
+            e = (out.x - out.recon).detach()
+            variance = (e - e.mean(0)).pow(2).sum(-1).mean()
+            aux = F.mse_loss(out.aux_recon, e, reduction="sum") / 64 / variance * 1.0
+            loss = F.mse_loss(out.recon, out.x, reduction="sum") / 64 + aux / 32
+        loss.backward()
+        return [p.grad.clone() for p in sae.parameters()]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_schedule_warmup_constant_linear_decay_to_zero():
