@@ -15,6 +15,7 @@ median milliseconds.
 
     python benchmarks/bench_sae_steps.py [--batch 1024] [--tokens 300000] [--flush-denormal]
         [--aux-coef 0]             # AuxK off for both: what is left of the gap without it
+        [--dead-tokens 149504]     # AuxK's dead window for both (default: a fifth of the run)
         [--aux-route ragged|dense] # force one of the CPU's two AuxK routes instead of the rule (model._dense_aux)
 
 Writes benchmarks/results/sae_steps.json (or --out).
@@ -54,11 +55,12 @@ class Timed:
     """A trainer whose step is split into phases by wrapping the calls `SAETrainer.step` makes."""
 
     def __init__(self, optimizer: str, d: int, latents: int, k: int, tokens: int, batch: int,
-                 aux_coef: float = 1 / 32):
+                 aux_coef: float = 1 / 32, dead_tokens: int | None = None):
         from dlmscope.sae import SAEConfig, SAETrainer, TrainConfig
 
         self.tr = SAETrainer(SAEConfig(d, latents, k), TrainConfig(total_tokens=tokens, batch_size=batch,
-                                                                   optimizer=optimizer, aux_coef=aux_coef))
+                                                                   optimizer=optimizer, aux_coef=aux_coef,
+                                                                   dead_tokens=dead_tokens))
         self.phase = dict.fromkeys(PHASES, 0.0)
         sae = self.tr.sae
         sae.forward = self._wrap(sae.forward, "forward")
@@ -85,9 +87,10 @@ class Timed:
         return total, dict(self.phase), logs
 
 
-def run(x: torch.Tensor, batch: int, latents: int, k: int, aux_coef: float = 1 / 32) -> dict:
+def run(x: torch.Tensor, batch: int, latents: int, k: int, aux_coef: float = 1 / 32,
+        dead_tokens: int | None = None) -> dict:
     steps, d = x.shape[0] // batch, x.shape[1]
-    trainers = {name: Timed(name, d, latents, k, steps * batch, batch, aux_coef) for name in OPTIMISERS}
+    trainers = {name: Timed(name, d, latents, k, steps * batch, batch, aux_coef, dead_tokens) for name in OPTIMISERS}
     buf = torch.empty(batch, latents)
     records = []
     for i in range(steps):
@@ -136,6 +139,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
     p.add_argument("--aux-coef", type=float, default=1 / 32, help="AuxK's coefficient for both (0: AuxK off)")
+    p.add_argument("--dead-tokens", type=int, default=None,
+                   help="AuxK's dead window for both (default: TrainConfig's, a fifth of the run)")
     p.add_argument("--aux-route", choices=["rule", "ragged", "dense"], default="rule",
                    help="force one of the CPU's AuxK routes for both (default: the rule, model._dense_aux)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_steps.json"))
@@ -154,11 +159,12 @@ def main() -> None:
     x = bst.cached_activations("dlm", args.tokens + 16_384, "cpu")[:args.tokens]  # the held-out tail stays unused
     load_before = os.getloadavg()
     t0, c0 = time.time(), time.process_time()
-    r = run(x, args.batch, args.latents, args.k, args.aux_coef)
+    r = run(x, args.batch, args.latents, args.k, args.aux_coef, args.dead_tokens)
     result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "clock": "process CPU time", "source": "dlm layer 3",
               "d_in": x.shape[1], "latents": args.latents, "k": args.k, "batch": args.batch,
               "tokens": r["steps"] * args.batch, "flush_denormal": flushed, "aux_coef": args.aux_coef,
+              "dead_tokens": args.dead_tokens,
               "aux_route": args.aux_route,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,

@@ -28,7 +28,7 @@ def test_median_interval_is_order_statistics(load_benchmark):
     assert bench.median_ci(list(range(101))) == [40, 61]  # ranks 50.5 -+ 1.96 * sqrt(101) / 2, rounded outwards
 
 
-def test_aux_coefficient_reaches_both_trainers(load_benchmark):
+def test_aux_coefficient_and_dead_window_reach_both_trainers(load_benchmark):
     bench = load_benchmark("bench_sae_steps")
-    timed = {o: bench.Timed(o, 16, 128, 4, 64 * 4, 64, aux_coef=0.0) for o in bench.OPTIMISERS}
-    assert all(t.tr.cfg.aux_coef == 0.0 for t in timed.values())
+    timed = {o: bench.Timed(o, 16, 128, 4, 64 * 4, 64, aux_coef=0.0, dead_tokens=200) for o in bench.OPTIMISERS}
+    assert all(t.tr.cfg.aux_coef == 0.0 and t.tr.dead_tokens == 200 for t in timed.values())
