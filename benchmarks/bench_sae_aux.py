@@ -36,7 +36,7 @@ DENSITIES = (0.005, 0.02, 0.04, 0.08, 0.2)
 def time_routes(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int, repeats: int) -> dict:
     """Median CPU ms of forward + backward with each AuxK route forced."""
     from dlmscope.sae import model
-    from dlmscope.sae.train import aux_loss
+    from dlmscope.sae.train import aux_loss, sum_of_squares
 
     n_dead = int(dead.sum())
     kept = model._dense_aux
@@ -48,8 +48,8 @@ def time_routes(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int, repeats: i
                 sae.zero_grad(set_to_none=True)
                 t = time.process_time()
                 out = sae(x, dead, k_aux)
-                loss = (out.recon - out.x).pow(2).sum(-1).mean()
-                loss = loss + aux_loss(out.recon - out.x, out.aux_recon, n_dead, k_aux, None) / 32
+                miss = out.recon - out.x  # the trainer's losses (`SAETrainer.step`)
+                loss = sum_of_squares(miss) / x.shape[0] + aux_loss(miss, out.aux_recon, n_dead, k_aux, None) / 32
                 loss.backward()
                 if i:  # the first round warms up
                     times[route].append(time.process_time() - t)

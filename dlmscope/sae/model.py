@@ -286,8 +286,8 @@ AUX_DENSE_CELL_COST = 0.12
 """On CPU, what one (token, dead latent) cell of AuxK's dense block costs, in positive entries of its ragged route."""
 AUX_RAGGED_TOKEN_COST = 3.0
 """On CPU, the ragged route's cost per token beyond its entries, in entries. Both from `benchmarks/bench_sae_aux.py`
-(d_in 256, batch 4,096): dense wins below about 25 dead latents whatever their activations, and from about 10%
-positive at 128 dead latents and 11% at 512."""
+(d_in 256, batch 4,096): the two cost about the same with 16 dead latents whatever their activations, and dense
+wins from about 8-10% positive at 128 to 512 dead latents (the rule's pick within 1% of the cheaper route)."""
 
 
 def _dense_aux(n_tokens: int, n_dead: int, n_positive: int) -> bool:
