@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -35,14 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_NAME = "dlmscope_base"
 
 
-def _load(name: str):
+def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def extract_base(base: str, into: Path):
+def extract_base(base: str, into: Path) -> ModuleType:
     """The base revision's `dlmscope.sae`, imported as `dlmscope_base.sae` from `into` (the package's imports are
     relative, so the copy uses its own modules throughout)."""
     target = into / BASE_NAME
@@ -69,7 +70,13 @@ def extract_base(base: str, into: Path):
         sys.path.remove(str(into))
 
 
-def run(base_sae, x: torch.Tensor, batch: int, latents: int, k: int, optimizer: str) -> dict:
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Bit-for-bit the same parameters under the same names (a renamed or added parameter counts as different)."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def run(base_sae: ModuleType, x: torch.Tensor, batch: int, latents: int, k: int, optimizer: str) -> dict:
     """Both trainers over x in batches, paired step by step."""
     import dlmscope.sae as this_sae
 
@@ -86,9 +93,7 @@ def run(base_sae, x: torch.Tensor, batch: int, latents: int, k: int, optimizer: 
             trainers[name].step(b)
             took[name] = time.process_time() - t
         ratios.append(took["this"] / took["base"])
-        if first_difference is None and not all(
-                torch.equal(p, q) for p, q in zip(trainers["this"].sae.parameters(), trainers["base"].sae.parameters(),
-                                                  strict=True)):
+        if first_difference is None and not same_weights(trainers["this"].sae, trainers["base"].sae):
             first_difference = i
     return {"steps": steps, "ratios": ratios, "first_difference": first_difference}
 
@@ -120,10 +125,13 @@ def main() -> None:
         base_sae = extract_base(args.base, Path(tmp))
         t0, c0 = time.time(), time.process_time()
         r = run(base_sae, x, args.batch, args.latents, args.k, args.optimizer)
-    revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    git = ["git", "-C", str(ROOT)]
+    revision = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run([*git, "status", "--porcelain", "--", "dlmscope"], capture_output=True, text=True).stdout
     result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "clock": "process CPU time", "source": "dlm layer 3",
-              "base": args.base, "this": f"working tree on {revision.strip()}", "optimizer": args.optimizer,
+              "base": args.base, "this": revision + (" with uncommitted changes to dlmscope/" if changed.strip() else ""),
+              "optimizer": args.optimizer,
               "d_in": x.shape[1], "latents": args.latents, "k": args.k, "batch": args.batch,
               "tokens": r["steps"] * args.batch, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
               "bit_identical": r["first_difference"] is None, "first_difference": r["first_difference"],

@@ -56,36 +56,43 @@ def test_aux_loss_variance_keeps_its_digits_when_the_mean_dominates(offset):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.0)
 
 
-def test_loss_gradients_are_bit_for_bit_mse_loss():
-    """The step's losses read one difference x_hat - x and backpropagate through `sum_of_squares`; the gradients they
-    give every parameter are exactly those of the F.mse_loss formulation they replace (so results stay reproducible),
-    on the CPU's sparse route with AuxK on."""
+def _mse_loss_gradients(sae, x, dead, k_aux, n_dead):
+    """Every parameter's gradient under the formulation the trainer's losses replaced: F.mse_loss for the MSE and
+    for AuxK's error, AuxK's variance in one pass E|e|^2 - |E e|^2, then the decoder's parallel gradient removed."""
     import torch.nn.functional as F
 
-    from dlmscope.sae.train import aux_loss, sum_of_squares
+    sae.zero_grad(set_to_none=True)
+    out = sae(x, dead, k_aux)
+    e = (out.x - out.recon).detach()
+    flat = e.flatten()
+    variance = torch.dot(flat, flat) / e.shape[0] - e.mean(0).pow(2).sum()
+    assert variance >= 1e-3 * torch.dot(flat, flat) / e.shape[0]  # the one-pass branch, as in the trainer
+    aux = F.mse_loss(out.aux_recon, e, reduction="sum") / e.shape[0] / variance.clamp_min(1e-12) * min(n_dead / k_aux, 1)
+    (F.mse_loss(out.recon, out.x, reduction="sum") / e.shape[0] + aux / 32).backward()
+    sae.remove_parallel_grad()
+    return {n: p.grad for n, p in sae.named_parameters()}
 
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(64, 16, generator=gen)
-    sae = SAETrainer(SAEConfig(16, 128, 4), TrainConfig(total_tokens=640, batch_size=64)).sae
-    dead = torch.zeros(128, dtype=torch.bool)
-    dead[::3] = True
 
-    def grads(fused: bool) -> list[torch.Tensor]:
-        sae.zero_grad(set_to_none=True)
-        out = sae(x, dead, 8)
-        if fused:
-            miss = out.recon - out.x
-            loss = sum_of_squares(miss) / 64 + aux_loss(miss, out.aux_recon, 43, 8, None) / 32
-        else:
-            e = (out.x - out.recon).detach()
-            variance = (e - e.mean(0)).pow(2).sum(-1).mean()
-            aux = F.mse_loss(out.aux_recon, e, reduction="sum") / 64 / variance * 1.0
-            loss = F.mse_loss(out.recon, out.x, reduction="sum") / 64 + aux / 32
-        loss.backward()
-        return [p.grad.clone() for p in sae.parameters()]
+@pytest.mark.parametrize(("aux_route", "k_aux"), [("dense", 64), ("ragged", 64), ("ragged", 3)])  # 3: AuxK's top-k
+def test_step_gradients_are_bit_for_bit_those_of_mse_loss(aux_route, k_aux, monkeypatch):
+    """`SAETrainer.step` reads one difference x_hat - x for both losses and backpropagates through
+    `sum_of_squares`; the gradients it leaves (adam keeps them) are exactly those of the F.mse_loss formulation it
+    replaced, on either AuxK route and with AuxK's top-k, so results from before the change stay reproducible."""
+    import copy
 
-    for got, want in zip(grads(True), grads(False), strict=True):
-        assert torch.equal(got, want)
+    from dlmscope.sae import model
+
+    monkeypatch.setattr(model, "_dense_aux", lambda *shape: aux_route == "dense")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) + 0.3
+    tr = SAETrainer(SAEConfig(16, 128, 4), TrainConfig(total_tokens=640, batch_size=64, optimizer="adam",
+                                                       k_aux=k_aux))
+    tr.step(x)  # initialised, then a third of the latents dead
+    tr.since_fired[::3] = tr.dead_tokens
+    dead, n_dead = tr.since_fired >= tr.dead_tokens, int((tr.since_fired >= tr.dead_tokens).sum())
+    want = _mse_loss_gradients(copy.deepcopy(tr.sae), x, dead, tr.k_aux, n_dead)
+    assert tr.step(x)["aux"] > 0
+    for name, p in tr.sae.named_parameters():
+        assert torch.equal(p.grad, want[name]), name
 
 
 def test_schedule_warmup_constant_linear_decay_to_zero():
@@ -214,6 +221,47 @@ def test_bf16_autocast_step_runs():
     logs = tr.step(torch.randn(128, 16))
     assert math.isfinite(logs["loss"]) and logs["aux"] > 0
     assert tr.sae.W_enc.dtype == torch.float32
+
+
+def test_bf16_autocast_auxk_routes_agree_beyond_bfloat16_integers(monkeypatch):
+    """Under bfloat16 autocast, tokens with more positive dead activations than bfloat16 counts exactly (256; here
+    about 600, different per token, and all of them kept: k_aux exceeds the dead latents): the ragged route's token
+    offsets must match its entries, so both AuxK routes decode the same prediction."""
+    from dlmscope.sae import SAE, model
+
+    sae = SAE(SAEConfig(8, 1200, 4), seed=0)
+    dead = torch.ones(1200, dtype=torch.bool)
+    dead[:8] = False
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.copy_(-sae.pre_acts(x).median(0).values)  # about half of each token's pre-activations positive
+    recon = {}
+    for route in ("ragged", "dense"):
+        monkeypatch.setattr(model, "_dense_aux", lambda *shape, r=route: r == "dense")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x, dead, 5000)
+        recon[route] = out.aux_recon.float()
+    with torch.no_grad():
+        counts = (sae.pre_acts(x)[:, dead] > 0).sum(1)
+    assert counts.min() > 300 and len(set(counts.tolist())) > 8
+    scale = recon["dense"].abs().max()
+    assert (recon["ragged"] - recon["dense"]).abs().max() < 0.005 * scale  # bfloat16 rounding; offsets off by 1-2: 0.01
+
+
+def test_nan_activations_stop_the_step_with_auxk_on(monkeypatch):
+    """A NaN input reaches AuxK's counts as NaN; the step still ends in NonFiniteError (the run keeps its last good
+    checkpoint), not in an error from the ragged route's offsets."""
+    from dlmscope.sae import model
+    from dlmscope.sae.train import NonFiniteError
+
+    monkeypatch.setattr(model, "_dense_aux", lambda *shape: False)
+    tr = SAETrainer(SAEConfig(16, 64, 4), TrainConfig(total_tokens=256, batch_size=32, optimizer="adam"))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    tr.step(x)
+    tr.since_fired[::2] = tr.dead_tokens
+    x[3, 5] = float("nan")
+    with pytest.raises(NonFiniteError):
+        tr.step(x)
 
 
 def test_check_finite_names_nan_and_inf_and_passes_sums_that_overflow(make_trainer):
