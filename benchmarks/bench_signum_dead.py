@@ -9,6 +9,7 @@ AuxK, on the grid's data (`bench_sae_grid.py`: the DLM's layer-3 activations, d_
   min(1, its fires in the batch / 4), so a latent that fires on one token moves a quarter step; dead latents (moved
   by AuxK only) keep the full step; `rare steps / 16` the same with 16, the far end of that trade;
 - `dead steps x3`: dead latents' sign steps tripled, so AuxK revives them faster;
+- `lr x0.7`: every sign step 0.7 times the default's (signum_sf's lr was set for FVU; fewer latents die at less);
 - `AuxK on a quarter`: AuxK's loss over the first quarter of each batch's tokens only, at 4x the coefficient so
   that each of those tokens weighs what it did (a quarter of AuxK's entries on its ragged route).
 
@@ -16,7 +17,7 @@ The probes act on the trainer from outside (a correction after each optimiser st
 gradient in `.grad`, and AuxK's activations cut to the quarter), so the default trainer is what runs. Reported per
 cell, paired by seed against the default: held-out FVU, the trainer's dead fraction (mean over steps) and the share
 of latents that never fire on the held-out vectors, with Student-t intervals over seeds (95% for each value; for the
-differences from the default, Bonferroni over the probe and batch comparisons of each metric, eight by default, so
+differences from the default, Bonferroni over the probe and batch comparisons of each metric, ten by default, so
 95% jointly per metric).
 
     python benchmarks/bench_signum_dead.py [--seeds 0,1,2] [--batches 1024,4096]
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBES = ("default", "rare steps / 4", "rare steps / 16", "dead steps x3", "AuxK on a quarter")
+PROBES = ("default", "rare steps / 4", "rare steps / 16", "dead steps x3", "lr x0.7", "AuxK on a quarter")
 METRICS = ("fvu", "dead_mean", "never_fired")
 TOKENS, LATENTS, K = 299_008, 4096, 32
 FAMILY_LEVEL = 0.95
@@ -96,6 +97,8 @@ def probe(grid, probe_name: str, d: int, seed: int, batch: int, tokens: int):
             rescale_sign_steps(tr, scale)
 
         tr.opt.step = scaled_step
+    elif probe_name == "lr x0.7":
+        tr.lr *= 0.7  # the schedule (`SAETrainer.lr_at`) scales from it
     elif probe_name == "AuxK on a quarter":
         aux_acts = type(sae)._aux_acts
         tr.cfg.aux_coef *= 4  # the loss still averages over all N tokens, of which a quarter now count

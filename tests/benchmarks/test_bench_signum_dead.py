@@ -42,4 +42,4 @@ def test_every_probe_trains_and_pairs_with_the_default(tiny_grid_study):
     summary = bench.summarise(grid, rows)
     assert [c["probe"] for c in summary] == list(bench.PROBES) and summary[0]["fvu_vs_default"][0] == 0.0
     table = bench.readme_table({"summary": summary})
-    assert table.count("\n") == 6 and "| 64 | dead steps x3 | 2 |" in table
+    assert table.count("\n") == 7 and "| 64 | dead steps x3 | 2 |" in table
