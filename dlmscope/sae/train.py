@@ -49,7 +49,7 @@ class OptimiserConfig(Options):
     """Learning rate."""
     optimizer: str | None = field(default=None, metadata=choices(
         lambda: tuple(OPTIMIZERS), "signum_sf for Top-K SAEs, adam for the other architectures, crosscoders and diff's SAEs"))
-    """signum_sf (sign descent with schedule-free averaging; see `sae.optim`) or adam (warm-up, linear decay)."""
+    """signum_sf (sign descent, schedule-free averaging: the lower FVU, more dead latents) or adam (warm-up, decay)."""
     warmup_steps: int | None = field(default=None, metadata=unset("adam 50, signum_sf 10"))
     """Steps of linear learning-rate warm-up from lr / warmup_steps to lr."""
     decay_fraction: float = 0.2
