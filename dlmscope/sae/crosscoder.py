@@ -239,11 +239,11 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
         dead = self.since_fired >= self.dead_tokens
         n_dead = int(dead.sum())
         out = cc(x, dead if n_dead and self.cfg.aux_coef > 0 else None, self.k_aux)
-        err = out.x - out.recon
-        mse = err.pow(2).sum(-1).mean()
+        miss = out.recon - out.x  # the residual, negated, as `aux_loss` reads it
+        mse = miss.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if out.aux_recon is not None:
-            aux = aux_loss(-err, out.aux_recon, n_dead, self.k_aux, reduce)  # it reads x_hat - x
+            aux = aux_loss(miss, out.aux_recon, n_dead, self.k_aux, reduce)
         loss = mse + self.cfg.aux_coef * aux
         lr = self.backward(loss, reduce)
         self.opt.step()
@@ -258,14 +258,14 @@ class CrossCoderTrainer(SAETrainer[CrossCoder]):
                 fired = reduce(fired.float()) > 0
             self.since_fired += x.shape[0]
             self.since_fired[fired] = 0
-            fvu = float(err.detach().pow(2).sum() / (out.x - out.x.mean(0)).pow(2).sum().clamp_min(1e-12))
+            fvu = float(miss.detach().pow(2).sum() / (out.x - out.x.mean(0)).pow(2).sum().clamp_min(1e-12))
             l0 = float((out.values > 0).sum()) / x.shape[0]
         self.step_count += 1
         self.tokens += x.shape[0]
         resampled = 0
         if self.resample_every and self.step_count % self.resample_every == 0 and \
                 self.step_count <= self.cfg.steps // 2:
-            resampled = self.resample(x, err.detach())
+            resampled = self.resample(x, -miss.detach())  # the residual x - x_hat
         return {"loss": float(loss.detach()), "mse": float(mse.detach()), "aux": float(aux.detach()), "fvu": fvu,
                 "l0": l0, "dead_fraction": n_dead / cc.cfg.n_latents, "lr": lr, "resampled": resampled}
 
