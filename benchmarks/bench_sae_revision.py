@@ -101,9 +101,7 @@ def run(base_sae: ModuleType, x: torch.Tensor, batch: int, latents: int, k: int,
 def report(ratios: list[float]) -> dict:
     """Median ratio this / base [95% interval] over the whole run and per quarter."""
     steps = _load("bench_sae_steps")
-    n = len(ratios)
-    parts = {"whole run": ratios, **{f"quarter {q + 1}": ratios[q * n // 4:(q + 1) * n // 4] for q in range(4)}}
-    return {label: steps.summary(rs) for label, rs in parts.items() if rs}
+    return {label: steps.summary(rs) for label, rs in steps.run_parts(ratios).items() if rs}
 
 
 def main() -> None:

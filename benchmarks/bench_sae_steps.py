@@ -109,12 +109,16 @@ def run(x: torch.Tensor, batch: int, latents: int, k: int, aux_coef: float = 1 /
     return {"steps": steps, "records": records}
 
 
+def run_parts(steps: list) -> dict[str, list]:
+    """A run's per-step records under "whole run" and "quarter 1".."quarter 4"."""
+    n = len(steps)
+    return {"whole run": steps, **{f"quarter {q + 1}": steps[q * n // 4:(q + 1) * n // 4] for q in range(4)}}
+
+
 def report(records: list[dict]) -> dict:
     """Paired ratios and phase medians over the whole run and per quarter."""
-    n = len(records)
-    parts = {"whole run": records, **{f"quarter {q + 1}": records[q * n // 4:(q + 1) * n // 4] for q in range(4)},
-             "aux steps (both with dead latents)": [r for r in records
-                                                    if all(r[o]["dead_fraction"] > 0 for o in OPTIMISERS)]}
+    parts = {**run_parts(records), "aux steps (both with dead latents)": [
+        r for r in records if all(r[o]["dead_fraction"] > 0 for o in OPTIMISERS)]}
     out = {}
     for label, rs in parts.items():
         if not rs:
