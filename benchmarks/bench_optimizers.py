@@ -34,7 +34,6 @@ and a second sweep with the half-lr `signum_sf` (one process per cell, two at a 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -43,13 +42,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"adam": ("adam", 1.0), "signum_sf": ("signum_sf", 1.0), "signum_sf lr/2": ("signum_sf", 0.5)}
-
-
-def _bench_sae_train():
-    spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class OurTrainer:
@@ -97,7 +89,8 @@ def main() -> None:
     from dlmscope.io_utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    bst = _bench_sae_train()
+    import bench_sae_train as bst  # a sibling script: its folder is on sys.path when this one runs
+
     cells = [tuple(int(v) for v in c.split(":")) for c in args.cells.split(",")]
     x = bst.cached_activations("dlm", max(t for _, t in cells) + args.heldout, "cpu")
     train, held = x[:-args.heldout], x[-args.heldout:]

@@ -20,7 +20,6 @@ Writes benchmarks/results/sae_aux.json (or --out).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import statistics
 import time
@@ -78,9 +77,8 @@ def main() -> None:
     from dlmscope.sae import SAE, SAEConfig, model
 
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
-    bst = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bst)
+    import bench_sae_train as bst  # a sibling script: its folder is on sys.path when this one runs
+
     x = bst.cached_activations("dlm", args.batch, "cpu")[:args.batch]
     cells = []
     for n_dead in N_DEAD:

@@ -17,26 +17,16 @@ Writes benchmarks/results/sae_dead_window.json after every run; a rerun trains o
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+import functools
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 WINDOWS = {"default": 5, "half run": 2}
 """Window name -> the divisor of total_tokens."""
 OPTIMISERS = ("adam", "signum_sf")
 LATENTS, K = 4096, 32
-
-
-def _grid():
-    spec = importlib.util.spec_from_file_location("bench_sae_grid", ROOT / "benchmarks" / "bench_sae_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train(grid, x: torch.Tensor, optimiser: str, batch: int, tokens: int, window: str, seed: int) -> dict:
@@ -85,30 +75,15 @@ def readme_table(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--batches", default="1024,4096")
-    p.add_argument("--tokens", default="299008,999424")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sae_dead_window.json"))
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    grid = _grid()
-    x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
-    results = grid.Results(args.out, lambda rows: {"source": "dlm layer 3", "summary": summarise(grid, rows)})
-    rows = results.rows
-    for tokens in (int(t) for t in args.tokens.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
-            for seed in (int(s) for s in args.seeds.split(",")):
-                for opt in OPTIMISERS:
-                    for window in WINDOWS:
-                        k = f"{opt}/{batch}/{tokens // batch * batch}/{window}/{seed}"
-                        if k in rows:
-                            continue
-                        rows[k] = r = train(grid, x, opt, batch, tokens, window, seed)
-                        print(f"{k}: FVU {r['fvu']:.4f}, dead {r['dead_mean']:.3f}, {r['cpu_s']:.1f} s", flush=True)
-                        results.save()
-    results.save()
-    print(readme_table({"summary": summarise(grid, rows)}))
+    import bench_sae_grid as grid  # a sibling script: its folder is on sys.path when this one runs
+
+    args, x, results = grid.open_study(__doc__, "sae_dead_window.json", functools.partial(summarise, grid), tokens="299008,999424")
+    results.fill(((f"{opt}/{batch}/{tokens // batch * batch}/{window}/{seed}",
+                   functools.partial(train, grid, x, opt, batch, tokens, window, seed))
+                  for tokens in grid.ints(args.tokens) for batch in grid.ints(args.batches)
+                  for seed in grid.ints(args.seeds) for opt in OPTIMISERS for window in WINDOWS),
+                 lambda r: f"FVU {r['fvu']:.4f}, dead {r['dead_mean']:.3f}, {r['cpu_s']:.1f} s")
+    print(readme_table({"summary": summarise(grid, results.rows)}))
 
 
 if __name__ == "__main__":

@@ -109,11 +109,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x = None
     if args.activations == "dlm":
-        import importlib.util
+        import bench_sae_train as bst  # a sibling script: its folder is on sys.path when this one runs
 
-        spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
-        bst = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bst)
         x = bst.cached_activations("dlm", args.batch, "cpu")
         args.d_in = x.shape[1]
     r = step_vs_floor(args.d_in, args.latents, args.k, args.batch, args.device, args.repeats, x=x)

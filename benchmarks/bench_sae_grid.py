@@ -32,12 +32,11 @@ Writes benchmarks/results/sae_grid.json after every evaluation; a rerun keeps wh
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -51,16 +50,10 @@ CHECK_UNIT = ("dlm", 1024, 0)
 """The (source, batch, seed) that also trains signum_sf and sparsify as separate short runs (module docstring)."""
 
 
-def _bench_sae_train():
-    spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def activations(source: str, n: int) -> torch.Tensor:
     """(n, d) activations of a source, cached under .cache/bench/."""
-    bst = _bench_sae_train()
+    import bench_sae_train as bst  # a sibling script: its folder is on sys.path when this one runs
+
     if source == "dlm":
         return bst.cached_activations("dlm", n, "cpu")
     path = ROOT / ".cache" / "bench" / f"acts_{source}_{n}.pt"
@@ -99,8 +92,10 @@ class Ours:
 
 def sparsify(d: int, latents: int, k: int, total: int, batch: int, seed: int, dead: int):
     """sparsify's SparseCoder (its init draws from torch's global generator, seeded here) and default optimiser."""
+    import bench_sae_train as bst
+
     torch.manual_seed(seed)
-    return _bench_sae_train().Sparsify(d, latents, k, None, total, batch, dead, "cpu")
+    return bst.Sparsify(d, latents, k, None, total, batch, dead, "cpu")
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -131,6 +126,37 @@ class Results:
         atomic_write_json(self.path, {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                                       "torch_threads": torch.get_num_threads(), "clock": "process CPU time",
                                       **self.fields(self.rows), "rows": self.rows})
+
+    def fill(self, jobs: Iterable[tuple[str, Callable[[], dict]]], describe: Callable[[dict], str]) -> None:
+        """Run each job whose key has no row yet, saving after each, so a killed study resumes at the next one."""
+        for key, job in jobs:
+            if key not in self.rows:
+                self.rows[key] = row = job()
+                print(f"{key}: {describe(row)}", flush=True)
+                self.save()
+        self.save()
+
+
+def open_study(doc: str, out: str, summarise: Callable[[dict], list], **flags: str) -> tuple[argparse.Namespace,
+                                                                                              torch.Tensor, Results]:
+    """A study on this grid's data (the DLM's layer-3 activations, last HELDOUT held out): its command line (--seeds,
+    --batches, `flags` as --name with their defaults, --out under benchmarks/results), one thread, the activations
+    and its result file, whose summary is `summarise(rows)`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--batches", default="1024,4096")
+    for name, default in flags.items():
+        p.add_argument(f"--{name}", default=default)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    results = Results(args.out, lambda rows: {"source": "dlm layer 3", "summary": summarise(rows)})
+    return args, activations("dlm", LONG + HELDOUT), results
+
+
+def ints(csv: str) -> list[int]:
+    """"1024,4096" -> [1024, 4096]: a study's list flags."""
+    return [int(v) for v in csv.split(",")]
 
 
 def key(source: str, batch: int, seed: int, trainer: str, tokens: int) -> str:

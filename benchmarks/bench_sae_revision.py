@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import platform
 import shutil
 import subprocess
@@ -34,13 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_NAME = "dlmscope_base"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def extract_base(base: str, into: Path) -> ModuleType:
@@ -100,7 +92,8 @@ def run(base_sae: ModuleType, x: torch.Tensor, batch: int, latents: int, k: int,
 
 def report(ratios: list[float]) -> dict:
     """Median ratio this / base [95% interval] over the whole run and per quarter."""
-    steps = _load("bench_sae_steps")
+    import bench_sae_steps as steps  # a sibling script: its folder is on sys.path when this one runs
+
     return {label: steps.summary(rs) for label, rs in steps.run_parts(ratios).items() if rs}
 
 
@@ -118,7 +111,9 @@ def main() -> None:
     from dlmscope.io_utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    x = _load("bench_sae_train").cached_activations("dlm", args.tokens + 16_384, "cpu")[:args.tokens]
+    import bench_sae_train
+
+    x = bench_sae_train.cached_activations("dlm", args.tokens + 16_384, "cpu")[:args.tokens]
     with tempfile.TemporaryDirectory() as tmp:
         base_sae = extract_base(args.base, Path(tmp))
         t0, c0 = time.time(), time.process_time()

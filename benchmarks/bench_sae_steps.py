@@ -24,7 +24,6 @@ Writes benchmarks/results/sae_steps.json (or --out).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import platform
@@ -157,9 +156,8 @@ def main() -> None:
 
         model._dense_aux = lambda *shape: args.aux_route == "dense"
     flushed = torch.set_flush_denormal(True) if args.flush_denormal else False
-    spec = importlib.util.spec_from_file_location("bench_sae_train", ROOT / "benchmarks" / "bench_sae_train.py")
-    bst = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bst)
+    import bench_sae_train as bst  # a sibling script: its folder is on sys.path when this one runs
+
     x = bst.cached_activations("dlm", args.tokens + 16_384, "cpu")[:args.tokens]  # the held-out tail stays unused
     load_before = os.getloadavg()
     t0, c0 = time.time(), time.process_time()

@@ -27,27 +27,17 @@ Writes benchmarks/results/signum_dead.json after every run; a rerun trains only 
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+import functools
 import statistics
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 PROBES = ("default", "rare steps / 4", "rare steps / 16", "dead steps x3", "lr x0.7", "AuxK on a quarter")
 METRICS = ("fvu", "dead_mean", "never_fired")
 TOKENS, LATENTS, K = 299_008, 4096, 32
 FAMILY_LEVEL = 0.95
 """Paired differences from the default: Bonferroni over the (probe, batch) comparisons of each metric, so 95% jointly
 per metric."""
-
-
-def _grid():
-    spec = importlib.util.spec_from_file_location("bench_sae_grid", ROOT / "benchmarks" / "bench_sae_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rescale_sign_steps(trainer, scale: torch.Tensor) -> None:
@@ -158,28 +148,13 @@ def readme_table(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--batches", default="1024,4096")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "signum_dead.json"))
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    grid = _grid()
-    x = grid.activations("dlm", grid.LONG + grid.HELDOUT)
-    results = grid.Results(args.out, lambda rows: {"source": "dlm layer 3", "summary": summarise(grid, rows)})
-    rows = results.rows
-    for batch in (int(b) for b in args.batches.split(",")):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for name in PROBES:
-                key = f"{batch}/{name}/{seed}"
-                if key in rows:
-                    continue
-                rows[key] = r = train(grid, x, name, batch, TOKENS, seed)
-                print(f"{key}: FVU {r['fvu']:.5f}, dead {r['dead_mean']:.3f}, never fired {r['never_fired']:.3f}",
-                      flush=True)
-                results.save()
-    results.save()
-    print(readme_table({"summary": summarise(grid, rows)}))
+    import bench_sae_grid as grid  # a sibling script: its folder is on sys.path when this one runs
+
+    args, x, results = grid.open_study(__doc__, "signum_dead.json", functools.partial(summarise, grid))
+    results.fill(((f"{batch}/{name}/{seed}", functools.partial(train, grid, x, name, batch, TOKENS, seed))
+                  for batch in grid.ints(args.batches) for seed in grid.ints(args.seeds) for name in PROBES),
+                 lambda r: f"FVU {r['fvu']:.5f}, dead {r['dead_mean']:.3f}, never fired {r['never_fired']:.3f}")
+    print(readme_table({"summary": summarise(grid, results.rows)}))
 
 
 if __name__ == "__main__":

@@ -57,13 +57,6 @@ TINY = Shape(64, 4, 4, 128, 512, 511, batch=2, seq_len=32, latents=256, k=8, sae
              gen_length=16, gen_steps=4, block_length=8)
 
 
-def _load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Device:
     """Timing and peak memory on one device (CUDA or CPU, where memory is not measured)."""
 
@@ -173,7 +166,8 @@ def bench_sae(acts: torch.Tensor, shape: Shape, dev: Device, repeats: int) -> di
                                             optimizer=optimizer), dev.name).step
                for name, optimizer in (("dlmscope", "adam"), ("dlmscope signum_sf", "signum_sf"))}
     if importlib.util.find_spec("sparsify") is not None:
-        bst = _load_bench("bench_sae_train")
+        import bench_sae_train as bst  # a sibling script: its folder is on sys.path when this one runs
+
         lr = 2e-4 / (shape.latents / 2**14) ** 0.5
         runners["sparsify"] = bst.Sparsify(d, shape.latents, shape.k, lr, total, shape.sae_batch,
                                            min(10_000_000, total // 5), dev.name).step
@@ -192,7 +186,8 @@ def bench_sae(acts: torch.Tensor, shape: Shape, dev: Device, repeats: int) -> di
     if isinstance(out.get("sparsify"), dict):
         for name in ("dlmscope", "dlmscope signum_sf"):
             out[f"{name.replace(' ', '_')}_over_sparsify"] = out[name]["tokens_per_s"] / out["sparsify"]["tokens_per_s"]
-    floors = _load_bench("bench_sae_floor")
+    import bench_sae_floor as floors
+
     for key, optimizer in (("floor", "adam"), ("floor_signum_sf", "signum_sf")):
         floor = floors.step_vs_floor(d, shape.latents, shape.k, shape.sae_batch, dev.name, repeats=repeats,
                                      optimizer=optimizer)

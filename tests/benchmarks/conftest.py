@@ -1,11 +1,15 @@
-"""Benchmark scripts are files, not a package: the tests load them by name."""
+"""Benchmark scripts are files, not a package: the tests load them by name, with their folder importable as when
+one runs (a script imports its siblings by name)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.fixture
@@ -27,7 +31,7 @@ def tiny_grid_study(load_benchmark, monkeypatch):
         module = load_benchmark(name)
         monkeypatch.setattr(module, "LATENTS", 96)
         monkeypatch.setattr(module, "K", 4)
-        grid = module._grid()
+        import bench_sae_grid as grid  # the copy the study imports
         monkeypatch.setattr(grid, "HELDOUT", 128)
         return module, grid
     return load

@@ -1,5 +1,7 @@
 """bench_sae_grid.py run for real at a tiny shape: every cell and trainer recorded, the one-run claim exact, resume."""
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,44 @@ def test_never_fired_counts_latents_without_a_positive_top_k_activation(load_ben
             return torch.tensor([[1.0, 0.0], [2.0, 0.5]]), torch.tensor([[0, 1], [0, 3]])
 
     assert bench.never_fired(Fixed(), None, 5) == pytest.approx(3 / 5)  # latent 1 selected only at zero; 2 and 4 never selected
+
+
+def test_study_results_fill_only_missing_rows_and_save_after_each(load_benchmark, tmp_path):
+    """A study killed after its first job resumes with the second: rows are saved as they finish."""
+    grid = load_benchmark("bench_sae_grid")
+    path = tmp_path / "study.json"
+    ran = []
+
+    def job(name: str, fail: bool = False) -> dict:
+        ran.append(name)
+        if fail:
+            raise KeyboardInterrupt  # the study is killed during its second job
+        return {"fvu": len(name)}
+
+    results = grid.Results(path, lambda rows: {"summary": sorted(rows)})
+    try:
+        results.fill([("a", lambda: job("a")), ("bb", lambda: job("bb", fail=True))], lambda r: f"FVU {r['fvu']}")
+    except KeyboardInterrupt:
+        pass
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == {"a": {"fvu": 1}} and saved["summary"] == ["a"]
+    resumed = grid.Results(path, lambda rows: {"summary": sorted(rows)})
+    resumed.fill([("a", lambda: job("a")), ("bb", lambda: job("bb"))], lambda r: f"FVU {r['fvu']}")
+    assert ran == ["a", "bb", "bb"] and json.loads(path.read_text())["summary"] == ["a", "bb"]
+
+
+def test_study_command_line_takes_its_flags_and_lists(load_benchmark, monkeypatch, tmp_path):
+    grid = load_benchmark("bench_sae_grid")
+    monkeypatch.setattr(grid, "activations", lambda source, n: torch.zeros(n, 4))
+    monkeypatch.setattr("sys.argv", ["study", "--seeds", "3", "--tokens", "100,200", "--out", str(tmp_path / "s.json")])
+    threads = torch.get_num_threads()
+    try:
+        args, x, results = grid.open_study("Doc line.\n\nMore.", "unused.json", lambda rows: ["rows", len(rows)],
+                                           tokens="1,2")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert grid.ints(args.seeds) == [3] and grid.ints(args.batches) == [1024, 4096]
+    assert grid.ints(args.tokens) == [100, 200] and x.shape == (grid.LONG + grid.HELDOUT, 4)
+    results.save()
+    assert json.loads((tmp_path / "s.json").read_text())["summary"] == ["rows", 0]
