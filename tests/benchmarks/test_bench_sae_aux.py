@@ -1,5 +1,5 @@
 """bench_sae_aux.py's pieces run for real at a tiny shape: the planted share of positive dead activations, and both
-AuxK routes timed with the rule restored afterwards."""
+AuxK routes, the loss without AuxK and the dense products timed, with the rule restored afterwards."""
 
 import torch
 
@@ -16,5 +16,5 @@ def test_planted_density_and_both_routes_timed(load_benchmark):
     assert abs(reached - 0.2) < 0.02
     rule = model._dense_aux
     ms = bench.time_routes(sae, x, dead, k_aux=8, repeats=2)
-    assert set(ms) == {"ragged", "dense"} and all(v > 0 for v in ms.values())
+    assert set(ms) == {"ragged", "dense", "none", "products"} and all(v > 0 for v in ms.values())
     assert model._dense_aux is rule  # the forced routes are undone
