@@ -67,6 +67,19 @@ class Timed:
         self.tr.opt.step = self._wrap(self.tr.opt.step, "optimiser")
         sae.remove_parallel_grad = self._wrap(sae.remove_parallel_grad, "decoder")
         sae.normalize_decoder = self._wrap(sae.normalize_decoder, "decoder")
+        self.aux: dict | None = None
+        aux_acts = type(sae)._aux_acts
+
+        def seen(pre, dead_ids, k_aux):  # AuxK's block: the share of positive activations, and the route it takes
+            from dlmscope.sae import model
+
+            acts, n_positive = aux_acts(pre, dead_ids, k_aux)
+            dense = n_positive and model._dense_aux(acts.shape[0], acts.shape[1], n_positive)
+            self.aux = {"positive": n_positive / max(acts.numel(), 1),
+                        "route": "none positive" if not n_positive else "dense" if dense else "ragged"}
+            return acts, n_positive
+
+        sae._aux_acts = seen  # an instance attribute: this SAE only
 
     def _wrap(self, fn, name: str):
         def timed(*args, **kwargs):
@@ -78,7 +91,7 @@ class Timed:
         return timed
 
     def step(self, x: torch.Tensor) -> tuple[float, dict, dict]:
-        self.phase = dict.fromkeys(PHASES, 0.0)
+        self.phase, self.aux = dict.fromkeys(PHASES, 0.0), None
         t = time.process_time()
         logs = self.tr.step(x)
         total = time.process_time() - t
@@ -99,7 +112,7 @@ def run(x: torch.Tensor, batch: int, latents: int, k: int, aux_coef: float = 1 /
         for name in order:
             total, phases, logs = trainers[name].step(b)
             rec[name] = {"step_s": total, **{f"{p}_s": v for p, v in phases.items()},
-                         "dead_fraction": logs["dead_fraction"], "fvu": logs["fvu"]}
+                         "dead_fraction": logs["dead_fraction"], "fvu": logs["fvu"], "aux": trainers[name].aux}
         w = trainers["adam"].tr.sae.W_enc.detach()  # the floor at the same shape, on the same batch
         t = time.process_time()
         torch.mm(b, w, out=buf).topk(k, dim=-1, sorted=False)
@@ -112,6 +125,14 @@ def run_parts(steps: list) -> dict[str, list]:
     """A run's per-step records under "whole run" and "quarter 1".."quarter 4"."""
     n = len(steps)
     return {"whole run": steps, **{f"quarter {q + 1}": steps[q * n // 4:(q + 1) * n // 4] for q in range(4)}}
+
+
+def aux_summary(steps: list[dict | None]) -> dict:
+    """Over the steps that ran AuxK's block: how many, the median share of its activations that are positive, and the
+    share of them on the dense route."""
+    ran = [a for a in steps if a]
+    return {"steps": len(ran), "positive_median": statistics.median(a["positive"] for a in ran) if ran else None,
+            "dense_share": sum(a["route"] == "dense" for a in ran) / len(ran) if ran else None}
 
 
 def report(records: list[dict]) -> dict:
@@ -129,6 +150,7 @@ def report(records: list[dict]) -> dict:
             **{f"{o}_ms": {p: statistics.median(r[o][f"{p}_s"] for r in rs) * 1e3 for p in ("step",) + PHASES}
                for o in OPTIMISERS},
             **{f"{o}_dead_fraction": statistics.median(r[o]["dead_fraction"] for r in rs) for o in OPTIMISERS},
+            **{f"{o}_aux": aux_summary([r[o].get("aux") for r in rs]) for o in OPTIMISERS},
         }
     return out
 
@@ -176,7 +198,10 @@ def main() -> None:
               + ", ".join(f"{o}/floor {s[f'{o}_over_floor']['median']:.2f}" for o in OPTIMISERS)
               + f", floor {s['floor_ms']:.1f} ms; "
               + "; ".join(f"{o} " + " ".join(f"{k} {v:.1f}" for k, v in s[f"{o}_ms"].items()) for o in OPTIMISERS)
-              + "; dead " + " ".join(f"{s[f'{o}_dead_fraction']:.3f}" for o in OPTIMISERS))
+              + "; dead " + " ".join(f"{s[f'{o}_dead_fraction']:.3f}" for o in OPTIMISERS)
+              + "; AuxK steps, median positive, dense share " + ", ".join(
+                  f"{o} {a['steps']} {a['positive_median'] or 0:.3f} {a['dense_share'] or 0:.2f}"
+                  for o, a in ((o, s[f"{o}_aux"]) for o in OPTIMISERS)))
     print(f"load average before {load_before}, after {result['load_average_after']}")
     atomic_write_json(args.out, result)
 

@@ -14,6 +14,9 @@ def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor(load_
             phases = sum(rec[o][f"{p}_s"] for p in bench.PHASES)
             assert abs(phases - rec[o]["step_s"]) < 1e-9 and rec[o]["forward_s"] > 0  # the phases add up
             assert 0 <= rec[o]["dead_fraction"] <= 1 and rec[o]["fvu"] > 0
+            aux = rec[o]["aux"]  # AuxK's block, on the steps with dead latents
+            assert (aux is None) == (rec[o]["dead_fraction"] == 0)
+            assert aux is None or (0 <= aux["positive"] <= 1 and aux["route"] in ("dense", "ragged", "none positive"))
     s = bench.report(r["records"])
     assert {"whole run", "quarter 1", "quarter 4"} <= set(s)
     whole = s["whole run"]
@@ -21,6 +24,10 @@ def test_every_step_is_timed_for_both_optimisers_with_phases_and_the_floor(load_
     lo, hi = whole["signum_sf_over_adam"]["ci95"]
     assert lo <= whole["signum_sf_over_adam"]["median"] <= hi
     assert set(whole["adam_ms"]) == {"step", *bench.PHASES}
+    ran = [rec["signum_sf"]["aux"] for rec in r["records"] if rec["signum_sf"]["aux"]]
+    assert ran, "the tiny run leaves latents dead, so AuxK runs"
+    assert whole["signum_sf_aux"]["steps"] == len(ran)
+    assert whole["signum_sf_aux"]["dense_share"] == sum(a["route"] == "dense" for a in ran) / len(ran)
 
 
 def test_median_interval_is_order_statistics(load_benchmark):
