@@ -77,7 +77,8 @@ def readme_table(result: dict) -> str:
 def main() -> None:
     import bench_sae_grid as grid  # a sibling script: its folder is on sys.path when this one runs
 
-    args, x, results = grid.open_study(__doc__, "sae_dead_window.json", functools.partial(summarise, grid), tokens="299008,999424")
+    args, x, results = grid.open_study(__doc__, "sae_dead_window.json", functools.partial(summarise, grid),
+                                       tokens="299008,999424")
     results.fill(((f"{opt}/{batch}/{tokens // batch * batch}/{window}/{seed}",
                    functools.partial(train, grid, x, opt, batch, tokens, window, seed))
                   for tokens in grid.ints(args.tokens) for batch in grid.ints(args.batches)

@@ -312,11 +312,11 @@ def main() -> None:
         "per_run": per_run(rows), "summary": summarise(rows),
         "this_invocation": {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0}})
     data = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in ints(args.seeds):
         for source in args.sources.split(","):
             if source not in data:
                 data[source] = activations(source, LONG + HELDOUT)
-            for batch in (int(b) for b in args.batches.split(",")):
+            for batch in ints(args.batches):
                 run_unit(source, batch, seed, data[source], results.rows, results.save)
     results.save()
     print(readme_table({"summary": summarise(results.rows)}))
